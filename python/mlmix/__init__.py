@@ -1,0 +1,63 @@
+"""mlmix: language-balanced sampling, dedup, tokenization and sequence packing for multilingual
+instruction tuning ("a pinch of multilinguality"), with a C++/CUDA core.
+
+Everything heavier than numpy is imported lazily, on first use of the name that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .ragged import Ragged
+
+__version__ = "0.1.0"
+
+# public name -> (module, attribute or None for the module itself)
+_LAZY = {
+    "pack": ("mlmix.pack", "pack"),
+    "PackPlan": ("mlmix.pack", "PackPlan"),
+    "write_store": ("mlmix.store", "write_store"),
+    "open": ("mlmix.store", "open"),
+    "Store": ("mlmix.store", "Store"),
+    "StratifiedReservoir": ("mlmix.sample", "StratifiedReservoir"),
+    "Mixture": ("mlmix.recipes", "Mixture"),
+    "recipes": ("mlmix.recipes", None),
+    "dedup": ("mlmix.dedup", None),
+    "Tokenizer": ("mlmix.tokenize", "Tokenizer"),
+    "build": ("mlmix.pipeline", "build"),
+    "torch": ("mlmix.torch", None),
+}
+
+__all__ = ["Ragged", "build_info", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'mlmix' has no attribute {name!r}") from None
+    mod = importlib.import_module(module)
+    value = mod if attr is None else getattr(mod, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def build_info() -> dict:
+    """What this installation was compiled with: version, compiler, flags, backends (cpu, cuda)."""
+    from ._core_loader import core
+
+    info = dict(core.BUILD_INFO)
+    info["package_version"] = __version__
+    cuda_ok = False
+    if "cuda" in info["backends"]:
+        try:
+            cuda_ok = bool(getattr(core, "cuda_device_count", lambda: 0)() > 0)
+        except Exception:  # no driver on this machine
+            cuda_ok = False
+    info["cuda_device_available"] = cuda_ok
+    return info

@@ -1,0 +1,239 @@
+"""``Ragged``: a batch of variable-length sequences as one flat ``values`` array plus ``offsets``.
+
+This is the currency between mlmix's stages (tokenize -> pack -> store). Sequence ``i`` is
+``values[offsets[i]:offsets[i + 1]]``; ``offsets`` is int64 of length ``n + 1``, starts at 0, never
+decreases and ends at ``len(values)``. Both arrays are plain numpy, so a Ragged goes to and from the
+C++ core without a copy.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+__all__ = ["Ragged"]
+
+
+def _as_offsets(offsets, n_values: int, name: str = "offsets") -> np.ndarray:
+    arr = np.asarray(offsets)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} must have at least one element (offsets[0] == 0), got an empty array")
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    if arr.dtype != np.int64:
+        if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"{name} has values beyond int64")
+        arr = arr.astype(np.int64)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    if arr[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {int(arr[0])}")
+    if arr[-1] != n_values:
+        raise ValueError(f"{name}[-1] must equal len(values) = {n_values}, got {int(arr[-1])}")
+    if arr.size > 1 and bool(np.any(arr[1:] < arr[:-1])):
+        i = int(np.argmax(arr[1:] < arr[:-1]))
+        raise ValueError(
+            f"{name} must be non-decreasing, got {name}[{i}] = {int(arr[i])} > {name}[{i + 1}] = {int(arr[i + 1])}"
+        )
+    return arr
+
+
+class Ragged:
+    """Variable-length sequences stored flat.
+
+    Args:
+        values: 1-D array of all elements, sequence after sequence (token ids: uint32 or int32/int64).
+        offsets: 1-D integer array of length ``n + 1`` (stored as int64).
+        validate: check the invariants (default True); pass False only for arrays mlmix produced.
+    """
+
+    __slots__ = ("values", "offsets")
+
+    def __init__(self, values, offsets, *, validate: bool = True) -> None:
+        v = np.asarray(values)
+        if validate:
+            if v.ndim != 1:
+                raise ValueError(f"values must be a 1-D array, got shape {v.shape}")
+            if v.dtype == object:
+                raise TypeError("values must be a numeric array, got dtype object")
+            if not v.flags.c_contiguous:
+                v = np.ascontiguousarray(v)
+            offsets = _as_offsets(offsets, v.shape[0])
+        self.values: np.ndarray = v
+        self.offsets: np.ndarray = np.asarray(offsets)
+
+    # --- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_lists(cls, seqs: Iterable[Sequence[int]], dtype=None) -> "Ragged":
+        """Build from an iterable of sequences (lists or arrays). ``dtype`` defaults to the values' own."""
+        arrays = [np.asarray(s) for s in seqs]
+        for i, a in enumerate(arrays):
+            if a.ndim != 1:
+                raise ValueError(f"seqs[{i}] must be 1-D, got shape {a.shape}")
+        lengths = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        if arrays:
+            values = np.concatenate(arrays)
+        else:
+            values = np.zeros(0, dtype=dtype or np.int64)
+        if dtype is not None:
+            values = _cast_checked(values, np.dtype(dtype), "seqs")
+        elif values.dtype == np.float64 and values.size == 0:
+            values = values.astype(np.int64)
+        return cls(values, offsets)
+
+    @classmethod
+    def from_lengths(cls, values, lengths) -> "Ragged":
+        """Build from flat values and per-sequence lengths (non-negative integers summing to len(values))."""
+        lengths = np.asarray(lengths)
+        if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
+            raise ValueError(f"lengths must be a 1-D integer array, got shape {lengths.shape}, dtype {lengths.dtype}")
+        if lengths.size and int(lengths.min()) < 0:
+            raise ValueError(f"lengths must be non-negative, got {int(lengths.min())}")
+        offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(values, offsets)
+
+    @classmethod
+    def concat(cls, parts: Iterable["Ragged"]) -> "Ragged":
+        """Concatenate Ragged arrays sequence-wise (values must share a dtype)."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("concat needs at least one Ragged, got none")
+        dtypes = {p.values.dtype for p in parts}
+        if len(dtypes) != 1:
+            raise TypeError(f"concat needs Ragged arrays of one values dtype, got {sorted(map(str, dtypes))}")
+        values = np.concatenate([p.values[p.offsets[0] : p.offsets[-1]] for p in parts])
+        offsets = [np.zeros(1, dtype=np.int64)]
+        base = 0
+        for p in parts:
+            offsets.append(p.offsets[1:] - p.offsets[0] + base)
+            base += int(p.offsets[-1] - p.offsets[0])
+        return cls(values, np.concatenate(offsets), validate=False)
+
+    # --- views ------------------------------------------------------------------------------------
+    @property
+    def lengths(self) -> np.ndarray:
+        """int64 array of the sequence lengths."""
+        return np.diff(self.offsets)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.values.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.values.nbytes + self.offsets.nbytes)
+
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0] - 1)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        v, o = self.values, self.offsets
+        for i in range(len(self)):
+            yield v[o[i] : o[i + 1]]
+
+    def __getitem__(self, key):
+        n = len(self)
+        if isinstance(key, (int, np.integer)):
+            i = int(key)
+            if i < -n or i >= n:
+                raise IndexError(f"index {i} is out of range for a Ragged of {n} sequences")
+            if i < 0:
+                i += n
+            return self.values[self.offsets[i] : self.offsets[i + 1]]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step == 1:
+                stop = max(stop, start)
+                lo, hi = int(self.offsets[start]), int(self.offsets[stop])
+                return Ragged(self.values[lo:hi], self.offsets[start : stop + 1] - lo, validate=False)
+            return self.take(np.arange(start, stop, step))
+        return self.take(key)
+
+    def take(self, indices) -> "Ragged":
+        """Gather sequences by index (int array, or bool mask of length n) into a new Ragged."""
+        idx = np.asarray(indices)
+        n = len(self)
+        if idx.dtype == bool:
+            if idx.shape != (n,):
+                raise ValueError(f"a boolean mask must have shape ({n},), got {idx.shape}")
+            idx = np.flatnonzero(idx)
+        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+            raise TypeError(f"indices must be a 1-D integer array or boolean mask, got dtype {idx.dtype}, shape {idx.shape}")
+        idx = idx.astype(np.int64, copy=False)
+        if idx.size and (int(idx.min()) < -n or int(idx.max()) >= n):
+            bad = int(idx[(idx < -n) | (idx >= n)][0])
+            raise IndexError(f"index {bad} is out of range for a Ragged of {n} sequences")
+        idx = np.where(idx < 0, idx + n, idx)
+        starts = self.offsets[idx]
+        lens = self.offsets[idx + 1] - starts
+        offsets = np.zeros(idx.size + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        total = int(offsets[-1])
+        # position of every output element in the source: start of its sequence + rank within it
+        src = np.repeat(starts - offsets[:-1], lens) + np.arange(total, dtype=np.int64)
+        return Ragged(self.values[src], offsets, validate=False)
+
+    # --- conversion -------------------------------------------------------------------------------
+    def to_lists(self) -> list[list]:
+        return [s.tolist() for s in self]
+
+    def astype(self, dtype) -> "Ragged":
+        return Ragged(_cast_checked(self.values, np.dtype(dtype), "values"), self.offsets, validate=False)
+
+    def equals(self, other: "Ragged") -> bool:
+        """True if both hold the same sequences (values compared after normalising offsets)."""
+        if not isinstance(other, Ragged) or len(self) != len(other):
+            return False
+        if not np.array_equal(self.lengths, other.lengths):
+            return False
+        a = self.values[self.offsets[0] : self.offsets[-1]]
+        b = other.values[other.offsets[0] : other.offsets[-1]]
+        return bool(np.array_equal(a, b))
+
+    def __repr__(self) -> str:
+        return f"Ragged(n={len(self)}, total={int(self.offsets[-1] - self.offsets[0])}, dtype={self.values.dtype})"
+
+    # --- .npy round trips -------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``values.npy`` and ``offsets.npy`` into directory ``path``, atomically."""
+        from ._atomic import atomic_directory
+
+        with atomic_directory(path) as tmp:
+            lo = int(self.offsets[0])
+            np.save(os.path.join(tmp, "values.npy"), self.values[lo : int(self.offsets[-1])])
+            np.save(os.path.join(tmp, "offsets.npy"), self.offsets - lo)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, mmap: bool = True) -> "Ragged":
+        """Read a Ragged saved by :meth:`save` (memory-mapped unless ``mmap=False``)."""
+        mode = "r" if mmap else None
+        p = os.fspath(path)
+        for name in ("values.npy", "offsets.npy"):
+            if not os.path.isfile(os.path.join(p, name)):
+                raise FileNotFoundError(f"{p!r} is not a saved Ragged: {name} is missing")
+        values = np.load(os.path.join(p, "values.npy"), mmap_mode=mode, allow_pickle=False)
+        offsets = np.load(os.path.join(p, "offsets.npy"), mmap_mode=mode, allow_pickle=False)
+        return cls(values, offsets)
+
+
+def _cast_checked(values: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+    """Cast with a range check so that token ids are never silently wrapped."""
+    if values.dtype == dtype:
+        return values
+    if values.size and dtype.kind in "iu":
+        if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+            raise ValueError(f"{name} contains non-finite values; cannot cast to {dtype}")
+        lo, hi = values.min(), values.max()
+        info = np.iinfo(dtype)
+        if lo < info.min or hi > info.max:
+            raise ValueError(f"{name} has values in [{lo}, {hi}], outside the range of {dtype} [{info.min}, {info.max}]")
+        if values.dtype.kind == "f" and not np.all(values == np.floor(values)):
+            raise ValueError(f"{name} has non-integer values; cannot cast to {dtype}")
+    return values.astype(dtype)

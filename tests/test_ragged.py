@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import mlmix
+from mlmix import Ragged
+
+
+seqs_st = st.lists(st.lists(st.integers(0, 2**32 - 1), max_size=20), max_size=30)
+
+
+@given(seqs_st)
+@settings(max_examples=100, deadline=None)
+def test_roundtrip_lists(seqs):
+    r = Ragged.from_lists(seqs, dtype=np.uint32)
+    assert len(r) == len(seqs)
+    assert r.to_lists() == seqs
+    assert r.lengths.dtype == np.int64
+    assert r.lengths.tolist() == [len(s) for s in seqs]
+    assert r.values.dtype == np.uint32
+
+
+@given(seqs_st, st.integers(-35, 35), st.integers(-35, 35), st.sampled_from([1, 2, -1, 3]))
+@settings(max_examples=100, deadline=None)
+def test_slicing_matches_list(seqs, a, b, step):
+    r = Ragged.from_lists(seqs, dtype=np.uint32)
+    assert r[a:b:step].to_lists() == seqs[a:b:step]
+
+
+@given(seqs_st, st.data())
+@settings(max_examples=50, deadline=None)
+def test_take_and_concat(seqs, data):
+    r = Ragged.from_lists(seqs, dtype=np.uint32)
+    if seqs:
+        idx = data.draw(st.lists(st.integers(-len(seqs), len(seqs) - 1), max_size=40))
+    else:
+        idx = []
+    assert r.take(np.array(idx, dtype=np.int64)).to_lists() == [seqs[i] for i in idx]
+    both = Ragged.concat([r, r[1:]])
+    assert both.to_lists() == seqs + seqs[1:]
+
+
+def test_indexing_errors():
+    r = Ragged.from_lists([[1, 2], [3]])
+    assert r[-1].tolist() == [3]
+    with pytest.raises(IndexError, match="out of range"):
+        r[2]
+    with pytest.raises(IndexError, match="out of range"):
+        r.take([0, 5])
+
+
+@pytest.mark.parametrize(
+    "offsets, match",
+    [
+        ([1, 2, 3], r"offsets\[0\] must be 0"),
+        ([0, 2, 1, 3], "non-decreasing"),
+        ([0, 2], r"offsets\[-1\] must equal len\(values\) = 3"),
+        ([], "at least one element"),
+        ([[0, 3]], "1-D"),
+    ],
+)
+def test_bad_offsets(offsets, match):
+    with pytest.raises(ValueError, match=match):
+        Ragged(np.arange(3), np.array(offsets, dtype=np.int64))
+
+
+def test_bad_dtypes():
+    with pytest.raises(TypeError, match="integer"):
+        Ragged(np.arange(3), np.array([0.0, 3.0]))
+    with pytest.raises(ValueError, match="outside the range of uint32"):
+        Ragged.from_lists([[1, -1]], dtype=np.uint32)
+
+
+def test_save_load_roundtrip(tmp_path):
+    r = Ragged.from_lists([[1, 2, 3], [], [4]], dtype=np.uint32)[1:]
+    r.save(tmp_path / "r")
+    back = Ragged.load(tmp_path / "r")
+    assert back.equals(r)
+    assert isinstance(back.values, np.memmap)
+    with pytest.raises(FileNotFoundError, match="values.npy"):
+        Ragged.load(tmp_path / "missing")
+
+
+def test_build_info():
+    info = mlmix.build_info()
+    assert info["version"] == mlmix.__version__
+    assert "cpu" in info["backends"]
+    assert "-O3" in info["cxx_flags"]
+
+
+def test_require_names_extra():
+    from mlmix import _deps
+
+    _deps._EXTRA["mlmix_surely_missing_pkg"] = "io"
+    try:
+        with pytest.raises(ImportError, match=r"pip install 'mlmix\[io\]'"):
+            _deps.require("mlmix_surely_missing_pkg")
+    finally:
+        del _deps._EXTRA["mlmix_surely_missing_pkg"]
