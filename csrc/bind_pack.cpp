@@ -14,8 +14,10 @@ namespace {
 // The data pointer of a 1-D C-contiguous array of exactly dtype T; TypeError/ValueError name `name`.
 template <typename T>
 const T* checked_1d(const py::array& a, const char* name, int64_t* size) {
-  if (!a.dtype().is(py::dtype::of<T>())) {
-    throw py::type_error(std::string(name) + " must have dtype " + std::string(py::str(py::dtype::of<T>())) +
+  const py::dtype want = py::dtype::of<T>();
+  // compare by kind and width: numpy has several type objects for one C type (e.g. 'l' and 'q')
+  if (a.dtype().kind() != want.kind() || a.dtype().itemsize() != want.itemsize() || a.dtype().byteorder() == '>') {
+    throw py::type_error(std::string(name) + " must have dtype " + std::string(py::str(want)) +
                          ", got " + std::string(py::str(a.dtype())));
   }
   if (a.ndim() != 1) {
