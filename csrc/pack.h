@@ -12,7 +12,7 @@ enum class PackStrategy { kBestFitDecreasing, kFirstFitDecreasing, kWrapped };
 enum class OverlongPolicy { kError, kTruncate, kSplit, kDrop };
 
 // Largest seq_len the capacity-indexed best-fit accepts (its index holds one bit per capacity).
-inline constexpr int64_t kMaxSeqLen = int64_t{1} << 26;
+inline constexpr int64_t kMaxSeqLen = int64_t{1} << 24;
 
 // A plan: rows (sequences) made of segments; a segment is `len` tokens of example `example` starting
 // at token `start` of that example. Segments of row r are [row_offsets[r], row_offsets[r + 1]).

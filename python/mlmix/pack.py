@@ -97,7 +97,7 @@ def pack(lengths, seq_len: int, *, strategy: str = "bfd", overlong: str = "error
     Args:
         lengths: 1-D integer array of example lengths in tokens (each in [1, 2**31 - 1]), or a Ragged
             (its ``.lengths``).
-        seq_len: row length in tokens, in [2, 2**26].
+        seq_len: row length in tokens, in [2, 2**24].
         strategy: ``"bfd"`` | ``"ffd"`` | ``"wrapped"`` | ``"bfd_split"`` (see the module docstring).
         overlong: ``"error"`` | ``"truncate"`` | ``"split"`` | ``"drop"`` for examples longer than seq_len.
         seed: None, or an int in [0, 2**64) that permutes the examples before planning.
