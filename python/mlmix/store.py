@@ -50,6 +50,10 @@ class _ArrayWriter:
         self._f.write(buf)
         self.length += arr.shape[0]
 
+    def discard(self) -> None:
+        """Close the file (idempotent); used when writing fails half-way."""
+        self._f.close()
+
     def close(self) -> dict:
         self._f.close()
         return {"file": self.file, "dtype": self.dtype.str.lstrip("<|="), "length": self.length,
@@ -107,117 +111,121 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
     table: dict[str, int] = {}
     with atomic_directory(path) as tmp:
         writers: dict[str, _ArrayWriter] = {}
-        state = {"rows": 0, "segs": 0, "tokens": 0, "examples": 0, "dtype": None, "has_mask": None}
+        try:
+            state = {"rows": 0, "segs": 0, "tokens": 0, "examples": 0, "dtype": None, "has_mask": None}
 
-        def emit(plan, toks: Ragged, mask: Ragged | None, ex_ids: np.ndarray, lang_idx: np.ndarray | None) -> None:
-            values, offsets, _ = _check_tokens(toks, "tokens")
-            if state["dtype"] is None:
-                state["dtype"] = values.dtype
-                state["has_mask"] = mask is not None
-                writers["tokens"] = _ArrayWriter(tmp, "tokens", values.dtype)
-                if mask is not None:
-                    writers["loss_mask"] = _ArrayWriter(tmp, "loss_mask", np.uint8)
-                writers["row_offsets"] = _ArrayWriter(tmp, "row_offsets", np.int64)
-                writers["seg_offsets"] = _ArrayWriter(tmp, "seg_offsets", np.int64)
-                writers["seg_lens"] = _ArrayWriter(tmp, "seg_lens", np.int32)
-                writers["seg_starts"] = _ArrayWriter(tmp, "seg_starts", np.int32)
-                writers["seg_example"] = _ArrayWriter(tmp, "seg_example", np.int64)
-                if lang_idx is not None:
-                    writers["seg_lang"] = _ArrayWriter(tmp, "seg_lang", np.uint16)
-                writers["row_offsets"].append(np.zeros(1, np.int64))
-                writers["seg_offsets"].append(np.zeros(1, np.int64))
-            if values.dtype != state["dtype"]:
-                raise TypeError(f"all token chunks must share one dtype, got {state['dtype']} then {values.dtype}")
-            if (mask is not None) != state["has_mask"]:
-                raise ValueError("loss_mask must be given for every chunk or for none")
-            if (lang_idx is not None) != ("seg_lang" in writers):
-                raise ValueError("langs must be given for every chunk or for none")
-            mvals = None if mask is None else _check_mask(mask, offsets)
-            for lo in range(0, plan.num_sequences, _ROW_BLOCK):
-                block = plan.rows(lo, min(plan.num_sequences, lo + _ROW_BLOCK))
-                writers["tokens"].append(block.gather(values, offsets))
-                if mvals is not None:
-                    writers["loss_mask"].append(block.gather(mvals, offsets))
-                writers["row_offsets"].append(state["tokens"] + np.cumsum(block.row_tokens))
-                writers["seg_offsets"].append(state["segs"] + block.row_offsets[1:])
-                writers["seg_lens"].append(block.seg_len)
-                writers["seg_starts"].append(block.seg_start)
-                writers["seg_example"].append(ex_ids[block.seg_example])
-                if lang_idx is not None:
-                    writers["seg_lang"].append(lang_idx[block.seg_example])
-                state["rows"] += block.num_sequences
-                state["segs"] += block.num_segments
-                state["tokens"] += block.tokens_packed
-
-        counts = {"truncated": 0, "split": 0, "dropped": 0, "tokens_dropped": 0}
-        if not streaming:
-            if langs is not None:
-                lang_idx = _lang_table(langs, len(tokens), table)
-            else:
-                lang_idx = None
-            if loss_mask is not None and not isinstance(loss_mask, Ragged):
-                raise TypeError(f"loss_mask must be a Ragged (like tokens) or None, got {type(loss_mask).__name__}")
-            _check_pad(pad_id, _check_tokens(tokens, "tokens")[0].dtype)
-            plan = pack(tokens, seq_len, strategy=strategy, overlong=overlong, seed=seed)
-            emit(plan, tokens, loss_mask, np.arange(len(tokens), dtype=np.int64), lang_idx)
-            state["examples"] = len(tokens)
-            counts.update(truncated=plan.num_truncated, split=plan.num_split, dropped=plan.num_dropped,
-                          tokens_dropped=plan.tokens_dropped)
-        else:
-            packer = StreamPacker(seq_len, window=window, strategy=strategy, overlong=overlong, seed=seed)
-            mask_it = None if loss_mask is None else iter(loss_mask)
-            lang_it = None if langs is None else iter(langs)
-            lang_all: list[np.ndarray] = []  # language index per stream example (2 bytes each)
-
-            def emit_all(ready) -> None:
-                for plan, toks, m, ids in ready:
-                    emit(plan, toks, m, ids, None if lang_it is None else _gather_lang(lang_all, ids))
-
-            for chunk in tokens:
-                if not isinstance(chunk, Ragged):
-                    raise TypeError(f"tokens chunks must be Ragged, got {type(chunk).__name__}")
-                mchunk = None
-                if mask_it is not None:
-                    mchunk = next(mask_it, None)
-                    if mchunk is None:
-                        raise ValueError("loss_mask has fewer chunks than tokens")
-                if lang_it is not None:
-                    lchunk = next(lang_it, None)
-                    if lchunk is None:
-                        raise ValueError("langs has fewer chunks than tokens")
-                    lang_all.append(_lang_table(lchunk, len(chunk), table))
+            def emit(plan, toks: Ragged, mask: Ragged | None, ex_ids: np.ndarray, lang_idx: np.ndarray | None) -> None:
+                values, offsets, _ = _check_tokens(toks, "tokens")
                 if state["dtype"] is None:
-                    _check_pad(pad_id, _check_tokens(chunk, "tokens")[0].dtype)
-                emit_all(packer.push(chunk, mchunk))
-            emit_all(packer.flush())
-            state["examples"] = packer.examples_seen
-            counts.update(truncated=packer.num_truncated, split=packer.num_split, dropped=packer.num_dropped,
-                          tokens_dropped=packer.tokens_dropped)
-        if state["dtype"] is None:
-            raise ValueError("tokens holds no examples: nothing to write")
-        arrays = {name: w.close() for name, w in writers.items()}
-        rows = state["rows"]
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "seq_len": seq_len,
-            "pad_id": int(pad_id),
-            "token_dtype": np.dtype(state["dtype"]).name,
-            "has_loss_mask": bool(state["has_mask"]),
-            "strategy": strategy,
-            "seed": seed,
-            "streaming": streaming,
-            "num_examples": int(state["examples"]),
-            "num_sequences": rows,
-            "num_segments": state["segs"],
-            "num_tokens": state["tokens"],
-            "efficiency": state["tokens"] / (rows * seq_len) if rows else 1.0,
-            "lower_bound_sequences": -(-state["tokens"] // seq_len),
-            "languages": list(table),
-            "counts": counts,
-            "checksum": "crc32 (zlib) of each file's bytes",
-            "arrays": arrays,
-        }
+                    state["dtype"] = values.dtype
+                    state["has_mask"] = mask is not None
+                    writers["tokens"] = _ArrayWriter(tmp, "tokens", values.dtype)
+                    if mask is not None:
+                        writers["loss_mask"] = _ArrayWriter(tmp, "loss_mask", np.uint8)
+                    writers["row_offsets"] = _ArrayWriter(tmp, "row_offsets", np.int64)
+                    writers["seg_offsets"] = _ArrayWriter(tmp, "seg_offsets", np.int64)
+                    writers["seg_lens"] = _ArrayWriter(tmp, "seg_lens", np.int32)
+                    writers["seg_starts"] = _ArrayWriter(tmp, "seg_starts", np.int32)
+                    writers["seg_example"] = _ArrayWriter(tmp, "seg_example", np.int64)
+                    if lang_idx is not None:
+                        writers["seg_lang"] = _ArrayWriter(tmp, "seg_lang", np.uint16)
+                    writers["row_offsets"].append(np.zeros(1, np.int64))
+                    writers["seg_offsets"].append(np.zeros(1, np.int64))
+                if values.dtype != state["dtype"]:
+                    raise TypeError(f"all token chunks must share one dtype, got {state['dtype']} then {values.dtype}")
+                if (mask is not None) != state["has_mask"]:
+                    raise ValueError("loss_mask must be given for every chunk or for none")
+                if (lang_idx is not None) != ("seg_lang" in writers):
+                    raise ValueError("langs must be given for every chunk or for none")
+                mvals = None if mask is None else _check_mask(mask, offsets)
+                for lo in range(0, plan.num_sequences, _ROW_BLOCK):
+                    block = plan.rows(lo, min(plan.num_sequences, lo + _ROW_BLOCK))
+                    writers["tokens"].append(block.gather(values, offsets))
+                    if mvals is not None:
+                        writers["loss_mask"].append(block.gather(mvals, offsets))
+                    writers["row_offsets"].append(state["tokens"] + np.cumsum(block.row_tokens))
+                    writers["seg_offsets"].append(state["segs"] + block.row_offsets[1:])
+                    writers["seg_lens"].append(block.seg_len)
+                    writers["seg_starts"].append(block.seg_start)
+                    writers["seg_example"].append(ex_ids[block.seg_example])
+                    if lang_idx is not None:
+                        writers["seg_lang"].append(lang_idx[block.seg_example])
+                    state["rows"] += block.num_sequences
+                    state["segs"] += block.num_segments
+                    state["tokens"] += block.tokens_packed
+
+            counts = {"truncated": 0, "split": 0, "dropped": 0, "tokens_dropped": 0}
+            if not streaming:
+                if langs is not None:
+                    lang_idx = _lang_table(langs, len(tokens), table)
+                else:
+                    lang_idx = None
+                if loss_mask is not None and not isinstance(loss_mask, Ragged):
+                    raise TypeError(f"loss_mask must be a Ragged (like tokens) or None, got {type(loss_mask).__name__}")
+                _check_pad(pad_id, _check_tokens(tokens, "tokens")[0].dtype)
+                plan = pack(tokens, seq_len, strategy=strategy, overlong=overlong, seed=seed)
+                emit(plan, tokens, loss_mask, np.arange(len(tokens), dtype=np.int64), lang_idx)
+                state["examples"] = len(tokens)
+                counts.update(truncated=plan.num_truncated, split=plan.num_split, dropped=plan.num_dropped,
+                              tokens_dropped=plan.tokens_dropped)
+            else:
+                packer = StreamPacker(seq_len, window=window, strategy=strategy, overlong=overlong, seed=seed)
+                mask_it = None if loss_mask is None else iter(loss_mask)
+                lang_it = None if langs is None else iter(langs)
+                lang_all: list[np.ndarray] = []  # language index per stream example (2 bytes each)
+
+                def emit_all(ready) -> None:
+                    for plan, toks, m, ids in ready:
+                        emit(plan, toks, m, ids, None if lang_it is None else _gather_lang(lang_all, ids))
+
+                for chunk in tokens:
+                    if not isinstance(chunk, Ragged):
+                        raise TypeError(f"tokens chunks must be Ragged, got {type(chunk).__name__}")
+                    mchunk = None
+                    if mask_it is not None:
+                        mchunk = next(mask_it, None)
+                        if mchunk is None:
+                            raise ValueError("loss_mask has fewer chunks than tokens")
+                    if lang_it is not None:
+                        lchunk = next(lang_it, None)
+                        if lchunk is None:
+                            raise ValueError("langs has fewer chunks than tokens")
+                        lang_all.append(_lang_table(lchunk, len(chunk), table))
+                    if state["dtype"] is None:
+                        _check_pad(pad_id, _check_tokens(chunk, "tokens")[0].dtype)
+                    emit_all(packer.push(chunk, mchunk))
+                emit_all(packer.flush())
+                state["examples"] = packer.examples_seen
+                counts.update(truncated=packer.num_truncated, split=packer.num_split, dropped=packer.num_dropped,
+                              tokens_dropped=packer.tokens_dropped)
+            if state["dtype"] is None:
+                raise ValueError("tokens holds no examples: nothing to write")
+            arrays = {name: w.close() for name, w in writers.items()}
+            rows = state["rows"]
+            manifest = {
+                "format": FORMAT,
+                "version": VERSION,
+                "seq_len": seq_len,
+                "pad_id": int(pad_id),
+                "token_dtype": np.dtype(state["dtype"]).name,
+                "has_loss_mask": bool(state["has_mask"]),
+                "strategy": strategy,
+                "seed": seed,
+                "streaming": streaming,
+                "num_examples": int(state["examples"]),
+                "num_sequences": rows,
+                "num_segments": state["segs"],
+                "num_tokens": state["tokens"],
+                "efficiency": state["tokens"] / (rows * seq_len) if rows else 1.0,
+                "lower_bound_sequences": -(-state["tokens"] // seq_len),
+                "languages": list(table),
+                "counts": counts,
+                "checksum": "crc32 (zlib) of each file's bytes",
+                "arrays": arrays,
+            }
+        finally:
+            for w in writers.values():
+                w.discard()
         with builtins.open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
     return manifest
