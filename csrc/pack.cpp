@@ -90,31 +90,25 @@ class CapacitySet {
   std::vector<std::vector<uint64_t>> levels_;
 };
 
-// Items in decreasing length; equal lengths keep the order of `scan` (a stable counting sort).
-std::vector<int32_t> order_decreasing(const std::vector<Item>& items, const std::vector<int32_t>* scan,
-                                      int64_t seq_len) {
+// The items in decreasing length; equal lengths keep their order (a stable counting sort).
+std::vector<Item> sort_decreasing(const std::vector<Item>& items, int64_t seq_len) {
   std::vector<int64_t> start(static_cast<size_t>(seq_len) + 2, 0);
   for (const Item& it : items) ++start[seq_len - it.len + 1];
   for (int64_t c = 1; c <= seq_len + 1; ++c) start[c] += start[c - 1];
-  std::vector<int32_t> order(items.size());
-  auto n = static_cast<int64_t>(items.size());
-  for (int64_t k = 0; k < n; ++k) {
-    int32_t i = scan ? (*scan)[k] : static_cast<int32_t>(k);
-    order[start[seq_len - items[i].len]++] = i;
-  }
-  return order;
+  std::vector<Item> sorted(items.size());
+  for (const Item& it : items) sorted[start[seq_len - it.len]++] = it;
+  return sorted;
 }
 
 // Best fit: each item goes to the open row whose remaining capacity is the smallest that holds it
 // (among equals, the most recently filled), else to a new row. Rows per capacity form intrusive stacks.
-int32_t best_fit(const std::vector<Item>& items, const std::vector<int32_t>& order, int64_t seq_len,
-                 std::vector<int32_t>& item_row) {
+int32_t best_fit(const std::vector<Item>& sorted, int64_t seq_len, std::vector<int32_t>& item_row) {
   std::vector<int32_t> head(static_cast<size_t>(seq_len) + 1, -1);
   std::vector<int32_t> below;  // next row in the same capacity stack
   CapacitySet open(seq_len);
   int32_t rows = 0;
-  for (int32_t i : order) {
-    const int32_t len = items[i].len;
+  for (size_t i = 0; i < sorted.size(); ++i) {
+    const int32_t len = sorted[i].len;
     int64_t cap = open.next(len);
     int32_t row;
     int64_t left;
@@ -139,21 +133,33 @@ int32_t best_fit(const std::vector<Item>& items, const std::vector<int32_t>& ord
 }
 
 // First fit: each item goes to the lowest-numbered row with room, found by descending a max-tree of
-// remaining capacities in which not-yet-opened rows count as empty.
-int32_t first_fit(const std::vector<Item>& items, const std::vector<int32_t>& order, int64_t seq_len,
-                  std::vector<int32_t>& item_row) {
-  size_t leaves = 1;
-  while (leaves < std::max<size_t>(items.size(), 1)) leaves <<= 1;
-  std::vector<int32_t> tree(2 * leaves, static_cast<int32_t>(seq_len));
+// remaining capacities in which not-yet-opened rows count as empty. The tree doubles when all its
+// leaves are open, so it stays proportional to the rows used, not to the items.
+int32_t first_fit(const std::vector<Item>& sorted, int64_t seq_len, std::vector<int32_t>& item_row) {
+  const auto empty = static_cast<int32_t>(seq_len);
+  size_t leaves = 1024;
+  std::vector<int32_t> tree(2 * leaves, empty);
   int32_t rows = 0;
-  for (int32_t i : order) {
-    const int32_t len = items[i].len;
+  for (size_t i = 0; i < sorted.size(); ++i) {
+    const int32_t len = sorted[i].len;
+    if (tree[1] < len) {  // every leaf is an open row without room: double the leaves
+      std::vector<int32_t> grown(4 * leaves, empty);
+      std::copy(tree.begin() + static_cast<std::ptrdiff_t>(leaves), tree.end(),
+                grown.begin() + static_cast<std::ptrdiff_t>(2 * leaves));
+      leaves *= 2;
+      for (size_t node = leaves - 1; node >= 1; --node) grown[node] = std::max(grown[2 * node], grown[2 * node + 1]);
+      tree.swap(grown);
+    }
     size_t node = 1;
     while (node < leaves) node = tree[2 * node] >= len ? 2 * node : 2 * node + 1;
     auto row = static_cast<int32_t>(node - leaves);
     rows = std::max(rows, row + 1);
     tree[node] -= len;
-    for (node >>= 1; node >= 1; node >>= 1) tree[node] = std::max(tree[2 * node], tree[2 * node + 1]);
+    for (node >>= 1; node >= 1; node >>= 1) {
+      int32_t best = std::max(tree[2 * node], tree[2 * node + 1]);
+      if (tree[node] == best) break;  // ancestors already hold the right maximum
+      tree[node] = best;
+    }
     item_row[i] = row;
   }
   return rows;
@@ -238,22 +244,23 @@ PackPlanData plan_pack(const int64_t* lengths, int64_t n, int64_t seq_len, PackS
   }
   MLMIX_CHECK(items.size() < static_cast<size_t>(INT32_MAX), "too many pieces to pack: " << items.size());
 
-  // Scan order for the sort is the order items were made (already permuted when shuffling).
-  std::vector<int32_t> order = order_decreasing(items, nullptr, seq_len);
-  std::vector<int32_t> item_row(items.size());
-  int32_t rows = strategy == PackStrategy::kBestFitDecreasing ? best_fit(items, order, seq_len, item_row)
-                                                              : first_fit(items, order, seq_len, item_row);
+  // Ties keep the order items were made in (already permuted when shuffling).
+  std::vector<Item> sorted = sort_decreasing(items, seq_len);
+  std::vector<Item>().swap(items);
+  std::vector<int32_t> item_row(sorted.size());
+  int32_t rows = strategy == PackStrategy::kBestFitDecreasing ? best_fit(sorted, seq_len, item_row)
+                                                              : first_fit(sorted, seq_len, item_row);
 
   // Segment table grouped by row; within a row, segments keep their placement order.
   plan.row_offsets.assign(static_cast<size_t>(rows) + 1, 0);
   for (int32_t r : item_row) ++plan.row_offsets[r + 1];
   for (int32_t r = 0; r < rows; ++r) plan.row_offsets[r + 1] += plan.row_offsets[r];
   std::vector<int64_t> fill(plan.row_offsets.begin(), plan.row_offsets.end() - 1);
-  plan.seg_example.resize(items.size());
-  plan.seg_start.resize(items.size());
-  plan.seg_len.resize(items.size());
-  for (int32_t i : order) {
-    const Item& it = items[i];
+  plan.seg_example.resize(sorted.size());
+  plan.seg_start.resize(sorted.size());
+  plan.seg_len.resize(sorted.size());
+  for (size_t i = 0; i < sorted.size(); ++i) {
+    const Item& it = sorted[i];
     int64_t s = fill[item_row[i]]++;
     plan.seg_example[s] = it.example;
     plan.seg_start[s] = it.start;

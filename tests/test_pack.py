@@ -345,3 +345,14 @@ def test_materialize_binding_never_crashes(values, offsets, seg_example, seg_sta
         core._gather_u32(values, offsets, seg_example, seg_start, seg_len, row_offsets)
     except (ValueError, TypeError):
         pass
+
+
+def test_ffd_beyond_the_initial_tree_size():
+    # more rows than the first-fit tree's first 1024 leaves, so it must grow
+    rng = np.random.default_rng(5)
+    lengths = np.concatenate([np.full(1500, 6), np.full(1500, 4), rng.integers(1, 11, size=500)])
+    plan = mlmix.pack(lengths, 10, strategy="ffd")
+    n_rows, row_of = ref_fit(lengths.tolist(), 10, "error", best=False)
+    assert plan.num_sequences == n_rows
+    assert {i: int(r) for i, r in enumerate(plan.assignment)} == row_of
+    assert mlmix.pack(lengths, 10).num_sequences == ref_fit(lengths.tolist(), 10, "error", best=True)[0]
