@@ -334,6 +334,10 @@ class StreamPacker:
             raise ValueError(f"strategy for streaming must be 'bfd', 'ffd' or 'bfd_split', got {strategy!r}")
         if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 2:
             raise ValueError(f"window must be an int >= 2, got {window!r}")
+        if overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
+        if strategy == "bfd_split" and overlong not in ("error", "split"):
+            raise ValueError(f"strategy='bfd_split' always splits over-long examples; got overlong={overlong!r}")
         self.strategy, self.overlong, self.window = strategy, overlong, int(window)
         self.slack = max(self.seq_len // 100, 1) if slack is None else int(slack)
         self.seed = _check_seed(seed)

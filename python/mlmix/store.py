@@ -26,7 +26,7 @@ __all__ = ["write_store", "open", "Store", "StoreError", "FORMAT", "VERSION"]
 FORMAT = "mlmix.packed-store"
 VERSION = 1
 MANIFEST = "manifest.json"
-_ROW_BLOCK = 16_384  # rows gathered and written at a time (bounds the writer's extra memory)
+_ROW_BLOCK = 16_384  # fewest rows gathered and written at a time
 
 
 class StoreError(ValueError):
@@ -138,8 +138,10 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
                 if (lang_idx is not None) != ("seg_lang" in writers):
                     raise ValueError("langs must be given for every chunk or for none")
                 mvals = None if mask is None else _check_mask(mask, offsets)
-                for lo in range(0, plan.num_sequences, _ROW_BLOCK):
-                    block = plan.rows(lo, min(plan.num_sequences, lo + _ROW_BLOCK))
+                # at most ~8 blocks: each gather re-validates the whole offsets array once
+                step = max(_ROW_BLOCK, -(-plan.num_sequences // 8))
+                for lo in range(0, plan.num_sequences, step):
+                    block = plan.rows(lo, min(plan.num_sequences, lo + step))
                     writers["tokens"].append(block.gather(values, offsets))
                     if mvals is not None:
                         writers["loss_mask"].append(block.gather(mvals, offsets))
