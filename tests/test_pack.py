@@ -356,3 +356,13 @@ def test_ffd_beyond_the_initial_tree_size():
     assert plan.num_sequences == n_rows
     assert {i: int(r) for i, r in enumerate(plan.assignment)} == row_of
     assert mlmix.pack(lengths, 10).num_sequences == ref_fit(lengths.tolist(), 10, "error", best=True)[0]
+
+
+@given(i64_arrays, i64_arrays, i64_arrays, i32_arrays, i64_arrays, st.integers(-3, 40))
+@settings(max_examples=300, deadline=None)
+def test_store_rows_binding_never_crashes(tokens, row_offsets, seg_offsets, seg_lens, rows, seq_len):
+    tokens = np.abs(tokens).astype(np.uint32)
+    try:
+        core._store_rows_u32(tokens, None, row_offsets, seg_offsets, seg_lens, rows, seq_len, 0, 2)
+    except (ValueError, TypeError, IndexError):
+        pass

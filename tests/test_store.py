@@ -193,3 +193,17 @@ def test_write_store_bad_input(tmp_path):
         store["0"]
     with pytest.raises(IndexError):
         store.batch([0, len(store)])
+
+
+def test_inconsistent_segments_raise_on_read(tmp_path):
+    tokens, _, _ = make_data(100)
+    mlmix.write_store(tmp_path / "s", tokens, seq_len=64)
+    f = tmp_path / "s" / "seg_lens.bin"
+    lens = np.fromfile(f, dtype=np.int32)
+    lens[0] += 5
+    lens.tofile(f)
+    store = mlmix.open(tmp_path / "s", verify=False)  # sizes agree; the checksum pass is skipped
+    with pytest.raises(ValueError, match="store row 0"):
+        store.batch([0])
+    with pytest.raises(StoreError, match="seg_lens.bin"):
+        mlmix.open(tmp_path / "s")

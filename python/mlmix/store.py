@@ -346,45 +346,31 @@ class Store:
             row["lang_ids"] = np.array(a["seg_lang"][lo:hi])
         return row
 
-    def batch(self, rows: Sequence[int] | np.ndarray) -> dict:
+    def batch(self, rows: Sequence[int] | np.ndarray, *, threads: int = 1) -> dict:
         """Rows stacked into (B, seq_len) arrays: input_ids (token dtype), labels (int64, -100 on masked
-        tokens, padding and each segment's first token), position_ids (int32), num_tokens (int32 (B,))."""
+        tokens, padding and each segment's first token), position_ids (int32), num_tokens (int32 (B,)).
+
+        Reads only the selected rows (O(B x seq_len)); ``threads`` workers split the rows (default 1:
+        dataloader workers are processes already). Raises IndexError for a row out of range.
+        """
         from ._core_loader import core
 
-        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= self._rows):
-            raise IndexError(f"rows must lie in [0, {self._rows}), got {rows!r}")
+        idx = np.asarray(rows)
+        if idx.dtype.kind not in "iu" or idx.ndim != 1:
+            raise TypeError(f"rows must be a 1-D integer array, got dtype {idx.dtype}, shape {idx.shape}")
+        idx = np.ascontiguousarray(idx, dtype=np.int64)
         a = self._arrays
-        r0, r1 = a["row_offsets"][idx], a["row_offsets"][idx + 1]
-        s0, s1 = a["seg_offsets"][idx], a["seg_offsets"][idx + 1]
-        tok_idx = _ranges(r0, r1)
-        seg_idx = _ranges(s0, s1)
-        values = np.ascontiguousarray(a["tokens"][tok_idx])
-        seg_len = np.ascontiguousarray(a["seg_lens"][seg_idx])
-        offsets = np.zeros(seg_len.size + 1, dtype=np.int64)
-        np.cumsum(seg_len, out=offsets[1:])
-        row_offsets = np.zeros(idx.size + 1, dtype=np.int64)
-        np.cumsum(s1 - s0, out=row_offsets[1:])
-        mask = np.ascontiguousarray(a["loss_mask"][tok_idx]) if "loss_mask" in a else None
-        suffix = {"uint32": "u32", "int32": "i32", "int64": "i64"}[values.dtype.name]
-        ids, labels, pos = getattr(core, f"_materialize_{suffix}")(
-            values, offsets, mask, np.arange(seg_len.size, dtype=np.int64), np.zeros(seg_len.size, np.int32),
-            seg_len, row_offsets, self.seq_len, self.pad_id, 1,
+        suffix = {"uint32": "u32", "int32": "i32", "int64": "i64"}[a["tokens"].dtype.name]
+        ids, labels, pos = getattr(core, f"_store_rows_{suffix}")(
+            a["tokens"], a.get("loss_mask"), a["row_offsets"], a["seg_offsets"], a["seg_lens"], idx,
+            self.seq_len, self.pad_id, threads,
         )
-        return {"input_ids": ids, "labels": labels, "position_ids": pos, "num_tokens": (r1 - r0).astype(np.int32)}
+        num_tokens = (a["row_offsets"][idx + 1] - a["row_offsets"][idx]).astype(np.int32)
+        return {"input_ids": ids, "labels": labels, "position_ids": pos, "num_tokens": num_tokens}
 
     def array(self, name: str) -> np.ndarray:
         """A raw memory-mapped array of the store (see docs/store-format.md)."""
         return self._arrays[name]
-
-
-def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(start, stop) for each pair (int64)."""
-    counts = stops - starts
-    total = int(counts.sum())
-    base = np.zeros(counts.size, dtype=np.int64)
-    np.cumsum(counts[:-1], out=base[1:])
-    return np.repeat(starts - base, counts) + np.arange(total, dtype=np.int64)
 
 
 def open(path, *, verify: bool = True) -> Store:  # noqa: A001 - the public name is mlmix.open
