@@ -366,3 +366,23 @@ def test_store_rows_binding_never_crashes(tokens, row_offsets, seg_offsets, seg_
         core._store_rows_u32(tokens, None, row_offsets, seg_offsets, seg_lens, rows, seq_len, 0, 2)
     except (ValueError, TypeError, IndexError):
         pass
+
+
+def test_stream_output_does_not_depend_on_chunking():
+    rng = np.random.default_rng(11)
+    tokens, mask = random_tokens(rng.integers(1, 60, size=700), rng)
+
+    def rows(chunk_size):
+        packer = StreamPacker(64, window=100, seed=3)
+        out = []
+        for lo in range(0, len(tokens), chunk_size):
+            for plan, toks, m, _ in packer.push(tokens[lo : lo + chunk_size], mask[lo : lo + chunk_size]):
+                out.append(plan.materialize(toks, m)["input_ids"])
+        out += [plan.materialize(toks, m)["input_ids"] for plan, toks, m, _ in packer.flush()]
+        return np.concatenate(out)
+
+    assert np.array_equal(rows(7), rows(333))
+    packer = StreamPacker(64)
+    list(packer.push(tokens[:5], mask[:5]))
+    with pytest.raises(ValueError, match="loss_mask"):
+        list(packer.push(tokens[5:10]))

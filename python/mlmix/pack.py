@@ -343,6 +343,7 @@ class StreamPacker:
         self.seed = _check_seed(seed)
         self._pending: list[tuple[Ragged, Ragged | None, np.ndarray]] = []
         self._pending_n = 0
+        self._has_mask: bool | None = None
         self._next_id = 0
         self.rows_emitted = 0
         self.tokens_emitted = 0
@@ -355,19 +356,29 @@ class StreamPacker:
         return self.tokens_emitted / cap if cap else 1.0
 
     def push(self, tokens: Ragged, loss_mask: Ragged | None = None) -> Iterator[tuple]:
-        """Add a chunk of examples; yields the batches that became ready."""
+        """Add a chunk of examples; yields the batches that became ready.
+
+        Windows hold exactly ``window`` examples whatever the chunk sizes, so the output depends only
+        on the stream of examples (and the seed), not on how it was cut into chunks.
+        """
         _check_tokens(tokens, "tokens")
         if loss_mask is not None:
             _check_mask(loss_mask, tokens.offsets - tokens.offsets[0])
+        if self._has_mask is None:
+            self._has_mask = loss_mask is not None
+        elif self._has_mask != (loss_mask is not None):
+            raise ValueError("loss_mask must be given with every chunk of the stream or with none")
         n = len(tokens)
         ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
         self._next_id += n
         self.examples_seen += n
-        # feed the window in slices so that a huge chunk never makes a huge window
-        for lo in range(0, n, self.window):
-            hi = min(n, lo + self.window)
+        lo = 0
+        while lo < n:
+            # after packing at most window // 2 examples stay pending, so every step takes some
+            hi = min(n, lo + self.window - self._pending_n)
             self._pending.append((tokens[lo:hi], None if loss_mask is None else loss_mask[lo:hi], ids[lo:hi]))
             self._pending_n += hi - lo
+            lo = hi
             if self._pending_n >= self.window:
                 yield from self._pack_window(final=False)
 

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import zlib
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
