@@ -30,8 +30,6 @@ int32 or int64); ``labels`` int64 (what ``torch.nn.functional.cross_entropy`` ta
 
 from __future__ import annotations
 
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -447,14 +445,3 @@ def pack_stream(chunks: Iterable[Ragged], seq_len: int, **kwargs) -> Iterator[tu
     for chunk in chunks:
         yield from packer.push(chunk)
     yield from packer.flush()
-
-
-class _CallableModule(types.ModuleType):
-    """``mlmix.pack`` is both this module and the function: importing the submodule rebinds the package
-    attribute to the module, so the module itself forwards calls to :func:`pack`."""
-
-    def __call__(self, lengths, seq_len, **kwargs):
-        return pack(lengths, seq_len, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
