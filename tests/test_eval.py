@@ -20,7 +20,7 @@ from mlmix.eval import stats as S  # noqa: E402
 from mlmix.eval.fidelity import language_fidelity  # noqa: E402
 from mlmix.eval.generate import generate  # noqa: E402
 from mlmix.eval.loss import encode_eval_set, example_losses, heldout_loss  # noqa: E402
-from mlmix.eval.results import chart, format_table, to_json  # noqa: E402
+from mlmix.eval.results import chart, format_table, html_section, to_json  # noqa: E402
 from mlmix.eval.runner import evaluate, load_config, main  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -484,6 +484,8 @@ def test_evaluate_end_to_end(model_a, model_b, hf_tok, tmp_path):
     assert "<svg" in chart(res, "fidelity")
     with pytest.raises(ValueError, match="metric"):
         chart(res, "bleu")
+    section = html_section(res)
+    assert section.count("<svg") == 3 and "<?xml" not in section and "Wilson" in section
     # rerun: identical results
     assert to_json(evaluate({"a": (model_a, hf_tok), "b": (model_b, hf_tok)}, recs, **kw)) == to_json(res)
 

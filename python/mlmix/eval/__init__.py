@@ -35,6 +35,7 @@ _LAZY = {
     "format_table": "mlmix.eval.results",
     "to_json": "mlmix.eval.results",
     "chart": "mlmix.eval.results",
+    "html_section": "mlmix.eval.results",
     "bootstrap_ci": "mlmix.eval.stats",
     "wilson_ci": "mlmix.eval.stats",
 }

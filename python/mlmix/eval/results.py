@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any, Mapping, Optional
 
-__all__ = ["format_table", "to_json", "chart", "METRICS"]
+__all__ = ["format_table", "to_json", "chart", "html_section", "METRICS"]
 
 #: metric -> (section, value key, interval key, axis label)
 METRICS = {
@@ -180,3 +180,32 @@ def chart(results: Mapping, metric: str = "judge", *, fmt: str = "svg", title: O
         fig.savefig(buf, format=fmt, metadata={"Date": None} if fmt == "svg" else {"Software": None})
     data = buf.getvalue()
     return data.decode("utf-8") if fmt == "svg" else data
+
+
+def html_section(results: Mapping) -> str:
+    """An HTML fragment (heading, inline SVG charts with captions, the text table) for a report page, e.g.
+    ``mlmix.report.render_report(build_dir, extra_sections=html_section(results))``."""
+    import html
+    import re
+
+    parts = ["<h2>Evaluation per language</h2>"]
+    stats = results.get("stats") or {}
+    level = f"{100 * (1 - stats.get('alpha', 0.05)):.0f}%"
+    captions = {
+        "judge": f"Score of each model against {(results.get('judge') or {}).get('baseline')}: judged in both "
+                 f"orders; a win needs the same preference in both, a flip is a tie; (wins + ties/2) / n with "
+                 f"invalid verdicts counted as ties. Whiskers: {level} "
+                 f"{'Wilson' if stats.get('judge_ci', 'wilson') == 'wilson' else 'bootstrap'} intervals.",
+        "loss": f"Mean loss per scored token on the held-out set. Whiskers: {level} percentile bootstrap over "
+                f"examples (B = {stats.get('n_bootstrap')}).",
+        "fidelity": f"Share of responses in the instruction's language (empty responses count as failures). "
+                    f"Whiskers: {level} Wilson intervals.",
+    }
+    for metric, section in (("judge", "judge"), ("loss", "loss"), ("fidelity", "fidelity")):
+        if results.get(section):
+            svg = chart(results, metric)
+            svg = svg[svg.index("<svg"):]  # inline: no XML declaration or doctype
+            svg = re.sub(r'width="[0-9.]+pt" height="[0-9.]+pt"', 'style="max-width:100%;height:auto"', svg, count=1)
+            parts.append(f"<figure>{svg}<figcaption>{html.escape(captions[metric])}</figcaption></figure>")
+    parts.append(f'<pre class="sample">{html.escape(format_table(results))}</pre>')
+    return "\n".join(parts)
