@@ -28,6 +28,7 @@ import math
 import os
 import re
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -237,7 +238,11 @@ class TransformersJudge:
             ids, attn = ids.to(device), attn.to(device)
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
-                logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -1, :]
+                try:  # only the last position's logits: (batch, vocab), not (batch, prompt, vocab)
+                    out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=1)
+                except TypeError:  # a model without logits_to_keep
+                    out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos)
+                logits = out.logits[:, -1, :]
             pair = logits[:, self.label_ids].float().cpu()
             for a, b in pair.tolist():
                 raw = f"logit(A)={a:.6g} logit(B)={b:.6g}"
@@ -301,6 +306,11 @@ class HTTPJudge:
         self.requests_sent = 0
         self.cache_hits = 0
         self.retries = 0
+        self._count_lock = threading.Lock()  # the counters are bumped from the request threads
+
+    def _count(self, name: str) -> None:
+        with self._count_lock:
+            setattr(self, name, getattr(self, name) + 1)
 
     # --- cache ---------------------------------------------------------------------------------------------
     def _key(self, messages: list[dict]) -> str:
@@ -344,7 +354,7 @@ class HTTPJudge:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        self.requests_sent += 1
+        self._count("requests_sent")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 payload = resp.read()
@@ -371,12 +381,12 @@ class HTTPJudge:
         key = self._key(messages)
         content = self._cache_get(key)
         if content is not None:
-            self.cache_hits += 1
+            self._count("cache_hits")
         else:
             reason = ""
             for attempt in range(self.max_retries + 1):
                 if attempt:
-                    self.retries += 1
+                    self._count("retries")
                     time.sleep(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
                 content, reason, retryable = self._post(messages)
                 if content is not None or not retryable:

@@ -273,7 +273,7 @@ def load_config(config: Any) -> dict:
             if m.get(key) is not None:
                 if not isinstance(m[key], str):
                     raise ValueError(f"models[{i}].{key}: expected a path string, got {m[key]!r}")
-                m = {**m, key: os.path.join(base_dir, os.path.expanduser(m[key]))}
+                m = {**m, key: _resolve(base_dir, m[key])}
         models[i] = m
         names.append(m["name"])
     if len(set(names)) != len(names):
@@ -299,7 +299,7 @@ def load_config(config: Any) -> dict:
     if not isinstance(d["source"], str):
         raise ValueError(f"data.source: expected 'demo' or a JSONL path, got {d['source']!r}")
     if d["source"] != "demo":
-        d["source"] = os.path.join(base_dir, os.path.expanduser(d["source"]))
+        d["source"] = _resolve(base_dir, d["source"])
     langs = d["languages"]
     if langs is not None and (not isinstance(langs, list) or not all(isinstance(x, str) and x for x in langs)):
         raise ValueError(f"data.languages: expected a list of language codes, got {langs!r}")
@@ -309,8 +309,12 @@ def load_config(config: Any) -> dict:
         raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg['device']!r}")
     if cfg["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"dtype: expected 'auto', 'float32', 'bfloat16' or 'float16', got {cfg['dtype']!r}")
-    cfg["output"] = os.path.join(base_dir, os.path.expanduser(str(cfg["output"])))
+    cfg["output"] = _resolve(base_dir, str(cfg["output"]))
     return cfg
+
+
+def _resolve(base_dir: str, path: str) -> str:
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
 
 
 def _read_jsonl(path: str, what: str) -> list[dict]:

@@ -15,8 +15,8 @@ import numpy as np
 
 __all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_ALPHA", "check_ci_args", "rng_for", "bootstrap_ci", "wilson_ci"]
 
-#: Default number of bootstrap resamples: percentile endpoints at alpha=0.05 move by well under 1% of the
-#: interval's width between seeds at this B.
+#: Default number of bootstrap resamples. At this B the 95% endpoints vary between seeds by about 1-2% of the
+#: interval's width (standard deviation; measured on 16 and on 200 examples).
 DEFAULT_BOOTSTRAP = 2000
 #: Default two-sided miss rate: 95% intervals.
 DEFAULT_ALPHA = 0.05
@@ -86,8 +86,4 @@ def wilson_ci(successes: float, n: int, *, alpha: float = DEFAULT_ALPHA) -> tupl
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def mean_or_nan(num: float, den: float) -> float:
-    return num / den if den > 0 else math.nan
 
