@@ -239,10 +239,10 @@ class TransformersJudge:
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
                 try:  # only the last position's logits: (batch, vocab), not (batch, prompt, vocab)
-                    out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=1)
+                    result = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=1)
                 except TypeError:  # a model without logits_to_keep
-                    out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos)
-                logits = out.logits[:, -1, :]
+                    result = self.model(input_ids=ids, attention_mask=attn, position_ids=pos)
+                logits = result.logits[:, -1, :]
             pair = logits[:, self.label_ids].float().cpu()
             for a, b in pair.tolist():
                 raw = f"logit(A)={a:.6g} logit(B)={b:.6g}"
