@@ -82,8 +82,8 @@ def format_table(results: Mapping) -> str:
         header = ["lang"] + [c[0] for c in cols]
         rows = [[lang] + [fn(lang) for _, fn in cols] for lang in langs]
         widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-        lines.extend("  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows)
+        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+        lines.extend("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows)
         lines.append("")
     return "\n".join(lines).rstrip() + "\n" if lines else "(no results)\n"
 

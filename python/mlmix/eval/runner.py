@@ -158,7 +158,7 @@ def evaluate(
 
         _say(progress, f"generate: {name} ({len(index)} instructions)")
         todo = [k for k, s in enumerate(instructions) if s is not None]
-        outs = generate(model, tok, [instructions[k] for k in todo], seed=seed, **dict(generation))
+        outs = generate(model, tok, [instructions[k] for k in todo], **{"seed": seed, **dict(generation)})
         got = [""] * len(index)  # a record without an instruction gets an empty response: counted, not dropped
         for k, text in zip(todo, outs):
             got[k] = text
