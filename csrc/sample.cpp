@@ -1,7 +1,6 @@
 #include "sample.h"
 
 #include <algorithm>
-#include <bit>
 #include <cfloat>
 #include <cmath>
 #include <exception>
@@ -58,24 +57,22 @@ StratifiedReservoir::StratifiedReservoir(uint64_t seed, std::vector<uint64_t> co
     st.capacity = static_cast<std::size_t>(capacities[s]);
     // Room for as many new candidates as the sample holds: one O(k) selection per k candidates.
     st.buffer_limit = st.capacity + std::max<std::size_t>(st.capacity, 64);
-    if (st.capacity == 0) {
-      st.threshold = Entry{-kInf, 0, 0};  // nothing is smaller: nothing is kept
-    } else {
-      st.threshold = Entry{kInf, ~uint64_t{0}, ~uint64_t{0}};
-    }
     update_cut(st);
   }
 }
 
 void StratifiedReservoir::update_cut(Stratum& st) {
-  const double t = st.threshold.key;
   if (st.capacity == 0) {
-    st.hash_cut = 0;
-  } else if (!(t < kInf)) {
+    st.hash_cut = 0;  // (offers to an empty-capacity stratum are dropped anyway)
+  } else if (!st.full) {
+    st.hash_cut = ~uint64_t{0};
+  } else if (!st.keyed) {
+    st.hash_cut = st.threshold.hash;  // unit entries: (h, id) < (threshold hash, id) needs h <= that
+  } else if (!(st.threshold.key < kInf)) {
     st.hash_cut = ~uint64_t{0};
   } else {
     // key(h) = -log1p(-h/2^64) >= h/2^64, so h > t * 2^64 (with slack for rounding) cannot pass.
-    const double bound = t * kTwoPow64 * kCutSlack + 2.0;
+    const double bound = st.threshold.key * kTwoPow64 * kCutSlack + 2.0;
     st.hash_cut = bound >= kTwoPow64 ? ~uint64_t{0} : static_cast<uint64_t>(bound);
   }
 }
@@ -96,25 +93,42 @@ bool has_repeated_id(const std::vector<Entry>& b, std::size_t k) {
   if (k < 2) return false;
   std::size_t bits = 64;
   while (bits < 32 * k) bits <<= 1;
-  const int shift = 64 - std::countr_zero(bits);
+  // Low bits: the selected entries have the smallest hashes, so their high bits are mostly zero.
+  const uint64_t bucket_mask = bits - 1;
   thread_local std::vector<uint64_t> seen_bits, twice_bits;
   seen_bits.assign(bits / 64, 0);
   twice_bits.assign(bits / 64, 0);
   for (std::size_t i = 0; i < k; ++i) {
-    const uint64_t bucket = b[i].hash >> shift;
+    const uint64_t bucket = b[i].hash & bucket_mask;
     const uint64_t mask = uint64_t{1} << (bucket & 63);
     twice_bits[bucket >> 6] |= seen_bits[bucket >> 6] & mask;
     seen_bits[bucket >> 6] |= mask;
   }
   std::vector<uint64_t> suspects;
   for (std::size_t i = 0; i < k; ++i) {
-    const uint64_t bucket = b[i].hash >> shift;
+    const uint64_t bucket = b[i].hash & bucket_mask;
     if (twice_bits[bucket >> 6] >> (bucket & 63) & 1) suspects.push_back(b[i].id);
   }
   std::sort(suspects.begin(), suspects.end());
   return std::adjacent_find(suspects.begin(), suspects.end()) != suspects.end();
 }
 
+}  // namespace
+
+namespace {
+struct UnitLess {  // the order of unit-weight entries (see Stratum)
+  bool operator()(const Entry& a, const Entry& b) const { return a.hash != b.hash ? a.hash < b.hash : a.id < b.id; }
+};
+
+// Keeps the k smallest entries of b (which must hold no repeated id among them), returns false if
+// the k selected hold a repeated id (then b is only reordered).
+template <class Less>
+bool select_k(std::vector<Entry>& b, std::size_t k, Less less) {
+  std::nth_element(b.begin(), b.begin() + static_cast<std::ptrdiff_t>(k - 1), b.end(), less);
+  if (has_repeated_id(b, k)) return false;
+  b.resize(k);
+  return true;
+}
 }  // namespace
 
 void StratifiedReservoir::compact(Stratum& st) {
@@ -128,30 +142,64 @@ void StratifiedReservoir::compact(Stratum& st) {
   // their best keys does not depend on how the repeats were spread over batches or shards. Repeats
   // are rare, so select first and fall back to an exact (sorting) dedupe only when the k selected
   // entries hold one.
-  if (b.size() >= k) {
-    std::nth_element(b.begin(), b.begin() + static_cast<std::ptrdiff_t>(k - 1), b.end(), EntryLess{});
-    if (!has_repeated_id(b, k)) {
-      b.resize(k);
-      st.threshold = b.back();
-      update_cut(st);
-      return;
+  auto select = [&](auto less) {
+    if (b.size() >= k && select_k(b, k, less)) return;
+    if (st.keyed) {
+      dedupe_by_sort(b);
+    } else {
+      // unit entries of one id are identical: any copy will do
+      std::sort(b.begin(), b.end(), [](const Entry& x, const Entry& y) { return x.id < y.id; });
+      b.erase(std::unique(b.begin(), b.end(), [](const Entry& x, const Entry& y) { return x.id == y.id; }), b.end());
     }
+    if (b.size() >= k) {
+      std::nth_element(b.begin(), b.begin() + static_cast<std::ptrdiff_t>(k - 1), b.end(), less);
+      b.resize(k);
+    }
+  };
+  if (st.keyed) {
+    select(EntryLess{});
+  } else {
+    select(UnitLess{});
   }
-  dedupe_by_sort(b);
-  if (b.size() >= k) {
-    std::nth_element(b.begin(), b.begin() + static_cast<std::ptrdiff_t>(k - 1), b.end(), EntryLess{});
-    b.resize(k);
-    st.threshold = b.back();
+  if (b.size() == k) {
+    st.full = true;
+    if (st.keyed) {
+      st.threshold = *std::max_element(b.begin(), b.end(), EntryLess{});
+    } else {
+      st.threshold = *std::max_element(b.begin(), b.end(), UnitLess{});
+      st.threshold.key = exp_key(st.threshold.hash);  // for the weighted pre-filter
+    }
     update_cut(st);
   }
 }
 
-inline void StratifiedReservoir::offer(Stratum& st, const Entry& e) {
-  if (!entry_less(e, st.threshold)) return;
+void StratifiedReservoir::make_keyed(Stratum& st) {
+  if (st.keyed) return;
+  for (Entry& e : st.buffer) e.key = exp_key(e.hash);
+  if (st.full) st.threshold.key = exp_key(st.threshold.hash);
+  st.keyed = true;
+  update_cut(st);
+}
+
+inline void StratifiedReservoir::push(Stratum& st, const Entry& e) {
   // One allocation for the buffer's whole life (bounded by buffer_limit) instead of regrowth copies.
   if (st.buffer.capacity() == 0) st.buffer.reserve(std::min<std::size_t>(st.buffer_limit, std::size_t{1} << 22));
   st.buffer.push_back(e);
   if (st.buffer.size() >= st.buffer_limit) compact(st);
+}
+
+inline void StratifiedReservoir::offer_unit(Stratum& st, uint64_t h, uint64_t id) {
+  if (st.capacity == 0) return;
+  if (st.keyed) return offer_keyed(st, Entry{exp_key(h), h, id});
+  if (st.full && !UnitLess{}(Entry{0.0, h, id}, st.threshold)) return;
+  push(st, Entry{0.0, h, id});
+}
+
+inline void StratifiedReservoir::offer_keyed(Stratum& st, const Entry& e) {
+  if (st.capacity == 0) return;
+  make_keyed(st);
+  if (st.full && !entry_less(e, st.threshold)) return;
+  push(st, e);
 }
 
 template <class S>
@@ -163,7 +211,7 @@ void StratifiedReservoir::add_serial(const S* strata, std::size_t begin, std::si
       Stratum& st = strata_state[lut[static_cast<std::size_t>(strata[i])]];
       const uint64_t h = item_hash(st.sseed, ids[i]);
       if (h <= st.hash_cut) [[unlikely]] {
-        offer(st, Entry{exp_key(h), h, ids[i]});
+        offer_unit(st, h, ids[i]);
       }
     }
   } else {
@@ -171,11 +219,14 @@ void StratifiedReservoir::add_serial(const S* strata, std::size_t begin, std::si
       Stratum& st = strata_state[lut[static_cast<std::size_t>(strata[i])]];
       const uint64_t h = item_hash(st.sseed, ids[i]);
       const double w = weights[i];
-      // Pre-filter without a log: key = exp_key(h) / w >= (h / 2^64) / w. Weight 0 never passes
-      // (inf * 0 is NaN and a finite threshold times 0 is 0).
-      const double u = static_cast<double>(h) * kTwoPowMinus64;
-      if (u <= st.threshold.key * w * kCutSlack && w > 0) [[unlikely]] {
-        offer(st, Entry{exp_key(h) / w, h, ids[i]});
+      if (w == 1.0) {  // exactly the unit weight: the same item as an unweighted one
+        if (h <= st.hash_cut) [[unlikely]] offer_unit(st, h, ids[i]);
+        continue;
+      }
+      // Pre-filter without a log: key = exp_key(h) / w >= (h / 2^64) / w. Weight 0 never passes.
+      if (w > 0 && (!st.full || static_cast<double>(h) * kTwoPowMinus64 <= st.threshold.key * w * kCutSlack))
+          [[unlikely]] {
+        offer_keyed(st, Entry{exp_key(h) / w, h, ids[i]});
       }
     }
   }
@@ -259,7 +310,14 @@ void StratifiedReservoir::merge(const StratifiedReservoir& other) {
   }
   for (std::size_t s = 0; s < strata_.size(); ++s) {
     Stratum& st = strata_[s];
-    for (const Entry& e : other.strata_[s].buffer) offer(st, e);
+    const Stratum& theirs = other.strata_[s];
+    for (const Entry& e : theirs.buffer) {
+      if (theirs.keyed) {
+        offer_keyed(st, e);
+      } else {
+        offer_unit(st, e.hash, e.id);
+      }
+    }
     st.seen += other.strata_[s].seen;
   }
 }
@@ -268,6 +326,7 @@ std::vector<Entry> StratifiedReservoir::sample(std::size_t s) const {
   MLMIX_CHECK_INDEX(s < strata_.size(), "stratum index " << s << " out of range [0, " << strata_.size() << ")");
   Stratum copy = strata_[s];
   compact(copy);
+  make_keyed(copy);
   std::sort(copy.buffer.begin(), copy.buffer.end(), EntryLess{});
   return std::move(copy.buffer);
 }
@@ -281,7 +340,15 @@ void StratifiedReservoir::load(std::size_t s, const Entry* entries, std::size_t 
     MLMIX_CHECK(e.hash == item_hash(st.sseed, e.id),
                 "saved entry for id " << e.id << " does not match this reservoir's seed and stratum");
   }
-  for (std::size_t i = 0; i < n; ++i) offer(st, entries[i]);
+  for (std::size_t i = 0; i < n; ++i) {
+    // an entry whose key is the unit key is indistinguishable from a unit-weight one
+    const Entry& e = entries[i];
+    if (e.key == exp_key(e.hash)) {
+      offer_unit(st, e.hash, e.id);
+    } else {
+      offer_keyed(st, e);
+    }
+  }
   st.seen += seen;
 }
 

@@ -91,18 +91,27 @@ class StratifiedReservoir {
   uint64_t code(std::size_t s) const { return strata_[s].code; }
 
  private:
+  // Unit-weight entries are ordered by (hash, id) alone, which agrees with (key, hash, id) because
+  // the unit key exp_key(hash) is nondecreasing in the hash. So a stratum that has only seen unit
+  // weights ("unkeyed") stores no keys and never calls log1p; its keys are computed on the way out,
+  // or for all its entries at once when the first other weight arrives.
   struct Stratum {
     uint64_t code = 0;
     StratumSeed sseed{};
     std::size_t capacity = 0;
     std::size_t buffer_limit = 0;  // compaction happens when the buffer reaches this size
     std::vector<Entry> buffer;     // candidates; the sample is its `capacity` smallest distinct ids
-    Entry threshold{};             // the capacity-th smallest entry once known (else key = +inf)
+    Entry threshold{};             // the capacity-th smallest entry (key always set), valid once `full`
+    bool full = false;             // the stratum has held `capacity` distinct ids
+    bool keyed = false;            // entries carry keys (else: unit weights, key field unused)
     uint64_t hash_cut = 0;         // no unit-weight item with hash > hash_cut can beat threshold
     uint64_t seen = 0;             // items offered (repeats included)
   };
 
-  void offer(Stratum& st, const Entry& e);
+  static void offer_unit(Stratum& st, uint64_t h, uint64_t id);
+  static void offer_keyed(Stratum& st, const Entry& e);
+  static void make_keyed(Stratum& st);
+  static void push(Stratum& st, const Entry& e);
   static void compact(Stratum& st);
   static void update_cut(Stratum& st);
   template <class S>

@@ -70,7 +70,7 @@ def assert_same(a: dict, b: dict) -> None:
     n=st.integers(0, 300),
     caps=st.lists(st.integers(0, 40), min_size=1, max_size=5),
     seed=st.integers(0, M64),
-    weighted=st.booleans(),
+    weighted=st.sampled_from(["no", "yes", "mixed"]),
     batch=st.integers(1, 97),
     data=st.data(),
 )
@@ -81,12 +81,17 @@ def test_matches_reference(n, caps, seed, weighted, batch, data):
     # few distinct ids so that repeats (one item, best weight) are common; negatives allowed
     ids = rng.integers(-50, 200, n)
     weights = None
-    if weighted:
+    if weighted == "yes":
         weights = rng.random(n) * rng.choice([0.0, 1e-3, 1.0, 50.0], n)
+    elif weighted == "mixed":  # mostly exactly 1 (the unit weight, same as no weight), some not
+        weights = np.where(rng.random(n) < 0.8, 1.0, rng.random(n) * 3)
     r = StratifiedReservoir(capacities, seed=seed)
     for start in range(0, n, batch):
         end = start + batch
-        r.add(strata[start:end], ids[start:end], None if weights is None else weights[start:end])
+        w = None if weights is None else weights[start:end]
+        if w is not None and np.all(w == 1.0) and start % 2 == 0:
+            w = None
+        r.add(strata[start:end], ids[start:end], w)
     assert_same(r.result(), ref_sample(capacities, seed, strata.tolist(), ids.tolist(), weights))
 
 
@@ -301,3 +306,13 @@ def test_stratum_codes_are_stable():
     digest = hashlib.blake2b(b"en", digest_size=8, person=b"mlmix-stratum").digest()
     assert stratum_code("en") == int.from_bytes(digest, "little")
     assert stratum_code(-1) == M64 and stratum_code(np.int16(7)) == 7
+
+
+def test_unit_weights_are_the_same_as_no_weights():
+    strata, ids, _ = _stream(50_000, 3, seed=4)
+    caps = {0: 100, 1: 7, 2: 3000}
+    plain = StratifiedReservoir(caps, seed=8).add(strata, ids)
+    ones = StratifiedReservoir(caps, seed=8).add(strata, ids, np.ones(len(ids)))
+    assert_same(plain.result(), ones.result())
+    for s in caps:
+        np.testing.assert_array_equal(plain.keys()[s], ones.keys()[s])
