@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <mutex>
 
 #include "bindings.h"
 #include "common.h"
@@ -15,6 +16,15 @@ using mlmix::sample::StratifiedReservoir;
 namespace mlmix::bind {
 namespace {
 
+// The reservoir as Python holds it: the kernel state plus a lock, because its methods run with the
+// GIL released and two Python threads may call them on one object at the same time.
+struct PyReservoir {
+  PyReservoir(uint64_t seed, std::vector<uint64_t> codes, std::vector<int64_t> capacities)
+      : r(seed, std::move(codes), std::move(capacities)) {}
+  StratifiedReservoir r;
+  std::mutex mutex;
+};
+
 void check_vector(const py::array& a, const char* name, char kind_a, char kind_b, py::ssize_t itemsize) {
   MLMIX_CHECK(a.ndim() == 1, name << " must be a 1-D array, got " << a.ndim() << " dimensions");
   const char kind = a.dtype().kind();
@@ -24,15 +34,16 @@ void check_vector(const py::array& a, const char* name, char kind_a, char kind_b
 }
 
 template <class S>
-void add_typed(StratifiedReservoir& r, const py::array& strata, const int32_t* lut, std::size_t lut_size,
+void add_typed(PyReservoir& pr, const py::array& strata, const int32_t* lut, std::size_t lut_size,
                const uint64_t* ids, const double* weights, int threads) {
   const S* s = static_cast<const S*>(strata.data());
   const std::size_t n = static_cast<std::size_t>(strata.shape(0));
   py::gil_scoped_release release;
-  r.add<S>(s, n, lut, lut_size, ids, weights, threads);
+  std::lock_guard<std::mutex> lock(pr.mutex);
+  pr.r.add<S>(s, n, lut, lut_size, ids, weights, threads);
 }
 
-void reservoir_add(StratifiedReservoir& r, const py::array& strata, const py::array& lut, const py::array& ids,
+void reservoir_add(PyReservoir& r, const py::array& strata, const py::array& lut, const py::array& ids,
                    const py::object& weights, int threads) {
   check_vector(strata, "strata", 'i', 'u', 0);
   check_vector(lut, "lut", 'i', 'i', 4);
@@ -71,11 +82,12 @@ void reservoir_add(StratifiedReservoir& r, const py::array& strata, const py::ar
 }
 
 // The sample of stratum s as three arrays (keys float64, hashes uint64, ids uint64), best first.
-py::tuple reservoir_sample(const StratifiedReservoir& r, std::size_t s) {
+py::tuple reservoir_sample(PyReservoir& pr, std::size_t s) {
   std::vector<Entry> entries;
   {
     py::gil_scoped_release release;
-    entries = r.sample(s);
+    std::lock_guard<std::mutex> lock(pr.mutex);
+    entries = pr.r.sample(s);
   }
   const auto n = static_cast<py::ssize_t>(entries.size());
   py::array_t<double> keys(n);
@@ -92,7 +104,7 @@ py::tuple reservoir_sample(const StratifiedReservoir& r, std::size_t s) {
   return py::make_tuple(keys, hashes, ids);
 }
 
-void reservoir_load(StratifiedReservoir& r, std::size_t s, const py::array_t<double, py::array::c_style>& keys,
+void reservoir_load(PyReservoir& pr, std::size_t s, const py::array_t<double, py::array::c_style>& keys,
                     const py::array_t<uint64_t, py::array::c_style>& hashes,
                     const py::array_t<uint64_t, py::array::c_style>& ids, uint64_t seen) {
   MLMIX_CHECK(keys.ndim() == 1 && hashes.ndim() == 1 && ids.ndim() == 1, "saved entries must be 1-D arrays");
@@ -102,7 +114,8 @@ void reservoir_load(StratifiedReservoir& r, std::size_t s, const py::array_t<dou
   std::vector<Entry> entries(n);
   for (std::size_t i = 0; i < n; ++i) entries[i] = Entry{keys.data()[i], hashes.data()[i], ids.data()[i]};
   py::gil_scoped_release release;
-  r.load(s, entries.data(), n, seen);
+  std::lock_guard<std::mutex> lock(pr.mutex);
+  pr.r.load(s, entries.data(), n, seen);
 }
 
 py::array_t<uint64_t> hash_ids(uint64_t seed, uint64_t code, const py::array& ids) {
@@ -121,26 +134,32 @@ py::array_t<uint64_t> hash_ids(uint64_t seed, uint64_t code, const py::array& id
 }  // namespace
 
 void bind_sample(py::module_& m) {
-  py::class_<StratifiedReservoir>(m, "_StratifiedReservoir")
+  py::class_<PyReservoir>(m, "_StratifiedReservoir")
       .def(py::init<uint64_t, std::vector<uint64_t>, std::vector<int64_t>>(), py::arg("seed"), py::arg("codes"),
            py::arg("capacities"))
       .def("add", &reservoir_add, py::arg("strata"), py::arg("lut"), py::arg("ids"), py::arg("weights"),
            py::arg("threads"))
       .def(
           "merge",
-          [](StratifiedReservoir& self, const StratifiedReservoir& other) {
+          [](PyReservoir& self, PyReservoir& other) {
             py::gil_scoped_release release;
-            self.merge(other);
+            if (&self == &other) {
+              std::lock_guard<std::mutex> lock(self.mutex);
+              self.r.merge(other.r);
+            } else {
+              std::scoped_lock lock(self.mutex, other.mutex);  // deadlock-free for a.merge(b) || b.merge(a)
+              self.r.merge(other.r);
+            }
           },
           py::arg("other"))
       .def("sample", &reservoir_sample, py::arg("stratum"))
       .def("load", &reservoir_load, py::arg("stratum"), py::arg("keys"), py::arg("hashes"), py::arg("ids"),
            py::arg("seen"))
-      .def("seen", [](const StratifiedReservoir& r, std::size_t s) {
-        MLMIX_CHECK_INDEX(s < r.num_strata(), "stratum index " << s << " out of range");
-        return r.seen(s);
-      })
-      .def_property_readonly("num_strata", &StratifiedReservoir::num_strata);
+      .def("seen", [](PyReservoir& pr, std::size_t s) {
+        std::lock_guard<std::mutex> lock(pr.mutex);
+        MLMIX_CHECK_INDEX(s < pr.r.num_strata(), "stratum index " << s << " out of range");
+        return pr.r.seen(s);
+      });
   m.def("_sample_hash_ids", &hash_ids, py::arg("seed"), py::arg("code"), py::arg("ids"),
         "hash of each uint64/int64 id under (seed, stratum code), as used for reservoir keys");
   m.def("_sample_exp_key", &mlmix::sample::exp_key, py::arg("hash"));

@@ -316,3 +316,27 @@ def test_unit_weights_are_the_same_as_no_weights():
     assert_same(plain.result(), ones.result())
     for s in caps:
         np.testing.assert_array_equal(plain.keys()[s], ones.keys()[s])
+
+
+def test_concurrent_python_threads_on_one_reservoir():
+    import threading
+
+    strata, ids, _ = _stream(400_000, 4, seed=6)
+    caps = {s: 500 for s in range(4)}
+    want = StratifiedReservoir(caps, seed=2).add(strata, ids).result()
+    shared = StratifiedReservoir(caps, seed=2)
+    other = StratifiedReservoir(caps, seed=2)
+    chunks = np.array_split(np.arange(len(ids)), 8)
+
+    def work(part):
+        for c in part:
+            shared.add(strata[c], ids[c])
+            shared.result()
+
+    workers = [threading.Thread(target=work, args=(chunks[i::2],)) for i in range(2)]
+    workers.append(threading.Thread(target=lambda: [other.merge(shared) for _ in range(5)]))
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert_same(shared.result(), want)
