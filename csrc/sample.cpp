@@ -224,7 +224,10 @@ void StratifiedReservoir::add_serial(const S* strata, std::size_t begin, std::si
         continue;
       }
       // Pre-filter without a log: key = exp_key(h) / w >= (h / 2^64) / w. Weight 0 never passes.
-      if (w > 0 && (!st.full || static_cast<double>(h) * kTwoPowMinus64 <= st.threshold.key * w * kCutSlack))
+      // (h >> 11) * 2^-53 <= h / 2^64, so the filter stays conservative; the 53-bit value converts
+      // to double in one signed instruction.
+      const double u_low = static_cast<double>(static_cast<int64_t>(h >> 11)) * 0x1p-53;
+      if (w > 0 && (!st.full || u_low <= st.threshold.key * w * kCutSlack))
           [[unlikely]] {
         offer_keyed(st, Entry{exp_key(h) / w, h, ids[i]});
       }
