@@ -584,11 +584,11 @@ def percent_mixture(
     )
 
 
-def _even_mixture(recipe, rows, langs, total, seed, id_field, lang_field, on_shortfall, params):
+def _even_mixture(recipe, rows, langs, arg, total, seed, id_field, lang_field, on_shortfall, params):
+    """The set spread evenly over ``langs`` (``arg``: the argument that named them, for errors)."""
     seed = _check_seed(seed)
     corpus = _Corpus(rows, id_field, lang_field)
-    corpus.require(langs, params.get("_arg", "languages"))
-    params.pop("_arg", None)
+    corpus.require(langs, arg)
     size = _total(corpus, langs, total)
     return _mixture(recipe, corpus, even_split(size, langs, seed), seed, on_shortfall, params | {"total": size})
 
@@ -604,8 +604,8 @@ def unseen_split(
     both = sorted(set(tuning) & set(heldout))
     if both:
         raise ValueError(f"tuning and heldout must not share languages, both hold {both}")
-    params = {"tuning": list(tuning), "heldout": list(heldout), "_arg": "tuning"}
-    return _even_mixture("unseen_split", rows, tuning, total, seed, id_field, lang_field, on_shortfall, params)
+    params = {"tuning": list(tuning), "heldout": list(heldout)}
+    return _even_mixture("unseen_split", rows, tuning, "tuning", total, seed, id_field, lang_field, on_shortfall, params)
 
 
 def language_diversity(
@@ -617,8 +617,8 @@ def language_diversity(
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(order):
         raise ValueError(f"k must be an integer in [1, {len(order)}] (the number of languages in order), got {k!r}")
     langs = order[: int(k)]
-    params = {"k": int(k), "order": list(order), "_arg": "order"}
-    return _even_mixture("language_diversity", rows, langs, total, seed, id_field, lang_field, on_shortfall, params)
+    params = {"k": int(k), "order": list(order)}
+    return _even_mixture("language_diversity", rows, langs, "order", total, seed, id_field, lang_field, on_shortfall, params)
 
 
 def bilingual(
@@ -629,8 +629,8 @@ def bilingual(
     pair = _check_langs(pair, "pair")
     if len(pair) != 2:
         raise ValueError(f"pair must name exactly two languages, got {pair!r}")
-    params = {"pair": list(pair), "_arg": "pair"}
-    return _even_mixture("bilingual", rows, pair, total, seed, id_field, lang_field, on_shortfall, params)
+    params = {"pair": list(pair)}
+    return _even_mixture("bilingual", rows, pair, "pair", total, seed, id_field, lang_field, on_shortfall, params)
 
 
 def _policy_mixture(recipe, rows, languages, total, seed, id_field, lang_field, on_shortfall, tokens, allocate, params):
