@@ -26,10 +26,9 @@ import subprocess
 import sys
 import time
 
+import mlmix
 import numpy as np
 import pytest
-
-import mlmix
 
 FULL = os.environ.get("MLMIX_BENCH_FULL") == "1"
 N_ITEMS = 100_000_000 if FULL else 12_000_000

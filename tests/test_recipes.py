@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from mlmix import recipes as R
 from mlmix.recipes import Mixture
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from mlmix.sample import StratifiedReservoir, stratum_code
 
 M64 = (1 << 64) - 1

@@ -34,9 +34,10 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Hashable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,23 +45,23 @@ from ._atomic import atomic_file
 from ._core_loader import core
 
 __all__ = [
-    "STUDY_LANGUAGES",
-    "UNSEEN_TUNING",
-    "UNSEEN_HELDOUT",
     "DIVERSITY_ORDER",
+    "STUDY_LANGUAGES",
+    "UNSEEN_HELDOUT",
+    "UNSEEN_TUNING",
     "Mixture",
-    "monolingual",
-    "pinch",
-    "percent_mixture",
-    "unseen_split",
-    "language_diversity",
-    "bilingual",
-    "temperature",
-    "unimax",
-    "even_split",
     "allocate_proportional",
     "allocate_temperature",
     "allocate_unimax",
+    "bilingual",
+    "even_split",
+    "language_diversity",
+    "monolingual",
+    "percent_mixture",
+    "pinch",
+    "temperature",
+    "unimax",
+    "unseen_split",
 ]
 
 STUDY_LANGUAGES: tuple[str, ...] = ("ar", "zh", "cs", "en", "et", "fi", "he", "hi", "it", "ru", "es", "sw")
@@ -155,7 +156,7 @@ class Mixture:
             json.dump(doc, f, separators=(",", ":"))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Mixture":
+    def load(cls, path: str | os.PathLike) -> Mixture:
         """Read a file written by :meth:`save`."""
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
@@ -270,7 +271,7 @@ def _check_langs(langs, arg: str) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------------
 # seeded orders
 def _hash_u64(seed: int, tag: str, value: Hashable) -> int:
-    data = f"{tag}\x00{type(value).__name__}\x00{value}".encode("utf-8")
+    data = f"{tag}\x00{type(value).__name__}\x00{value}".encode()
     key = seed.to_bytes(8, "little")
     return int.from_bytes(hashlib.blake2b(data, digest_size=8, key=key).digest(), "little")
 

@@ -19,7 +19,8 @@ strata is two items with independent keys.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Hashable, Mapping
+from collections.abc import Hashable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -148,7 +149,7 @@ class StratifiedReservoir:
         slots = slot_of_unique[inverse.reshape(-1)] if len(uniques) else np.empty(0, np.int32)
         return np.ascontiguousarray(slots, dtype=np.int32), np.arange(len(self._strata), dtype=np.int32)
 
-    def add(self, strata, ids, weights=None, *, threads: int | None = None) -> "StratifiedReservoir":
+    def add(self, strata, ids, weights=None, *, threads: int | None = None) -> StratifiedReservoir:
         """Offer a batch of items.
 
         Args:
@@ -180,7 +181,7 @@ class StratifiedReservoir:
         self._unsigned_ids |= unsigned
         return self
 
-    def merge(self, other: "StratifiedReservoir") -> "StratifiedReservoir":
+    def merge(self, other: StratifiedReservoir) -> StratifiedReservoir:
         """Fold in a reservoir filled elsewhere (same capacities and seed). Returns self.
 
         The result equals one reservoir that saw both streams, bit for bit.
