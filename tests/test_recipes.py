@@ -59,10 +59,21 @@ def test_pinch_counts(study_rows):
 
 @pytest.mark.parametrize("percent", [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 12.5])
 def test_percent_mixture_counts(study_rows, percent):
-    m = R.percent_mixture(study_rows, percent=percent, seed=1)
-    counts = m.counts()
     n_multi = math.floor(N_SOURCES * percent / 100 + 0.5)
     others = [lang for lang in R.STUDY_LANGUAGES if lang != "en"]
+    # default: the multilingual share is spread over all 12 languages, English included
+    m = R.percent_mixture(study_rows, percent=percent, seed=1)
+    counts = m.counts()
+    shares = {lang: counts[lang] - (N_SOURCES - n_multi if lang == "en" else 0) for lang in R.STUDY_LANGUAGES}
+    assert sum(shares.values()) == n_multi
+    assert spread(shares, list(R.STUDY_LANGUAGES)) <= 1
+    assert len(m) == N_SOURCES
+    check_disjoint_and_available(m, study_rows)
+    if percent == 100:
+        assert spread(counts, list(R.STUDY_LANGUAGES)) <= 1  # the even 12-language mixture
+    # spread over the non-English languages only
+    m = R.percent_mixture(study_rows, percent=percent, seed=1, spread_over="others")
+    counts = m.counts()
     assert counts["en"] == N_SOURCES - n_multi
     assert sum(counts[lang] for lang in others) == n_multi
     assert spread(counts, others) <= 1

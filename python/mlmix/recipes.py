@@ -531,7 +531,9 @@ def monolingual(
     return _mixture("monolingual", corpus, {lang: count}, seed, on_shortfall, {"lang": lang, "n": n})
 
 
-def _pivot_mixture(recipe, rows, n_multi, pivot, languages, total, seed, id_field, lang_field, on_shortfall, params):
+def _pivot_mixture(
+    recipe, rows, n_multi, pivot, languages, total, seed, id_field, lang_field, on_shortfall, params, spread_over="others"
+):
     seed = _check_seed(seed)
     languages = _check_langs(languages, "languages")
     if pivot not in languages:
@@ -544,8 +546,9 @@ def _pivot_mixture(recipe, rows, n_multi, pivot, languages, total, seed, id_fiel
     others = [lang for lang in languages if lang != pivot]
     if n_multi > 0 and not others:
         raise ValueError(f"languages must hold a language besides the pivot {pivot!r}, got {languages!r}")
-    split = even_split(n_multi, others, seed) if others else {}
-    targets = {lang: (size - n_multi if lang == pivot else split[lang]) for lang in languages}
+    spread = list(languages) if spread_over == "all" else others
+    split = even_split(n_multi, spread, seed) if spread else {}
+    targets = {lang: (size - n_multi if lang == pivot else 0) + split.get(lang, 0) for lang in languages}
     return _mixture(recipe, corpus, targets, seed, on_shortfall, params | {"total": size})
 
 
@@ -566,11 +569,17 @@ def pinch(
 def percent_mixture(
     rows, percent: float, pivot: str = "en", languages: Sequence[str] = STUDY_LANGUAGES, seed: int = 0,
     *, total: int | None = None, id_field: str = "id", lang_field: str = "lang", on_shortfall: str = "error",
+    spread_over: str = "all",
 ) -> Mixture:
-    """P% of the set (rounded half up) spread evenly over the non-pivot languages, the rest in ``pivot``.
+    """P% of the set (rounded half up) spread evenly over the languages, the rest in ``pivot``.
 
-    ``percent`` is a number in [0, 100] (the study uses 10, 20, ..., 100).
+    ``percent`` is a number in [0, 100] (the study uses 10, 20, ..., 100). With ``spread_over="all"``
+    (default) the multilingual share is split over every language of ``languages``, the pivot included,
+    so P=100 is the even 12-language mixture that the study compares with monolingual tuning; with
+    ``spread_over="others"`` it is split over the non-pivot languages only (as the pinch is).
     """
+    if spread_over not in ("all", "others"):
+        raise ValueError(f"spread_over must be 'all' or 'others', got {spread_over!r}")
     if isinstance(percent, bool) or not isinstance(percent, (int, float, np.number)) or not (
         math.isfinite(percent) and 0 <= percent <= 100
     ):
@@ -579,9 +588,10 @@ def percent_mixture(
     corpus = _Corpus(rows, id_field, lang_field)
     size = _total(corpus, _check_langs(languages, "languages"), total)
     n_multi = int(math.floor(Fraction(percent) * size / 100 + Fraction(1, 2)))
-    params = {"percent": percent, "pivot": pivot, "languages": list(languages)}
+    params = {"percent": percent, "pivot": pivot, "languages": list(languages), "spread_over": spread_over}
     return _pivot_mixture(
-        "percent_mixture", corpus, n_multi, pivot, languages, size, seed, id_field, lang_field, on_shortfall, params
+        "percent_mixture", corpus, n_multi, pivot, languages, size, seed, id_field, lang_field, on_shortfall, params,
+        spread_over,
     )
 
 
