@@ -114,12 +114,13 @@ class ChatML(FastTemplate):
             append((FIXED, "<|im_end|>", m))
             append((FIXED, "\n", m))
         for (role, content), t in zip(conv, trained):
-            append((FIXED, "<|im_start|>", UNTRAINED))
             if t == 2:  # train_on="all": everything
+                append((FIXED, "<|im_start|>", TRAINED))
                 append((TEXT, role + "\n" + content, TRAINED))
                 append((FIXED, "<|im_end|>", TRAINED))
                 append((FIXED, "\n", TRAINED))
                 continue
+            append((FIXED, "<|im_start|>", UNTRAINED))
             append((TEXT, role + "\n" + content, SPLIT if t else UNTRAINED))
             append((FIXED, "<|im_end|>", TRAINED if t else UNTRAINED))
             append((FIXED, "\n", UNTRAINED))

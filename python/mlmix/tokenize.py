@@ -742,8 +742,8 @@ def _truncate(tokens: Ragged, mask: Ragged, max_length: int, policy: str, stats:
                     run_start -= 1
                 if cut > run_start:
                     keep[i] = False
-                    continue
-            lo[i] = a + cut
+            if keep[i]:
+                lo[i] = a + cut
         if keep[i]:
             stats.truncated += 1
             stats.tokens_removed += n - int(hi[i] - lo[i])
