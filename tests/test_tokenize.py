@@ -179,3 +179,14 @@ def test_qwen_bad_model():
 def test_decode_round_trip(qwen):
     r = qwen.encode_batch(TEXTS)
     assert [qwen.decode(s) for s in r] == TEXTS
+
+
+def test_pipelined_encoding_keeps_order_and_error_index(qwen, qwen_hf, monkeypatch):
+    import mlmix.tokenize as mt
+
+    monkeypatch.setattr(mt, "_PIPELINE_CHUNK", 3)
+    texts = TEXTS * 2 + ["tail"]  # 27 texts: 9 chunks, the last one short
+    assert qwen.encode_batch(texts).to_lists() == hf_reference(qwen_hf, texts)
+    bad = texts[:10] + [None] + texts[10:]
+    with pytest.raises(ValueError, match=r"texts\[10\] must be a str"):
+        qwen.encode_batch(bad)

@@ -201,20 +201,37 @@ class Tokenizer:
 
         Special-token strings inside the texts are recognised as special tokens (as when a chat template's
         rendering is tokenised). Raises ValueError naming the first text that is not a valid str.
+        An alternative backend replaces this method (or ``_encode_chunk``); everything else calls it.
         """
-        if not texts:
-            return Ragged(np.zeros(0, np.uint32), np.zeros(1, np.int64), validate=False)
+        n = len(texts)
+        if n <= _PIPELINE_CHUNK:
+            return _ids_to_ragged(self._encode_chunk(texts))
+        # Reading ids out of the backend's Python objects is serial (it holds the GIL) while the encoding
+        # itself runs on all cores with the GIL released: overlap the two, chunk by chunk, in input order.
+        from concurrent.futures import ThreadPoolExecutor
+
+        bounds = list(range(0, n, _PIPELINE_CHUNK)) + [n]
+        parts = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlmix-encode") as pool:
+            pending = pool.submit(self._encode_chunk, texts[bounds[0] : bounds[1]], bounds[0])
+            for k in range(1, len(bounds)):
+                done = pending.result()
+                if k + 1 < len(bounds):
+                    pending = pool.submit(self._encode_chunk, texts[bounds[k] : bounds[k + 1]], bounds[k])
+                try:
+                    parts.append(_ids_to_ragged(done))
+                except BaseException:
+                    pending.cancel()
+                    raise
+        return Ragged.concat(parts)
+
+    def _encode_chunk(self, texts: list, base: int = 0) -> list:
+        """Backend call: texts -> list of encodings (``.ids`` each); ``base`` numbers texts in errors."""
         try:
-            encodings = self._batch(texts, add_special_tokens=False)
+            return self._batch(texts, add_special_tokens=False)
         except Exception as exc:
-            _raise_bad_text(texts, exc)
+            _raise_bad_text(texts, exc, base)
             raise
-        ids = [e.ids for e in encodings]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        values = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(offsets[-1]))
-        return Ragged(values, offsets, validate=False)
 
     def encode_batch(self, texts: Sequence[str]) -> Ragged:
         """Encode texts (no BOS/EOS added) -> Ragged of uint32 token ids, one sequence per text."""
@@ -687,8 +704,22 @@ def _read_config(directory: str):
     return template, bos, eos
 
 
-def _raise_bad_text(texts, exc) -> None:
-    for i, t in enumerate(texts):
+# texts per backend call when a batch is large enough to pipeline encoding and id extraction
+_PIPELINE_CHUNK = 2048
+
+
+def _ids_to_ragged(encodings) -> Ragged:
+    """Backend encodings (objects with ``.ids``) -> Ragged uint32, with no per-token Python
+    work beyond reading the ids once."""
+    ids = [e.ids for e in encodings]
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)), out=offsets[1:])
+    values = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(offsets[-1]))
+    return Ragged(values, offsets, validate=False)
+
+
+def _raise_bad_text(texts, exc, base: int = 0) -> None:
+    for i, t in enumerate(texts, base):
         if not isinstance(t, str):
             raise ValueError(f"texts[{i}] must be a str, got {type(t).__name__}") from exc
         if not t.isascii():
