@@ -190,3 +190,15 @@ def test_pipelined_encoding_keeps_order_and_error_index(qwen, qwen_hf, monkeypat
     bad = texts[:10] + [None] + texts[10:]
     with pytest.raises(ValueError, match=r"texts\[10\] must be a str"):
         qwen.encode_batch(bad)
+
+
+def test_pickle_round_trip(qwen_hf):
+    import pickle
+
+    tok = Tokenizer(qwen_hf, chat_template=chat.CHATML_TEMPLATE, eos_token="<|endoftext|>")
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    before = tok.encode_chat([conv])
+    back = pickle.loads(pickle.dumps(tok))
+    after = back.encode_chat([conv])
+    assert back.eos_token == "<|endoftext|>" and back.chat_template == chat.CHATML_TEMPLATE
+    assert after.tokens.equals(before.tokens) and after.loss_mask.equals(before.loss_mask)

@@ -23,6 +23,7 @@ import numpy as np
 from . import chat as _chat
 from ._deps import require
 from .formats import FORMATS, Fields, RecordError, _Bad, normalize_record
+from .formats import _chat as _parse_turns
 from .ragged import Ragged
 
 __all__ = ["Tokenizer", "Encoded", "EncodeStats", "RecordError", "TRAIN_ON", "TRUNCATION", "ON_ERROR"]
@@ -113,6 +114,15 @@ class Tokenizer:
         self._fixed_ids: list[tuple[int, ...]] = []
         self._fixed_arrays = None
         self._templates: dict[Any, Any] = {}
+
+    def __getstate__(self):
+        # caches are rebuilt on demand; the backend pickles through its JSON form
+        return {"backend": self._hf, "chat_template": self.chat_template, "bos_token": self.bos_token,
+                "eos_token": self.eos_token}
+
+    def __setstate__(self, state):
+        self.__init__(state["backend"], chat_template=state["chat_template"], bos_token=state["bos_token"],
+                      eos_token=state["eos_token"])
 
     # --- constructors ---------------------------------------------------------------------------
     @classmethod
@@ -673,10 +683,12 @@ def _merge_spans(spans):
     return out
 
 
-def _normalize_conversation(conv):
-    from .formats import _chat as chat_of
+_DEFAULT_FIELDS = Fields()
 
-    return chat_of(conv, Fields(), "role", "content", None, "conversation")
+
+def _normalize_conversation(conv):
+    """A list of {"role", "content"} -> list of (role, content), or raise _Bad."""
+    return _parse_turns(conv, _DEFAULT_FIELDS, "role", "content", None, "conversation")
 
 
 def _tok_str(tok) -> Optional[str]:
