@@ -49,7 +49,7 @@ def test_auto_format_mixed_batch_keeps_order_and_metadata(tok, train_on):
     records = [r for r, _ in CASES]
     enc = tok.encode_records(records, train_on=train_on)
     assert len(enc) == len(records) and enc.index.tolist() == list(range(len(records)))
-    for i, (rec, meaning) in enumerate(CASES):
+    for i, (_, meaning) in enumerate(CASES):
         ids, mask = expected(tok, meaning, train_on)
         assert enc.tokens[i].tolist() == ids, i
         assert enc.loss_mask[i].tolist() == mask, i
