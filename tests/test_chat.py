@@ -238,7 +238,7 @@ def test_explicit_templates_and_errors(qwen_hf, qwen_tok):
     t1, m1 = bare.encode_chat([conv], template="chatml")
     t2, m2 = qwen_tok.encode_chat([conv])
     assert t1.equals(t2) and m1.equals(m2)
-    with pytest.raises(ValueError, match="<\\|start_header_id\\|>"):
+    with pytest.raises(ValueError, match="needs the special token"):
         bare.encode_chat([conv], template="llama3")
     with pytest.raises(ValueError, match="template must be"):
         bare.encode_chat([conv], template="vicuna")
@@ -325,3 +325,13 @@ def test_truncation_policies_are_explicit_and_counted(qwen_tok):
         assert int(enc.tokens.lengths.max()) <= limit
         assert enc.tokens.offsets.tolist() == enc.loss_mask.offsets.tolist()
         assert enc.stats.tokens == len(enc.tokens.values)
+
+
+def test_llama3_needs_its_bos_token(qwen_hf):
+    tok = Tokenizer(_copy_with(qwen_hf, LLAMA3_SPECIALS[1:]))  # no <|begin_of_text|>
+    conv = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(ValueError, match="begin_of_text"):
+        tok.encode_chat([conv], template="llama3")
+    t, m = tok.encode_chat([conv], template=chat.Llama3(bos_token=""))
+    assert tok.decode(t[0]) == chat.Llama3(bos_token="").render([("user", "a"), ("assistant", "b")])
+    assert tok.decode(t[0][m[0] == 1]) == "b<|eot_id|>"

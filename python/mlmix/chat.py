@@ -135,6 +135,8 @@ class Llama3(FastTemplate):
 
     def __init__(self, bos_token: str = "<|begin_of_text|>"):
         self.bos_token = bos_token
+        if bos_token:
+            self.required_specials = (bos_token, *Llama3.required_specials)
 
     def pieces(self, conv, trained, out: list) -> None:
         append = out.append
