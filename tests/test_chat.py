@@ -70,9 +70,10 @@ def llama_tok(llama_pt):
     return Tokenizer.from_hf(llama_pt)
 
 
-def reference(pt, conv, train_on="all_assistant"):
+def reference(pt, conv, train_on="all_assistant", template=None):
     """transformers' apply_chat_template with {% generation %} masks: the ground truth."""
-    out = pt.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out = pt.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                 chat_template=template)
     ids = list(out["input_ids"])
     mask = np.asarray(out["assistant_masks"], np.uint8)
     if train_on == "all":
@@ -335,3 +336,37 @@ def test_llama3_needs_its_bos_token(qwen_hf):
     t, m = tok.encode_chat([conv], template=chat.Llama3(bos_token=""))
     assert tok.decode(t[0]) == chat.Llama3(bos_token="").render([("user", "a"), ("assistant", "b")])
     assert tok.decode(t[0][m[0] == 1]) == "b<|eot_id|>"
+
+
+@pytest.mark.parametrize("name,fast", [("qwen2_5", chat.ChatML), ("qwen2_5_training", None),
+                                       ("llama3", chat.Llama3), ("llama3_training", chat.Llama3)])
+def test_real_model_templates(name, fast, qwen_pt, llama_pt):
+    """Published templates (as bundled with TRL): the fast path stands in exactly where it renders the same."""
+    import os
+
+    trl = pytest.importorskip("trl")
+    with open(os.path.join(os.path.dirname(trl.__file__), "chat_templates", f"{name}.jinja")) as f:
+        template = f.read()
+    is_llama = name.startswith("llama")
+    pt = llama_pt if is_llama else qwen_pt
+    bos = "<|begin_of_text|>" if is_llama else None
+    tok = Tokenizer(pt.backend_tokenizer, chat_template=template, bos_token=bos)
+    t = tok._template("auto")
+    assert isinstance(t, fast) if fast else not isinstance(t, chat.FastTemplate)
+    convs = conversations()
+    tokens, mask = tok.encode_chat(convs)
+    jt, jm = tok.encode_chat(convs, template="jinja")
+    assert jt.equals(tokens) and jm.equals(mask)
+    eot = "<|eot_id|>" if is_llama else "<|im_end|>"
+    for i, conv in enumerate(convs):
+        if "training" in name:
+            ids, ref_mask = reference(pt, conv, template=template)
+            assert mask[i].tolist() == ref_mask
+        else:
+            out = pt.apply_chat_template(conv, tokenize=True, return_dict=True, chat_template=template)
+            ids = list(out["input_ids"])
+            last = [m["content"] for m in conv if m["role"] == "assistant"][-1]
+            last = last.strip() if is_llama else last
+            masked = tok.decode(tokens[i][mask[i] == 1])
+            assert masked.endswith(last + eot)
+        assert tokens[i].tolist() == ids

@@ -84,9 +84,18 @@ def test_encode_batch_property(texts, qwen_hf, tiktoken_qwen):
 
 
 def test_qwen36(qwen36_hf):
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    from mlmix._tiktoken import qwen_spec
+
+    path, pattern, specials = qwen_spec("qwen3_6")
+    tt = tiktoken.Encoding("qwen3_6", pat_str=pattern, mergeable_ranks=load_tiktoken_bpe(path),
+                           special_tokens=specials)
     tok = Tokenizer(qwen36_hf, chat_template=chat.CHATML_TEMPLATE)
     assert tok.vocab_size == qwen36_hf.get_vocab_size() == 248044 + 33
     assert tok.encode_batch(TEXTS).to_lists() == hf_reference(qwen36_hf, TEXTS)
+    assert tok.encode_batch(TEXTS).to_lists() == [tt.encode(t, allowed_special="all") for t in TEXTS]
     assert isinstance(tok._template("auto"), chat.ChatML)
 
 
