@@ -370,3 +370,43 @@ def test_real_model_templates(name, fast, qwen_pt, llama_pt):
             masked = tok.decode(tokens[i][mask[i] == 1])
             assert masked.endswith(last + eot)
         assert tokens[i].tolist() == ids
+
+
+def _truncate_reference(seq, mask, limit, policy):
+    """One sequence, plainly: the kept (tokens, mask), or None when the policy drops it."""
+    n = len(seq)
+    if n <= limit:
+        return seq, mask
+    if policy == "drop":
+        return None
+    if policy == "truncate_response_right":
+        return (seq[:limit], mask[:limit]) if (any(mask[:limit]) or not any(mask)) else None
+    cut = n - limit
+    if any(mask) and not all(mask):
+        last = max(i for i, m in enumerate(mask) if m)
+        start = last
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        if cut > start:
+            return None
+    return seq[cut:], mask[cut:]
+
+
+@settings(max_examples=80, deadline=None)
+@given(seqs=st.lists(st.lists(st.tuples(st.integers(0, 9), st.booleans()), max_size=12), max_size=6),
+       limit=st.integers(1, 10), policy=st.sampled_from(["drop", "truncate_prompt_left", "truncate_response_right"]))
+def test_truncation_property(seqs, limit, policy):
+    from mlmix import Ragged
+    from mlmix.tokenize import EncodeStats, _truncate
+
+    tokens = Ragged.from_lists([[t for t, _ in s] for s in seqs], dtype=np.uint32)
+    mask = Ragged.from_lists([[int(m) for _, m in s] for s in seqs], dtype=np.uint8)
+    stats = EncodeStats()
+    out_t, out_m, keep = _truncate(tokens, mask, limit, policy, stats)
+    want = [_truncate_reference([t for t, _ in s], [int(m) for _, m in s], limit, policy) for s in seqs]
+    assert keep.tolist() == [w is not None for w in want]
+    kept = [w for w in want if w is not None]
+    assert out_t.to_lists() == [w[0] for w in kept] and out_m.to_lists() == [w[1] for w in kept]
+    assert stats.dropped_too_long == sum(w is None for w in want)
+    assert stats.truncated == sum(1 for s, w in zip(seqs, want) if w is not None and len(w[0]) < len(s))
+    assert stats.tokens_removed == sum(len(s) - len(w[0]) for s, w in zip(seqs, want) if w is not None)
