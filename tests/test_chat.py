@@ -410,3 +410,36 @@ def test_truncation_property(seqs, limit, policy):
     assert stats.dropped_too_long == sum(w is None for w in want)
     assert stats.truncated == sum(1 for s, w in zip(seqs, want) if w is not None and len(w[0]) < len(s))
     assert stats.tokens_removed == sum(len(s) - len(w[0]) for s, w in zip(seqs, want) if w is not None)
+
+
+def test_template_that_rewrites_history_is_located(qwen_pt, qwen_tok):
+    """Qwen3's published template is not append-only (it adds an empty think block to the last assistant
+    turn); without {% generation %} blocks each turn is located in the rendering: content + <|im_end|>."""
+    import os
+
+    trl = pytest.importorskip("trl")
+    with open(os.path.join(os.path.dirname(trl.__file__), "chat_templates", "qwen3.jinja")) as f:
+        template = f.read()
+    tok = Tokenizer(qwen_pt.backend_tokenizer, chat_template=template)
+    assert not isinstance(tok._template("auto"), chat.FastTemplate)
+    # Qwen3's template strips newlines around assistant content; keep the conversations it renders verbatim
+    convs = [c for c in conversations() if all(m["content"] == m["content"].strip() for m in c)]
+    assert len(convs) >= 15
+    for train_on in ("all_assistant", "last_assistant"):
+        tokens, mask = tok.encode_chat(convs, train_on=train_on)
+        for i, conv in enumerate(convs):
+            out = qwen_pt.apply_chat_template(conv, tokenize=True, return_dict=True, chat_template=template)
+            assert tokens[i].tolist() == list(out["input_ids"])
+            m = mask[i].astype(np.int8)
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], m, [0]])))
+            runs = [tok.decode(tokens[i][a:b]) for a, b in zip(edges[::2], edges[1::2])]
+            wanted = [msg["content"] + "<|im_end|>" for msg in conv if msg["role"] == "assistant"]
+            wanted = wanted[-1:] if train_on == "last_assistant" else wanted
+            assert runs == wanted
+    # a turn whose reasoning the template strips from history cannot be located: reported, not guessed
+    think = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\na"},
+             {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(RecordError, match="cannot find message 1's content"):
+        tok.encode_chat([think])
+    enc = tok.encode_chat([think], train_on="last_assistant")
+    assert tok.decode(enc.tokens[0][enc.loss_mask[0] == 1]) == "b<|im_end|>"

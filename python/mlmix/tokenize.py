@@ -624,6 +624,7 @@ class _JinjaTemplate:
         self.source = source
         self.kwargs = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
         self.has_generation = re.search(r"\{%-?\s*generation\s*-?%\}", source) is not None
+        self._append_only = None
 
     def _render(self, convs, *, with_spans=False, add_generation_prompt=False):
         from transformers.utils.chat_template_utils import render_jinja_template
@@ -639,8 +640,9 @@ class _JinjaTemplate:
         return [tuple(s) for s in self._render([conv], with_spans=True)[1][0]]
 
     def render_with_spans(self, conv, train_on):
-        """(text, trained character spans). Spans come from {% generation %} blocks, else from rendering
-        each assistant turn's prefix with and without the turn (the template must only append)."""
+        """(text, trained character spans). Spans come from {% generation %} blocks; else from rendering each
+        assistant turn's prefix with and without the turn (templates that only append); else by locating
+        every message's content, followed by an end-of-turn token, in order in the rendering."""
         try:
             if self.has_generation:
                 texts, idx = self._render([conv], with_spans=True)
@@ -654,21 +656,75 @@ class _JinjaTemplate:
             turns = [j for j, (r, _) in enumerate(conv) if r == "assistant"]
             if train_on == "last_assistant":
                 turns = turns[-1:]
-            spans = []
-            for j in turns:
-                before = self._render([conv[:j]], add_generation_prompt=True)[0][0] if j else \
-                    self._render([[]], add_generation_prompt=True)[0][0]
-                upto = self.render([conv[: j + 1]])[0]
-                if not (upto.startswith(before) and text.startswith(upto)):
-                    raise _Bad("template_error", "the chat template does not render conversations by appending "
-                               "turns; add {% generation %} blocks to it to mark the trained text")
-                # the turn's text up to its end-of-turn token; trailing glue whitespace is not trained
-                spans.append((len(before), len(before) + len(upto[len(before):].rstrip())))
+            spans = self._prefix_spans(text, conv, turns) if self.append_only else None
+            if spans is None:
+                spans = self._located_spans(text, conv, turns)
             return text, _merge_spans(spans)
         except _Bad:
             raise
         except Exception as exc:  # the template rejected this conversation (raise_exception, bad roles...)
             raise _Bad("template_error", f"the chat template failed: {exc}") from None
+
+    @property
+    def append_only(self) -> bool:
+        """Whether the template renders the probe conversations by appending turns (decided once, so that
+        every record of a template gets its spans the same way)."""
+        if self._append_only is None:
+            ok = True
+            for conv in _chat.PROBES:
+                try:
+                    text = self.render([conv])[0]
+                except Exception:  # a probe the template rejects says nothing
+                    continue
+                turns = [j for j, (r, _) in enumerate(conv) if r == "assistant"]
+                ok = ok and self._prefix_spans(text, conv, turns) is not None
+            self._append_only = ok
+        return self._append_only
+
+    def _prefix_spans(self, text, conv, turns):
+        """Span of turn j = render(conv[:j+1]) minus render(conv[:j], add_generation_prompt=True), without the
+        whitespace glue after its end-of-turn token; None if the template does not render by appending."""
+        spans = []
+        for j in turns:
+            before = self._render([conv[:j]], add_generation_prompt=True)[0][0]
+            upto = self.render([conv[: j + 1]])[0]
+            if not (upto.startswith(before) and text.startswith(upto)):
+                return None
+            spans.append((len(before), len(before) + len(upto[len(before):].rstrip())))
+        return spans
+
+    def _located_spans(self, text, conv, turns):
+        """Find each message's content (as given, or stripped) immediately followed by an end-of-turn token,
+        message after message; an assistant span is its content + that token."""
+        eots = [t for t in (self.kwargs["eos_token"], *_END_OF_TURN) if t]
+        spans, cursor, wanted = [], 0, set(turns)
+        for j, (_, content) in enumerate(conv):
+            found = None
+            for cand in dict.fromkeys((content, content.strip())):
+                pos = text.find(cand, cursor)
+                while pos >= 0 and found is None:
+                    end = pos + len(cand)
+                    eot = next((e for e in eots if text.startswith(e, end)), None)
+                    if eot is not None:
+                        found = (pos, end + len(eot))
+                    else:
+                        pos = text.find(cand, pos + 1)
+                if found:
+                    break
+            if found is None and j not in wanted:
+                continue  # an untrained message the template rewrote: search on from the same place
+            if found is None:
+                raise _Bad("template_error", f"cannot find message {j}'s content followed by an end-of-turn token "
+                           "in the rendered chat (the template rewrites it); add {% generation %} blocks to the "
+                           "template to mark the trained text")
+            if j in wanted:
+                spans.append(found)
+            cursor = found[1]
+        return spans
+
+
+# end-of-turn tokens of common templates, for locating turns in templates without {% generation %}
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
 
 def _merge_spans(spans):
