@@ -468,9 +468,9 @@ class Tokenizer:
         if cand.render(conv) != text:
             return False
         trained = [1 if r == "assistant" else 0 for r, _ in conv]
-        if jinja.has_generation:
-            if _merge_spans(jinja.generation_spans(conv)) != cand.trained_spans(conv, trained):
-                return False
+        # the spans the Jinja path would train ({% generation %} blocks, prefix differences or located turns)
+        if jinja.render_with_spans(conv, "all_assistant")[1] != cand.trained_spans(conv, trained):
+            return False
         tokens, _ = self._encode_fast(cand, [conv], "all_assistant")
         return bool(np.array_equal(tokens.values, self._encode_texts([text]).values))
 
@@ -635,9 +635,6 @@ class _JinjaTemplate:
 
     def render(self, convs) -> list[str]:
         return self._render(convs)[0]
-
-    def generation_spans(self, conv) -> list[tuple[int, int]]:
-        return [tuple(s) for s in self._render([conv], with_spans=True)[1][0]]
 
     def render_with_spans(self, conv, train_on):
         """(text, trained character spans). Spans come from {% generation %} blocks; else from rendering each
