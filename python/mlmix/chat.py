@@ -60,8 +60,9 @@ UNTRAINED, TRAINED, SPLIT = 0, 1, 2
 class FastTemplate:
     """A chat template rendered without Jinja, as pieces split at special tokens.
 
-    ``pieces(conv, trained)`` appends ``(kind, string, mask_code)`` for a conversation (a list of
-    ``(role, content)``); ``trained[i]`` says whether message i's assistant content is trained.
+    ``pieces(conv, trained, out)`` appends ``(kind, string, mask_code)`` for a conversation (a list of
+    ``(role, content)``); ``trained[i]`` is 0 (message i untrained), 1 (an assistant message whose content and
+    end-of-turn token are trained) or 2 (``train_on="all"``: every token of the message, glue included).
     ``assistant_header`` is the text at the start of an assistant TEXT piece that is not trained.
     """
 
