@@ -233,5 +233,5 @@ def test_summary_interleaved(data, capsys):
             base = "hf_encode_batch_fast[rendered chats]" if name == "mlmix_encode_chat" else "hf_encode_batch_fast"
             w, c = nbytes / 1e6 / wall[name], nbytes / 1e6 / cpu[name]
             wb, cb = variants[base][1] / 1e6 / wall[base], variants[base][1] / 1e6 / cpu[base]
-            print(f"  {name:34s} wall {w:7.2f} MB/s {w / wb:5.2f}x   cpu {c:7.2f} MB/s {c / cb:5.2f}x")
+            print(f"  {name:38s} wall {w:7.2f} MB/s {w / wb:5.2f}x   cpu {c:7.2f} MB/s {c / cb:5.2f}x")
     assert all(v > 0 for v in wall.values())
