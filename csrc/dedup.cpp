@@ -1,0 +1,667 @@
+#include "dedup.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <numeric>
+#include <thread>
+
+#include "common.h"
+#include "unicode_tables.h"
+
+namespace mlmix::dedup {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Threads: documents are split into chunks handed out by an atomic counter; every result is
+// written at its document's index, so the output does not depend on the thread count. Of the
+// exceptions thrown, the one from the lowest chunk is rethrown, for the same reason.
+
+template <class F>
+void parallel_chunks(int64_t n, int num_threads, int64_t grain, F&& body) {
+  if (n <= 0) return;
+  const int64_t chunks = (n + grain - 1) / grain;
+  const int threads = static_cast<int>(std::min<int64_t>(resolve_threads(num_threads), chunks));
+  std::atomic<int64_t> next{0};
+  std::mutex error_mutex;
+  std::exception_ptr error;
+  int64_t error_chunk = std::numeric_limits<int64_t>::max();
+  auto worker = [&] {
+    for (;;) {
+      const int64_t c = next.fetch_add(1);
+      if (c >= chunks) return;
+      try {
+        body(c * grain, std::min(n, (c + 1) * grain));
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (c < error_chunk) {
+          error_chunk = c;
+          error = std::current_exception();
+        }
+      }
+    }
+  };
+  if (threads <= 1) {
+    worker();
+  } else {
+    std::vector<std::thread> pool;
+    pool.reserve(threads - 1);
+    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+    worker();
+    for (auto& th : pool) th.join();
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hashing primitives (64-bit multiply/xor-shift mixing).
+
+constexpr uint64_t kMulA = 0x9E3779B97F4A7C15ull;  // 2^64 / golden ratio
+constexpr uint64_t kMulB = 0xC2B2AE3D27D4EB4Full;
+constexpr uint64_t kMulC = 0xD6E8FEB86659FD93ull;
+
+inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+inline uint64_t mix64(uint64_t x) {
+  x ^= x >> 32;
+  x *= kMulC;
+  x ^= x >> 29;
+  x *= kMulB;
+  x ^= x >> 32;
+  return x;
+}
+
+inline uint64_t splitmix_next(uint64_t& state) {
+  state += kMulA;
+  return mix64(state);
+}
+
+// Streaming 128-bit hash of a code-point sequence: three 21-bit code points are packed into one
+// 64-bit word, which feeds two lanes with different multipliers and rotations.
+class Hash128 {
+ public:
+  void add(uint32_t cp) {
+    word_ |= static_cast<uint64_t>(cp) << (21 * packed_);
+    if (++packed_ == 3) flush();
+    ++length_;
+  }
+  void finish(uint64_t* out) {
+    if (packed_ != 0) flush();
+    uint64_t a = lane_a_ ^ (length_ * kMulB);
+    uint64_t b = lane_b_ + length_;
+    a = mix64(a);
+    b = mix64(b ^ rotl(a, 23));
+    a = mix64(a + rotl(b, 41));
+    out[0] = a;
+    out[1] = b;
+  }
+
+ private:
+  void flush() {
+    lane_a_ = rotl((lane_a_ ^ word_) * kMulA, 29);
+    lane_b_ = rotl((lane_b_ + word_) * kMulC, 37) ^ (lane_b_ >> 17);
+    word_ = 0;
+    packed_ = 0;
+  }
+  uint64_t lane_a_ = 0x243F6A8885A308D3ull;
+  uint64_t lane_b_ = 0x13198A2E03707344ull;
+  uint64_t word_ = 0;
+  int packed_ = 0;
+  uint64_t length_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// UTF-8 decoding and normalisation.
+
+constexpr uint8_t kKeep = 0, kSeparator = 1, kMark = 2, kFormat = 3, kClassMask = 7, kNoSpace = 8;
+constexpr uint32_t kReplacement = 0xFFFD;
+
+inline uint8_t char_class(uint32_t cp) {
+  return tables::kUnicodeStage2[static_cast<size_t>(tables::kUnicodeStage1[cp >> 8]) * 256 +
+                                (cp & 255)];
+}
+
+[[noreturn]] void throw_invalid_utf8(int64_t doc, int64_t byte) {
+  MLMIX_CHECK(false, "texts[" << doc << "] is not valid UTF-8 (byte offset " << byte
+                              << "); errors='strict' was asked for, errors='replace' substitutes "
+                                 "U+FFFD");
+}
+
+// Decodes one code point at p[i] (i < n) and advances i. Invalid input yields U+FFFD for the
+// maximal valid prefix of a sequence (the Unicode "maximal subpart" practice, as Python does).
+inline uint32_t decode_utf8(const uint8_t* p, int64_t n, int64_t& i, Utf8Errors errors,
+                            int64_t doc) {
+  const uint8_t b0 = p[i];
+  if (b0 < 0x80) {
+    ++i;
+    return b0;
+  }
+  int need;
+  uint32_t cp;
+  uint8_t lo = 0x80, hi = 0xBF;  // allowed range of the second byte
+  if (b0 >= 0xC2 && b0 <= 0xDF) {
+    need = 1;
+    cp = b0 & 0x1F;
+  } else if (b0 >= 0xE0 && b0 <= 0xEF) {
+    need = 2;
+    cp = b0 & 0x0F;
+    if (b0 == 0xE0) lo = 0xA0;
+    if (b0 == 0xED) hi = 0x9F;  // no UTF-16 surrogates
+  } else if (b0 >= 0xF0 && b0 <= 0xF4) {
+    need = 3;
+    cp = b0 & 0x07;
+    if (b0 == 0xF0) lo = 0x90;
+    if (b0 == 0xF4) hi = 0x8F;  // nothing above U+10FFFF
+  } else {
+    if (errors == Utf8Errors::kStrict) throw_invalid_utf8(doc, i);
+    ++i;
+    return kReplacement;
+  }
+  const int64_t start = i;
+  int64_t j = i + 1;
+  for (int k = 0; k < need; ++k, ++j) {
+    const uint8_t lo_k = k == 0 ? lo : 0x80, hi_k = k == 0 ? hi : 0xBF;
+    if (j >= n || p[j] < lo_k || p[j] > hi_k) {
+      if (errors == Utf8Errors::kStrict) throw_invalid_utf8(doc, start);
+      i = j;  // the valid prefix is replaced by one U+FFFD; p[j] starts the next sequence
+      return kReplacement;
+    }
+    cp = (cp << 6) | (p[j] & 0x3F);
+  }
+  i = j;
+  return cp;
+}
+
+// Calls emit(cp, no_space_script) for each code point of the normalised text.
+template <class Emit>
+void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& opts, int64_t doc,
+                         Emit&& emit) {
+  bool pending_space = false, started = false;
+  int64_t i = 0;
+  while (i < n) {
+    const uint32_t cp = decode_utf8(p, n, i, opts.errors, doc);
+    const uint8_t cls = char_class(cp);
+    switch (cls & kClassMask) {
+      case kSeparator:
+        pending_space = started;
+        continue;
+      case kFormat:
+        continue;
+      case kMark:
+        if (opts.strip_marks) continue;
+        break;
+      default:
+        break;
+    }
+    if (pending_space) {
+      emit(uint32_t{' '}, false);
+      pending_space = false;
+    }
+    started = true;
+    emit(cp, (cls & kNoSpace) != 0);
+  }
+}
+
+inline void append_utf8(std::vector<uint8_t>& out, uint32_t cp) {
+  if (cp < 0x80) {
+    out.push_back(static_cast<uint8_t>(cp));
+  } else if (cp < 0x800) {
+    out.push_back(static_cast<uint8_t>(0xC0 | (cp >> 6)));
+    out.push_back(static_cast<uint8_t>(0x80 | (cp & 0x3F)));
+  } else if (cp < 0x10000) {
+    out.push_back(static_cast<uint8_t>(0xE0 | (cp >> 12)));
+    out.push_back(static_cast<uint8_t>(0x80 | ((cp >> 6) & 0x3F)));
+    out.push_back(static_cast<uint8_t>(0x80 | (cp & 0x3F)));
+  } else {
+    out.push_back(static_cast<uint8_t>(0xF0 | (cp >> 18)));
+    out.push_back(static_cast<uint8_t>(0x80 | ((cp >> 12) & 0x3F)));
+    out.push_back(static_cast<uint8_t>(0x80 | ((cp >> 6) & 0x3F)));
+    out.push_back(static_cast<uint8_t>(0x80 | (cp & 0x3F)));
+  }
+}
+
+// One pass over a document: exact hash, length, and the script statistic for the auto mode.
+struct DocSummary {
+  uint64_t hash[2];
+  int64_t length = 0;
+  bool char_mode = false;
+};
+
+DocSummary summarize(const uint8_t* p, int64_t n, const NormalizeOptions& opts, int64_t doc) {
+  DocSummary s;
+  Hash128 h;
+  int64_t letters = 0, no_space = 0;
+  for_each_normalized(p, n, opts, doc, [&](uint32_t cp, bool ns) {
+    h.add(cp);
+    ++s.length;
+    if (cp != ' ') {
+      ++letters;
+      no_space += ns;
+    }
+  });
+  h.finish(s.hash);
+  // Mostly written in a script without spaces between words: shingle by characters.
+  s.char_mode = letters > 0 && 2 * no_space >= letters;
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shingles: each shingle is a 64-bit hash of `ngram` consecutive tokens (words or code points).
+// A document with fewer tokens than `ngram` (but at least one) has one shingle of all of them.
+
+constexpr uint64_t kWordSalt = 0x5851F42D4C957F2Dull, kCharSalt = 0x14057B7EF767814Full;
+
+class ShingleHasher {
+ public:
+  ShingleHasher(int ngram, bool char_mode)
+      : ngram_(ngram), salt_(char_mode ? kCharSalt : kWordSalt), window_(ngram) {}
+
+  template <class Sink>
+  void push_token(uint64_t token, Sink&& sink) {
+    window_[seen_ % ngram_] = token;
+    ++seen_;
+    if (seen_ >= static_cast<uint64_t>(ngram_)) sink(hash_window(ngram_));
+  }
+  template <class Sink>
+  void finish(Sink&& sink) {
+    if (seen_ > 0 && seen_ < static_cast<uint64_t>(ngram_)) sink(hash_window(static_cast<int>(seen_)));
+  }
+
+ private:
+  uint64_t hash_window(int len) const {
+    uint64_t h = salt_ ^ static_cast<uint64_t>(len);
+    const uint64_t first = seen_ - static_cast<uint64_t>(len);
+    for (int k = 0; k < len; ++k) h = mix64(h + window_[(first + k) % ngram_]);
+    return h;
+  }
+  int ngram_;
+  uint64_t salt_;
+  std::vector<uint64_t> window_;
+  uint64_t seen_ = 0;
+};
+
+inline uint64_t token_step(uint64_t h, uint32_t cp) { return rotl(h ^ cp, 27) * kMulA; }
+
+// Calls sink(shingle_hash) for every shingle (repeats included) of one document.
+template <class Sink>
+void for_each_shingle(const uint8_t* p, int64_t n, const NormalizeOptions& norm, int ngram,
+                      bool char_mode, int64_t doc, Sink&& sink) {
+  ShingleHasher shingles(ngram, char_mode);
+  if (char_mode) {
+    for_each_normalized(p, n, norm, doc, [&](uint32_t cp, bool) {
+      shingles.push_token(mix64(cp + kCharSalt), sink);
+    });
+  } else {
+    uint64_t token = 0, token_len = 0;
+    for_each_normalized(p, n, norm, doc, [&](uint32_t cp, bool) {
+      if (cp == ' ') {
+        shingles.push_token(mix64(token ^ token_len), sink);
+        token = 0;
+        token_len = 0;
+      } else {
+        token = token_step(token, cp);
+        ++token_len;
+      }
+    });
+    if (token_len > 0) shingles.push_token(mix64(token ^ token_len), sink);
+  }
+  shingles.finish(sink);
+}
+
+bool resolve_char_mode(const MinHashOptions& opts, const DocSummary& s) {
+  switch (opts.mode) {
+    case ShingleMode::kWord: return false;
+    case ShingleMode::kChar: return true;
+    default: return s.char_mode;
+  }
+}
+
+void check_minhash_options(const MinHashOptions& o) {
+  MLMIX_CHECK(o.num_perm >= 1 && o.num_perm <= 4096,
+              "num_perm must be in [1, 4096], got " << o.num_perm);
+  MLMIX_CHECK(o.ngram >= 1 && o.ngram <= 64, "ngram must be in [1, 64], got " << o.ngram);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Union-find with path halving; union by lower index keeps it deterministic.
+struct DisjointSets {
+  explicit DisjointSets(int64_t n) : parent(n) { std::iota(parent.begin(), parent.end(), 0); }
+  int64_t find(int64_t x) {
+    while (parent[x] != x) {
+      parent[x] = parent[parent[x]];
+      x = parent[x];
+    }
+    return x;
+  }
+  void unite(int64_t a, int64_t b) {
+    a = find(a);
+    b = find(b);
+    if (a == b) return;
+    if (a < b) std::swap(a, b);
+    parent[a] = b;
+  }
+  std::vector<int64_t> parent;
+};
+
+// Buckets larger than this get a linear number of candidate pairs (each member with the bucket's
+// first member and its predecessor) instead of all pairs, so that a popular band value cannot
+// make the candidate list quadratic.
+constexpr int64_t kMaxBucketAllPairs = 128;
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+const char* unicode_version() { return tables::kUnicodeVersion; }
+
+void check_texts(const TextSpan& t) {
+  MLMIX_CHECK(t.count >= 0, "texts: negative count " << t.count);
+  if (t.count == 0) return;
+  MLMIX_CHECK(t.offsets != nullptr, "texts: missing offsets");
+  MLMIX_CHECK(t.offsets[0] == 0, "texts: offsets[0] must be 0, got " << t.offsets[0]);
+  for (int64_t i = 0; i < t.count; ++i)
+    MLMIX_CHECK(t.offsets[i + 1] >= t.offsets[i],
+                "texts: offsets must be non-decreasing, offsets[" << i + 1 << "] = "
+                                                                  << t.offsets[i + 1] << " < "
+                                                                  << t.offsets[i]);
+}
+
+void normalize_texts(const TextSpan& texts, const NormalizeOptions& opts, int num_threads,
+                     std::vector<uint8_t>& out, std::vector<int64_t>& out_offsets) {
+  const int64_t n = texts.count;
+  constexpr int64_t kGrain = 256;
+  const int64_t chunks = (n + kGrain - 1) / kGrain;
+  std::vector<std::vector<uint8_t>> chunk_bytes(chunks);
+  std::vector<int64_t> lengths(n);
+  parallel_chunks(n, num_threads, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t>& buf = chunk_bytes[begin / kGrain];
+    for (int64_t i = begin; i < end; ++i) {
+      const size_t before = buf.size();
+      const int64_t size = texts.offsets[i + 1] - texts.offsets[i];
+      for_each_normalized(texts.data + texts.offsets[i], size, opts, i,
+                          [&](uint32_t cp, bool) { append_utf8(buf, cp); });
+      lengths[i] = static_cast<int64_t>(buf.size() - before);
+    }
+  });
+  out_offsets.assign(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) out_offsets[i + 1] = out_offsets[i] + lengths[i];
+  out.clear();
+  out.reserve(static_cast<size_t>(out_offsets[n]));
+  for (auto& b : chunk_bytes) out.insert(out.end(), b.begin(), b.end());
+}
+
+void exact_hashes(const TextSpan& texts, const NormalizeOptions& opts, int num_threads,
+                  uint64_t* out) {
+  parallel_chunks(texts.count, num_threads, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const DocSummary s = summarize(texts.data + texts.offsets[i],
+                                     texts.offsets[i + 1] - texts.offsets[i], opts, i);
+      out[2 * i] = s.hash[0];
+      out[2 * i + 1] = s.hash[1];
+    }
+  });
+}
+
+void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int num_threads,
+                        const SignatureOutputs& out) {
+  check_minhash_options(opts);
+  const int P = opts.num_perm;
+  // Permutation i maps a 64-bit shingle hash x to the top 32 bits of a_i * x + b_i (mod 2^64),
+  // a multiply-add-shift family; a_i is odd.
+  std::vector<uint64_t> a(P), b(P);
+  uint64_t state = mix64(opts.seed ^ 0x6A09E667F3BCC908ull);
+  for (int i = 0; i < P; ++i) {
+    a[i] = splitmix_next(state) | 1u;
+    b[i] = splitmix_next(state);
+  }
+  parallel_chunks(texts.count, num_threads, 16, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> sig(P);
+    const uint64_t* A = a.data();
+    const uint64_t* B = b.data();
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t* p = texts.data + texts.offsets[i];
+      const int64_t size = texts.offsets[i + 1] - texts.offsets[i];
+      const DocSummary s = summarize(p, size, opts.normalize, i);
+      const bool char_mode = resolve_char_mode(opts, s);
+      std::fill(sig.begin(), sig.end(), std::numeric_limits<uint32_t>::max());
+      uint32_t* S = sig.data();
+      for_each_shingle(p, size, opts.normalize, opts.ngram, char_mode, i, [&](uint64_t x) {
+        for (int k = 0; k < P; ++k) {
+          const uint32_t v = static_cast<uint32_t>((A[k] * x + B[k]) >> 32);
+          S[k] = v < S[k] ? v : S[k];
+        }
+      });
+      std::copy(sig.begin(), sig.end(), out.signatures + i * P);
+      if (out.hashes) {
+        out.hashes[2 * i] = s.hash[0];
+        out.hashes[2 * i + 1] = s.hash[1];
+      }
+      if (out.lengths) out.lengths[i] = s.length;
+      if (out.char_mode) out.char_mode[i] = char_mode ? 1 : 0;
+    }
+  });
+}
+
+std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHashOptions& opts,
+                                  int64_t doc_index) {
+  check_minhash_options(opts);
+  bool char_mode = opts.mode == ShingleMode::kChar;
+  if (opts.mode == ShingleMode::kAuto)
+    char_mode = summarize(data, size, opts.normalize, doc_index).char_mode;
+  std::vector<uint64_t> set;
+  for_each_shingle(data, size, opts.normalize, opts.ngram, char_mode, doc_index,
+                   [&](uint64_t x) { set.push_back(x); });
+  std::sort(set.begin(), set.end());
+  set.erase(std::unique(set.begin(), set.end()), set.end());
+  return set;
+}
+
+LshParams optimal_lsh_params(double threshold, int num_perm, double fp_weight, double fn_weight) {
+  MLMIX_CHECK(threshold > 0.0 && threshold <= 1.0,
+              "threshold must be in (0, 1], got " << threshold);
+  MLMIX_CHECK(num_perm >= 1, "num_perm must be >= 1, got " << num_perm);
+  // Trapezoid rule on a fixed grid: deterministic and accurate to ~1e-5 here.
+  constexpr int kSteps = 512;
+  auto area = [](double lo, double hi, int b, int r, bool false_negative) {
+    if (hi <= lo) return 0.0;
+    const double h = (hi - lo) / kSteps;
+    double sum = 0.0;
+    for (int k = 0; k <= kSteps; ++k) {
+      const double s = lo + k * h;
+      const double p_candidate = 1.0 - std::pow(1.0 - std::pow(s, r), b);
+      const double y = false_negative ? 1.0 - p_candidate : p_candidate;
+      sum += (k == 0 || k == kSteps) ? 0.5 * y : y;
+    }
+    return sum * h;
+  };
+  LshParams best{1, num_perm};
+  double best_error = std::numeric_limits<double>::infinity();
+  for (int b = 1; b <= num_perm; ++b) {
+    for (int r = 1; r <= num_perm / b; ++r) {
+      const double error = fp_weight * area(0.0, threshold, b, r, false) +
+                           fn_weight * area(threshold, 1.0, b, r, true);
+      if (error < best_error - 1e-12) {
+        best_error = error;
+        best = {b, r};
+      }
+    }
+  }
+  return best;
+}
+
+ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& opts) {
+  const int64_t n = in.count;
+  const int P = in.num_perm;
+  MLMIX_CHECK(opts.threshold > 0.0 && opts.threshold <= 1.0,
+              "threshold must be in (0, 1], got " << opts.threshold);
+  MLMIX_CHECK(opts.lsh.bands >= 1 && opts.lsh.rows >= 1 &&
+                  static_cast<int64_t>(opts.lsh.bands) * opts.lsh.rows <= P,
+              "bands x rows must fit in num_perm = " << P << ", got " << opts.lsh.bands << " x "
+                                                     << opts.lsh.rows);
+  const bool exact_verify = opts.verify && in.texts != nullptr && in.minhash != nullptr;
+  auto group_of = [&](int64_t i) -> int64_t { return in.groups ? in.groups[i] : 0; };
+
+  ClusterResult result;
+  DisjointSets sets(n);
+
+  // 1. Documents with equal (group, exact hash) are duplicates; only the first of each goes on.
+  std::vector<uint8_t> is_rep(n, 1);
+  if (in.hashes) {
+    std::vector<int64_t> order(n);
+    std::iota(order.begin(), order.end(), 0);
+    auto key_less = [&](int64_t x, int64_t y) {
+      const int64_t gx = group_of(x), gy = group_of(y);
+      if (gx != gy) return gx < gy;
+      if (in.hashes[2 * x] != in.hashes[2 * y]) return in.hashes[2 * x] < in.hashes[2 * y];
+      if (in.hashes[2 * x + 1] != in.hashes[2 * y + 1])
+        return in.hashes[2 * x + 1] < in.hashes[2 * y + 1];
+      return x < y;
+    };
+    std::sort(order.begin(), order.end(), key_less);
+    for (int64_t k = 1; k < n; ++k) {
+      const int64_t x = order[k - 1], y = order[k];
+      if (group_of(x) == group_of(y) && in.hashes[2 * x] == in.hashes[2 * y] &&
+          in.hashes[2 * x + 1] == in.hashes[2 * y + 1]) {
+        sets.unite(x, y);
+        is_rep[y] = 0;  // x < y within a run of equal keys
+        ++result.exact_merged;
+      }
+    }
+  }
+
+  // Documents without shingles have all-max signatures: exact merging only.
+  std::vector<int64_t> lsh_docs;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!is_rep[i]) continue;
+    const uint32_t* s = in.signatures + i * P;
+    bool empty = true;
+    for (int k = 0; k < P && empty; ++k) empty = s[k] == std::numeric_limits<uint32_t>::max();
+    if (!empty) lsh_docs.push_back(i);
+  }
+
+  // 2. LSH: per band, sort (band hash, doc) and pair the documents of each bucket.
+  const int bands = opts.lsh.bands, rows = opts.lsh.rows;
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> band_pairs(bands);
+  parallel_chunks(bands, opts.num_threads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<uint64_t, int64_t>> keys(lsh_docs.size());
+    for (int64_t band = begin; band < end; ++band) {
+      for (size_t k = 0; k < lsh_docs.size(); ++k) {
+        const int64_t doc = lsh_docs[k];
+        const uint32_t* s = in.signatures + doc * P + band * rows;
+        uint64_t h = mix64(static_cast<uint64_t>(band) * kMulB ^ static_cast<uint64_t>(group_of(doc)));
+        for (int r = 0; r < rows; r += 2) {
+          const uint64_t w = r + 1 < rows ? (static_cast<uint64_t>(s[r + 1]) << 32) | s[r] : s[r];
+          h = mix64(h ^ (w * kMulA));
+        }
+        keys[k] = {h, doc};
+      }
+      std::sort(keys.begin(), keys.end());
+      auto& pairs = band_pairs[band];
+      size_t start = 0;
+      while (start < keys.size()) {
+        size_t stop = start + 1;
+        while (stop < keys.size() && keys[stop].first == keys[start].first) ++stop;
+        const int64_t size = static_cast<int64_t>(stop - start);
+        if (size <= kMaxBucketAllPairs) {
+          for (size_t x = start; x < stop; ++x)
+            for (size_t y = x + 1; y < stop; ++y) pairs.emplace_back(keys[x].second, keys[y].second);
+        } else {
+          for (size_t y = start + 1; y < stop; ++y) {
+            pairs.emplace_back(keys[start].second, keys[y].second);
+            if (y - 1 > start) pairs.emplace_back(keys[y - 1].second, keys[y].second);
+          }
+        }
+        start = stop;
+      }
+    }
+  });
+  std::vector<std::pair<int64_t, int64_t>> candidates;
+  for (auto& p : band_pairs) {
+    candidates.insert(candidates.end(), p.begin(), p.end());
+    std::vector<std::pair<int64_t, int64_t>>().swap(p);
+  }
+  std::sort(candidates.begin(), candidates.end());
+  candidates.erase(std::unique(candidates.begin(), candidates.end()), candidates.end());
+  // Band hashes include the group, but a 64-bit collision must still not join two groups.
+  candidates.erase(std::remove_if(candidates.begin(), candidates.end(),
+                                  [&](const auto& c) { return group_of(c.first) != group_of(c.second); }),
+                   candidates.end());
+  result.candidate_pairs = static_cast<int64_t>(candidates.size());
+
+  // 3. Verification, in parallel; the edges are then applied in candidate order.
+  std::vector<double> similarity(candidates.size(), 1.0);
+  if (opts.verify) {
+    if (exact_verify) {
+      std::vector<int64_t> involved;
+      involved.reserve(2 * candidates.size());
+      for (auto& c : candidates) {
+        involved.push_back(c.first);
+        involved.push_back(c.second);
+      }
+      std::sort(involved.begin(), involved.end());
+      involved.erase(std::unique(involved.begin(), involved.end()), involved.end());
+      std::vector<std::vector<uint64_t>> shingles(involved.size());
+      parallel_chunks(static_cast<int64_t>(involved.size()), opts.num_threads, 16,
+                      [&](int64_t begin, int64_t end) {
+                        for (int64_t k = begin; k < end; ++k) {
+                          const int64_t doc = involved[k];
+                          const int64_t off = in.texts->offsets[doc];
+                          shingles[k] = shingle_set(in.texts->data + off,
+                                                    in.texts->offsets[doc + 1] - off, *in.minhash, doc);
+                        }
+                      });
+      auto set_of = [&](int64_t doc) -> const std::vector<uint64_t>& {
+        return shingles[std::lower_bound(involved.begin(), involved.end(), doc) - involved.begin()];
+      };
+      parallel_chunks(static_cast<int64_t>(candidates.size()), opts.num_threads, 256,
+                      [&](int64_t begin, int64_t end) {
+                        for (int64_t k = begin; k < end; ++k) {
+                          const auto& x = set_of(candidates[k].first);
+                          const auto& y = set_of(candidates[k].second);
+                          size_t i = 0, j = 0, common = 0;
+                          while (i < x.size() && j < y.size()) {
+                            if (x[i] < y[j]) ++i;
+                            else if (y[j] < x[i]) ++j;
+                            else { ++common; ++i; ++j; }
+                          }
+                          const size_t uni = x.size() + y.size() - common;
+                          similarity[k] = uni == 0 ? 0.0 : static_cast<double>(common) / static_cast<double>(uni);
+                        }
+                      });
+    } else {
+      parallel_chunks(static_cast<int64_t>(candidates.size()), opts.num_threads, 256,
+                      [&](int64_t begin, int64_t end) {
+                        for (int64_t k = begin; k < end; ++k) {
+                          const uint32_t* x = in.signatures + candidates[k].first * P;
+                          const uint32_t* y = in.signatures + candidates[k].second * P;
+                          int equal = 0;
+                          for (int q = 0; q < P; ++q) equal += x[q] == y[q];
+                          similarity[k] = static_cast<double>(equal) / P;
+                        }
+                      });
+    }
+  }
+  for (size_t k = 0; k < candidates.size(); ++k) {
+    if (opts.verify && !(similarity[k] >= opts.threshold)) continue;
+    sets.unite(candidates[k].first, candidates[k].second);
+    result.pair_first.push_back(candidates[k].first);
+    result.pair_second.push_back(candidates[k].second);
+    result.pair_similarity.push_back(similarity[k]);
+  }
+
+  // 4. Keep per cluster: the highest score, ties to the lowest index.
+  std::vector<int64_t> best(n, -1);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t root = sets.find(i);
+    int64_t& b = best[root];
+    if (b < 0 || (in.scores && in.scores[i] > in.scores[b])) b = i;
+  }
+  result.cluster.resize(n);
+  for (int64_t i = 0; i < n; ++i) result.cluster[i] = best[sets.find(i)];
+  return result;
+}
+
+}  // namespace mlmix::dedup
