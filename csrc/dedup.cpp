@@ -291,8 +291,10 @@ void for_each_shingle(const uint8_t* p, int64_t n, const NormalizeOptions& norm,
                       bool char_mode, int64_t doc, Sink&& sink) {
   ShingleHasher shingles(ngram, char_mode);
   if (char_mode) {
+    // Spaces are left out of character shingles: in scripts without word spaces they only mark
+    // where punctuation was, which should not make two copies differ.
     for_each_normalized(p, n, norm, doc, [&](uint32_t cp, bool) {
-      shingles.push_token(mix64(cp + kCharSalt), sink);
+      if (cp != ' ') shingles.push_token(mix64(cp + kCharSalt), sink);
     });
   } else {
     uint64_t token = 0, token_len = 0;
@@ -528,6 +530,9 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
         sets.unite(x, y);
         is_rep[y] = 0;  // x < y within a run of equal keys
         ++result.exact_merged;
+        result.pair_first.push_back(x);
+        result.pair_second.push_back(y);
+        result.pair_similarity.push_back(1.0);
       }
     }
   }

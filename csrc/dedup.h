@@ -96,7 +96,8 @@ struct ClusterOptions {
 
 struct ClusterResult {
   std::vector<int64_t> cluster;  // per document: index of the kept document of its cluster
-  std::vector<int64_t> pair_first, pair_second;  // near-duplicate edges (first < second)
+  // Duplicate edges (first < second): exact-hash merges (similarity 1) then verified LSH pairs.
+  std::vector<int64_t> pair_first, pair_second;
   std::vector<double> pair_similarity;  // exact Jaccard (texts given) or signature agreement
   int64_t candidate_pairs = 0;          // distinct LSH candidate pairs before verification
   int64_t exact_merged = 0;             // documents merged by equal exact hashes
