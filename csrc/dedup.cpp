@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <exception>
+#include <iterator>
 #include <limits>
 #include <mutex>
 #include <numeric>
@@ -116,7 +117,7 @@ class Hash128 {
 // ---------------------------------------------------------------------------------------------
 // UTF-8 decoding and normalisation.
 
-constexpr uint8_t kKeep = 0, kSeparator = 1, kMark = 2, kFormat = 3, kClassMask = 7, kNoSpace = 8;
+constexpr uint8_t kSeparator = 1, kMark = 2, kFormat = 3, kClassMask = 7, kNoSpace = 8, kHasFold = 16;
 constexpr uint32_t kReplacement = 0xFFFD;
 
 inline uint8_t char_class(uint32_t cp) {
@@ -175,23 +176,34 @@ inline uint32_t decode_utf8(const uint8_t* p, int64_t n, int64_t& i, Utf8Errors 
   return cp;
 }
 
-// Calls emit(cp, no_space_script) for each code point of the normalised text.
+// Full case folding of a code point whose class has kHasFold: 1 to 3 code points into `out`.
+inline uint32_t case_fold(uint32_t cp, uint32_t* out) {
+  const auto* begin = std::begin(tables::kCaseFold);
+  const auto* end = std::end(tables::kCaseFold);
+  const auto* it = std::lower_bound(begin, end, cp, [](const tables::CaseFold& f, uint32_t c) { return f.cp < c; });
+  if (it == end || it->cp != cp) {  // unreachable with consistent tables; keep the code point
+    out[0] = cp;
+    return 1;
+  }
+  for (uint32_t k = 0; k < it->length; ++k) out[k] = it->to[k];
+  return it->length;
+}
+
+// Calls emit(cp, no_space_script) for each code point of the normalised text: case folded, then
+// separators collapsed, format characters (and marks when asked) dropped.
 template <class Emit>
 void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& opts, int64_t doc,
                          Emit&& emit) {
   bool pending_space = false, started = false;
-  int64_t i = 0;
-  while (i < n) {
-    const uint32_t cp = decode_utf8(p, n, i, opts.errors, doc);
-    const uint8_t cls = char_class(cp);
+  auto take = [&](uint32_t cp, uint8_t cls) {
     switch (cls & kClassMask) {
       case kSeparator:
         pending_space = started;
-        continue;
+        return;
       case kFormat:
-        continue;
+        return;
       case kMark:
-        if (opts.strip_marks) continue;
+        if (opts.strip_marks) return;
         break;
       default:
         break;
@@ -202,6 +214,18 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
     }
     started = true;
     emit(cp, (cls & kNoSpace) != 0);
+  };
+  int64_t i = 0;
+  while (i < n) {
+    const uint32_t cp = decode_utf8(p, n, i, opts.errors, doc);
+    const uint8_t cls = char_class(cp);
+    if (cls & kHasFold) {
+      uint32_t folded[3];
+      const uint32_t count = case_fold(cp, folded);
+      for (uint32_t k = 0; k < count; ++k) take(folded[k], char_class(folded[k]));
+    } else {
+      take(cp, cls);
+    }
   }
 }
 
@@ -254,32 +278,37 @@ DocSummary summarize(const uint8_t* p, int64_t n, const NormalizeOptions& opts, 
 
 constexpr uint64_t kWordSalt = 0x5851F42D4C957F2Dull, kCharSalt = 0x14057B7EF767814Full;
 
+// The window's tokens are combined as a polynomial sum w_0 K^(n-1) + ... + w_(n-1) mod 2^64, which
+// rolls in O(1) per token (the tokens are already mixed 64-bit hashes), then mixed once more.
 class ShingleHasher {
  public:
   ShingleHasher(int ngram, bool char_mode)
-      : ngram_(ngram), salt_(char_mode ? kCharSalt : kWordSalt), window_(ngram) {}
+      : ngram_(ngram), salt_(char_mode ? kCharSalt : kWordSalt), window_(ngram) {
+    for (int k = 0; k < ngram; ++k) k_pow_n_ *= kMulB;
+  }
 
   template <class Sink>
   void push_token(uint64_t token, Sink&& sink) {
-    window_[seen_ % ngram_] = token;
+    poly_ = poly_ * kMulB + token;
+    if (seen_ >= static_cast<uint64_t>(ngram_)) poly_ -= window_[pos_] * k_pow_n_;  // leaves the window
+    window_[pos_] = token;
+    pos_ = pos_ + 1 == ngram_ ? 0 : pos_ + 1;
     ++seen_;
-    if (seen_ >= static_cast<uint64_t>(ngram_)) sink(hash_window(ngram_));
+    if (seen_ >= static_cast<uint64_t>(ngram_)) sink(finalize(ngram_));
   }
   template <class Sink>
   void finish(Sink&& sink) {
-    if (seen_ > 0 && seen_ < static_cast<uint64_t>(ngram_)) sink(hash_window(static_cast<int>(seen_)));
+    if (seen_ > 0 && seen_ < static_cast<uint64_t>(ngram_)) sink(finalize(static_cast<int>(seen_)));
   }
 
  private:
-  uint64_t hash_window(int len) const {
-    uint64_t h = salt_ ^ static_cast<uint64_t>(len);
-    const uint64_t first = seen_ - static_cast<uint64_t>(len);
-    for (int k = 0; k < len; ++k) h = mix64(h + window_[(first + k) % ngram_]);
-    return h;
-  }
+  uint64_t finalize(int len) const { return mix64(poly_ + salt_ + static_cast<uint64_t>(len) * kMulC); }
   int ngram_;
   uint64_t salt_;
   std::vector<uint64_t> window_;
+  uint64_t k_pow_n_ = 1;
+  uint64_t poly_ = 0;
+  int pos_ = 0;
   uint64_t seen_ = 0;
 };
 
@@ -325,6 +354,24 @@ void check_minhash_options(const MinHashOptions& o) {
   MLMIX_CHECK(o.num_perm >= 1 && o.num_perm <= 4096,
               "num_perm must be in [1, 4096], got " << o.num_perm);
   MLMIX_CHECK(o.ngram >= 1 && o.ngram <= 64, "ngram must be in [1, 64], got " << o.ngram);
+}
+
+// MinHash update of sig[0..P) with a block of shingle keys: sig[k] = min(sig[k], h_k(key)) with
+// h_k(x) = ((a_k * x + b_k) mod 2^64) >> 32 = ((a_lo_k * x + b_k) >> 32) + a_hi_k * x (mod 2^32).
+// Compiled for AVX2 and for the baseline; the loader picks one at run time.
+constexpr size_t kShingleBlock = 256;
+
+__attribute__((target_clones("avx2", "default"))) void minhash_block(
+    const uint32_t* __restrict a_lo, const uint32_t* __restrict a_hi, const uint64_t* __restrict b,
+    int P, const uint32_t* __restrict keys, size_t n_keys, uint32_t* __restrict sig) {
+  for (size_t j = 0; j < n_keys; ++j) {
+    const uint32_t x = keys[j];
+    for (int k = 0; k < P; ++k) {
+      const uint64_t t = static_cast<uint64_t>(a_lo[k]) * x + b[k];
+      const uint32_t v = static_cast<uint32_t>(t >> 32) + a_hi[k] * x;
+      sig[k] = v < sig[k] ? v : sig[k];
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -411,31 +458,37 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
                         const SignatureOutputs& out) {
   check_minhash_options(opts);
   const int P = opts.num_perm;
-  // Permutation i maps a 64-bit shingle hash x to the top 32 bits of a_i * x + b_i (mod 2^64),
-  // a multiply-add-shift family; a_i is odd.
-  std::vector<uint64_t> a(P), b(P);
+  // Permutation k maps the 32-bit key x of a shingle to the top 32 bits of a_k * x + b_k
+  // (mod 2^64), Dietzfelbinger's multiply-add-shift family (strongly universal), computed as
+  // 32 x 32 -> 64-bit products so that it vectorises (minhash_block).
+  std::vector<uint32_t> a_lo(P), a_hi(P);
+  std::vector<uint64_t> b(P);
   uint64_t state = mix64(opts.seed ^ 0x6A09E667F3BCC908ull);
-  for (int i = 0; i < P; ++i) {
-    a[i] = splitmix_next(state) | 1u;
-    b[i] = splitmix_next(state);
+  for (int k = 0; k < P; ++k) {
+    const uint64_t a = splitmix_next(state);
+    a_lo[k] = static_cast<uint32_t>(a);
+    a_hi[k] = static_cast<uint32_t>(a >> 32);
+    b[k] = splitmix_next(state);
   }
   parallel_chunks(texts.count, num_threads, 16, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> sig(P);
-    const uint64_t* A = a.data();
-    const uint64_t* B = b.data();
+    std::vector<uint32_t> keys;
+    keys.reserve(kShingleBlock);
     for (int64_t i = begin; i < end; ++i) {
       const uint8_t* p = texts.data + texts.offsets[i];
       const int64_t size = texts.offsets[i + 1] - texts.offsets[i];
       const DocSummary s = summarize(p, size, opts.normalize, i);
       const bool char_mode = resolve_char_mode(opts, s);
       std::fill(sig.begin(), sig.end(), std::numeric_limits<uint32_t>::max());
-      uint32_t* S = sig.data();
+      keys.clear();
       for_each_shingle(p, size, opts.normalize, opts.ngram, char_mode, i, [&](uint64_t x) {
-        for (int k = 0; k < P; ++k) {
-          const uint32_t v = static_cast<uint32_t>((A[k] * x + B[k]) >> 32);
-          S[k] = v < S[k] ? v : S[k];
+        keys.push_back(static_cast<uint32_t>(x >> 32));
+        if (keys.size() == kShingleBlock) {
+          minhash_block(a_lo.data(), a_hi.data(), b.data(), P, keys.data(), keys.size(), sig.data());
+          keys.clear();
         }
       });
+      minhash_block(a_lo.data(), a_hi.data(), b.data(), P, keys.data(), keys.size(), sig.data());
       std::copy(sig.begin(), sig.end(), out.signatures + i * P);
       if (out.hashes) {
         out.hashes[2 * i] = s.hash[0];

@@ -27,10 +27,10 @@ _spec.loader.exec_module(gen_tables)
 
 
 def ref_collapse(text: str, strip_accents: bool = False) -> str:
-    """Class-based collapsing of already NFKC+casefolded text, straight from unicodedata."""
+    """Case folding, then class-based collapsing, of already NFKC text, straight from unicodedata."""
     out: list[str] = []
     pending = False
-    for ch in text:
+    for ch in text.casefold():
         cat = unicodedata.category(ch)
         if cat[0] in "ZP" or cat in ("Cc", "Sm", "Sc", "Sk"):
             pending = bool(out)
@@ -47,7 +47,7 @@ def ref_collapse(text: str, strip_accents: bool = False) -> str:
 def ref_normalize(text: str | bytes, strip_accents: bool = False) -> str:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    t = unicodedata.normalize("NFKD" if strip_accents else "NFKC", text).casefold()
+    t = unicodedata.normalize("NFKD" if strip_accents else "NFKC", text)
     t = t.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
     return ref_collapse(t, strip_accents)
 

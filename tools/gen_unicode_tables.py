@@ -12,6 +12,9 @@ Classes (low 3 bits) follow the general category:
   FORMAT     Cf (soft hyphen, zero-width joiners, BOM...): dropped
 Bit 3 (NO_SPACE) marks scripts written without spaces between words (Han, kana, Thai, Lao,
 Khmer, Myanmar, Tibetan...): documents mostly in them are shingled by characters.
+Bit 4 (HAS_FOLD) marks code points whose full case folding (`str.casefold`, which is applied code
+point by code point without context) is not the code point itself; kCaseFold lists the mappings,
+sorted by code point, each of 1 to 3 code points.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ PINNED_UNIDATA_VERSION = "14.0.0"
 
 KEEP, SEPARATOR, MARK, FORMAT = 0, 1, 2, 3
 NO_SPACE = 8
+HAS_FOLD = 16
 
 # Blocks of scripts that do not separate words with spaces (ranges of the Unicode block list).
 NO_SPACE_RANGES = [
@@ -64,7 +68,15 @@ def char_class(cp: int) -> int:
         cls = KEEP
     if any(lo <= cp <= hi for lo, hi in NO_SPACE_RANGES) and cls != SEPARATOR:
         cls |= NO_SPACE
+    if case_fold(cp) != chr(cp):
+        cls |= HAS_FOLD
     return cls
+
+
+def case_fold(cp: int) -> str:
+    if 0xD800 <= cp <= 0xDFFF:
+        return chr(cp)
+    return chr(cp).casefold()
 
 
 def main() -> None:
@@ -93,6 +105,14 @@ def main() -> None:
     for block in blocks:
         for i in range(0, 256, 32):
             out.write("  " + ",".join(str(v) for v in block[i:i + 32]) + ",\n")
+    out.write("};\n\n")
+    folds = [(cp, case_fold(cp)) for cp in range(0x110000) if case_fold(cp) != chr(cp)]
+    assert all(1 <= len(f) <= 3 for _, f in folds)
+    out.write("struct CaseFold {\n  uint32_t cp;\n  uint32_t to[3];\n  uint32_t length;\n};\n\n")
+    out.write(f"inline constexpr CaseFold kCaseFold[{len(folds)}] = {{\n")
+    for cp, f in folds:
+        to = [ord(c) for c in f] + [0] * (3 - len(f))
+        out.write(f"  {{0x{cp:X}, {{0x{to[0]:X}, 0x{to[1]:X}, 0x{to[2]:X}}}, {len(f)}}},\n")
     out.write("};\n\n}  // namespace mlmix::dedup::tables\n")
 
 

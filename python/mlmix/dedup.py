@@ -2,10 +2,11 @@
 
 Pipeline (one pass per document, multi-threaded C++ with the GIL released except where noted):
 
-1. **Normalisation.** ``casefold(NFKC(text))`` (``casefold(NFKD(text))`` with ``strip_accents``)
-   is computed here with Python's ``unicodedata`` (holding the GIL; ASCII documents take a
-   ``str.lower`` fast path, which is the same thing for them). The C++ core then, from tables
-   generated from ``unicodedata`` (version :data:`UNICODE_VERSION`), collapses every run of
+1. **Normalisation.** ``NFKC(text)`` (``NFKD(text)`` with ``strip_accents``) is computed here
+   with Python's ``unicodedata`` (holding the GIL; ASCII and already-normalised documents are
+   passed through untouched). The C++ core then, from tables generated from ``unicodedata``
+   (version :data:`UNICODE_VERSION`), applies full case folding (exactly ``str.casefold``) and
+   collapses every run of
    separators -- whitespace (Z*), controls (Cc), punctuation (P*) and the symbols Sm, Sc, Sk -- to
    one space with none at either end, drops format characters (Cf: soft hyphen, zero-width
    joiners, BOM) and, with ``strip_accents``, nonspacing and enclosing marks (Mn, Me). Letters,
@@ -171,16 +172,16 @@ def _as_str(i: int, item: Any, errors: str) -> str:
 
 
 def _prepare(texts: Any, strip_accents: bool, errors: str) -> tuple[np.ndarray, np.ndarray, list]:
-    """(uint8 data, int64 offsets (n + 1), the documents as str) after NFKC/NFKD + casefold."""
+    """(uint8 data, int64 offsets (n + 1), the documents as str) after NFKC (NFKD with strip_accents)."""
     items = _as_list(texts)
     if not all(type(t) is str for t in items):
         items = [_as_str(i, t, errors) for i, t in enumerate(items)]
     form = "NFKD" if strip_accents else "NFKC"
-    normalize_ = unicodedata.normalize
-    # Lone surrogates pass through as their 3-byte encodings, which the C++ decoder rejects as
-    # invalid UTF-8: one policy (errors=) for bytes and str alike.
+    normalize_, is_normalized = unicodedata.normalize, unicodedata.is_normalized
+    # Case folding happens in C++. Lone surrogates pass through as their 3-byte encodings, which
+    # the C++ decoder rejects as invalid UTF-8: one policy (errors=) for bytes and str alike.
     encoded = [
-        (t.lower() if t.isascii() else normalize_(form, t).casefold()).encode("utf-8", "surrogatepass")
+        (t if t.isascii() or is_normalized(form, t) else normalize_(form, t)).encode("utf-8", "surrogatepass")
         for t in items
     ]
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
