@@ -117,7 +117,8 @@ class Hash128 {
 // ---------------------------------------------------------------------------------------------
 // UTF-8 decoding and normalisation.
 
-constexpr uint8_t kSeparator = 1, kMark = 2, kFormat = 3, kClassMask = 7, kNoSpace = 8, kHasFold = 16;
+using tables::kClassMask, tables::kSeparator, tables::kMark, tables::kFormat, tables::kNoSpace,
+    tables::kHasFold, tables::kHasDecomp, tables::kNonzeroCcc, tables::kComposesSecond;
 constexpr uint32_t kReplacement = 0xFFFD;
 
 inline uint8_t char_class(uint32_t cp) {
@@ -189,8 +190,129 @@ inline uint32_t case_fold(uint32_t cp, uint32_t* out) {
   return it->length;
 }
 
-// Calls emit(cp, no_space_script) for each code point of the normalised text: case folded, then
-// separators collapsed, format characters (and marks when asked) dropped.
+// Unicode normalisation form NFKC (or NFKD when compose is false), streaming (UAX #15): full
+// compatibility decomposition, canonical ordering of combining marks, canonical composition.
+// Code points are buffered from one starter to the next starter that cannot compose backwards.
+class NfkcStream {
+ public:
+  explicit NfkcStream(bool compose) : compose_(compose) {}
+
+  template <class Out>
+  void push(uint32_t cp, Out&& out) {
+    const uint8_t cls = char_class(cp);
+    if (!(cls & kHasDecomp)) {
+      push_decomposed(cp, cls, out);
+    } else if (cp >= kSBase && cp < kSBase + kSCount) {
+      const uint32_t s = cp - kSBase;
+      push_decomposed(kLBase + s / kNCount, char_class(kLBase + s / kNCount), out);
+      push_decomposed(kVBase + (s % kNCount) / kTCount, char_class(kVBase + (s % kNCount) / kTCount), out);
+      if (s % kTCount) push_decomposed(kTBase + s % kTCount, char_class(kTBase + s % kTCount), out);
+    } else {
+      const auto* begin = std::begin(tables::kDecomp);
+      const auto* end = std::end(tables::kDecomp);
+      const auto* it = std::lower_bound(begin, end, cp, [](const tables::Decomp& d, uint32_t c) { return d.cp < c; });
+      for (uint32_t k = 0; k < it->length; ++k) {
+        const uint32_t d = tables::kDecompPool[it->offset + k];
+        push_decomposed(d, char_class(d), out);
+      }
+    }
+  }
+
+  template <class Out>
+  void finish(Out&& out) {
+    flush(out);
+  }
+
+ private:
+  struct Item {
+    uint32_t cp;
+    uint32_t ccc;
+  };
+  static constexpr uint32_t kSBase = 0xAC00, kLBase = 0x1100, kVBase = 0x1161, kTBase = 0x11A7;
+  static constexpr uint32_t kLCount = 19, kVCount = 21, kTCount = 28, kNCount = kVCount * kTCount,
+                            kSCount = kLCount * kNCount;
+
+  static uint32_t ccc_of(uint32_t cp, uint8_t cls) {
+    if (!(cls & kNonzeroCcc)) return 0;
+    const auto* begin = std::begin(tables::kCcc);
+    const auto* end = std::end(tables::kCcc);
+    const auto* it = std::lower_bound(begin, end, cp, [](const tables::Ccc& c, uint32_t x) { return c.cp < x; });
+    return it->ccc;
+  }
+
+  static bool compose_pair(uint32_t a, uint32_t b, uint32_t& out) {
+    if (a >= kLBase && a < kLBase + kLCount && b >= kVBase && b < kVBase + kVCount) {
+      out = kSBase + ((a - kLBase) * kVCount + (b - kVBase)) * kTCount;
+      return true;
+    }
+    if (a >= kSBase && a < kSBase + kSCount && (a - kSBase) % kTCount == 0 && b > kTBase &&
+        b < kTBase + kTCount) {
+      out = a + (b - kTBase);
+      return true;
+    }
+    const uint64_t key = (static_cast<uint64_t>(a) << 32) | b;
+    const auto* begin = std::begin(tables::kCompose);
+    const auto* end = std::end(tables::kCompose);
+    const auto* it = std::lower_bound(begin, end, key, [](const tables::Compose& c, uint64_t k) { return c.pair < k; });
+    if (it == end || it->pair != key) return false;
+    out = it->composite;
+    return true;
+  }
+
+  template <class Out>
+  void push_decomposed(uint32_t cp, uint8_t cls, Out&& out) {
+    const uint32_t ccc = ccc_of(cp, cls);
+    if (ccc == 0 && !(compose_ && (cls & kComposesSecond))) flush(out);
+    buf_.push_back({cp, ccc});
+  }
+
+  template <class Out>
+  void flush(Out&& out) {
+    if (buf_.empty()) return;
+    if (buf_.size() > 1) {
+      // Canonical ordering: a stable sort of each run of non-starters by combining class.
+      for (size_t i = 1; i < buf_.size(); ++i) {
+        const Item x = buf_[i];
+        if (x.ccc == 0) continue;
+        size_t j = i;
+        while (j > 0 && buf_[j - 1].ccc > x.ccc) {
+          buf_[j] = buf_[j - 1];
+          --j;
+        }
+        buf_[j] = x;
+      }
+      if (compose_) compose();
+    }
+    for (const Item& x : buf_) out(x.cp);
+    buf_.clear();
+  }
+
+  // Canonical composition: each character combines with the last starter unless blocked.
+  void compose() {
+    size_t starter = 0, write = 1;
+    uint32_t last_ccc = buf_[0].ccc == 0 ? 0 : 256;  // a leading non-starter has no starter
+    for (size_t read = 1; read < buf_.size(); ++read) {
+      const Item x = buf_[read];
+      uint32_t composite;
+      if ((last_ccc < x.ccc || last_ccc == 0) && last_ccc != 256 &&
+          compose_pair(buf_[starter].cp, x.cp, composite)) {
+        buf_[starter].cp = composite;
+        continue;
+      }
+      if (x.ccc == 0) starter = write;
+      last_ccc = x.ccc;
+      buf_[write++] = x;
+    }
+    buf_.resize(write);
+  }
+
+  bool compose_;
+  std::vector<Item> buf_;
+};
+
+// Calls emit(cp, no_space_script) for each code point of the normalised text: NFKC (NFKD when
+// stripping marks), full case folding, then separators collapsed, format characters (and marks
+// when asked) dropped.
 template <class Emit>
 void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& opts, int64_t doc,
                          Emit&& emit) {
@@ -215,9 +337,7 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
     started = true;
     emit(cp, (cls & kNoSpace) != 0);
   };
-  int64_t i = 0;
-  while (i < n) {
-    const uint32_t cp = decode_utf8(p, n, i, opts.errors, doc);
+  auto fold = [&](uint32_t cp) {
     const uint8_t cls = char_class(cp);
     if (cls & kHasFold) {
       uint32_t folded[3];
@@ -226,7 +346,11 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
     } else {
       take(cp, cls);
     }
-  }
+  };
+  NfkcStream nfkc(!opts.strip_marks);
+  int64_t i = 0;
+  while (i < n) nfkc.push(decode_utf8(p, n, i, opts.errors, doc), fold);
+  nfkc.finish(fold);
 }
 
 inline void append_utf8(std::vector<uint8_t>& out, uint32_t cp) {

@@ -2,15 +2,14 @@
 
 Pipeline (one pass per document, multi-threaded C++ with the GIL released except where noted):
 
-1. **Normalisation.** ``NFKC(text)`` (``NFKD(text)`` with ``strip_accents``) is computed here
-   with Python's ``unicodedata`` (holding the GIL; ASCII and already-normalised documents are
-   passed through untouched). The C++ core then, from tables generated from ``unicodedata``
-   (version :data:`UNICODE_VERSION`), applies full case folding (exactly ``str.casefold``) and
-   collapses every run of
-   separators -- whitespace (Z*), controls (Cc), punctuation (P*) and the symbols Sm, Sc, Sk -- to
-   one space with none at either end, drops format characters (Cf: soft hyphen, zero-width
-   joiners, BOM) and, with ``strip_accents``, nonspacing and enclosing marks (Mn, Me). Letters,
-   digits, spacing marks (Mc: Devanagari vowel signs stay) and other symbols (So: emoji) are kept.
+1. **Normalisation**, in C++ from tables generated from Python's ``unicodedata`` (version
+   :data:`UNICODE_VERSION`): NFKC (NFKD with ``strip_accents``), full case folding (exactly
+   ``str.casefold``), then every run of separators -- whitespace (Z*), controls (Cc),
+   punctuation (P*) and the symbols Sm, Sc, Sk -- becomes one space with none at either end,
+   format characters (Cf: soft hyphen, zero-width joiners, BOM) are dropped and, with
+   ``strip_accents``, so are nonspacing and enclosing marks (Mn, Me). Letters, digits, spacing
+   marks (Mc: Devanagari vowel signs stay) and other symbols (So: emoji) are kept. It equals
+   ``casefold(NFKC(text))`` followed by that collapsing, computed with ``unicodedata``.
    :func:`normalize` returns this text.
 2. **Exact duplicates**: a 128-bit hash of the normalised text (:func:`exact_hashes`); hashes of
    different shards can be concatenated and clustered together.
@@ -39,13 +38,13 @@ Results are identical for any ``num_threads`` (0 = all cores, or ``MLMIX_NUM_THR
 from __future__ import annotations
 
 import numbers
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from ._core_loader import core
+from ._deps import require
 
 __all__ = [
     "DedupResult",
@@ -156,39 +155,53 @@ def _as_list(texts: Any) -> list:
         raise ValueError(f"texts must be a sequence of str, got {type(texts).__name__}") from None
 
 
-def _as_str(i: int, item: Any, errors: str) -> str:
+def _as_bytes(i: int, item: Any) -> bytes:
     if isinstance(item, str):
-        return item
+        return item.encode("utf-8", "surrogatepass")
     if isinstance(item, (bytes, bytearray, memoryview)):
-        try:
-            return bytes(item).decode("utf-8", errors)
-        except UnicodeDecodeError as exc:
-            raise ValueError(
-                f"texts[{i}] is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
-                "errors='strict' was asked for, errors='replace' substitutes U+FFFD") from None
+        return bytes(item)
     if item is None:
         raise ValueError(f"texts[{i}] is None; documents must be str or UTF-8 bytes")
     raise ValueError(f"texts[{i}] must be str or UTF-8 bytes, got {type(item).__name__}")
 
 
-def _prepare(texts: Any, strip_accents: bool, errors: str) -> tuple[np.ndarray, np.ndarray, list]:
-    """(uint8 data, int64 offsets (n + 1), the documents as str) after NFKC (NFKD with strip_accents)."""
+def _arrow_buffers(texts: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """Zero-copy (uint8 data, int64 offsets) of a pyarrow (large_)string array without nulls."""
+    pa = require("pyarrow")
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks() if texts.num_chunks != 1 else texts.chunk(0)
+    if not isinstance(texts, pa.Array) or texts.null_count or not (
+            pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+        return None
+    _, offsets_buf, data_buf = texts.buffers()
+    offset_type = np.int64 if pa.types.is_large_string(texts.type) else np.int32
+    offsets = np.frombuffer(offsets_buf, dtype=offset_type)[texts.offset:texts.offset + len(texts) + 1]
+    start = int(offsets[0]) if len(offsets) else 0
+    offsets = offsets.astype(np.int64) - start  # a copy of 8 bytes per document
+    data = np.frombuffer(data_buf, dtype=np.uint8)[start:start + int(offsets[-1])] if data_buf is not None \
+        else np.zeros(0, np.uint8)
+    return data, offsets
+
+
+def _prepare(texts: Any, strip_accents: bool, errors: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 UTF-8 data, int64 offsets (n + 1)) of the documents, as given (no normalisation)."""
+    del strip_accents, errors  # the core applies both
+    if (type(texts).__module__ or "").startswith("pyarrow"):
+        buffers = _arrow_buffers(texts)
+        if buffers is not None:
+            return buffers
     items = _as_list(texts)
-    if not all(type(t) is str for t in items):
-        items = [_as_str(i, t, errors) for i, t in enumerate(items)]
-    form = "NFKD" if strip_accents else "NFKC"
-    normalize_, is_normalized = unicodedata.normalize, unicodedata.is_normalized
-    # Case folding happens in C++. Lone surrogates pass through as their 3-byte encodings, which
-    # the C++ decoder rejects as invalid UTF-8: one policy (errors=) for bytes and str alike.
-    encoded = [
-        (t if t.isascii() or is_normalized(form, t) else normalize_(form, t)).encode("utf-8", "surrogatepass")
-        for t in items
-    ]
+    # Lone surrogates pass through as their 3-byte encodings, which the C++ decoder rejects as
+    # invalid UTF-8: one policy (errors=) for bytes and str alike.
+    try:
+        encoded = [t.encode("utf-8", "surrogatepass") for t in items]
+    except AttributeError:
+        encoded = [_as_bytes(i, t) for i, t in enumerate(items)]
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     if encoded:
         np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
     data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    return data, offsets, items
+    return data, offsets
 
 
 def _groups(langs: Any, n: int, scope: str) -> tuple[np.ndarray | None, list, np.ndarray]:
@@ -248,7 +261,7 @@ def normalize(texts: Sequence[str] | Any, *, strip_accents: bool = False, errors
     """The normalised text of each document (see the module docstring): a list of str."""
     strip_accents = _check_bool("strip_accents", strip_accents)
     _check_choice("errors", errors, _ERRORS)
-    data, offsets, _ = _prepare(texts, strip_accents, errors)
+    data, offsets = _prepare(texts, strip_accents, errors)
     out, out_offsets = core._dedup_normalize(data, offsets, strip_accents, _ERRORS[errors],
                                              _check_threads(num_threads))
     raw = out.tobytes()
@@ -262,7 +275,7 @@ def exact_hashes(texts: Sequence[str] | Any, *, strip_accents: bool = False, err
     (:func:`cluster_signatures` with ``hashes=``)."""
     strip_accents = _check_bool("strip_accents", strip_accents)
     _check_choice("errors", errors, _ERRORS)
-    data, offsets, _ = _prepare(texts, strip_accents, errors)
+    data, offsets = _prepare(texts, strip_accents, errors)
     return core._dedup_exact_hashes(data, offsets, strip_accents, _ERRORS[errors], _check_threads(num_threads))
 
 
@@ -273,16 +286,16 @@ def exact_duplicates(texts: Sequence[str] | Any, *, langs: Sequence[str] | None 
 
     texts: n documents (str, UTF-8 bytes, or a pyarrow string array). langs: optional n language
     codes; with ``scope="lang"`` documents of different languages are never duplicates, with
-    ``"global"`` they may be. keep: ``"first"`` (lowest index), ``"longest"`` (most code points
-    before normalisation) or n float scores (highest kept, ties to the lowest index).
+    ``"global"`` they may be. keep: ``"first"`` (lowest index), ``"longest"`` (most
+    UTF-8 bytes) or n float scores (highest kept, ties to the lowest index).
     """
     strip_accents = _check_bool("strip_accents", strip_accents)
     _check_choice("errors", errors, _ERRORS)
     num_threads = _check_threads(num_threads)
-    data, offsets, items = _prepare(texts, strip_accents, errors)
-    n = len(items)
+    data, offsets = _prepare(texts, strip_accents, errors)
+    n = len(offsets) - 1
     groups, names, index = _groups(langs, n, scope)
-    scores = _scores(keep, n, [len(t) for t in items] if keep == "longest" else None)
+    scores = _scores(keep, n, np.diff(offsets) if keep == "longest" else None)
     hashes = core._dedup_exact_hashes(data, offsets, strip_accents, _ERRORS[errors], num_threads)
     # No LSH: a single all-max signature column marks every document as "no shingles".
     empty = np.full((n, 1), np.iinfo(np.uint32).max, dtype=np.uint32)
@@ -331,10 +344,10 @@ def _signatures(texts, num_perm, ngram, shingle, seed, strip_accents, errors, nu
     strip_accents = _check_bool("strip_accents", strip_accents)
     _check_choice("errors", errors, _ERRORS)
     num_threads = _check_threads(num_threads)
-    data, offsets, items = _prepare(texts, strip_accents, errors)
+    data, offsets = _prepare(texts, strip_accents, errors)
     out = core._dedup_minhash(data, offsets, num_perm, ngram, _SHINGLE[shingle], seed, strip_accents,
                               _ERRORS[errors], num_threads)
-    return out, data, offsets, items
+    return out, data, offsets
 
 
 def near_duplicates(texts: Sequence[str] | Any, *, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5,
@@ -350,18 +363,18 @@ def near_duplicates(texts: Sequence[str] | Any, *, threshold: float = 0.8, num_p
     num_perm); None chooses bands x rows from the threshold (:func:`lsh_params`). verify: check
     each candidate pair by exact Jaccard of the shingle sets, else every LSH candidate is a
     duplicate. Exact duplicates are always merged. langs/scope/keep: as in
-    :func:`exact_duplicates` (``"longest"``: most code points before normalisation).
+    :func:`exact_duplicates`.
     Clusters are connected components of the duplicate pairs (``result.pairs``).
     """
     threshold = _check_threshold(threshold)
     verify = _check_bool("verify", verify)
     num_perm = _check_int("num_perm", num_perm, 1, 4096)
     band_count, rows = _bands_rows(bands, threshold, num_perm, verify)
-    (sig, hashes, _lengths, char_mode), data, offsets, items = _signatures(
+    (sig, hashes, _lengths, char_mode), data, offsets = _signatures(
         texts, num_perm, ngram, shingle, seed, strip_accents, errors, num_threads)
-    n = len(items)
+    n = len(offsets) - 1
     groups, names, index = _groups(langs, n, scope)
-    scores = _scores(keep, n, [len(t) for t in items] if keep == "longest" else None)
+    scores = _scores(keep, n, np.diff(offsets) if keep == "longest" else None)
     raw = core._dedup_cluster(sig, hashes, groups, scores, threshold, band_count, rows, verify,
                               data if verify else None, offsets if verify else None, ngram,
                               _SHINGLE[shingle], seed, strip_accents, _ERRORS[errors], num_threads)
@@ -411,7 +424,7 @@ def cluster_signatures(signatures: np.ndarray, *, threshold: float = 0.8, bands:
 def _shingle_set(text: str, *, ngram: int = 5, shingle: str = "auto", strip_accents: bool = False,
                  errors: str = "replace") -> np.ndarray:
     """Sorted unique uint64 shingle hashes of one document (what verification compares)."""
-    data, offsets, _ = _prepare([text], strip_accents, errors)
+    data, offsets = _prepare([text], strip_accents, errors)
     return core._dedup_shingle_set(data, offsets, 0, 1, ngram, _SHINGLE[shingle], 0, strip_accents,
                                    _ERRORS[errors])
 
