@@ -268,8 +268,13 @@ class NfkcStream {
 
   template <class Out>
   void flush(Out&& out) {
+    if (buf_.size() == 1) {  // the common case: a lone starter
+      out(buf_[0].cp);
+      buf_.clear();
+      return;
+    }
     if (buf_.empty()) return;
-    if (buf_.size() > 1) {
+    {
       // Canonical ordering: a stable sort of each run of non-starters by combining class.
       for (size_t i = 1; i < buf_.size(); ++i) {
         const Item x = buf_[i];
@@ -378,12 +383,16 @@ struct DocSummary {
   bool char_mode = false;
 };
 
-DocSummary summarize(const uint8_t* p, int64_t n, const NormalizeOptions& opts, int64_t doc) {
+// With `keep`, the normalised code points are also appended to it, for a second pass without
+// decoding and normalising again.
+DocSummary summarize(const uint8_t* p, int64_t n, const NormalizeOptions& opts, int64_t doc,
+                     std::vector<uint32_t>* keep = nullptr) {
   DocSummary s;
   Hash128 h;
   int64_t letters = 0, no_space = 0;
   for_each_normalized(p, n, opts, doc, [&](uint32_t cp, bool ns) {
     h.add(cp);
+    if (keep) keep->push_back(cp);
     ++s.length;
     if (cp != ' ') {
       ++letters;
@@ -438,20 +447,20 @@ class ShingleHasher {
 
 inline uint64_t token_step(uint64_t h, uint32_t cp) { return rotl(h ^ cp, 27) * kMulA; }
 
-// Calls sink(shingle_hash) for every shingle (repeats included) of one document.
-template <class Sink>
-void for_each_shingle(const uint8_t* p, int64_t n, const NormalizeOptions& norm, int ngram,
-                      bool char_mode, int64_t doc, Sink&& sink) {
+// Calls sink(shingle_hash) for every shingle (repeats included) of the normalised code points
+// that for_each_cp(f) passes to f.
+template <class ForEachCp, class Sink>
+void shingles_of(ForEachCp&& for_each_cp, int ngram, bool char_mode, Sink&& sink) {
   ShingleHasher shingles(ngram, char_mode);
   if (char_mode) {
     // Spaces are left out of character shingles: in scripts without word spaces they only mark
     // where punctuation was, which should not make two copies differ.
-    for_each_normalized(p, n, norm, doc, [&](uint32_t cp, bool) {
+    for_each_cp([&](uint32_t cp) {
       if (cp != ' ') shingles.push_token(mix64(cp + kCharSalt), sink);
     });
   } else {
     uint64_t token = 0, token_len = 0;
-    for_each_normalized(p, n, norm, doc, [&](uint32_t cp, bool) {
+    for_each_cp([&](uint32_t cp) {
       if (cp == ' ') {
         shingles.push_token(mix64(token ^ token_len), sink);
         token = 0;
@@ -465,6 +474,17 @@ void for_each_shingle(const uint8_t* p, int64_t n, const NormalizeOptions& norm,
   }
   shingles.finish(sink);
 }
+
+template <class Sink>
+void for_each_shingle(const uint8_t* p, int64_t n, const NormalizeOptions& norm, int ngram,
+                      bool char_mode, int64_t doc, Sink&& sink) {
+  shingles_of([&](auto&& f) { for_each_normalized(p, n, norm, doc, [&](uint32_t cp, bool) { f(cp); }); },
+              ngram, char_mode, sink);
+}
+
+// Documents up to this many bytes are normalised once and shingled from a buffer of code points
+// (4 bytes each); larger ones are normalised twice, streaming, to bound memory.
+constexpr int64_t kMaxBufferedBytes = int64_t{16} << 20;
 
 bool resolve_char_mode(const MinHashOptions& opts, const DocSummary& s) {
   switch (opts.mode) {
@@ -596,22 +616,29 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
   }
   parallel_chunks(texts.count, num_threads, 16, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> sig(P);
-    std::vector<uint32_t> keys;
+    std::vector<uint32_t> keys, cps;
     keys.reserve(kShingleBlock);
     for (int64_t i = begin; i < end; ++i) {
       const uint8_t* p = texts.data + texts.offsets[i];
       const int64_t size = texts.offsets[i + 1] - texts.offsets[i];
-      const DocSummary s = summarize(p, size, opts.normalize, i);
+      const bool buffered = size <= kMaxBufferedBytes;
+      cps.clear();
+      const DocSummary s = summarize(p, size, opts.normalize, i, buffered ? &cps : nullptr);
       const bool char_mode = resolve_char_mode(opts, s);
       std::fill(sig.begin(), sig.end(), std::numeric_limits<uint32_t>::max());
       keys.clear();
-      for_each_shingle(p, size, opts.normalize, opts.ngram, char_mode, i, [&](uint64_t x) {
+      auto sink = [&](uint64_t x) {
         keys.push_back(static_cast<uint32_t>(x >> 32));
         if (keys.size() == kShingleBlock) {
           minhash_block(a_lo.data(), a_hi.data(), b.data(), P, keys.data(), keys.size(), sig.data());
           keys.clear();
         }
-      });
+      };
+      if (buffered) {
+        shingles_of([&](auto&& f) { for (uint32_t cp : cps) f(cp); }, opts.ngram, char_mode, sink);
+      } else {
+        for_each_shingle(p, size, opts.normalize, opts.ngram, char_mode, i, sink);
+      }
       minhash_block(a_lo.data(), a_hi.data(), b.data(), P, keys.data(), keys.size(), sig.data());
       std::copy(sig.begin(), sig.end(), out.signatures + i * P);
       if (out.hashes) {
@@ -627,12 +654,17 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
 std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHashOptions& opts,
                                   int64_t doc_index) {
   check_minhash_options(opts);
-  bool char_mode = opts.mode == ShingleMode::kChar;
-  if (opts.mode == ShingleMode::kAuto)
-    char_mode = summarize(data, size, opts.normalize, doc_index).char_mode;
+  const bool buffered = size <= kMaxBufferedBytes;
+  std::vector<uint32_t> cps;
+  const DocSummary s = summarize(data, size, opts.normalize, doc_index, buffered ? &cps : nullptr);
+  const bool char_mode = resolve_char_mode(opts, s);
   std::vector<uint64_t> set;
-  for_each_shingle(data, size, opts.normalize, opts.ngram, char_mode, doc_index,
-                   [&](uint64_t x) { set.push_back(x); });
+  auto sink = [&](uint64_t x) { set.push_back(x); };
+  if (buffered) {
+    shingles_of([&](auto&& f) { for (uint32_t cp : cps) f(cp); }, opts.ngram, char_mode, sink);
+  } else {
+    for_each_shingle(data, size, opts.normalize, opts.ngram, char_mode, doc_index, sink);
+  }
   std::sort(set.begin(), set.end());
   set.erase(std::unique(set.begin(), set.end()), set.end());
   return set;
