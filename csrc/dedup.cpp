@@ -809,42 +809,49 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
   std::vector<double> similarity(candidates.size(), 1.0);
   if (opts.verify) {
     if (exact_verify) {
-      std::vector<int64_t> involved;
-      involved.reserve(2 * candidates.size());
-      for (auto& c : candidates) {
-        involved.push_back(c.first);
-        involved.push_back(c.second);
-      }
-      std::sort(involved.begin(), involved.end());
-      involved.erase(std::unique(involved.begin(), involved.end()), involved.end());
-      std::vector<std::vector<uint64_t>> shingles(involved.size());
-      parallel_chunks(static_cast<int64_t>(involved.size()), opts.num_threads, 16,
-                      [&](int64_t begin, int64_t end) {
-                        for (int64_t k = begin; k < end; ++k) {
-                          const int64_t doc = involved[k];
-                          const int64_t off = in.texts->offsets[doc];
-                          shingles[k] = shingle_set(in.texts->data + off,
-                                                    in.texts->offsets[doc + 1] - off, *in.minhash, doc);
-                        }
-                      });
-      auto set_of = [&](int64_t doc) -> const std::vector<uint64_t>& {
-        return shingles[std::lower_bound(involved.begin(), involved.end(), doc) - involved.begin()];
-      };
-      parallel_chunks(static_cast<int64_t>(candidates.size()), opts.num_threads, 256,
-                      [&](int64_t begin, int64_t end) {
-                        for (int64_t k = begin; k < end; ++k) {
-                          const auto& x = set_of(candidates[k].first);
-                          const auto& y = set_of(candidates[k].second);
-                          size_t i = 0, j = 0, common = 0;
-                          while (i < x.size() && j < y.size()) {
-                            if (x[i] < y[j]) ++i;
-                            else if (y[j] < x[i]) ++j;
-                            else { ++common; ++i; ++j; }
+      // Candidates are verified in blocks, so that only the shingle sets of one block's documents
+      // are held at a time (candidates are sorted by their first document, which keeps a block's
+      // documents few).
+      constexpr size_t kPairsPerBlock = size_t{1} << 16;
+      for (size_t block = 0; block < candidates.size(); block += kPairsPerBlock) {
+        const size_t block_end = std::min(candidates.size(), block + kPairsPerBlock);
+        std::vector<int64_t> involved;
+        involved.reserve(2 * (block_end - block));
+        for (size_t k = block; k < block_end; ++k) {
+          involved.push_back(candidates[k].first);
+          involved.push_back(candidates[k].second);
+        }
+        std::sort(involved.begin(), involved.end());
+        involved.erase(std::unique(involved.begin(), involved.end()), involved.end());
+        std::vector<std::vector<uint64_t>> shingles(involved.size());
+        parallel_chunks(static_cast<int64_t>(involved.size()), opts.num_threads, 16,
+                        [&](int64_t begin, int64_t end) {
+                          for (int64_t k = begin; k < end; ++k) {
+                            const int64_t doc = involved[k];
+                            const int64_t off = in.texts->offsets[doc];
+                            shingles[k] = shingle_set(in.texts->data + off,
+                                                      in.texts->offsets[doc + 1] - off, *in.minhash, doc);
                           }
-                          const size_t uni = x.size() + y.size() - common;
-                          similarity[k] = uni == 0 ? 0.0 : static_cast<double>(common) / static_cast<double>(uni);
-                        }
-                      });
+                        });
+        auto set_of = [&](int64_t doc) -> const std::vector<uint64_t>& {
+          return shingles[std::lower_bound(involved.begin(), involved.end(), doc) - involved.begin()];
+        };
+        parallel_chunks(static_cast<int64_t>(block_end - block), opts.num_threads, 256,
+                        [&](int64_t begin, int64_t end) {
+                          for (int64_t k = block + begin; k < static_cast<int64_t>(block) + end; ++k) {
+                            const auto& x = set_of(candidates[k].first);
+                            const auto& y = set_of(candidates[k].second);
+                            size_t i = 0, j = 0, common = 0;
+                            while (i < x.size() && j < y.size()) {
+                              if (x[i] < y[j]) ++i;
+                              else if (y[j] < x[i]) ++j;
+                              else { ++common; ++i; ++j; }
+                            }
+                            const size_t uni = x.size() + y.size() - common;
+                            similarity[k] = uni == 0 ? 0.0 : static_cast<double>(common) / static_cast<double>(uni);
+                          }
+                        });
+      }
     } else {
       parallel_chunks(static_cast<int64_t>(candidates.size()), opts.num_threads, 256,
                       [&](int64_t begin, int64_t end) {

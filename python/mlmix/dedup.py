@@ -1,6 +1,7 @@
 """Exact and near-duplicate detection for text in any script.
 
-Pipeline (one pass per document, multi-threaded C++ with the GIL released except where noted):
+Pipeline (multi-threaded C++ with the GIL released; Python only encodes ``str`` documents to one
+UTF-8 buffer, and a pyarrow string array without nulls is read in place):
 
 1. **Normalisation**, in C++ from tables generated from Python's ``unicodedata`` (version
    :data:`UNICODE_VERSION`): NFKC (NFKD with ``strip_accents``), full case folding (exactly
@@ -27,10 +28,13 @@ document. Documents that normalise to nothing (empty, whitespace or punctuation 
 shingles: they are exact duplicates of one another and never near duplicates of anything else.
 
 Memory per document: the signature, ``4 * num_perm`` bytes (512 B at 128), plus 16 B of exact hash,
-plus during clustering 16 B per band in flight per thread and 16 B per candidate pair; the shingle
-sets (8 B per shingle) are rebuilt only for documents in a candidate pair. 10M documents at
-num_perm=128 need about 5.3 GB for signatures and hashes. Besides that, the texts are encoded to
-one UTF-8 buffer (about their size again) for the call.
+plus during clustering 16 B per document for each band in flight (one per thread) and 16 B per
+candidate pair; verification rebuilds the shingle sets (8 B per shingle) of the documents of
+65536 candidate pairs at a time. 10M documents at num_perm=128 thus need about 5.3 GB for
+signatures and hashes plus 0.16 GB per thread for banding, within 8 GB. Besides that, ``str``
+documents are encoded to one UTF-8 buffer (about their size again; zero-copy for pyarrow), and
+each thread holds 4 B per code point of the document it is normalising (documents over 16 MB
+are normalised twice, streaming, instead).
 
 Results are identical for any ``num_threads`` (0 = all cores, or ``MLMIX_NUM_THREADS``).
 """
