@@ -450,6 +450,10 @@ def test_pyarrow_input_matches_list():
     for arr in (pa.array(texts), pa.array(texts, type=pa.large_string()), pa.chunked_array([texts[:1], texts[1:]])):
         np.testing.assert_array_equal(dedup.near_duplicates(arr).cluster, expected)
         np.testing.assert_array_equal(dedup.exact_duplicates(arr).cluster, [0, 0, 2, 2])
+    # Slices of an arrow array are read at their offset, without a copy of the data.
+    sliced = pa.array(["x"] + texts + ["y"])[1:-1]
+    np.testing.assert_array_equal(dedup.near_duplicates(sliced).cluster, expected)
+    assert dedup.normalize(pa.array(texts)[2:3]) == [ref_normalize(texts[2])]
     with pytest.raises(ValueError, match=r"texts\[1\] is None"):
         dedup.exact_duplicates(pa.array(["a", None]))
 
