@@ -116,6 +116,58 @@ void bind_dedup(py::module_& m) {
       "(signatures (n, num_perm) uint32, hashes (n, 2) uint64, lengths (n,) int64, char_mode (n,) bool).");
 
   m.def(
+      "_dedup_near",
+      [](const Bytes& data, const I64& offsets, int num_perm, int ngram, int mode, uint64_t seed,
+         bool strip_marks, int errors, std::optional<I64> groups, std::optional<F64> scores,
+         double threshold, int bands, int rows, bool verify, int64_t shingle_set_budget, int num_threads) {
+        const TextSpan t = texts_of(data, offsets);
+        const MinHashOptions o = minhash_options(num_perm, ngram, mode, seed, strip_marks, errors);
+        MLMIX_CHECK(num_perm >= 1 && num_perm <= 4096, "num_perm must be in [1, 4096], got " << num_perm);
+        const auto n = static_cast<py::ssize_t>(t.count);
+        if (groups) MLMIX_CHECK(groups->ndim() == 1 && groups->shape(0) == n, "groups must be (n,) int64 with n = " << n);
+        if (scores) MLMIX_CHECK(scores->ndim() == 1 && scores->shape(0) == n, "scores must be (n,) float64 with n = " << n);
+        U32 sig({n, static_cast<py::ssize_t>(num_perm)});
+        U64 hashes({n, py::ssize_t{2}});
+        py::array_t<bool> char_mode({n});
+        std::vector<std::vector<uint64_t>> sets;
+        SignatureOutputs out{sig.mutable_data(), hashes.mutable_data(), nullptr,
+                             reinterpret_cast<uint8_t*>(char_mode.mutable_data()),
+                             verify ? &sets : nullptr, shingle_set_budget};
+        ClusterInputs in;
+        in.count = t.count;
+        in.num_perm = num_perm;
+        in.signatures = sig.data();
+        in.hashes = hashes.data();
+        in.groups = groups ? groups->data() : nullptr;
+        in.scores = scores ? scores->data() : nullptr;
+        in.texts = &t;
+        in.minhash = &o;
+        in.shingle_sets = &sets;
+        ClusterResult r;
+        {
+          py::gil_scoped_release release;
+          minhash_signatures(t, o, num_threads, out);
+          r = cluster_signatures(in, ClusterOptions{threshold, LshParams{bands, rows}, verify, num_threads});
+        }
+        py::dict result;
+        result["cluster"] = vector_to_array(std::move(r.cluster));
+        result["pair_first"] = vector_to_array(std::move(r.pair_first));
+        result["pair_second"] = vector_to_array(std::move(r.pair_second));
+        result["pair_similarity"] = vector_to_array(std::move(r.pair_similarity));
+        result["candidate_pairs"] = r.candidate_pairs;
+        result["exact_merged"] = r.exact_merged;
+        result["signatures"] = sig;
+        result["char_mode"] = char_mode;
+        return result;
+      },
+      py::arg("data"), py::arg("offsets"), py::arg("num_perm"), py::arg("ngram"), py::arg("mode"),
+      py::arg("seed"), py::arg("strip_marks"), py::arg("errors"), py::arg("groups"), py::arg("scores"),
+      py::arg("threshold"), py::arg("bands"), py::arg("rows"), py::arg("verify"),
+      py::arg("shingle_set_budget"), py::arg("num_threads"),
+      "Signatures, LSH, verification (shingle sets kept from the signature pass while within the "
+      "budget, in entries of 8 bytes; else rebuilt) and clustering in one call.");
+
+  m.def(
       "_dedup_shingle_set",
       [](const Bytes& data, const I64& offsets, int64_t index, int num_perm, int ngram, int mode,
          uint64_t seed, bool strip_marks, int errors) {

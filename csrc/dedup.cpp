@@ -614,6 +614,10 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
     a_hi[k] = static_cast<uint32_t>(a >> 32);
     b[k] = splitmix_next(state);
   }
+  std::vector<std::vector<uint64_t>>* sets = out.shingle_sets;
+  if (sets) sets->assign(texts.count, {});
+  std::atomic<int64_t> set_total{0};
+  std::atomic<bool> over_budget{false};
   parallel_chunks(texts.count, num_threads, 16, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> sig(P);
     std::vector<uint32_t> keys, cps;
@@ -627,7 +631,9 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
       const bool char_mode = resolve_char_mode(opts, s);
       std::fill(sig.begin(), sig.end(), std::numeric_limits<uint32_t>::max());
       keys.clear();
+      std::vector<uint64_t>* set = sets && !over_budget.load(std::memory_order_relaxed) ? &(*sets)[i] : nullptr;
       auto sink = [&](uint64_t x) {
+        if (set) set->push_back(x);
         keys.push_back(static_cast<uint32_t>(x >> 32));
         if (keys.size() == kShingleBlock) {
           minhash_block(a_lo.data(), a_hi.data(), b.data(), P, keys.data(), keys.size(), sig.data());
@@ -641,6 +647,14 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
       }
       minhash_block(a_lo.data(), a_hi.data(), b.data(), P, keys.data(), keys.size(), sig.data());
       std::copy(sig.begin(), sig.end(), out.signatures + i * P);
+      if (set) {
+        std::sort(set->begin(), set->end());
+        set->erase(std::unique(set->begin(), set->end()), set->end());
+        set->shrink_to_fit();
+        if (set_total.fetch_add(static_cast<int64_t>(set->size())) + static_cast<int64_t>(set->size()) >
+            out.shingle_set_budget)
+          over_budget = true;
+      }
       if (out.hashes) {
         out.hashes[2 * i] = s.hash[0];
         out.hashes[2 * i + 1] = s.hash[1];
@@ -649,6 +663,8 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
       if (out.char_mode) out.char_mode[i] = char_mode ? 1 : 0;
     }
   });
+  // Which documents got a set before the budget ran out depends on thread timing: all or none.
+  if (sets && over_budget) std::vector<std::vector<uint64_t>>().swap(*sets);
 }
 
 std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHashOptions& opts,
@@ -712,7 +728,8 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
                   static_cast<int64_t>(opts.lsh.bands) * opts.lsh.rows <= P,
               "bands x rows must fit in num_perm = " << P << ", got " << opts.lsh.bands << " x "
                                                      << opts.lsh.rows);
-  const bool exact_verify = opts.verify && in.texts != nullptr && in.minhash != nullptr;
+  const bool given_sets = in.shingle_sets != nullptr && static_cast<int64_t>(in.shingle_sets->size()) == n;
+  const bool exact_verify = opts.verify && (given_sets || (in.texts != nullptr && in.minhash != nullptr));
   auto group_of = [&](int64_t i) -> int64_t { return in.groups ? in.groups[i] : 0; };
 
   ClusterResult result;
@@ -808,7 +825,24 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
   // 3. Verification, in parallel; the edges are then applied in candidate order.
   std::vector<double> similarity(candidates.size(), 1.0);
   if (opts.verify) {
-    if (exact_verify) {
+    auto jaccard = [](const std::vector<uint64_t>& x, const std::vector<uint64_t>& y) {
+      size_t i = 0, j = 0, common = 0;
+      while (i < x.size() && j < y.size()) {
+        if (x[i] < y[j]) ++i;
+        else if (y[j] < x[i]) ++j;
+        else { ++common; ++i; ++j; }
+      }
+      const size_t uni = x.size() + y.size() - common;
+      return uni == 0 ? 0.0 : static_cast<double>(common) / static_cast<double>(uni);
+    };
+    if (given_sets) {
+      parallel_chunks(static_cast<int64_t>(candidates.size()), opts.num_threads, 256,
+                      [&](int64_t begin, int64_t end) {
+                        for (int64_t k = begin; k < end; ++k)
+                          similarity[k] = jaccard((*in.shingle_sets)[candidates[k].first],
+                                                  (*in.shingle_sets)[candidates[k].second]);
+                      });
+    } else if (exact_verify) {
       // Candidates are verified in blocks, so that only the shingle sets of one block's documents
       // are held at a time (candidates are sorted by their first document, which keeps a block's
       // documents few).
@@ -839,16 +873,7 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
         parallel_chunks(static_cast<int64_t>(block_end - block), opts.num_threads, 256,
                         [&](int64_t begin, int64_t end) {
                           for (int64_t k = block + begin; k < static_cast<int64_t>(block) + end; ++k) {
-                            const auto& x = set_of(candidates[k].first);
-                            const auto& y = set_of(candidates[k].second);
-                            size_t i = 0, j = 0, common = 0;
-                            while (i < x.size() && j < y.size()) {
-                              if (x[i] < y[j]) ++i;
-                              else if (y[j] < x[i]) ++j;
-                              else { ++common; ++i; ++j; }
-                            }
-                            const size_t uni = x.size() + y.size() - common;
-                            similarity[k] = uni == 0 ? 0.0 : static_cast<double>(common) / static_cast<double>(uni);
+                            similarity[k] = jaccard(set_of(candidates[k].first), set_of(candidates[k].second));
                           }
                         });
       }

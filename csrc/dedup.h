@@ -57,6 +57,10 @@ struct SignatureOutputs {
   uint64_t* hashes = nullptr;      // count x 2: the exact hash of the normalised text
   int64_t* lengths = nullptr;      // normalised length in code points
   uint8_t* char_mode = nullptr;    // 1 where the document was shingled by characters
+  // Optional: each document's sorted unique 64-bit shingle hashes (what verification compares),
+  // kept while their total stays within shingle_set_budget entries; over it, left empty.
+  std::vector<std::vector<uint64_t>>* shingle_sets = nullptr;
+  int64_t shingle_set_budget = 0;
 };
 
 void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int num_threads,
@@ -85,6 +89,8 @@ struct ClusterInputs {
                                          // (and null) keep the lowest index
   const TextSpan* texts = nullptr;       // with `minhash`: verify candidates by exact Jaccard
   const MinHashOptions* minhash = nullptr;
+  // Or the shingle sets themselves (count entries), from minhash_signatures.
+  const std::vector<std::vector<uint64_t>>* shingle_sets = nullptr;
 };
 
 struct ClusterOptions {

@@ -535,3 +535,15 @@ def test_lsh_params_minimise_weighted_error():
         assert dedup.lsh_params(t, p, verify=False) == brute(t, p, 0.5, 0.5)
         b, r = dedup.lsh_params(t, p)
         assert b * r <= p
+
+
+def test_verification_without_kept_shingle_sets(monkeypatch):
+    # Over the budget the sets from the signature pass are dropped and rebuilt for candidates.
+    texts, langs = make_corpus(seed=19, bases_per_lang=2)
+    kept = dedup.near_duplicates(texts, langs=langs)
+    monkeypatch.setattr(dedup, "_SHINGLE_SET_BUDGET", 100)
+    rebuilt = dedup.near_duplicates(texts, langs=langs, num_threads=2)
+    np.testing.assert_array_equal(rebuilt.cluster, kept.cluster)
+    np.testing.assert_array_equal(rebuilt.pairs, kept.pairs)
+    np.testing.assert_array_equal(rebuilt.similarity, kept.similarity)
+    assert len(kept.pairs) > 10

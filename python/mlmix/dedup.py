@@ -29,8 +29,9 @@ shingles: they are exact duplicates of one another and never near duplicates of 
 
 Memory per document: the signature, ``4 * num_perm`` bytes (512 B at 128), plus 16 B of exact hash,
 plus during clustering 16 B per document for each band in flight (one per thread) and 16 B per
-candidate pair; verification rebuilds the shingle sets (8 B per shingle) of the documents of
-65536 candidate pairs at a time. 10M documents at num_perm=128 thus need about 5.3 GB for
+candidate pair. For verification, ``near_duplicates`` keeps every document's shingle set from
+the signature pass (8 B per distinct shingle) while they total at most 1 GiB; above that it
+drops them and rebuilds the sets of the documents of 65536 candidate pairs at a time. 10M documents at num_perm=128 thus need about 5.3 GB for
 signatures and hashes plus 0.16 GB per thread for banding, within 8 GB. Besides that, ``str``
 documents are encoded to one UTF-8 buffer (about their size again; zero-copy for pyarrow), and
 each thread holds 4 B per code point of the document it is normalising (documents over 16 MB
@@ -72,6 +73,9 @@ _SCOPES = ("lang", "global")
 # time, so recall is favoured; without it the usual balanced choice.
 _WEIGHTS_VERIFY = (0.05, 0.95)
 _WEIGHTS_NO_VERIFY = (0.5, 0.5)
+# Verification keeps the shingle sets of the signature pass (8 B per distinct shingle) up to this
+# many entries (1 GiB); beyond it they are rebuilt for the candidate documents only.
+_SHINGLE_SET_BUDGET = 1 << 27
 
 
 @dataclass(frozen=True)
@@ -374,16 +378,21 @@ def near_duplicates(texts: Sequence[str] | Any, *, threshold: float = 0.8, num_p
     verify = _check_bool("verify", verify)
     num_perm = _check_int("num_perm", num_perm, 1, 4096)
     band_count, rows = _bands_rows(bands, threshold, num_perm, verify)
-    (sig, hashes, _lengths, char_mode), data, offsets = _signatures(
-        texts, num_perm, ngram, shingle, seed, strip_accents, errors, num_threads)
+    ngram = _check_int("ngram", ngram, 1, 64)
+    _check_choice("shingle", shingle, _SHINGLE)
+    seed = _check_seed(seed)
+    strip_accents = _check_bool("strip_accents", strip_accents)
+    _check_choice("errors", errors, _ERRORS)
+    num_threads = _check_threads(num_threads)
+    data, offsets = _prepare(texts, strip_accents, errors)
     n = len(offsets) - 1
     groups, names, index = _groups(langs, n, scope)
     scores = _scores(keep, n, np.diff(offsets) if keep == "longest" else None)
-    raw = core._dedup_cluster(sig, hashes, groups, scores, threshold, band_count, rows, verify,
-                              data if verify else None, offsets if verify else None, ngram,
-                              _SHINGLE[shingle], seed, strip_accents, _ERRORS[errors], num_threads)
+    raw = core._dedup_near(data, offsets, num_perm, ngram, _SHINGLE[shingle], seed, strip_accents,
+                           _ERRORS[errors], groups, scores, threshold, band_count, rows, verify,
+                           _SHINGLE_SET_BUDGET, num_threads)
     info = {"bands": band_count, "rows": rows, "threshold": threshold, "num_perm": num_perm,
-            "ngram": ngram, "scope": scope, "char_shingled": int(np.count_nonzero(char_mode))}
+            "ngram": ngram, "scope": scope, "char_shingled": int(np.count_nonzero(raw["char_mode"]))}
     return _result(raw, names, index, info)
 
 
