@@ -227,6 +227,7 @@ class NfkcStream {
   struct Item {
     uint32_t cp;
     uint32_t ccc;
+    uint8_t cls;  // char_class(cp), handed on so that it is looked up once
   };
   static constexpr uint32_t kSBase = 0xAC00, kLBase = 0x1100, kVBase = 0x1161, kTBase = 0x11A7;
   static constexpr uint32_t kLCount = 19, kVCount = 21, kTCount = 28, kNCount = kVCount * kTCount,
@@ -263,13 +264,13 @@ class NfkcStream {
   void push_decomposed(uint32_t cp, uint8_t cls, Out&& out) {
     const uint32_t ccc = ccc_of(cp, cls);
     if (ccc == 0 && !(compose_ && (cls & kComposesSecond))) flush(out);
-    buf_.push_back({cp, ccc});
+    buf_.push_back({cp, ccc, cls});
   }
 
   template <class Out>
   void flush(Out&& out) {
     if (buf_.size() == 1) {  // the common case: a lone starter
-      out(buf_[0].cp);
+      out(buf_[0].cp, buf_[0].cls);
       buf_.clear();
       return;
     }
@@ -288,7 +289,7 @@ class NfkcStream {
       }
       if (compose_) compose();
     }
-    for (const Item& x : buf_) out(x.cp);
+    for (const Item& x : buf_) out(x.cp, x.cls);
     buf_.clear();
   }
 
@@ -302,6 +303,7 @@ class NfkcStream {
       if ((last_ccc < x.ccc || last_ccc == 0) && last_ccc != 256 &&
           compose_pair(buf_[starter].cp, x.cp, composite)) {
         buf_[starter].cp = composite;
+        buf_[starter].cls = char_class(composite);
         continue;
       }
       if (x.ccc == 0) starter = write;
@@ -342,8 +344,7 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
     started = true;
     emit(cp, (cls & kNoSpace) != 0);
   };
-  auto fold = [&](uint32_t cp) {
-    const uint8_t cls = char_class(cp);
+  auto fold = [&](uint32_t cp, uint8_t cls) {
     if (cls & kHasFold) {
       uint32_t folded[3];
       const uint32_t count = case_fold(cp, folded);
