@@ -103,11 +103,7 @@ _NO_SPACE = re.compile("[\u0E00-\u0FFF\u1000-\u109F\u1780-\u17FF\u2E80-\u2FDF\u3
                        "\u3400-\u4DBF\u4E00-\u9FFF\uF900-\uFAFF]")
 
 
-def _normalizer():
-    return None
-
-
-def python_shingles(text: str, normalizer) -> list[str]:
+def python_shingles(text: str) -> list[str]:
     """The same normalisation and shingles as mlmix, in plain Python (re and unicodedata)."""
     norm = _FORMAT.sub("", unicodedata.normalize("NFKC", text).casefold())
     tokens = _WORD.findall(norm)
@@ -154,10 +150,9 @@ def run_mlmix(texts, langs, threads):
 
 
 def _python_lsh_pipeline(texts, langs, make_digests, build_index, query, est_jaccard):
-    normalizer = _normalizer()
     t0 = time.perf_counter()
     c0 = time.process_time()
-    shingles = [python_shingles(t, normalizer) for t in texts]
+    shingles = [python_shingles(t) for t in texts]
     t1 = time.perf_counter()
     digests = make_digests(shingles)
     index = build_index(digests, langs)
@@ -249,12 +244,11 @@ def quality(texts, family, result) -> dict:
     """Pair recall (same cluster) and precision (reported edges) against exact Jaccard."""
     from collections import defaultdict
 
-    normalizer = _normalizer()
     sets = {}
 
     def shingle_set(i):
         if i not in sets:
-            sets[i] = set(python_shingles(texts[i], normalizer))
+            sets[i] = set(python_shingles(texts[i]))
         return sets[i]
 
     def jac(i, j):

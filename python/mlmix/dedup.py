@@ -43,8 +43,9 @@ Results are identical for any ``num_threads`` (0 = all cores, or ``MLMIX_NUM_THR
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
