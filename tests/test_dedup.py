@@ -339,6 +339,11 @@ def test_exact_hashes_shard_and_merge():
     assert whole.shape == (5, 2) and whole.dtype == np.uint64
     np.testing.assert_array_equal(np.vstack([dedup.exact_hashes(texts[:2]), dedup.exact_hashes(texts[2:])]), whole)
     assert (whole[0] == whole[2]).all() and (whole[1] == whole[4]).all() and not (whole[0] == whole[1]).all()
+    merged = dedup.cluster_hashes(np.vstack([dedup.exact_hashes(texts[:2]), dedup.exact_hashes(texts[2:])]))
+    np.testing.assert_array_equal(merged.cluster, dedup.exact_duplicates(texts).cluster)
+    assert merged.cluster.tolist() == [0, 1, 0, 3, 1]
+    with pytest.raises(ValueError, match="hashes must be a"):
+        dedup.cluster_hashes(whole.astype(np.int64))
 
 
 def test_keep_policies():

@@ -61,6 +61,7 @@ __all__ = [
     "exact_hashes",
     "minhash_signatures",
     "cluster_signatures",
+    "cluster_hashes",
     "lsh_params",
 ]
 
@@ -306,11 +307,32 @@ def exact_duplicates(texts: Sequence[str] | Any, *, langs: Sequence[str] | None 
     groups, names, index = _groups(langs, n, scope)
     scores = _scores(keep, n, np.diff(offsets) if keep == "longest" else None)
     hashes = core._dedup_exact_hashes(data, offsets, strip_accents, _ERRORS[errors], num_threads)
+    return _cluster_exact(hashes, groups, scores, names, index, scope, num_threads)
+
+
+def _cluster_exact(hashes, groups, scores, names, index, scope, num_threads) -> DedupResult:
     # No LSH: a single all-max signature column marks every document as "no shingles".
-    empty = np.full((n, 1), np.iinfo(np.uint32).max, dtype=np.uint32)
+    empty = np.full((hashes.shape[0], 1), np.iinfo(np.uint32).max, dtype=np.uint32)
     raw = core._dedup_cluster(empty, hashes, groups, scores, 1.0, 1, 1, False, None, None, 1, 0, 0,
-                              strip_accents, _ERRORS[errors], num_threads)
+                              False, 0, num_threads)
     return _result(raw, names, index, {"scope": scope})
+
+
+def cluster_hashes(hashes: np.ndarray, *, langs: Sequence[str] | None = None, scope: str = "lang",
+                   keep: str | Sequence[float] = "first", lengths: Sequence[int] | None = None,
+                   num_threads: int = 0) -> DedupResult:
+    """Exact duplicates from (n, 2) uint64 :func:`exact_hashes`, e.g. of several shards stacked.
+    langs/scope/keep as in :func:`exact_duplicates`; keep="longest" needs ``lengths``."""
+    hashes = np.asarray(hashes)
+    if hashes.ndim != 2 or hashes.shape[1] != 2 or hashes.dtype != np.uint64:
+        raise ValueError(f"hashes must be a (n, 2) uint64 array, got dtype {hashes.dtype} shape {hashes.shape}")
+    n = hashes.shape[0]
+    if lengths is not None and np.shape(lengths) != (n,):
+        raise ValueError(f"lengths must have shape ({n},), got {np.shape(lengths)}")
+    groups, names, index = _groups(langs, n, scope)
+    scores = _scores(keep, n, lengths)
+    return _cluster_exact(np.ascontiguousarray(hashes), groups, scores, names, index, scope,
+                          _check_threads(num_threads))
 
 
 def lsh_params(threshold: float = 0.8, num_perm: int = 128, *, verify: bool = True) -> tuple[int, int]:
