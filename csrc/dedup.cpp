@@ -211,6 +211,10 @@ class NfkcStream {
       const auto* begin = std::begin(tables::kDecomp);
       const auto* end = std::end(tables::kDecomp);
       const auto* it = std::lower_bound(begin, end, cp, [](const tables::Decomp& d, uint32_t c) { return d.cp < c; });
+      if (it == end || it->cp != cp) {  // unreachable with consistent tables
+        push_decomposed(cp, cls, out);
+        return;
+      }
       for (uint32_t k = 0; k < it->length; ++k) {
         const uint32_t d = tables::kDecompPool[it->offset + k];
         push_decomposed(d, char_class(d), out);
@@ -238,7 +242,7 @@ class NfkcStream {
     const auto* begin = std::begin(tables::kCcc);
     const auto* end = std::end(tables::kCcc);
     const auto* it = std::lower_bound(begin, end, cp, [](const tables::Ccc& c, uint32_t x) { return c.cp < x; });
-    return it->ccc;
+    return it == end || it->cp != cp ? 0 : it->ccc;  // (not found: unreachable with consistent tables)
   }
 
   static bool compose_pair(uint32_t a, uint32_t b, uint32_t& out) {

@@ -552,3 +552,19 @@ def test_verification_without_kept_shingle_sets(monkeypatch):
     np.testing.assert_array_equal(rebuilt.pairs, kept.pairs)
     np.testing.assert_array_equal(rebuilt.similarity, kept.similarity)
     assert len(kept.pairs) > 10
+
+
+def test_large_lsh_bucket_stays_linear():
+    # 300 near copies share most LSH buckets; buckets over 128 documents are paired as a star plus
+    # a chain, so the candidates stay linear while the cluster is still found whole.
+    rng = random.Random(23)
+    base = [f"w{rng.randrange(10**6)}" for _ in range(400)]
+    texts = []
+    for k in range(300):
+        words = list(base)
+        words[k % 400] = f"x{k}"
+        texts.append(" ".join(words))
+    r = dedup.near_duplicates(texts)
+    assert r.cluster.tolist() == [0] * 300
+    assert r.info["candidate_pairs"] < 300 * 299 // 2
+    assert r.num_removed == 299
