@@ -263,10 +263,15 @@ def _grad_pass(h, weight, bias, labels, lse, coef_p, coef_y, coef_u, opts: _Opti
         return _grad_pass_cuda(h, weight, bias, labels, lse, coef_p, coef_y, coef_u, cap, tb, vb, need,
                                grad_h, grad_b)
 
-    grad_w = torch.zeros(vocab, hdim, dtype=acc, device=dev) if need[1] else None
-    buf = torch.empty(tb * vb, dtype=acc, device=dev)
-    tanh_buf = torch.empty(tb * vb, dtype=acc, device=dev) if cap is not None else None
     single_chunk = tb >= n
+    # with one token block every grad_weight row block is written exactly once: no zero fill needed
+    grad_w = (torch.empty if single_chunk else torch.zeros)(vocab, hdim, dtype=acc, device=dev) if need[1] else None
+    buf = torch.empty(tb * vb, dtype=acc, device=dev)
+    # coef_p * exp(s - lse) = exp(s - (lse - log coef_p)) saves a pass over the block when no coefficient is
+    # negative (a zero coefficient gives log 0 = -inf and exp(-inf) = 0, as it should)
+    fold = bool((coef_p >= 0).all())
+    shift = lse - torch.log(coef_p) if fold else lse
+    tanh_buf = torch.empty(tb * vb, dtype=acc, device=dev) if cap is not None else None
     hc_all = h.to(acc) if single_chunk else None
     # vocabulary outer, tokens inner: each block of grad_weight is finished while it is hot in cache
     for v0 in range(0, vocab, vb):
@@ -282,7 +287,9 @@ def _grad_pass(h, weight, bias, labels, lse, coef_p, coef_y, coef_u, opts: _Opti
                 torch.tanh(z.div_(cap), out=th)
                 z.copy_(th).mul_(cap)
             # softmax, scaled per token, in place
-            z.sub_(lse[t0:t1].unsqueeze(1)).exp_().mul_(coef_p[t0:t1].unsqueeze(1))
+            z.sub_(shift[t0:t1].unsqueeze(1)).exp_()
+            if not fold:
+                z.mul_(coef_p[t0:t1].unsqueeze(1))
             if opts.label_smoothing > 0:
                 z.sub_(coef_u[t0:t1].unsqueeze(1))
             rows = torch.nonzero((yc >= v0) & (yc < v1)).squeeze(1)
@@ -293,7 +300,10 @@ def _grad_pass(h, weight, bias, labels, lse, coef_p, coef_y, coef_u, opts: _Opti
             if grad_h is not None:
                 grad_h[t0:t1].addmm_(z, w_v)
             if grad_w is not None:
-                grad_w[v0:v1].addmm_(z.t(), hc)
+                if single_chunk:
+                    torch.mm(z.t(), hc, out=grad_w[v0:v1])
+                else:
+                    grad_w[v0:v1].addmm_(z.t(), hc)
             if grad_b is not None:
                 grad_b[v0:v1].add_(z.sum(0))
     return grad_h, grad_w, grad_b
