@@ -276,6 +276,93 @@ def test_tiny_llama_matches_its_own_loss():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The CUDA path's orchestration (block loops, pointer offsets, coefficient layout), run on the CPU against a NumPy
+# model of the kernels' documented contract (csrc/cuda/lce.h). The kernels themselves are tested on a GPU below.
+
+
+class NumpyTileKernels:
+    """lce_lse_block / lce_grad_block of csrc/bind_loss.cpp, on host pointers, in float64 then stored."""
+
+    @staticmethod
+    def _arr(ptr, n, dtype):
+        import ctypes
+
+        import numpy as np
+
+        ctype = {np.float32: ctypes.c_float, np.int64: ctypes.c_int64}[dtype]
+        return np.ctypeslib.as_array((ctype * n).from_address(ptr))
+
+    def _tile(self, logits, logits_dtype, ld, rows, cols, bias, bias_dtype, v0, labels, softcap):
+        import numpy as np
+
+        assert logits_dtype == 0 and bias_dtype == 0  # the CPU stand-in runs float32 only
+        z = self._arr(logits, (rows - 1) * ld + cols, np.float32)
+        z = np.lib.stride_tricks.as_strided(z, (rows, cols), (ld * 4, 4)).astype(np.float64)
+        if bias:
+            z = z + self._arr(bias, v0 + cols, np.float32)[v0:].astype(np.float64)
+        if softcap > 0:
+            z = softcap * np.tanh(z / softcap)
+        return z, self._arr(labels, rows, np.int64) - v0
+
+    def lce_lse_block(self, logits, logits_dtype, ld, rows, cols, bias, bias_dtype, v0, labels, softcap,
+                      run_max, run_sum, target, logit_sum, stream):
+        import numpy as np
+
+        z, col = self._tile(logits, logits_dtype, ld, rows, cols, bias, bias_dtype, v0, labels, softcap)
+        m, s = self._arr(run_max, rows, np.float32), self._arr(run_sum, rows, np.float32)
+        new = np.maximum(m, z.max(1))
+        s[:] = s * np.exp(m - new) + np.exp(z - new[:, None]).sum(1)
+        m[:] = new
+        inside = (col >= 0) & (col < cols)
+        self._arr(target, rows, np.float32)[inside] += z[inside, col[inside]]
+        if logit_sum:
+            self._arr(logit_sum, rows, np.float32)[:] += z.sum(1)
+
+    def lce_grad_block(self, logits, logits_dtype, ld, rows, cols, bias, bias_dtype, v0, labels, softcap, lse,
+                       coef_p, coef_y, coef_u, out, out_dtype, out_ld, stream):
+        import numpy as np
+
+        assert out_dtype == 0
+        z, col = self._tile(logits, logits_dtype, ld, rows, cols, bias, bias_dtype, v0, labels, softcap)
+        lse_, cp, cy, cu = (self._arr(p, rows, np.float32).astype(np.float64) for p in (lse, coef_p, coef_y, coef_u))
+        d = cp[:, None] * np.exp(z - lse_[:, None]) - cu[:, None]
+        inside = (col >= 0) & (col < cols)
+        d[inside, col[inside]] -= cy[inside]
+        if softcap > 0:
+            d *= 1 - (z / softcap) ** 2
+        o = self._arr(out, (rows - 1) * out_ld + cols, np.float32)
+        np.lib.stride_tricks.as_strided(o, (rows, cols), (out_ld * 4, 4))[:] = d
+
+
+@pytest.mark.parametrize("blocks", [(0, 0), (5, 8), (1000, 7)])
+@pytest.mark.parametrize("reduction,smoothing,cap,bias,weights", [("mean", 0.0, None, False, False),
+                                                                 ("none", 0.1, 3.0, True, True),
+                                                                 ("sum", 0.0, 2.0, True, False)])
+def test_cuda_orchestration_with_numpy_kernels(monkeypatch, blocks, reduction, smoothing, cap, bias, weights):
+    from mlmix.torch import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "_cuda_kernels", lambda: NumpyTileKernels())
+    monkeypatch.setattr(loss_mod, "_stream_handle", lambda device: 0)
+    h, w, b, y, tw = make_inputs((3, 11), 12, 45, bias=bias, weights=weights, seed=13)
+    kw = dict(reduction=reduction, label_smoothing=smoothing, softcap=cap, z_loss=1e-3)
+    tb, vb = blocks
+    opts = loss_mod._Options(IGNORE, smoothing, 1e-3, cap, tb, vb)
+
+    def via_cuda_path(h_, w_, y_, bias=None, **_):
+        tw_flat = None if tw is None else tw.reshape(-1)
+        out, _lse = loss_mod._LinearCrossEntropyFunction.apply(h_.reshape(-1, h_.shape[-1]), w_, bias,
+                                                               y_.reshape(-1), tw_flat, opts, reduction, "cuda")
+        return out.view(y_.shape) if reduction == "none" else out
+
+    out, grads = loss_and_grads(via_cuda_path, h, w, b, y)
+    ref, ref_grads = loss_and_grads(reference, h.double(), w.double(), None if b is None else b.double(), y,
+                                    token_weights=tw, **kw)
+    assert rel_err(out, ref) < 1e-5
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # CUDA (skipped without a device)
 
 

@@ -42,10 +42,13 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 # Elements of one (token block x vocab block) logits buffer. 4M floats = 16 MiB keeps the GEMMs large enough
-# to run at full speed on a CPU while staying small next to the float32 weight gradient; on a GPU the GEMMs want
-# larger tiles, so the buffer is 32M floats = 128 MiB.
+# to run at full speed on a CPU while staying small next to the float32 weight gradient. On a GPU the token block
+# covers up to 16k tokens, so that each grad_weight block is one GEMM over all tokens written once (no float32
+# vocab x hidden accumulator), and the buffer is 64M floats = 256 MiB (16k tokens x 4k vocabulary entries).
 _CPU_BLOCK_ELEMS = 1 << 22
-_CUDA_BLOCK_ELEMS = 1 << 25
+_CUDA_BLOCK_ELEMS = 1 << 26
+_CPU_TOKEN_BLOCK = 2048
+_CUDA_TOKEN_BLOCK = 16384
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,11 @@ def _cuda_kernels() -> Any:
     if "cuda" not in core.BUILD_INFO.get("backends", ()) or not hasattr(core, "lce_lse_block"):
         return None
     return core
+
+
+def _stream_handle(device) -> int:
+    """The current CUDA stream of ``device`` as an integer cudaStream_t, for the kernels."""
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 def _resolve_impl(impl: str, device: "torch.device", dtype) -> str:
@@ -179,7 +187,8 @@ def _acc_dtype(dtype):
 
 def _block_sizes(n_tokens: int, vocab: int, device_type: str, token_block: int, vocab_block: int):
     elems = _CUDA_BLOCK_ELEMS if device_type == "cuda" else _CPU_BLOCK_ELEMS
-    tb = token_block if token_block > 0 else max(1, min(n_tokens, 4096 if device_type == "cuda" else 2048))
+    tb = token_block if token_block > 0 else max(1, min(n_tokens, _CUDA_TOKEN_BLOCK if device_type == "cuda"
+                                                          else _CPU_TOKEN_BLOCK))
     vb = vocab_block if vocab_block > 0 else max(128, elems // max(tb, 1))
     return max(1, min(tb, n_tokens)), max(1, min(vb, vocab))
 
@@ -203,7 +212,7 @@ def _lse_pass(h, weight, bias, labels, opts: _Options, backend: str):
 
     if backend == "cuda":
         core = _cuda_kernels()
-        stream = torch.cuda.current_stream(dev).cuda_stream
+        stream = _stream_handle(dev)
         for t0 in range(0, n, tb):
             t1 = min(n, t0 + tb)
             hc = h[t0:t1]
@@ -343,7 +352,7 @@ def _grad_pass_cuda(h, weight, bias, labels, lse, coef_p, coef_y, coef_u, cap, t
     dev = h.device
     n, hdim = h.shape
     vocab = weight.shape[0]
-    stream = torch.cuda.current_stream(dev).cuda_stream
+    stream = _stream_handle(dev)
     f32 = torch.float32
     single_chunk = tb >= n
     # with one token block, each grad_weight block is one GEMM over all tokens (float32 accumulation inside
