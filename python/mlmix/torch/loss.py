@@ -59,6 +59,7 @@ class _Options:
     softcap: Optional[float]
     token_block: int
     vocab_block: int
+    low_memory: bool = False
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -391,6 +392,68 @@ def _grad_pass_cuda(h, weight, bias, labels, lse, coef_p, coef_y, coef_u, cap, t
     return grad_h, grad_w, grad_b
 
 
+# Elements of the (token chunk x full vocabulary) buffer of the one-pass CPU mode: 64M floats = 256 MiB, i.e.
+# about 270 tokens per chunk at a 248k vocabulary.
+_ONE_PASS_ELEMS = 1 << 26
+
+
+def _one_pass(h, weight, bias, labels, g, opts: _Options, need):
+    """Loss terms and gradients together, in token chunks with full-vocabulary rows: three GEMMs, not four.
+
+    Used on the CPU for scalar reductions, where the per-token gradient scale ``g`` (token weight / mean
+    denominator) is known in the forward and only the scalar incoming gradient is left for the backward.
+    Returns (lse, target, logit_sum, grad_h, grad_w, grad_b), all in the accumulation dtype.
+    """
+    n, hdim = h.shape
+    vocab = weight.shape[0]
+    acc = _acc_dtype(h.dtype)
+    dev = h.device
+    eps, z = opts.label_smoothing, opts.z_loss
+    tb = opts.token_block if opts.token_block > 0 else max(1, _ONE_PASS_ELEMS // vocab)
+    tb = max(1, min(tb, n))
+    w_acc = weight.to(acc)
+    b_acc = None if bias is None else bias.to(acc)
+    lse = torch.empty(n, dtype=acc, device=dev)
+    target = torch.empty(n, dtype=acc, device=dev)
+    logit_sum = torch.empty(n, dtype=acc, device=dev) if eps > 0 else None
+    grad_h = torch.empty(n, hdim, dtype=acc, device=dev) if need[0] else None
+    grad_w = torch.empty(vocab, hdim, dtype=acc, device=dev) if need[1] else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=dev) if need[2] else None
+    buf = torch.empty(tb * vocab, dtype=acc, device=dev)
+    for t0 in range(0, n, tb):
+        t1 = min(n, t0 + tb)
+        hc = h[t0:t1].to(acc)
+        yc = labels[t0:t1]
+        zc = buf[: (t1 - t0) * vocab].view(t1 - t0, vocab)
+        if b_acc is None:
+            torch.mm(hc, w_acc.t(), out=zc)
+        else:
+            torch.addmm(b_acc, hc, w_acc.t(), out=zc)
+        target[t0:t1] = zc.gather(1, yc.unsqueeze(1)).squeeze(1)
+        if logit_sum is not None:
+            torch.sum(zc, 1, out=logit_sum[t0:t1])
+        row_max = zc.amax(1)
+        sumexp = zc.sub_(row_max.unsqueeze(1)).exp_().sum(1)  # zc now holds exp(x - max)
+        lse_c = row_max.add_(sumexp.log())
+        lse[t0:t1] = lse_c
+        # softmax * g (1 + 2 z lse) = exp(x - max) * [g (1 + 2 z lse) / sumexp]
+        zc.mul_((g[t0:t1] * (1.0 + 2.0 * z * lse_c) / sumexp).unsqueeze(1))
+        if eps > 0:
+            zc.sub_((g[t0:t1] * (eps / vocab)).unsqueeze(1))
+        rows = torch.arange(t1 - t0, device=dev)
+        zc.index_put_((rows, yc), -(g[t0:t1] * (1.0 - eps)), accumulate=True)
+        if grad_h is not None:
+            torch.mm(zc, w_acc, out=grad_h[t0:t1])
+        if grad_w is not None:
+            if t0 == 0:
+                torch.mm(zc.t(), hc, out=grad_w)
+            else:
+                grad_w.addmm_(zc.t(), hc)
+        if grad_b is not None:
+            grad_b.add_(zc.sum(0))
+    return lse, target, logit_sum, grad_h, grad_w, grad_b
+
+
 # --------------------------------------------------------------------------------------------------------------
 # autograd
 
@@ -421,8 +484,20 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             weight_c, bias_c = weight, bias
 
-        if n_valid:
+        denom = float(w_v.sum()) if w_v is not None else float(n_valid)
+        need = tuple(ctx.needs_input_grad[:3])
+        one_pass = (backend == "cpu" and not opts.low_memory and reduction != "none" and opts.softcap is None
+                    and any(need) and n_valid > 0)
+        ctx.grads = None
+        if one_pass:
+            # per-token gradient scale without the incoming (scalar) gradient, applied in the backward
+            g = torch.ones(n_valid, dtype=acc, device=h.device) if w_v is None else w_v.clone()
+            if reduction == "mean":
+                g.mul_(1.0 / denom if denom > 0 else 0.0)
+            lse, target, logit_sum, *ctx.grads = _one_pass(h_v, weight_c, bias_c, y_v, g, opts, need)
+        elif n_valid:
             lse, target, logit_sum = _lse_pass(h_v, weight_c, bias_c, y_v, opts, backend)
+        if n_valid:
             eps = opts.label_smoothing
             loss_v = lse - (1.0 - eps) * target
             if eps > 0:
@@ -433,7 +508,6 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             lse = loss_v = torch.zeros(0, dtype=acc, device=h.device)
         if w_v is not None:
             loss_v = loss_v * w_v
-        denom = float(w_v.sum()) if w_v is not None else float(n_valid)
 
         if reduction == "none":
             if all_valid:
@@ -464,6 +538,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         n, vocab = ctx.n, weight.shape[0]
         dev = h_v.device
 
+        if ctx.grads is not None:
+            return _LinearCrossEntropyFunction._scaled_stored_grads(ctx, grad_out, h_v, weight, bias, idx)
         # per-token incoming gradient g_t (including the reduction's scale and the token weight)
         if ctx.reduction == "none":
             g = grad_out.to(acc) if idx is None else grad_out.to(acc).index_select(0, idx)
@@ -485,6 +561,23 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             grad_h_v, grad_w, grad_b = _grad_pass(
                 h_v, weight, bias, y_v, lse, coef_p, coef_y, coef_u, opts, ctx.backend, (need_h, need_w, need_b)
             )
+        return _LinearCrossEntropyFunction._finish(ctx, grad_h_v, grad_w, grad_b, h_v, weight, bias, idx)
+
+    @staticmethod
+    def _scaled_stored_grads(ctx, grad_out, h_v, weight, bias, idx):
+        """One-pass mode: the gradients were computed in the forward for an incoming gradient of 1."""
+        # handed out once (autograd may keep them as .grad); a second backward recomputes them instead
+        grads, ctx.grads = ctx.grads, None
+        scale = grad_out.to(next(t.dtype for t in grads if t is not None))
+        if not bool(scale == 1):
+            grads = [None if t is None else t.mul_(scale) for t in grads]
+        return _LinearCrossEntropyFunction._finish(ctx, *grads, h_v, weight, bias, idx)
+
+    @staticmethod
+    def _finish(ctx, grad_h_v, grad_w, grad_b, h_v, weight, bias, idx):
+        """Cast to the input dtypes, scatter grad_hidden back to all tokens; autograd's return tuple."""
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        n, dev = ctx.n, h_v.device
         grad_h = grad_weight = grad_bias = None
         if need_h:
             if idx is None and grad_h_v is not None:
@@ -521,6 +614,7 @@ def linear_cross_entropy(
     impl: str = "auto",
     token_block: int = 0,
     vocab_block: int = 0,
+    low_memory: bool = False,
 ):
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels`` without materialising the logits.
 
@@ -549,6 +643,11 @@ def linear_cross_entropy(
         impl: ``"auto"`` (fused CUDA kernels for CUDA tensors when compiled in, else the blockwise torch path),
             ``"cuda"`` or ``"cpu"``; an explicitly requested backend that is unavailable raises.
         token_block, vocab_block: block sizes (0 = automatic); they trade memory for GEMM efficiency.
+        low_memory: the CPU backend with a scalar reduction, no softcap and gradients required computes the
+            gradients during the forward, in token chunks with full-vocabulary rows (three GEMMs; one
+            (chunk x vocab) float32 buffer of up to 256 MiB; the backward only scales them). ``low_memory=True``
+            keeps the two-pass scheme instead: logits recomputed in the backward (four GEMMs), one 16 MiB block
+            buffer. The CUDA backend and ``reduction="none"`` always use the two-pass scheme.
 
     Returns:
         The loss (scalar for "mean"/"sum", ``labels.shape`` for "none") in the dtype of ``hidden``, computed
@@ -575,7 +674,7 @@ def linear_cross_entropy(
     y = labels.reshape(-1)
     tw = None if token_weights is None else token_weights.reshape(-1)
     opts = _Options(ignore_index, float(label_smoothing), float(z_loss),
-                    None if softcap is None else float(softcap), token_block, vocab_block)
+                    None if softcap is None else float(softcap), token_block, vocab_block, bool(low_memory))
     loss, lse = _LinearCrossEntropyFunction.apply(h2, weight, bias, y, tw, opts, reduction, backend)
     if reduction == "none":
         loss = loss.view(lead)
@@ -592,14 +691,15 @@ class LinearCrossEntropy(torch.nn.Module):
 
     def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                  z_loss: float = 0.0, softcap: Optional[float] = None, shift: bool = False,
-                 return_lse: bool = False, impl: str = "auto"):
+                 return_lse: bool = False, impl: str = "auto", low_memory: bool = False):
         super().__init__()
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         if impl not in _IMPLS:
             raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
         self.kwargs = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                           z_loss=z_loss, softcap=softcap, shift=shift, return_lse=return_lse, impl=impl)
+                           z_loss=z_loss, softcap=softcap, shift=shift, return_lse=return_lse, impl=impl,
+                           low_memory=low_memory)
 
     def forward(self, hidden, weight, labels, bias=None, token_weights=None):
         return linear_cross_entropy(hidden, weight, labels, bias=bias, token_weights=token_weights, **self.kwargs)
