@@ -14,8 +14,10 @@ Two passes over the vocabulary, split between autograd's forward and backward:
   before the GEMMs, so ``reduction="none"`` costs the same as ``"mean"``.
 
 That is four GEMMs of ``2 * tokens * hidden * vocab`` flops (one more than a materialised loss) in exchange for
-memory that does not grow with the vocabulary. Accumulation is in float32 (float64 for float64 inputs) whatever
-the input dtype.
+memory that does not grow with the vocabulary. On the CPU, for "mean"/"sum" without softcap, the default is a
+one-pass scheme instead: token chunks with full-vocabulary rows (a 256 MiB buffer), gradients computed in the
+forward and scaled by the incoming scalar in the backward, three GEMMs (``low_memory=True`` selects the two-pass
+scheme). Accumulation is in float32 (float64 for float64 inputs) whatever the input dtype.
 
 Backends (``impl``): ``"cpu"`` runs the blocks with torch tensor ops (it also runs on any device, and is what
 ``"auto"`` uses on a GPU when mlmix was built without CUDA); ``"cuda"`` runs the per-block softmax, loss and
