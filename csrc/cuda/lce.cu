@@ -30,11 +30,17 @@ __device__ __forceinline__ void store_f32(void* p, int64_t i, int dtype, float v
   }
 }
 
+// tanh(x / cap) in double: the build uses --use_fast_math, which turns tanhf into tanh.approx.f32 (about 2^-11
+// relative error), too coarse for float32 logits. Only soft-capped losses pay for the double precision.
+__device__ __forceinline__ float cap_tanh(float x, float cap) {
+  return static_cast<float>(tanh(static_cast<double>(x) / static_cast<double>(cap)));
+}
+
 // Logit after bias and soft-capping (the value the softmax sees).
 __device__ __forceinline__ float capped_logit(const LogitsTile& t, int64_t row, int64_t j) {
   float x = load_f32(t.logits, row * t.ld + j, t.logits_dtype);
   if (t.bias != nullptr) x += load_f32(t.bias, t.v0 + j, t.bias_dtype);
-  if (t.softcap > 0.0f) x = t.softcap * tanhf(x / t.softcap);
+  if (t.softcap > 0.0f) x = t.softcap * cap_tanh(x, t.softcap);
   return x;
 }
 
@@ -130,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) grad_tile_kernel(LogitsTile t, const
     if (t.bias != nullptr) x += load_f32(t.bias, t.v0 + j, t.bias_dtype);
     float dcap = 1.0f;
     if (t.softcap > 0.0f) {
-      const float th = tanhf(x / t.softcap);
+      const float th = cap_tanh(x, t.softcap);
       x = t.softcap * th;
       dcap = 1.0f - th * th;
     }
