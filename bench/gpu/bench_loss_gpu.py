@@ -17,6 +17,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 IGNORE = -100
 
