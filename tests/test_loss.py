@@ -9,11 +9,10 @@ import math
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.nn.functional as F  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from mlmix.torch import LinearCrossEntropy, linear_cross_entropy, patch_causal_lm  # noqa: E402
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mlmix.torch import LinearCrossEntropy, linear_cross_entropy, patch_causal_lm
 
 IGNORE = -100
 
@@ -180,6 +179,7 @@ def test_return_lse_and_module():
     assert lse.shape == y.shape and lse.dtype == torch.float32
     assert rel_err(lse, want) < 1e-6
     assert not lse.requires_grad
+    assert rel_err(loss, reference(h, w, y, bias=b)) < 1e-5
     module = LinearCrossEntropy(reduction="sum", label_smoothing=0.1)
     assert "reduction='sum'" in repr(module)
     got = module(h, w, y, bias=b)
@@ -406,7 +406,7 @@ def test_cuda_matches_reference(reduction, smoothing, z, cap, bias, weights, shi
 
 @pytest.mark.gpu
 def test_cuda_bf16_large_vocab():
-    h, w, b, y, tw = make_inputs((512,), 256, 50_000, dtype=torch.bfloat16, seed=4)
+    h, w, _, y, _ = make_inputs((512,), 256, 50_000, dtype=torch.bfloat16, seed=4)
     out, grads = loss_and_grads(linear_cross_entropy, h.cuda(), w.cuda(), None, y.cuda(), impl="cuda",
                                 label_smoothing=0.1)
     ref, ref_grads = loss_and_grads(reference, h.double(), w.double(), None, y, label_smoothing=0.1)

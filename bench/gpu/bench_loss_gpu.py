@@ -107,7 +107,7 @@ def main():
     for name in names:
         fn = VARIANTS[name]
 
-        def step():
+        def step(fn=fn):
             h.grad = None
             w.grad = None
             loss = fn(h, w, y)

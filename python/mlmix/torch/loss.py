@@ -537,8 +537,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         opts = ctx.opts
         acc = lse.dtype
-        n, vocab = ctx.n, weight.shape[0]
-        dev = h_v.device
+        vocab = weight.shape[0]
 
         if ctx.grads is not None:
             return _LinearCrossEntropyFunction._scaled_stored_grads(ctx, grad_out, h_v, weight, bias, idx)
@@ -660,7 +659,7 @@ def linear_cross_entropy(
     """
     _check_inputs(hidden, weight, labels, bias, token_weights, reduction, label_smoothing, z_loss, softcap)
     if not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     for name, val in (("token_block", token_block), ("vocab_block", vocab_block)):
         if not isinstance(val, int) or val < 0:
             raise ValueError(f"{name} must be an int >= 0 (0 = automatic), got {val!r}")
