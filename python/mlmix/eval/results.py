@@ -141,7 +141,7 @@ def chart(results: Mapping, metric: str = "judge", *, fmt: str = "svg", title: O
     _, value_key, ci_key, ylabel = METRICS[metric]
     series = _series(results, metric)
     langs = list(results.get("languages", []))
-    fig = Figure(figsize=(max(6.0, 0.55 * len(langs) * max(1, len(series)) + 2), 3.6), dpi=100)
+    fig = Figure(figsize=(min(16.0, max(6.0, 0.45 * len(langs) * max(1, len(series)) + 3)), 3.6), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     n = max(1, len(series))
@@ -164,6 +164,7 @@ def chart(results: Mapping, metric: str = "judge", *, fmt: str = "svg", title: O
         ax.set_ylim(0, 1)
     elif metric == "fidelity":
         ax.set_ylim(0, 1.02)
+    ax.set_xlim(-0.6, len(langs) - 0.4)
     ax.set_xticks(range(len(langs)))
     ax.set_xticklabels(langs)
     ax.set_ylabel(ylabel, fontsize=8)
@@ -172,7 +173,7 @@ def chart(results: Mapping, metric: str = "judge", *, fmt: str = "svg", title: O
                            "ppl": "Held-out perplexity per language",
                            "fidelity": "Language fidelity per language"}[metric], fontsize=10)
     if series:
-        ax.legend(fontsize=8, frameon=False, ncol=min(4, n))
+        ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     buf = io.BytesIO()
