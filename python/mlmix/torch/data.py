@@ -360,6 +360,19 @@ class _BatchStream(IterableDataset):
         self._cursor = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._loader_owned = False  # set by mlmix.torch.DataLoader, which then moves the cursor itself
         self._ring_slots = 0  # > 0: workers hand batches over through a shared ring (set by DataLoader)
+        # the position a mlmix DataLoader has handed out in this process; workers read only the cursor,
+        # which the loader writes before a pass starts (never during one: workers start at different times)
+        self._live: tuple[int, int] | None = None
+
+    def _position(self) -> tuple[int, int]:
+        if self._live is not None:
+            return self._live
+        epoch, consumed = self._cursor.tolist()
+        return int(epoch), int(consumed)
+
+    def _set_position(self, epoch: int, consumed: int) -> None:
+        self._cursor.copy_(torch.tensor([epoch, consumed]))
+        self._live = None
 
     # --- position ------------------------------------------------------------------------------------------
     @property
@@ -369,7 +382,7 @@ class _BatchStream(IterableDataset):
 
     @property
     def epoch(self) -> int:
-        return int(self._cursor[0])
+        return self._position()[0]
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its beginning (no-op if it is the current epoch, so that a resumed
@@ -377,7 +390,7 @@ class _BatchStream(IterableDataset):
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or int(epoch) < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
         if int(epoch) != self.epoch:
-            self._cursor.copy_(torch.tensor([int(epoch), 0]))
+            self._set_position(int(epoch), 0)
 
     def _fingerprint(self) -> dict:
         raise NotImplementedError
@@ -389,7 +402,7 @@ class _BatchStream(IterableDataset):
         num_workers=0) or through :class:`DataLoader`; with a plain torch DataLoader with workers, use
         :meth:`DataLoader.state_dict` instead (the workers prefetch, this object cannot know).
         """
-        epoch, consumed = (int(x) for x in self._cursor.tolist())
+        epoch, consumed = self._position()
         return {"format": f"mlmix.torch.{self._kind}", "version": STATE_VERSION, "fingerprint": self._fingerprint(),
                 "epoch": epoch, "samples_consumed": consumed, "batch_size": self.batch_size,
                 "world_size": self.world_size, "layout": self.layout}
@@ -417,7 +430,7 @@ class _BatchStream(IterableDataset):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                 raise ValueError(f"state_dict[{name!r}] must be a non-negative int, got {v!r}")
         self._check_consumed(int(consumed))
-        self._cursor.copy_(torch.tensor([int(epoch), int(consumed)]))
+        self._set_position(int(epoch), int(consumed))
 
     def _check_consumed(self, consumed: int) -> None:
         pass
@@ -576,7 +589,7 @@ class PackedDataset(_BatchStream):
                 self._cursor[1] = hi
             yield batch
         if track:
-            self._cursor.copy_(torch.tensor([epoch + 1, 0]))
+            self._set_position(epoch + 1, 0)
 
     def __repr__(self) -> str:
         return (f"PackedDataset({self.path!r}, samples={self.num_samples}, seq_len={self.seq_len}, "
@@ -743,7 +756,7 @@ class PackedIterableDataset(_BatchStream):
         if not in_worker:
             self.languages = list(table)
         if track:
-            self._cursor.copy_(torch.tensor([epoch + 1, 0]))
+            self._set_position(epoch + 1, 0)
 
 
 def _identity(batch):
@@ -780,7 +793,9 @@ class DataLoader(torch.utils.data.DataLoader):
 
     def __iter__(self) -> Iterator[dict]:
         ds: _BatchStream = self.dataset
-        epoch, start = (int(x) for x in ds._cursor.tolist())
+        epoch, start = ds._position()
+        ds._set_position(epoch, start)  # what this pass's workers start from
+        ds._live = (epoch, start)
         rings: dict[int, torch.Tensor] = {}
         pin = bool(self.pin_memory) and torch.cuda.is_available()
         k = 0
@@ -789,9 +804,9 @@ class DataLoader(torch.utils.data.DataLoader):
             if self._user_collate is not None:
                 batch = self._user_collate(batch)
             k += 1
-            ds._cursor[1] = ds._position_after(start, k)
+            ds._live = (epoch, ds._position_after(start, k))
             yield batch
-        ds._cursor.copy_(torch.tensor([epoch + 1, 0]))
+        ds._set_position(epoch + 1, 0)
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
