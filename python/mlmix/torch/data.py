@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..pack import StreamPacker, _check_mask, _check_seed, _check_seq_len, _select_rows
+from ..pack import _TOKEN_SUFFIX, StreamPacker, _check_mask, _check_seed, _check_seq_len, _core, _select_rows
 from ..ragged import Ragged
 from ..store import Store, StoreError, _ranges
 
@@ -284,31 +284,51 @@ class _BatchBuilder:
         cu[-1] = total
         piece_len = np.diff(cu).astype(np.int64)
 
-        buf = alloc((3, total), torch.int64)
-        ids, labels, pos = buf.numpy()
-        # position = flat index - start of its piece (tails are fixed to 0 below)
-        np.subtract(self._iota(total), np.repeat(cu[:-1].astype(np.int64), piece_len), out=pos)
+        # The pack module's C++ kernel writes ids, labels and positions in one pass over the rows' real
+        # tokens (gathered first: each row's tokens are one contiguous slice of the store). The flat
+        # layout is one row of `total` tokens holding every segment.
         tok, mask = src.tokens, src.loss_mask
-        for i in range(b):
-            a, k, o = int(t0[i]), int(n[i]), int(base[i])
-            real = tok[a : a + k]
-            ids[o : o + k] = real
-            lab = labels[o : o + k]
-            lab[:] = real
-            if mask is not None:
-                np.putmask(lab, mask[a : a + k] == 0, _IGNORE)
-            if padded and k < L:
-                ids[o + k : o + L] = self.pad_id
-                labels[o + k : o + L] = _IGNORE
-                pos[o + k : o + L] = 0
-        labels[seg_start] = _IGNORE  # nothing predicts the first token of an example from the one before
+        if b == 1:
+            values = np.ascontiguousarray(tok[int(t0[0]) : int(t0[0] + n[0])])
+            mvals = None if mask is None else np.ascontiguousarray(mask[int(t0[0]) : int(t0[0] + n[0])])
+        else:
+            values = np.concatenate([tok[a : a + k] for a, k in zip(t0.tolist(), n.tolist())])
+            mvals = None if mask is None else np.concatenate([mask[a : a + k] for a, k in zip(t0.tolist(), n.tolist())])
+        row_start = np.zeros(b + 1, dtype=np.int64)
+        np.cumsum(n, out=row_start[1:])
+        seg_row = np.repeat(np.arange(b, dtype=np.int64), n_seg)
+        seg_in_row = (seg_cum[:-1] - seg_cum[first_seg][seg_row]).astype(np.int32)
+        if padded:
+            kernel_rows = np.zeros(b + 1, dtype=np.int64)
+            np.cumsum(n_seg, out=kernel_rows[1:])
+        else:
+            kernel_rows = np.array([0, seg_len.shape[0]], dtype=np.int64)
+        suffix = _TOKEN_SUFFIX.get(values.dtype)
+        if suffix is None:
+            raise TypeError(f"store tokens must be uint32, int32 or int64, got {values.dtype}")
+        ids_k, labels_k, pos_k = getattr(_core(), f"_materialize_{suffix}")(
+            values, row_start, mvals, seg_row, seg_in_row, seg_len.astype(np.int32), kernel_rows,
+            L if padded else max(total, 2), self.pad_id, 1)
         shape = (b, L) if padded else (1, total)
+        if alloc is _heap_alloc:  # zero-copy where the kernel's dtype is already the one wanted
+            out_ids = torch.from_numpy(ids_k.astype(np.int64, copy=False))
+            out_labels = torch.from_numpy(labels_k)
+            out_pos = torch.from_numpy(pos_k.astype(np.int64))
+        else:
+            buf = alloc((3, total), torch.int64)
+            ids, labels, pos = buf.numpy()
+            np.copyto(ids, ids_k.reshape(-1)[:total])
+            np.copyto(labels, labels_k.reshape(-1)[:total])
+            np.copyto(pos, pos_k.reshape(-1)[:total])
+            out_ids, out_labels, out_pos = buf[0], buf[1], buf[2]
+        if not padded and total < 2:  # the kernel's rows hold at least 2 tokens
+            out_ids, out_labels, out_pos = (t.reshape(-1)[:total] for t in (out_ids, out_labels, out_pos))
         cu_t = small(cu)
         max_len = int(piece_len.max()) if piece_len.size else 0
         out: dict[str, Any] = {
-            "input_ids": buf[0].view(shape),
-            "labels": buf[1].view(shape),
-            "position_ids": buf[2].view(shape),
+            "input_ids": out_ids.view(shape),
+            "labels": out_labels.view(shape),
+            "position_ids": out_pos.view(shape),
             "cu_seq_lens_q": cu_t,
             "cu_seq_lens_k": cu_t,
             "max_length_q": max_len,
