@@ -467,3 +467,35 @@ def test_hf_trainer_runs_steps(data, tmp_path):
     assert out.global_step == 3 and np.isfinite(out.training_loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert ds.state_dict()["samples_consumed"] == 12
+
+
+# TRL's SFTConfig sets a deprecated transformers alias itself (not something a user controls)
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+def test_trl_sft_trainer_recipe(data, tmp_path):
+    """The SFTTrainer recipe of docs/loader.md runs optimisation steps on mlmix batches."""
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    path, *_ = data
+
+    class MlmixSFTTrainer(trl.SFTTrainer):
+        def __init__(self, *args, mlmix_dataset, **kwargs):
+            self.mlmix_dataset = mlmix_dataset
+            super().__init__(*args, train_dataset=datasets.Dataset.from_dict({"input_ids": [[0]]}), **kwargs)
+
+        def get_train_dataloader(self):
+            return DataLoader(self.mlmix_dataset, num_workers=0)
+
+    vocab = {"<pad>": 0, **{f"t{i}": i for i in range(1, VOCAB)}}
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>")), pad_token="<pad>")
+    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=1, report_to=[],
+                           save_strategy="no", use_cpu=True, dataset_kwargs={"skip_prepare_dataset": True},
+                           padding_free=True, max_length=None, disable_tqdm=True)
+    ds = PackedDataset(path, batch_size=4, layout="flat")
+    trainer = MlmixSFTTrainer(model=_tiny_llama("sdpa").train(), args=config, processing_class=tokenizer,
+                              mlmix_dataset=ds)
+    out = trainer.train()
+    assert out.global_step == 2 and np.isfinite(out.training_loss)
+    assert ds.state_dict()["samples_consumed"] == 8

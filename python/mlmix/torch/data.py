@@ -806,10 +806,8 @@ class DataLoader(torch.utils.data.DataLoader):
             raise ValueError("in_order must be True: batches are returned in their deterministic order")
         self._user_collate = kwargs.pop("collate_fn", None)
         super().__init__(dataset, batch_size=None, collate_fn=_identity, **kwargs)
-        dataset._loader_owned = True
         # more slots than batches torch lets be in flight (prefetch_factor per worker, all workers)
-        pf = self.prefetch_factor if self.num_workers > 0 else 0
-        dataset._ring_slots = (pf or 2) * max(self.num_workers, 1) + 2 if self.num_workers > 0 else 0
+        self._ring_slots = (self.prefetch_factor or 2) * self.num_workers + 2 if self.num_workers > 0 else 0
 
     def __iter__(self) -> Iterator[dict]:
         ds: _BatchStream = self.dataset
@@ -818,14 +816,24 @@ class DataLoader(torch.utils.data.DataLoader):
         ds._live = (epoch, start)
         rings: dict[int, torch.Tensor] = {}
         pin = bool(self.pin_memory) and torch.cuda.is_available()
+        # the flags reach the worker copies made now; another DataLoader over the same dataset (e.g.
+        # accelerate's skip_first_batches) later gets plain batches and leaves the position alone
+        ds._ring_slots, ds._loader_owned = self._ring_slots, True
+        try:
+            it = super().__iter__()
+        finally:
+            ds._ring_slots = 0
         k = 0
-        for item in super().__iter__():
-            batch = item.unpack(rings, pin) if isinstance(item, _RingBatch) else item
-            if self._user_collate is not None:
-                batch = self._user_collate(batch)
-            k += 1
-            ds._live = (epoch, ds._position_after(start, k))
-            yield batch
+        try:
+            for item in it:
+                batch = item.unpack(rings, pin) if isinstance(item, _RingBatch) else item
+                if self._user_collate is not None:
+                    batch = self._user_collate(batch)
+                k += 1
+                ds._live = (epoch, ds._position_after(start, k))
+                yield batch
+        finally:
+            ds._loader_owned = False
         ds._set_position(epoch + 1, 0)
 
     def set_epoch(self, epoch: int) -> None:
