@@ -360,6 +360,13 @@ def _check_layout(layout, languages, attention_mask) -> None:
         raise ValueError("attention_mask=True needs layout='padded' (the flat layout has no padding)")
 
 
+def _check_flat_size(layout: str, batch_size: int, seq_len: int) -> None:
+    limit = int(_core().PACK_MAX_SEQ_LEN)
+    if layout == "flat" and batch_size * seq_len > limit:
+        raise ValueError(f"layout='flat' holds at most {limit} tokens per batch; batch_size x seq_len = "
+                         f"{batch_size} x {seq_len} is more (use fewer rows per batch or layout='padded')")
+
+
 class _BatchStream(IterableDataset):
     """Shared logic: position (epoch, rows consumed) in shared memory, state_dict, steps and shares."""
 
@@ -521,6 +528,7 @@ class PackedDataset(_BatchStream):
             {"seq_len": m["seq_len"], "pad_id": m["pad_id"], "num_sequences": m["num_sequences"],
              "arrays": {k: [v["length"], v["crc32"]] for k, v in sorted(m["arrays"].items())}},
             sort_keys=True).encode()).hexdigest()[:16]
+        _check_flat_size(layout, self.batch_size, self.seq_len)
         self._builder = _BatchBuilder(seq_len=self.seq_len, pad_id=self.pad_id, layout=layout,
                                       languages=languages if self.languages else None,
                                       attention_mask=attention_mask, num_languages=len(self.languages))
@@ -671,6 +679,7 @@ class PackedIterableDataset(_BatchStream):
         self.source = source
         self.seq_len = _check_seq_len(seq_len)
         StreamPacker(self.seq_len, window=window, strategy=strategy, overlong=overlong)  # validates the settings
+        _check_flat_size(layout, self.batch_size, self.seq_len)
         self.window, self.strategy, self.overlong = int(window), strategy, overlong
         if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)) or pad_id < 0:
             raise ValueError(f"pad_id must be a non-negative int, got {pad_id!r}")
@@ -700,7 +709,7 @@ class PackedIterableDataset(_BatchStream):
         has_langs: list[bool] = []
         builder = _BatchBuilder(seq_len=self.seq_len, pad_id=self.pad_id, layout=self.layout,
                                 languages=self._languages_mode, attention_mask=self.attention_mask,
-                                num_languages=65_535)
+                                num_languages=2**15 - 1)
         ring = self._ring(builder, in_worker)
         pending: list[_Rows] = []  # my workers' rows not yet built, in global order
         pending_first = start + wid * g  # global index of this worker's next step's first row
@@ -766,6 +775,8 @@ class PackedIterableDataset(_BatchStream):
                     if not isinstance(c, str):
                         raise TypeError(f"langs must be strings (language codes), got {c!r}")
                     idx[i] = table.setdefault(c, len(table))
+                    if len(table) > 2**15 - 1:
+                        raise ValueError("langs may hold at most 32767 distinct codes (lang_ids are int16)")
                 lang_of_example.append(idx)
             for out in packer.push(tokens, mask):
                 take(*out)
