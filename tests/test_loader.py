@@ -4,7 +4,6 @@ real transformers models and the HF Trainer, and bad input."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -41,10 +40,6 @@ def data(tmp_path_factory):
     return path, toks, mask, langs
 
 
-def _rows_of(batch_list):
-    return [b for b in batch_list]
-
-
 def _reference(store, rows, layout):
     """The batch the loader must produce for these store rows, from Store.batch / Store[i]."""
     ref = store.batch(rows)
@@ -56,12 +51,10 @@ def _reference(store, rows, layout):
                                      np.full(SEQ_LEN - row["num_tokens"], -1)]))
         pieces.append(list(row["seq_lens"]) + ([SEQ_LEN - row["num_tokens"]] if row["num_tokens"] < SEQ_LEN else []))
     lang = np.stack(langs)
-    if layout == "flat":
-        keep = pos.reshape(-1) >= 0
+    if layout == "flat":  # the rows' real tokens, concatenated; no padding pieces
         real = np.concatenate([np.arange(SEQ_LEN) < n for n in ref["num_tokens"]])
         ids, labels, pos, lang = (a.reshape(-1)[real][None] for a in (ids, labels, pos, lang))
-        pieces = [[p for p in row["seq_lens"]] for row in (store[int(r)] for r in rows)]
-        del keep
+        pieces = [list(store[int(r)]["seq_lens"]) for r in rows]
     cu = np.concatenate([[0], np.cumsum(np.concatenate(pieces))]).astype(np.int32)
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "lang_ids": lang, "cu_seq_lens_q": cu}
 
@@ -242,12 +235,11 @@ def test_dataset_state_in_process(data):
     ds2 = PackedDataset(path, batch_size=4, seed=2, layout="flat")
     ds2.load_state_dict(state)
     _same(_collect(ds2), rest)
-    ds2.set_epoch(0)  # resumed position survives set_epoch of the current epoch (HF Trainer calls it)
     ds3 = PackedDataset(path, batch_size=4, seed=2, layout="flat")
     ds3.load_state_dict(state)
-    ds3.set_epoch(0)
+    ds3.set_epoch(0)  # the HF Trainer calls set_epoch(current epoch): a resumed position survives it
     assert ds3.state_dict()["samples_consumed"] == 12
-    del head
+    assert len(head) == 3
 
 
 def test_elastic_resume_changes_world_size(data):
