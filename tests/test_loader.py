@@ -348,30 +348,46 @@ def _chunks(toks, mask, langs, size=37):
     return [(toks[i : i + size], mask[i : i + size], langs[i : i + size]) for i in range(0, len(toks), size)]
 
 
+def _pieces(batches, languages):
+    """(example tokens, language) of every real piece of the batches, cut at cu_seq_lens."""
+    out = []
+    for b in batches:
+        cu = b["cu_seq_lens_q"].numpy()
+        flat_ids = b["input_ids"].reshape(-1).numpy()
+        flat_lang = b["lang_ids"].reshape(-1).numpy()
+        flat_pos = b["position_ids"].reshape(-1).numpy()
+        assert (flat_pos[flat_lang < 0] == 0).all()  # padding
+        for lo, hi in zip(cu[:-1], cu[1:]):
+            if flat_lang[lo] >= 0:
+                np.testing.assert_array_equal(flat_pos[lo:hi], np.arange(hi - lo))
+                out.append((tuple(flat_ids[lo:hi].tolist()), languages[flat_lang[lo]]))
+    return out
+
+
 @pytest.mark.parametrize("layout", ["padded", "flat"])
 def test_iterable_packs_every_token_once(data, layout):
     _, toks, mask, langs = data
-    chunks = _chunks(toks, mask, langs)
-    ds = PackedIterableDataset(chunks, seq_len=SEQ_LEN, batch_size=3, window=50, layout=layout)
+    ds = PackedIterableDataset(_chunks(toks, mask, langs), seq_len=SEQ_LEN, batch_size=3, window=50, layout=layout)
     batches = list(ds)
-    ids = torch.cat([b["input_ids"].reshape(-1) for b in batches]).numpy()
-    pos = torch.cat([b["position_ids"].reshape(-1) for b in batches]).numpy()
-    lang = torch.cat([b["lang_ids"].reshape(-1) for b in batches]).numpy()
-    cu_all = [b["cu_seq_lens_q"].numpy() for b in batches]
-    # cut the flat stream into pieces at cu boundaries: the real pieces are exactly the examples
-    pieces, piece_lang = [], []
-    base = 0
-    for b, cu in zip(batches, cu_all):
-        flat_ids = b["input_ids"].reshape(-1).numpy()
-        flat_lang = b["lang_ids"].reshape(-1).numpy()
-        for lo, hi in zip(cu[:-1], cu[1:]):
-            if flat_lang[lo] >= 0:
-                pieces.append(tuple(flat_ids[lo:hi].tolist()))
-                piece_lang.append(ds.languages[flat_lang[lo]])
-        base += flat_ids.size
     want = sorted(zip((tuple(t.tolist()) for t in toks), langs))
-    assert sorted(zip(pieces, piece_lang)) == want
-    assert (pos[lang < 0] == 0).all() and ids.size == base
+    assert sorted(_pieces(batches, ds.languages)) == want
+
+
+def test_iterable_ranks_share_the_stream(data):
+    _, toks, mask, langs = data
+    chunks = _chunks(toks, mask, langs)
+    dss = [PackedIterableDataset(chunks, seq_len=SEQ_LEN, batch_size=3, window=50, rank=r, world_size=2, seed=3)
+           for r in range(2)]
+    per_rank = [list(d) for d in dss]
+    assert len(per_rank[0]) == len(per_rank[1])
+    single = PackedIterableDataset(chunks, seq_len=SEQ_LEN, batch_size=6, window=50, seed=3)
+    steps = list(single)  # one process with the same global step: the same rows, step by step
+    if steps[-1]["input_ids"].shape[0] < 2:  # a last step smaller than the world is dropped by the ranks
+        steps = steps[:-1]
+    assert len(steps) == len(per_rank[0])
+    for k, step in enumerate(steps):
+        got = _pieces([per_rank[0][k]], dss[0].languages) + _pieces([per_rank[1][k]], dss[1].languages)
+        assert sorted(got) == sorted(_pieces([step], single.languages))
 
 
 def test_iterable_resume_and_workers_are_exact(data):
