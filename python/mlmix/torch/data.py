@@ -22,12 +22,14 @@ import os
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
-import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
+from .._deps import require
 from ..pack import _TOKEN_SUFFIX, StreamPacker, _check_mask, _check_seed, _check_seq_len, _core, _select_rows
 from ..ragged import Ragged
 from ..store import Store, StoreError, _ranges
+
+torch = require("torch", "mlmix.torch")  # ImportError naming the extra when torch is missing
+from torch.utils.data import IterableDataset, get_worker_info  # noqa: E402
 
 __all__ = ["PackedDataset", "PackedIterableDataset", "DataLoader", "LAYOUTS", "LANGUAGE_MODES", "STATE_VERSION"]
 
