@@ -36,7 +36,6 @@ __all__ = ["PackedDataset", "PackedIterableDataset", "DataLoader", "LAYOUTS", "L
 LAYOUTS = ("padded", "flat")
 LANGUAGE_MODES = ("token", "segment", None)
 STATE_VERSION = 1
-_IGNORE = -100
 _U64 = np.uint64
 
 
@@ -339,9 +338,10 @@ class _BatchBuilder:
         if self.languages is not None and src.seg_lang is not None:
             seg_lang = src.seg_lang[seg_idx]
             if self.languages == "token":
-                piece_lang = np.concatenate([seg_lang.astype(np.int64), np.full(int(has_tail.sum()), -1, np.int64)])
                 lang = alloc(shape, self.lang_dtype)
-                lang.numpy().reshape(-1)[:] = np.repeat(piece_lang[order], piece_len)
+                dst = lang.numpy().reshape(-1)
+                piece_lang = np.concatenate([seg_lang.astype(dst.dtype), np.full(int(has_tail.sum()), -1, dst.dtype)])
+                dst[:] = np.repeat(piece_lang[order], piece_len)
                 out["lang_ids"] = lang
             else:
                 out["lang_ids"] = small(seg_lang.astype(np.int32 if self.lang_dtype == torch.int32 else np.int16))
