@@ -26,7 +26,7 @@ import numpy as np
 from .._deps import require
 from ..pack import _TOKEN_SUFFIX, StreamPacker, _check_mask, _check_seed, _check_seq_len, _core, _select_rows
 from ..ragged import Ragged
-from ..store import Store, StoreError, _ranges
+from ..store import Store, StoreError
 
 torch = require("torch", "mlmix.torch")  # ImportError naming the extra when torch is missing
 from torch.utils.data import IterableDataset, get_worker_info  # noqa: E402
@@ -858,3 +858,12 @@ class DataLoader(torch.utils.data.DataLoader):
 
     def load_state_dict(self, state: dict) -> None:
         self.dataset.load_state_dict(state)
+
+
+def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(start, stop)`` for each pair (int64)."""
+    counts = stops - starts
+    total = int(counts.sum())
+    base = np.zeros(counts.size, dtype=np.int64)
+    np.cumsum(counts[:-1], out=base[1:])
+    return np.repeat(starts - base, counts) + np.arange(total, dtype=np.int64)
