@@ -343,6 +343,25 @@ def test_heldout_loss_plain_callables(model_a, hf_tok, heldout):
         example_losses(model_a, es, batch_tokens=0)
 
 
+def test_store_loss_through_the_loader_matches_padded(model_a, hf_tok, heldout, tmp_path):
+    from mlmix.eval.loss import store_loss
+
+    es = encode_eval_set(heldout, hf_tok)
+    mlmix.write_store(tmp_path / "s", es.tokens, seq_len=512, loss_mask=es.loss_mask, langs=es.langs, strategy="bfd")
+    padded = heldout_loss(model_a, es, n_bootstrap=50)
+    packed = store_loss(model_a, tmp_path / "s", batch_size=3, n_bootstrap=50, languages=["en", "fi", "zh", "sw", "ar"])
+    assert "PackedDataset" in packed["route"]
+    for lang in ("en", "fi", "zh", "sw"):
+        p, q = padded["languages"][lang], packed["languages"][lang]
+        assert (q["n"], q["tokens"]) == (p["n"], p["tokens"]) == (16, p["tokens"])
+        assert q["loss"] == pytest.approx(p["loss"], rel=1e-5)  # block-diagonal mask: as if each were alone
+        assert q["loss_ci"][0] <= q["loss"] <= q["loss_ci"][1]
+    assert packed["languages"]["ar"]["n"] == 0
+    mlmix.write_store(tmp_path / "nolang", es.tokens, seq_len=512, loss_mask=es.loss_mask)
+    with pytest.raises(ValueError, match="no languages"):
+        store_loss(model_a, tmp_path / "nolang")
+
+
 def test_encode_eval_set_counts_bad_records(hf_tok):
     recs = demo_records(split="heldout", langs=["en"])[:4]
     recs = recs + [{"lang": "en", "id": "x1", "instruction": "only a question"},          # no response

@@ -20,6 +20,7 @@ _LAZY = {
     "encode_eval_set": "mlmix.eval.loss",
     "heldout_loss": "mlmix.eval.loss",
     "example_losses": "mlmix.eval.loss",
+    "store_loss": "mlmix.eval.loss",
     "side_by_side": "mlmix.eval.judge",
     "score_outcomes": "mlmix.eval.judge",
     "outcome": "mlmix.eval.judge",

@@ -17,7 +17,7 @@ import numpy as np
 from ..ragged import Ragged
 from .stats import DEFAULT_ALPHA, DEFAULT_BOOTSTRAP, bootstrap_ci, check_ci_args, rng_for
 
-__all__ = ["EvalSet", "encode_eval_set", "heldout_loss", "example_losses", "to_messages"]
+__all__ = ["EvalSet", "encode_eval_set", "heldout_loss", "example_losses", "store_loss", "to_messages"]
 
 # config attributes of transformers models whose logits are not plain ``hidden @ W.T + b``; such models are
 # scored through their own logits instead of the fused loss
@@ -180,8 +180,8 @@ def _per_token_losses_fn(model, fused: str) -> tuple[Callable, str]:
                                     softcap=softcap).float()
 
     if head is not None and decoder is not None and plain_head and fused != "never":
-        def fused_fn(input_ids, attention_mask, labels):
-            out = decoder(input_ids=input_ids, attention_mask=attention_mask)
+        def fused_fn(input_ids, attention_mask, labels, **kw):
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask, **kw)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             return from_hidden(hidden, head.weight, head.bias, labels)
 
@@ -191,8 +191,8 @@ def _per_token_losses_fn(model, fused: str) -> tuple[Callable, str]:
             raise ValueError("fused='always' needs a model whose output head is a plain torch.nn.Linear with no "
                              "logit scaling; this model's is not (use fused='auto')")
 
-        def logits_fn(input_ids, attention_mask, labels):
-            return from_logits(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+        def logits_fn(input_ids, attention_mask, labels, **kw):
+            return from_logits(model(input_ids=input_ids, attention_mask=attention_mask, **kw).logits, labels)
 
         return logits_fn, "the model's logits with torch cross-entropy"
 
@@ -339,3 +339,87 @@ def _exp(x: float) -> float:
     if math.isnan(x):
         return math.nan
     return math.exp(x) if x < 700 else math.inf
+
+
+# ---------------------------------------------------------------------------------------------------------
+# packed stores, through mlmix's loader
+
+
+def _block_causal_mask(position_ids, dtype):
+    """(B, 1, T, T) additive mask: causal within each packed example (position_ids restart at 0), nothing
+    across examples, so packed examples are scored exactly as if each were alone."""
+    import torch
+
+    seg = (position_ids == 0).cumsum(-1)
+    t = position_ids.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (seg[:, :, None] == seg[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def store_loss(
+    model,
+    store,
+    *,
+    batch_size: int = 8,
+    n_bootstrap: int = DEFAULT_BOOTSTRAP,
+    alpha: float = DEFAULT_ALPHA,
+    seed: int = 0,
+    languages: Optional[Sequence[str]] = None,
+    fused: str = "auto",
+) -> dict:
+    """Per-language loss and perplexity over a packed store (``mlmix.write_store(..., langs=...)``), read with
+    :class:`mlmix.torch.PackedDataset` in store order and scored with the fused loss.
+
+    Each row's examples are kept apart with a block-diagonal causal mask built from ``position_ids``, so an
+    example's loss is what it would be alone. Examples are the store's segments: build evaluation stores
+    without splitting (``strategy="bfd"``), or a split example counts as two. ``model`` must be a transformers
+    causal LM that accepts a 4-D attention mask and ``position_ids``. Returns what :func:`heldout_loss` does
+    (``skipped`` is 0: a store holds no unencodable records).
+    """
+    import torch
+
+    from ..torch import PackedDataset
+
+    check_ci_args(n_bootstrap, alpha)
+    if not hasattr(model, "get_output_embeddings"):
+        raise TypeError(f"model must be a transformers causal LM for packed rows, got {type(model).__name__}")
+    fn, route = _per_token_losses_fn(model, fused)
+    ds = PackedDataset(store, batch_size=batch_size, shuffle=False, rank=0, world_size=1, languages="token")
+    if not ds.languages:
+        raise ValueError("store: this store has no languages; write it with mlmix.write_store(..., langs=[...])")
+    params = list(model.parameters())
+    device = params[0].device
+    dtype = params[0].dtype if params[0].is_floating_point() else torch.float32
+    sums, counts, lang_of = [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in ds:
+                ids, labels, pos = (batch[k].to(device) for k in ("input_ids", "labels", "position_ids"))
+                per_token = fn(ids, _block_causal_mask(pos, dtype), labels, position_ids=pos).double().cpu()
+                labels, pos, lang_ids = labels.cpu(), pos.cpu(), batch["lang_ids"]
+                scored = labels[:, 1:] != -100          # position t predicts token t + 1
+                seg = (pos == 0).cumsum(-1)[:, 1:]      # the example of token t + 1
+                rows = torch.arange(ids.shape[0])[:, None].expand_as(seg)
+                key = (rows * (seg.max() + 1) + seg)[scored].numpy()
+                uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
+                sums.append(np.bincount(inv, weights=per_token[:, :-1][scored].numpy(), minlength=len(uniq)))
+                counts.append(np.bincount(inv, minlength=len(uniq)))
+                lang_of.append(lang_ids[:, 1:][scored].numpy()[first])
+    finally:
+        if was_training:
+            model.train()
+    table = list(ds.languages)
+    codes = np.concatenate(lang_of) if lang_of else np.zeros(0, dtype=np.int64)
+    langs = [table[int(c)] for c in codes]
+    order = list(dict.fromkeys(languages)) if languages is not None else list(dict.fromkeys(langs))
+    evalset = EvalSet(tokens=Ragged.from_lists([]), loss_mask=Ragged.from_lists([]), langs=langs,
+                      ids=[str(i) for i in range(len(langs))], languages=order)
+    cat = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dtype=dt))
+    out = summarize_losses(evalset, cat(sums, np.float64), cat(counts, np.int64), route=route + ", packed rows "
+                           "read with mlmix.torch.PackedDataset", n_bootstrap=n_bootstrap, alpha=alpha, seed=seed)
+    return out
