@@ -201,9 +201,10 @@ class AddedTrie {
 // many distinct pieces a batch has.
 class PieceCache {
  public:
+  // 8192 slots of 152 bytes: 1.2 MB per thread. Keys up to 48 bytes cover a CJK or Devanagari word.
   static constexpr size_t kSlots = 1 << 13;
-  static constexpr size_t kMaxKey = 22;
-  static constexpr size_t kMaxIds = 10;
+  static constexpr size_t kMaxKey = 48;
+  static constexpr size_t kMaxIds = 24;
 
   PieceCache() : slots_(kSlots) {}
   const uint32_t* find(const uint8_t* p, size_t len, uint64_t h, size_t& n_ids) const {
@@ -241,28 +242,30 @@ struct Segment {
 
 struct ThreadState {
   PieceCache cache;
-  std::string piece_utf8;
+  std::vector<uint8_t> piece_utf8;
   std::vector<uint32_t> sym, sym_rank, sym_merged;
   std::vector<char32_t> decoded, prefixed;
   std::vector<Segment> seg_a, seg_b;
 };
 
-inline void append_utf8(std::string& out, uint32_t c) {
+// Writes the UTF-8 form of code point c at p (room for 4 bytes) and returns the end.
+inline uint8_t* put_utf8(uint8_t* p, uint32_t c) {
   if (c < 0x80) {
-    out.push_back(static_cast<char>(c));
+    *p++ = static_cast<uint8_t>(c);
   } else if (c < 0x800) {
-    out.push_back(static_cast<char>(0xC0 | (c >> 6)));
-    out.push_back(static_cast<char>(0x80 | (c & 0x3F)));
+    *p++ = static_cast<uint8_t>(0xC0 | (c >> 6));
+    *p++ = static_cast<uint8_t>(0x80 | (c & 0x3F));
   } else if (c < 0x10000) {
-    out.push_back(static_cast<char>(0xE0 | (c >> 12)));
-    out.push_back(static_cast<char>(0x80 | ((c >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (c & 0x3F)));
+    *p++ = static_cast<uint8_t>(0xE0 | (c >> 12));
+    *p++ = static_cast<uint8_t>(0x80 | ((c >> 6) & 0x3F));
+    *p++ = static_cast<uint8_t>(0x80 | (c & 0x3F));
   } else {
-    out.push_back(static_cast<char>(0xF0 | (c >> 18)));
-    out.push_back(static_cast<char>(0x80 | ((c >> 12) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | ((c >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (c & 0x3F)));
+    *p++ = static_cast<uint8_t>(0xF0 | (c >> 18));
+    *p++ = static_cast<uint8_t>(0x80 | ((c >> 12) & 0x3F));
+    *p++ = static_cast<uint8_t>(0x80 | ((c >> 6) & 0x3F));
+    *p++ = static_cast<uint8_t>(0x80 | (c & 0x3F));
   }
+  return p;
 }
 
 // Strict UTF-8 -> code points (no overlongs, no surrogates, nothing past U+10FFFF). Returns the byte
@@ -376,19 +379,21 @@ struct Encoder::Impl {
       return;
     }
     const uint64_t h = hash_bytes(p, len);
-    if (ignore_merges) {
-      const uint32_t id = vocab.find(p, len, h);
-      if (id != kNone) {
-        out.push_back(id);
-        return;
-      }
-    }
+    // The small per-thread cache first: frequent pieces then never touch the large vocabulary table.
     size_t n_cached;
     if (const uint32_t* ids = ts.cache.find(p, len, h, n_cached)) {
       out.insert(out.end(), ids, ids + n_cached);
       return;
     }
     const size_t first = out.size();
+    if (ignore_merges) {
+      const uint32_t id = vocab.find(p, len, h);
+      if (id != kNone) {
+        out.push_back(id);
+        ts.cache.put(p, len, h, &id, 1);
+        return;
+      }
+    }
     if (len <= 96) merge_small(p, len, ts, out);
     else merge_heap(p, len, out);
     ts.cache.put(p, len, h, out.data() + first, out.size() - first);
@@ -493,12 +498,13 @@ struct Encoder::Impl {
 
   template <typename CU>
   void encode_pieces(const CU* s, size_t n, ThreadState& ts, std::vector<uint32_t>& out) const {
-    std::string& piece = ts.piece_utf8;
+    auto& piece = ts.piece_utf8;
     for (size_t i = 0; i < n;) {
       const size_t len = next_piece(pre_tokenizer, s, i, n);
-      piece.clear();
-      for (size_t k = i; k < i + len; ++k) append_utf8(piece, s[k]);
-      encode_piece(reinterpret_cast<const uint8_t*>(piece.data()), piece.size(), ts, out);
+      if (piece.size() < 4 * len) piece.resize(4 * len);
+      uint8_t* end = piece.data();
+      for (size_t k = i; k < i + len; ++k) end = put_utf8(end, s[k]);
+      encode_piece(piece.data(), static_cast<size_t>(end - piece.data()), ts, out);
       i += len;
     }
   }
