@@ -40,20 +40,21 @@ std::u32string to_u32(const std::string& utf8) {
 
 class PyEncoder {
  public:
-  PyEncoder(int pre_tokenizer, bool add_prefix_space, bool ignore_merges, const py::bytes& vocab_bytes,
-            const py::array& vocab_offsets, const py::array& vocab_ids, const py::array& merges_left,
-            const py::array& merges_right, const std::vector<std::tuple<std::string, uint32_t, bool, bool, bool, bool>>& added,
+  // The model comes as tokenizer.json has it: ByteLevel token strings, their ids, merges as string pairs.
+  PyEncoder(int pre_tokenizer, bool add_prefix_space, bool ignore_merges, const std::vector<std::string>& vocab_tokens,
+            const std::vector<uint32_t>& vocab_ids, const std::vector<std::string>& merges_left,
+            const std::vector<std::string>& merges_right,
+            const std::vector<std::tuple<std::string, uint32_t, bool, bool, bool, bool>>& added,
             const py::array& prefix_ids, const py::array& suffix_ids) {
     MLMIX_CHECK(pre_tokenizer >= 0 && pre_tokenizer <= 3, "pre_tokenizer must be 0..3, got " << pre_tokenizer);
     bpe::Config cfg;
     cfg.pre_tokenizer = static_cast<bpe::PreTokenizer>(pre_tokenizer);
     cfg.add_prefix_space = add_prefix_space;
     cfg.ignore_merges = ignore_merges;
-    cfg.vocab_bytes = vocab_bytes;
-    cfg.vocab_offsets = array_to_vector<int64_t>(vocab_offsets, "vocab_offsets");
-    cfg.vocab_ids = array_to_vector<uint32_t>(vocab_ids, "vocab_ids");
-    cfg.merges_left = array_to_vector<uint32_t>(merges_left, "merges_left");
-    cfg.merges_right = array_to_vector<uint32_t>(merges_right, "merges_right");
+    {
+      py::gil_scoped_release release;
+      bpe::set_byte_level_model(cfg, vocab_tokens, vocab_ids, merges_left, merges_right);
+    }
     for (const auto& [content, id, special, lstrip, rstrip, normalized] : added) {
       cfg.added_tokens.push_back(bpe::AddedToken{to_u32(content), id, special, lstrip, rstrip, normalized});
     }
@@ -104,11 +105,12 @@ class PyEncoder {
 
 void bind_bpe(py::module_& m) {
   py::class_<PyEncoder>(m, "_BpeEncoder", "Byte-level BPE encoder (private; use mlmix.bpe.NativeBPE)")
-      .def(py::init<int, bool, bool, const py::bytes&, const py::array&, const py::array&, const py::array&,
-                    const py::array&, const std::vector<std::tuple<std::string, uint32_t, bool, bool, bool, bool>>&,
+      .def(py::init<int, bool, bool, const std::vector<std::string>&, const std::vector<uint32_t>&,
+                    const std::vector<std::string>&, const std::vector<std::string>&,
+                    const std::vector<std::tuple<std::string, uint32_t, bool, bool, bool, bool>>&,
                     const py::array&, const py::array&>(),
-           py::arg("pre_tokenizer"), py::arg("add_prefix_space"), py::arg("ignore_merges"), py::arg("vocab_bytes"),
-           py::arg("vocab_offsets"), py::arg("vocab_ids"), py::arg("merges_left"), py::arg("merges_right"),
+           py::arg("pre_tokenizer"), py::arg("add_prefix_space"), py::arg("ignore_merges"), py::arg("vocab_tokens"),
+           py::arg("vocab_ids"), py::arg("merges_left"), py::arg("merges_right"),
            py::arg("added_tokens"), py::arg("prefix_ids"), py::arg("suffix_ids"))
       .def("encode_batch", &PyEncoder::encode_batch, py::arg("texts"), py::arg("add_special_tokens"),
            py::arg("split_special_tokens"), py::arg("num_threads"),

@@ -7,6 +7,7 @@
 #include <mutex>
 #include <queue>
 #include <thread>
+#include <unordered_map>
 
 #include "common.h"
 
@@ -571,6 +572,77 @@ struct Encoder::Impl {
     }
   }
 };
+
+namespace {
+// GPT-2's ByteLevel alphabet: printable bytes stand for themselves, the other 68 map to U+0100.. in order.
+struct ByteLevelAlphabet {
+  int16_t byte_of[0x144];
+  ByteLevelAlphabet() {
+    std::fill(std::begin(byte_of), std::end(byte_of), int16_t(-1));
+    int extra = 0;
+    for (int b = 0; b < 256; ++b) {
+      const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+      byte_of[printable ? b : 256 + extra++] = static_cast<int16_t>(b);
+    }
+  }
+};
+
+bool byte_level_decode(const std::string& token, std::string& out) {
+  static const ByteLevelAlphabet alphabet;
+  out.clear();
+  const auto* p = reinterpret_cast<const uint8_t*>(token.data());
+  const size_t n = token.size();
+  for (size_t i = 0; i < n;) {
+    uint32_t c;
+    if (p[i] < 0x80) {
+      c = p[i++];
+    } else if ((p[i] & 0xE0) == 0xC0 && i + 1 < n) {
+      c = ((p[i] & 0x1Fu) << 6) | (p[i + 1] & 0x3Fu);
+      i += 2;
+    } else {
+      return false;  // three- and four-byte characters are all beyond U+0143
+    }
+    if (c >= 0x144 || alphabet.byte_of[c] < 0) return false;
+    out.push_back(static_cast<char>(alphabet.byte_of[c]));
+  }
+  return !out.empty();
+}
+}  // namespace
+
+void set_byte_level_model(Config& config, const std::vector<std::string>& vocab_tokens,
+                          const std::vector<uint32_t>& vocab_ids, const std::vector<std::string>& merges_left,
+                          const std::vector<std::string>& merges_right) {
+  MLMIX_CHECK(vocab_tokens.size() == vocab_ids.size(), "vocab tokens and ids differ in length");
+  MLMIX_CHECK(merges_left.size() == merges_right.size(), "merges_left and merges_right differ in length");
+  // token string -> id, kNone - 1 marking a token that exists but is not byte-level
+  std::unordered_map<std::string, uint32_t> id_of;
+  id_of.reserve(vocab_tokens.size() * 2);
+  config.vocab_bytes.clear();
+  config.vocab_offsets.assign(1, 0);
+  config.vocab_ids.clear();
+  std::string raw;
+  for (size_t i = 0; i < vocab_tokens.size(); ++i) {
+    if (byte_level_decode(vocab_tokens[i], raw)) {
+      config.vocab_bytes += raw;
+      config.vocab_offsets.push_back(static_cast<int64_t>(config.vocab_bytes.size()));
+      config.vocab_ids.push_back(vocab_ids[i]);
+      id_of[vocab_tokens[i]] = vocab_ids[i];
+    } else {
+      id_of[vocab_tokens[i]] = kNone;
+    }
+  }
+  config.merges_left.clear();
+  config.merges_right.clear();
+  for (size_t r = 0; r < merges_left.size(); ++r) {
+    auto a = id_of.find(merges_left[r]);
+    auto b = id_of.find(merges_right[r]);
+    MLMIX_CHECK(a != id_of.end() && b != id_of.end(),
+                "merge " << r << " ('" << merges_left[r] << "', '" << merges_right[r] << "') uses a token missing from the vocabulary");
+    if (a->second == kNone || b->second == kNone) continue;  // can never apply to byte-level pieces
+    config.merges_left.push_back(a->second);
+    config.merges_right.push_back(b->second);
+  }
+}
 
 Encoder::Encoder(const Config& config) : impl_(std::make_unique<Impl>(config)) {}
 Encoder::~Encoder() = default;

@@ -45,6 +45,13 @@ struct Config {
   std::vector<uint32_t> prefix_ids, suffix_ids;  // post-processor ids around each document
 };
 
+// Builds the model part of a Config from a tokenizer.json's ByteLevel strings (GPT-2's printable stand-ins
+// for bytes): tokens that are not byte-level strings are left out (no merge of bytes can make them), as are
+// merges that use them; a merge naming a token absent from the vocabulary throws std::invalid_argument.
+void set_byte_level_model(Config& config, const std::vector<std::string>& vocab_tokens,
+                          const std::vector<uint32_t>& vocab_ids, const std::vector<std::string>& merges_left,
+                          const std::vector<std::string>& merges_right);
+
 // One document: `len` code units of width 1 (Latin-1), 2 (UCS-2), 4 (UCS-4) or 0 (UTF-8 bytes).
 struct TextView {
   const void* data = nullptr;

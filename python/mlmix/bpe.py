@@ -53,28 +53,6 @@ class Unsupported(ValueError):
     """The tokenizer uses something the native encoder does not reproduce (the message says what)."""
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map used by ByteLevel (bytes that print stay themselves)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    out, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return out
-
-
-def _byte_level_decoder() -> dict[int, str]:
-    """str.translate table: byte-level character -> the latin-1 character of its byte; any other character
-    below U+0144 -> U+FFFF, so that ``.encode('latin-1')`` fails on strings that are not byte-level."""
-    table = {c: "\uffff" for c in range(0x144)}
-    for b, ch in _bytes_to_unicode().items():
-        table[ord(ch)] = chr(b)
-    return table
-
-
 def _load_json(tokenizer_json) -> dict:
     if isinstance(tokenizer_json, Mapping):
         return dict(tokenizer_json)
@@ -183,31 +161,12 @@ def _parse(d: dict) -> dict[str, Any]:
             raise Unsupported(f"BPE {key}={model[key]!r} is not supported")
     scanner, add_prefix_space = _parse_pre_tokenizer(d.get("pre_tokenizer"))
 
-    decode = _byte_level_decoder()
     vocab: dict[str, int] = model["vocab"]
-    parts, offsets, ids, raw_of = [], [0], [], {}
-    total = 0
-    for tok, i in vocab.items():
-        try:
-            raw = tok.translate(decode).encode("latin-1")
-        except UnicodeEncodeError:
-            continue  # not a byte-level string: no merge of byte-level pieces can produce it
-        raw_of[tok] = int(i)
-        parts.append(raw)
-        total += len(raw)
-        offsets.append(total)
-        ids.append(int(i))
-    left, right = [], []
-    for m in model["merges"]:
-        a, b = m.split(" ", 1) if isinstance(m, str) else m
-        ia, ib = raw_of.get(a), raw_of.get(b)
-        if ia is None or ib is None:
-            if a not in vocab or b not in vocab:
-                raise Unsupported(f"merge {m!r} uses a token missing from the vocabulary")
-            continue
-        left.append(ia)
-        right.append(ib)
-
+    merges = model["merges"]
+    if merges and isinstance(merges[0], str):  # the older "a b" form
+        merges = [m.split(" ", 1) for m in merges]
+    if any(len(m) != 2 for m in merges):
+        raise Unsupported("model.merges must be pairs of tokens")
     added, added_by_content = [], {}
     for t in d.get("added_tokens") or []:
         if t.get("single_word"):
@@ -221,11 +180,10 @@ def _parse(d: dict) -> dict[str, Any]:
         pre_tokenizer=scanner,
         add_prefix_space=add_prefix_space,
         ignore_merges=bool(model.get("ignore_merges", False)),
-        vocab_bytes=b"".join(parts),
-        vocab_offsets=np.asarray(offsets, dtype=np.int64),
-        vocab_ids=np.asarray(ids, dtype=np.uint32),
-        merges_left=np.asarray(left, dtype=np.uint32),
-        merges_right=np.asarray(right, dtype=np.uint32),
+        vocab_tokens=list(vocab.keys()),
+        vocab_ids=[int(i) for i in vocab.values()],
+        merges_left=[m[0] for m in merges],
+        merges_right=[m[1] for m in merges],
         added_tokens=added,
         prefix_ids=np.asarray(prefix, dtype=np.uint32),
         suffix_ids=np.asarray(suffix, dtype=np.uint32),
