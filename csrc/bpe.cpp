@@ -327,6 +327,8 @@ struct Encoder::Impl {
   size_t vocab_size = 0;
   uint32_t byte_id[256];
   MergeMap merges;
+  // merges of two single bytes, dense: every piece starts with these lookups, so keep them off the big table
+  std::vector<uint32_t> byte_pair_rank, byte_pair_merged;
   std::vector<AddedToken> added;
   AddedTrie trie_raw, trie_normalized;  // normalized=false tokens, normalized=true tokens
   std::vector<uint32_t> prefix_ids, suffix_ids;
@@ -363,6 +365,15 @@ struct Encoder::Impl {
       const uint32_t merged = vocab.find(reinterpret_cast<const uint8_t*>(joined.data()), joined.size());
       MLMIX_CHECK(merged != kNone, "merge " << r << " (" << a << ", " << b << ") makes a token that is not in the vocabulary");
       merges.insert(a, b, static_cast<uint32_t>(r), merged);
+    }
+    byte_pair_rank.assign(256 * 256, kNone);
+    byte_pair_merged.assign(256 * 256, kNone);
+    for (int a = 0; a < 256; ++a) {
+      for (int b = 0; b < 256; ++b) {
+        uint32_t m = kNone;
+        byte_pair_rank[a * 256 + b] = merges.find(byte_id[a], byte_id[b], m);
+        byte_pair_merged[a * 256 + b] = m;
+      }
     }
     added = cfg.added_tokens;
     for (size_t i = 0; i < added.size(); ++i) {
@@ -410,7 +421,11 @@ struct Encoder::Impl {
     merged.resize(len);
     for (size_t i = 0; i < len; ++i) sym[i] = byte_id[p[i]];
     size_t n = len;
-    for (size_t i = 0; i + 1 < n; ++i) rank[i] = merges.find(sym[i], sym[i + 1], merged[i]);
+    for (size_t i = 0; i + 1 < n; ++i) {
+      const size_t pair = size_t(p[i]) * 256 + p[i + 1];
+      rank[i] = byte_pair_rank[pair];
+      merged[i] = byte_pair_merged[pair];
+    }
     while (n > 1) {
       size_t best = 0;
       uint32_t best_rank = kNone;
