@@ -56,7 +56,7 @@ TRICKY = [
 
 
 def _gpt2_variant(hf, *, add_prefix_space: bool):
-    """The same ranks behind GPT-2's builtin ByteLevel(use_regex=True) pre-tokenizer, merges always applied."""
+    """The same ranks behind GPT-2's builtin ByteLevel(use_regex=True, add_prefix_space) pre-tokenizer."""
     d = json.loads(hf.to_str())
     d["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": add_prefix_space, "trim_offsets": True, "use_regex": True}
     d["model"]["ignore_merges"] = False
@@ -107,7 +107,7 @@ def pairs(qwen_hf, qwen36_hf, llama3_hf, trained_hf):
         ("qwen3.5", qwen36_hf),
         ("llama3", llama3_hf),
         ("gpt2-trained", trained_hf),
-        ("gpt2-prefix-space", _gpt2_variant(qwen_hf, add_prefix_space=True)),
+        ("gpt2-prefix-space", _gpt2_variant(trained_hf, add_prefix_space=True)),
     ]:
         out.append((name, hf, NativeBPE.from_hf(hf)))
     return out
@@ -334,3 +334,17 @@ def test_bad_input(native):
         NativeBPE.from_tokenizer_json("/no/such/tokenizer.json")
     with pytest.raises(ValueError, match="pattern has no native scanner"):
         NativeBPE.from_tiktoken("/x", r"\w+")
+
+
+def test_merges_as_strings_and_foreign_tokens(small_split_json):
+    """The older "a b" merges form loads the same; a non-byte-level vocab entry is harmless; a merge naming a
+    token that is not in the vocabulary is an error, as in HF."""
+    text = SAMPLES["cs"] + " " + SAMPLES["zh"]
+    want = NativeBPE.from_tokenizer_json(small_split_json).encode(text).tolist()
+    d = json.loads(json.dumps(small_split_json))
+    d["model"]["merges"] = [" ".join(m) for m in d["model"]["merges"]]
+    d["model"]["vocab"]["not byte-level ✓"] = max(d["model"]["vocab"].values()) + 1
+    assert NativeBPE.from_tokenizer_json(d).encode(text).tolist() == want
+    d["model"]["merges"].append("Ġzz qq")
+    with pytest.raises(ValueError, match="missing from the vocabulary"):
+        NativeBPE.from_tokenizer_json(d)
