@@ -348,3 +348,15 @@ def test_merges_as_strings_and_foreign_tokens(small_split_json):
     d["model"]["merges"].append("Ġzz qq")
     with pytest.raises(ValueError, match="missing from the vocabulary"):
         NativeBPE.from_tokenizer_json(d)
+
+
+def test_real_multilingual_records(pairs):
+    """The project's demo records (12 languages, instruction + response) when present, else the samples."""
+    try:
+        from mlmix.data import demo_records
+
+        texts = [r["instruction"] + "\n" + r["response"] for r in demo_records()]
+    except ImportError:
+        texts = list(SAMPLES.values())
+    _check(pairs, texts)
+    _check(pairs, ["\n\n".join(texts[i : i + 40]) for i in range(0, len(texts), 40)])
