@@ -106,6 +106,66 @@ def test_hf_encode_batch(benchmark, tools, texts):
     _run(benchmark, "hf", lambda: tools["hf"].encode_batch(texts, add_special_tokens=False), texts)
 
 
+_MEMORY_CHILD = r"""
+import json, sys
+texts = json.load(open(sys.argv[1]))
+variant, threads = sys.argv[2], int(sys.argv[3])
+from mlmix._tiktoken import qwen_spec, qwen_tokenizer
+path, pattern, specials = qwen_spec("qwen3_6")
+if variant == "native":
+    from mlmix.bpe import NativeBPE
+    tool = NativeBPE.from_hf(qwen_tokenizer("qwen3_6"))
+    run = lambda: tool.encode_batch(texts, add_special_tokens=False, num_threads=threads)
+elif variant == "tiktoken":
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    tool = tiktoken.Encoding("q", pat_str=pattern, mergeable_ranks=load_tiktoken_bpe(path), special_tokens=specials)
+    run = lambda: tool.encode_ordinary_batch(texts, num_threads=threads)
+else:
+    tool = qwen_tokenizer("qwen3_6")
+    run = lambda: tool.encode_batch_fast(texts, add_special_tokens=False)
+import gc, os, threading, time
+page_kb = os.sysconf("SC_PAGE_SIZE") // 1024
+def rss_kb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page_kb
+gc.collect()
+before = rss_kb()
+peak, done = [before], threading.Event()
+def sample():  # the lifetime peak (ru_maxrss) is set by loading; sample the encode phase alone
+    while not done.is_set():
+        peak[0] = max(peak[0], rss_kb())
+        time.sleep(0.002)
+t = threading.Thread(target=sample); t.start()
+out = run()
+done.set(); t.join()
+print(json.dumps({"peak_kb_before_encode": before, "peak_kb_after_encode": max(peak[0], rss_kb())}))
+"""
+
+
+def test_peak_memory(benchmark, texts, tmp_path):
+    """Peak RSS growth while encoding (output included), each tool in its own process, sampled every 2 ms
+    from just before the call (tokenizer and texts already loaded)."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "texts.json"
+    data.write_text(json.dumps(texts))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "python"), env.get("PYTHONPATH", "")])
+    info = {}
+    for variant in ("native", "tiktoken", "hf_fast"):
+        out = subprocess.run(
+            [sys.executable, "-c", _MEMORY_CHILD, str(data), variant, str(THREADS)], capture_output=True, text=True, env=env, check=True
+        )
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        info[f"{variant}_encode_peak_MB"] = round((r["peak_kb_after_encode"] - r["peak_kb_before_encode"]) / 1024, 1)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update(info)
+    RESULTS.update({k: v for k, v in info.items()})
+    print("\nbench_bpe memory:", json.dumps(info))
+
+
 def test_summary(benchmark, tools, texts):
     """Ratios of the runs above, and the ids: native must equal HF exactly; tiktoken is compared too."""
     native = tools["native"].encode_batch(texts, add_special_tokens=False, num_threads=THREADS)
@@ -116,7 +176,7 @@ def test_summary(benchmark, tools, texts):
     t = time.perf_counter()
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     info = {k: round(v, 2) for k, v in RESULTS.items()}
-    if "native" in RESULTS:
+    if "native" in RESULTS and not isinstance(RESULTS["native"], str):
         for other in ("tiktoken", "hf_fast", "hf"):
             if other in RESULTS:
                 info[f"native_over_{other}"] = round(RESULTS["native"] / RESULTS[other], 2)
