@@ -702,7 +702,9 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
     ThreadState ts;
     for (;;) {
       const size_t c = next_chunk.fetch_add(1);
-      if (c >= n_chunks || failed.load(std::memory_order_relaxed)) return;
+      // No early exit on another thread's error: the smallest bad index is then the one reported, whatever
+      // the thread count.
+      if (c >= n_chunks) return;
       auto& out = chunk_ids[c];
       for (size_t d = chunk_begin[c]; d < chunk_begin[c + 1]; ++d) {
         const TextView& doc = docs[d];

@@ -322,6 +322,9 @@ def test_bad_input(native):
     nb = native["qwen2"]
     with pytest.raises(ValueError, match=r"texts\[1\] is not valid Unicode"):
         nb.encode_batch(["fine", "bad \ud800 surrogate"])
+    for threads in (1, 3):  # the first bad text is named, whatever the thread count
+        with pytest.raises(ValueError, match=r"texts\[700\] is not valid Unicode: .* at index 2$"):
+            nb.encode_batch(["ok"] * 700 + ["ab\udfff", "ok", "\ud800"] + ["ok"] * 900, num_threads=threads)
     with pytest.raises(TypeError, match=r"texts\[0\] must be a str, got bytes"):
         nb.encode_batch([b"bytes"])
     with pytest.raises(TypeError, match="single str"):
