@@ -41,7 +41,7 @@ std::u32string to_u32(const std::string& utf8) {
 class PyEncoder {
  public:
   // The model comes as tokenizer.json has it: ByteLevel token strings, their ids, merges as string pairs.
-  PyEncoder(int pre_tokenizer, bool add_prefix_space, bool ignore_merges, const std::vector<std::string>& vocab_tokens,
+  PyEncoder(int pre_tokenizer, bool add_prefix_space, bool ignore_merges, bool nfc, const std::vector<std::string>& vocab_tokens,
             const std::vector<uint32_t>& vocab_ids, const std::vector<std::string>& merges_left,
             const std::vector<std::string>& merges_right,
             const std::vector<std::tuple<std::string, uint32_t, bool, bool, bool, bool>>& added,
@@ -51,6 +51,7 @@ class PyEncoder {
     cfg.pre_tokenizer = static_cast<bpe::PreTokenizer>(pre_tokenizer);
     cfg.add_prefix_space = add_prefix_space;
     cfg.ignore_merges = ignore_merges;
+    cfg.nfc = nfc;
     {
       py::gil_scoped_release release;
       bpe::set_byte_level_model(cfg, vocab_tokens, vocab_ids, merges_left, merges_right);
@@ -91,7 +92,8 @@ class PyEncoder {
       py::gil_scoped_release release;
       result = encoder_->encode_batch(views, options);
     }
-    return py::make_tuple(vector_to_array(std::move(result.values)), vector_to_array(std::move(result.offsets)));
+    return py::make_tuple(vector_to_array(std::move(result.values)), vector_to_array(std::move(result.offsets)),
+                          vector_to_array(std::move(result.unencoded)));
   }
 
   size_t vocab_size() const { return encoder_->vocab_size(); }
@@ -105,16 +107,16 @@ class PyEncoder {
 
 void bind_bpe(py::module_& m) {
   py::class_<PyEncoder>(m, "_BpeEncoder", "Byte-level BPE encoder (private; use mlmix.bpe.NativeBPE)")
-      .def(py::init<int, bool, bool, const std::vector<std::string>&, const std::vector<uint32_t>&,
+      .def(py::init<int, bool, bool, bool, const std::vector<std::string>&, const std::vector<uint32_t>&,
                     const std::vector<std::string>&, const std::vector<std::string>&,
                     const std::vector<std::tuple<std::string, uint32_t, bool, bool, bool, bool>>&,
                     const py::array&, const py::array&>(),
-           py::arg("pre_tokenizer"), py::arg("add_prefix_space"), py::arg("ignore_merges"), py::arg("vocab_tokens"),
+           py::arg("pre_tokenizer"), py::arg("add_prefix_space"), py::arg("ignore_merges"), py::arg("nfc"), py::arg("vocab_tokens"),
            py::arg("vocab_ids"), py::arg("merges_left"), py::arg("merges_right"),
            py::arg("added_tokens"), py::arg("prefix_ids"), py::arg("suffix_ids"))
       .def("encode_batch", &PyEncoder::encode_batch, py::arg("texts"), py::arg("add_special_tokens"),
            py::arg("split_special_tokens"), py::arg("num_threads"),
-           "-> (values uint32, offsets int64); strings are read in place with the GIL released")
+           "-> (values uint32, offsets int64, unencoded int64 indices); strings are read in place, GIL released")
       .def_property_readonly("vocab_size", &PyEncoder::vocab_size)
       .def_property_readonly("num_merges", &PyEncoder::num_merges);
   m.attr("BPE_UNICODE_VERSION") = unicode::kUnicodeVersion;

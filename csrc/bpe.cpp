@@ -315,6 +315,26 @@ int64_t find_surrogate(const CU* s, size_t n) {
   }
 }
 
+// UAX #15 quick check for NFC, answering only YES (true) or "not proven" (false: NO or MAYBE): every
+// character NFC_QC=Yes and the combining classes of each run of non-starters non-decreasing.
+template <typename CU>
+bool nfc_quick_yes(const CU* s, size_t n) {
+  uint8_t last_ccc = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t c = s[i];
+    if (c < 0x300) {  // all NFC_QC=Yes starters
+      last_ccc = 0;
+      continue;
+    }
+    const uint8_t cls = unicode::classes(c);
+    if (cls & unicode::kNfcNotYes) return false;
+    const uint8_t ccc = (cls & unicode::kNonStarter) ? unicode::combining_class(c) : 0;
+    if (ccc != 0 && last_ccc > ccc) return false;
+    last_ccc = ccc;
+  }
+  return true;
+}
+
 inline bool is_white_space(uint32_t c) { return (unicode::classes(c) & unicode::kWhitespace) != 0; }
 
 }  // namespace
@@ -323,6 +343,7 @@ struct Encoder::Impl {
   PreTokenizer pre_tokenizer;
   bool add_prefix_space;
   bool ignore_merges;
+  bool nfc;
   ByteVocab vocab;
   size_t vocab_size = 0;
   uint32_t byte_id[256];
@@ -334,7 +355,7 @@ struct Encoder::Impl {
   std::vector<uint32_t> prefix_ids, suffix_ids;
 
   explicit Impl(const Config& cfg)
-      : pre_tokenizer(cfg.pre_tokenizer), add_prefix_space(cfg.add_prefix_space), ignore_merges(cfg.ignore_merges) {
+      : pre_tokenizer(cfg.pre_tokenizer), add_prefix_space(cfg.add_prefix_space), ignore_merges(cfg.ignore_merges), nfc(cfg.nfc) {
     const size_t n = cfg.vocab_ids.size();
     MLMIX_CHECK(cfg.vocab_offsets.size() == n + 1,
                 "vocab_offsets must have len(vocab_ids) + 1 = " << n + 1 << " entries, got " << cfg.vocab_offsets.size());
@@ -566,8 +587,16 @@ struct Encoder::Impl {
     if (start_offset < hi) out.push_back({start_offset, hi, kNone});
   }
 
+  // Returns false, encoding nothing, when the document needs NFC normalization this encoder does not do.
   template <typename CU>
-  void encode_doc(const CU* s, size_t n, bool split_special, ThreadState& ts, std::vector<uint32_t>& out) const {
+  bool encode_doc(const CU* s, size_t n, bool split_special, ThreadState& ts, std::vector<uint32_t>& out) const {
+    if (nfc && !nfc_quick_yes(s, n)) return false;
+    encode_doc_normalized(s, n, split_special, ts, out);
+    return true;
+  }
+
+  template <typename CU>
+  void encode_doc_normalized(const CU* s, size_t n, bool split_special, ThreadState& ts, std::vector<uint32_t>& out) const {
     if (trie_raw.empty() && trie_normalized.empty()) {
       encode_text(s, n, ts, out);
       return;
@@ -692,6 +721,7 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
 
   std::vector<std::vector<uint32_t>> chunk_ids(n_chunks);
   std::vector<int64_t> doc_len(n_docs, 0);
+  std::vector<uint8_t> doc_unencoded(n_docs, 0);
   std::atomic<size_t> next_chunk{0};
   std::atomic<bool> failed{false};
   std::mutex error_mutex;
@@ -711,23 +741,24 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
         const size_t before = out.size();
         const size_t len = static_cast<size_t>(doc.len);
         int64_t bad = -1;
+        bool encoded = true;
         if (options.add_special_tokens) out.insert(out.end(), impl.prefix_ids.begin(), impl.prefix_ids.end());
         try {
           switch (doc.width) {
             case 0:
               bad = decode_utf8(static_cast<const uint8_t*>(doc.data), len, ts.decoded);
-              if (bad < 0) impl.encode_doc(ts.decoded.data(), ts.decoded.size(), options.split_special_tokens, ts, out);
+              if (bad < 0) encoded = impl.encode_doc(ts.decoded.data(), ts.decoded.size(), options.split_special_tokens, ts, out);
               break;
             case 1:
-              impl.encode_doc(static_cast<const uint8_t*>(doc.data), len, options.split_special_tokens, ts, out);
+              encoded = impl.encode_doc(static_cast<const uint8_t*>(doc.data), len, options.split_special_tokens, ts, out);
               break;
             case 2:
               bad = find_surrogate(static_cast<const uint16_t*>(doc.data), len);
-              if (bad < 0) impl.encode_doc(static_cast<const uint16_t*>(doc.data), len, options.split_special_tokens, ts, out);
+              if (bad < 0) encoded = impl.encode_doc(static_cast<const uint16_t*>(doc.data), len, options.split_special_tokens, ts, out);
               break;
             default:
               bad = find_surrogate(static_cast<const uint32_t*>(doc.data), len);
-              if (bad < 0) impl.encode_doc(static_cast<const uint32_t*>(doc.data), len, options.split_special_tokens, ts, out);
+              if (bad < 0) encoded = impl.encode_doc(static_cast<const uint32_t*>(doc.data), len, options.split_special_tokens, ts, out);
               break;
           }
         } catch (const std::exception& e) {
@@ -750,6 +781,11 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
           failed = true;
           return;
         }
+        if (!encoded) {
+          out.resize(before);
+          doc_unencoded[d] = 1;
+          continue;
+        }
         if (options.add_special_tokens) out.insert(out.end(), impl.suffix_ids.begin(), impl.suffix_ids.end());
         doc_len[d] = static_cast<int64_t>(out.size() - before);
       }
@@ -767,6 +803,9 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
   MLMIX_CHECK(!failed.load(), error_msg);
 
   EncodeResult result;
+  for (size_t d = 0; d < n_docs; ++d) {
+    if (doc_unencoded[d]) result.unencoded.push_back(static_cast<int64_t>(d));
+  }
   result.offsets.resize(n_docs + 1);
   result.offsets[0] = 0;
   for (size_t d = 0; d < n_docs; ++d) result.offsets[d + 1] = result.offsets[d] + doc_len[d];

@@ -34,6 +34,9 @@ struct Config {
   PreTokenizer pre_tokenizer = PreTokenizer::kGpt2;
   bool add_prefix_space = false;  // ByteLevel(add_prefix_space=true)
   bool ignore_merges = false;     // model.ignore_merges
+  // normalizer NFC: documents that the NFC quick check cannot prove normalized are not encoded but listed
+  // in EncodeResult::unencoded, for the caller to encode with the reference implementation
+  bool nfc = false;
   // Model vocabulary as raw bytes (byte-level characters already mapped back): token i is
   // vocab_bytes[vocab_offsets[i]:vocab_offsets[i + 1]] with id vocab_ids[i].
   std::string vocab_bytes;
@@ -69,6 +72,7 @@ struct EncodeOptions {
 struct EncodeResult {
   std::vector<uint32_t> values;
   std::vector<int64_t> offsets;
+  std::vector<int64_t> unencoded;  // ascending indices of documents left empty (Config::nfc), else empty
 };
 
 class Encoder {

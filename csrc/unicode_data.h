@@ -12,15 +12,25 @@ inline constexpr uint8_t kLetter = 1;
 inline constexpr uint8_t kNumber = 2;
 inline constexpr uint8_t kMark = 4;
 inline constexpr uint8_t kWhitespace = 8;
+inline constexpr uint8_t kNfcNotYes = 16;
+inline constexpr uint8_t kNonStarter = 32;
 
 extern const uint16_t kStage1[4352];
-extern const uint8_t kStage2[35328];
+extern const uint8_t kStage2[36352];
+extern const uint16_t kCccStage1[4352];
+extern const uint8_t kCccStage2[17408];
 
 // The class bits of code point `cp` (0 for anything at or above U+110000).
 inline uint8_t classes(uint32_t cp) {
   if (cp < 0x80) return kStage2[cp];  // block 0 holds U+0000..U+00FF
   if (cp >= 0x110000) return 0;
   return kStage2[(static_cast<uint32_t>(kStage1[cp >> 8]) << 8) | (cp & 0xFF)];
+}
+
+// Canonical combining class of `cp` (0 for starters and anything at or above U+110000).
+inline uint8_t combining_class(uint32_t cp) {
+  if (cp >= 0x110000) return 0;
+  return kCccStage2[(static_cast<uint32_t>(kCccStage1[cp >> 8]) << 8) | (cp & 0xFF)];
 }
 
 }  // namespace mlmix::unicode

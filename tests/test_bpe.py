@@ -135,7 +135,11 @@ def small_split_json(trained_hf):
 
 def _check(pairs, texts, **kw):
     for name, hf, nb in pairs:
-        expected = [e.ids for e in hf.encode_batch(list(texts), add_special_tokens=kw.get("add_special_tokens", True))]
+        hf.encode_special_tokens = kw.get("split_special_tokens", False)
+        try:
+            expected = [e.ids for e in hf.encode_batch(list(texts), add_special_tokens=kw.get("add_special_tokens", True))]
+        finally:
+            hf.encode_special_tokens = False
         got = nb.encode_batch(list(texts), **kw)
         assert isinstance(got, Ragged) and got.values.dtype == np.uint32 and got.offsets.dtype == np.int64
         assert len(got) == len(texts)
@@ -277,7 +281,8 @@ def _with(d, **changes):
 @pytest.mark.parametrize(
     "changes, reason",
     [
-        ({"normalizer": {"type": "NFC"}}, "normalizer 'NFC'"),
+        ({"normalizer": {"type": "NFKC"}}, "normalizer 'NFKC'"),
+        ({"normalizer": {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}}, "['NFC', 'Lowercase']"),
         ({"model__byte_fallback": True}, "byte_fallback"),
         ({"model__dropout": 0.1}, "dropout"),
         ({"truncation": {"max_length": 8, "stride": 0, "strategy": "LongestFirst", "direction": "Right"}}, "truncation"),
@@ -363,3 +368,40 @@ def test_real_multilingual_records(pairs):
         texts = list(SAMPLES.values())
     _check(pairs, texts)
     _check(pairs, ["\n\n".join(texts[i : i + 40]) for i in range(0, len(texts), 40)])
+
+
+_NFC_CASES = [
+    "plain ascii and é precomposed",
+    "cafe\u0301 decomposed",
+    "\u212b angstrom sign, \ufb01 ligature (NFC keeps it), \u2126 ohm sign",
+    "a\u0323\u0301 and a\u0301\u0323 (reordered)",
+    "क़ नुक़्ता, शब्द हिन्दी",
+    "\u1100\u1161 hangul jamo, 한국어",
+    "ا\u0653 madda, مرحبا",
+    "<|endoftext|>e\u0301[MASK]",
+]
+
+
+@pytest.fixture(scope="session")
+def nfc_pair(small_split_json):
+    d = json.loads(json.dumps(small_split_json))
+    d["normalizer"] = {"type": "NFC"}
+    return tokenizers.Tokenizer.from_str(json.dumps(d)), NativeBPE.from_tokenizer_json(d)
+
+
+def test_nfc_normalizer(nfc_pair):
+    """NFC tokenizers: documents the quick check proves normalized are encoded natively, the rest by HF."""
+    hf, nb = nfc_pair
+    _check([("nfc", hf, nb)], _NFC_CASES + list(SAMPLES.values()))
+    _check([("nfc", hf, nb)], _NFC_CASES[::-1], split_special_tokens=True)
+    _, _, unencoded = nb._encoder.encode_batch(_NFC_CASES, True, False, 1)
+    assert unencoded.tolist() == [1, 2, 3, 4, 5, 6, 7]  # only what NFC may change goes to HF
+    _, _, unencoded = nb._encoder.encode_batch(list(SAMPLES.values()), True, False, 2)
+    assert unencoded.tolist() == []
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(st.text(st.sampled_from("ae\u0301\u0300\u0323\u0308Åå \u093c\u0915\u1100\u1161\u11a8가"), max_size=12), max_size=5))
+def test_nfc_random(nfc_pair, texts):
+    hf, nb = nfc_pair
+    _check([("nfc", hf, nb)], texts)

@@ -13,7 +13,9 @@ What is reproduced (tokenizers 0.23 semantics):
 * the pre-tokenizer regex, by a hand-written scanner per recognised pattern (see ``PATTERNS``), with
   ``\\p{L}``/``\\p{N}``/``\\p{M}``/``\\s`` from Unicode 16.0, the version of the Oniguruma engine HF uses;
 * ByteLevel's ``add_prefix_space``; merges by rank (lowest first, leftmost among equals); ``ignore_merges``;
-* the post-processor's fixed ids (TemplateProcessing's single template) with ``add_special_tokens=True``.
+* the post-processor's fixed ids (TemplateProcessing's single template) with ``add_special_tokens=True``;
+* an NFC normalizer: documents the NFC quick check proves normalized are encoded natively, the others by HF
+  ``tokenizers`` itself (kept for that), so ids stay exact.
 
 Invalid input: a string with a lone surrogate raises ValueError (HF raises too: it cannot convert it).
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -107,6 +110,23 @@ def _parse_pre_tokenizer(pt) -> tuple[int, bool]:
     raise Unsupported(f"pre_tokenizer {kind!r} is not a byte-level pre-tokenizer (ByteLevel, or Split + ByteLevel)")
 
 
+def _parse_normalizer(norm) -> bool:
+    """-> whether the normalizer is NFC (None: False), or raise Unsupported."""
+    if norm is None:
+        return False
+    kind = norm.get("type")
+    if kind == "Sequence":
+        inner = [n.get("type") for n in norm.get("normalizers") or []]
+        if inner == []:
+            return False
+        if inner == ["NFC"]:
+            return True
+        raise Unsupported(f"normalizer Sequence of {inner}: only none or NFC is supported")
+    if kind == "NFC":
+        return True
+    raise Unsupported(f"normalizer {kind!r}: only none or NFC is supported")
+
+
 def _special_ids(post, added_by_content: dict[str, int]) -> tuple[list[int], list[int]]:
     """Fixed ids the post-processor puts before / after a single sequence, or raise Unsupported."""
     if post is None:
@@ -147,8 +167,7 @@ def _parse(d: dict) -> dict[str, Any]:
         raise Unsupported("truncation is set: call no_truncation() first (mlmix truncates on its own terms)")
     if d.get("padding") is not None:
         raise Unsupported("padding is set: call no_padding() first")
-    if d.get("normalizer") is not None:
-        raise Unsupported(f"normalizer {d['normalizer'].get('type')!r}: only tokenizers without a normalizer are supported")
+    nfc = _parse_normalizer(d.get("normalizer"))
     model = d.get("model") or {}
     if model.get("type", "BPE") != "BPE" or "merges" not in model:
         raise Unsupported(f"model {model.get('type')!r} is not BPE (WordPiece, Unigram, WordLevel are not supported)")
@@ -171,6 +190,8 @@ def _parse(d: dict) -> dict[str, Any]:
     for t in d.get("added_tokens") or []:
         if t.get("single_word"):
             raise Unsupported(f"added token {t['content']!r} has single_word=true: not supported")
+        if nfc and t.get("normalized") and unicodedata.normalize("NFC", t["content"]) != t["content"]:
+            raise Unsupported(f"added token {t['content']!r} is matched after NFC but is not itself in NFC")
         added.append(
             (t["content"], int(t["id"]), bool(t.get("special")), bool(t.get("lstrip")), bool(t.get("rstrip")), bool(t.get("normalized")))
         )
@@ -180,6 +201,7 @@ def _parse(d: dict) -> dict[str, Any]:
         pre_tokenizer=scanner,
         add_prefix_space=add_prefix_space,
         ignore_merges=bool(model.get("ignore_merges", False)),
+        nfc=nfc,
         vocab_tokens=list(vocab.keys()),
         vocab_ids=[int(i) for i in vocab.values()],
         merges_left=[m[0] for m in merges],
@@ -225,25 +247,28 @@ class NativeBPE:
     tokenizer raises ValueError saying why (:func:`supported` asks without raising).
     """
 
-    def __init__(self, spec: dict[str, Any], *, name: str = "") -> None:
+    def __init__(self, spec: dict[str, Any], *, reference=None) -> None:
         from ._core_loader import core
 
         self._encoder = core._BpeEncoder(**spec)
         self._pattern = next(n for s, n in PATTERNS.values() if s == spec["pre_tokenizer"])
-        self._name = name
+        # With an NFC normalizer, documents that the NFC quick check cannot prove normalized are encoded by HF
+        # tokenizers itself (a tokenizers.Tokenizer, or the JSON text to build one on first need).
+        self._reference = reference if spec["nfc"] else None
 
     @classmethod
     def from_tokenizer_json(cls, path_or_json_str) -> "NativeBPE":
         """From a tokenizer.json file, its JSON text or the parsed dict."""
         d = _load_json(path_or_json_str)
-        return cls(_parse(d), name=str(path_or_json_str)[:80] if not isinstance(path_or_json_str, Mapping) else "")
+        spec = _parse(d)
+        return cls(spec, reference=json.dumps(d) if spec["nfc"] else None)
 
     @classmethod
     def from_hf(cls, tokenizer) -> "NativeBPE":
         """From a ``tokenizers.Tokenizer`` (its current state, via ``to_str()``)."""
         if not hasattr(tokenizer, "to_str"):
             raise TypeError(f"tokenizer must be a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
-        return cls(_parse(json.loads(tokenizer.to_str())))
+        return cls(_parse(json.loads(tokenizer.to_str())), reference=tokenizer)
 
     @classmethod
     def from_tiktoken(cls, path, pattern: str, special_tokens=None) -> "NativeBPE":
@@ -288,14 +313,47 @@ class NativeBPE:
             raise TypeError("texts must be a sequence of str, got a single str (use encode())")
         if not isinstance(num_threads, int) or num_threads < 0:
             raise ValueError(f"num_threads must be an int >= 0 (0: all cores), got {num_threads!r}")
-        values, offsets = self._encoder.encode_batch(texts, bool(add_special_tokens), bool(split_special_tokens), num_threads)
+        if not isinstance(texts, (list, tuple)):
+            texts = list(texts)
+        values, offsets, unencoded = self._encoder.encode_batch(
+            texts, bool(add_special_tokens), bool(split_special_tokens), num_threads
+        )
+        if len(unencoded):
+            values, offsets = self._encode_unnormalized(texts, values, offsets, unencoded, add_special_tokens, split_special_tokens)
         return Ragged(values, offsets, validate=False)
+
+    def _encode_unnormalized(self, texts, values, offsets, unencoded, add_special_tokens, split_special_tokens):
+        """Encode with HF the documents that NFC would change (left empty by the native pass) and splice them in."""
+        if isinstance(self._reference, str):
+            from ._deps import require
+
+            self._reference = require("tokenizers", "NFC tokenizers").Tokenizer.from_str(self._reference)
+        hf = self._reference
+        before = hf.encode_special_tokens
+        hf.encode_special_tokens = bool(split_special_tokens)
+        try:
+            encs = hf.encode_batch([texts[int(i)] for i in unencoded], add_special_tokens=bool(add_special_tokens))
+        finally:
+            hf.encode_special_tokens = before
+        lengths = np.diff(offsets)
+        lengths[unencoded] = [len(e.ids) for e in encs]
+        pieces, start = [], 0
+        for i, e in zip(unencoded.tolist(), encs):
+            pieces.append(values[offsets[start] : offsets[i]])
+            pieces.append(np.asarray(e.ids, dtype=np.uint32))
+            start = i + 1
+        pieces.append(values[offsets[start] :])
+        new_offsets = np.zeros(len(offsets), dtype=np.int64)
+        np.cumsum(lengths, out=new_offsets[1:])
+        return np.concatenate(pieces), new_offsets
 
     def encode(self, text: str, *, add_special_tokens: bool = True, split_special_tokens: bool = False) -> np.ndarray:
         """Encode one document -> uint32 array of ids."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        values, _ = self._encoder.encode_batch([text], bool(add_special_tokens), bool(split_special_tokens), 1)
+        if self._reference is not None:
+            return self.encode_batch([text], add_special_tokens=add_special_tokens, split_special_tokens=split_special_tokens, num_threads=1)[0]
+        values, _, _ = self._encoder.encode_batch([text], bool(add_special_tokens), bool(split_special_tokens), 1)
         return values
 
     def __repr__(self) -> str:
