@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from mlmix import Ragged  # noqa: E402
-from mlmix.bpe import PATTERNS, NativeBPE, supported  # noqa: E402
+from mlmix.bpe import PATTERNS, NativeBPE, Unsupported, supported  # noqa: E402
 
 LLAMA3 = next(p for p, (_, name) in PATTERNS.items() if name == "llama3")
 
@@ -297,7 +297,7 @@ def test_unsupported_reasons(small_split_json, changes, reason):
     d = _with(small_split_json, **changes)
     ok, why = supported(d)
     assert not ok and reason in why
-    with pytest.raises(ValueError, match="not|only|is set|random|no native"):
+    with pytest.raises(Unsupported, match="not|only|is set|random|no native"):
         NativeBPE.from_tokenizer_json(d)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from .ragged import Ragged
 
-__all__ = ["NativeBPE", "supported", "PATTERNS"]
+__all__ = ["NativeBPE", "Unsupported", "supported", "PATTERNS"]
 
 # Pre-tokenizer regexes with a native scanner (csrc/pretokenize.h) -> (scanner id, family name).
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -244,7 +244,8 @@ class NativeBPE:
     """Byte-level BPE encoder with HF ``tokenizers``' exact ids (see the module docstring for what is covered).
 
     Build it with :meth:`from_tokenizer_json`, :meth:`from_hf` or :meth:`from_tiktoken`; an unsupported
-    tokenizer raises ValueError saying why (:func:`supported` asks without raising).
+    tokenizer raises :class:`Unsupported` (a ValueError) saying why, so ``impl="auto"`` can catch it and fall
+    back without parsing the tokenizer twice (:func:`supported` asks without building anything).
     """
 
     def __init__(self, spec: dict[str, Any], *, reference=None) -> None:
@@ -274,7 +275,7 @@ class NativeBPE:
     def from_tiktoken(cls, path, pattern: str, special_tokens=None) -> "NativeBPE":
         """From a tiktoken rank file, with the same ids as :func:`mlmix._tiktoken.tiktoken_to_hf` gives HF."""
         if pattern not in PATTERNS:
-            raise ValueError(f"pattern has no native scanner; recognised: {list(PATTERNS)}, got {pattern!r}")
+            raise Unsupported(f"pattern has no native scanner; recognised: {list(PATTERNS)}, got {pattern!r}")
         from ._tiktoken import tiktoken_to_hf
 
         return cls.from_hf(tiktoken_to_hf(path, pattern, special_tokens))
