@@ -13,12 +13,51 @@ An empty (or whitespace-only) response is a failure: it stays in the denominator
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from typing import Mapping, Optional, Sequence, Union
 
 from .stats import DEFAULT_ALPHA, check_ci_args, wilson_ci
 
 __all__ = ["language_fidelity"]
+
+# py3langid reads the first few KB well enough (as mlmix.langid does)
+_MAX_CHARS = 2000
+
+
+@functools.lru_cache(maxsize=1)
+def _py3langid_model():
+    from .._deps import require
+
+    require("py3langid", "language fidelity")
+    from py3langid import langid
+
+    return langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True)
+
+
+class _Py3LangId:
+    """py3langid with normalised probabilities, optionally restricted to ``languages``: the same model and
+    settings as :class:`mlmix.langid.LanguageIdentifier`, used where that module is not installed."""
+
+    def __init__(self, languages: Optional[Sequence[str]] = None) -> None:
+        self._model = copy.copy(_py3langid_model())  # set_languages makes new arrays; the copy shares the rest
+        if languages:
+            self._model.set_languages(list(languages))
+
+    def classify(self, text: str) -> tuple[str, float]:
+        if not text.strip():
+            return "", 0.0
+        lang, prob = self._model.classify(text[:_MAX_CHARS])
+        return str(lang), float(prob)
+
+
+def _identifier(languages: Optional[Sequence[str]]):
+    try:  # the pipeline's language identification, so that both read a text the same way
+        from ..langid import LanguageIdentifier
+    except ImportError:
+        LanguageIdentifier = _Py3LangId
+    return LanguageIdentifier(languages)
 
 
 def language_fidelity(
@@ -44,8 +83,6 @@ def language_fidelity(
     Returns ``{"candidates": [...] or "all", "threshold", "languages": {lang: {"n", "in_language", "empty",
     "share", "share_ci", "detected": {code: count}}}, "items": [{"id", "lang", "detected", "prob", "ok"}]}``.
     """
-    from ..langid import LanguageIdentifier
-
     check_ci_args(1, alpha)
     if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
@@ -62,7 +99,7 @@ def language_fidelity(
         rows.append((str(r.get("id", i)), lang, text if isinstance(text, str) else ""))
     order = list(dict.fromkeys(languages)) if languages is not None else list(dict.fromkeys(l for _, l, _ in rows))
 
-    known = set(LanguageIdentifier(None)._model.labels)
+    known = set(_py3langid_model().labels)
     if isinstance(candidates, str):
         if candidates not in ("eval", "all"):
             raise ValueError(f"candidates must be 'eval', 'all' or a list of language codes, got {candidates!r}")
@@ -72,7 +109,7 @@ def language_fidelity(
         unknown = [c for c in chosen if c not in known]
         if unknown:
             raise ValueError(f"candidates: py3langid does not know {unknown}; known codes include {sorted(known)[:12]}")
-    lid = LanguageIdentifier(chosen)
+    lid = _identifier(chosen)
 
     items, by_lang = [], {}
     for lang in order:
