@@ -10,6 +10,10 @@
 #include <numeric>
 #include <thread>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "common.h"
 #include "unicode_tables.h"
 
@@ -507,20 +511,98 @@ void check_minhash_options(const MinHashOptions& o) {
 
 // MinHash update of sig[0..P) with a block of shingle keys: sig[k] = min(sig[k], h_k(key)) with
 // h_k(x) = ((a_k * x + b_k) mod 2^64) >> 32 = ((a_lo_k * x + b_k) >> 32) + a_hi_k * x (mod 2^32).
-// Compiled for AVX2 and for the baseline; the loader picks one at run time.
 constexpr size_t kShingleBlock = 256;
 
-__attribute__((target_clones("avx2", "default"))) void minhash_block(
-    const uint32_t* __restrict a_lo, const uint32_t* __restrict a_hi, const uint64_t* __restrict b,
-    int P, const uint32_t* __restrict keys, size_t n_keys, uint32_t* __restrict sig) {
+// The permutation constants, laid out for the vector kernels: within each group of 8
+// permutations, b of the even and of the odd ones apart (the 32 x 32 -> 64-bit multiply only
+// reads even 32-bit lanes, so even and odd permutations are computed in separate registers).
+struct Permutations {
+  int P = 0;
+  std::vector<uint32_t> a_lo, a_hi;
+  std::vector<uint64_t> b;               // P entries, in order
+  std::vector<uint64_t> b_even, b_odd;   // b[8g + 2m] and b[8g + 2m + 1] at index 4g + m
+};
+
+void minhash_block_scalar(const Permutations& perm, int k_begin, const uint32_t* keys, size_t n_keys,
+                          uint32_t* sig) {
   for (size_t j = 0; j < n_keys; ++j) {
     const uint32_t x = keys[j];
-    for (int k = 0; k < P; ++k) {
-      const uint64_t t = static_cast<uint64_t>(a_lo[k]) * x + b[k];
-      const uint32_t v = static_cast<uint32_t>(t >> 32) + a_hi[k] * x;
+    for (int k = k_begin; k < perm.P; ++k) {
+      const uint64_t t = static_cast<uint64_t>(perm.a_lo[k]) * x + perm.b[k];
+      const uint32_t v = static_cast<uint32_t>(t >> 32) + perm.a_hi[k] * x;
       sig[k] = v < sig[k] ? v : sig[k];
     }
   }
+}
+
+#if defined(__x86_64__)
+// Vector kernels: permutations in the outer loop so that a group's constants and running minima
+// stay in registers across the keys. Permutations past the last full group go to the scalar loop.
+__attribute__((target("avx2"))) void minhash_block_avx2(const Permutations& perm, const uint32_t* keys,
+                                                         size_t n_keys, uint32_t* sig) {
+  const int groups = perm.P / 8;
+  for (int g = 0; g < groups; ++g) {
+    const __m256i a_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(perm.a_lo.data() + 8 * g));
+    const __m256i a_lo_odd = _mm256_srli_epi64(a_lo, 32);
+    const __m256i a_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(perm.a_hi.data() + 8 * g));
+    const __m256i b_even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(perm.b_even.data() + 4 * g));
+    const __m256i b_odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(perm.b_odd.data() + 4 * g));
+    __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sig + 8 * g));
+    for (size_t j = 0; j < n_keys; ++j) {
+      const __m256i x = _mm256_set1_epi32(static_cast<int>(keys[j]));
+      const __m256i t_even = _mm256_add_epi64(_mm256_mul_epu32(a_lo, x), b_even);
+      const __m256i t_odd = _mm256_add_epi64(_mm256_mul_epu32(a_lo_odd, x), b_odd);
+      // High halves of the 64-bit sums, each in its permutation's 32-bit lane.
+      const __m256i high = _mm256_blend_epi32(_mm256_srli_epi64(t_even, 32), t_odd, 0xAA);
+      s = _mm256_min_epu32(s, _mm256_add_epi32(high, _mm256_mullo_epi32(a_hi, x)));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sig + 8 * g), s);
+  }
+  minhash_block_scalar(perm, 8 * groups, keys, n_keys, sig);
+}
+
+__attribute__((target("avx512f"))) void minhash_block_avx512(const Permutations& perm, const uint32_t* keys,
+                                                              size_t n_keys, uint32_t* sig) {
+  const int groups = perm.P / 16;
+  for (int g = 0; g < groups; ++g) {
+    // Two 8-permutation groups of the layout make one 16-lane register.
+    const __m512i a_lo = _mm512_loadu_si512(perm.a_lo.data() + 16 * g);
+    const __m512i a_lo_odd = _mm512_srli_epi64(a_lo, 32);
+    const __m512i a_hi = _mm512_loadu_si512(perm.a_hi.data() + 16 * g);
+    const __m512i b_even = _mm512_loadu_si512(perm.b_even.data() + 8 * g);
+    const __m512i b_odd = _mm512_loadu_si512(perm.b_odd.data() + 8 * g);
+    __m512i s = _mm512_loadu_si512(sig + 16 * g);
+    for (size_t j = 0; j < n_keys; ++j) {
+      const __m512i x = _mm512_set1_epi32(static_cast<int>(keys[j]));
+      const __m512i t_even = _mm512_add_epi64(_mm512_mul_epu32(a_lo, x), b_even);
+      const __m512i t_odd = _mm512_add_epi64(_mm512_mul_epu32(a_lo_odd, x), b_odd);
+      const __m512i high = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(t_even, 32), t_odd);
+      s = _mm512_min_epu32(s, _mm512_add_epi32(high, _mm512_mullo_epi32(a_hi, x)));
+    }
+    _mm512_storeu_si512(sig + 16 * g, s);
+  }
+  minhash_block_scalar(perm, 16 * groups, keys, n_keys, sig);
+}
+
+#endif  // __x86_64__
+
+using MinhashBlockFn = void (*)(const Permutations&, const uint32_t*, size_t, uint32_t*);
+
+// Picked once from the CPU's features; every kernel gives the same bits.
+MinhashBlockFn pick_minhash_block() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return minhash_block_avx512;
+  if (__builtin_cpu_supports("avx2")) return minhash_block_avx2;
+#endif
+  return [](const Permutations& perm, const uint32_t* keys, size_t n_keys, uint32_t* sig) {
+    minhash_block_scalar(perm, 0, keys, n_keys, sig);
+  };
+}
+
+void minhash_block(const Permutations& perm, const uint32_t* keys, size_t n_keys, uint32_t* sig) {
+  static const MinhashBlockFn fn = pick_minhash_block();
+  fn(perm, keys, n_keys, sig);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -610,14 +692,20 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
   // Permutation k maps the 32-bit key x of a shingle to the top 32 bits of a_k * x + b_k
   // (mod 2^64), Dietzfelbinger's multiply-add-shift family (strongly universal), computed as
   // 32 x 32 -> 64-bit products so that it vectorises (minhash_block).
-  std::vector<uint32_t> a_lo(P), a_hi(P);
-  std::vector<uint64_t> b(P);
+  Permutations perm;
+  perm.P = P;
+  perm.a_lo.resize(P);
+  perm.a_hi.resize(P);
+  perm.b.resize(P);
+  perm.b_even.resize(P / 2 + 1);
+  perm.b_odd.resize(P / 2 + 1);
   uint64_t state = mix64(opts.seed ^ 0x6A09E667F3BCC908ull);
   for (int k = 0; k < P; ++k) {
     const uint64_t a = splitmix_next(state);
-    a_lo[k] = static_cast<uint32_t>(a);
-    a_hi[k] = static_cast<uint32_t>(a >> 32);
-    b[k] = splitmix_next(state);
+    perm.a_lo[k] = static_cast<uint32_t>(a);
+    perm.a_hi[k] = static_cast<uint32_t>(a >> 32);
+    perm.b[k] = splitmix_next(state);
+    (k % 2 == 0 ? perm.b_even : perm.b_odd)[k / 2] = perm.b[k];
   }
   std::vector<std::vector<uint64_t>>* sets = out.shingle_sets;
   if (sets) sets->assign(texts.count, {});
@@ -641,7 +729,7 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
         if (set) set->push_back(x);
         keys.push_back(static_cast<uint32_t>(x >> 32));
         if (keys.size() == kShingleBlock) {
-          minhash_block(a_lo.data(), a_hi.data(), b.data(), P, keys.data(), keys.size(), sig.data());
+          minhash_block(perm, keys.data(), keys.size(), sig.data());
           keys.clear();
         }
       };
@@ -650,7 +738,7 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
       } else {
         for_each_shingle(p, size, opts.normalize, opts.ngram, char_mode, i, sink);
       }
-      minhash_block(a_lo.data(), a_hi.data(), b.data(), P, keys.data(), keys.size(), sig.data());
+      minhash_block(perm, keys.data(), keys.size(), sig.data());
       std::copy(sig.begin(), sig.end(), out.signatures + i * P);
       if (set) {
         std::sort(set->begin(), set->end());
