@@ -231,6 +231,20 @@ class NfkcStream {
     flush(out);
   }
 
+  // For a code point with no decomposition, combining class 0 and (when composing) nothing it
+  // composes with as the second of a pair, while at most one code point is buffered:
+  // push(cp) then flushes that one unchanged and buffers cp alone, which this does directly.
+  bool at_most_one_pending() const { return buf_.size() <= 1; }
+  template <class Out>
+  void replace_pending(uint32_t cp, uint8_t cls, Out&& out) {
+    if (buf_.empty()) {
+      buf_.push_back({cp, 0, cls});
+    } else {
+      out(buf_[0].cp, buf_[0].cls);
+      buf_[0] = {cp, 0, cls};
+    }
+  }
+
  private:
   struct Item {
     uint32_t cp;
@@ -332,7 +346,7 @@ template <class Emit>
 void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& opts, int64_t doc,
                          Emit&& emit) {
   bool pending_space = false, started = false;
-  auto take = [&](uint32_t cp, uint8_t cls) {
+  auto take = [&](uint32_t cp, uint8_t cls) __attribute__((always_inline)) {
     switch (cls & kClassMask) {
       case kSeparator:
         pending_space = started;
@@ -352,7 +366,7 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
     started = true;
     emit(cp, (cls & kNoSpace) != 0);
   };
-  auto fold = [&](uint32_t cp, uint8_t cls) {
+  auto fold = [&](uint32_t cp, uint8_t cls) __attribute__((always_inline)) {
     if (cls & kHasFold) {
       uint32_t folded[3];
       const uint32_t count = case_fold(cp, folded);
@@ -362,8 +376,34 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
     }
   };
   NfkcStream nfkc(!opts.strip_marks);
+  // Most code points have no decomposition, combining class 0 and nothing that composes with a
+  // preceding starter: such a one only ends the pending starter, which the fast path below does
+  // without the general buffer (the result is the same as NfkcStream::push).
+  const uint8_t slow = kHasDecomp | kNonzeroCcc | (opts.strip_marks ? 0 : kComposesSecond);
   int64_t i = 0;
-  while (i < n) nfkc.push(decode_utf8(p, n, i, opts.errors, doc), fold);
+  while (i < n) {
+    // Well-formed 1- to 3-byte sequences are decoded here; the rest (4 bytes, overlong or
+    // surrogate encodings, truncated or invalid bytes) by decode_utf8.
+    uint32_t cp = p[i];
+    if (cp < 0x80) {
+      ++i;
+    } else if (cp >= 0xC2 && cp <= 0xDF && i + 1 < n && (p[i + 1] & 0xC0) == 0x80) {
+      cp = ((cp & 0x1F) << 6) | (p[i + 1] & 0x3F);
+      i += 2;
+    } else if ((cp & 0xF0) == 0xE0 && i + 2 < n && (p[i + 1] & 0xC0) == 0x80 && (p[i + 2] & 0xC0) == 0x80 &&
+               ((cp & 0x0F) << 12 | (p[i + 1] & 0x3F) << 6) >= 0x800 && !(cp == 0xED && p[i + 1] >= 0xA0)) {
+      cp = ((cp & 0x0F) << 12) | ((p[i + 1] & 0x3F) << 6) | (p[i + 2] & 0x3F);
+      i += 3;
+    } else {
+      cp = decode_utf8(p, n, i, opts.errors, doc);
+    }
+    const uint8_t cls = char_class(cp);
+    if (!(cls & slow) && nfkc.at_most_one_pending()) {
+      nfkc.replace_pending(cp, cls, fold);
+    } else {
+      nfkc.push(cp, fold);
+    }
+  }
   nfkc.finish(fold);
 }
 
