@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <exception>
 #include <iterator>
@@ -645,6 +646,48 @@ void minhash_block(const Permutations& perm, const uint32_t* keys, size_t n_keys
   fn(perm, keys, n_keys, sig);
 }
 
+// Sorts and de-duplicates v (shingle hashes: well-mixed 64-bit values). A counting pass on the
+// top bits puts each value into one of about v.size() buckets, which are then nearly all of size
+// 0 to 2; small buckets are finished by insertion sort, large ones (equal or colliding values)
+// by std::sort, so the worst case stays O(n log n). Much faster than std::sort on such data.
+struct HashSorter {
+  std::vector<uint64_t> scratch;
+  std::vector<uint32_t> starts;
+
+  void sort_unique(std::vector<uint64_t>& v) {
+    const size_t n = v.size();
+    if (n < 64) {
+      std::sort(v.begin(), v.end());
+    } else {
+      const int bits = std::min(16, static_cast<int>(std::bit_width(n)));
+      const int shift = 64 - bits;
+      const size_t buckets = size_t{1} << bits;
+      starts.assign(buckets + 1, 0);
+      for (uint64_t x : v) ++starts[(x >> shift) + 1];
+      for (size_t b = 0; b < buckets; ++b) starts[b + 1] += starts[b];
+      scratch.resize(n);
+      for (uint64_t x : v) scratch[starts[x >> shift]++] = x;  // starts[b] becomes bucket b's end
+      size_t begin = 0;
+      for (size_t b = 0; b < buckets; ++b) {
+        const size_t end = starts[b];
+        if (end - begin > 32) {
+          std::sort(scratch.begin() + begin, scratch.begin() + end);
+        } else {
+          for (size_t i = begin + 1; i < end; ++i) {
+            const uint64_t x = scratch[i];
+            size_t j = i;
+            for (; j > begin && scratch[j - 1] > x; --j) scratch[j] = scratch[j - 1];
+            scratch[j] = x;
+          }
+        }
+        begin = end;
+      }
+      v.swap(scratch);
+    }
+    v.erase(std::unique(v.begin(), v.end()), v.end());
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Union-find with path halving; union by lower index keeps it deterministic.
 struct DisjointSets {
@@ -754,6 +797,7 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
   parallel_chunks(texts.count, num_threads, 16, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> sig(P);
     std::vector<uint32_t> keys, cps;
+    HashSorter sorter;
     keys.reserve(kShingleBlock);
     for (int64_t i = begin; i < end; ++i) {
       const uint8_t* p = texts.data + texts.offsets[i];
@@ -781,8 +825,7 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
       minhash_block(perm, keys.data(), keys.size(), sig.data());
       std::copy(sig.begin(), sig.end(), out.signatures + i * P);
       if (set) {
-        std::sort(set->begin(), set->end());
-        set->erase(std::unique(set->begin(), set->end()), set->end());
+        sorter.sort_unique(*set);
         set->shrink_to_fit();
         if (set_total.fetch_add(static_cast<int64_t>(set->size())) + static_cast<int64_t>(set->size()) >
             out.shingle_set_budget)
@@ -814,8 +857,7 @@ std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHa
   } else {
     for_each_shingle(data, size, opts.normalize, opts.ngram, char_mode, doc_index, sink);
   }
-  std::sort(set.begin(), set.end());
-  set.erase(std::unique(set.begin(), set.end()), set.end());
+  HashSorter().sort_unique(set);
   return set;
 }
 
