@@ -89,7 +89,7 @@ inline uint64_t splitmix_next(uint64_t& state) {
 // 64-bit word, which feeds two lanes with different multipliers and rotations.
 class Hash128 {
  public:
-  void add(uint32_t cp) {
+  __attribute__((always_inline)) void add(uint32_t cp) {
     word_ |= static_cast<uint64_t>(cp) << (21 * packed_);
     if (++packed_ == 3) flush();
     ++length_;
@@ -203,7 +203,7 @@ class NfkcStream {
   explicit NfkcStream(bool compose) : compose_(compose) {}
 
   template <class Out>
-  void push(uint32_t cp, Out&& out) {
+  __attribute__((noinline)) void push(uint32_t cp, Out&& out) {  // the slow path: kept out of line
     const uint8_t cls = char_class(cp);
     if (!(cls & kHasDecomp)) {
       push_decomposed(cp, cls, out);
@@ -232,19 +232,8 @@ class NfkcStream {
     flush(out);
   }
 
-  // For a code point with no decomposition, combining class 0 and (when composing) nothing it
-  // composes with as the second of a pair, while at most one code point is buffered:
-  // push(cp) then flushes that one unchanged and buffers cp alone, which this does directly.
-  bool at_most_one_pending() const { return buf_.size() <= 1; }
-  template <class Out>
-  void replace_pending(uint32_t cp, uint8_t cls, Out&& out) {
-    if (buf_.empty()) {
-      buf_.push_back({cp, 0, cls});
-    } else {
-      out(buf_[0].cp, buf_[0].cls);
-      buf_[0] = {cp, 0, cls};
-    }
-  }
+  // Buffers a simple code point (no decomposition, combining class 0) into an empty buffer.
+  void hold(uint32_t cp, uint8_t cls) { buf_.push_back({cp, 0, cls}); }
 
  private:
   struct Item {
@@ -378,9 +367,14 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
   };
   NfkcStream nfkc(!opts.strip_marks);
   // Most code points have no decomposition, combining class 0 and nothing that composes with a
-  // preceding starter: such a one only ends the pending starter, which the fast path below does
-  // without the general buffer (the result is the same as NfkcStream::push).
+  // preceding starter ("simple"). NfkcStream::push of a simple code point flushes its buffer and
+  // then buffers the code point alone; here that lone code point is held in `held` instead, and
+  // handed to the stream (as its buffer) only when a code point that needs the stream comes.
+  // The output is the same as pushing every code point through the stream.
   const uint8_t slow = kHasDecomp | kNonzeroCcc | (opts.strip_marks ? 0 : kComposesSecond);
+  bool has_held = false, in_stream = false;
+  uint32_t held_cp = 0;
+  uint8_t held_cls = 0;
   int64_t i = 0;
   while (i < n) {
     // Well-formed 1- to 3-byte sequences are decoded here; the rest (4 bytes, overlong or
@@ -399,12 +393,26 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
       cp = decode_utf8(p, n, i, opts.errors, doc);
     }
     const uint8_t cls = char_class(cp);
-    if (!(cls & slow) && nfkc.at_most_one_pending()) {
-      nfkc.replace_pending(cp, cls, fold);
+    if (!(cls & slow)) [[likely]] {
+      if (in_stream) {
+        nfkc.finish(fold);
+        in_stream = false;
+      } else if (has_held) {
+        fold(held_cp, held_cls);
+      }
+      held_cp = cp;
+      held_cls = cls;
+      has_held = true;
     } else {
+      if (has_held) {
+        nfkc.hold(held_cp, held_cls);
+        has_held = false;
+      }
       nfkc.push(cp, fold);
+      in_stream = true;
     }
   }
+  if (has_held) fold(held_cp, held_cls);
   nfkc.finish(fold);
 }
 
@@ -433,16 +441,30 @@ struct DocSummary {
   bool char_mode = false;
 };
 
+// A reusable code-point buffer whose append is one compare and one store (std::vector's
+// push_back is not inlined into the normalisation loop).
+struct CodePoints {
+  std::vector<uint32_t> storage;
+  size_t size = 0;
+  void clear() { size = 0; }
+  __attribute__((always_inline)) void push(uint32_t cp) {
+    if (size == storage.size()) [[unlikely]] storage.resize(2 * size + 256);
+    storage[size++] = cp;
+  }
+  const uint32_t* begin() const { return storage.data(); }
+  const uint32_t* end() const { return storage.data() + size; }
+};
+
 // With `keep`, the normalised code points are also appended to it, for a second pass without
 // decoding and normalising again.
 DocSummary summarize(const uint8_t* p, int64_t n, const NormalizeOptions& opts, int64_t doc,
-                     std::vector<uint32_t>* keep = nullptr) {
+                     CodePoints* keep = nullptr) {
   DocSummary s;
   Hash128 h;
   int64_t letters = 0, no_space = 0;
-  for_each_normalized(p, n, opts, doc, [&](uint32_t cp, bool ns) {
+  for_each_normalized(p, n, opts, doc, [&](uint32_t cp, bool ns) __attribute__((always_inline)) {
     h.add(cp);
-    if (keep) keep->push_back(cp);
+    if (keep) keep->push(cp);
     ++s.length;
     if (cp != ' ') {
       ++letters;
@@ -796,7 +818,8 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
   std::atomic<bool> over_budget{false};
   parallel_chunks(texts.count, num_threads, 16, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> sig(P);
-    std::vector<uint32_t> keys, cps;
+    std::vector<uint32_t> keys;
+    CodePoints cps;
     HashSorter sorter;
     keys.reserve(kShingleBlock);
     for (int64_t i = begin; i < end; ++i) {
@@ -847,7 +870,7 @@ std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHa
                                   int64_t doc_index) {
   check_minhash_options(opts);
   const bool buffered = size <= kMaxBufferedBytes;
-  std::vector<uint32_t> cps;
+  CodePoints cps;
   const DocSummary s = summarize(data, size, opts.normalize, doc_index, buffered ? &cps : nullptr);
   const bool char_mode = resolve_char_mode(opts, s);
   std::vector<uint64_t> set;
