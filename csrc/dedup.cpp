@@ -1,6 +1,7 @@
 #include "dedup.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <bit>
 #include <cmath>
@@ -488,12 +489,12 @@ constexpr uint64_t kWordSalt = 0x5851F42D4C957F2Dull, kCharSalt = 0x14057B7EF767
 class ShingleHasher {
  public:
   ShingleHasher(int ngram, bool char_mode)
-      : ngram_(ngram), salt_(char_mode ? kCharSalt : kWordSalt), window_(ngram) {
+      : ngram_(ngram), salt_(char_mode ? kCharSalt : kWordSalt) {
     for (int k = 0; k < ngram; ++k) k_pow_n_ *= kMulB;
   }
 
   template <class Sink>
-  void push_token(uint64_t token, Sink&& sink) {
+  __attribute__((always_inline)) void push_token(uint64_t token, Sink&& sink) {
     poly_ = poly_ * kMulB + token;
     if (seen_ >= static_cast<uint64_t>(ngram_)) poly_ -= window_[pos_] * k_pow_n_;  // leaves the window
     window_[pos_] = token;
@@ -510,7 +511,7 @@ class ShingleHasher {
   uint64_t finalize(int len) const { return mix64(poly_ + salt_ + static_cast<uint64_t>(len) * kMulC); }
   int ngram_;
   uint64_t salt_;
-  std::vector<uint64_t> window_;
+  std::array<uint64_t, 64> window_{};  // the last ngram (<= 64) tokens, circular
   uint64_t k_pow_n_ = 1;
   uint64_t poly_ = 0;
   int pos_ = 0;
