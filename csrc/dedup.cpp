@@ -669,44 +669,50 @@ void minhash_block(const Permutations& perm, const uint32_t* keys, size_t n_keys
   fn(perm, keys, n_keys, sig);
 }
 
-// Sorts and de-duplicates v (shingle hashes: well-mixed 64-bit values). A counting pass on the
-// top bits puts each value into one of about v.size() buckets, which are then nearly all of size
-// 0 to 2; small buckets are finished by insertion sort, large ones (equal or colliding values)
-// by std::sort, so the worst case stays O(n log n). Much faster than std::sort on such data.
+// Sorts v ascending (operator<), where key(x) is a well-mixed 64-bit hash that orders like x
+// (key(x) < key(y) implies x < y). A counting pass on the key's top bits puts each value into one
+// of about v.size() buckets, which are then nearly all of size 0 to 2; small buckets are finished
+// by insertion sort, large ones (equal or colliding keys) by std::sort, so the worst case stays
+// O(n log n). Much faster than std::sort on such data (no unpredictable comparisons).
+template <class T, class Key>
+void bucket_sort(std::vector<T>& v, std::vector<T>& scratch, std::vector<uint32_t>& starts, Key&& key) {
+  const size_t n = v.size();
+  if (n < 64) {
+    std::sort(v.begin(), v.end());
+    return;
+  }
+  const int bits = std::min(20, static_cast<int>(std::bit_width(n)));
+  const int shift = 64 - bits;
+  const size_t buckets = size_t{1} << bits;
+  starts.assign(buckets + 1, 0);
+  for (const T& x : v) ++starts[(key(x) >> shift) + 1];
+  for (size_t b = 0; b < buckets; ++b) starts[b + 1] += starts[b];
+  scratch.resize(n);
+  for (const T& x : v) scratch[starts[key(x) >> shift]++] = x;  // starts[b] becomes bucket b's end
+  size_t begin = 0;
+  for (size_t b = 0; b < buckets; ++b) {
+    const size_t end = starts[b];
+    if (end - begin > 32) {
+      std::sort(scratch.begin() + begin, scratch.begin() + end);
+    } else {
+      for (size_t i = begin + 1; i < end; ++i) {
+        const T x = scratch[i];
+        size_t j = i;
+        for (; j > begin && x < scratch[j - 1]; --j) scratch[j] = scratch[j - 1];
+        scratch[j] = x;
+      }
+    }
+    begin = end;
+  }
+  v.swap(scratch);
+}
+
 struct HashSorter {
   std::vector<uint64_t> scratch;
   std::vector<uint32_t> starts;
 
   void sort_unique(std::vector<uint64_t>& v) {
-    const size_t n = v.size();
-    if (n < 64) {
-      std::sort(v.begin(), v.end());
-    } else {
-      const int bits = std::min(16, static_cast<int>(std::bit_width(n)));
-      const int shift = 64 - bits;
-      const size_t buckets = size_t{1} << bits;
-      starts.assign(buckets + 1, 0);
-      for (uint64_t x : v) ++starts[(x >> shift) + 1];
-      for (size_t b = 0; b < buckets; ++b) starts[b + 1] += starts[b];
-      scratch.resize(n);
-      for (uint64_t x : v) scratch[starts[x >> shift]++] = x;  // starts[b] becomes bucket b's end
-      size_t begin = 0;
-      for (size_t b = 0; b < buckets; ++b) {
-        const size_t end = starts[b];
-        if (end - begin > 32) {
-          std::sort(scratch.begin() + begin, scratch.begin() + end);
-        } else {
-          for (size_t i = begin + 1; i < end; ++i) {
-            const uint64_t x = scratch[i];
-            size_t j = i;
-            for (; j > begin && scratch[j - 1] > x; --j) scratch[j] = scratch[j - 1];
-            scratch[j] = x;
-          }
-        }
-        begin = end;
-      }
-      v.swap(scratch);
-    }
+    bucket_sort(v, scratch, starts, [](uint64_t x) { return x; });
     v.erase(std::unique(v.begin(), v.end()), v.end());
   }
 };
@@ -822,6 +828,7 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
     std::vector<uint32_t> keys;
     CodePoints cps;
     HashSorter sorter;
+    std::vector<uint64_t> shingle_buf;
     keys.reserve(kShingleBlock);
     for (int64_t i = begin; i < end; ++i) {
       const uint8_t* p = texts.data + texts.offsets[i];
@@ -832,9 +839,12 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
       const bool char_mode = resolve_char_mode(opts, s);
       std::fill(sig.begin(), sig.end(), std::numeric_limits<uint32_t>::max());
       keys.clear();
+      // The shingles are gathered in a per-thread buffer and the set stored at its final size:
+      // one allocation per document.
       std::vector<uint64_t>* set = sets && !over_budget.load(std::memory_order_relaxed) ? &(*sets)[i] : nullptr;
+      shingle_buf.clear();
       auto sink = [&](uint64_t x) {
-        if (set) set->push_back(x);
+        if (set) shingle_buf.push_back(x);
         keys.push_back(static_cast<uint32_t>(x >> 32));
         if (keys.size() == kShingleBlock) {
           minhash_block(perm, keys.data(), keys.size(), sig.data());
@@ -849,8 +859,8 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
       minhash_block(perm, keys.data(), keys.size(), sig.data());
       std::copy(sig.begin(), sig.end(), out.signatures + i * P);
       if (set) {
-        sorter.sort_unique(*set);
-        set->shrink_to_fit();
+        sorter.sort_unique(shingle_buf);
+        set->assign(shingle_buf.begin(), shingle_buf.end());
         if (set_total.fetch_add(static_cast<int64_t>(set->size())) + static_cast<int64_t>(set->size()) >
             out.shingle_set_budget)
           over_budget = true;
@@ -976,7 +986,8 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
   const int bands = opts.lsh.bands, rows = opts.lsh.rows;
   std::vector<std::vector<std::pair<int64_t, int64_t>>> band_pairs(bands);
   parallel_chunks(bands, opts.num_threads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<uint64_t, int64_t>> keys(lsh_docs.size());
+    std::vector<std::pair<uint64_t, int64_t>> keys(lsh_docs.size()), scratch;
+    std::vector<uint32_t> starts;
     for (int64_t band = begin; band < end; ++band) {
       for (size_t k = 0; k < lsh_docs.size(); ++k) {
         const int64_t doc = lsh_docs[k];
@@ -988,7 +999,7 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
         }
         keys[k] = {h, doc};
       }
-      std::sort(keys.begin(), keys.end());
+      bucket_sort(keys, scratch, starts, [](const std::pair<uint64_t, int64_t>& k) { return k.first; });
       auto& pairs = band_pairs[band];
       size_t start = 0;
       while (start < keys.size()) {
@@ -1026,10 +1037,12 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
   if (opts.verify) {
     auto jaccard = [](const std::vector<uint64_t>& x, const std::vector<uint64_t>& y) {
       size_t i = 0, j = 0, common = 0;
+      // Branch-free merge: the comparisons of random hashes are unpredictable.
       while (i < x.size() && j < y.size()) {
-        if (x[i] < y[j]) ++i;
-        else if (y[j] < x[i]) ++j;
-        else { ++common; ++i; ++j; }
+        const uint64_t a = x[i], b = y[j];
+        common += a == b;
+        i += a <= b;
+        j += b <= a;
       }
       const size_t uni = x.size() + y.size() - common;
       return uni == 0 ? 0.0 : static_cast<double>(common) / static_cast<double>(uni);

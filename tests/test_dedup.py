@@ -303,6 +303,18 @@ def test_shingle_set_size_matches_reference(text, ngram, shingle):
     assert np.all(np.diff(got.astype(np.float64)) >= 0)
 
 
+@pytest.mark.parametrize("text", [
+    " ".join(f"w{k % 997} x{k % 13}" for k in range(3000)),  # thousands of distinct shingles
+    "ab " * 2000,                                               # one shingle repeated
+    "".join(chr(0x4E00 + (k * 7919) % 20000) for k in range(5000)),
+])
+def test_large_shingle_sets_sorted_unique(text):
+    # Sets past the small-size path go through the bucket sort: strictly increasing, complete.
+    got = dedup._shingle_set(text)
+    assert len(got) == len(ref_shingles(text))
+    assert all(int(a) < int(b) for a, b in zip(got[:-1], got[1:]))
+
+
 def test_auto_shingle_mode_by_script():
     texts = [SAMPLES[k] for k in ("en", "ru", "ar", "he", "hi", "ko", "zh", "ja", "th")]
     r = dedup.near_duplicates(texts)
