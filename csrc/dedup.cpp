@@ -625,6 +625,9 @@ __attribute__((target("avx2"))) void minhash_block_avx2(const Permutations& perm
   minhash_block_scalar(perm, 8 * groups, keys, n_keys, sig);
 }
 
+// GCC 12 warns inside its own avx512fintrin.h (_mm512_undefined_epi32, GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 __attribute__((target("avx512f"))) void minhash_block_avx512(const Permutations& perm, const uint32_t* keys,
                                                               size_t n_keys, uint32_t* sig) {
   const int groups = perm.P / 16;
@@ -647,6 +650,7 @@ __attribute__((target("avx512f"))) void minhash_block_avx512(const Permutations&
   }
   minhash_block_scalar(perm, 16 * groups, keys, n_keys, sig);
 }
+#pragma GCC diagnostic pop
 
 #endif  // __x86_64__
 
