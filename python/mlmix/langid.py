@@ -6,6 +6,8 @@ by the config's choice): a wrong language is worse than an honest "unknown" for 
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Iterable, Sequence
 
 from ._deps import require
@@ -16,14 +18,20 @@ __all__ = ["LanguageIdentifier", "identify"]
 _MAX_CHARS = 2000
 
 
+@functools.lru_cache(maxsize=1)
+def _full_model():
+    require("py3langid", "language identification")
+    from py3langid import langid
+
+    return langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True)
+
+
 class LanguageIdentifier:
     """``classify(text) -> (lang, probability)`` with py3langid, optionally restricted to ``languages``."""
 
     def __init__(self, languages: Sequence[str] | None = None) -> None:
-        require("py3langid", "language identification")
-        from py3langid import langid
-
-        self._model = langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True)
+        # loading the model takes about a second; copies share its arrays (set_languages makes new ones)
+        self._model = copy.copy(_full_model())
         if languages:
             known = set(self._model.labels)
             unknown = sorted(set(languages) - known)

@@ -221,13 +221,19 @@ def load_tokenizer(tcfg: Mapping):
 
 
 def _tokenizer_fingerprint(tcfg: Mapping) -> list:
-    for key in ("path", "pretrained"):
-        if key in tcfg:
-            return readers.source_fingerprint({"path": tcfg[key], "format": "hf-disk" if key == "pretrained" else "jsonl"})
+    """What identifies the tokenizer's files for the cache: (path, size, mtime_ns) of each."""
+    if "name" in tcfg:
+        return []
     if "tiktoken" in tcfg:
-        st = os.stat(tcfg["tiktoken"]["path"])
-        return [tcfg["tiktoken"]["path"], st.st_size, st.st_mtime_ns]
-    return []
+        key, path = "tiktoken.path", tcfg["tiktoken"]["path"]
+    else:
+        key = "path" if "path" in tcfg else "pretrained"
+        path = tcfg[key]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer.{key}: {path!r} does not exist")
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(r, f) for r, _, names in os.walk(path) for f in names)
+    return [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
 
 
 def encode_records(tokenizer, records: Sequence[Mapping], tcfg: Mapping) -> tuple[Ragged, Ragged]:
@@ -625,6 +631,7 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
                 from .report import write_report
 
                 write_report(tmp, os.path.join(tmp, "report.html"))
+        _relax_modes(out)
         timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": False}
         log.stage("pack", _pack_line(s_pack), timings["pack"]["seconds"], False)
     for entry in cache.discarded:
@@ -634,6 +641,18 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
     summary["seconds"] = time.perf_counter() - t_start
     summary["cache_discarded"] = list(cache.discarded)
     return summary
+
+
+def _relax_modes(root: str) -> None:
+    """Give the output the usual umask-derived modes (temporary files and directories are created 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for base, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(base, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(base, f), 0o666 & ~umask)
 
 
 def _pack_line(s: Mapping) -> str:

@@ -438,6 +438,9 @@ def write_report(build_dir: str | os.PathLike, path: str | os.PathLike | None = 
     path = os.fspath(path) if path is not None else os.path.join(find_build_dir(build_dir), "report.html")
     with atomic_file(path, "wb") as f:
         f.write(html_text.encode("utf-8"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
     return path
 
 
