@@ -436,7 +436,8 @@ def test_langid_fills_missing_languages(tmp_path, tok_path):
 def test_pinch_recipe_through_the_pipeline(tmp_path, tok_path, data_path):
     import mlmix
 
-    s = mlmix.build(_cfg(tmp_path, tok_path, data_path, mixture={"recipe": "pinch", "n_multilingual": 6},
+    s = mlmix.build(_cfg(tmp_path, tok_path, data_path, mixture={"recipe": "pinch", "n_multilingual": 6,
+                                                                       "languages": ["en", "fr", "de", "ru"]},
                          langid={"backend": "none"}), quiet=True)
     counts = s["langs"]
     n_sources = 24  # parallel_rows(4): 4 variants x 6 sentences, each in every language

@@ -379,7 +379,8 @@ def _recipe_params(mcfg: Mapping) -> dict:
     return {k: v for k, v in mcfg.items() if k not in ("recipe", "seed")}
 
 
-def _stage_mix(cfg: dict, records_path: str, langs: list[str], keep: np.ndarray, out: str, log: BuildLog) -> dict:
+def _stage_mix(cfg: dict, records_path: str, langs: list[str], keep: np.ndarray, lengths: np.ndarray, out: str,
+               log: BuildLog) -> dict:
     mcfg = cfg["mixture"]
     idx = np.flatnonzero(keep)
     if mcfg["recipe"] == "all":
@@ -401,7 +402,8 @@ def _stage_mix(cfg: dict, records_path: str, langs: list[str], keep: np.ndarray,
                     "only by translations, or use recipe 'all'"
                 )
             where[key] = int(i)
-        rows = [{"id": ids[i], "lang": langs[i]} for i in idx]
+        # each row carries its token count, for recipes that budget in tokens (tokens = "tokens")
+        rows = [{"id": ids[i], "lang": langs[i], "tokens": int(lengths[i])} for i in idx]
         recipe = getattr(recipes, mcfg["recipe"])
         try:
             mixture = recipe(rows, seed=mcfg["seed"], **_recipe_params(mcfg))
@@ -409,9 +411,7 @@ def _stage_mix(cfg: dict, records_path: str, langs: list[str], keep: np.ndarray,
             raise ValueError(f"mixture: bad parameters for recipe {mcfg['recipe']!r}: {exc}") from exc
         selected = np.array(sorted(where[(str(sid), str(lang))] for sid, lang in mixture.rows), dtype=np.int64)
         mixture.save(os.path.join(out, "mixture.json"))
-        target = getattr(mixture, "target", None)
-        if callable(target):
-            target = target()
+        target = {str(k): int(v) for k, v in mixture.targets.items()}
     np.save(os.path.join(out, "selected.npy"), selected.astype(np.int64))
     counts = _by_lang([langs[i] for i in selected])
     return {"recipe": mcfg["recipe"], "params": _recipe_params(mcfg), "seed": mcfg["seed"], "examples": int(selected.size),
@@ -575,9 +575,9 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
     keep = np.load(os.path.join(d_dd, "keep.npy"))
 
     # mix
-    k_mix = stage_key("mix", _STAGE_VERSION["mix"], k_dd, cfg["mixture"])
+    k_mix = stage_key("mix", _STAGE_VERSION["mix"], k_dd, k_tok, cfg["mixture"])
     d_mix, s_mix = _cached_stage(
-        cache, log, "mix", k_mix, lambda tmp: _stage_mix(cfg, records_path, langs, keep, tmp, log),
+        cache, log, "mix", k_mix, lambda tmp: _stage_mix(cfg, records_path, langs, keep, lengths_all, tmp, log),
         lambda s: f"recipe {s['recipe']}: {s['examples']:,} examples {_fmt_langs(s['langs'])}",
         timings)
     selected = np.load(os.path.join(d_mix, "selected.npy"))
