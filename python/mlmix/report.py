@@ -229,6 +229,44 @@ def histogram(values: np.ndarray, *, title: str, xlabel: str, bins: int = 40, wi
     return "".join(parts)
 
 
+def line_chart(series: Mapping[str, Sequence[float]], *, title: str, xlabel: str = "", ylabel: str = "",
+               width: int = 820, height: int = 280, css_class: str = "chart") -> str:
+    """One polyline per series over its index (e.g. a loss per training step)."""
+    left, right, top, bottom = 58, 12, 40, 52
+    pw, ph = width - left - right, height - top - bottom
+    all_v = [float(v) for vs in series.values() for v in vs if math.isfinite(v)] or [0.0, 1.0]
+    lo, hi = min(0.0, min(all_v)), max(all_v)
+    ticks = _nice_ticks(hi - lo)
+    ymax = lo + ticks[-1]
+    n = max((len(v) for v in series.values()), default=1)
+    parts = [f'<svg class="{css_class}" role="img" aria-label="{_esc(title)}" xmlns="http://www.w3.org/2000/svg" '
+             f'viewBox="0 0 {width} {height}" width="{width}" height="{height}">',
+             f'<title>{_esc(title)}</title><text x="{left}" y="18" class="tt">{_esc(title)}</text>']
+    for t in ticks:
+        y = top + ph - ph * t / (ymax - lo or 1)
+        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" class="ax" text-anchor="end">{_fmt(lo + t)}</text>')
+    for t in _nice_ticks(n, 6):
+        if t <= n:
+            x = left + pw * t / max(n - 1, 1)
+            if x <= left + pw + 0.5:
+                parts.append(f'<text x="{x:.1f}" y="{top + ph + 15}" class="ax" text-anchor="middle">{_fmt(t)}</text>')
+    for i, (name, values) in enumerate(series.items()):
+        pts = " ".join(f"{left + pw * j / max(n - 1, 1):.1f},{top + ph - ph * (float(v) - lo) / (ymax - lo or 1):.1f}"
+                       for j, v in enumerate(values) if math.isfinite(v))
+        parts.append(f'<polyline class="line" fill="none" stroke="{PALETTE[i % len(PALETTE)]}" stroke-width="2" '
+                     f'points="{pts}"><title>{_esc(name)}</title></polyline>')
+    parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" class="axis"/>')
+    if xlabel:
+        parts.append(f'<text x="{left + pw / 2:.0f}" y="{top + ph + 32}" class="ax" text-anchor="middle">{_esc(xlabel)}</text>')
+    if ylabel:
+        parts.append(f'<text transform="translate(13,{top + ph / 2:.0f}) rotate(-90)" class="ax" '
+                     f'text-anchor="middle">{_esc(ylabel)}</text>')
+    parts.append(_legend([(n_, PALETTE[i % len(PALETTE)]) for i, n_ in enumerate(series)], left, height - 6))
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 # ---- the page ------------------------------------------------------------------------------------
 _CSS = f"""
 body {{ font-family: {_FONT}; margin: 0; background: #f6f7f9; color: #1d2330; }}
@@ -315,8 +353,11 @@ def _samples_html(build_dir: str, n: int = 3, max_tokens: int = 400) -> str:
     return "".join(out)
 
 
-def render_report(build_dir: str | os.PathLike) -> str:
-    """The HTML report of a build output directory (see :mod:`mlmix.pipeline`), as a string."""
+def render_report(build_dir: str | os.PathLike, *, extra_sections: str = "") -> str:
+    """The HTML report of a build output directory (see :mod:`mlmix.pipeline`), as a string.
+
+    ``extra_sections`` is HTML placed after the headline figures (the demo adds its training results).
+    """
     build_dir = find_build_dir(build_dir)
     with open(os.path.join(build_dir, "build.json"), encoding="utf-8") as f:
         b = json.load(f)
@@ -339,6 +380,7 @@ def render_report(build_dir: str | os.PathLike) -> str:
         _card(f"{st['read']['records']:,}", "records read"),
     ])
     sections.append(f'<div class="cards">{cards}</div>')
+    sections.append(extra_sections)
 
     sections.append("<h2>Examples and tokens per language</h2>")
     stage_series = [("read", [ex_read.get(l, 0) for l in langs]), ("after dedup", [ex_dedup.get(l, 0) for l in langs]),
