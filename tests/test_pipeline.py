@@ -447,3 +447,9 @@ def test_pinch_recipe_through_the_pipeline(tmp_path, tok_path, data_path):
     assert os.path.isfile(os.path.join(s["output"], "mixture.json"))
     mixture = mlmix.Mixture.load(os.path.join(s["output"], "mixture.json"))
     assert mixture.counts() == counts
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "examples"))))
+def test_example_configs_validate(name):
+    cfg = load_config(os.path.join(ROOT, "examples", name))
+    assert cfg["output"].startswith(os.path.join(ROOT, "runs"))
