@@ -163,7 +163,7 @@ def train(store_path: str, vocab_size: int, steps: int, seed: int, say, name: st
     model = _tiny_lm(vocab_size, seed)
     loss_fn, _ = _loss_fn()
     batches, _ = _batches(store_path, seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(os.environ.get("MLMIX_DEMO_LR", 3e-3)), betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(steps // 10, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
