@@ -11,12 +11,17 @@ from typing import Any
 
 from .ragged import Ragged
 
+# Imported eagerly: the submodule mlmix.pack shares its name with the function mlmix.pack, and binding
+# the function after the import keeps `mlmix.pack(...)` a function however the submodule is imported.
+from .pack import PackPlan, pack  # noqa: E402
+
 __version__ = "0.1.0"
 
 # public name -> (module, attribute or None for the module itself)
 _LAZY = {
-    "pack": ("mlmix.pack", "pack"),
-    "PackPlan": ("mlmix.pack", "PackPlan"),
+    "StreamPacker": ("mlmix.pack", "StreamPacker"),
+    "pack_stream": ("mlmix.pack", "pack_stream"),
+    "StoreError": ("mlmix.store", "StoreError"),
     "write_store": ("mlmix.store", "write_store"),
     "open": ("mlmix.store", "open"),
     "Store": ("mlmix.store", "Store"),
@@ -29,7 +34,7 @@ _LAZY = {
     "torch": ("mlmix.torch", None),
 }
 
-__all__ = ["Ragged", "build_info", "__version__", *_LAZY]
+__all__ = ["Ragged", "pack", "PackPlan", "build_info", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
