@@ -414,13 +414,16 @@ def test_overlong_policies(tmp_path, tok_path, data_path, policy):
     p = s["stages"]["pack"]
     assert p["overlong"] > 0
     assert p[{"truncate": "truncated", "drop": "dropped", "split": "split"}[policy]] == p["overlong"]
-    mix_examples = s["stages"]["mix"]["examples"]
-    if policy == "drop":
-        assert p["examples"] == mix_examples - p["dropped"]
-    elif policy == "truncate":
-        assert p["examples"] == mix_examples
+    mix = s["stages"]["mix"]
+    assert p["examples"] == mix["examples"]
+    tokens_in = sum(s["stages"]["tokens_by_lang"]["mix"].values())
+    if policy == "split":
+        assert p["tokens"] == tokens_in  # every token is kept, in pieces
     else:
-        assert p["examples"] > mix_examples
+        assert p["tokens"] + p["tokens_dropped"] == tokens_in
+        assert p["tokens_dropped"] > 0
+    store = mlmix.open(s["store"])
+    assert store.num_tokens == p["tokens"] and len(store) == p["sequences"]
 
 
 def test_langid_fills_missing_languages(tmp_path, tok_path):

@@ -419,37 +419,6 @@ def _stage_mix(cfg: dict, records_path: str, langs: list[str], keep: np.ndarray,
 
 
 # ---- stage: pack ---------------------------------------------------------------------------------
-def _apply_overlong(tokens: Ragged, masks: Ragged, langs: list[str], seq_len: int, policy: str, strategy: str):
-    """Apply pack.overlong to examples longer than seq_len; returns (tokens, masks, langs, counts)."""
-    lengths = tokens.lengths
-    over = np.flatnonzero(lengths > seq_len)
-    counts = {"overlong": int(over.size), "truncated": 0, "dropped": 0, "split": 0}
-    if over.size == 0 or strategy in ("wrapped", "bfd_split"):
-        return tokens, masks, langs, counts
-    if policy == "error":
-        raise ValueError(
-            f"{over.size} example(s) are longer than pack.seq_len = {seq_len} (longest {int(lengths.max())} tokens); "
-            "set pack.overlong to 'truncate', 'split' or 'drop', or raise pack.seq_len"
-        )
-    if policy == "drop":
-        keep = lengths <= seq_len
-        counts["dropped"] = int(over.size)
-        return tokens.take(keep), masks.take(keep), [lang for lang, k in zip(langs, keep) if k], counts
-    tok_out, mask_out, lang_out = [], [], []
-    for i in range(len(tokens)):
-        t, m = tokens[i], masks[i]
-        if t.shape[0] <= seq_len:
-            tok_out.append(t), mask_out.append(m), lang_out.append(langs[i])
-        elif policy == "truncate":
-            tok_out.append(t[:seq_len]), mask_out.append(m[:seq_len]), lang_out.append(langs[i])
-            counts["truncated"] += 1
-        else:  # split into seq_len pieces, each its own example
-            for s in range(0, t.shape[0], seq_len):
-                tok_out.append(t[s : s + seq_len]), mask_out.append(m[s : s + seq_len]), lang_out.append(langs[i])
-            counts["split"] += 1
-    return Ragged.from_lists(tok_out, dtype=np.uint32), Ragged.from_lists(mask_out, dtype=np.uint8), lang_out, counts
-
-
 def _length_summary(lengths: np.ndarray, langs: list[str]) -> dict:
     by: dict[str, list[int]] = {}
     for lang, n in zip(langs, lengths.tolist()):
@@ -467,19 +436,26 @@ def _stage_pack(cfg: dict, tokens: Ragged, masks: Ragged, langs: list[str], pad_
     from .store import write_store
 
     pcfg = cfg["pack"]
-    tokens, masks, langs, counts = _apply_overlong(tokens, masks, langs, pcfg["seq_len"], pcfg["overlong"], pcfg["strategy"])
+    seq_len, strategy, policy = pcfg["seq_len"], pcfg["strategy"], pcfg["overlong"]
     if len(tokens) == 0:
         raise ValueError("pack: no examples are left to pack (check the mixture and dedup statistics)")
-    write_store(out_store, tokens, seq_len=pcfg["seq_len"], loss_mask=masks, strategy=pcfg["strategy"],
-                langs=np.asarray(langs), seed=cfg["seed"])
-    from .store import open as open_store
-
-    store = open_store(out_store)
-    n_seq = len(store)
-    real = int(tokens.offsets[-1])
-    return {"sequences": n_seq, "seq_len": pcfg["seq_len"], "strategy": pcfg["strategy"], "examples": len(tokens),
-            "tokens": real, "efficiency": real / max(n_seq * pcfg["seq_len"], 1), **counts,
-            "lower_bound_sequences": -(-real // pcfg["seq_len"])}
+    lengths = tokens.lengths
+    n_over = int((lengths > seq_len).sum())
+    if strategy == "bfd_split":
+        policy = "split"
+    elif n_over and policy == "error" and strategy != "wrapped":
+        raise ValueError(
+            f"{n_over} example(s) are longer than pack.seq_len = {seq_len} (longest {int(lengths.max())} tokens); "
+            "set pack.overlong to 'truncate', 'split' or 'drop', or raise pack.seq_len"
+        )
+    manifest = write_store(out_store, tokens, seq_len=seq_len, loss_mask=masks, strategy=strategy, langs=langs,
+                           seed=cfg["seed"], pad_id=pad_id, overlong=policy)
+    counts = manifest["counts"]
+    return {"sequences": manifest["num_sequences"], "seq_len": seq_len, "strategy": strategy, "overlong_policy": policy,
+            "examples": manifest["num_examples"], "tokens": manifest["num_tokens"], "efficiency": manifest["efficiency"],
+            "lower_bound_sequences": manifest["lower_bound_sequences"], "overlong": n_over,
+            "truncated": counts["truncated"], "split": counts["split"], "dropped": counts["dropped"],
+            "tokens_dropped": counts["tokens_dropped"]}
 
 
 # ---- the driver ----------------------------------------------------------------------------------

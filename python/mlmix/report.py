@@ -506,32 +506,59 @@ def _decode_sample(hf, seq: Mapping, max_tokens: int) -> list[dict]:
     return out
 
 
+def _store_langs(store) -> dict[str, dict[str, int]]:
+    """Examples and tokens per language, counted from a store's segments (a split example counts once)."""
+    if "seg_lang" not in store.manifest["arrays"]:
+        return {}
+    seg_lang = np.asarray(store.array("seg_lang"), dtype=np.int64)
+    seg_lens = np.asarray(store.array("seg_lens"), dtype=np.int64)
+    first = np.asarray(store.array("seg_starts")) == 0
+    k = len(store.languages)
+    ex = np.bincount(seg_lang[first], minlength=k)
+    tok = np.bincount(seg_lang, weights=seg_lens, minlength=k)
+    return {lang: {"examples": int(ex[i]), "tokens": int(tok[i])} for i, lang in enumerate(store.languages)}
+
+
 def inspect_store(path: str | os.PathLike, *, samples: int = 2, max_tokens: int = 200) -> dict:
-    """What a build's store holds: counts, tokens and efficiency per language, and decoded samples."""
+    """What a store holds: sequences, tokens, efficiency, examples and tokens per language, decoded samples.
+
+    ``path`` is a build's output directory (or its ``store/``), or any packed store written by
+    ``mlmix.write_store`` (then there is no mixture information, and samples are decoded only if a
+    ``tokenizer.json`` lies next to the store).
+    """
     if samples < 0:
         raise ValueError(f"samples must be >= 0, got {samples}")
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    build_dir = find_build_dir(path)
-    with open(os.path.join(build_dir, "build.json"), encoding="utf-8") as f:
-        b = json.load(f)
     from .store import open as open_store
 
-    store = open_store(os.path.join(build_dir, "store"))
-    st = b["stages"]
+    p = os.path.abspath(os.fspath(path))
+    try:
+        build_dir = find_build_dir(p)
+        store_path = os.path.join(build_dir, "store")
+    except ValueError:
+        if not os.path.isfile(os.path.join(p, "manifest.json")):
+            raise
+        build_dir, store_path = None, p
+    store = open_store(store_path)
     info = {
-        "store": os.path.join(build_dir, "store"),
+        "store": store_path,
         "sequences": len(store),
-        "seq_len": st["pack"]["seq_len"],
-        "examples": b["examples"],
-        "tokens": b["tokens"],
-        "efficiency": b["efficiency"],
-        "strategy": st["pack"]["strategy"],
-        "mixture": {"recipe": st["mix"]["recipe"], "params": st["mix"]["params"], "seed": st["mix"]["seed"]},
-        "langs": {l: {"examples": n, "tokens": st["tokens_by_lang"]["mix"].get(l, 0)} for l, n in b["langs"].items()},
+        "seq_len": store.seq_len,
+        "examples": store.num_examples,
+        "tokens": store.num_tokens,
+        "efficiency": store.efficiency,
+        "strategy": store.manifest.get("strategy"),
+        "mixture": None,
+        "langs": _store_langs(store),
         "samples": [],
     }
-    tok_path = os.path.join(build_dir, "tokenizer.json")
+    tok_path = os.path.join(os.path.dirname(store_path), "tokenizer.json")
+    if build_dir is not None:
+        with open(os.path.join(build_dir, "build.json"), encoding="utf-8") as f:
+            mix = json.load(f)["stages"]["mix"]
+        info["mixture"] = {"recipe": mix["recipe"], "params": mix["params"], "seed": mix["seed"]}
+        tok_path = os.path.join(build_dir, "tokenizer.json")
     if samples and len(store) and os.path.isfile(tok_path):
         from ._deps import require
 
@@ -546,8 +573,10 @@ def format_inspection(info: Mapping, *, verbose: bool = False, quiet: bool = Fal
     lines = [f"store      {info['store']}",
              f"sequences  {info['sequences']:,} x {info['seq_len']:,} tokens ({info['strategy']}), "
              f"efficiency {info['efficiency']:.2%}",
-             f"examples   {info['examples']:,}, tokens {info['tokens']:,}",
-             f"mixture    {info['mixture']['recipe']} {info['mixture']['params'] or ''} seed {info['mixture']['seed']}".rstrip()]
+             f"examples   {info['examples']:,}, tokens {info['tokens']:,}"]
+    if info["mixture"]:
+        m = info["mixture"]
+        lines.append(f"mixture    {m['recipe']} {m['params'] or ''} seed {m['seed']}".replace("  ", " "))
     if quiet:
         return "\n".join(lines)
     total = max(sum(v["examples"] for v in info["langs"].values()), 1)
@@ -555,6 +584,9 @@ def format_inspection(info: Mapping, *, verbose: bool = False, quiet: bool = Fal
     lines.append(f"{'lang':<8}{'examples':>10}{'share':>8}{'tokens':>12}")
     for lang, v in sorted(info["langs"].items(), key=lambda kv: -kv[1]["examples"]):
         lines.append(f"{lang:<8}{v['examples']:>10,}{v['examples'] / total:>8.1%}{v['tokens']:>12,}")
+    if not info["samples"] and not quiet:
+        lines.append("")
+        lines.append("(no samples: no tokenizer.json next to the store to decode them)")
     for s in info["samples"]:
         lines.append("")
         lines.append(f"--- sequence {s['sequence']} (trained tokens in [[ ]]) ---")
