@@ -136,7 +136,8 @@ SCHEMA = {
                 "template": {"type": "str", "default": "auto"},
                 "train_on": {"type": "str", "enum": ["all_assistant", "last_assistant", "all"], "default": "all_assistant"},
                 "max_length": {"type": "int", "min": 1},
-                "truncation": {"type": "str", "enum": ["drop", "left_prompt", "right_response"], "default": "drop"},
+                "truncation": {"type": "str", "enum": ["drop", "truncate_prompt_left", "truncate_response_right"],
+                               "default": "drop"},
             },
         },
         "pack": {

@@ -205,7 +205,7 @@ def heldout_loss(model, tokenizer, records: list[Mapping], tcfg: Mapping) -> dic
             canon = [{"id": r["id"], "lang": lang, "messages": [{"role": "user", "content": r["instruction"]},
                                                                 {"role": "assistant", "content": r["response"]}]}
                      for r in recs]
-            toks, masks = encode_records(tokenizer, canon, tcfg)
+            toks, masks, _ = encode_records(tokenizer, canon, tcfg)
             total, count = 0.0, 0
             for i in range(len(toks)):
                 t = torch.from_numpy(np.asarray(toks[i][:SEQ_LEN], dtype=np.int64))[None]
@@ -273,7 +273,7 @@ def run(out: str, *, seed: int = 0, steps: int = DEFAULT_STEPS, quiet: bool = Fa
     train_bpe(texts, VOCAB_SIZE, tok_path, seed=seed)
     tcfg = {"path": tok_path, "template": "chatml", "train_on": "all_assistant"}
     tokenizer = load_tokenizer(tcfg)
-    vocab_size = json.load(open(tok_path, encoding="utf-8"))["model"]["vocab"].__len__() + len(SPECIAL_TOKENS)
+    vocab_size = tokenizer.vocab_size
     say(f"tokenizer: byte-level BPE trained on the training split, {vocab_size:,} tokens, ChatML template")
 
     summaries = {}

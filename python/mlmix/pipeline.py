@@ -204,10 +204,7 @@ def load_tokenizer(tcfg: Mapping):
     from .tokenize import Tokenizer
 
     if "name" in tcfg:
-        from ._tiktoken import qwen_spec
-
-        path, pattern, specials = qwen_spec(tcfg["name"])
-        return Tokenizer.from_tiktoken(path, pattern, specials)
+        return Tokenizer.qwen(tcfg["name"])
     if "path" in tcfg:
         if not os.path.isfile(tcfg["path"]):
             raise FileNotFoundError(f"tokenizer.path: {tcfg['path']!r} is not a file (expected a tokenizer.json)")
@@ -236,31 +233,23 @@ def _tokenizer_fingerprint(tcfg: Mapping) -> list:
     return [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
 
 
-def encode_records(tokenizer, records: Sequence[Mapping], tcfg: Mapping) -> tuple[Ragged, Ragged]:
-    """Tokens (uint32) and loss masks (uint8) of canonical records, in order."""
-    chat_idx = [i for i, r in enumerate(records) if "messages" in r]
-    text_idx = [i for i, r in enumerate(records) if "messages" not in r]
-    parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    if chat_idx:
-        convs = [records[i]["messages"] for i in chat_idx]
-        toks, masks = tokenizer.encode_chat(convs, template=tcfg["template"], train_on=tcfg["train_on"])
-        for j, i in enumerate(chat_idx):
-            parts[i] = (toks[j], masks[j])
-    if text_idx:
-        toks = tokenizer.encode_batch([records[i]["text"] for i in text_idx])
-        for j, i in enumerate(text_idx):
-            t = toks[j]
-            parts[i] = (t, np.ones(t.shape[0], dtype=np.uint8))
-    if not chat_idx or not text_idx:  # one kind: keep the encoder's arrays as they are
-        toks_r, masks_r = (toks, masks) if chat_idx else (toks, None)
-        if masks_r is None:
-            masks_r = Ragged(np.ones(toks_r.values.shape[0], dtype=np.uint8), toks_r.offsets, validate=False)
-        return toks_r.astype(np.uint32), masks_r.astype(np.uint8)
-    order = range(len(records))
-    return (
-        Ragged.from_lists([parts[i][0] for i in order], dtype=np.uint32),
-        Ragged.from_lists([parts[i][1] for i in order], dtype=np.uint8),
-    )
+def encode_records(tokenizer, records: Sequence[Mapping], tcfg: Mapping) -> tuple[Ragged, Ragged, dict]:
+    """Tokens (uint32) and loss masks (uint8) of canonical records, one per record in order, and the
+    encoder's counts. A record the truncation policy drops comes back empty (length 0)."""
+    enc = tokenizer.encode_records(
+        list(records), format="auto", template=tcfg["template"], train_on=tcfg["train_on"],
+        max_length=tcfg.get("max_length"), truncation=tcfg["truncation"] if "max_length" in tcfg else None,
+        on_error="raise")
+    st = enc.stats
+    stats = {"truncated": int(st.truncated), "dropped_too_long": int(st.dropped_too_long),
+             "tokens_removed": int(st.tokens_removed)}
+    tokens, masks = enc.tokens.astype(np.uint32), enc.loss_mask.astype(np.uint8)
+    if len(tokens) == len(records):
+        return tokens, masks, stats
+    # scatter around the records the policy dropped: they become empty examples, excluded downstream
+    lengths = np.zeros(len(records), dtype=np.int64)
+    lengths[np.asarray(enc.index, dtype=np.int64)] = tokens.lengths
+    return (Ragged.from_lengths(tokens.values, lengths), Ragged.from_lengths(masks.values, lengths), stats)
 
 
 def _stage_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log: BuildLog) -> dict:
@@ -269,13 +258,16 @@ def _stage_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log:
     tok_parts: list[Ragged] = []
     mask_parts: list[Ragged] = []
     n_tokens = 0
+    enc_stats: dict[str, int] = {}
     t0 = time.perf_counter()
     with log.bar("tokenize", total=n_records) as bar:
         chunk: list[dict] = []
 
         def flush() -> None:
             nonlocal n_tokens
-            t, m = encode_records(tokenizer, chunk, tcfg)
+            t, m, st = encode_records(tokenizer, chunk, tcfg)
+            for k, v in st.items():
+                enc_stats[k] = enc_stats.get(k, 0) + v
             tok_parts.append(t)
             mask_parts.append(m)
             n_tokens += int(t.offsets[-1])
@@ -294,26 +286,23 @@ def _stage_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log:
     _save_ragged(os.path.join(out, "tokens"), tokens)
     _save_ragged(os.path.join(out, "loss_mask"), masks)
     save_tokenizer(tokenizer, os.path.join(out, "tokenizer.json"))
-    return {"examples": len(tokens), "tokens": int(tokens.offsets[-1]), "loss_tokens": int(masks.values.sum(dtype=np.int64)),
-            "pad_id": _pad_id(tokenizer)}
+    return {"examples": int((tokens.lengths > 0).sum()), "tokens": int(tokens.offsets[-1]),
+            "loss_tokens": int(masks.values.sum(dtype=np.int64)), "pad_id": _pad_id(tokenizer), **enc_stats}
 
 
 def save_tokenizer(tokenizer, path: str) -> None:
     """Write the tokenizer as a tokenizer.json so that a store can be decoded later without its source."""
-    hf = getattr(tokenizer, "hf", None) or getattr(tokenizer, "backend", None) or getattr(tokenizer, "_tok", None)
-    if hf is not None and hasattr(hf, "backend_tokenizer"):
-        hf = hf.backend_tokenizer
-    if hf is None or not hasattr(hf, "to_str"):
-        return
     with open(path, "w", encoding="utf-8") as f:
-        f.write(hf.to_str())
+        f.write(tokenizer.backend.to_str())
 
 
 def _pad_id(tokenizer) -> int:
-    for attr in ("pad_id", "pad_token_id", "eos_id", "eos_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if isinstance(v, (int, np.integer)) and v >= 0:
-            return int(v)
+    """The id that pads packed rows: the EOS token's (labels are -100 there anyway), else 0."""
+    for tok in (getattr(tokenizer, "eos_token", None), "<|endoftext|>"):
+        if tok:
+            i = tokenizer.token_to_id(tok)
+            if i is not None:
+                return int(i)
     return 0
 
 
@@ -540,9 +529,11 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
     tokens_all = _load_ragged(os.path.join(d_tok, "tokens"))
     masks_all = _load_ragged(os.path.join(d_tok, "loss_mask"))
     lengths_all = tokens_all.lengths
+    alive = alive & (lengths_all > 0)  # records the tokenizer's truncation policy dropped are empty
 
     # dedup
-    k_dd = stage_key("dedup", _STAGE_VERSION["dedup"], k_lid, cfg["dedup"], cfg["seed"])
+    k_dd = stage_key("dedup", _STAGE_VERSION["dedup"], k_lid, k_tok if "max_length" in tcfg else None, cfg["dedup"],
+                     cfg["seed"])
     d_dd, s_dd = _cached_stage(
         cache, log, "dedup", k_dd, lambda tmp: _stage_dedup(cfg, records_path, langs, alive, tmp, log),
         lambda s: f"kept {s['kept']:,}; removed {sum(s['exact_removed'].values()):,} exact, "
