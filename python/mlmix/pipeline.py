@@ -329,11 +329,11 @@ def _stage_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarr
         idx_set = set(idx.tolist())
         texts = [readers.record_text(r) for i, r in enumerate(_iter_records(records_path)) if i in idx_set]
         sub_langs = [langs[i] for i in idx]
-        scope_langs = sub_langs if dcfg["scope"] == "language" else None
+        scope = "lang" if dcfg["scope"] == "language" else "global"
         with log.bar("dedup", total=len(texts) * (int(dcfg["exact"]) + int(dcfg["near"]))) as bar:
             sub_keep = np.ones(len(texts), dtype=bool)
             if dcfg["exact"] and texts:
-                res = dedup.exact_duplicates(texts, langs=scope_langs)
+                res = dedup.exact_duplicates(texts, langs=sub_langs, scope=scope)
                 sub_keep &= np.asarray(res.keep, dtype=bool)
                 for j in np.flatnonzero(~np.asarray(res.keep, dtype=bool)):
                     exact_removed[sub_langs[j]] += 1
@@ -345,7 +345,8 @@ def _stage_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarr
                     threshold=dcfg["threshold"],
                     num_perm=dcfg["num_perm"],
                     ngram=dcfg["ngram"],
-                    langs=[sub_langs[j] for j in rest] if scope_langs is not None else None,
+                    langs=[sub_langs[j] for j in rest],
+                    scope=scope,
                     seed=cfg["seed"],
                 )
                 near_keep = np.asarray(res.keep, dtype=bool)
