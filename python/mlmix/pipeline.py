@@ -70,7 +70,10 @@ class BuildLog:
     def bar(self, desc: str, total: int | None = None, unit: str = "rec"):
         if not self.progress:
             return _NoBar()
-        from tqdm.auto import tqdm
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # bars are a nicety: without tqdm the summary lines still come
+            return _NoBar()
 
         return tqdm(total=total, desc=f"{desc:<8}", unit=unit, unit_scale=True, file=self.stream, leave=False,
                     dynamic_ncols=True)
