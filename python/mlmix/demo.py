@@ -322,8 +322,10 @@ def run(out: str, *, seed: int = 0, steps: int = DEFAULT_STEPS, quiet: bool = Fa
         a, b = results["english_only"][lang], results["pinch"][lang]
         say(f"  {lang:<6}{a:>14.3f}{b:>10.3f}{b - a:>+10.3f}")
     better = [l for l in langs if results["pinch"][l] < results["english_only"][l]]
-    say(f"  the pinch ({N_PINCH} non-English examples of {summaries['pinch']['examples']}) lowers held-out loss in "
-        f"{len(better)} of {len(langs)} languages")
+    others = [l for l in langs if l != "en"]
+    say(f"  the pinch ({N_PINCH} non-English examples of {summaries['pinch']['examples']}, one per language) lowers "
+        f"held-out loss in {sum(l in better for l in others)} of the {len(others)} other languages; English "
+        f"{results['pinch']['en'] - results['english_only']['en']:+.3f} (it has {N_PINCH} fewer English examples)")
 
     result = {
         "out": out, "seed": seed, "steps": steps, "params": n_params, "loader": loader_name, "loss": loss_name,
@@ -334,7 +336,8 @@ def run(out: str, *, seed: int = 0, steps: int = DEFAULT_STEPS, quiet: bool = Fa
     from .report import render_report
 
     report_path = os.path.join(out, "report.html")
-    html_text = render_report(summaries["pinch"]["output"], extra_sections=_demo_section(result))
+    html_text = render_report(summaries["pinch"]["output"], extra_sections=_demo_section(result),
+                              title="mlmix demo: a pinch of multilinguality")
     from ._atomic import atomic_file
 
     with atomic_file(report_path, "wb") as f:

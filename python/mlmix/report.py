@@ -353,7 +353,7 @@ def _samples_html(build_dir: str, n: int = 3, max_tokens: int = 400) -> str:
     return "".join(out)
 
 
-def render_report(build_dir: str | os.PathLike, *, extra_sections: str = "") -> str:
+def render_report(build_dir: str | os.PathLike, *, extra_sections: str = "", title: str | None = None) -> str:
     """The HTML report of a build output directory (see :mod:`mlmix.pipeline`), as a string.
 
     ``extra_sections`` is HTML placed after the headline figures (the demo adds its training results).
@@ -465,7 +465,7 @@ def render_report(build_dir: str | os.PathLike, *, extra_sections: str = "") -> 
         rows.append([name, f"{s.get('seconds', 0):.2f} s"])
     sections.append(_table(["stage", "time when computed"], rows))
 
-    title = f"mlmix build report: {os.path.basename(b['output'].rstrip(os.sep))}"
+    title = title or f"mlmix build report: {os.path.basename(b['output'].rstrip(os.sep))}"
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_esc(title)}</title>"
             f"<style>{_CSS}</style></head><body><main><h1>{_esc(title)}</h1>"
