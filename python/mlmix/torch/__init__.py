@@ -1,4 +1,4 @@
-"""PyTorch integration: the fused linear cross-entropy loss (and, later, the packed dataset).
+"""PyTorch integration: the packed-store dataloader and the fused linear cross-entropy loss.
 
 Names are imported lazily so that ``import mlmix.torch`` stays cheap until one is used.
 """
@@ -10,6 +10,9 @@ from typing import Any
 
 # public name -> module inside mlmix.torch
 _LAZY = {
+    "PackedDataset": "mlmix.torch.data",
+    "PackedIterableDataset": "mlmix.torch.data",
+    "DataLoader": "mlmix.torch.data",
     "linear_cross_entropy": "mlmix.torch.loss",
     "LinearCrossEntropy": "mlmix.torch.loss",
     "patch_causal_lm": "mlmix.torch.loss",
