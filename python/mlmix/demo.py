@@ -128,7 +128,8 @@ def _batches(store_path: str, seed: int) -> tuple[Iterator[dict], str]:
     except (ImportError, AttributeError):
         PackedDataset = None
     if PackedDataset is not None:
-        ds = PackedDataset(store_path, batch_size=BATCH_SIZE, seed=seed, shuffle=True)
+        # drop_last: every step sees BATCH_SIZE rows, so both models get the same token budget
+        ds = PackedDataset(store_path, batch_size=BATCH_SIZE, seed=seed, shuffle=True, drop_last=True, languages=None)
 
         def gen():
             epoch = 0
