@@ -471,6 +471,7 @@ def _cached_stage(cache: StageCache, log: BuildLog, name: str, key: str, run: Ca
     seconds = time.perf_counter() - t0
     timings[name] = {"seconds": seconds, "cached": cached}
     log.stage(name, summary(stats), seconds, cached)
+    log.detail(f"cache {d}")
     return d, stats
 
 
@@ -605,6 +606,7 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
         _relax_modes(out)
         timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": False}
         log.stage("pack", _pack_line(s_pack), timings["pack"]["seconds"], False)
+        log.detail(f"output {out} (key {k_pack})")
     for entry in cache.discarded:
         log.line(f"warning: cache entry {entry} was corrupt and has been recomputed")
     summary = dict(summary)
