@@ -19,7 +19,8 @@ The output directory::
 
     OUTPUT/store/          the packed store (mlmix.open)
     OUTPUT/mixture.json    the mixture manifest (mlmix.Mixture.load), absent for recipe "all"
-    OUTPUT/tokenizer.json  the tokenizer, to decode samples (inspect, report)
+    OUTPUT/tokenizer.json  the tokenizer, to decode samples (inspect, report); absent for the bundled
+                           tokenizers (tokenizer.name), which build.json names
     OUTPUT/build.json      config, stage keys and statistics
     OUTPUT/report.html     the report (mlmix report)
 """
@@ -288,7 +289,8 @@ def _stage_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log:
     masks = Ragged.concat(mask_parts) if mask_parts else Ragged(np.zeros(0, np.uint8), np.zeros(1, np.int64))
     _save_ragged(os.path.join(out, "tokens"), tokens)
     _save_ragged(os.path.join(out, "loss_mask"), masks)
-    save_tokenizer(tokenizer, os.path.join(out, "tokenizer.json"))
+    if "name" not in tcfg:  # a bundled tokenizer is found again by its name (saves writing ~7 MB)
+        save_tokenizer(tokenizer, os.path.join(out, "tokenizer.json"))
     return {"examples": int((tokens.lengths > 0).sum()), "tokens": int(tokens.offsets[-1]),
             "loss_tokens": int(masks.values.sum(dtype=np.int64)), "pad_id": _pad_id(tokenizer), **enc_stats}
 
