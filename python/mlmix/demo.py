@@ -257,7 +257,6 @@ def run(out: str, *, seed: int = 0, steps: int = DEFAULT_STEPS, quiet: bool = Fa
 
     from . import data
     from .pipeline import build, load_tokenizer
-    from .report import write_report
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
