@@ -34,6 +34,7 @@ _LAZY = {
     "RecordError": ("mlmix.formats", "RecordError"),
     "build": ("mlmix.pipeline", "build"),
     "torch": ("mlmix.torch", None),
+    "data": ("mlmix.data", None),
 }
 
 __all__ = ["Ragged", "pack", "PackPlan", "build_info", "__version__", *_LAZY]
