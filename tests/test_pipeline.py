@@ -452,10 +452,20 @@ def test_pinch_recipe_through_the_pipeline(tmp_path, tok_path, data_path):
     assert mixture.counts() == counts
 
 
-@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "examples"))))
+EXAMPLES = sorted(os.listdir(os.path.join(ROOT, "examples")))
+
+
+@pytest.mark.parametrize("name", [n for n in EXAMPLES if not n.startswith("eval")])
 def test_example_configs_validate(name):
     cfg = load_config(os.path.join(ROOT, "examples", name))
     assert cfg["output"].startswith(os.path.join(ROOT, "runs"))
+
+
+@pytest.mark.parametrize("name", [n for n in EXAMPLES if n.startswith("eval")])
+def test_example_eval_configs_validate(name):
+    from mlmix.eval.runner import load_config as load_eval_config
+
+    assert load_eval_config(os.path.join(ROOT, "examples", name))
 
 
 def test_example_pinch_builds_with_qwen(tmp_path):
