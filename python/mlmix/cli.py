@@ -1,10 +1,20 @@
-"""The ``mlmix`` command line: ``mlmix demo | build CONFIG | inspect STORE | report STORE | eval``."""
+"""The ``mlmix`` command line: ``mlmix demo | build CONFIG | inspect STORE | report STORE | info``.
+
+Exit codes: 0 success; 1 a user error (bad config, missing file, bad data: one line on stderr naming
+what is wrong); 2 bad command-line usage (argparse); 130 interrupted. ``--json`` prints one JSON
+document on stdout and nothing else there; logs and progress bars go to stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -12,7 +22,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     info = mlmix.build_info()
     if args.json:
-        print(json.dumps(info, indent=2))
+        _print_json(info)
     else:
         for k, v in info.items():
             print(f"{k:>22}: {v}")
@@ -25,29 +35,102 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .pipeline import build
+
+    progress = False if args.no_progress else None
+    summary = build(args.config, quiet=args.quiet or args.json, verbose=args.verbose, progress=progress,
+                    use_cache=not args.no_cache)
+    if args.json:
+        summary = {k: v for k, v in summary.items() if k != "config"}
+        _print_json(summary)
+    elif not args.quiet:
+        print(f"wrote {summary['store']}: {summary['examples']:,} examples, {summary['tokens']:,} tokens, "
+              f"{summary['sequences']:,} sequences ({summary['efficiency']:.2%} full) in {summary['seconds']:.1f}s")
+        report = os.path.join(summary["output"], "report.html")
+        if os.path.isfile(report):
+            print(f"report: {report}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .report import format_inspection, inspect_store
+
+    info = inspect_store(args.store, samples=args.samples, max_tokens=args.max_tokens)
+    if args.json:
+        _print_json(info)
+    else:
+        print(format_inspection(info, verbose=args.verbose, quiet=args.quiet))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(args.store, args.output)
+    if args.json:
+        _print_json({"report": path})
+    elif not args.quiet:
+        print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import mlmix
+
     parser = argparse.ArgumentParser(
         prog="mlmix",
         description="Language-balanced sampling, dedup, tokenization and packing for multilingual instruction tuning.",
+        epilog="Run 'mlmix COMMAND --help' for a command's options. Start with 'mlmix demo'.",
     )
-    parser.add_argument("--version", action="version", version=f"mlmix {__import__('mlmix').__version__}")
+    parser.add_argument("--version", action="version", version=f"mlmix {mlmix.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
         g = p.add_mutually_exclusive_group()
-        g.add_argument("-q", "--quiet", action="store_true", help="print only errors and the final summary")
+        g.add_argument("-q", "--quiet", action="store_true", help="print only errors (and --json output)")
         g.add_argument("-v", "--verbose", action="store_true", help="print more detail")
         p.add_argument("--json", action="store_true", help="print a machine-readable JSON summary on stdout")
+
+    p = sub.add_parser("demo", help="the end-to-end demo on the bundled parallel set (about 2 minutes on 2 cores)",
+                       description="Build the study's mixtures (English-only, the pinch, P=100) on the bundled "
+                                   "12-language parallel instruction set, train a tiny causal LM on two of them and "
+                                   "compare held-out loss per language; writes a report.")
+    common(p)
+    p.add_argument("--out", default="mlmix-demo", help="output directory (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the demo's budget)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("build", help="run the pipeline a config describes: read, langid, dedup, mix, tokenize, pack",
+                       description="Read the sources, identify languages, remove duplicates, build the mixture, "
+                                   "tokenize with the chat template and pack into a store, as CONFIG (TOML or YAML; "
+                                   "see docs/config.md) says. Stages are cached: a rerun redoes only what changed.")
+    common(p)
+    p.add_argument("config", metavar="CONFIG", help="the build config (.toml, .yaml/.yml or .json)")
+    p.add_argument("--no-cache", action="store_true", help="recompute every stage (the cache is refreshed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: bars when stderr is a terminal)")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("inspect", help="what a built store holds: languages, tokens, efficiency, decoded samples",
+                       description="Summarise a packed store: sequences, tokens, packing efficiency, examples and "
+                                   "tokens per language, and a few decoded samples with the trained spans marked.")
+    common(p)
+    p.add_argument("store", metavar="STORE", help="the build's output directory (or its store/ inside)")
+    p.add_argument("-n", "--samples", type=int, default=2, help="decoded samples to show (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=200, help="tokens shown per sample (default: %(default)s)")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("report", help="write the HTML report of a built store",
+                       description="Render the build's self-contained HTML report (inline SVG charts).")
+    common(p)
+    p.add_argument("store", metavar="STORE", help="the build's output directory (or its store/ inside)")
+    p.add_argument("-o", "--output", default=None, help="where to write the HTML (default: STORE/report.html)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("info", help="what this installation was built with")
     common(p)
     p.set_defaults(func=_cmd_info)
-
-    p = sub.add_parser("demo", help="run the embedded end-to-end demo on bundled data")
-    common(p)
-    p.add_argument("--out", default="mlmix-demo", help="output directory (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.set_defaults(func=_cmd_demo)
     return parser
 
 
@@ -55,15 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("mlmix: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        print(f"mlmix: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, ImportError) as exc:
+        if getattr(args, "verbose", False):
+            import traceback
+
+            traceback.print_exc()
+        print(f"mlmix {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
 

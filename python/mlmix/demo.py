@@ -1,93 +1,352 @@
-"""``mlmix demo``: the embedded default job, run on generated data.
+"""``mlmix demo``: the study's effect in miniature, end to end, on the bundled parallel instruction set.
 
-Until the end-to-end pipeline lands, it exercises the packing engine and the store: SFT-like tokenized
-examples (a prompt whose tokens are masked out of the loss, then a response), in several languages,
-packed with best-fit decreasing at seq_len 2048, written as a packed store, reopened and verified.
+1. Train a small byte-level BPE (HF ``tokenizers``' trainer, ChatML special tokens) on the training split,
+   so the tiny model's embedding table stays small (Qwen's 151k vocabulary would dwarf it).
+2. Build three of the study's mixtures with ``mlmix.build`` (English-only, the pinch, P=100): read,
+   dedup, mix, tokenize with ChatML and loss masks, pack; print their per-language tables. The three
+   builds share one stage cache, so reading and tokenizing happen once.
+3. Train the same tiny randomly initialised causal LM (transformers' Qwen2 architecture, about 1M
+   parameters) on the CPU twice with the same budget, once on English-only and once on the pinch, reading
+   the packed stores with mlmix's dataloader and computing the loss with mlmix's fused linear
+   cross-entropy; print the loss as it falls.
+4. Compare held-out loss per language (the held-out split: sources neither model saw) and write the
+   report, with the loss curves and the per-language comparison, next to the stores.
+
+Seeded and deterministic: the same seed gives the same numbers on the same machine and thread count.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import sys
 import time
+from typing import Iterator, Mapping
 
 import numpy as np
 
-from .ragged import Ragged
+SEQ_LEN = 256
+BATCH_SIZE = 8
+DEFAULT_STEPS = 120
+VOCAB_SIZE = 3072
+N_PINCH = 11  # one example in each non-English language: "a pinch" at this set's scale (64 sources)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MIXTURES = {
+    "english_only": {"recipe": "monolingual", "lang": "en"},
+    "pinch": {"recipe": "pinch", "n_multilingual": N_PINCH},
+    "p100": {"recipe": "percent_mixture", "percent": 100},
+}
+TRAINED = ("english_only", "pinch")
 
-SEQ_LEN = 2048
-LANGS = ("en", "de", "fr", "es", "zh", "ja", "ar", "hi", "sw", "yo")
+
+def train_bpe(texts, vocab_size: int, path: str, seed: int = 0) -> str:
+    """Train a byte-level BPE with ChatML's special tokens on ``texts``; save it as a tokenizer.json."""
+    from ._deps import require
+
+    require("tokenizers", "training the demo's tokenizer")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    from ._atomic import atomic_file
+
+    with atomic_file(path, "wb") as f:
+        f.write(tok.to_str().encode("utf-8"))
+    return path
 
 
-def sft_examples(n: int, seed: int) -> tuple[Ragged, Ragged, list[str]]:
-    """n chat-like examples: log-normal lengths in [64, seq_len], prompt share 10-60% (masked)."""
-    rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(np.log(450), 0.8, size=n), 64, SEQ_LEN).astype(np.int64)
-    total = int(lengths.sum())
-    tokens = Ragged.from_lengths(rng.integers(0, 151_643, size=total, dtype=np.uint32), lengths)
-    prompt = (lengths * rng.uniform(0.1, 0.6, size=n)).astype(np.int64)
-    # mask is 1 from each example's prompt end onwards: position within example >= prompt length
-    within = np.arange(total, dtype=np.int64) - np.repeat(tokens.offsets[:-1], lengths)
-    mask = Ragged.from_lengths(within >= np.repeat(prompt, lengths), lengths)
-    langs = [LANGS[k] for k in rng.integers(0, len(LANGS), size=n)]
-    return tokens, mask, langs
+def _demo_data_dir() -> str:
+    from . import data
+
+    return os.path.join(os.path.dirname(os.path.abspath(data.__file__)), "demo")
+
+
+class _Printer:
+    def __init__(self, quiet: bool, stream=None):
+        self.quiet = quiet
+        self.stream = stream or sys.stdout
+
+    def __call__(self, text: str = "") -> None:
+        if not self.quiet:
+            print(text, file=self.stream, flush=True)
+
+
+# ---- the model ---------------------------------------------------------------------------------
+def _tiny_lm(vocab_size: int, seed: int):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ_LEN,
+                      tie_word_embeddings=True, attn_implementation="sdpa")
+    return Qwen2ForCausalLM(cfg)
+
+
+def _block_causal_mask(position_ids):
+    """(batch, 1, T, T) additive mask: causal within each packed example, nothing across examples."""
+    import torch
+
+    seg = (position_ids == 0).cumsum(-1)
+    t = position_ids.shape[-1]
+    allowed = (seg[:, :, None] == seg[:, None, :]) & torch.ones(t, t, dtype=torch.bool).tril()
+    mask = torch.zeros(allowed.shape, dtype=torch.float32)
+    mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    return mask[:, None]
+
+
+def _loss_fn():
+    """mlmix's fused linear cross-entropy, or a plain materialised one (and say so) if it is missing."""
+    try:
+        from .torch import linear_cross_entropy
+
+        return linear_cross_entropy, "mlmix.torch.linear_cross_entropy (fused)"
+    except (ImportError, AttributeError):
+        import torch.nn.functional as F
+
+        def plain(hidden, weight, labels, *, shift=False, reduction="mean", ignore_index=-100):
+            if shift:
+                hidden, labels = hidden[..., :-1, :], labels[..., 1:]
+            logits = hidden.reshape(-1, hidden.shape[-1]).float() @ weight.float().T
+            return F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)
+
+        return plain, "torch cross-entropy (mlmix.torch.linear_cross_entropy is not available in this install)"
+
+
+def _batches(store_path: str, seed: int) -> tuple[Iterator[dict], str]:
+    """Endless training batches from a packed store (padded layout): mlmix's loader, else the store by index."""
+    import torch
+
+    try:
+        from .torch import PackedDataset
+    except (ImportError, AttributeError):
+        PackedDataset = None
+    if PackedDataset is not None:
+        ds = PackedDataset(store_path, batch_size=BATCH_SIZE, seed=seed, shuffle=True)
+
+        def gen():
+            epoch = 0
+            while True:
+                if hasattr(ds, "set_epoch"):
+                    ds.set_epoch(epoch)
+                for batch in ds:
+                    yield {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
+                epoch += 1
+
+        return gen(), "mlmix.torch.PackedDataset"
+    from .store import open as open_store
+
+    store = open_store(store_path)
+
+    def gen_plain():
+        rng = np.random.default_rng(seed)
+        while True:
+            order = rng.permutation(len(store))
+            for s in range(0, len(order) - BATCH_SIZE + 1 if len(order) >= BATCH_SIZE else 1, BATCH_SIZE):
+                rows = [store[int(i)] for i in order[s : s + BATCH_SIZE]]
+                yield {k: torch.from_numpy(np.stack([np.asarray(r[k], dtype=np.int64) for r in rows]))
+                       for k in ("input_ids", "labels", "position_ids")}
+
+    return gen_plain(), "the packed store read by index (mlmix.torch.PackedDataset is not available in this install)"
+
+
+def train(store_path: str, vocab_size: int, steps: int, seed: int, say, name: str) -> tuple[object, list[float]]:
+    """Train the tiny LM on a packed store for ``steps`` steps; returns the model and the loss per step."""
+    import torch
+
+    model = _tiny_lm(vocab_size, seed)
+    loss_fn, _ = _loss_fn()
+    batches, _ = _batches(store_path, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(os.environ.get("MLMIX_DEMO_LR", 3e-3)), betas=(0.9, 0.95), weight_decay=0.01)
+    warmup = max(steps // 10, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
+    losses: list[float] = []
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        batch = next(batches)
+        ids, labels, pos = (torch.as_tensor(batch[k]).long() for k in ("input_ids", "labels", "position_ids"))
+        hidden = model.model(input_ids=ids, position_ids=pos, attention_mask=_block_causal_mask(pos)).last_hidden_state
+        loss = loss_fn(hidden, model.lm_head.weight, labels, shift=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if step == 0 or (step + 1) % 20 == 0 or step + 1 == steps:
+            recent = losses[-20:]
+            say(f"  {name:<13} step {step + 1:>4}/{steps}  loss {sum(recent) / len(recent):6.3f}  "
+                f"({time.perf_counter() - t0:5.1f}s)")
+    return model, losses
+
+
+def heldout_loss(model, tokenizer, records: list[Mapping], tcfg: Mapping) -> dict[str, float]:
+    """Mean loss per trained token (nats) of each language's held-out examples."""
+    import torch
+
+    from .pipeline import encode_records
+
+    loss_fn, _ = _loss_fn()
+    model.eval()
+    by_lang: dict[str, list[Mapping]] = {}
+    for r in records:
+        by_lang.setdefault(r["lang"], []).append(r)
+    out = {}
+    with torch.no_grad():
+        for lang, recs in by_lang.items():
+            canon = [{"id": r["id"], "lang": lang, "messages": [{"role": "user", "content": r["instruction"]},
+                                                                {"role": "assistant", "content": r["response"]}]}
+                     for r in recs]
+            toks, masks, _ = encode_records(tokenizer, canon, tcfg)
+            total, count = 0.0, 0
+            for i in range(len(toks)):
+                t = torch.from_numpy(np.asarray(toks[i][:SEQ_LEN], dtype=np.int64))[None]
+                m = torch.from_numpy(np.asarray(masks[i][:SEQ_LEN]).astype(bool))[None]
+                labels = torch.where(m, t, torch.full_like(t, -100))
+                pos = torch.arange(t.shape[1])[None]
+                hidden = model.model(input_ids=t, position_ids=pos).last_hidden_state
+                per_tok = loss_fn(hidden, model.lm_head.weight, labels, shift=True, reduction="sum")
+                total += float(per_tok)
+                count += int(m[:, 1:].sum())
+            out[lang] = total / max(count, 1)
+    return out
+
+
+# ---- report additions ----------------------------------------------------------------------------
+def _demo_section(result: Mapping) -> str:
+    from .report import _esc, _table, bar_chart, line_chart
+
+    langs = list(result["heldout"]["english_only"])
+    losses = {name: result["train_loss"][name] for name in TRAINED}
+    parts = ["<h2>Demo: English-only against the pinch</h2>",
+             f'<p class="note">The same tiny causal LM ({result["params"]:,} parameters, randomly initialised) '
+             f'trained for {result["steps"]} steps of {BATCH_SIZE} x {SEQ_LEN} tokens on each mixture; '
+             f'data loaded with {_esc(result["loader"])}, loss by {_esc(result["loss"])}.</p>']
+    parts.append("<figure>" + line_chart(losses, title="Training loss", xlabel="step", ylabel="loss (nats/token)")
+                 + "</figure>")
+    series = [(name.replace("_", " "), [result["heldout"][name][l] for l in langs]) for name in TRAINED]
+    parts.append("<figure>" + bar_chart(langs, series, title="Held-out loss per language (lower is better)",
+                                        ylabel="nats/token") + "</figure>")
+    rows = [[l, f"{result['heldout']['english_only'][l]:.3f}", f"{result['heldout']['pinch'][l]:.3f}",
+             f"{result['heldout']['pinch'][l] - result['heldout']['english_only'][l]:+.3f}"] for l in langs]
+    parts.append(_table(["language", "English-only", "pinch", "difference"], rows))
+    return "".join(parts)
+
+
+# ---- main ----------------------------------------------------------------------------------------
+def run(out: str, *, seed: int = 0, steps: int = DEFAULT_STEPS, quiet: bool = False, verbose: bool = False) -> dict:
+    """Run the demo into directory ``out``; returns its results (also written to ``out/demo.json``)."""
+    from ._deps import require
+
+    require("torch", "the demo's training")
+    require("transformers", "the demo's tiny model")
+    import torch
+
+    from . import data
+    from .pipeline import build, load_tokenizer
+    from .report import write_report
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    say = _Printer(quiet)
+    t_start = time.perf_counter()
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(seed)
+
+    train_recs = data.demo_records(split="train")
+    heldout = data.demo_records(split="heldout")
+    langs = list(data.DEMO_LANGUAGES)
+    say(f"mlmix demo: {len(train_recs) // len(langs)} training and {len(heldout) // len(langs)} held-out "
+        f"instruction/response sources, each in {len(langs)} languages ({', '.join(langs)})")
+
+    tok_path = os.path.join(out, "tokenizer.json")
+    texts = [f"{r['instruction']}\n{r['response']}" for r in train_recs]
+    train_bpe(texts, VOCAB_SIZE, tok_path, seed=seed)
+    tcfg = {"path": tok_path, "template": "chatml", "train_on": "all_assistant"}
+    tokenizer = load_tokenizer(tcfg)
+    vocab_size = tokenizer.vocab_size
+    say(f"tokenizer: byte-level BPE trained on the training split, {vocab_size:,} tokens, ChatML template")
+
+    summaries = {}
+    for name, mixture in MIXTURES.items():
+        cfg = {
+            "output": os.path.join(out, name),
+            "cache_dir": os.path.join(out, "cache"),
+            "seed": seed,
+            "sources": [{"path": os.path.join(_demo_data_dir(), "*.jsonl"), "where": {"split": "train"}}],
+            "langid": {"backend": "none"},
+            "dedup": {"exact": True, "near": True},
+            "mixture": dict(mixture),
+            "tokenizer": {"path": tok_path, "template": "chatml"},
+            "pack": {"seq_len": SEQ_LEN, "overlong": "truncate"},
+            "report": False,
+        }
+        say(f"\nbuilding mixture {name} ({', '.join(f'{k}={v}' for k, v in mixture.items())})")
+        summaries[name] = build(cfg, quiet=quiet or not verbose, progress=False)
+        s = summaries[name]
+        say(f"  {s['examples']} examples, {s['tokens']:,} tokens, {s['sequences']} sequences of {SEQ_LEN} "
+            f"({s['efficiency']:.1%} full)")
+
+    say("\nexamples per language in each mixture:")
+    say(f"  {'lang':<6}" + "".join(f"{n:>14}" for n in MIXTURES))
+    for lang in langs:
+        say(f"  {lang:<6}" + "".join(f"{summaries[n]['langs'].get(lang, 0):>14}" for n in MIXTURES))
+    say(f"  {'total':<6}" + "".join(f"{summaries[n]['examples']:>14}" for n in MIXTURES))
+
+    _, loss_name = _loss_fn()
+    _, loader_name = _batches(summaries["pinch"]["store"], seed)
+    say(f"\ntraining the same tiny LM twice, {steps} steps of {BATCH_SIZE} x {SEQ_LEN} tokens each, on the CPU")
+    say(f"  loader: {loader_name}\n  loss:   {loss_name}")
+    models, curves = {}, {}
+    for name in TRAINED:
+        models[name], curves[name] = train(summaries[name]["store"], vocab_size, steps, seed, say, name)
+    n_params = sum(p.numel() for p in models["pinch"].parameters())
+
+    say("\nheld-out loss per language (nats per trained token; lower is better):")
+    results = {name: heldout_loss(models[name], tokenizer, heldout, tcfg) for name in TRAINED}
+    say(f"  {'lang':<6}{'English-only':>14}{'pinch':>10}{'change':>10}")
+    for lang in langs:
+        a, b = results["english_only"][lang], results["pinch"][lang]
+        say(f"  {lang:<6}{a:>14.3f}{b:>10.3f}{b - a:>+10.3f}")
+    better = [l for l in langs if results["pinch"][l] < results["english_only"][l]]
+    say(f"  the pinch ({N_PINCH} non-English examples of {summaries['pinch']['examples']}) lowers held-out loss in "
+        f"{len(better)} of {len(langs)} languages")
+
+    result = {
+        "out": out, "seed": seed, "steps": steps, "params": n_params, "loader": loader_name, "loss": loss_name,
+        "mixtures": {n: summaries[n]["langs"] for n in MIXTURES},
+        "stores": {n: summaries[n]["store"] for n in MIXTURES},
+        "train_loss": curves, "heldout": results, "improved_languages": better,
+    }
+    from .report import render_report
+
+    report_path = os.path.join(out, "report.html")
+    html_text = render_report(summaries["pinch"]["output"], extra_sections=_demo_section(result))
+    from ._atomic import atomic_file
+
+    with atomic_file(report_path, "wb") as f:
+        f.write(html_text.encode("utf-8"))
+    result["report"] = report_path
+    result["seconds"] = time.perf_counter() - t_start
+    with atomic_file(os.path.join(out, "demo.json"), "wb") as f:
+        f.write(json.dumps(result, indent=1).encode("utf-8"))
+    say(f"\nreport: {report_path}")
+    say(f"done in {result['seconds']:.0f}s")
+    return result
 
 
 def main(args: argparse.Namespace) -> int:
-    from .pack import pack
-    from .store import open as open_store, write_store
-
-    t0 = time.perf_counter()
-    tokens, mask, langs = sft_examples(40_000, args.seed)
-    n_tok = int(tokens.lengths.sum())
-    t_gen = time.perf_counter()
-
-    plan = pack(tokens, SEQ_LEN, strategy="bfd", seed=args.seed)
-    rows = plan.materialize(tokens, mask)
-    t_pack = time.perf_counter()
-
-    write_store(args.out, tokens, seq_len=SEQ_LEN, loss_mask=mask, langs=langs, seed=args.seed)
-    t_write = time.perf_counter()
-    store = open_store(args.out, verify=True)
-    first = store[0]
-    t_open = time.perf_counter()
-
-    bound = plan.lower_bound
-    summary = {
-        "examples": len(tokens),
-        "tokens": n_tok,
-        "seq_len": SEQ_LEN,
-        "sequences": len(store),
-        "lower_bound_sequences": bound,
-        "efficiency": store.efficiency,
-        "efficiency_lower_bound": n_tok / (bound * SEQ_LEN),
-        "loss_tokens": int((rows["labels"] != -100).sum()),
-        "languages": len(store.languages),
-        "pack_tokens_per_s": n_tok / (t_pack - t_gen),
-        "write_tokens_per_s": n_tok / (t_write - t_pack),
-        "open_verify_s": t_open - t_write,
-        "store": str(args.out),
-        "total_s": t_open - t0,
-    }
-    if not np.array_equal(first["input_ids"], rows["input_ids"][0]):
-        raise RuntimeError("store row 0 differs from the packed row 0")
-    if getattr(args, "json", False):
-        print(json.dumps(summary, indent=2))
-        return 0
-    print(f"mlmix demo: SFT-like examples packed with BFD at seq_len {SEQ_LEN}, stored at {args.out}")
-    table = [
-        ("examples", f"{summary['examples']:,}"),
-        ("tokens", f"{n_tok:,}"),
-        ("loss tokens (after masking)", f"{summary['loss_tokens']:,}"),
-        ("languages", f"{summary['languages']}"),
-        ("sequences", f"{len(store):,} (lower bound {bound:,})"),
-        ("packing efficiency", f"{store.efficiency:.4%} (bound {summary['efficiency_lower_bound']:.4%})"),
-        ("plan + materialise", f"{summary['pack_tokens_per_s'] / 1e6:,.1f} M tokens/s"),
-        ("write store", f"{summary['write_tokens_per_s'] / 1e6:,.1f} M tokens/s"),
-        ("reopen + verify checksums", f"{summary['open_verify_s']:.2f} s"),
-        ("total", f"{summary['total_s']:.1f} s"),
-    ]
-    width = max(len(k) for k, _ in table)
-    for k, v in table:
-        print(f"  {k:<{width}}  {v}")
+    result = run(args.out, seed=args.seed, steps=args.steps or DEFAULT_STEPS, quiet=args.quiet or args.json,
+                 verbose=args.verbose)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "train_loss"}, indent=2))
     return 0

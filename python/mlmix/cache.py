@@ -1,0 +1,111 @@
+"""The pipeline's stage cache: one directory per (stage, key), written atomically, verified by checksum.
+
+A stage's key is a hash of its configuration and of the key of the stage before it (the first stage
+hashes its sources' fingerprints), so a change anywhere invalidates exactly the stages downstream of it.
+Each entry holds the stage's files plus ``entry.json`` with the sha256 of every file; an entry whose
+files do not match (a truncated write from an older version, a disk error, a hand edit) is discarded
+and recomputed, never trusted. Entries are written in a temporary directory renamed into place
+(``_atomic.atomic_directory``), so a run killed at any moment leaves either the whole entry or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+from ._atomic import atomic_directory
+
+__all__ = ["StageCache", "stage_key"]
+
+_ENTRY = "entry.json"
+_FORMAT = 1
+
+
+def stage_key(*parts: Any) -> str:
+    """A stable hex key for JSON-serialisable ``parts`` (dict keys sorted)."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files_under(root: str) -> list[str]:
+    out = []
+    for base, _, names in os.walk(root):
+        for n in names:
+            rel = os.path.relpath(os.path.join(base, n), root)
+            if rel != _ENTRY:
+                out.append(rel)
+    return sorted(out)
+
+
+class StageCache:
+    """Stage outputs under ``root/<stage>/<key>/``; ``keep`` most recently used entries per stage survive."""
+
+    def __init__(self, root: str | os.PathLike, *, enabled: bool = True, keep: int = 3) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.enabled = enabled
+        self.keep = keep
+        self.discarded: list[str] = []  # entries found corrupt during this run (for the log)
+
+    def path(self, stage: str, key: str) -> str:
+        return os.path.join(self.root, stage, key)
+
+    def load(self, stage: str, key: str) -> str | None:
+        """The entry's directory if it exists and every checksum matches; otherwise None (corrupt ones removed)."""
+        if not self.enabled:
+            return None
+        d = self.path(stage, key)
+        meta_path = os.path.join(d, _ENTRY)
+        if not os.path.isdir(d):
+            return None
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            ok = (
+                meta.get("format") == _FORMAT
+                and meta.get("stage") == stage
+                and meta.get("key") == key
+                and sorted(meta["files"]) == _files_under(d)
+                and all(_file_sha256(os.path.join(d, rel)) == h for rel, h in meta["files"].items())
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            self.discarded.append(f"{stage}/{key}")
+            shutil.rmtree(d, ignore_errors=True)
+            return None
+        os.utime(d)  # most recently used, for pruning
+        return d
+
+    def save(self, stage: str, key: str, write: Callable[[str], Any]) -> str:
+        """Run ``write(tmpdir)`` and commit its files as the entry ``(stage, key)``; returns the entry's directory."""
+        d = self.path(stage, key)
+        with atomic_directory(d) as tmp:
+            write(tmp)
+            files = {rel: _file_sha256(os.path.join(tmp, rel)) for rel in _files_under(tmp)}
+            with open(os.path.join(tmp, _ENTRY), "w", encoding="utf-8") as f:
+                json.dump({"format": _FORMAT, "stage": stage, "key": key, "created": time.time(), "files": files}, f)
+        self._prune(stage, keep_key=key)
+        return d
+
+    def _prune(self, stage: str, keep_key: str) -> None:
+        base = os.path.join(self.root, stage)
+        try:
+            entries = [e for e in os.listdir(base) if not e.startswith(".")]
+        except OSError:
+            return
+        entries.sort(key=lambda e: os.path.getmtime(os.path.join(base, e)), reverse=True)
+        for e in entries[self.keep :]:
+            if e != keep_key:
+                shutil.rmtree(os.path.join(base, e), ignore_errors=True)

@@ -1,0 +1,315 @@
+"""The build config of ``mlmix build``: loaded from YAML, TOML or a dict, validated, defaults filled in.
+
+Validation walks a small declarative schema (below) so that every error names the offending key path,
+the value found and what is accepted, e.g. ``sources[1].fields.text: expected a string, got 3``.
+docs/config.md documents every key.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Mapping
+
+__all__ = ["ConfigError", "load_config", "validate_config", "SCHEMA"]
+
+
+class ConfigError(ValueError):
+    """A config that does not match the schema; the message starts with the key path."""
+
+
+# ---- schema ------------------------------------------------------------------------------------
+# A node is a dict with "type" in {str, int, float, bool, list, dict, any}; dict nodes have "keys"
+# ({name: node}) and optionally "extra" (a node for keys not listed, or absent: unknown keys are an
+# error); list nodes have "items". "default" fills a missing key; "required" makes it mandatory;
+# "enum" lists accepted values; "min"/"max" bound numbers (inclusive); "gt" is an exclusive minimum;
+# "one_of_types" accepts several types.
+
+_STR = {"type": "str"}
+_RECORD_FORMATS = ["auto", "messages", "alpaca", "prompt_response", "text"]
+_SOURCE_FORMATS = ["auto", "jsonl", "parquet", "hf-disk", "hub"]
+_RECIPES = [
+    "all",
+    "monolingual",
+    "pinch",
+    "percent_mixture",
+    "unseen_split",
+    "language_diversity",
+    "bilingual",
+    "temperature",
+    "unimax",
+]
+
+SOURCE = {
+    "type": "dict",
+    "keys": {
+        "path": {"type": "str", "required": True},
+        "format": {"type": "str", "enum": _SOURCE_FORMATS, "default": "auto"},
+        "records": {"type": "str", "enum": _RECORD_FORMATS, "default": "auto"},
+        "name": {"type": "str"},
+        "lang": {"type": "str"},
+        "lang_field": {"type": "str", "default": "lang"},
+        "id_field": {"type": "str", "default": "id"},
+        "split": {"type": "str"},
+        "where": {"type": "dict", "extra": {"type": "any"}, "default": {}},
+        "limit": {"type": "int", "min": 0},
+        "fields": {
+            "type": "dict",
+            "keys": {
+                k: _STR
+                for k in (
+                    "messages",
+                    "role",
+                    "content",
+                    "system",
+                    "instruction",
+                    "input",
+                    "output",
+                    "prompt",
+                    "response",
+                    "text",
+                )
+            },
+            "default": {},
+        },
+        "roles": {"type": "dict", "extra": _STR, "default": {}},
+    },
+}
+
+SCHEMA = {
+    "type": "dict",
+    "keys": {
+        "output": {"type": "str", "required": True},
+        "cache_dir": {"type": "str"},
+        "seed": {"type": "int", "min": 0, "default": 0},
+        "fingerprint": {"type": "str", "enum": ["stat", "content"], "default": "stat"},
+        "sources": {"type": "list", "items": SOURCE, "required": True, "min_items": 1},
+        "langid": {
+            "type": "dict",
+            "default": {},
+            "keys": {
+                "backend": {"type": "str", "enum": ["py3langid", "none"], "default": "py3langid"},
+                "threshold": {"type": "float", "min": 0.0, "max": 1.0, "default": 0.5},
+                "unknown": {"type": "str", "default": "unknown"},
+                "drop_unknown": {"type": "bool", "default": False},
+                "languages": {"type": "list", "items": _STR},
+                "override": {"type": "bool", "default": False},
+            },
+        },
+        "dedup": {
+            "type": "dict",
+            "default": {},
+            "keys": {
+                "exact": {"type": "bool", "default": True},
+                "near": {"type": "bool", "default": True},
+                "threshold": {"type": "float", "gt": 0.0, "max": 1.0, "default": 0.8},
+                "num_perm": {"type": "int", "min": 1, "default": 128},
+                "ngram": {"type": "int", "min": 1, "default": 5},
+                "scope": {"type": "str", "enum": ["language", "global"], "default": "language"},
+            },
+        },
+        "mixture": {
+            "type": "dict",
+            "default": {},
+            "keys": {
+                "recipe": {"type": "str", "enum": _RECIPES, "default": "all"},
+                "seed": {"type": "int", "min": 0},
+            },
+            # every other key is a parameter of the recipe (e.g. percent, n_multilingual, pivot)
+            "extra": {"type": "any"},
+        },
+        "tokenizer": {
+            "type": "dict",
+            "required": True,
+            "keys": {
+                "name": {"type": "str", "enum": ["qwen", "qwen3_6"]},
+                "path": {"type": "str"},
+                "pretrained": {"type": "str"},
+                "tiktoken": {
+                    "type": "dict",
+                    "keys": {
+                        "path": {"type": "str", "required": True},
+                        "pattern": {"type": "str", "required": True},
+                        "special_tokens": {"type": "dict", "extra": {"type": "int", "min": 0}, "default": {}},
+                    },
+                },
+                "template": {"type": "str", "default": "auto"},
+                "train_on": {"type": "str", "enum": ["all_assistant", "last_assistant", "all"], "default": "all_assistant"},
+                "max_length": {"type": "int", "min": 1},
+                "truncation": {"type": "str", "enum": ["drop", "truncate_prompt_left", "truncate_response_right"],
+                               "default": "drop"},
+            },
+        },
+        "pack": {
+            "type": "dict",
+            "default": {},
+            "keys": {
+                "seq_len": {"type": "int", "min": 2, "default": 2048},
+                "strategy": {"type": "str", "enum": ["bfd", "ffd", "wrapped", "bfd_split"], "default": "bfd"},
+                "overlong": {"type": "str", "enum": ["error", "truncate", "split", "drop"], "default": "error"},
+            },
+        },
+        "report": {"type": "bool", "default": True},
+    },
+}
+
+_TYPE_NAMES = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "list": "a list",
+    "dict": "a table (mapping)",
+}
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    if kind == "any":
+        return True
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "list":
+        return isinstance(value, list)
+    if kind == "dict":
+        return isinstance(value, Mapping)
+    raise AssertionError(f"unknown schema type {kind}")  # a bug in SCHEMA, not user input
+
+
+def _join(path: str, key) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+def _check(node: dict, value: Any, path: str) -> Any:
+    kind = node["type"]
+    where = path or "config"
+    if not _type_ok(kind, value):
+        raise ConfigError(f"{where}: expected {_TYPE_NAMES[kind]}, got {value!r}")
+    if kind == "float":
+        value = float(value)
+    if "enum" in node and value not in node["enum"]:
+        accepted = ", ".join(repr(e) for e in node["enum"])
+        raise ConfigError(f"{where}: expected one of {accepted}, got {value!r}")
+    if "min" in node and value < node["min"]:
+        raise ConfigError(f"{where}: expected a value >= {node['min']}, got {value!r}")
+    if "max" in node and value > node["max"]:
+        raise ConfigError(f"{where}: expected a value <= {node['max']}, got {value!r}")
+    if "gt" in node and not value > node["gt"]:
+        raise ConfigError(f"{where}: expected a value > {node['gt']}, got {value!r}")
+    if kind == "list":
+        if len(value) < node.get("min_items", 0):
+            raise ConfigError(f"{where}: expected at least {node['min_items']} item(s), got an empty list")
+        item = node.get("items", {"type": "any"})
+        return [_check(item, v, _join(path, i)) for i, v in enumerate(value)]
+    if kind == "dict":
+        keys = node.get("keys", {})
+        extra = node.get("extra")
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{where}: keys must be strings, got {k!r}")
+            if k in keys:
+                out[k] = _check(keys[k], v, _join(path, k))
+            elif extra is not None:
+                out[k] = _check(extra, v, _join(path, k))
+            else:
+                known = ", ".join(sorted(keys)) or "(none)"
+                raise ConfigError(f"{_join(path, k)}: unknown key; accepted keys here: {known}")
+        for k, sub in keys.items():
+            if k in out:
+                continue
+            if sub.get("required"):
+                raise ConfigError(f"{_join(path, k)}: required key is missing")
+            if "default" in sub:
+                out[k] = _check(sub, copy.deepcopy(sub["default"]), _join(path, k))
+        return out
+    return value
+
+
+def validate_config(config: Mapping, *, base_dir: str | os.PathLike | None = None) -> dict:
+    """Check ``config`` against the schema and return a new dict with every default filled in.
+
+    Relative paths (``output``, ``cache_dir``, source and tokenizer paths) are resolved against
+    ``base_dir`` (the config file's directory; the current directory for a dict). Hub names are
+    left as they are.
+    """
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"config: expected a table (mapping), got {type(config).__name__}")
+    cfg = _check(SCHEMA, dict(config), "")
+    base = os.path.abspath(os.fspath(base_dir)) if base_dir is not None else os.getcwd()
+
+    def resolve(p: str) -> str:
+        return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+
+    cfg["output"] = resolve(cfg["output"])
+    cfg["cache_dir"] = resolve(cfg["cache_dir"]) if "cache_dir" in cfg else cfg["output"] + ".cache"
+    for i, src in enumerate(cfg["sources"]):
+        if src["format"] != "hub":
+            src["path"] = resolve(src["path"])
+        if "lang" in src and not src["lang"].strip():
+            raise ConfigError(f"sources[{i}].lang: expected a language code, got {src['lang']!r}")
+    tok = cfg["tokenizer"]
+    chosen = [k for k in ("name", "path", "pretrained", "tiktoken") if k in tok]
+    if len(chosen) != 1:
+        raise ConfigError(
+            "tokenizer: give exactly one of name (qwen, qwen3_6), path (tokenizer.json), pretrained (a local model "
+            f"directory) or tiktoken (rank file + pattern), got {chosen or 'none'}"
+        )
+    for key in ("path", "pretrained"):
+        if key in tok:
+            tok[key] = resolve(tok[key])
+    if "tiktoken" in tok:
+        tok["tiktoken"]["path"] = resolve(tok["tiktoken"]["path"])
+    mix = cfg["mixture"]
+    mix.setdefault("seed", cfg["seed"])
+    return cfg
+
+
+def load_config(config: str | os.PathLike | Mapping) -> dict:
+    """Load a config from a ``.yaml``/``.yml``/``.toml``/``.json`` file or take a dict; validate it."""
+    if isinstance(config, Mapping):
+        return validate_config(config)
+    path = os.fspath(config)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if ext == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python < 3.11
+                from ._deps import require
+
+                tomllib = require("tomli", "TOML configs on Python < 3.11")
+            data = tomllib.loads(raw.decode("utf-8"))
+        elif ext in (".yaml", ".yml"):
+            from ._deps import require
+
+            yaml = require("yaml", "YAML configs")
+            data = yaml.safe_load(raw.decode("utf-8"))
+        elif ext == ".json":
+            import json
+
+            data = json.loads(raw.decode("utf-8"))
+        else:
+            raise ConfigError(f"config file {path!r}: expected a .toml, .yaml, .yml or .json file, got {ext or 'no extension'!r}")
+    except ConfigError:
+        raise
+    except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise ConfigError(f"config file {path!r} could not be parsed: {exc}") from exc
+    except Exception as exc:  # yaml.YAMLError does not derive from ValueError
+        if type(exc).__module__.startswith("yaml"):
+            raise ConfigError(f"config file {path!r} could not be parsed: {exc}") from exc
+        raise
+    if data is None:
+        raise ConfigError(f"config file {path!r} is empty")
+    return validate_config(data, base_dir=os.path.dirname(os.path.abspath(path)))

@@ -1,0 +1,643 @@
+"""``mlmix build``: one config runs read -> langid -> dedup -> mix -> tokenize -> pack -> store.
+
+Each stage is a plain function over arrays and lists, cached under ``cache_dir`` by a key that hashes
+its configuration and the key of the stage it reads from (see :mod:`mlmix.cache`), so a rerun redoes
+only the stages downstream of a change. Order of the stages and why:
+
+- ``read``: every source into canonical records (:mod:`mlmix.readers`), one JSON line each.
+- ``langid``: a language for every record that has none (py3langid), below the threshold ``unknown``.
+- ``tokenize``: every record, with the chat template and loss mask. It runs before dedup and mixing
+  (their keys do not feed it) so that changing a recipe or a dedup threshold, the common iteration,
+  never re-tokenizes, and so that the report can count tokens per language at every stage exactly.
+- ``dedup``: exact then near duplicates, within each language by default; the first seen is kept.
+- ``mix``: the mixture recipe over the (source id, language) rows that survived dedup.
+- ``pack``: the selected examples packed into ``seq_len`` sequences and written, with the mixture, the
+  tokenizer and ``build.json`` (every stage's statistics), into the output directory. The output is
+  assembled in a temporary directory and renamed into place, so it is always complete or absent.
+
+The output directory::
+
+    OUTPUT/store/          the packed store (mlmix.open)
+    OUTPUT/mixture.json    the mixture manifest (mlmix.Mixture.load), absent for recipe "all"
+    OUTPUT/tokenizer.json  the tokenizer, to decode samples (inspect, report)
+    OUTPUT/build.json      config, stage keys and statistics
+    OUTPUT/report.html     the report (mlmix report)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from . import readers
+from ._atomic import atomic_directory
+from .cache import StageCache, stage_key
+from .config import load_config
+from .ragged import Ragged
+
+__all__ = ["build", "BuildLog", "STAGES", "BUILD_FORMAT"]
+
+STAGES = ("read", "langid", "tokenize", "dedup", "mix", "pack")
+BUILD_FORMAT = 1
+# bump when a stage's output format or semantics change, so old cache entries are not reused
+_STAGE_VERSION = {"read": 1, "langid": 1, "tokenize": 1, "dedup": 1, "mix": 1, "pack": 1}
+_TOKENIZE_CHUNK = 4096
+
+
+# ---- logging and progress ----------------------------------------------------------------------
+class BuildLog:
+    """Stage progress bars (tqdm on stderr) and one summary line per stage.
+
+    ``quiet`` silences everything but errors; ``progress`` defaults to "stderr is a terminal", so logs
+    and CI output get the summary lines without carriage-return noise.
+    """
+
+    def __init__(self, *, quiet: bool = False, verbose: bool = False, progress: bool | None = None, stream=None):
+        self.quiet = quiet
+        self.verbose = verbose and not quiet
+        self.stream = stream if stream is not None else sys.stderr
+        if progress is None:
+            progress = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.progress = progress and not quiet
+
+    def bar(self, desc: str, total: int | None = None, unit: str = "rec"):
+        if not self.progress:
+            return _NoBar()
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"{desc:<8}", unit=unit, unit_scale=True, file=self.stream, leave=False,
+                    dynamic_ncols=True)
+
+    def line(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=self.stream, flush=True)
+
+    def detail(self, text: str) -> None:
+        if self.verbose:
+            print("         " + text, file=self.stream, flush=True)
+
+    def stage(self, name: str, summary: str, seconds: float, cached: bool) -> None:
+        how = "cached" if cached else f"{seconds:.1f}s"
+        self.line(f"{name:<8} {summary} [{how}]")
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _rate(n: float, seconds: float, unit: str) -> str:
+    if seconds <= 0:
+        return ""
+    r = n / seconds
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if r >= scale:
+            return f", {r / scale:.1f}{suffix} {unit}/s"
+    return f", {r:.0f} {unit}/s"
+
+
+def _by_lang(langs: Sequence[str], weights=None) -> dict[str, int]:
+    c: Counter = Counter()
+    if weights is None:
+        c.update(langs)
+    else:
+        for lang, w in zip(langs, weights):
+            c[lang] += int(w)
+    return dict(sorted(c.items()))
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1, sort_keys=True)
+
+
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---- stage: read ---------------------------------------------------------------------------------
+def _iter_records(path: str) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _stage_read(cfg: dict, out: str, log: BuildLog) -> dict:
+    per_source = []
+    langs: Counter = Counter()
+    kinds: Counter = Counter()
+    n = 0
+    with open(os.path.join(out, "records.jsonl"), "w", encoding="utf-8") as f, log.bar("read") as bar:
+        for i, src in enumerate(cfg["sources"]):
+            count = 0
+            for rec in readers.iter_source(src):
+                f.write(json.dumps(rec, ensure_ascii=False))
+                f.write("\n")
+                langs[rec["lang"] or "?"] += 1
+                kinds["text" if "text" in rec else "chat"] += 1
+                count += 1
+                bar.update()
+            if count == 0:
+                raise ValueError(f"sources[{i}] ({src.get('name') or src['path']}): no records were read")
+            per_source.append({"source": src.get("name") or src["path"], "records": count})
+            n += count
+    return {"records": n, "sources": per_source, "langs": dict(sorted(langs.items())), "kinds": dict(kinds)}
+
+
+# ---- stage: langid -------------------------------------------------------------------------------
+def _stage_langid(cfg: dict, records_path: str, out: str, log: BuildLog) -> dict:
+    lcfg = cfg["langid"]
+    given = [rec["lang"] for rec in _iter_records(records_path)]
+    todo = [i for i, lang in enumerate(given) if lcfg["override"] or lang is None]
+    langs = [lang if lang is not None else lcfg["unknown"] for lang in given]
+    probs: dict[int, float] = {}
+    if todo and lcfg["backend"] == "py3langid":
+        from .langid import identify
+
+        todo_set = set(todo)
+        texts = (readers.record_text(rec) for i, rec in enumerate(_iter_records(records_path)) if i in todo_set)
+        with log.bar("langid", total=len(todo)) as bar:
+            found, p = identify(texts, threshold=lcfg["threshold"], unknown=lcfg["unknown"],
+                                languages=lcfg.get("languages"), on_item=bar.update)
+        for i, lang, pi in zip(todo, found, p):
+            langs[i] = lang
+            probs[i] = pi
+    keep = np.ones(len(langs), dtype=bool)
+    if lcfg["drop_unknown"]:
+        keep = np.array([lang != lcfg["unknown"] for lang in langs], dtype=bool)
+    _write_json(os.path.join(out, "langs.json"), langs)
+    np.save(os.path.join(out, "keep.npy"), keep)
+    identified = len(probs)
+    unknown = sum(1 for lang in langs if lang == lcfg["unknown"])
+    return {
+        "identified": identified,
+        "given": len(langs) - len(todo),
+        "unknown": unknown,
+        "dropped": int((~keep).sum()),
+        "langs": _by_lang(langs),
+    }
+
+
+# ---- stage: tokenize -----------------------------------------------------------------------------
+def load_tokenizer(tcfg: Mapping):
+    """The mlmix.Tokenizer a config's ``tokenizer`` section names."""
+    from .tokenize import Tokenizer
+
+    if "name" in tcfg:
+        return Tokenizer.qwen(tcfg["name"])
+    if "path" in tcfg:
+        if not os.path.isfile(tcfg["path"]):
+            raise FileNotFoundError(f"tokenizer.path: {tcfg['path']!r} is not a file (expected a tokenizer.json)")
+        return Tokenizer.from_file(tcfg["path"])
+    if "pretrained" in tcfg:
+        if not os.path.isdir(tcfg["pretrained"]):
+            raise FileNotFoundError(f"tokenizer.pretrained: {tcfg['pretrained']!r} is not a local model directory")
+        return Tokenizer.from_pretrained(tcfg["pretrained"])
+    tk = tcfg["tiktoken"]
+    return Tokenizer.from_tiktoken(tk["path"], tk["pattern"], tk["special_tokens"])
+
+
+def _tokenizer_fingerprint(tcfg: Mapping) -> list:
+    """What identifies the tokenizer's files for the cache: (path, size, mtime_ns) of each."""
+    if "name" in tcfg:
+        return []
+    if "tiktoken" in tcfg:
+        key, path = "tiktoken.path", tcfg["tiktoken"]["path"]
+    else:
+        key = "path" if "path" in tcfg else "pretrained"
+        path = tcfg[key]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer.{key}: {path!r} does not exist")
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(r, f) for r, _, names in os.walk(path) for f in names)
+    return [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+
+
+def encode_records(tokenizer, records: Sequence[Mapping], tcfg: Mapping) -> tuple[Ragged, Ragged, dict]:
+    """Tokens (uint32) and loss masks (uint8) of canonical records, one per record in order, and the
+    encoder's counts. A record the truncation policy drops comes back empty (length 0)."""
+    enc = tokenizer.encode_records(
+        list(records), format="auto", template=tcfg["template"], train_on=tcfg["train_on"],
+        max_length=tcfg.get("max_length"), truncation=tcfg["truncation"] if "max_length" in tcfg else None,
+        on_error="raise")
+    st = enc.stats
+    stats = {"truncated": int(st.truncated), "dropped_too_long": int(st.dropped_too_long),
+             "tokens_removed": int(st.tokens_removed)}
+    tokens, masks = enc.tokens.astype(np.uint32), enc.loss_mask.astype(np.uint8)
+    if len(tokens) == len(records):
+        return tokens, masks, stats
+    # scatter around the records the policy dropped: they become empty examples, excluded downstream
+    lengths = np.zeros(len(records), dtype=np.int64)
+    lengths[np.asarray(enc.index, dtype=np.int64)] = tokens.lengths
+    return (Ragged.from_lengths(tokens.values, lengths), Ragged.from_lengths(masks.values, lengths), stats)
+
+
+def _stage_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log: BuildLog) -> dict:
+    tcfg = cfg["tokenizer"]
+    tokenizer = load_tokenizer(tcfg)
+    tok_parts: list[Ragged] = []
+    mask_parts: list[Ragged] = []
+    n_tokens = 0
+    enc_stats: dict[str, int] = {}
+    t0 = time.perf_counter()
+    with log.bar("tokenize", total=n_records) as bar:
+        chunk: list[dict] = []
+
+        def flush() -> None:
+            nonlocal n_tokens
+            t, m, st = encode_records(tokenizer, chunk, tcfg)
+            for k, v in st.items():
+                enc_stats[k] = enc_stats.get(k, 0) + v
+            tok_parts.append(t)
+            mask_parts.append(m)
+            n_tokens += int(t.offsets[-1])
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9) / 1e3:.0f}k tok/s")
+            chunk.clear()
+
+        for rec in _iter_records(records_path):
+            chunk.append(rec)
+            if len(chunk) >= _TOKENIZE_CHUNK:
+                flush()
+        if chunk:
+            flush()
+    tokens = Ragged.concat(tok_parts) if tok_parts else Ragged(np.zeros(0, np.uint32), np.zeros(1, np.int64))
+    masks = Ragged.concat(mask_parts) if mask_parts else Ragged(np.zeros(0, np.uint8), np.zeros(1, np.int64))
+    _save_ragged(os.path.join(out, "tokens"), tokens)
+    _save_ragged(os.path.join(out, "loss_mask"), masks)
+    save_tokenizer(tokenizer, os.path.join(out, "tokenizer.json"))
+    return {"examples": int((tokens.lengths > 0).sum()), "tokens": int(tokens.offsets[-1]),
+            "loss_tokens": int(masks.values.sum(dtype=np.int64)), "pad_id": _pad_id(tokenizer), **enc_stats}
+
+
+def save_tokenizer(tokenizer, path: str) -> None:
+    """Write the tokenizer as a tokenizer.json so that a store can be decoded later without its source."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(tokenizer.backend.to_str())
+
+
+def _pad_id(tokenizer) -> int:
+    """The id that pads packed rows: the EOS token's (labels are -100 there anyway), else 0."""
+    for tok in (getattr(tokenizer, "eos_token", None), "<|endoftext|>"):
+        if tok:
+            i = tokenizer.token_to_id(tok)
+            if i is not None:
+                return int(i)
+    return 0
+
+
+def _save_ragged(path: str, r: Ragged) -> None:
+    os.makedirs(path, exist_ok=True)
+    np.save(os.path.join(path, "values.npy"), r.values)
+    np.save(os.path.join(path, "offsets.npy"), r.offsets)
+
+
+def _load_ragged(path: str) -> Ragged:
+    return Ragged(np.load(os.path.join(path, "values.npy"), mmap_mode="r"), np.load(os.path.join(path, "offsets.npy")))
+
+
+# ---- stage: dedup --------------------------------------------------------------------------------
+def _stage_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarray, out: str, log: BuildLog) -> dict:
+    dcfg = cfg["dedup"]
+    keep = alive.copy()
+    exact_removed: Counter = Counter()
+    near_removed: Counter = Counter()
+    if dcfg["exact"] or dcfg["near"]:
+        from . import dedup
+
+        idx = np.flatnonzero(alive)
+        idx_set = set(idx.tolist())
+        texts = [readers.record_text(r) for i, r in enumerate(_iter_records(records_path)) if i in idx_set]
+        sub_langs = [langs[i] for i in idx]
+        scope_langs = sub_langs if dcfg["scope"] == "language" else None
+        with log.bar("dedup", total=len(texts) * (int(dcfg["exact"]) + int(dcfg["near"]))) as bar:
+            sub_keep = np.ones(len(texts), dtype=bool)
+            if dcfg["exact"] and texts:
+                res = dedup.exact_duplicates(texts, langs=scope_langs)
+                sub_keep &= np.asarray(res.keep, dtype=bool)
+                for j in np.flatnonzero(~np.asarray(res.keep, dtype=bool)):
+                    exact_removed[sub_langs[j]] += 1
+                bar.update(len(texts))
+            if dcfg["near"] and sub_keep.any():
+                rest = np.flatnonzero(sub_keep)
+                res = dedup.near_duplicates(
+                    [texts[j] for j in rest],
+                    threshold=dcfg["threshold"],
+                    num_perm=dcfg["num_perm"],
+                    ngram=dcfg["ngram"],
+                    langs=[sub_langs[j] for j in rest] if scope_langs is not None else None,
+                    seed=cfg["seed"],
+                )
+                near_keep = np.asarray(res.keep, dtype=bool)
+                for j in rest[~near_keep]:
+                    near_removed[sub_langs[j]] += 1
+                sub_keep[rest[~near_keep]] = False
+                bar.update(len(texts))
+        keep[idx] = sub_keep
+    np.save(os.path.join(out, "keep.npy"), keep)
+    return {
+        "kept": int(keep.sum()),
+        "exact_removed": dict(sorted(exact_removed.items())),
+        "near_removed": dict(sorted(near_removed.items())),
+        "langs": _by_lang([langs[i] for i in np.flatnonzero(keep)]),
+    }
+
+
+# ---- stage: mix ----------------------------------------------------------------------------------
+def _recipe_params(mcfg: Mapping) -> dict:
+    return {k: v for k, v in mcfg.items() if k not in ("recipe", "seed")}
+
+
+def _stage_mix(cfg: dict, records_path: str, langs: list[str], keep: np.ndarray, lengths: np.ndarray, out: str,
+               log: BuildLog) -> dict:
+    mcfg = cfg["mixture"]
+    idx = np.flatnonzero(keep)
+    if mcfg["recipe"] == "all":
+        if _recipe_params(mcfg):
+            raise ValueError(f"mixture: recipe 'all' takes no parameters, got {sorted(_recipe_params(mcfg))}")
+        selected = idx
+        target = None
+    else:
+        from . import recipes
+
+        ids = [r["id"] for r in _iter_records(records_path)]
+        where: dict[tuple[str, str], int] = {}
+        for i in idx:
+            key = (ids[i], langs[i])
+            if key in where:
+                raise ValueError(
+                    f"mixture: source id {ids[i]!r} appears twice in language {langs[i]!r} (records {where[key]} and {i}); "
+                    "recipes need one example per (source id, language): set the sources' id_field to an id shared "
+                    "only by translations, or use recipe 'all'"
+                )
+            where[key] = int(i)
+        # each row carries its token count, for recipes that budget in tokens (tokens = "tokens")
+        rows = [{"id": ids[i], "lang": langs[i], "tokens": int(lengths[i])} for i in idx]
+        recipe = getattr(recipes, mcfg["recipe"])
+        try:
+            mixture = recipe(rows, seed=mcfg["seed"], **_recipe_params(mcfg))
+        except TypeError as exc:
+            raise ValueError(f"mixture: bad parameters for recipe {mcfg['recipe']!r}: {exc}") from exc
+        selected = np.array(sorted(where[(str(sid), str(lang))] for sid, lang in mixture.rows), dtype=np.int64)
+        mixture.save(os.path.join(out, "mixture.json"))
+        target = {str(k): int(v) for k, v in mixture.targets.items()}
+    np.save(os.path.join(out, "selected.npy"), selected.astype(np.int64))
+    counts = _by_lang([langs[i] for i in selected])
+    return {"recipe": mcfg["recipe"], "params": _recipe_params(mcfg), "seed": mcfg["seed"], "examples": int(selected.size),
+            "langs": counts, "target": dict(target) if target else None}
+
+
+# ---- stage: pack ---------------------------------------------------------------------------------
+def _length_summary(lengths: np.ndarray, langs: list[str]) -> dict:
+    by: dict[str, list[int]] = {}
+    for lang, n in zip(langs, lengths.tolist()):
+        by.setdefault(lang, []).append(n)
+    out = {}
+    for lang, ns in sorted(by.items()):
+        a = np.asarray(ns)
+        q = np.percentile(a, [5, 25, 50, 75, 95]).tolist()
+        out[lang] = {"n": int(a.size), "mean": float(a.mean()), "min": int(a.min()), "max": int(a.max()),
+                     "p5": q[0], "p25": q[1], "p50": q[2], "p75": q[3], "p95": q[4]}
+    return out
+
+
+def _stage_pack(cfg: dict, tokens: Ragged, masks: Ragged, langs: list[str], pad_id: int, out_store: str) -> dict:
+    from .store import write_store
+
+    pcfg = cfg["pack"]
+    seq_len, strategy, policy = pcfg["seq_len"], pcfg["strategy"], pcfg["overlong"]
+    if len(tokens) == 0:
+        raise ValueError("pack: no examples are left to pack (check the mixture and dedup statistics)")
+    lengths = tokens.lengths
+    n_over = int((lengths > seq_len).sum())
+    if strategy == "bfd_split":
+        policy = "split"
+    elif n_over and policy == "error" and strategy != "wrapped":
+        raise ValueError(
+            f"{n_over} example(s) are longer than pack.seq_len = {seq_len} (longest {int(lengths.max())} tokens); "
+            "set pack.overlong to 'truncate', 'split' or 'drop', or raise pack.seq_len"
+        )
+    manifest = write_store(out_store, tokens, seq_len=seq_len, loss_mask=masks, strategy=strategy, langs=langs,
+                           seed=cfg["seed"], pad_id=pad_id, overlong=policy)
+    counts = manifest["counts"]
+    return {"sequences": manifest["num_sequences"], "seq_len": seq_len, "strategy": strategy, "overlong_policy": policy,
+            "examples": manifest["num_examples"], "tokens": manifest["num_tokens"], "efficiency": manifest["efficiency"],
+            "lower_bound_sequences": manifest["lower_bound_sequences"], "overlong": n_over,
+            "truncated": counts["truncated"], "split": counts["split"], "dropped": counts["dropped"],
+            "tokens_dropped": counts["tokens_dropped"]}
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+def _cached_stage(cache: StageCache, log: BuildLog, name: str, key: str, run: Callable[[str], dict],
+                  summary: Callable[[dict], str], timings: dict) -> tuple[str, dict]:
+    t0 = time.perf_counter()
+    d = cache.load(name, key)
+    cached = d is not None
+    if not cached:
+        stats_box: dict = {}
+
+        def write(tmp: str) -> None:
+            stats = run(tmp)
+            stats["seconds"] = time.perf_counter() - t0
+            _write_json(os.path.join(tmp, "stats.json"), stats)
+            stats_box.update(stats)
+
+        d = cache.save(name, key, write)
+    stats = _read_json(os.path.join(d, "stats.json"))
+    seconds = time.perf_counter() - t0
+    timings[name] = {"seconds": seconds, "cached": cached}
+    log.stage(name, summary(stats), seconds, cached)
+    return d, stats
+
+
+def _fmt_langs(counts: Mapping[str, int], limit: int = 6) -> str:
+    items = sorted(counts.items(), key=lambda kv: -kv[1])
+    text = " ".join(f"{k}:{v:,}" for k, v in items[:limit])
+    return text + (f" +{len(items) - limit} more" if len(items) > limit else "")
+
+
+def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: bool = False,
+          progress: bool | None = None, use_cache: bool = True, log: BuildLog | None = None) -> dict:
+    """Run the whole pipeline a config describes and return its summary (also written to build.json).
+
+    Args:
+        config: a path to a ``.toml``/``.yaml``/``.json`` config, or the same content as a dict
+            (see docs/config.md; relative paths in a dict resolve against the current directory).
+        quiet, verbose, progress: logging on stderr (progress bars default to "stderr is a terminal").
+        use_cache: reuse cached stage outputs (default); False recomputes every stage (and refreshes the cache).
+
+    Returns:
+        A dict with ``output``, ``store``, per-stage ``stages`` statistics and ``timings``, and the
+        headline figures ``examples``, ``tokens``, ``sequences``, ``efficiency``, ``langs``.
+    """
+    cfg = load_config(config)
+    log = log or BuildLog(quiet=quiet, verbose=verbose, progress=progress)
+    cache = StageCache(cfg["cache_dir"], enabled=True)
+    if not use_cache:
+        cache.enabled = False
+    t_start = time.perf_counter()
+    timings: dict = {}
+
+    # read
+    fingerprints = [readers.source_fingerprint(s, cfg["fingerprint"]) for s in cfg["sources"]]
+    k_read = stage_key("read", _STAGE_VERSION["read"], cfg["sources"], fingerprints)
+    t0 = time.perf_counter()
+    d_read, s_read = _cached_stage(
+        cache, log, "read", k_read, lambda tmp: _stage_read(cfg, tmp, log),
+        lambda s: f"{s['records']:,} records from {len(s['sources'])} source(s)" + _rate(s["records"], s["seconds"], "rec"),
+        timings)
+    records_path = os.path.join(d_read, "records.jsonl")
+
+    # langid
+    k_lid = stage_key("langid", _STAGE_VERSION["langid"], k_read, cfg["langid"])
+    d_lid, s_lid = _cached_stage(
+        cache, log, "langid", k_lid, lambda tmp: _stage_langid(cfg, records_path, tmp, log),
+        lambda s: f"{len(s['langs'])} languages ({s['given']:,} given, {s['identified']:,} identified, "
+                  f"{s['unknown']:,} unknown) {_fmt_langs(s['langs'])}",
+        timings)
+    langs: list[str] = _read_json(os.path.join(d_lid, "langs.json"))
+    alive = np.load(os.path.join(d_lid, "keep.npy"))
+
+    # tokenize (all records; see the module docstring for why it precedes dedup and mix)
+    tcfg = cfg["tokenizer"]
+    k_tok = stage_key("tokenize", _STAGE_VERSION["tokenize"], k_read, tcfg, _tokenizer_fingerprint(tcfg))
+    d_tok, s_tok = _cached_stage(
+        cache, log, "tokenize", k_tok, lambda tmp: _stage_tokenize(cfg, records_path, s_read["records"], tmp, log),
+        lambda s: f"{s['examples']:,} examples, {s['tokens']:,} tokens ({s['loss_tokens']:,} trained)"
+                  + _rate(s["tokens"], s["seconds"], "tok"),
+        timings)
+    tokens_all = _load_ragged(os.path.join(d_tok, "tokens"))
+    masks_all = _load_ragged(os.path.join(d_tok, "loss_mask"))
+    lengths_all = tokens_all.lengths
+    alive = alive & (lengths_all > 0)  # records the tokenizer's truncation policy dropped are empty
+
+    # dedup
+    k_dd = stage_key("dedup", _STAGE_VERSION["dedup"], k_lid, k_tok if "max_length" in tcfg else None, cfg["dedup"],
+                     cfg["seed"])
+    d_dd, s_dd = _cached_stage(
+        cache, log, "dedup", k_dd, lambda tmp: _stage_dedup(cfg, records_path, langs, alive, tmp, log),
+        lambda s: f"kept {s['kept']:,}; removed {sum(s['exact_removed'].values()):,} exact, "
+                  f"{sum(s['near_removed'].values()):,} near duplicates",
+        timings)
+    keep = np.load(os.path.join(d_dd, "keep.npy"))
+
+    # mix
+    k_mix = stage_key("mix", _STAGE_VERSION["mix"], k_dd, k_tok, cfg["mixture"])
+    d_mix, s_mix = _cached_stage(
+        cache, log, "mix", k_mix, lambda tmp: _stage_mix(cfg, records_path, langs, keep, lengths_all, tmp, log),
+        lambda s: f"recipe {s['recipe']}: {s['examples']:,} examples {_fmt_langs(s['langs'])}",
+        timings)
+    selected = np.load(os.path.join(d_mix, "selected.npy"))
+
+    # pack + output (the output directory itself is the cache of this stage)
+    k_pack = stage_key("pack", _STAGE_VERSION["pack"], k_mix, k_tok, cfg["pack"], cfg["seed"])
+    out = cfg["output"]
+    summary = _load_existing(out, k_pack) if use_cache else None
+    t0 = time.perf_counter()
+    if summary is not None:
+        timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": True}
+        s_pack = summary["stages"]["pack"]
+        log.stage("pack", _pack_line(s_pack), 0.0, True)
+    else:
+        sel_langs = [langs[i] for i in selected]
+        tokens = tokens_all.take(selected)
+        masks = masks_all.take(selected)
+        stage_stats = {"read": s_read, "langid": s_lid, "tokenize": s_tok, "dedup": s_dd, "mix": s_mix}
+        stage_stats["tokens_by_lang"] = {
+            "read": _by_lang(langs, lengths_all),
+            "dedup": _by_lang([langs[i] for i in np.flatnonzero(keep)], lengths_all[keep]),
+            "mix": _by_lang(sel_langs, lengths_all[selected]),
+        }
+        stage_stats["lengths"] = _length_summary(lengths_all[selected], sel_langs)
+        with atomic_directory(out) as tmp:
+            s_pack = _stage_pack(cfg, tokens, masks, sel_langs, s_tok["pad_id"], os.path.join(tmp, "store"))
+            s_pack["seconds"] = time.perf_counter() - t0
+            stage_stats["pack"] = s_pack
+            # lengths of the selected examples, for the report's histograms (int32, one per example)
+            np.save(os.path.join(tmp, "lengths.npy"), lengths_all[selected].astype(np.int32))
+            _write_json(os.path.join(tmp, "langs.json"), sel_langs)
+            if os.path.isfile(os.path.join(d_mix, "mixture.json")):
+                shutil.copyfile(os.path.join(d_mix, "mixture.json"), os.path.join(tmp, "mixture.json"))
+            if os.path.isfile(os.path.join(d_tok, "tokenizer.json")):
+                shutil.copyfile(os.path.join(d_tok, "tokenizer.json"), os.path.join(tmp, "tokenizer.json"))
+            summary = {
+                "format": BUILD_FORMAT,
+                "key": k_pack,
+                "config": cfg,
+                "stages": stage_stats,
+                "output": out,
+                "store": os.path.join(out, "store"),
+                "examples": s_pack["examples"],
+                "tokens": s_pack["tokens"],
+                "sequences": s_pack["sequences"],
+                "efficiency": s_pack["efficiency"],
+                "langs": s_mix["langs"],
+            }
+            _write_json(os.path.join(tmp, "build.json"), summary)
+            if cfg["report"]:
+                from .report import write_report
+
+                write_report(tmp, os.path.join(tmp, "report.html"))
+        _relax_modes(out)
+        timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": False}
+        log.stage("pack", _pack_line(s_pack), timings["pack"]["seconds"], False)
+    for entry in cache.discarded:
+        log.line(f"warning: cache entry {entry} was corrupt and has been recomputed")
+    summary = dict(summary)
+    summary["timings"] = timings
+    summary["seconds"] = time.perf_counter() - t_start
+    summary["cache_discarded"] = list(cache.discarded)
+    return summary
+
+
+def _relax_modes(root: str) -> None:
+    """Give the output the usual umask-derived modes (temporary files and directories are created 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for base, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(base, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(base, f), 0o666 & ~umask)
+
+
+def _pack_line(s: Mapping) -> str:
+    extra = "".join(f", {s[k]:,} {k}" for k in ("truncated", "split", "dropped") if s.get(k))
+    return (f"{s['examples']:,} examples -> {s['sequences']:,} sequences of {s['seq_len']:,} "
+            f"({s['efficiency']:.2%} full; lower bound {s['lower_bound_sequences']:,}){extra}")
+
+
+def _load_existing(out: str, key: str) -> dict | None:
+    """The summary of an existing output built with the same key, if it is complete and opens."""
+    path = os.path.join(out, "build.json")
+    try:
+        summary = _read_json(path)
+        if summary.get("format") != BUILD_FORMAT or summary.get("key") != key:
+            return None
+        from .store import open as open_store
+
+        open_store(os.path.join(out, "store"))
+        return summary
+    except Exception:  # missing, unreadable or corrupt: rebuild
+        return None

@@ -1,0 +1,326 @@
+"""Reading instruction data into mlmix's canonical records.
+
+A canonical record is a dict ``{"id": str, "lang": str | None, "messages": [{"role", "content"}, ...]}``
+(chat-shaped data: ``messages``/ShareGPT ``conversations``, Alpaca ``instruction``/``input``/``output``,
+``prompt``/``response``) or ``{"id", "lang", "text": str}`` (pre-training-style text). Everything after
+the read stage works on these, so a source's own field names matter only here.
+
+Formats: JSON lines (``.jsonl``/``.json``, optionally ``.gz`` or ``.zst`` compressed), Parquet, HF
+``datasets`` saved with ``save_to_disk`` (``hf-disk``) and hub dataset names (``hub``, only where a
+network is reachable; otherwise a clear error).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+from typing import Any, Callable, Iterator, Mapping
+
+from ._deps import require
+
+__all__ = ["expand_paths", "iter_raw", "iter_source", "to_record", "record_text", "source_fingerprint"]
+
+_DEFAULT_ROLES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "user": "user",
+                  "assistant": "assistant", "system": "system", "tool": "tool"}
+_PROMPT_KEYS = ("prompt", "instruction", "question", "query")
+_RESPONSE_KEYS = ("response", "completion", "output", "answer", "chosen")
+_MESSAGES_KEYS = ("messages", "conversations", "conversation")
+_JSONL_EXT = (".jsonl", ".json", ".ndjson")
+
+
+def _kind_of(path: str) -> str:
+    p = path.lower()
+    for comp in ("", ".gz", ".zst"):
+        if any(p.endswith(e + comp) for e in _JSONL_EXT):
+            return "jsonl"
+    if p.endswith(".parquet") or p.endswith(".pq"):
+        return "parquet"
+    if os.path.isdir(path) and (
+        os.path.isfile(os.path.join(path, "dataset_info.json"))
+        or os.path.isfile(os.path.join(path, "dataset_dict.json"))
+        or os.path.isfile(os.path.join(path, "state.json"))
+    ):
+        return "hf-disk"
+    return "unknown"
+
+
+def expand_paths(src: Mapping) -> list[str]:
+    """The files (or HF dataset directories) a source's ``path`` names: a file, a glob or a directory."""
+    path = src["path"]
+    fmt = src["format"]
+    if fmt == "hub":
+        return [path]
+    if fmt == "hf-disk":
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"source {src.get('name') or path!r}: {path!r} is not a directory saved by datasets")
+        return [path]
+    if glob.has_magic(path):
+        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    elif os.path.isdir(path):
+        if _kind_of(path) == "hf-disk":
+            return [path]
+        files = sorted(
+            os.path.join(root, f)
+            for root, _, names in os.walk(path)
+            for f in names
+            if _kind_of(os.path.join(root, f)) in ("jsonl", "parquet")
+        )
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"source path {path!r} does not exist")
+    if not files:
+        raise FileNotFoundError(f"source path {path!r} matches no .jsonl(.gz/.zst) or .parquet files")
+    return files
+
+
+def source_fingerprint(src: Mapping, mode: str = "stat") -> list:
+    """What identifies a source's bytes for the cache: (path, size, mtime_ns) per file, or a content hash.
+
+    ``stat`` is instant but trusts the file system's modification times; ``content`` reads every byte
+    (sha256). Hub sources are identified by name and split only.
+    """
+    import hashlib
+
+    out = []
+    for p in expand_paths(src):
+        if src["format"] == "hub":
+            out.append(["hub", p, src.get("split")])
+            continue
+        files = [p] if os.path.isfile(p) else sorted(
+            os.path.join(r, f) for r, _, names in os.walk(p) for f in names
+        )
+        for f in files:
+            st = os.stat(f)
+            if mode == "content":
+                h = hashlib.sha256()
+                with open(f, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 22), b""):
+                        h.update(chunk)
+                out.append([f, st.st_size, h.hexdigest()])
+            else:
+                out.append([f, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _open_text(path: str) -> io.TextIOBase:
+    p = path.lower()
+    if p.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    if p.endswith(".zst"):
+        zstd = require("zstandard", "reading .zst files")
+        fh = open(path, "rb")
+        return io.TextIOWrapper(zstd.ZstdDecompressor().stream_reader(fh, closefd=True), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[str, dict]]:
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+            yield f"{path}:{lineno}", obj
+
+
+def _iter_table_rows(table, where: str) -> Iterator[tuple[str, dict]]:
+    i = 0
+    for batch in table.to_batches(max_chunksize=8192):
+        for row in batch.to_pylist():
+            yield f"{where}[{i}]", row
+            i += 1
+
+
+def _iter_parquet(path: str) -> Iterator[tuple[str, dict]]:
+    pq = require("pyarrow.parquet", "reading Parquet files")
+    pf = pq.ParquetFile(path)
+    i = 0
+    for batch in pf.iter_batches(batch_size=8192):
+        for row in batch.to_pylist():
+            yield f"{path}[row {i}]", row
+            i += 1
+
+
+def _pick_split(ds, split: str | None, where: str):
+    if hasattr(ds, "keys") and not hasattr(ds, "features"):  # a DatasetDict
+        names = list(ds.keys())
+        if split is None:
+            if "train" not in names:
+                raise ValueError(f"{where} holds splits {names}; choose one with 'split'")
+            split = "train"
+        if split not in names:
+            raise ValueError(f"{where}: split {split!r} not found; available: {names}")
+        return ds[split]
+    return ds
+
+
+def _iter_hf_disk(path: str, split: str | None) -> Iterator[tuple[str, dict]]:
+    datasets = require("datasets", "reading datasets saved to disk")
+    ds = _pick_split(datasets.load_from_disk(path), split, path)
+    yield from _iter_table_rows(ds.data.table if hasattr(ds.data, "table") else ds.data, path)
+
+
+def _iter_hub(name: str, split: str | None) -> Iterator[tuple[str, dict]]:
+    datasets = require("datasets", "reading hub datasets")
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as exc:
+        raise ValueError(
+            f"hub dataset {name!r} could not be loaded ({type(exc).__name__}: {exc}); hub sources need network "
+            "access (or a populated HF cache). Save it with datasets' save_to_disk and use format = 'hf-disk' offline"
+        ) from exc
+    yield from _iter_table_rows(ds.data.table if hasattr(ds.data, "table") else ds.data, f"hub:{name}")
+
+
+def iter_raw(src: Mapping) -> Iterator[tuple[str, dict]]:
+    """(location, raw row) pairs of one source, in a deterministic order (files sorted by path)."""
+    fmt = src["format"]
+    if fmt == "hub":
+        yield from _iter_hub(src["path"], src.get("split"))
+        return
+    for path in expand_paths(src):
+        kind = fmt if fmt != "auto" else _kind_of(path)
+        if kind == "jsonl":
+            yield from _iter_jsonl(path)
+        elif kind == "parquet":
+            yield from _iter_parquet(path)
+        elif kind == "hf-disk":
+            yield from _iter_hf_disk(path, src.get("split"))
+        else:
+            raise ValueError(
+                f"{path}: cannot tell the format from the name; set the source's format to one of "
+                "'jsonl', 'parquet', 'hf-disk' (accepted extensions: .jsonl/.json/.ndjson[.gz|.zst], .parquet)"
+            )
+
+
+def _as_text(value: Any, where: str, field: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {field!r} must be a string, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _get(row: Mapping, fields: Mapping, canonical: str, candidates: tuple[str, ...]) -> tuple[str | None, Any]:
+    """The (field name, value) for a canonical field: the mapped name if configured, else the first present."""
+    if canonical in fields:
+        name = fields[canonical]
+        return (name, row[name]) if name in row and row[name] is not None else (name, None)
+    for name in candidates:
+        if name in row and row[name] is not None:
+            return name, row[name]
+    return None, None
+
+
+def to_record(row: Mapping, src: Mapping, where: str, index: int) -> dict:
+    """One raw row -> a canonical record (see the module docstring). Raises ValueError naming ``where``."""
+    fields = src["fields"]
+    roles = {**_DEFAULT_ROLES, **src["roles"]}
+    fmt = src["records"]
+    rec_id = row.get(src["id_field"])
+    if rec_id is None:
+        rec_id = f"{src.get('name') or os.path.basename(src['path'])}:{index}"
+    if "lang" in src:
+        lang = src["lang"]
+    else:
+        lang = row.get(src["lang_field"])
+        if lang is not None and not isinstance(lang, str):
+            raise ValueError(f"{where}: field {src['lang_field']!r} must be a language code string, got {lang!r}")
+        lang = lang or None
+    out: dict = {"id": str(rec_id), "lang": lang}
+
+    if fmt == "auto":
+        if any(k in row for k in _MESSAGES_KEYS) or "messages" in fields:
+            fmt = "messages"
+        elif ("text" in fields or "text" in row) and not any(k in row for k in _PROMPT_KEYS):
+            fmt = "text"
+        elif "instruction" in fields or "input" in row:
+            fmt = "alpaca"
+        else:
+            fmt = "prompt_response"
+
+    if fmt == "text":
+        name, text = _get(row, fields, "text", ("text", "content"))
+        if text is None:
+            raise ValueError(f"{where}: no text field (looked for {name or 'text'!r}); map it with fields.text")
+        out["text"] = _as_text(text, where, name)
+        return out
+
+    messages: list[dict] = []
+    sys_name, system = _get(row, fields, "system", ("system",))
+    if system:
+        messages.append({"role": "system", "content": _as_text(system, where, sys_name)})
+    if fmt == "messages":
+        name, conv = _get(row, fields, "messages", _MESSAGES_KEYS)
+        if not isinstance(conv, list) or not conv:
+            raise ValueError(f"{where}: field {name or 'messages'!r} must be a non-empty list of messages, got {conv!r:.80}")
+        role_key = fields.get("role")
+        content_key = fields.get("content")
+        for j, m in enumerate(conv):
+            if not isinstance(m, Mapping):
+                raise ValueError(f"{where}: {name}[{j}] must be a mapping with a role and a content, got {m!r:.60}")
+            rk = role_key or ("role" if "role" in m else "from")
+            ck = content_key or ("content" if "content" in m else "value")
+            if rk not in m or ck not in m:
+                raise ValueError(f"{where}: {name}[{j}] lacks {rk!r} or {ck!r} (map them with fields.role/fields.content)")
+            role = roles.get(m[rk]) if isinstance(m[rk], str) else None
+            if role is None:
+                raise ValueError(
+                    f"{where}: {name}[{j}].{rk} = {m[rk]!r} is not a known role; known: {sorted(roles)} "
+                    "(add a mapping under the source's roles)"
+                )
+            messages.append({"role": role, "content": _as_text(m[ck], where, f"{name}[{j}].{ck}")})
+    else:
+        if fmt == "alpaca":
+            p_name, prompt = _get(row, fields, "instruction", ("instruction",))
+            r_name, response = _get(row, fields, "output", ("output",) + _RESPONSE_KEYS)
+            i_name, extra = _get(row, fields, "input", ("input",))
+        else:
+            p_name, prompt = _get(row, fields, "prompt", _PROMPT_KEYS)
+            r_name, response = _get(row, fields, "response", _RESPONSE_KEYS)
+            i_name, extra = None, None
+        if prompt is None or response is None:
+            missing = "a prompt" if prompt is None else "a response"
+            raise ValueError(
+                f"{where}: could not find {missing} (fields present: {sorted(row)[:12]}); "
+                "set the source's records format and fields mapping"
+            )
+        prompt = _as_text(prompt, where, p_name)
+        if extra:
+            prompt = prompt + "\n\n" + _as_text(extra, where, i_name)
+        messages.append({"role": "user", "content": prompt})
+        messages.append({"role": "assistant", "content": _as_text(response, where, r_name)})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: the conversation has no assistant turn, so nothing would be learned from it")
+    out["messages"] = messages
+    return out
+
+
+def _matches(row: Mapping, where: Mapping) -> bool:
+    return all(row.get(k) == v for k, v in where.items())
+
+
+def iter_source(src: Mapping, on_row: Callable[[], None] | None = None) -> Iterator[dict]:
+    """Canonical records of one source, after its ``where`` filter and ``limit``."""
+    n = 0
+    limit = src.get("limit")
+    for index, (where, row) in enumerate(iter_raw(src)):
+        if src["where"] and not _matches(row, src["where"]):
+            continue
+        if limit is not None and n >= limit:
+            break
+        yield to_record(row, src, where, index)
+        n += 1
+
+
+def record_text(rec: Mapping) -> str:
+    """The text of a record for language identification and dedup: its contents joined by newlines."""
+    if "text" in rec:
+        return rec["text"]
+    return "\n".join(m["content"] for m in rec["messages"] if m["role"] != "system")
