@@ -7,25 +7,32 @@ of block boundaries, worker count or arrival order. How each stage runs:
 - ``read``: one Ray task per source (``flat_map`` over the source list) yields canonical records. A record's
   position is ``uid = source_index << 40 | index_in_source`` (int64), which sorts like the single-machine
   record index, so "first seen" and every ordered output agree without a global renumbering.
-- ``langid`` and ``tokenize``: ``map_batches`` with class UDFs on an actor pool, so the py3langid model and
-  the tokenizer are loaded once per actor. Tokens and loss masks stay in the dataset as Arrow list columns
+- ``langid`` and ``tokenize``: one ``map_batches`` with a class UDF on an actor pool, so the py3langid
+  model and the tokenizer are loaded once per actor. The same call computes each record's exact hash and
+  LSH band keys (the text is at hand). Tokens and loss masks stay in the dataset as Arrow list columns
   (materialised once: later stages read them from the object store, spilled to disk when it fills).
-- ``dedup`` exact: a 128-bit hash per record (``mlmix.dedup.exact_hashes``), then ``groupby`` on
-  (scope, hash): a hash partitioning shuffle of 24 bytes + the language per record. The smallest uid of
-  each group is kept.
-- ``dedup`` near: MinHash signatures per block; each record emits one 64-bit key per LSH band
-  (scope, band, band rows); ``groupby`` on the key pairs the members of each bucket with the rule of
-  ``mlmix.dedup`` (all pairs up to 128 members, else each member with the first and its predecessor).
-  Candidate pairs (16 B each) are collected on the driver, the shingle sets of the documents they
-  involve are computed on the workers and verified by exact Jaccard, and the verified pairs are joined
-  into clusters (connected components) by union-find on the driver: its memory is 8 B per record
-  involved in a candidate pair plus 16 B per pair, which bounds this design (see docs/ray.md).
+- ``dedup`` exact: ``groupby((scope, 128-bit hash)).count()``, a hash-partitioned shuffle of ~30 B per
+  record; the key tuples seen more than once come to the driver, their records are picked out on the
+  workers and all but the smallest uid of each are removed (the single-machine engine keeps the first).
+- ``dedup`` near: each record's one 64-bit key per LSH band (a hash of scope, band and the band's MinHash
+  rows) is exploded into rows; ``groupby(key).count()`` finds the buckets with several members, whose
+  members are paired on the driver by the rule of ``mlmix.dedup`` (all pairs up to 128 members, else each
+  member with the first and with its predecessor). The shingle sets of the documents in candidate pairs
+  are computed on the workers, pairs are verified by exact Jaccard on the driver, and the verified pairs
+  are joined into clusters (connected components) by union-find on the driver, uniting toward the
+  smaller uid; all but the smallest uid of each cluster are removed. Driver memory: 16 B per candidate
+  pair plus the shingle sets of the documents involved (see docs/ray.md).
 - ``mix``: the recipe needs a global max-flow over (source id, language) availability, so it runs on the
   driver over the compact rows (uid, source id, language, token count) of the surviving records, by the
-  very code of the single-machine engine. ``recipe = "all"`` needs no rows on the driver.
-- ``pack``: the plan is computed on the driver from the lengths of the selected examples (8 B each); the
-  token and mask values of the selected examples stream from the workers in uid order into the
-  ``mlmix.store`` writer, so the driver never holds more than one window of tokens.
+  same recipe code as the single-machine engine.
+- ``pack``: the planner is global (its seed permutes all selected examples before best-fit), so the
+  selected examples' tokens and masks are gathered on the driver in uid order and written by the same
+  ``mlmix.store.write_store`` call as the single-machine engine (5 B per output token on the driver).
+
+What runs on the driver is bounded in docs/ray.md (capacity plan), with the steps that would lift each
+bound. A worker process that dies (OOM, preemption, a killed actor) is retried by Ray: tasks are
+resubmitted, actor pools restart the actor and resubmit its batches; every stage is deterministic, so
+a retried block is the same block.
 
 Ray is an optional dependency (``pip install 'mlmix[ray]'``); ``build_ray`` connects to ``address``, else
 to ``RAY_ADDRESS``, else starts a local cluster (and shuts down only what it started).
@@ -59,8 +66,8 @@ _U64 = np.uint64
 _MASK64 = (1 << 64) - 1
 
 
-class RayEngineError(RuntimeError):
-    """The Ray cluster could not be reached or a stage failed beyond Ray's retries."""
+class RayEngineError(ConnectionError):
+    """The Ray cluster could not be reached (a ConnectionError, so an OSError)."""
 
 
 # ---- the cluster -------------------------------------------------------------------------------
@@ -721,5 +728,5 @@ def _pack(cfg: dict, ds, sel_uids: np.ndarray, lengths: np.ndarray, sel_langs: l
         mask_parts.append(m)
     tokens, masks = Ragged.concat(tok_parts), Ragged.concat(mask_parts)
     if not np.array_equal(tokens.lengths, lengths):
-        raise RayEngineError("pack: the gathered examples do not match the planned lengths (a lost block?)")
+        raise RuntimeError("pack: the gathered examples do not match the selected lengths (a lost block?)")
     return pipeline._stage_pack(cfg, tokens, masks, sel_langs, pad_id, out_store)
