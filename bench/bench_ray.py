@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,7 +62,7 @@ def run_variant(tmp: str, data: str, engine: str, workers: int) -> dict:
         [os.path.join(ROOT, "python"), os.environ.get("PYTHONPATH", "")]))
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(_config(tmp, data, name)), engine, str(workers)],
-                         capture_output=True, text=True, env=env, timeout=3600)
+                         capture_output=True, text=True, env=env, timeout=3600, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-4000:]}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -85,11 +86,13 @@ def run_all(mb: float) -> dict:
     data = os.path.join(tmp, "data.jsonl")
     info = make_data(data, mb)
     results = {"data": info}
-    for engine, workers in (("single", 1), ("ray", 1), ("ray", 2)):
-        results[f"{engine}-{workers}"] = run_variant(tmp, data, engine, workers)
-    results["identical"] = all(_store_bytes(results[k]["output"]) == _store_bytes(results["single-1"]["output"])
-                               for k in ("ray-1", "ray-2"))
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)  # nothing may outlive the benchmark
+    try:
+        for engine, workers in (("single", 1), ("ray", 1), ("ray", 2)):
+            results[f"{engine}-{workers}"] = run_variant(tmp, data, engine, workers)
+        results["identical"] = all(_store_bytes(results[k]["output"]) == _store_bytes(results["single-1"]["output"])
+                                   for k in ("ray-1", "ray-2"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return results
 
 

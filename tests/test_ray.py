@@ -106,9 +106,9 @@ def test_unreachable_cluster_gives_a_clear_error(tmp_path):
         "except RayEngineError as e:\n    print('ERR', e)\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python"), os.environ.get("PYTHONPATH", "")]),
-               RAY_DEDUP_LOGS="0", RAY_gcs_rpc_server_connect_timeout_s="2", RAY_gcs_server_request_timeout_seconds="2")
+               RAY_DEDUP_LOGS="0")
     env.pop("RAY_ADDRESS", None)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=False)
     assert "ERR cannot connect to the Ray cluster at address '127.0.0.1:9'" in out.stdout, out.stdout + out.stderr
 
 

@@ -400,7 +400,7 @@ def _near_removed(ds, dd: Mapping, partitions: int, lang_of: Mapping) -> tuple[n
     pairs = _bucket_pairs(members["key"].astype(np.uint64), members["scope"].astype(object),
                           members["uid"].astype(np.int64))
     cand = np.unique(pairs, axis=0) if len(pairs) else pairs
-    info = {"bands": dd["bands"], "rows": dd["rows"], "candidate_pairs": int(len(cand))}
+    info = {"bands": dd["bands"], "rows": dd["rows"], "candidate_pairs": len(cand)}
     if not len(cand):
         return np.zeros(0, np.int64), [], info
     wanted = np.unique(cand)
