@@ -87,7 +87,7 @@ def test_same_mixture_and_store_as_single_machine_despite_a_killed_actor(tmp_pat
     assert b["sequences"] == a["sequences"] == len(mlmix.open(b["store"])) and b["engine"] == "ray"
 
 
-def test_bad_arguments_are_clear(tmp_path, local_ray, tok_path, data_path):
+def test_bad_arguments_are_clear(tmp_path, local_ray, tok_path, data_path, monkeypatch):
     cfg = base_config(str(tmp_path), tok_path, data_path)
     with pytest.raises(ValueError, match=r"address must be 'host:port'.*got 'not an address'"):
         build_ray(cfg, address="not an address")
@@ -95,6 +95,9 @@ def test_bad_arguments_are_clear(tmp_path, local_ray, tok_path, data_path):
         connect(num_cpus=0)
     with pytest.raises(ValueError, match="concurrency must be an integer >= 1"):
         build_ray(cfg, concurrency=0)
+    monkeypatch.setenv("RAY_ADDRESS", "head-without-port")
+    with pytest.raises(ValueError, match=r"RAY_ADDRESS must be 'host:port'.*got 'head-without-port'"):
+        connect()
     assert not os.path.exists(cfg["output"])
 
 
