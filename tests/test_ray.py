@@ -119,3 +119,22 @@ def test_missing_ray_names_the_extra(tmp_path, tok_path, data_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails as if it were not installed
     with pytest.raises(ImportError, match=r"pip install 'mlmix\[ray\]'"):
         build_ray(base_config(str(tmp_path), tok_path, data_path))
+
+
+def test_recipe_group_order_is_a_mergeable_reservoir():
+    """docs/ray.md's plan for a distributed mixture rests on this: the recipes' seeded order of an
+    availability group (integer source ids) is the order of StratifiedReservoir keys for the stratum
+    code of "assign", so per-block reservoirs merged exactly give the group's first k sources."""
+    import numpy as np
+    from mlmix import recipes
+    from mlmix.sample import StratifiedReservoir
+
+    code = recipes._hash_u64(0, "code", "assign")
+    ids = np.random.default_rng(1).choice(10**12, 3000, replace=False)
+    for seed, k in ((0, 1), (7, 250), (2**63 + 5, 3000)):
+        merged = StratifiedReservoir({code: k}, seed=seed)
+        for block in np.array_split(ids, 7):
+            part = StratifiedReservoir({code: k}, seed=seed)
+            part.add(np.full(len(block), code, dtype=np.uint64), block)
+            merged.merge(part)
+        assert merged.result()[code].tolist() == recipes._seeded_order(ids.tolist(), seed, "assign")[:k]
