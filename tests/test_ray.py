@@ -66,12 +66,13 @@ def test_same_mixture_and_store_as_single_machine_despite_a_killed_actor(tmp_pat
                 "dedup": {"exact": True, "near": True, "threshold": 0.8, "scope": "language"},
                 "mixture": {"recipe": "pinch", "n_multilingual": 11, "pivot": "en"},
                 "tokenizer": {"path": tok_path, "template": "chatml"},
-                "pack": {"seq_len": 512, "overlong": "truncate"}, "report": False}
+                "pack": {"seq_len": 512, "overlong": "truncate"}, "report": d == "ray"}
 
     marker = str(tmp_path / "killed-once")
     a = mlmix.build(cfg("single"), quiet=True, use_cache=False)
     b = build_ray(cfg("ray"), quiet=True, concurrency=2, _fault_marker=marker)
     assert os.path.exists(marker)  # an actor process did exit mid-stage
+    assert os.path.isfile(os.path.join(b["output"], "report.html"))
     files = _files(b["output"])
     assert "mixture.json" in files and len(files) > 5
     assert _files(a["output"]) == files

@@ -41,6 +41,7 @@ to ``RAY_ADDRESS``, else starts a local cluster (and shuts down only what it sta
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -459,7 +460,7 @@ def _scan(ds) -> dict:
     """Counts over the tokenized dataset in one pass (small columns only, plus the loss masks)."""
     out: dict[str, Any] = {"per_source": Counter(), "given": Counter(), "kinds": Counter(), "langs": Counter(),
                            "records": 0, "todo": 0, "identified": 0, "alive": 0, "examples": 0, "tokens": 0,
-                           "loss_tokens": 0, "encoder": Counter()}
+                           "loss_tokens": 0, "encoder": Counter(), "lang_tokens": Counter()}
     cols = ["uid", "given", "text_kind", "lang", "todo", "identified", "alive", "ntok", "mask",
             "st_truncated", "st_dropped_too_long", "st_tokens_removed"]
     for t in ds.select_columns(cols).iter_batches(batch_format="pyarrow", batch_size=None):
@@ -469,6 +470,8 @@ def _scan(ds) -> dict:
         out["given"].update(g or "?" for g in c["given"].tolist())
         out["kinds"].update("text" if k else "chat" for k in c["text_kind"].tolist())
         out["langs"].update(c["lang"].tolist())
+        for lang, n in zip(c["lang"].tolist(), c["ntok"].tolist()):
+            out["lang_tokens"][lang] += n
         out["todo"] += int(c["todo"].sum())
         out["identified"] += int(c["identified"].sum())
         out["alive"] += int(c["alive"].sum())
@@ -591,6 +594,8 @@ def build_ray(config: str | os.PathLike | Mapping, *, address: str | None = None
             warnings.simplefilter("ignore", DeprecationWarning)
             ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = bool(log.progress)
+        if not log.verbose:  # the stage lines are the log; Ray Data's per-execution INFO lines are noise
+            logging.getLogger("ray.data").setLevel(logging.ERROR if log.quiet else logging.WARNING)
         ctx.print_on_execution_start = False
         if concurrency is None:
             concurrency = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -693,7 +698,8 @@ def _run(cfg: dict, log, concurrency: int, fault_marker: str | None) -> dict:
         s_pack = _pack(cfg, ds, sel_uids, lengths, sel_langs, stats["tokenize"]["pad_id"], os.path.join(tmp, "store"))
         s_pack["seconds"] = time.perf_counter() - t0
         stats["pack"] = s_pack
-        stats["tokens_by_lang"] = {"dedup": pipeline._by_lang(rows["lang"], rows["ntok"]),
+        stats["tokens_by_lang"] = {"read": dict(sorted(scan["lang_tokens"].items())),
+                                   "dedup": pipeline._by_lang(rows["lang"], rows["ntok"]),
                                    "mix": pipeline._by_lang(sel_langs, lengths)}
         stats["lengths"] = pipeline._length_summary(lengths, sel_langs) if len(lengths) else {}
         np.save(os.path.join(tmp, "lengths.npy"), lengths.astype(np.int32))
