@@ -127,3 +127,21 @@ def test_console_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "mlmix", "build", "--help"], capture_output=True, text=True, env=env,
                           timeout=60)
     assert proc.returncode == 0 and "usage: mlmix build" in proc.stdout
+
+
+def test_demo_smoke(tmp_path, capsys):
+    """The demo end to end with a token training budget (the real one trains longer)."""
+    from mlmix.data import DEMO_LANGUAGES
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["heldout"]) == {"english_only", "pinch"}
+    for model in res["heldout"].values():
+        assert set(model) == set(DEMO_LANGUAGES) and all(v > 0 for v in model.values())
+    assert res["mixtures"]["english_only"] == {"en": 64}
+    assert sum(res["mixtures"]["pinch"].values()) == 64 and res["mixtures"]["pinch"]["en"] == 64 - 11
+    assert sum(res["mixtures"]["p100"].values()) == 64 and len(res["mixtures"]["p100"]) == 12
+    with open(res["report"], encoding="utf-8") as f:
+        html = f.read()
+    assert "Demo: English-only against the pinch" in html and html.count("<svg") >= 8

@@ -456,3 +456,18 @@ def test_pinch_recipe_through_the_pipeline(tmp_path, tok_path, data_path):
 def test_example_configs_validate(name):
     cfg = load_config(os.path.join(ROOT, "examples", name))
     assert cfg["output"].startswith(os.path.join(ROOT, "runs"))
+
+
+def test_example_pinch_builds_with_qwen(tmp_path):
+    """examples/pinch.toml end to end: the bundled parallel set, Qwen's tokenizer, the pinch."""
+    import mlmix
+
+    cfg = load_config(os.path.join(ROOT, "examples", "pinch.toml"))
+    cfg["output"] = str(tmp_path / "pinch")
+    cfg["cache_dir"] = str(tmp_path / "cache")
+    s = mlmix.build(cfg, quiet=True)
+    assert s["langs"]["en"] == 64 - 11 and sum(s["langs"].values()) == 64
+    assert all(s["langs"][lang] == 1 for lang in s["langs"] if lang != "en")
+    info = __import__("mlmix.report", fromlist=["inspect_store"]).inspect_store(s["output"], samples=1)
+    text = info["samples"][0]["examples"][0]["text"]
+    assert text.startswith("<|im_start|>user\n") and "[[" in text and "<|im_end|>" in text

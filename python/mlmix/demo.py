@@ -29,8 +29,8 @@ import numpy as np
 
 SEQ_LEN = 256
 BATCH_SIZE = 8
-DEFAULT_STEPS = 120
-VOCAB_SIZE = 3072
+DEFAULT_STEPS = 80
+VOCAB_SIZE = 1024
 N_PINCH = 11  # one example in each non-English language: "a pinch" at this set's scale (64 sources)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MIXTURES = {
@@ -128,7 +128,8 @@ def _batches(store_path: str, seed: int) -> tuple[Iterator[dict], str]:
     except (ImportError, AttributeError):
         PackedDataset = None
     if PackedDataset is not None:
-        ds = PackedDataset(store_path, batch_size=BATCH_SIZE, seed=seed, shuffle=True)
+        # drop_last: every step sees BATCH_SIZE rows, so both models get the same token budget
+        ds = PackedDataset(store_path, batch_size=BATCH_SIZE, seed=seed, shuffle=True, drop_last=True, languages=None)
 
         def gen():
             epoch = 0
@@ -163,7 +164,7 @@ def train(store_path: str, vocab_size: int, steps: int, seed: int, say, name: st
     model = _tiny_lm(vocab_size, seed)
     loss_fn, _ = _loss_fn()
     batches, _ = _batches(store_path, seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=float(os.environ.get("MLMIX_DEMO_LR", 3e-3)), betas=(0.9, 0.95), weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(steps // 10, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
@@ -180,7 +181,7 @@ def train(store_path: str, vocab_size: int, steps: int, seed: int, say, name: st
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         if step == 0 or (step + 1) % 20 == 0 or step + 1 == steps:
             recent = losses[-20:]
             say(f"  {name:<13} step {step + 1:>4}/{steps}  loss {sum(recent) / len(recent):6.3f}  "
@@ -206,16 +207,20 @@ def heldout_loss(model, tokenizer, records: list[Mapping], tcfg: Mapping) -> dic
                                                                 {"role": "assistant", "content": r["response"]}]}
                      for r in recs]
             toks, masks, _ = encode_records(tokenizer, canon, tcfg)
-            total, count = 0.0, 0
+            # one right-padded batch per language: with causal attention no real token sees the padding,
+            # and padded positions carry label -100, so no attention mask is needed
+            width = min(int(toks.lengths.max()), SEQ_LEN)
+            ids = torch.zeros((len(toks), width), dtype=torch.long)
+            labels = torch.full((len(toks), width), -100, dtype=torch.long)
             for i in range(len(toks)):
-                t = torch.from_numpy(np.asarray(toks[i][:SEQ_LEN], dtype=np.int64))[None]
-                m = torch.from_numpy(np.asarray(masks[i][:SEQ_LEN]).astype(bool))[None]
-                labels = torch.where(m, t, torch.full_like(t, -100))
-                pos = torch.arange(t.shape[1])[None]
-                hidden = model.model(input_ids=t, position_ids=pos).last_hidden_state
-                per_tok = loss_fn(hidden, model.lm_head.weight, labels, shift=True, reduction="sum")
-                total += float(per_tok)
-                count += int(m[:, 1:].sum())
+                t = torch.from_numpy(np.asarray(toks[i][:width], dtype=np.int64))
+                m = torch.from_numpy(np.asarray(masks[i][:width]).astype(bool))
+                ids[i, : t.shape[0]] = t
+                labels[i, : t.shape[0]] = torch.where(m, t, torch.full_like(t, -100))
+            pos = torch.arange(width).expand(len(toks), width)
+            hidden = model.model(input_ids=ids, position_ids=pos).last_hidden_state
+            total = float(loss_fn(hidden, model.lm_head.weight, labels, shift=True, reduction="sum"))
+            count = int((labels[:, 1:] != -100).sum())
             out[lang] = total / max(count, 1)
     return out
 
@@ -252,7 +257,6 @@ def run(out: str, *, seed: int = 0, steps: int = DEFAULT_STEPS, quiet: bool = Fa
 
     from . import data
     from .pipeline import build, load_tokenizer
-    from .report import write_report
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -318,8 +322,10 @@ def run(out: str, *, seed: int = 0, steps: int = DEFAULT_STEPS, quiet: bool = Fa
         a, b = results["english_only"][lang], results["pinch"][lang]
         say(f"  {lang:<6}{a:>14.3f}{b:>10.3f}{b - a:>+10.3f}")
     better = [l for l in langs if results["pinch"][l] < results["english_only"][l]]
-    say(f"  the pinch ({N_PINCH} non-English examples of {summaries['pinch']['examples']}) lowers held-out loss in "
-        f"{len(better)} of {len(langs)} languages")
+    others = [l for l in langs if l != "en"]
+    say(f"  the pinch ({N_PINCH} non-English examples of {summaries['pinch']['examples']}, one per language) lowers "
+        f"held-out loss in {sum(l in better for l in others)} of the {len(others)} other languages; English "
+        f"{results['pinch']['en'] - results['english_only']['en']:+.3f} (it has {N_PINCH} fewer English examples)")
 
     result = {
         "out": out, "seed": seed, "steps": steps, "params": n_params, "loader": loader_name, "loss": loss_name,
@@ -330,7 +336,8 @@ def run(out: str, *, seed: int = 0, steps: int = DEFAULT_STEPS, quiet: bool = Fa
     from .report import render_report
 
     report_path = os.path.join(out, "report.html")
-    html_text = render_report(summaries["pinch"]["output"], extra_sections=_demo_section(result))
+    html_text = render_report(summaries["pinch"]["output"], extra_sections=_demo_section(result),
+                              title="mlmix demo: a pinch of multilinguality")
     from ._atomic import atomic_file
 
     with atomic_file(report_path, "wb") as f:

@@ -19,7 +19,8 @@ The output directory::
 
     OUTPUT/store/          the packed store (mlmix.open)
     OUTPUT/mixture.json    the mixture manifest (mlmix.Mixture.load), absent for recipe "all"
-    OUTPUT/tokenizer.json  the tokenizer, to decode samples (inspect, report)
+    OUTPUT/tokenizer.json  the tokenizer, to decode samples (inspect, report); absent for the bundled
+                           tokenizers (tokenizer.name), which build.json names
     OUTPUT/build.json      config, stage keys and statistics
     OUTPUT/report.html     the report (mlmix report)
 """
@@ -70,7 +71,10 @@ class BuildLog:
     def bar(self, desc: str, total: int | None = None, unit: str = "rec"):
         if not self.progress:
             return _NoBar()
-        from tqdm.auto import tqdm
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # bars are a nicety: without tqdm the summary lines still come
+            return _NoBar()
 
         return tqdm(total=total, desc=f"{desc:<8}", unit=unit, unit_scale=True, file=self.stream, leave=False,
                     dynamic_ncols=True)
@@ -285,7 +289,8 @@ def _stage_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log:
     masks = Ragged.concat(mask_parts) if mask_parts else Ragged(np.zeros(0, np.uint8), np.zeros(1, np.int64))
     _save_ragged(os.path.join(out, "tokens"), tokens)
     _save_ragged(os.path.join(out, "loss_mask"), masks)
-    save_tokenizer(tokenizer, os.path.join(out, "tokenizer.json"))
+    if "name" not in tcfg:  # a bundled tokenizer is found again by its name (saves writing ~7 MB)
+        save_tokenizer(tokenizer, os.path.join(out, "tokenizer.json"))
     return {"examples": int((tokens.lengths > 0).sum()), "tokens": int(tokens.offsets[-1]),
             "loss_tokens": int(masks.values.sum(dtype=np.int64)), "pad_id": _pad_id(tokenizer), **enc_stats}
 
@@ -329,11 +334,11 @@ def _stage_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarr
         idx_set = set(idx.tolist())
         texts = [readers.record_text(r) for i, r in enumerate(_iter_records(records_path)) if i in idx_set]
         sub_langs = [langs[i] for i in idx]
-        scope_langs = sub_langs if dcfg["scope"] == "language" else None
+        scope = "lang" if dcfg["scope"] == "language" else "global"
         with log.bar("dedup", total=len(texts) * (int(dcfg["exact"]) + int(dcfg["near"]))) as bar:
             sub_keep = np.ones(len(texts), dtype=bool)
             if dcfg["exact"] and texts:
-                res = dedup.exact_duplicates(texts, langs=scope_langs)
+                res = dedup.exact_duplicates(texts, langs=sub_langs, scope=scope)
                 sub_keep &= np.asarray(res.keep, dtype=bool)
                 for j in np.flatnonzero(~np.asarray(res.keep, dtype=bool)):
                     exact_removed[sub_langs[j]] += 1
@@ -345,7 +350,8 @@ def _stage_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarr
                     threshold=dcfg["threshold"],
                     num_perm=dcfg["num_perm"],
                     ngram=dcfg["ngram"],
-                    langs=[sub_langs[j] for j in rest] if scope_langs is not None else None,
+                    langs=[sub_langs[j] for j in rest],
+                    scope=scope,
                     seed=cfg["seed"],
                 )
                 near_keep = np.asarray(res.keep, dtype=bool)
@@ -467,6 +473,7 @@ def _cached_stage(cache: StageCache, log: BuildLog, name: str, key: str, run: Ca
     seconds = time.perf_counter() - t0
     timings[name] = {"seconds": seconds, "cached": cached}
     log.stage(name, summary(stats), seconds, cached)
+    log.detail(f"cache {d}")
     return d, stats
 
 
@@ -601,6 +608,7 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
         _relax_modes(out)
         timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": False}
         log.stage("pack", _pack_line(s_pack), timings["pack"]["seconds"], False)
+        log.detail(f"output {out} (key {k_pack})")
     for entry in cache.discarded:
         log.line(f"warning: cache entry {entry} was corrupt and has been recomputed")
     summary = dict(summary)

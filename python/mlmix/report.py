@@ -313,17 +313,29 @@ def _lang_order(*counts: Mapping[str, int]) -> list[str]:
     return sorted(total, key=lambda k: (-total[k], k))
 
 
-def _samples_html(build_dir: str, n: int = 3, max_tokens: int = 400) -> str:
-    """A few packed sequences decoded, trained tokens highlighted (needs tokenizer.json and the store)."""
-    tok_path = os.path.join(build_dir, "tokenizer.json")
-    if not os.path.isfile(tok_path):
-        return '<p class="note">No tokenizer.json next to the store, so samples cannot be decoded.</p>'
-    try:
-        from tokenizers import Tokenizer as HFTokenizer
+def _decoder(directory: str, tok_cfg: Mapping | None):
+    """A ``tokenizers.Tokenizer`` to decode a store: tokenizer.json in ``directory``, else the bundled one
+    the build config names; None if neither."""
+    tok_path = os.path.join(directory, "tokenizer.json")
+    if os.path.isfile(tok_path):
+        from ._deps import require
 
+        return require("tokenizers", "decoding samples").Tokenizer.from_file(tok_path)
+    if tok_cfg and "name" in tok_cfg:
+        from ._tiktoken import qwen_tokenizer
+
+        return qwen_tokenizer(tok_cfg["name"])
+    return None
+
+
+def _samples_html(build_dir: str, tok_cfg: Mapping | None, n: int = 3, max_tokens: int = 400) -> str:
+    """A few packed sequences decoded, trained tokens highlighted (needs the tokenizer and the store)."""
+    try:
+        hf = _decoder(build_dir, tok_cfg)
+        if hf is None:
+            return '<p class="note">No tokenizer.json next to the store, so samples cannot be decoded.</p>'
         from .store import open as open_store
 
-        hf = HFTokenizer.from_file(tok_path)
         store = open_store(os.path.join(build_dir, "store"))
     except Exception as exc:  # a report without samples beats no report
         return f'<p class="note">Samples unavailable: {_esc(exc)}</p>'
@@ -353,7 +365,7 @@ def _samples_html(build_dir: str, n: int = 3, max_tokens: int = 400) -> str:
     return "".join(out)
 
 
-def render_report(build_dir: str | os.PathLike, *, extra_sections: str = "") -> str:
+def render_report(build_dir: str | os.PathLike, *, extra_sections: str = "", title: str | None = None) -> str:
     """The HTML report of a build output directory (see :mod:`mlmix.pipeline`), as a string.
 
     ``extra_sections`` is HTML placed after the headline figures (the demo adds its training results).
@@ -456,7 +468,7 @@ def render_report(build_dir: str | os.PathLike, *, extra_sections: str = "") -> 
           "</figcaption></figure>")
 
     sections.append("<h2>Samples</h2>")
-    sections.append(_samples_html(build_dir))
+    sections.append(_samples_html(build_dir, cfg.get("tokenizer")))
 
     sections.append("<h2>Stages</h2>")
     rows = []
@@ -465,7 +477,7 @@ def render_report(build_dir: str | os.PathLike, *, extra_sections: str = "") -> 
         rows.append([name, f"{s.get('seconds', 0):.2f} s"])
     sections.append(_table(["stage", "time when computed"], rows))
 
-    title = f"mlmix build report: {os.path.basename(b['output'].rstrip(os.sep))}"
+    title = title or f"mlmix build report: {os.path.basename(b['output'].rstrip(os.sep))}"
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_esc(title)}</title>"
             f"<style>{_CSS}</style></head><body><main><h1>{_esc(title)}</h1>"
@@ -553,16 +565,15 @@ def inspect_store(path: str | os.PathLike, *, samples: int = 2, max_tokens: int 
         "langs": _store_langs(store),
         "samples": [],
     }
-    tok_path = os.path.join(os.path.dirname(store_path), "tokenizer.json")
+    tok_cfg = None
     if build_dir is not None:
         with open(os.path.join(build_dir, "build.json"), encoding="utf-8") as f:
-            mix = json.load(f)["stages"]["mix"]
+            b = json.load(f)
+        mix = b["stages"]["mix"]
         info["mixture"] = {"recipe": mix["recipe"], "params": mix["params"], "seed": mix["seed"]}
-        tok_path = os.path.join(build_dir, "tokenizer.json")
-    if samples and len(store) and os.path.isfile(tok_path):
-        from ._deps import require
-
-        hf = require("tokenizers", "decoding samples").Tokenizer.from_file(tok_path)
+        tok_cfg = b["config"]["tokenizer"]
+    hf = _decoder(os.path.dirname(store_path), tok_cfg) if samples and len(store) else None
+    if hf is not None:
         picks = np.linspace(0, len(store) - 1, num=min(samples, len(store))).round().astype(int)
         for i in sorted(set(picks.tolist())):
             info["samples"].append({"sequence": i, "examples": _decode_sample(hf, store[i], max_tokens)})
