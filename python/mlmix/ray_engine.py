@@ -704,7 +704,8 @@ def _run(cfg: dict, log, concurrency: int, fault_marker: str | None) -> dict:
         stats["lengths"] = pipeline._length_summary(lengths, sel_langs) if len(lengths) else {}
         np.save(os.path.join(tmp, "lengths.npy"), lengths.astype(np.int32))
         pipeline._write_json(os.path.join(tmp, "langs.json"), sel_langs)
-        pipeline.save_tokenizer(tokenizer, os.path.join(tmp, "tokenizer.json"))
+        if "name" not in cfg["tokenizer"]:  # as the single-machine engine: a bundled tokenizer is named, not copied
+            pipeline.save_tokenizer(tokenizer, os.path.join(tmp, "tokenizer.json"))
         timings["pack"] = {"seconds": s_pack["seconds"], "cached": False}
         summary = {"format": pipeline.BUILD_FORMAT, "engine": "ray", "config": cfg, "stages": stats, "output": out,
                    "store": os.path.join(out, "store"), "examples": s_pack["examples"], "tokens": s_pack["tokens"],
