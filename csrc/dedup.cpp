@@ -1,7 +1,9 @@
 #include "dedup.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <exception>
 #include <iterator>
@@ -9,6 +11,10 @@
 #include <mutex>
 #include <numeric>
 #include <thread>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "common.h"
 #include "unicode_tables.h"
@@ -84,7 +90,7 @@ inline uint64_t splitmix_next(uint64_t& state) {
 // 64-bit word, which feeds two lanes with different multipliers and rotations.
 class Hash128 {
  public:
-  void add(uint32_t cp) {
+  __attribute__((always_inline)) void add(uint32_t cp) {
     word_ |= static_cast<uint64_t>(cp) << (21 * packed_);
     if (++packed_ == 3) flush();
     ++length_;
@@ -198,7 +204,7 @@ class NfkcStream {
   explicit NfkcStream(bool compose) : compose_(compose) {}
 
   template <class Out>
-  void push(uint32_t cp, Out&& out) {
+  __attribute__((noinline)) void push(uint32_t cp, Out&& out) {  // the slow path: kept out of line
     const uint8_t cls = char_class(cp);
     if (!(cls & kHasDecomp)) {
       push_decomposed(cp, cls, out);
@@ -226,6 +232,9 @@ class NfkcStream {
   void finish(Out&& out) {
     flush(out);
   }
+
+  // Buffers a simple code point (no decomposition, combining class 0) into an empty buffer.
+  void hold(uint32_t cp, uint8_t cls) { buf_.push_back({cp, 0, cls}); }
 
  private:
   struct Item {
@@ -328,7 +337,7 @@ template <class Emit>
 void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& opts, int64_t doc,
                          Emit&& emit) {
   bool pending_space = false, started = false;
-  auto take = [&](uint32_t cp, uint8_t cls) {
+  auto take = [&](uint32_t cp, uint8_t cls) __attribute__((always_inline)) {
     switch (cls & kClassMask) {
       case kSeparator:
         pending_space = started;
@@ -348,7 +357,7 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
     started = true;
     emit(cp, (cls & kNoSpace) != 0);
   };
-  auto fold = [&](uint32_t cp, uint8_t cls) {
+  auto fold = [&](uint32_t cp, uint8_t cls) __attribute__((always_inline)) {
     if (cls & kHasFold) {
       uint32_t folded[3];
       const uint32_t count = case_fold(cp, folded);
@@ -358,8 +367,53 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
     }
   };
   NfkcStream nfkc(!opts.strip_marks);
+  // Most code points have no decomposition, combining class 0 and nothing that composes with a
+  // preceding starter ("simple"). NfkcStream::push of a simple code point flushes its buffer and
+  // then buffers the code point alone; here that lone code point is held in `held` instead, and
+  // handed to the stream (as its buffer) only when a code point that needs the stream comes.
+  // The output is the same as pushing every code point through the stream.
+  const uint8_t slow = kHasDecomp | kNonzeroCcc | (opts.strip_marks ? 0 : kComposesSecond);
+  bool has_held = false, in_stream = false;
+  uint32_t held_cp = 0;
+  uint8_t held_cls = 0;
   int64_t i = 0;
-  while (i < n) nfkc.push(decode_utf8(p, n, i, opts.errors, doc), fold);
+  while (i < n) {
+    // Well-formed 1- to 3-byte sequences are decoded here; the rest (4 bytes, overlong or
+    // surrogate encodings, truncated or invalid bytes) by decode_utf8.
+    uint32_t cp = p[i];
+    if (cp < 0x80) {
+      ++i;
+    } else if (cp >= 0xC2 && cp <= 0xDF && i + 1 < n && (p[i + 1] & 0xC0) == 0x80) {
+      cp = ((cp & 0x1F) << 6) | (p[i + 1] & 0x3F);
+      i += 2;
+    } else if ((cp & 0xF0) == 0xE0 && i + 2 < n && (p[i + 1] & 0xC0) == 0x80 && (p[i + 2] & 0xC0) == 0x80 &&
+               ((cp & 0x0F) << 12 | (p[i + 1] & 0x3F) << 6) >= 0x800 && !(cp == 0xED && p[i + 1] >= 0xA0)) {
+      cp = ((cp & 0x0F) << 12) | ((p[i + 1] & 0x3F) << 6) | (p[i + 2] & 0x3F);
+      i += 3;
+    } else {
+      cp = decode_utf8(p, n, i, opts.errors, doc);
+    }
+    const uint8_t cls = char_class(cp);
+    if (!(cls & slow)) [[likely]] {
+      if (in_stream) {
+        nfkc.finish(fold);
+        in_stream = false;
+      } else if (has_held) {
+        fold(held_cp, held_cls);
+      }
+      held_cp = cp;
+      held_cls = cls;
+      has_held = true;
+    } else {
+      if (has_held) {
+        nfkc.hold(held_cp, held_cls);
+        has_held = false;
+      }
+      nfkc.push(cp, fold);
+      in_stream = true;
+    }
+  }
+  if (has_held) fold(held_cp, held_cls);
   nfkc.finish(fold);
 }
 
@@ -388,16 +442,30 @@ struct DocSummary {
   bool char_mode = false;
 };
 
+// A reusable code-point buffer whose append is one compare and one store (std::vector's
+// push_back is not inlined into the normalisation loop).
+struct CodePoints {
+  std::vector<uint32_t> storage;
+  size_t size = 0;
+  void clear() { size = 0; }
+  __attribute__((always_inline)) void push(uint32_t cp) {
+    if (size == storage.size()) [[unlikely]] storage.resize(2 * size + 256);
+    storage[size++] = cp;
+  }
+  const uint32_t* begin() const { return storage.data(); }
+  const uint32_t* end() const { return storage.data() + size; }
+};
+
 // With `keep`, the normalised code points are also appended to it, for a second pass without
 // decoding and normalising again.
 DocSummary summarize(const uint8_t* p, int64_t n, const NormalizeOptions& opts, int64_t doc,
-                     std::vector<uint32_t>* keep = nullptr) {
+                     CodePoints* keep = nullptr) {
   DocSummary s;
   Hash128 h;
   int64_t letters = 0, no_space = 0;
-  for_each_normalized(p, n, opts, doc, [&](uint32_t cp, bool ns) {
+  for_each_normalized(p, n, opts, doc, [&](uint32_t cp, bool ns) __attribute__((always_inline)) {
     h.add(cp);
-    if (keep) keep->push_back(cp);
+    if (keep) keep->push(cp);
     ++s.length;
     if (cp != ' ') {
       ++letters;
@@ -421,12 +489,12 @@ constexpr uint64_t kWordSalt = 0x5851F42D4C957F2Dull, kCharSalt = 0x14057B7EF767
 class ShingleHasher {
  public:
   ShingleHasher(int ngram, bool char_mode)
-      : ngram_(ngram), salt_(char_mode ? kCharSalt : kWordSalt), window_(ngram) {
+      : ngram_(ngram), salt_(char_mode ? kCharSalt : kWordSalt) {
     for (int k = 0; k < ngram; ++k) k_pow_n_ *= kMulB;
   }
 
   template <class Sink>
-  void push_token(uint64_t token, Sink&& sink) {
+  __attribute__((always_inline)) void push_token(uint64_t token, Sink&& sink) {
     poly_ = poly_ * kMulB + token;
     if (seen_ >= static_cast<uint64_t>(ngram_)) poly_ -= window_[pos_] * k_pow_n_;  // leaves the window
     window_[pos_] = token;
@@ -443,7 +511,7 @@ class ShingleHasher {
   uint64_t finalize(int len) const { return mix64(poly_ + salt_ + static_cast<uint64_t>(len) * kMulC); }
   int ngram_;
   uint64_t salt_;
-  std::vector<uint64_t> window_;
+  std::array<uint64_t, 64> window_{};  // the last ngram (<= 64) tokens, circular
   uint64_t k_pow_n_ = 1;
   uint64_t poly_ = 0;
   int pos_ = 0;
@@ -507,21 +575,151 @@ void check_minhash_options(const MinHashOptions& o) {
 
 // MinHash update of sig[0..P) with a block of shingle keys: sig[k] = min(sig[k], h_k(key)) with
 // h_k(x) = ((a_k * x + b_k) mod 2^64) >> 32 = ((a_lo_k * x + b_k) >> 32) + a_hi_k * x (mod 2^32).
-// Compiled for AVX2 and for the baseline; the loader picks one at run time.
 constexpr size_t kShingleBlock = 256;
 
-__attribute__((target_clones("avx2", "default"))) void minhash_block(
-    const uint32_t* __restrict a_lo, const uint32_t* __restrict a_hi, const uint64_t* __restrict b,
-    int P, const uint32_t* __restrict keys, size_t n_keys, uint32_t* __restrict sig) {
+// The permutation constants, laid out for the vector kernels: within each group of 8
+// permutations, b of the even and of the odd ones apart (the 32 x 32 -> 64-bit multiply only
+// reads even 32-bit lanes, so even and odd permutations are computed in separate registers).
+struct Permutations {
+  int P = 0;
+  std::vector<uint32_t> a_lo, a_hi;
+  std::vector<uint64_t> b;               // P entries, in order
+  std::vector<uint64_t> b_even, b_odd;   // b[8g + 2m] and b[8g + 2m + 1] at index 4g + m
+};
+
+void minhash_block_scalar(const Permutations& perm, int k_begin, const uint32_t* keys, size_t n_keys,
+                          uint32_t* sig) {
   for (size_t j = 0; j < n_keys; ++j) {
     const uint32_t x = keys[j];
-    for (int k = 0; k < P; ++k) {
-      const uint64_t t = static_cast<uint64_t>(a_lo[k]) * x + b[k];
-      const uint32_t v = static_cast<uint32_t>(t >> 32) + a_hi[k] * x;
+    for (int k = k_begin; k < perm.P; ++k) {
+      const uint64_t t = static_cast<uint64_t>(perm.a_lo[k]) * x + perm.b[k];
+      const uint32_t v = static_cast<uint32_t>(t >> 32) + perm.a_hi[k] * x;
       sig[k] = v < sig[k] ? v : sig[k];
     }
   }
 }
+
+#if defined(__x86_64__)
+// Vector kernels: permutations in the outer loop so that a group's constants and running minima
+// stay in registers across the keys. Permutations past the last full group go to the scalar loop.
+__attribute__((target("avx2"))) void minhash_block_avx2(const Permutations& perm, const uint32_t* keys,
+                                                         size_t n_keys, uint32_t* sig) {
+  const int groups = perm.P / 8;
+  for (int g = 0; g < groups; ++g) {
+    const __m256i a_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(perm.a_lo.data() + 8 * g));
+    const __m256i a_lo_odd = _mm256_srli_epi64(a_lo, 32);
+    const __m256i a_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(perm.a_hi.data() + 8 * g));
+    const __m256i b_even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(perm.b_even.data() + 4 * g));
+    const __m256i b_odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(perm.b_odd.data() + 4 * g));
+    __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sig + 8 * g));
+    for (size_t j = 0; j < n_keys; ++j) {
+      const __m256i x = _mm256_set1_epi32(static_cast<int>(keys[j]));
+      const __m256i t_even = _mm256_add_epi64(_mm256_mul_epu32(a_lo, x), b_even);
+      const __m256i t_odd = _mm256_add_epi64(_mm256_mul_epu32(a_lo_odd, x), b_odd);
+      // High halves of the 64-bit sums, each in its permutation's 32-bit lane.
+      const __m256i high = _mm256_blend_epi32(_mm256_srli_epi64(t_even, 32), t_odd, 0xAA);
+      s = _mm256_min_epu32(s, _mm256_add_epi32(high, _mm256_mullo_epi32(a_hi, x)));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sig + 8 * g), s);
+  }
+  minhash_block_scalar(perm, 8 * groups, keys, n_keys, sig);
+}
+
+// GCC 12 warns inside its own avx512fintrin.h (_mm512_undefined_epi32, GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f"))) void minhash_block_avx512(const Permutations& perm, const uint32_t* keys,
+                                                              size_t n_keys, uint32_t* sig) {
+  const int groups = perm.P / 16;
+  for (int g = 0; g < groups; ++g) {
+    // Two 8-permutation groups of the layout make one 16-lane register.
+    const __m512i a_lo = _mm512_loadu_si512(perm.a_lo.data() + 16 * g);
+    const __m512i a_lo_odd = _mm512_srli_epi64(a_lo, 32);
+    const __m512i a_hi = _mm512_loadu_si512(perm.a_hi.data() + 16 * g);
+    const __m512i b_even = _mm512_loadu_si512(perm.b_even.data() + 8 * g);
+    const __m512i b_odd = _mm512_loadu_si512(perm.b_odd.data() + 8 * g);
+    __m512i s = _mm512_loadu_si512(sig + 16 * g);
+    for (size_t j = 0; j < n_keys; ++j) {
+      const __m512i x = _mm512_set1_epi32(static_cast<int>(keys[j]));
+      const __m512i t_even = _mm512_add_epi64(_mm512_mul_epu32(a_lo, x), b_even);
+      const __m512i t_odd = _mm512_add_epi64(_mm512_mul_epu32(a_lo_odd, x), b_odd);
+      const __m512i high = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(t_even, 32), t_odd);
+      s = _mm512_min_epu32(s, _mm512_add_epi32(high, _mm512_mullo_epi32(a_hi, x)));
+    }
+    _mm512_storeu_si512(sig + 16 * g, s);
+  }
+  minhash_block_scalar(perm, 16 * groups, keys, n_keys, sig);
+}
+#pragma GCC diagnostic pop
+
+#endif  // __x86_64__
+
+using MinhashBlockFn = void (*)(const Permutations&, const uint32_t*, size_t, uint32_t*);
+
+// Picked once from the CPU's features; every kernel gives the same bits.
+MinhashBlockFn pick_minhash_block() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return minhash_block_avx512;
+  if (__builtin_cpu_supports("avx2")) return minhash_block_avx2;
+#endif
+  return [](const Permutations& perm, const uint32_t* keys, size_t n_keys, uint32_t* sig) {
+    minhash_block_scalar(perm, 0, keys, n_keys, sig);
+  };
+}
+
+void minhash_block(const Permutations& perm, const uint32_t* keys, size_t n_keys, uint32_t* sig) {
+  static const MinhashBlockFn fn = pick_minhash_block();
+  fn(perm, keys, n_keys, sig);
+}
+
+// Sorts v ascending (operator<), where key(x) is a well-mixed 64-bit hash that orders like x
+// (key(x) < key(y) implies x < y). A counting pass on the key's top bits puts each value into one
+// of about v.size() buckets, which are then nearly all of size 0 to 2; small buckets are finished
+// by insertion sort, large ones (equal or colliding keys) by std::sort, so the worst case stays
+// O(n log n). Much faster than std::sort on such data (no unpredictable comparisons).
+template <class T, class Key>
+void bucket_sort(std::vector<T>& v, std::vector<T>& scratch, std::vector<uint32_t>& starts, Key&& key) {
+  const size_t n = v.size();
+  if (n < 64) {
+    std::sort(v.begin(), v.end());
+    return;
+  }
+  const int bits = std::min(20, static_cast<int>(std::bit_width(n)));
+  const int shift = 64 - bits;
+  const size_t buckets = size_t{1} << bits;
+  starts.assign(buckets + 1, 0);
+  for (const T& x : v) ++starts[(key(x) >> shift) + 1];
+  for (size_t b = 0; b < buckets; ++b) starts[b + 1] += starts[b];
+  scratch.resize(n);
+  for (const T& x : v) scratch[starts[key(x) >> shift]++] = x;  // starts[b] becomes bucket b's end
+  size_t begin = 0;
+  for (size_t b = 0; b < buckets; ++b) {
+    const size_t end = starts[b];
+    if (end - begin > 32) {
+      std::sort(scratch.begin() + begin, scratch.begin() + end);
+    } else {
+      for (size_t i = begin + 1; i < end; ++i) {
+        const T x = scratch[i];
+        size_t j = i;
+        for (; j > begin && x < scratch[j - 1]; --j) scratch[j] = scratch[j - 1];
+        scratch[j] = x;
+      }
+    }
+    begin = end;
+  }
+  v.swap(scratch);
+}
+
+struct HashSorter {
+  std::vector<uint64_t> scratch;
+  std::vector<uint32_t> starts;
+
+  void sort_unique(std::vector<uint64_t>& v) {
+    bucket_sort(v, scratch, starts, [](uint64_t x) { return x; });
+    v.erase(std::unique(v.begin(), v.end()), v.end());
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Union-find with path halving; union by lower index keeps it deterministic.
@@ -610,14 +808,20 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
   // Permutation k maps the 32-bit key x of a shingle to the top 32 bits of a_k * x + b_k
   // (mod 2^64), Dietzfelbinger's multiply-add-shift family (strongly universal), computed as
   // 32 x 32 -> 64-bit products so that it vectorises (minhash_block).
-  std::vector<uint32_t> a_lo(P), a_hi(P);
-  std::vector<uint64_t> b(P);
+  Permutations perm;
+  perm.P = P;
+  perm.a_lo.resize(P);
+  perm.a_hi.resize(P);
+  perm.b.resize(P);
+  perm.b_even.resize(P / 2 + 1);
+  perm.b_odd.resize(P / 2 + 1);
   uint64_t state = mix64(opts.seed ^ 0x6A09E667F3BCC908ull);
   for (int k = 0; k < P; ++k) {
     const uint64_t a = splitmix_next(state);
-    a_lo[k] = static_cast<uint32_t>(a);
-    a_hi[k] = static_cast<uint32_t>(a >> 32);
-    b[k] = splitmix_next(state);
+    perm.a_lo[k] = static_cast<uint32_t>(a);
+    perm.a_hi[k] = static_cast<uint32_t>(a >> 32);
+    perm.b[k] = splitmix_next(state);
+    (k % 2 == 0 ? perm.b_even : perm.b_odd)[k / 2] = perm.b[k];
   }
   std::vector<std::vector<uint64_t>>* sets = out.shingle_sets;
   if (sets) sets->assign(texts.count, {});
@@ -625,7 +829,10 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
   std::atomic<bool> over_budget{false};
   parallel_chunks(texts.count, num_threads, 16, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> sig(P);
-    std::vector<uint32_t> keys, cps;
+    std::vector<uint32_t> keys;
+    CodePoints cps;
+    HashSorter sorter;
+    std::vector<uint64_t> shingle_buf;
     keys.reserve(kShingleBlock);
     for (int64_t i = begin; i < end; ++i) {
       const uint8_t* p = texts.data + texts.offsets[i];
@@ -636,12 +843,15 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
       const bool char_mode = resolve_char_mode(opts, s);
       std::fill(sig.begin(), sig.end(), std::numeric_limits<uint32_t>::max());
       keys.clear();
+      // The shingles are gathered in a per-thread buffer and the set stored at its final size:
+      // one allocation per document.
       std::vector<uint64_t>* set = sets && !over_budget.load(std::memory_order_relaxed) ? &(*sets)[i] : nullptr;
+      shingle_buf.clear();
       auto sink = [&](uint64_t x) {
-        if (set) set->push_back(x);
+        if (set) shingle_buf.push_back(x);
         keys.push_back(static_cast<uint32_t>(x >> 32));
         if (keys.size() == kShingleBlock) {
-          minhash_block(a_lo.data(), a_hi.data(), b.data(), P, keys.data(), keys.size(), sig.data());
+          minhash_block(perm, keys.data(), keys.size(), sig.data());
           keys.clear();
         }
       };
@@ -650,12 +860,11 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
       } else {
         for_each_shingle(p, size, opts.normalize, opts.ngram, char_mode, i, sink);
       }
-      minhash_block(a_lo.data(), a_hi.data(), b.data(), P, keys.data(), keys.size(), sig.data());
+      minhash_block(perm, keys.data(), keys.size(), sig.data());
       std::copy(sig.begin(), sig.end(), out.signatures + i * P);
       if (set) {
-        std::sort(set->begin(), set->end());
-        set->erase(std::unique(set->begin(), set->end()), set->end());
-        set->shrink_to_fit();
+        sorter.sort_unique(shingle_buf);
+        set->assign(shingle_buf.begin(), shingle_buf.end());
         if (set_total.fetch_add(static_cast<int64_t>(set->size())) + static_cast<int64_t>(set->size()) >
             out.shingle_set_budget)
           over_budget = true;
@@ -676,7 +885,7 @@ std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHa
                                   int64_t doc_index) {
   check_minhash_options(opts);
   const bool buffered = size <= kMaxBufferedBytes;
-  std::vector<uint32_t> cps;
+  CodePoints cps;
   const DocSummary s = summarize(data, size, opts.normalize, doc_index, buffered ? &cps : nullptr);
   const bool char_mode = resolve_char_mode(opts, s);
   std::vector<uint64_t> set;
@@ -686,8 +895,7 @@ std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHa
   } else {
     for_each_shingle(data, size, opts.normalize, opts.ngram, char_mode, doc_index, sink);
   }
-  std::sort(set.begin(), set.end());
-  set.erase(std::unique(set.begin(), set.end()), set.end());
+  HashSorter().sort_unique(set);
   return set;
 }
 
@@ -782,7 +990,8 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
   const int bands = opts.lsh.bands, rows = opts.lsh.rows;
   std::vector<std::vector<std::pair<int64_t, int64_t>>> band_pairs(bands);
   parallel_chunks(bands, opts.num_threads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<uint64_t, int64_t>> keys(lsh_docs.size());
+    std::vector<std::pair<uint64_t, int64_t>> keys(lsh_docs.size()), scratch;
+    std::vector<uint32_t> starts;
     for (int64_t band = begin; band < end; ++band) {
       for (size_t k = 0; k < lsh_docs.size(); ++k) {
         const int64_t doc = lsh_docs[k];
@@ -794,7 +1003,7 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
         }
         keys[k] = {h, doc};
       }
-      std::sort(keys.begin(), keys.end());
+      bucket_sort(keys, scratch, starts, [](const std::pair<uint64_t, int64_t>& k) { return k.first; });
       auto& pairs = band_pairs[band];
       size_t start = 0;
       while (start < keys.size()) {
@@ -832,10 +1041,12 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
   if (opts.verify) {
     auto jaccard = [](const std::vector<uint64_t>& x, const std::vector<uint64_t>& y) {
       size_t i = 0, j = 0, common = 0;
+      // Branch-free merge: the comparisons of random hashes are unpredictable.
       while (i < x.size() && j < y.size()) {
-        if (x[i] < y[j]) ++i;
-        else if (y[j] < x[i]) ++j;
-        else { ++common; ++i; ++j; }
+        const uint64_t a = x[i], b = y[j];
+        common += a == b;
+        i += a <= b;
+        j += b <= a;
       }
       const size_t uni = x.size() + y.size() - common;
       return uni == 0 ? 0.0 : static_cast<double>(common) / static_cast<double>(uni);

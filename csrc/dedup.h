@@ -1,8 +1,8 @@
 // Exact and near-duplicate detection over UTF-8 documents: normalisation (Unicode class tables,
 // whitespace/punctuation collapsing, optional mark stripping), 128-bit exact hashes, MinHash
 // signatures over word or character shingles, LSH banding, verification and union-find clustering.
-// Plain C++ over pointers; no Python here. NFKC and case folding happen before these kernels
-// (python/mlmix/dedup.py), so the input is expected to be NFKC + casefolded UTF-8.
+// Plain C++ over pointers; no Python here. The input is raw UTF-8: NFKC (or NFKD), full case
+// folding and the collapsing all happen here, from the tables of unicode_tables.h.
 #pragma once
 
 #include <cstdint>

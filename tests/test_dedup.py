@@ -263,6 +263,21 @@ def test_core_utf8_decoding_matches_python_replace(docs):
     assert got == [ref_normalize(d) for d in docs]
 
 
+# Sequences at the edges of the inline 2- and 3-byte decoding (overlong, surrogate, truncated,
+# largest and smallest valid) next to ASCII and to each other.
+UTF8_EDGES = [b"\xc2\x80", b"\xc1\xbf", b"\xdf\xbf", b"\xe0\x80\x80", b"\xe0\x9f\xbf", b"\xe0\xa0\x80",
+              b"\xed\x9f\xbf", b"\xed\xa0\x80", b"\xef\xbf\xbf", b"\xee\x80", b"\xe2\x82", b"\xc3",
+              b"\xf0\x9f\x98\x80", b"\xf4\x90\x80\x80", b"\x80", b"e\xcc\x81", b"A", b" "]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(UTF8_EDGES), max_size=12).map(b"".join))
+def test_utf8_fast_decoding_edges(doc):
+    data = np.frombuffer(doc, dtype=np.uint8)
+    out, out_offsets = core._dedup_normalize(data, np.array([0, len(doc)], np.int64), False, 0, 1)
+    assert out.tobytes().decode("utf-8") == ref_normalize(doc)
+
+
 def test_invalid_utf8_policies():
     bad = [b"ok text", b"caf\xc3 \xff\xfe end", "lone \ud800 surrogate"]
     assert dedup.normalize(bad) == [ref_normalize(t) for t in bad]
@@ -288,11 +303,57 @@ def test_shingle_set_size_matches_reference(text, ngram, shingle):
     assert np.all(np.diff(got.astype(np.float64)) >= 0)
 
 
+@pytest.mark.parametrize("text", [
+    " ".join(f"w{k % 997} x{k % 13}" for k in range(3000)),  # thousands of distinct shingles
+    "ab " * 2000,                                               # one shingle repeated
+    "".join(chr(0x4E00 + (k * 7919) % 20000) for k in range(5000)),
+])
+def test_large_shingle_sets_sorted_unique(text):
+    # Sets past the small-size path go through the bucket sort: strictly increasing, complete.
+    got = dedup._shingle_set(text)
+    assert len(got) == len(ref_shingles(text))
+    assert all(int(a) < int(b) for a, b in zip(got[:-1], got[1:]))
+
+
 def test_auto_shingle_mode_by_script():
     texts = [SAMPLES[k] for k in ("en", "ru", "ar", "he", "hi", "ko", "zh", "ja", "th")]
     r = dedup.near_duplicates(texts)
     assert r.info["char_shingled"] == 3
     assert [ref_char_mode(ref_normalize(t)) for t in texts] == [False] * 6 + [True] * 3
+
+
+def ref_signature(text: str, num_perm: int, seed: int = 0) -> np.ndarray:
+    """MinHash of the core's 64-bit shingle hashes: h_k(x) = ((a_k * x + b_k) mod 2^64) >> 32 of the
+    top 32 bits x, with (a_k, b_k) drawn by splitmix64 from the seed."""
+    m64 = (1 << 64) - 1
+
+    def mix(x):
+        x ^= x >> 32
+        x = (x * 0xD6E8FEB86659FD93) & m64
+        x ^= x >> 29
+        x = (x * 0xC2B2AE3D27D4EB4F) & m64
+        return x ^ (x >> 32)
+
+    state = mix(seed ^ 0x6A09E667F3BCC908)
+    params = []
+    for _ in range(num_perm):
+        state = (state + 0x9E3779B97F4A7C15) & m64
+        a = mix(state)
+        state = (state + 0x9E3779B97F4A7C15) & m64
+        params.append((a, mix(state)))
+    keys = [int(h) >> 32 for h in dedup._shingle_set(text)]
+    return np.array([min((((a * x + b) & m64) >> 32 for x in keys), default=0xFFFFFFFF) for a, b in params],
+                    dtype=np.uint32)
+
+
+@pytest.mark.parametrize("num_perm", [1, 7, 8, 9, 16, 23, 40, 128])
+def test_signatures_match_reference(num_perm):
+    # Every vector width's full groups and the scalar tail; one document over 256 shingles (two
+    # kernel blocks), one short, one with no shingles.
+    texts = [" ".join(f"{SAMPLES['en']} {k}" for k in range(30)), SAMPLES["zh"], "ab cd", "..."]
+    sig = dedup.minhash_signatures(texts, num_perm=num_perm, seed=12345)
+    for i, text in enumerate(texts):
+        np.testing.assert_array_equal(sig[i], ref_signature(text, num_perm, seed=12345))
 
 
 def test_signature_estimates_jaccard():

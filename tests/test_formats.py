@@ -33,6 +33,8 @@ CASES = [
     ({"prompt": "2+2?", "response": "4", "source": 7}, conv(("user", "2+2?"), ("assistant", "4"))),
     ({"prompt": "Столица?", "completion": "Москва"}, conv(("user", "Столица?"), ("assistant", "Москва"))),
     ({"text": "Plain pre-training text. 中文。", "lang": "zh"}, "Plain pre-training text. 中文。"),
+    ({"instruction": "Eleza mvua.", "response": "Mvua hunyesha kutoka mawinguni.", "lang": "sw", "id": "s9"},
+     conv(("user", "Eleza mvua."), ("assistant", "Mvua hunyesha kutoka mawinguni."))),
 ]
 
 

@@ -34,6 +34,8 @@ _LAZY = {
     "RecordError": ("mlmix.formats", "RecordError"),
     "build": ("mlmix.pipeline", "build"),
     "torch": ("mlmix.torch", None),
+    "data": ("mlmix.data", None),
+    "eval": ("mlmix.eval", None),
 }
 
 __all__ = ["Ragged", "pack", "PackPlan", "build_info", "__version__", *_LAZY]

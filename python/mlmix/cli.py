@@ -1,4 +1,4 @@
-"""The ``mlmix`` command line: ``mlmix demo | build CONFIG | inspect STORE | report STORE | info``.
+"""The ``mlmix`` command line: ``mlmix demo | build CONFIG | inspect STORE | report STORE | eval CONFIG | info``.
 
 Exit codes: 0 success; 1 a user error (bad config, missing file, bad data: one line on stderr naming
 what is wrong); 2 bad command-line usage (argparse); 130 interrupted. ``--json`` prints one JSON
@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="STORE", help="the build's output directory (or its store/ inside)")
     p.add_argument("-o", "--output", default=None, help="where to write the HTML (default: STORE/report.html)")
     p.set_defaults(func=_cmd_report)
+
+    from .eval import add_subparser as add_eval_subparser
+
+    add_eval_subparser(sub)
 
     p = sub.add_parser("info", help="what this installation was built with")
     common(p)

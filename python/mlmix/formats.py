@@ -5,7 +5,7 @@ Accepted shapes (field names configurable through :class:`Fields`):
 ==================  ==========================================================================
 ``messages``        ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
 ``sharegpt``        ``{"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}``
-``alpaca``          ``{"instruction": str, "input": str (optional), "output": str}``
+``alpaca``          ``{"instruction": str, "input": str (optional), "output": str}`` (or ``"response"``/``"completion"``)
 ``prompt_response`` ``{"prompt": str, "response": str}`` (or ``"completion"`` instead of ``"response"``)
 ``text``            ``{"text": str}``: pre-training style, every token is trained
 ==================  ==========================================================================
@@ -109,7 +109,7 @@ def detect_format(record: Mapping, fields: Fields) -> str:
         return "messages"
     if fields.conversations in record:
         return "sharegpt"
-    if fields.instruction in record and fields.output in record:
+    if fields.instruction in record and (fields.output in record or any(r in record for r in fields.response)):
         return "alpaca"
     if fields.prompt in record and any(r in record for r in fields.response):
         return "prompt_response"
@@ -178,7 +178,10 @@ def normalize_record(record: Any, fmt: str, fields: Fields):
         extra = record.get(fields.input)
         extra = "" if extra is None else _text(extra, fields.input)
         user = instruction + "\n\n" + extra if extra else instruction
-        conv += [("user", user), ("assistant", need(fields.output))]
+        # the answer under `output` (Alpaca) or, failing that, `response`/`completion` (Dolly-style sets)
+        out_key = fields.output if fields.output in record else next(
+            (r for r in fields.response if r in record), fields.output)
+        conv += [("user", user), ("assistant", need(out_key))]
         return "chat", conv, lang, source
     if fmt == "prompt_response":
         key = next((r for r in fields.response if r in record), None)
