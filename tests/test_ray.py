@@ -139,3 +139,15 @@ def test_recipe_group_order_is_a_mergeable_reservoir():
             part.add(np.full(len(block), code, dtype=np.uint64), block)
             merged.merge(part)
         assert merged.result()[code].tolist() == recipes._seeded_order(ids.tolist(), seed, "assign")[:k]
+
+
+def test_cli_engine_ray(tmp_path, local_ray, tok_path, data_path, capsys):
+    import json
+
+    from mlmix.cli import main
+
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(base_config(str(tmp_path), tok_path, data_path)))
+    assert main(["build", str(path), "--engine", "ray", "--address", "nohost"]) == 1
+    assert "address must be 'host:port'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
