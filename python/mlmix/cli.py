@@ -39,8 +39,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .pipeline import build
 
     progress = False if args.no_progress else None
-    summary = build(args.config, quiet=args.quiet or args.json, verbose=args.verbose, progress=progress,
-                    use_cache=not args.no_cache)
+    if args.engine == "ray":
+        from .ray_engine import build_ray
+
+        summary = build_ray(args.config, address=args.address, num_cpus=args.num_cpus,
+                            quiet=args.quiet or args.json, verbose=args.verbose, progress=progress)
+    else:
+        summary = build(args.config, quiet=args.quiet or args.json, verbose=args.verbose, progress=progress,
+                        use_cache=not args.no_cache)
     if args.json:
         summary = {k: v for k, v in summary.items() if k != "config"}
         _print_json(summary)
@@ -110,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", metavar="CONFIG", help="the build config (.toml, .yaml/.yml or .json)")
     p.add_argument("--no-cache", action="store_true", help="recompute every stage (the cache is refreshed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: bars when stderr is a terminal)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="run the stages in this process, or on Ray Data (pip install 'mlmix[ray]'; same output, "
+                        "no stage cache; see docs/ray.md) (default: %(default)s)")
+    p.add_argument("--address", default=None,
+                   help="with --engine ray: the cluster (host:port, ray://host:port or auto); default RAY_ADDRESS, "
+                        "else a local cluster")
+    p.add_argument("--num-cpus", type=int, default=None, help="with --engine ray and a local cluster: its CPUs")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("inspect", help="what a built store holds: languages, tokens, efficiency, decoded samples",
