@@ -33,6 +33,7 @@ _LAZY = {
     "Encoded": ("mlmix.tokenize", "Encoded"),
     "RecordError": ("mlmix.formats", "RecordError"),
     "build": ("mlmix.pipeline", "build"),
+    "build_ray": ("mlmix.ray_engine", "build_ray"),
     "torch": ("mlmix.torch", None),
     "data": ("mlmix.data", None),
     "eval": ("mlmix.eval", None),
