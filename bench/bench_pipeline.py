@@ -38,17 +38,7 @@ SEQ_LEN = 2048
 FULL = os.environ.get("MLMIX_BENCH_FULL") == "1"
 DEFAULT_MB = 100 if FULL else 8
 
-CHATML_GENERATION = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
-    "{{- '\\n' -}}"
-    "{%- else -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
+from mlmix.chat import CHATML_TEMPLATE as CHATML_GENERATION  # noqa: E402  (the same ChatML template mlmix uses)
 
 
 def make_data(path: str, target_mb: float, seed: int = 0) -> dict:

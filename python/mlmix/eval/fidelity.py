@@ -14,7 +14,6 @@ An empty (or whitespace-only) response is a failure: it stays in the denominator
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from typing import Mapping, Optional, Sequence, Union
 
@@ -22,18 +21,9 @@ from .stats import DEFAULT_ALPHA, check_ci_args, wilson_ci
 
 __all__ = ["language_fidelity"]
 
-# py3langid reads the first few KB well enough (as mlmix.langid does)
-_MAX_CHARS = 2000
-
-
-@functools.lru_cache(maxsize=1)
-def _py3langid_model():
-    from .._deps import require
-
-    require("py3langid", "language fidelity")
-    from py3langid import langid
-
-    return langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True)
+# the same model and text limit as the pipeline's language identification
+from ..langid import _MAX_CHARS  # noqa: E402
+from ..langid import _full_model as _py3langid_model  # noqa: E402
 
 
 class _Py3LangId:
