@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import re
 import sys
 import zlib
 from typing import Sequence
@@ -26,6 +27,7 @@ __all__ = ["write_store", "open", "Store", "StoreError", "FORMAT", "VERSION"]
 FORMAT = "mlmix.packed-store"
 VERSION = 1
 MANIFEST = "manifest.json"
+MANIFEST_CRC = "manifest_crc32"  # last field of the manifest: CRC-32 of the file's text without it
 _ROW_BLOCK = 16_384  # fewest rows gathered and written at a time
 
 
@@ -51,8 +53,13 @@ class _ArrayWriter:
         self.length += arr.shape[0]
 
     def discard(self) -> None:
-        """Close the file (idempotent); used when writing fails half-way."""
-        self._f.close()
+        """Close the file (idempotent); used when writing fails half-way, so a failing close (a full
+        disk flushing its buffer) is ignored here: the error being raised already says what went wrong,
+        and every other writer must still be closed."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
 
     def close(self) -> dict:
         self._f.close()
@@ -228,9 +235,33 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
         finally:
             for w in writers.values():
                 w.discard()
-        with builtins.open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
+        with builtins.open(os.path.join(tmp, MANIFEST), "wb") as f:
+            f.write(_manifest_bytes(manifest))
     return manifest
+
+
+_BODY_END = b"\n}"  # how json.dumps(..., indent=2) ends a dict
+
+
+def _crc_field(crc_hex: str) -> bytes:
+    return f',\n  "{MANIFEST_CRC}": "{crc_hex}"\n}}\n'.encode()
+
+
+def _manifest_bytes(manifest: dict) -> bytes:
+    """The manifest file: indented JSON whose last field is the CRC-32 of the same text without that field.
+
+    The arrays' CRCs cover the data; this one covers the manifest itself, so that a flipped digit in
+    ``seq_len`` or a length cannot pass as a different, valid store.
+    """
+    body = json.dumps(manifest, indent=2).encode()
+    return body[: -len(_BODY_END)] + _crc_field(f"{zlib.crc32(body):08x}")
+
+
+def _check_manifest_crc(raw: bytes, m: dict, mpath: str) -> None:
+    crc = m.get(MANIFEST_CRC)
+    field = _crc_field(crc) if isinstance(crc, str) and re.fullmatch("[0-9a-f]{8}", crc) else None
+    if field is None or not raw.endswith(field) or f"{zlib.crc32(raw[: -len(field)] + _BODY_END):08x}" != crc:
+        raise StoreError(f"{mpath!r}: manifest checksum mismatch ({MANIFEST_CRC} {crc!r}): the manifest is corrupted")
 
 
 def _gather_lang(lang_all: list[np.ndarray], ids: np.ndarray) -> np.ndarray:
@@ -256,8 +287,9 @@ class Store:
         if not os.path.isfile(mpath):
             raise StoreError(f"{self.path!r} is not an mlmix packed store: {MANIFEST} is missing")
         try:
-            with builtins.open(mpath) as f:
-                m = json.load(f)
+            with builtins.open(mpath, "rb") as f:
+                raw = f.read()
+            m = json.loads(raw)
         except (OSError, ValueError) as exc:
             raise StoreError(f"{mpath!r} is not a readable JSON manifest: {exc}") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -266,6 +298,7 @@ class Store:
             raise StoreError(
                 f"{self.path!r} is packed-store format version {m.get('version')!r}; this mlmix reads version {VERSION}"
             )
+        _check_manifest_crc(raw, m, mpath)
         self.manifest = m
         self.seq_len = int(m["seq_len"])
         self.pad_id = int(m["pad_id"])
