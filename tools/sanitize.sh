@@ -35,7 +35,9 @@ cp "$build"/_core*.so "$pkg/mlmix/"
 
 rm -rf "$reports"
 mkdir -p "$reports"
-libasan=$(gcc -print-file-name=libasan.so)
+# libasan first; libstdc++ right after it, so that ASan's __cxa_throw interceptor finds the real
+# one at start-up (python does not link libstdc++, and without this every C++ throw aborts).
+preload="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
 export ASAN_OPTIONS="detect_leaks=0:log_path=$reports/asan:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$reports/ubsan"
 
@@ -54,9 +56,9 @@ echo "== Python tests under ASan+UBSan (instrumented _core: $(ls "$pkg"/mlmix/_c
 args=("$@")
 [ ${#args[@]} -eq 0 ] && args=(tests/)
 # The instrumented build reports itself; a test run against an uninstrumented _core would prove nothing.
-LD_PRELOAD="$libasan" PYTHONPATH="$pkg" python3 -c \
+LD_PRELOAD="$preload" PYTHONPATH="$pkg" python3 -c \
   "import mlmix; s = mlmix.build_info()['sanitizers']; assert s == 'address,undefined', s; print('   build_info sanitizers:', s)"
-if ! LD_PRELOAD="$libasan" PYTHONPATH="$pkg" MLMIX_SANITIZED=1 python3 -m pytest -q -p no:cacheprovider -m "not gpu" "${args[@]}"; then
+if ! LD_PRELOAD="$preload" PYTHONPATH="$pkg" MLMIX_SANITIZED=1 python3 -m pytest -q -p no:cacheprovider -m "not gpu" "${args[@]}"; then
   status=1
 fi
 

@@ -271,6 +271,64 @@ def _gather_lang(lang_all: list[np.ndarray], ids: np.ndarray) -> np.ndarray:
     return lang_all[0][ids]
 
 
+# dtypes (numpy short codes) each array may have; tokens keep the dtype they were written with
+_ARRAY_DTYPES = {"tokens": ("u4", "i4", "i8"), "loss_mask": ("u1",), "row_offsets": ("i8",), "seg_offsets": ("i8",),
+                 "seg_lens": ("i4",), "seg_starts": ("i4",), "seg_example": ("i8",), "seg_lang": ("u2",)}
+
+
+def _check_manifest_fields(m: dict, where: str) -> None:
+    """Types and ranges of the manifest fields the reader uses.
+
+    A manifest that passes its checksum but was written by another tool (or edited and re-summed by
+    hand) still gets a StoreError naming the field, never a KeyError, and never names a file outside
+    the store's directory.
+    """
+
+    def bad(field: str, want: str, got) -> None:
+        raise StoreError(f"{where!r}: manifest field {field!r} must be {want}, got {got!r}")
+
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    for k in ("seq_len", "pad_id", "num_tokens", "num_examples", "num_sequences", "num_segments"):
+        if not is_int(m.get(k)) or m[k] < 0:
+            bad(k, "a non-negative integer", m.get(k))
+    from .pack import _core
+
+    limit = int(_core().PACK_MAX_SEQ_LEN)
+    if not 2 <= m["seq_len"] <= limit:
+        bad("seq_len", f"in [2, {limit}]", m["seq_len"])
+    if isinstance(m.get("efficiency"), bool) or not isinstance(m.get("efficiency"), (int, float)):
+        bad("efficiency", "a number", m.get("efficiency"))
+    if not isinstance(m.get("has_loss_mask"), bool):
+        bad("has_loss_mask", "true or false", m.get("has_loss_mask"))
+    langs = m.get("languages")
+    if not isinstance(langs, list) or not all(isinstance(c, str) for c in langs):
+        bad("languages", "a list of strings", langs)
+    arrays = m.get("arrays")
+    if not isinstance(arrays, dict):
+        bad("arrays", "an object", arrays)
+    for name, spec in arrays.items():
+        field = f"arrays.{name}"
+        if name not in _ARRAY_DTYPES:
+            bad("arrays", f"made of {sorted(_ARRAY_DTYPES)}", name)
+        if not isinstance(spec, dict):
+            bad(field, "an object", spec)
+        f = spec.get("file")
+        if not isinstance(f, str) or f in ("", ".", "..", MANIFEST) or os.path.basename(f) != f or "\0" in f:
+            bad(f"{field}.file", "a file name inside the store directory", f)
+        if spec.get("dtype") not in _ARRAY_DTYPES[name]:
+            bad(f"{field}.dtype", f"one of {_ARRAY_DTYPES[name]}", spec.get("dtype"))
+        if not is_int(spec.get("length")) or spec["length"] < 0:
+            bad(f"{field}.length", "a non-negative integer", spec.get("length"))
+        if not isinstance(spec.get("crc32"), str):
+            bad(f"{field}.crc32", "8 hex digits", spec.get("crc32"))
+    if "tokens" in arrays:
+        info = np.iinfo(np.dtype(arrays["tokens"]["dtype"]))
+        if m["pad_id"] > info.max:
+            bad("pad_id", f"in [0, {info.max}] for {arrays['tokens']['dtype']} tokens", m["pad_id"])
+
+
 class Store:
     """A packed store opened read-only; arrays are memory-mapped.
 
@@ -299,6 +357,7 @@ class Store:
                 f"{self.path!r} is packed-store format version {m.get('version')!r}; this mlmix reads version {VERSION}"
             )
         _check_manifest_crc(raw, m, mpath)
+        _check_manifest_fields(m, self.path)
         self.manifest = m
         self.seq_len = int(m["seq_len"])
         self.pad_id = int(m["pad_id"])
