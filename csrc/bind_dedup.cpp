@@ -1,8 +1,256 @@
 // pybind11 layer for the 'dedup' kernels (csrc/dedup.h): checks dtypes/shapes, releases the GIL, calls the kernel.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+
 #include "bindings.h"
+#include "common.h"
+#include "dedup.h"
 
 namespace py = pybind11;
 
 namespace mlmix::bind {
-void bind_dedup(py::module_& m) { (void)m; }
+namespace {
+
+using namespace mlmix::dedup;
+
+using Bytes = py::array_t<uint8_t, py::array::c_style>;
+using I64 = py::array_t<int64_t, py::array::c_style>;
+using U32 = py::array_t<uint32_t, py::array::c_style>;
+using U64 = py::array_t<uint64_t, py::array::c_style>;
+using F64 = py::array_t<double, py::array::c_style>;
+
+// The documents as one UTF-8 buffer plus count + 1 int64 offsets; checked before the GIL goes.
+TextSpan texts_of(const Bytes& data, const I64& offsets) {
+  MLMIX_CHECK(data.ndim() == 1, "data must be 1-D uint8, got " << data.ndim() << " dimensions");
+  MLMIX_CHECK(offsets.ndim() == 1 && offsets.shape(0) >= 1,
+              "offsets must be 1-D int64 with count + 1 >= 1 entries");
+  TextSpan t{data.data(), offsets.data(), offsets.shape(0) - 1};
+  check_texts(t);
+  MLMIX_CHECK(t.count == 0 || offsets.data()[t.count] <= data.shape(0),
+              "offsets[-1] = " << offsets.data()[t.count] << " exceeds the data size "
+                               << data.shape(0));
+  return t;
+}
+
+NormalizeOptions normalize_options(bool strip_marks, int errors) {
+  MLMIX_CHECK(errors == 0 || errors == 1, "errors must be 0 (replace) or 1 (strict), got " << errors);
+  return NormalizeOptions{strip_marks, static_cast<Utf8Errors>(errors)};
+}
+
+MinHashOptions minhash_options(int num_perm, int ngram, int mode, uint64_t seed, bool strip_marks,
+                               int errors) {
+  MLMIX_CHECK(mode >= 0 && mode <= 2, "shingle mode must be 0 (auto), 1 (word) or 2 (char), got " << mode);
+  return MinHashOptions{num_perm, ngram, static_cast<ShingleMode>(mode), seed,
+                        normalize_options(strip_marks, errors)};
+}
+
+template <class T>
+py::array_t<T> vector_to_array(std::vector<T>&& v) {
+  auto* owned = new std::vector<T>(std::move(v));
+  py::capsule free_when_done(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>({static_cast<py::ssize_t>(owned->size())}, owned->data(), free_when_done);
+}
+
+}  // namespace
+
+void bind_dedup(py::module_& m) {
+  m.attr("DEDUP_UNICODE_VERSION") = unicode_version();
+
+  m.def(
+      "_dedup_normalize",
+      [](const Bytes& data, const I64& offsets, bool strip_marks, int errors, int num_threads) {
+        const TextSpan t = texts_of(data, offsets);
+        const NormalizeOptions o = normalize_options(strip_marks, errors);
+        std::vector<uint8_t> out;
+        std::vector<int64_t> out_offsets;
+        {
+          py::gil_scoped_release release;
+          normalize_texts(t, o, num_threads, out, out_offsets);
+        }
+        return py::make_tuple(vector_to_array(std::move(out)), vector_to_array(std::move(out_offsets)));
+      },
+      py::arg("data"), py::arg("offsets"), py::arg("strip_marks"), py::arg("errors"),
+      py::arg("num_threads"),
+      "Normalised UTF-8 (uint8 data, int64 offsets) of NFKC+casefolded UTF-8 documents.");
+
+  m.def(
+      "_dedup_exact_hashes",
+      [](const Bytes& data, const I64& offsets, bool strip_marks, int errors, int num_threads) {
+        const TextSpan t = texts_of(data, offsets);
+        const NormalizeOptions o = normalize_options(strip_marks, errors);
+        U64 out({static_cast<py::ssize_t>(t.count), py::ssize_t{2}});
+        uint64_t* p = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          exact_hashes(t, o, num_threads, p);
+        }
+        return out;
+      },
+      py::arg("data"), py::arg("offsets"), py::arg("strip_marks"), py::arg("errors"),
+      py::arg("num_threads"), "(n, 2) uint64 hash of each normalised document.");
+
+  m.def(
+      "_dedup_minhash",
+      [](const Bytes& data, const I64& offsets, int num_perm, int ngram, int mode, uint64_t seed,
+         bool strip_marks, int errors, int num_threads) {
+        const TextSpan t = texts_of(data, offsets);
+        const MinHashOptions o = minhash_options(num_perm, ngram, mode, seed, strip_marks, errors);
+        MLMIX_CHECK(num_perm >= 1 && num_perm <= 4096, "num_perm must be in [1, 4096], got " << num_perm);
+        const auto n = static_cast<py::ssize_t>(t.count);
+        U32 sig({n, static_cast<py::ssize_t>(num_perm)});
+        U64 hashes({n, py::ssize_t{2}});
+        I64 lengths({n});
+        py::array_t<bool> char_mode({n});
+        SignatureOutputs out{sig.mutable_data(), hashes.mutable_data(), lengths.mutable_data(),
+                             reinterpret_cast<uint8_t*>(char_mode.mutable_data())};
+        {
+          py::gil_scoped_release release;
+          minhash_signatures(t, o, num_threads, out);
+        }
+        return py::make_tuple(sig, hashes, lengths, char_mode);
+      },
+      py::arg("data"), py::arg("offsets"), py::arg("num_perm"), py::arg("ngram"), py::arg("mode"),
+      py::arg("seed"), py::arg("strip_marks"), py::arg("errors"), py::arg("num_threads"),
+      "(signatures (n, num_perm) uint32, hashes (n, 2) uint64, lengths (n,) int64, char_mode (n,) bool).");
+
+  m.def(
+      "_dedup_near",
+      [](const Bytes& data, const I64& offsets, int num_perm, int ngram, int mode, uint64_t seed,
+         bool strip_marks, int errors, std::optional<I64> groups, std::optional<F64> scores,
+         double threshold, int bands, int rows, bool verify, int64_t shingle_set_budget, int num_threads) {
+        const TextSpan t = texts_of(data, offsets);
+        const MinHashOptions o = minhash_options(num_perm, ngram, mode, seed, strip_marks, errors);
+        MLMIX_CHECK(num_perm >= 1 && num_perm <= 4096, "num_perm must be in [1, 4096], got " << num_perm);
+        const auto n = static_cast<py::ssize_t>(t.count);
+        if (groups) MLMIX_CHECK(groups->ndim() == 1 && groups->shape(0) == n, "groups must be (n,) int64 with n = " << n);
+        if (scores) MLMIX_CHECK(scores->ndim() == 1 && scores->shape(0) == n, "scores must be (n,) float64 with n = " << n);
+        U32 sig({n, static_cast<py::ssize_t>(num_perm)});
+        U64 hashes({n, py::ssize_t{2}});
+        py::array_t<bool> char_mode({n});
+        std::vector<std::vector<uint64_t>> sets;
+        SignatureOutputs out{sig.mutable_data(), hashes.mutable_data(), nullptr,
+                             reinterpret_cast<uint8_t*>(char_mode.mutable_data()),
+                             verify ? &sets : nullptr, shingle_set_budget};
+        ClusterInputs in;
+        in.count = t.count;
+        in.num_perm = num_perm;
+        in.signatures = sig.data();
+        in.hashes = hashes.data();
+        in.groups = groups ? groups->data() : nullptr;
+        in.scores = scores ? scores->data() : nullptr;
+        in.texts = &t;
+        in.minhash = &o;
+        in.shingle_sets = &sets;
+        ClusterResult r;
+        {
+          py::gil_scoped_release release;
+          minhash_signatures(t, o, num_threads, out);
+          r = cluster_signatures(in, ClusterOptions{threshold, LshParams{bands, rows}, verify, num_threads});
+        }
+        py::dict result;
+        result["cluster"] = vector_to_array(std::move(r.cluster));
+        result["pair_first"] = vector_to_array(std::move(r.pair_first));
+        result["pair_second"] = vector_to_array(std::move(r.pair_second));
+        result["pair_similarity"] = vector_to_array(std::move(r.pair_similarity));
+        result["candidate_pairs"] = r.candidate_pairs;
+        result["exact_merged"] = r.exact_merged;
+        result["signatures"] = sig;
+        result["char_mode"] = char_mode;
+        return result;
+      },
+      py::arg("data"), py::arg("offsets"), py::arg("num_perm"), py::arg("ngram"), py::arg("mode"),
+      py::arg("seed"), py::arg("strip_marks"), py::arg("errors"), py::arg("groups"), py::arg("scores"),
+      py::arg("threshold"), py::arg("bands"), py::arg("rows"), py::arg("verify"),
+      py::arg("shingle_set_budget"), py::arg("num_threads"),
+      "Signatures, LSH, verification (shingle sets kept from the signature pass while within the "
+      "budget, in entries of 8 bytes; else rebuilt) and clustering in one call.");
+
+  m.def(
+      "_dedup_shingle_set",
+      [](const Bytes& data, const I64& offsets, int64_t index, int num_perm, int ngram, int mode,
+         uint64_t seed, bool strip_marks, int errors) {
+        const TextSpan t = texts_of(data, offsets);
+        MLMIX_CHECK_INDEX(index >= 0 && index < t.count,
+                          "index " << index << " out of range for " << t.count << " documents");
+        const MinHashOptions o = minhash_options(num_perm, ngram, mode, seed, strip_marks, errors);
+        std::vector<uint64_t> set;
+        {
+          py::gil_scoped_release release;
+          set = shingle_set(t.data + t.offsets[index], t.offsets[index + 1] - t.offsets[index], o, index);
+        }
+        return vector_to_array(std::move(set));
+      },
+      py::arg("data"), py::arg("offsets"), py::arg("index"), py::arg("num_perm"), py::arg("ngram"),
+      py::arg("mode"), py::arg("seed"), py::arg("strip_marks"), py::arg("errors"),
+      "Sorted unique uint64 shingle hashes of one document.");
+
+  m.def(
+      "_dedup_lsh_params",
+      [](double threshold, int num_perm, double fp_weight, double fn_weight) {
+        const LshParams p = optimal_lsh_params(threshold, num_perm, fp_weight, fn_weight);
+        return py::make_tuple(p.bands, p.rows);
+      },
+      py::arg("threshold"), py::arg("num_perm"), py::arg("fp_weight"), py::arg("fn_weight"));
+
+  m.def(
+      "_dedup_cluster",
+      [](const U32& signatures, std::optional<U64> hashes, std::optional<I64> groups,
+         std::optional<F64> scores, double threshold, int bands, int rows, bool verify,
+         std::optional<Bytes> data, std::optional<I64> offsets, int ngram, int mode, uint64_t seed,
+         bool strip_marks, int errors, int num_threads) {
+        MLMIX_CHECK(signatures.ndim() == 2, "signatures must be 2-D (n, num_perm) uint32, got "
+                                                << signatures.ndim() << " dimensions");
+        const int64_t n = signatures.shape(0);
+        MLMIX_CHECK(signatures.shape(1) >= 1 && signatures.shape(1) <= 4096,
+                    "signatures must have 1..4096 columns, got " << signatures.shape(1));
+        ClusterInputs in;
+        in.count = n;
+        in.num_perm = static_cast<int>(signatures.shape(1));
+        in.signatures = signatures.data();
+        if (hashes) {
+          MLMIX_CHECK(hashes->ndim() == 2 && hashes->shape(0) == n && hashes->shape(1) == 2,
+                      "hashes must be (n, 2) uint64 with n = " << n);
+          in.hashes = hashes->data();
+        }
+        if (groups) {
+          MLMIX_CHECK(groups->ndim() == 1 && groups->shape(0) == n, "groups must be (n,) int64 with n = " << n);
+          in.groups = groups->data();
+        }
+        if (scores) {
+          MLMIX_CHECK(scores->ndim() == 1 && scores->shape(0) == n, "scores must be (n,) float64 with n = " << n);
+          in.scores = scores->data();
+        }
+        TextSpan texts;
+        MinHashOptions mo;
+        if (data && offsets) {
+          texts = texts_of(*data, *offsets);
+          MLMIX_CHECK(texts.count == n, "texts have " << texts.count << " documents but signatures " << n);
+          mo = minhash_options(in.num_perm, ngram, mode, seed, strip_marks, errors);
+          in.texts = &texts;
+          in.minhash = &mo;
+        }
+        ClusterOptions opts{threshold, LshParams{bands, rows}, verify, num_threads};
+        ClusterResult r;
+        {
+          py::gil_scoped_release release;
+          r = cluster_signatures(in, opts);
+        }
+        py::dict out;
+        out["cluster"] = vector_to_array(std::move(r.cluster));
+        out["pair_first"] = vector_to_array(std::move(r.pair_first));
+        out["pair_second"] = vector_to_array(std::move(r.pair_second));
+        out["pair_similarity"] = vector_to_array(std::move(r.pair_similarity));
+        out["candidate_pairs"] = r.candidate_pairs;
+        out["exact_merged"] = r.exact_merged;
+        return out;
+      },
+      py::arg("signatures"), py::arg("hashes"), py::arg("groups"), py::arg("scores"),
+      py::arg("threshold"), py::arg("bands"), py::arg("rows"), py::arg("verify"), py::arg("data"),
+      py::arg("offsets"), py::arg("ngram"), py::arg("mode"), py::arg("seed"), py::arg("strip_marks"),
+      py::arg("errors"), py::arg("num_threads"),
+      "LSH + verification + union-find; returns a dict of int64 cluster, pair arrays and counts.");
+}
+
 }  // namespace mlmix::bind

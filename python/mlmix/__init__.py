@@ -30,6 +30,8 @@ _LAZY = {
     "recipes": ("mlmix.recipes", None),
     "dedup": ("mlmix.dedup", None),
     "Tokenizer": ("mlmix.tokenize", "Tokenizer"),
+    "Encoded": ("mlmix.tokenize", "Encoded"),
+    "RecordError": ("mlmix.formats", "RecordError"),
     "build": ("mlmix.pipeline", "build"),
     "torch": ("mlmix.torch", None),
 }

@@ -1,0 +1,126 @@
+"""CPU benchmark of the fused linear cross-entropy: forward + backward time and peak extra memory.
+
+Variants, each in its own process (so that peak RSS is its own):
+  materialised   F.cross_entropy(hidden @ weight.T, labels)  -- what a model does by default
+  torch_chunked  torch.nn.functional.linear_cross_entropy     -- PyTorch's chunked loss (torch >= 2.13)
+  mlmix          mlmix.torch.linear_cross_entropy(impl="cpu"): gradients during the forward, 3 GEMMs
+  mlmix_low_memory                          (..., low_memory=True): logits recomputed in the backward, 4 GEMMs
+(MLMIX_BENCH_VARIANTS=materialised,mlmix picks a subset.)
+
+Run: ``pytest bench/bench_loss.py`` (small default: tokens=512, hidden=512, vocab=32,768), or with
+MLMIX_BENCH_FULL=1 for the issue's size (tokens=2048, hidden=1024, vocab=248,044, float32; several minutes).
+``python bench/bench_loss.py`` prints the same table without pytest.
+Peak extra memory = max RSS during forward + backward minus RSS once the inputs exist; it includes the weight
+gradient (vocab x hidden float32), which every variant must produce.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FULL = os.environ.get("MLMIX_BENCH_FULL") == "1"
+SIZE = dict(tokens=2048, hidden=1024, vocab=248_044) if FULL else dict(tokens=512, hidden=512, vocab=32_768)
+VARIANTS = tuple(os.environ.get("MLMIX_BENCH_VARIANTS", "materialised,torch_chunked,mlmix,mlmix_low_memory")
+                 .split(","))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_variant(variant: str, tokens: int, hidden: int, vocab: int) -> dict:
+    """Body of the child process: build inputs, run forward + backward once, report time and memory."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    h = torch.randn(tokens, hidden, requires_grad=True)
+    # scaled in place: a temporary copy would raise the process's max RSS before the measurement starts
+    w = torch.randn(vocab, hidden).div_(hidden**0.5).requires_grad_(True)
+    y = torch.randint(0, vocab, (tokens,))
+    y[::7] = -100
+    if variant == "materialised":
+        def fn():
+            return F.cross_entropy(h @ w.T, y, ignore_index=-100)
+    elif variant == "torch_chunked":
+        if not hasattr(F, "linear_cross_entropy"):
+            return {"variant": variant, "error": f"torch {torch.__version__} lacks F.linear_cross_entropy"}
+
+        from torch.nn import LinearCrossEntropyOptions
+
+        def fn():  # options=None would be the materialised reference path; default options = chunked
+            return F.linear_cross_entropy(h, w, y, ignore_index=-100, options=LinearCrossEntropyOptions())
+    else:
+        from mlmix.torch import linear_cross_entropy
+
+        low_memory = variant == "mlmix_low_memory"
+
+        def fn():
+            return linear_cross_entropy(h, w, y, impl="cpu", low_memory=low_memory)
+
+    import psutil
+
+    # baseline = current RSS once the inputs exist (their creation has no transient above it, see above)
+    # (if an earlier transient had gone higher, the delta would be overstated, never understated)
+    base = psutil.Process().memory_info().rss // 1024
+    start = time.perf_counter()
+    loss = fn()
+    loss.backward()
+    elapsed = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"variant": variant, "seconds": elapsed, "peak_extra_bytes": (peak - base) * 1024, "loss": float(loss)}
+
+
+def measure(variant: str, size: dict = SIZE) -> dict:
+    """Run one variant in a fresh process (niced) and return its figures."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = ["nice", "-n", "10", sys.executable, __file__, "--child", variant,
+           str(size["tokens"]), str(size["hidden"]), str(size["vocab"])]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_all(size: dict = SIZE) -> dict:
+    return {v: measure(v, size) for v in VARIANTS}
+
+
+def format_table(results: dict, size: dict = SIZE) -> str:
+    base = results["materialised"]
+    lines = [f"fused linear cross-entropy, CPU, fwd+bwd, float32, tokens={size['tokens']} hidden={size['hidden']} "
+             f"vocab={size['vocab']}",
+             f"{'variant':<15}{'time s':>9}{'x materialised':>16}{'peak extra MB':>15}{'x torch_chunked':>17}"]
+    chunked = results.get("torch_chunked", {})
+    for v, r in results.items():
+        if "error" in r:
+            lines.append(f"{v:<15}  {r['error']}")
+            continue
+        mem_ratio = (f"{r['peak_extra_bytes'] / chunked['peak_extra_bytes']:.2f}"
+                     if chunked.get("peak_extra_bytes") else "-")
+        lines.append(f"{v:<15}{r['seconds']:>9.2f}{r['seconds'] / base['seconds']:>16.2f}"
+                     f"{r['peak_extra_bytes'] / 2**20:>15.0f}{mem_ratio:>17}")
+    return "\n".join(lines)
+
+
+def test_linear_cross_entropy_cpu(benchmark):
+    """One round (each variant runs once in its own process); ratios go to extra_info."""
+    results = benchmark.pedantic(measure_all, rounds=1, iterations=1)
+    base, ours = results["materialised"], results["mlmix"]  # the subset must include these two
+    assert abs(ours["loss"] - base["loss"]) < 1e-4 * abs(base["loss"])  # same loss, else the timing is moot
+    benchmark.extra_info.update({f"{v}_{k}": r[k] for v, r in results.items() for k in r if k != "variant"})
+    benchmark.extra_info["mlmix_time_vs_materialised"] = ours["seconds"] / base["seconds"]
+    if "peak_extra_bytes" in results.get("torch_chunked", {}):
+        benchmark.extra_info["mlmix_memory_vs_torch_chunked"] = (
+            ours["peak_extra_bytes"] / results["torch_chunked"]["peak_extra_bytes"])
+        benchmark.extra_info["mlmix_time_vs_torch_chunked"] = ours["seconds"] / results["torch_chunked"]["seconds"]
+    print("\n" + format_table(results))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _, _, variant, tokens, hidden, vocab = sys.argv
+        print(json.dumps(_run_variant(variant, int(tokens), int(hidden), int(vocab))))
+    else:
+        print(format_table(measure_all()))

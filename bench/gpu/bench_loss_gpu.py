@@ -1,0 +1,149 @@
+"""GPU benchmark of fused linear cross-entropy: forward + backward time and peak extra memory, one process.
+
+Variants: materialised torch cross-entropy, a torch.compile'd chunked loss, Liger's fused linear cross-entropy,
+Apple's cut-cross-entropy (CCE), and mlmix (impl="cuda"); plus the matmul floor: 3 GEMMs of 2*N*H*V flops timed
+with torch.matmul at the same shapes. Default size: tokens=16384, hidden=4096, vocab=248,044, bfloat16
+(override with --tokens/--hidden/--vocab). Peak extra memory = torch.cuda.max_memory_allocated during forward +
+backward minus what was allocated before (inputs); it includes the gradients (hidden and weight) every variant
+returns. Each variant: one warm-up, then the median of --iters timed runs. A variant that fails (missing
+package, out of memory) prints its error and the table goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+IGNORE = -100
+
+
+def materialised(h, w, y):
+    return F.cross_entropy((h @ w.T).float(), y, ignore_index=IGNORE)
+
+
+_compiled_chunk = None
+
+
+def compiled_chunked(h, w, y, chunk=2048):
+    """Token-chunked loss, each chunk recomputed in the backward (checkpoint) and compiled: the usual DIY."""
+    global _compiled_chunk
+    if _compiled_chunk is None:
+        def chunk_loss(hc, w, yc):
+            return F.cross_entropy((hc @ w.T).float(), yc, ignore_index=IGNORE, reduction="sum")
+        _compiled_chunk = torch.compile(chunk_loss, dynamic=False)
+    total = 0.0
+    for hc, yc in zip(h.split(chunk), y.split(chunk)):
+        total = total + torch.utils.checkpoint.checkpoint(_compiled_chunk, hc, w, yc, use_reentrant=False)
+    return total / (y != IGNORE).sum().clamp_min(1)
+
+
+def liger(h, w, y):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)(w, h, y)
+
+
+def cce(h, w, y):
+    from cut_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(h, w, y, ignore_index=IGNORE)
+
+
+def mlmix_cuda(h, w, y):
+    from mlmix.torch import linear_cross_entropy
+
+    return linear_cross_entropy(h, w, y, impl="cuda")
+
+
+VARIANTS = {"materialised": materialised, "torch.compile chunked": compiled_chunked, "liger": liger,
+            "cut-cross-entropy": cce, "mlmix cuda": mlmix_cuda}
+
+
+def timed(fn, iters):
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=248_044)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--only", default="", help="comma-separated variant names to run")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    n, hdim, vocab = args.tokens, args.hidden, args.vocab
+    h = torch.randn(n, hdim, device=dev, dtype=torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(vocab, hdim, device=dev) / hdim**0.5).to(torch.bfloat16).requires_grad_(True)
+    y = torch.randint(0, vocab, (n,), device=dev)
+    y[::10] = IGNORE
+
+    # matmul floor: the three GEMMs every exact method performs (logits, grad hidden, grad weight)
+    with torch.no_grad():
+        a, b = h.detach(), w.detach()
+        mm = timed(lambda: torch.matmul(a, b.T), args.iters + 1)
+    floor = 3 * mm
+    tflops = 2 * n * hdim * vocab / mm / 1e12
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  tokens={n} hidden={hdim} vocab={vocab} "
+          f"bf16, fwd+bwd; matmul {mm * 1e3:.1f} ms ({tflops:.0f} TFLOP/s), floor = 3 GEMMs = {floor * 1e3:.1f} ms",
+          flush=True)
+
+    rows = []
+    names = [v for v in VARIANTS if not args.only or v in args.only.split(",")]
+    ref_loss = None
+    for name in names:
+        fn = VARIANTS[name]
+
+        def step(fn=fn):
+            h.grad = None
+            w.grad = None
+            loss = fn(h, w, y)
+            loss.backward()
+            return loss
+
+        try:
+            h.grad = w.grad = None
+            torch.cuda.empty_cache()
+            loss = step()  # warm-up (compilation, autotuning)
+            h.grad = w.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+            t = timed(step, args.iters)
+            loss_val = float(loss)
+            ref_loss = loss_val if ref_loss is None else ref_loss
+            rows.append((name, t, peak, loss_val, ""))
+        except Exception as exc:  # noqa: BLE001 - report and continue with the other variants
+            rows.append((name, None, None, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"))
+        finally:
+            h.grad = w.grad = None
+            torch.cuda.empty_cache()
+        print(f"  done: {name}", flush=True)
+
+    print()
+    print(f"{'variant':<24}{'time ms':>10}{'x floor':>9}{'peak extra GB':>15}{'loss':>10}")
+    for name, t, peak, loss_val, err in rows:
+        if err:
+            print(f"{name:<24}  failed: {err}")
+        else:
+            print(f"{name:<24}{t * 1e3:>10.1f}{t / floor:>9.2f}{peak / 2**30:>15.2f}{loss_val:>10.4f}")
+
+
+if __name__ == "__main__":
+    main()

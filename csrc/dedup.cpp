@@ -1,0 +1,918 @@
+#include "dedup.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <exception>
+#include <iterator>
+#include <limits>
+#include <mutex>
+#include <numeric>
+#include <thread>
+
+#include "common.h"
+#include "unicode_tables.h"
+
+namespace mlmix::dedup {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Threads: documents are split into chunks handed out by an atomic counter; every result is
+// written at its document's index, so the output does not depend on the thread count. Of the
+// exceptions thrown, the one from the lowest chunk is rethrown, for the same reason.
+
+template <class F>
+void parallel_chunks(int64_t n, int num_threads, int64_t grain, F&& body) {
+  if (n <= 0) return;
+  const int64_t chunks = (n + grain - 1) / grain;
+  const int threads = static_cast<int>(std::min<int64_t>(resolve_threads(num_threads), chunks));
+  std::atomic<int64_t> next{0};
+  std::mutex error_mutex;
+  std::exception_ptr error;
+  int64_t error_chunk = std::numeric_limits<int64_t>::max();
+  auto worker = [&] {
+    for (;;) {
+      const int64_t c = next.fetch_add(1);
+      if (c >= chunks) return;
+      try {
+        body(c * grain, std::min(n, (c + 1) * grain));
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (c < error_chunk) {
+          error_chunk = c;
+          error = std::current_exception();
+        }
+      }
+    }
+  };
+  if (threads <= 1) {
+    worker();
+  } else {
+    std::vector<std::thread> pool;
+    pool.reserve(threads - 1);
+    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+    worker();
+    for (auto& th : pool) th.join();
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hashing primitives (64-bit multiply/xor-shift mixing).
+
+constexpr uint64_t kMulA = 0x9E3779B97F4A7C15ull;  // 2^64 / golden ratio
+constexpr uint64_t kMulB = 0xC2B2AE3D27D4EB4Full;
+constexpr uint64_t kMulC = 0xD6E8FEB86659FD93ull;
+
+inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+inline uint64_t mix64(uint64_t x) {
+  x ^= x >> 32;
+  x *= kMulC;
+  x ^= x >> 29;
+  x *= kMulB;
+  x ^= x >> 32;
+  return x;
+}
+
+inline uint64_t splitmix_next(uint64_t& state) {
+  state += kMulA;
+  return mix64(state);
+}
+
+// Streaming 128-bit hash of a code-point sequence: three 21-bit code points are packed into one
+// 64-bit word, which feeds two lanes with different multipliers and rotations.
+class Hash128 {
+ public:
+  void add(uint32_t cp) {
+    word_ |= static_cast<uint64_t>(cp) << (21 * packed_);
+    if (++packed_ == 3) flush();
+    ++length_;
+  }
+  void finish(uint64_t* out) {
+    if (packed_ != 0) flush();
+    uint64_t a = lane_a_ ^ (length_ * kMulB);
+    uint64_t b = lane_b_ + length_;
+    a = mix64(a);
+    b = mix64(b ^ rotl(a, 23));
+    a = mix64(a + rotl(b, 41));
+    out[0] = a;
+    out[1] = b;
+  }
+
+ private:
+  void flush() {
+    lane_a_ = rotl((lane_a_ ^ word_) * kMulA, 29);
+    lane_b_ = rotl((lane_b_ + word_) * kMulC, 37) ^ (lane_b_ >> 17);
+    word_ = 0;
+    packed_ = 0;
+  }
+  uint64_t lane_a_ = 0x243F6A8885A308D3ull;
+  uint64_t lane_b_ = 0x13198A2E03707344ull;
+  uint64_t word_ = 0;
+  int packed_ = 0;
+  uint64_t length_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// UTF-8 decoding and normalisation.
+
+using tables::kClassMask, tables::kSeparator, tables::kMark, tables::kFormat, tables::kNoSpace,
+    tables::kHasFold, tables::kHasDecomp, tables::kNonzeroCcc, tables::kComposesSecond;
+constexpr uint32_t kReplacement = 0xFFFD;
+
+inline uint8_t char_class(uint32_t cp) {
+  return tables::kUnicodeStage2[static_cast<size_t>(tables::kUnicodeStage1[cp >> 8]) * 256 +
+                                (cp & 255)];
+}
+
+[[noreturn]] void throw_invalid_utf8(int64_t doc, int64_t byte) {
+  MLMIX_CHECK(false, "texts[" << doc << "] is not valid UTF-8 (byte offset " << byte
+                              << "); errors='strict' was asked for, errors='replace' substitutes "
+                                 "U+FFFD");
+}
+
+// Decodes one code point at p[i] (i < n) and advances i. Invalid input yields U+FFFD for the
+// maximal valid prefix of a sequence (the Unicode "maximal subpart" practice, as Python does).
+inline uint32_t decode_utf8(const uint8_t* p, int64_t n, int64_t& i, Utf8Errors errors,
+                            int64_t doc) {
+  const uint8_t b0 = p[i];
+  if (b0 < 0x80) {
+    ++i;
+    return b0;
+  }
+  int need;
+  uint32_t cp;
+  uint8_t lo = 0x80, hi = 0xBF;  // allowed range of the second byte
+  if (b0 >= 0xC2 && b0 <= 0xDF) {
+    need = 1;
+    cp = b0 & 0x1F;
+  } else if (b0 >= 0xE0 && b0 <= 0xEF) {
+    need = 2;
+    cp = b0 & 0x0F;
+    if (b0 == 0xE0) lo = 0xA0;
+    if (b0 == 0xED) hi = 0x9F;  // no UTF-16 surrogates
+  } else if (b0 >= 0xF0 && b0 <= 0xF4) {
+    need = 3;
+    cp = b0 & 0x07;
+    if (b0 == 0xF0) lo = 0x90;
+    if (b0 == 0xF4) hi = 0x8F;  // nothing above U+10FFFF
+  } else {
+    if (errors == Utf8Errors::kStrict) throw_invalid_utf8(doc, i);
+    ++i;
+    return kReplacement;
+  }
+  const int64_t start = i;
+  int64_t j = i + 1;
+  for (int k = 0; k < need; ++k, ++j) {
+    const uint8_t lo_k = k == 0 ? lo : 0x80, hi_k = k == 0 ? hi : 0xBF;
+    if (j >= n || p[j] < lo_k || p[j] > hi_k) {
+      if (errors == Utf8Errors::kStrict) throw_invalid_utf8(doc, start);
+      i = j;  // the valid prefix is replaced by one U+FFFD; p[j] starts the next sequence
+      return kReplacement;
+    }
+    cp = (cp << 6) | (p[j] & 0x3F);
+  }
+  i = j;
+  return cp;
+}
+
+// Full case folding of a code point whose class has kHasFold: 1 to 3 code points into `out`.
+inline uint32_t case_fold(uint32_t cp, uint32_t* out) {
+  const auto* begin = std::begin(tables::kCaseFold);
+  const auto* end = std::end(tables::kCaseFold);
+  const auto* it = std::lower_bound(begin, end, cp, [](const tables::CaseFold& f, uint32_t c) { return f.cp < c; });
+  if (it == end || it->cp != cp) {  // unreachable with consistent tables; keep the code point
+    out[0] = cp;
+    return 1;
+  }
+  for (uint32_t k = 0; k < it->length; ++k) out[k] = it->to[k];
+  return it->length;
+}
+
+// Unicode normalisation form NFKC (or NFKD when compose is false), streaming (UAX #15): full
+// compatibility decomposition, canonical ordering of combining marks, canonical composition.
+// Code points are buffered from one starter to the next starter that cannot compose backwards.
+class NfkcStream {
+ public:
+  explicit NfkcStream(bool compose) : compose_(compose) {}
+
+  template <class Out>
+  void push(uint32_t cp, Out&& out) {
+    const uint8_t cls = char_class(cp);
+    if (!(cls & kHasDecomp)) {
+      push_decomposed(cp, cls, out);
+    } else if (cp >= kSBase && cp < kSBase + kSCount) {
+      const uint32_t s = cp - kSBase;
+      push_decomposed(kLBase + s / kNCount, char_class(kLBase + s / kNCount), out);
+      push_decomposed(kVBase + (s % kNCount) / kTCount, char_class(kVBase + (s % kNCount) / kTCount), out);
+      if (s % kTCount) push_decomposed(kTBase + s % kTCount, char_class(kTBase + s % kTCount), out);
+    } else {
+      const auto* begin = std::begin(tables::kDecomp);
+      const auto* end = std::end(tables::kDecomp);
+      const auto* it = std::lower_bound(begin, end, cp, [](const tables::Decomp& d, uint32_t c) { return d.cp < c; });
+      if (it == end || it->cp != cp) {  // unreachable with consistent tables
+        push_decomposed(cp, cls, out);
+        return;
+      }
+      for (uint32_t k = 0; k < it->length; ++k) {
+        const uint32_t d = tables::kDecompPool[it->offset + k];
+        push_decomposed(d, char_class(d), out);
+      }
+    }
+  }
+
+  template <class Out>
+  void finish(Out&& out) {
+    flush(out);
+  }
+
+ private:
+  struct Item {
+    uint32_t cp;
+    uint32_t ccc;
+    uint8_t cls;  // char_class(cp), handed on so that it is looked up once
+  };
+  static constexpr uint32_t kSBase = 0xAC00, kLBase = 0x1100, kVBase = 0x1161, kTBase = 0x11A7;
+  static constexpr uint32_t kLCount = 19, kVCount = 21, kTCount = 28, kNCount = kVCount * kTCount,
+                            kSCount = kLCount * kNCount;
+
+  static uint32_t ccc_of(uint32_t cp, uint8_t cls) {
+    if (!(cls & kNonzeroCcc)) return 0;
+    const auto* begin = std::begin(tables::kCcc);
+    const auto* end = std::end(tables::kCcc);
+    const auto* it = std::lower_bound(begin, end, cp, [](const tables::Ccc& c, uint32_t x) { return c.cp < x; });
+    return it == end || it->cp != cp ? 0 : it->ccc;  // (not found: unreachable with consistent tables)
+  }
+
+  static bool compose_pair(uint32_t a, uint32_t b, uint32_t& out) {
+    if (a >= kLBase && a < kLBase + kLCount && b >= kVBase && b < kVBase + kVCount) {
+      out = kSBase + ((a - kLBase) * kVCount + (b - kVBase)) * kTCount;
+      return true;
+    }
+    if (a >= kSBase && a < kSBase + kSCount && (a - kSBase) % kTCount == 0 && b > kTBase &&
+        b < kTBase + kTCount) {
+      out = a + (b - kTBase);
+      return true;
+    }
+    const uint64_t key = (static_cast<uint64_t>(a) << 32) | b;
+    const auto* begin = std::begin(tables::kCompose);
+    const auto* end = std::end(tables::kCompose);
+    const auto* it = std::lower_bound(begin, end, key, [](const tables::Compose& c, uint64_t k) { return c.pair < k; });
+    if (it == end || it->pair != key) return false;
+    out = it->composite;
+    return true;
+  }
+
+  template <class Out>
+  void push_decomposed(uint32_t cp, uint8_t cls, Out&& out) {
+    const uint32_t ccc = ccc_of(cp, cls);
+    if (ccc == 0 && !(compose_ && (cls & kComposesSecond))) flush(out);
+    buf_.push_back({cp, ccc, cls});
+  }
+
+  template <class Out>
+  void flush(Out&& out) {
+    if (buf_.size() == 1) {  // the common case: a lone starter
+      out(buf_[0].cp, buf_[0].cls);
+      buf_.clear();
+      return;
+    }
+    if (buf_.empty()) return;
+    {
+      // Canonical ordering: a stable sort of each run of non-starters by combining class.
+      for (size_t i = 1; i < buf_.size(); ++i) {
+        const Item x = buf_[i];
+        if (x.ccc == 0) continue;
+        size_t j = i;
+        while (j > 0 && buf_[j - 1].ccc > x.ccc) {
+          buf_[j] = buf_[j - 1];
+          --j;
+        }
+        buf_[j] = x;
+      }
+      if (compose_) compose();
+    }
+    for (const Item& x : buf_) out(x.cp, x.cls);
+    buf_.clear();
+  }
+
+  // Canonical composition: each character combines with the last starter unless blocked.
+  void compose() {
+    size_t starter = 0, write = 1;
+    uint32_t last_ccc = buf_[0].ccc == 0 ? 0 : 256;  // a leading non-starter has no starter
+    for (size_t read = 1; read < buf_.size(); ++read) {
+      const Item x = buf_[read];
+      uint32_t composite;
+      if ((last_ccc < x.ccc || last_ccc == 0) && last_ccc != 256 &&
+          compose_pair(buf_[starter].cp, x.cp, composite)) {
+        buf_[starter].cp = composite;
+        buf_[starter].cls = char_class(composite);
+        continue;
+      }
+      if (x.ccc == 0) starter = write;
+      last_ccc = x.ccc;
+      buf_[write++] = x;
+    }
+    buf_.resize(write);
+  }
+
+  bool compose_;
+  std::vector<Item> buf_;
+};
+
+// Calls emit(cp, no_space_script) for each code point of the normalised text: NFKC (NFKD when
+// stripping marks), full case folding, then separators collapsed, format characters (and marks
+// when asked) dropped.
+template <class Emit>
+void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& opts, int64_t doc,
+                         Emit&& emit) {
+  bool pending_space = false, started = false;
+  auto take = [&](uint32_t cp, uint8_t cls) {
+    switch (cls & kClassMask) {
+      case kSeparator:
+        pending_space = started;
+        return;
+      case kFormat:
+        return;
+      case kMark:
+        if (opts.strip_marks) return;
+        break;
+      default:
+        break;
+    }
+    if (pending_space) {
+      emit(uint32_t{' '}, false);
+      pending_space = false;
+    }
+    started = true;
+    emit(cp, (cls & kNoSpace) != 0);
+  };
+  auto fold = [&](uint32_t cp, uint8_t cls) {
+    if (cls & kHasFold) {
+      uint32_t folded[3];
+      const uint32_t count = case_fold(cp, folded);
+      for (uint32_t k = 0; k < count; ++k) take(folded[k], char_class(folded[k]));
+    } else {
+      take(cp, cls);
+    }
+  };
+  NfkcStream nfkc(!opts.strip_marks);
+  int64_t i = 0;
+  while (i < n) nfkc.push(decode_utf8(p, n, i, opts.errors, doc), fold);
+  nfkc.finish(fold);
+}
+
+inline void append_utf8(std::vector<uint8_t>& out, uint32_t cp) {
+  if (cp < 0x80) {
+    out.push_back(static_cast<uint8_t>(cp));
+  } else if (cp < 0x800) {
+    out.push_back(static_cast<uint8_t>(0xC0 | (cp >> 6)));
+    out.push_back(static_cast<uint8_t>(0x80 | (cp & 0x3F)));
+  } else if (cp < 0x10000) {
+    out.push_back(static_cast<uint8_t>(0xE0 | (cp >> 12)));
+    out.push_back(static_cast<uint8_t>(0x80 | ((cp >> 6) & 0x3F)));
+    out.push_back(static_cast<uint8_t>(0x80 | (cp & 0x3F)));
+  } else {
+    out.push_back(static_cast<uint8_t>(0xF0 | (cp >> 18)));
+    out.push_back(static_cast<uint8_t>(0x80 | ((cp >> 12) & 0x3F)));
+    out.push_back(static_cast<uint8_t>(0x80 | ((cp >> 6) & 0x3F)));
+    out.push_back(static_cast<uint8_t>(0x80 | (cp & 0x3F)));
+  }
+}
+
+// One pass over a document: exact hash, length, and the script statistic for the auto mode.
+struct DocSummary {
+  uint64_t hash[2];
+  int64_t length = 0;
+  bool char_mode = false;
+};
+
+// With `keep`, the normalised code points are also appended to it, for a second pass without
+// decoding and normalising again.
+DocSummary summarize(const uint8_t* p, int64_t n, const NormalizeOptions& opts, int64_t doc,
+                     std::vector<uint32_t>* keep = nullptr) {
+  DocSummary s;
+  Hash128 h;
+  int64_t letters = 0, no_space = 0;
+  for_each_normalized(p, n, opts, doc, [&](uint32_t cp, bool ns) {
+    h.add(cp);
+    if (keep) keep->push_back(cp);
+    ++s.length;
+    if (cp != ' ') {
+      ++letters;
+      no_space += ns;
+    }
+  });
+  h.finish(s.hash);
+  // Mostly written in a script without spaces between words: shingle by characters.
+  s.char_mode = letters > 0 && 2 * no_space >= letters;
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shingles: each shingle is a 64-bit hash of `ngram` consecutive tokens (words or code points).
+// A document with fewer tokens than `ngram` (but at least one) has one shingle of all of them.
+
+constexpr uint64_t kWordSalt = 0x5851F42D4C957F2Dull, kCharSalt = 0x14057B7EF767814Full;
+
+// The window's tokens are combined as a polynomial sum w_0 K^(n-1) + ... + w_(n-1) mod 2^64, which
+// rolls in O(1) per token (the tokens are already mixed 64-bit hashes), then mixed once more.
+class ShingleHasher {
+ public:
+  ShingleHasher(int ngram, bool char_mode)
+      : ngram_(ngram), salt_(char_mode ? kCharSalt : kWordSalt), window_(ngram) {
+    for (int k = 0; k < ngram; ++k) k_pow_n_ *= kMulB;
+  }
+
+  template <class Sink>
+  void push_token(uint64_t token, Sink&& sink) {
+    poly_ = poly_ * kMulB + token;
+    if (seen_ >= static_cast<uint64_t>(ngram_)) poly_ -= window_[pos_] * k_pow_n_;  // leaves the window
+    window_[pos_] = token;
+    pos_ = pos_ + 1 == ngram_ ? 0 : pos_ + 1;
+    ++seen_;
+    if (seen_ >= static_cast<uint64_t>(ngram_)) sink(finalize(ngram_));
+  }
+  template <class Sink>
+  void finish(Sink&& sink) {
+    if (seen_ > 0 && seen_ < static_cast<uint64_t>(ngram_)) sink(finalize(static_cast<int>(seen_)));
+  }
+
+ private:
+  uint64_t finalize(int len) const { return mix64(poly_ + salt_ + static_cast<uint64_t>(len) * kMulC); }
+  int ngram_;
+  uint64_t salt_;
+  std::vector<uint64_t> window_;
+  uint64_t k_pow_n_ = 1;
+  uint64_t poly_ = 0;
+  int pos_ = 0;
+  uint64_t seen_ = 0;
+};
+
+inline uint64_t token_step(uint64_t h, uint32_t cp) { return rotl(h ^ cp, 27) * kMulA; }
+
+// Calls sink(shingle_hash) for every shingle (repeats included) of the normalised code points
+// that for_each_cp(f) passes to f.
+template <class ForEachCp, class Sink>
+void shingles_of(ForEachCp&& for_each_cp, int ngram, bool char_mode, Sink&& sink) {
+  ShingleHasher shingles(ngram, char_mode);
+  if (char_mode) {
+    // Spaces are left out of character shingles: in scripts without word spaces they only mark
+    // where punctuation was, which should not make two copies differ.
+    for_each_cp([&](uint32_t cp) {
+      if (cp != ' ') shingles.push_token(mix64(cp + kCharSalt), sink);
+    });
+  } else {
+    uint64_t token = 0, token_len = 0;
+    for_each_cp([&](uint32_t cp) {
+      if (cp == ' ') {
+        shingles.push_token(mix64(token ^ token_len), sink);
+        token = 0;
+        token_len = 0;
+      } else {
+        token = token_step(token, cp);
+        ++token_len;
+      }
+    });
+    if (token_len > 0) shingles.push_token(mix64(token ^ token_len), sink);
+  }
+  shingles.finish(sink);
+}
+
+template <class Sink>
+void for_each_shingle(const uint8_t* p, int64_t n, const NormalizeOptions& norm, int ngram,
+                      bool char_mode, int64_t doc, Sink&& sink) {
+  shingles_of([&](auto&& f) { for_each_normalized(p, n, norm, doc, [&](uint32_t cp, bool) { f(cp); }); },
+              ngram, char_mode, sink);
+}
+
+// Documents up to this many bytes are normalised once and shingled from a buffer of code points
+// (4 bytes each); larger ones are normalised twice, streaming, to bound memory.
+constexpr int64_t kMaxBufferedBytes = int64_t{16} << 20;
+
+bool resolve_char_mode(const MinHashOptions& opts, const DocSummary& s) {
+  switch (opts.mode) {
+    case ShingleMode::kWord: return false;
+    case ShingleMode::kChar: return true;
+    default: return s.char_mode;
+  }
+}
+
+void check_minhash_options(const MinHashOptions& o) {
+  MLMIX_CHECK(o.num_perm >= 1 && o.num_perm <= 4096,
+              "num_perm must be in [1, 4096], got " << o.num_perm);
+  MLMIX_CHECK(o.ngram >= 1 && o.ngram <= 64, "ngram must be in [1, 64], got " << o.ngram);
+}
+
+// MinHash update of sig[0..P) with a block of shingle keys: sig[k] = min(sig[k], h_k(key)) with
+// h_k(x) = ((a_k * x + b_k) mod 2^64) >> 32 = ((a_lo_k * x + b_k) >> 32) + a_hi_k * x (mod 2^32).
+// Compiled for AVX2 and for the baseline; the loader picks one at run time.
+constexpr size_t kShingleBlock = 256;
+
+__attribute__((target_clones("avx2", "default"))) void minhash_block(
+    const uint32_t* __restrict a_lo, const uint32_t* __restrict a_hi, const uint64_t* __restrict b,
+    int P, const uint32_t* __restrict keys, size_t n_keys, uint32_t* __restrict sig) {
+  for (size_t j = 0; j < n_keys; ++j) {
+    const uint32_t x = keys[j];
+    for (int k = 0; k < P; ++k) {
+      const uint64_t t = static_cast<uint64_t>(a_lo[k]) * x + b[k];
+      const uint32_t v = static_cast<uint32_t>(t >> 32) + a_hi[k] * x;
+      sig[k] = v < sig[k] ? v : sig[k];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Union-find with path halving; union by lower index keeps it deterministic.
+struct DisjointSets {
+  explicit DisjointSets(int64_t n) : parent(n) { std::iota(parent.begin(), parent.end(), 0); }
+  int64_t find(int64_t x) {
+    while (parent[x] != x) {
+      parent[x] = parent[parent[x]];
+      x = parent[x];
+    }
+    return x;
+  }
+  void unite(int64_t a, int64_t b) {
+    a = find(a);
+    b = find(b);
+    if (a == b) return;
+    if (a < b) std::swap(a, b);
+    parent[a] = b;
+  }
+  std::vector<int64_t> parent;
+};
+
+// Buckets larger than this get a linear number of candidate pairs (each member with the bucket's
+// first member and its predecessor) instead of all pairs, so that a popular band value cannot
+// make the candidate list quadratic.
+constexpr int64_t kMaxBucketAllPairs = 128;
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+const char* unicode_version() { return tables::kUnicodeVersion; }
+
+void check_texts(const TextSpan& t) {
+  MLMIX_CHECK(t.count >= 0, "texts: negative count " << t.count);
+  if (t.count == 0) return;
+  MLMIX_CHECK(t.offsets != nullptr, "texts: missing offsets");
+  MLMIX_CHECK(t.offsets[0] == 0, "texts: offsets[0] must be 0, got " << t.offsets[0]);
+  for (int64_t i = 0; i < t.count; ++i)
+    MLMIX_CHECK(t.offsets[i + 1] >= t.offsets[i],
+                "texts: offsets must be non-decreasing, offsets[" << i + 1 << "] = "
+                                                                  << t.offsets[i + 1] << " < "
+                                                                  << t.offsets[i]);
+}
+
+void normalize_texts(const TextSpan& texts, const NormalizeOptions& opts, int num_threads,
+                     std::vector<uint8_t>& out, std::vector<int64_t>& out_offsets) {
+  const int64_t n = texts.count;
+  constexpr int64_t kGrain = 256;
+  const int64_t chunks = (n + kGrain - 1) / kGrain;
+  std::vector<std::vector<uint8_t>> chunk_bytes(chunks);
+  std::vector<int64_t> lengths(n);
+  parallel_chunks(n, num_threads, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t>& buf = chunk_bytes[begin / kGrain];
+    for (int64_t i = begin; i < end; ++i) {
+      const size_t before = buf.size();
+      const int64_t size = texts.offsets[i + 1] - texts.offsets[i];
+      for_each_normalized(texts.data + texts.offsets[i], size, opts, i,
+                          [&](uint32_t cp, bool) { append_utf8(buf, cp); });
+      lengths[i] = static_cast<int64_t>(buf.size() - before);
+    }
+  });
+  out_offsets.assign(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) out_offsets[i + 1] = out_offsets[i] + lengths[i];
+  out.clear();
+  out.reserve(static_cast<size_t>(out_offsets[n]));
+  for (auto& b : chunk_bytes) out.insert(out.end(), b.begin(), b.end());
+}
+
+void exact_hashes(const TextSpan& texts, const NormalizeOptions& opts, int num_threads,
+                  uint64_t* out) {
+  parallel_chunks(texts.count, num_threads, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const DocSummary s = summarize(texts.data + texts.offsets[i],
+                                     texts.offsets[i + 1] - texts.offsets[i], opts, i);
+      out[2 * i] = s.hash[0];
+      out[2 * i + 1] = s.hash[1];
+    }
+  });
+}
+
+void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int num_threads,
+                        const SignatureOutputs& out) {
+  check_minhash_options(opts);
+  const int P = opts.num_perm;
+  // Permutation k maps the 32-bit key x of a shingle to the top 32 bits of a_k * x + b_k
+  // (mod 2^64), Dietzfelbinger's multiply-add-shift family (strongly universal), computed as
+  // 32 x 32 -> 64-bit products so that it vectorises (minhash_block).
+  std::vector<uint32_t> a_lo(P), a_hi(P);
+  std::vector<uint64_t> b(P);
+  uint64_t state = mix64(opts.seed ^ 0x6A09E667F3BCC908ull);
+  for (int k = 0; k < P; ++k) {
+    const uint64_t a = splitmix_next(state);
+    a_lo[k] = static_cast<uint32_t>(a);
+    a_hi[k] = static_cast<uint32_t>(a >> 32);
+    b[k] = splitmix_next(state);
+  }
+  std::vector<std::vector<uint64_t>>* sets = out.shingle_sets;
+  if (sets) sets->assign(texts.count, {});
+  std::atomic<int64_t> set_total{0};
+  std::atomic<bool> over_budget{false};
+  parallel_chunks(texts.count, num_threads, 16, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> sig(P);
+    std::vector<uint32_t> keys, cps;
+    keys.reserve(kShingleBlock);
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t* p = texts.data + texts.offsets[i];
+      const int64_t size = texts.offsets[i + 1] - texts.offsets[i];
+      const bool buffered = size <= kMaxBufferedBytes;
+      cps.clear();
+      const DocSummary s = summarize(p, size, opts.normalize, i, buffered ? &cps : nullptr);
+      const bool char_mode = resolve_char_mode(opts, s);
+      std::fill(sig.begin(), sig.end(), std::numeric_limits<uint32_t>::max());
+      keys.clear();
+      std::vector<uint64_t>* set = sets && !over_budget.load(std::memory_order_relaxed) ? &(*sets)[i] : nullptr;
+      auto sink = [&](uint64_t x) {
+        if (set) set->push_back(x);
+        keys.push_back(static_cast<uint32_t>(x >> 32));
+        if (keys.size() == kShingleBlock) {
+          minhash_block(a_lo.data(), a_hi.data(), b.data(), P, keys.data(), keys.size(), sig.data());
+          keys.clear();
+        }
+      };
+      if (buffered) {
+        shingles_of([&](auto&& f) { for (uint32_t cp : cps) f(cp); }, opts.ngram, char_mode, sink);
+      } else {
+        for_each_shingle(p, size, opts.normalize, opts.ngram, char_mode, i, sink);
+      }
+      minhash_block(a_lo.data(), a_hi.data(), b.data(), P, keys.data(), keys.size(), sig.data());
+      std::copy(sig.begin(), sig.end(), out.signatures + i * P);
+      if (set) {
+        std::sort(set->begin(), set->end());
+        set->erase(std::unique(set->begin(), set->end()), set->end());
+        set->shrink_to_fit();
+        if (set_total.fetch_add(static_cast<int64_t>(set->size())) + static_cast<int64_t>(set->size()) >
+            out.shingle_set_budget)
+          over_budget = true;
+      }
+      if (out.hashes) {
+        out.hashes[2 * i] = s.hash[0];
+        out.hashes[2 * i + 1] = s.hash[1];
+      }
+      if (out.lengths) out.lengths[i] = s.length;
+      if (out.char_mode) out.char_mode[i] = char_mode ? 1 : 0;
+    }
+  });
+  // Which documents got a set before the budget ran out depends on thread timing: all or none.
+  if (sets && over_budget) std::vector<std::vector<uint64_t>>().swap(*sets);
+}
+
+std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHashOptions& opts,
+                                  int64_t doc_index) {
+  check_minhash_options(opts);
+  const bool buffered = size <= kMaxBufferedBytes;
+  std::vector<uint32_t> cps;
+  const DocSummary s = summarize(data, size, opts.normalize, doc_index, buffered ? &cps : nullptr);
+  const bool char_mode = resolve_char_mode(opts, s);
+  std::vector<uint64_t> set;
+  auto sink = [&](uint64_t x) { set.push_back(x); };
+  if (buffered) {
+    shingles_of([&](auto&& f) { for (uint32_t cp : cps) f(cp); }, opts.ngram, char_mode, sink);
+  } else {
+    for_each_shingle(data, size, opts.normalize, opts.ngram, char_mode, doc_index, sink);
+  }
+  std::sort(set.begin(), set.end());
+  set.erase(std::unique(set.begin(), set.end()), set.end());
+  return set;
+}
+
+LshParams optimal_lsh_params(double threshold, int num_perm, double fp_weight, double fn_weight) {
+  MLMIX_CHECK(threshold > 0.0 && threshold <= 1.0,
+              "threshold must be in (0, 1], got " << threshold);
+  MLMIX_CHECK(num_perm >= 1, "num_perm must be >= 1, got " << num_perm);
+  // Trapezoid rule on a fixed grid: deterministic and accurate to ~1e-5 here.
+  constexpr int kSteps = 512;
+  auto area = [](double lo, double hi, int b, int r, bool false_negative) {
+    if (hi <= lo) return 0.0;
+    const double h = (hi - lo) / kSteps;
+    double sum = 0.0;
+    for (int k = 0; k <= kSteps; ++k) {
+      const double s = lo + k * h;
+      const double p_candidate = 1.0 - std::pow(1.0 - std::pow(s, r), b);
+      const double y = false_negative ? 1.0 - p_candidate : p_candidate;
+      sum += (k == 0 || k == kSteps) ? 0.5 * y : y;
+    }
+    return sum * h;
+  };
+  LshParams best{1, num_perm};
+  double best_error = std::numeric_limits<double>::infinity();
+  for (int b = 1; b <= num_perm; ++b) {
+    for (int r = 1; r <= num_perm / b; ++r) {
+      const double error = fp_weight * area(0.0, threshold, b, r, false) +
+                           fn_weight * area(threshold, 1.0, b, r, true);
+      if (error < best_error - 1e-12) {
+        best_error = error;
+        best = {b, r};
+      }
+    }
+  }
+  return best;
+}
+
+ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& opts) {
+  const int64_t n = in.count;
+  const int P = in.num_perm;
+  MLMIX_CHECK(opts.threshold > 0.0 && opts.threshold <= 1.0,
+              "threshold must be in (0, 1], got " << opts.threshold);
+  MLMIX_CHECK(opts.lsh.bands >= 1 && opts.lsh.rows >= 1 &&
+                  static_cast<int64_t>(opts.lsh.bands) * opts.lsh.rows <= P,
+              "bands x rows must fit in num_perm = " << P << ", got " << opts.lsh.bands << " x "
+                                                     << opts.lsh.rows);
+  const bool given_sets = in.shingle_sets != nullptr && static_cast<int64_t>(in.shingle_sets->size()) == n;
+  const bool exact_verify = opts.verify && (given_sets || (in.texts != nullptr && in.minhash != nullptr));
+  auto group_of = [&](int64_t i) -> int64_t { return in.groups ? in.groups[i] : 0; };
+
+  ClusterResult result;
+  DisjointSets sets(n);
+
+  // 1. Documents with equal (group, exact hash) are duplicates; only the first of each goes on.
+  std::vector<uint8_t> is_rep(n, 1);
+  if (in.hashes) {
+    std::vector<int64_t> order(n);
+    std::iota(order.begin(), order.end(), 0);
+    auto key_less = [&](int64_t x, int64_t y) {
+      const int64_t gx = group_of(x), gy = group_of(y);
+      if (gx != gy) return gx < gy;
+      if (in.hashes[2 * x] != in.hashes[2 * y]) return in.hashes[2 * x] < in.hashes[2 * y];
+      if (in.hashes[2 * x + 1] != in.hashes[2 * y + 1])
+        return in.hashes[2 * x + 1] < in.hashes[2 * y + 1];
+      return x < y;
+    };
+    std::sort(order.begin(), order.end(), key_less);
+    for (int64_t k = 1; k < n; ++k) {
+      const int64_t x = order[k - 1], y = order[k];
+      if (group_of(x) == group_of(y) && in.hashes[2 * x] == in.hashes[2 * y] &&
+          in.hashes[2 * x + 1] == in.hashes[2 * y + 1]) {
+        sets.unite(x, y);
+        is_rep[y] = 0;  // x < y within a run of equal keys
+        ++result.exact_merged;
+        result.pair_first.push_back(x);
+        result.pair_second.push_back(y);
+        result.pair_similarity.push_back(1.0);
+      }
+    }
+  }
+
+  // Documents without shingles have all-max signatures: exact merging only.
+  std::vector<int64_t> lsh_docs;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!is_rep[i]) continue;
+    const uint32_t* s = in.signatures + i * P;
+    bool empty = true;
+    for (int k = 0; k < P && empty; ++k) empty = s[k] == std::numeric_limits<uint32_t>::max();
+    if (!empty) lsh_docs.push_back(i);
+  }
+
+  // 2. LSH: per band, sort (band hash, doc) and pair the documents of each bucket.
+  const int bands = opts.lsh.bands, rows = opts.lsh.rows;
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> band_pairs(bands);
+  parallel_chunks(bands, opts.num_threads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<uint64_t, int64_t>> keys(lsh_docs.size());
+    for (int64_t band = begin; band < end; ++band) {
+      for (size_t k = 0; k < lsh_docs.size(); ++k) {
+        const int64_t doc = lsh_docs[k];
+        const uint32_t* s = in.signatures + doc * P + band * rows;
+        uint64_t h = mix64(static_cast<uint64_t>(band) * kMulB ^ static_cast<uint64_t>(group_of(doc)));
+        for (int r = 0; r < rows; r += 2) {
+          const uint64_t w = r + 1 < rows ? (static_cast<uint64_t>(s[r + 1]) << 32) | s[r] : s[r];
+          h = mix64(h ^ (w * kMulA));
+        }
+        keys[k] = {h, doc};
+      }
+      std::sort(keys.begin(), keys.end());
+      auto& pairs = band_pairs[band];
+      size_t start = 0;
+      while (start < keys.size()) {
+        size_t stop = start + 1;
+        while (stop < keys.size() && keys[stop].first == keys[start].first) ++stop;
+        const int64_t size = static_cast<int64_t>(stop - start);
+        if (size <= kMaxBucketAllPairs) {
+          for (size_t x = start; x < stop; ++x)
+            for (size_t y = x + 1; y < stop; ++y) pairs.emplace_back(keys[x].second, keys[y].second);
+        } else {
+          for (size_t y = start + 1; y < stop; ++y) {
+            pairs.emplace_back(keys[start].second, keys[y].second);
+            if (y - 1 > start) pairs.emplace_back(keys[y - 1].second, keys[y].second);
+          }
+        }
+        start = stop;
+      }
+    }
+  });
+  std::vector<std::pair<int64_t, int64_t>> candidates;
+  for (auto& p : band_pairs) {
+    candidates.insert(candidates.end(), p.begin(), p.end());
+    std::vector<std::pair<int64_t, int64_t>>().swap(p);
+  }
+  std::sort(candidates.begin(), candidates.end());
+  candidates.erase(std::unique(candidates.begin(), candidates.end()), candidates.end());
+  // Band hashes include the group, but a 64-bit collision must still not join two groups.
+  candidates.erase(std::remove_if(candidates.begin(), candidates.end(),
+                                  [&](const auto& c) { return group_of(c.first) != group_of(c.second); }),
+                   candidates.end());
+  result.candidate_pairs = static_cast<int64_t>(candidates.size());
+
+  // 3. Verification, in parallel; the edges are then applied in candidate order.
+  std::vector<double> similarity(candidates.size(), 1.0);
+  if (opts.verify) {
+    auto jaccard = [](const std::vector<uint64_t>& x, const std::vector<uint64_t>& y) {
+      size_t i = 0, j = 0, common = 0;
+      while (i < x.size() && j < y.size()) {
+        if (x[i] < y[j]) ++i;
+        else if (y[j] < x[i]) ++j;
+        else { ++common; ++i; ++j; }
+      }
+      const size_t uni = x.size() + y.size() - common;
+      return uni == 0 ? 0.0 : static_cast<double>(common) / static_cast<double>(uni);
+    };
+    if (given_sets) {
+      parallel_chunks(static_cast<int64_t>(candidates.size()), opts.num_threads, 256,
+                      [&](int64_t begin, int64_t end) {
+                        for (int64_t k = begin; k < end; ++k)
+                          similarity[k] = jaccard((*in.shingle_sets)[candidates[k].first],
+                                                  (*in.shingle_sets)[candidates[k].second]);
+                      });
+    } else if (exact_verify) {
+      // Candidates are verified in blocks, so that only the shingle sets of one block's documents
+      // are held at a time (candidates are sorted by their first document, which keeps a block's
+      // documents few).
+      constexpr size_t kPairsPerBlock = size_t{1} << 16;
+      for (size_t block = 0; block < candidates.size(); block += kPairsPerBlock) {
+        const size_t block_end = std::min(candidates.size(), block + kPairsPerBlock);
+        std::vector<int64_t> involved;
+        involved.reserve(2 * (block_end - block));
+        for (size_t k = block; k < block_end; ++k) {
+          involved.push_back(candidates[k].first);
+          involved.push_back(candidates[k].second);
+        }
+        std::sort(involved.begin(), involved.end());
+        involved.erase(std::unique(involved.begin(), involved.end()), involved.end());
+        std::vector<std::vector<uint64_t>> shingles(involved.size());
+        parallel_chunks(static_cast<int64_t>(involved.size()), opts.num_threads, 16,
+                        [&](int64_t begin, int64_t end) {
+                          for (int64_t k = begin; k < end; ++k) {
+                            const int64_t doc = involved[k];
+                            const int64_t off = in.texts->offsets[doc];
+                            shingles[k] = shingle_set(in.texts->data + off,
+                                                      in.texts->offsets[doc + 1] - off, *in.minhash, doc);
+                          }
+                        });
+        auto set_of = [&](int64_t doc) -> const std::vector<uint64_t>& {
+          return shingles[std::lower_bound(involved.begin(), involved.end(), doc) - involved.begin()];
+        };
+        parallel_chunks(static_cast<int64_t>(block_end - block), opts.num_threads, 256,
+                        [&](int64_t begin, int64_t end) {
+                          for (int64_t k = block + begin; k < static_cast<int64_t>(block) + end; ++k) {
+                            similarity[k] = jaccard(set_of(candidates[k].first), set_of(candidates[k].second));
+                          }
+                        });
+      }
+    } else {
+      parallel_chunks(static_cast<int64_t>(candidates.size()), opts.num_threads, 256,
+                      [&](int64_t begin, int64_t end) {
+                        for (int64_t k = begin; k < end; ++k) {
+                          const uint32_t* x = in.signatures + candidates[k].first * P;
+                          const uint32_t* y = in.signatures + candidates[k].second * P;
+                          int equal = 0;
+                          for (int q = 0; q < P; ++q) equal += x[q] == y[q];
+                          similarity[k] = static_cast<double>(equal) / P;
+                        }
+                      });
+    }
+  }
+  for (size_t k = 0; k < candidates.size(); ++k) {
+    if (opts.verify && !(similarity[k] >= opts.threshold)) continue;
+    sets.unite(candidates[k].first, candidates[k].second);
+    result.pair_first.push_back(candidates[k].first);
+    result.pair_second.push_back(candidates[k].second);
+    result.pair_similarity.push_back(similarity[k]);
+  }
+
+  // 4. Keep per cluster: the highest score, ties to the lowest index.
+  std::vector<int64_t> best(n, -1);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t root = sets.find(i);
+    int64_t& b = best[root];
+    if (b < 0 || (in.scores && in.scores[i] > in.scores[b])) b = i;
+  }
+  result.cluster.resize(n);
+  for (int64_t i = 0; i < n; ++i) result.cluster[i] = best[sets.find(i)];
+  return result;
+}
+
+}  // namespace mlmix::dedup

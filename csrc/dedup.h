@@ -1,0 +1,117 @@
+// Exact and near-duplicate detection over UTF-8 documents: normalisation (Unicode class tables,
+// whitespace/punctuation collapsing, optional mark stripping), 128-bit exact hashes, MinHash
+// signatures over word or character shingles, LSH banding, verification and union-find clustering.
+// Plain C++ over pointers; no Python here. NFKC and case folding happen before these kernels
+// (python/mlmix/dedup.py), so the input is expected to be NFKC + casefolded UTF-8.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace mlmix::dedup {
+
+enum class Utf8Errors : int { kReplace = 0, kStrict = 1 };
+enum class ShingleMode : int { kAuto = 0, kWord = 1, kChar = 2 };
+
+// `count` UTF-8 documents: document i is the bytes data[offsets[i], offsets[i+1]).
+// offsets has count + 1 non-decreasing entries starting at 0.
+struct TextSpan {
+  const uint8_t* data = nullptr;
+  const int64_t* offsets = nullptr;
+  int64_t count = 0;
+};
+
+struct NormalizeOptions {
+  bool strip_marks = false;  // drop nonspacing and enclosing marks (Mn, Me): diacritics
+  Utf8Errors errors = Utf8Errors::kReplace;
+};
+
+struct MinHashOptions {
+  int num_perm = 128;
+  int ngram = 5;  // words per shingle (word mode) or code points per shingle (char mode)
+  ShingleMode mode = ShingleMode::kAuto;
+  uint64_t seed = 0;
+  NormalizeOptions normalize;
+};
+
+// Throws std::invalid_argument when offsets are not a valid partition of the data.
+void check_texts(const TextSpan& texts);
+
+// The Unicode version the class tables were generated from.
+const char* unicode_version();
+
+// Normalised UTF-8 of every document: separators (whitespace, punctuation, Sm/Sc/Sk symbols,
+// controls) collapse to one U+0020, none leading or trailing; format characters (Cf) are dropped;
+// marks (Mn, Me) are dropped when strip_marks. out_offsets gets count + 1 entries.
+void normalize_texts(const TextSpan& texts, const NormalizeOptions& opts, int num_threads,
+                     std::vector<uint8_t>& out, std::vector<int64_t>& out_offsets);
+
+// 128-bit hash of each normalised document into out[2 * i], out[2 * i + 1].
+void exact_hashes(const TextSpan& texts, const NormalizeOptions& opts, int num_threads,
+                  uint64_t* out);
+
+// Outputs of minhash_signatures; every pointer but `signatures` may be null.
+struct SignatureOutputs {
+  uint32_t* signatures = nullptr;  // count x num_perm, row-major; all 0xFFFFFFFF for no shingles
+  uint64_t* hashes = nullptr;      // count x 2: the exact hash of the normalised text
+  int64_t* lengths = nullptr;      // normalised length in code points
+  uint8_t* char_mode = nullptr;    // 1 where the document was shingled by characters
+  // Optional: each document's sorted unique 64-bit shingle hashes (what verification compares),
+  // kept while their total stays within shingle_set_budget entries; over it, left empty.
+  std::vector<std::vector<uint64_t>>* shingle_sets = nullptr;
+  int64_t shingle_set_budget = 0;
+};
+
+void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int num_threads,
+                        const SignatureOutputs& out);
+
+// Sorted, de-duplicated 64-bit shingle hashes of one document (the set MinHash estimates).
+std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHashOptions& opts,
+                                  int64_t doc_index);
+
+struct LshParams {
+  int bands = 0;
+  int rows = 0;
+};
+
+// Bands x rows (bands * rows <= num_perm) minimising fp_weight * (area of false positives below
+// the threshold) + fn_weight * (area of false negatives above it) of the S-curve 1 - (1 - s^r)^b.
+LshParams optimal_lsh_params(double threshold, int num_perm, double fp_weight, double fn_weight);
+
+struct ClusterInputs {
+  int64_t count = 0;
+  int num_perm = 0;
+  const uint32_t* signatures = nullptr;  // count x num_perm
+  const uint64_t* hashes = nullptr;      // count x 2 or null: equal hashes are merged first
+  const int64_t* groups = nullptr;       // or null: documents of different groups never merge
+  const double* scores = nullptr;        // or null: each cluster keeps its highest score, ties
+                                         // (and null) keep the lowest index
+  const TextSpan* texts = nullptr;       // with `minhash`: verify candidates by exact Jaccard
+  const MinHashOptions* minhash = nullptr;
+  // Or the shingle sets themselves (count entries), from minhash_signatures.
+  const std::vector<std::vector<uint64_t>>* shingle_sets = nullptr;
+};
+
+struct ClusterOptions {
+  double threshold = 0.8;
+  LshParams lsh;
+  bool verify = true;  // false: every LSH candidate pair is a duplicate
+  int num_threads = 0;
+};
+
+struct ClusterResult {
+  std::vector<int64_t> cluster;  // per document: index of the kept document of its cluster
+  // Duplicate edges (first < second): exact-hash merges (similarity 1) then verified LSH pairs.
+  std::vector<int64_t> pair_first, pair_second;
+  std::vector<double> pair_similarity;  // exact Jaccard (texts given) or signature agreement
+  int64_t candidate_pairs = 0;          // distinct LSH candidate pairs before verification
+  int64_t exact_merged = 0;             // documents merged by equal exact hashes
+};
+
+// LSH over the signatures, verification, union-find and the keep choice. Without texts and
+// verify, a candidate is kept when the fraction of equal signature entries >= threshold.
+// Rows of all 0xFFFFFFFF (documents with no shingles) take part in exact merging only.
+ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& opts);
+
+}  // namespace mlmix::dedup

@@ -1,0 +1,570 @@
+"""Tests of mlmix.dedup against a plain Python reference: unicodedata normalisation, shingle sets as
+Python sets of tuples, exact Jaccard over all pairs."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import random
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlmix import dedup
+from mlmix._core_loader import core
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("gen_unicode_tables", ROOT / "tools" / "gen_unicode_tables.py")
+gen_tables = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gen_tables)
+
+# --------------------------------------------------------------------------------------------
+# Reference
+
+
+def ref_collapse(text: str, strip_accents: bool = False) -> str:
+    """Case folding, then class-based collapsing, of already NFKC text, straight from unicodedata."""
+    out: list[str] = []
+    pending = False
+    for ch in text.casefold():
+        cat = unicodedata.category(ch)
+        if cat[0] in "ZP" or cat in ("Cc", "Sm", "Sc", "Sk"):
+            pending = bool(out)
+            continue
+        if cat == "Cf" or (strip_accents and cat in ("Mn", "Me")):
+            continue
+        if pending:
+            out.append(" ")
+            pending = False
+        out.append(ch)
+    return "".join(out)
+
+
+def ref_normalize(text: str | bytes, strip_accents: bool = False) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    t = unicodedata.normalize("NFKD" if strip_accents else "NFKC", text)
+    t = t.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return ref_collapse(t, strip_accents)
+
+
+def no_space_script(ch: str) -> bool:
+    cp = ord(ch)
+    return any(lo <= cp <= hi for lo, hi in gen_tables.NO_SPACE_RANGES)
+
+
+def ref_char_mode(norm: str) -> bool:
+    letters = [c for c in norm if c != " "]
+    return bool(letters) and 2 * sum(map(no_space_script, letters)) >= len(letters)
+
+
+def ref_shingles(text: str, ngram: int = 5, shingle: str = "auto") -> set:
+    norm = ref_normalize(text)
+    char_mode = ref_char_mode(norm) if shingle == "auto" else shingle == "char"
+    tokens = [c for c in norm if c != " "] if char_mode else (norm.split(" ") if norm else [])
+    if 0 < len(tokens) < ngram:
+        return {tuple(tokens)}
+    return {tuple(tokens[i:i + ngram]) for i in range(len(tokens) - ngram + 1)}
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Text in many scripts, written for these tests
+
+SAMPLES = {
+    "en": "The quick brown fox — jumps over the lazy dog!  Ligatures: ﬁne ﬂow; café, naïve, Straße.",
+    "ru": "Съешь же ещё этих мягких французских булок, да выпей чаю. Ёлка и ЁЖИК!",
+    "ar": "اَلسَّلَامُ عَلَيْكُمْ، كَيْفَ حَالُكَ اليوم؟ هذا نصٌّ للتجربة.",
+    "he": "שָׁלוֹם עוֹלָם! זֶה טֶקְסְט לִבְדִיקָה, בְּסֵדֶר?",
+    "hi": "नमस्ते दुनिया! यह एक परीक्षण पाठ है। क्या आप ठीक हैं?",
+    "zh": "我们今天去公园散步，天气非常好。你想一起来吗？ＡＢＣ１２３",
+    "ja": "今日はいい天気ですね。ｶﾀｶﾅとひらがなを混ぜた文章です！",
+    "th": "สวัสดีครับ วันนี้อากาศดีมาก เราจะไปเที่ยวทะเลกัน",
+    "ko": "안녕하세요, 오늘 날씨가 정말 좋네요! 같이 산책할까요?",
+    "misc": "soft\u00adhyphen zero\u200bwidth a\u200db \ufeffbom\ttab\nnewline\u3000ideographic 😀 emoji ½ ⅷ ㎏",
+}
+
+# Whole paragraphs and near-copies (edited punctuation, case, one or two words).
+REAL_PAIRS = [
+    ("en",
+     "Deduplication removes repeated documents from a training corpus so that the model does not "
+     "memorise them and the compute budget is spent on new information instead of copies.",
+     "Deduplication removes repeated documents from a training corpus, so that the model does not "
+     "memorise them and the compute budget is spent on new information instead of copies!"),
+    ("de",
+     "Die Deduplizierung entfernt wiederholte Dokumente aus einem Trainingskorpus, damit das Modell "
+     "sie nicht auswendig lernt und das Rechenbudget für neue Informationen verwendet wird.",
+     "DIE DEDUPLIZIERUNG ENTFERNT WIEDERHOLTE DOKUMENTE AUS EINEM TRAININGSKORPUS, DAMIT DAS MODELL "
+     "SIE NICHT AUSWENDIG LERNT UND DAS RECHENBUDGET FÜR NEUE INFORMATIONEN VERWENDET WIRD."),
+    ("ru",
+     "Дедупликация удаляет повторяющиеся документы из обучающего корпуса, чтобы модель не запоминала "
+     "их и вычислительный бюджет тратился на новую информацию, а не на копии текста.",
+     "Дедупликация удаляет повторяющиеся документы из обучающего корпуса, чтобы модель не запоминала "
+     "их, и вычислительный бюджет тратился на новую информацию — а не на копии текста."),
+    ("ar",
+     "تزيل إزالة التكرار المستندات المكررة من مجموعة بيانات التدريب حتى لا يحفظها النموذج ويتم "
+     "إنفاق ميزانية الحوسبة على معلومات جديدة بدلا من النسخ المتكررة من النصوص.",
+     "تزيل إزالة التكرار المستندات المكررة من مجموعة بيانات التدريب، حتى لا يحفظها النموذج ويتم "
+     "إنفاق ميزانية الحوسبة على معلومات جديدة بدلا من النسخ المتكررة من النصوص!"),
+    ("hi",
+     "डुप्लिकेट हटाने से प्रशिक्षण संग्रह से दोहराए गए दस्तावेज़ निकल जाते हैं ताकि मॉडल उन्हें याद न करे "
+     "और गणना का बजट नई जानकारी पर खर्च हो न कि प्रतियों पर।",
+     "डुप्लिकेट हटाने से प्रशिक्षण संग्रह से दोहराए गए दस्तावेज़ निकल जाते हैं, ताकि मॉडल उन्हें याद न करे "
+     "और गणना का बजट नई जानकारी पर खर्च हो, न कि प्रतियों पर!"),
+    ("zh",
+     "去重会从训练语料中删除重复的文档，这样模型就不会死记硬背它们，计算预算也会花在新的信息上，而不是花在副本上。"
+     "我们在多种语言的数据上都这样做。",
+     "去重会从训练语料中删除重复的文档。这样模型就不会死记硬背它们，计算预算也会花在新的信息上而不是花在副本上！"
+     "我们在多种语言的数据上都这样做。"),
+    ("ja",
+     "重複除去は学習コーパスから繰り返し現れる文書を取り除き、モデルがそれらを暗記しないようにし、"
+     "計算資源を複製ではなく新しい情報に使えるようにします。",
+     "重複除去は、学習コーパスから繰り返し現れる文書を取り除き、モデルがそれらを暗記しないようにし、"
+     "計算資源を複製ではなく新しい情報に使えるようにします！"),
+    ("th",
+     "การลบข้อมูลซ้ำจะนำเอกสารที่ซ้ำกันออกจากคลังข้อมูลสำหรับการฝึก เพื่อไม่ให้โมเดลจำข้อความเหล่านั้น "
+     "และใช้งบประมาณการคำนวณกับข้อมูลใหม่แทนการใช้กับสำเนา",
+     "การลบข้อมูลซ้ำจะนำเอกสารที่ซ้ำกันออกจากคลังข้อมูลสำหรับการฝึก, เพื่อไม่ให้โมเดลจำข้อความเหล่านั้น "
+     "และใช้งบประมาณการคำนวณกับข้อมูลใหม่แทนการใช้กับสำเนา!"),
+]
+
+ALPHABETS = {
+    "en": "abcdefghijklmnopqrstuvwxyz",
+    "ru": "абвгдеёжзийклмнопрстуфхцчшщъыьэюя",
+    "ar": "ابتثجحخدذرزسشصضطظعغفقكلمنهوي",
+    "he": "אבגדהוזחטיכלמנסעפצקרשת",
+    "hi": "कखगघचछजझटठडढणतथदधनपफबभमयरलवशषसह",
+}
+CHAR_ALPHABETS = {
+    "zh": "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可她里后小么心多天而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经头面公同三已老从动两长",
+    "th": "กขคงจฉชซญดตถทนบปผพฟมยรลวสหอฮะาิีึืุูเแโใไ็่้๊๋",
+}
+
+
+def make_corpus(seed: int = 1, bases_per_lang: int = 6, variants: int = 5):
+    """Base documents per language with edited copies (more edits, lower Jaccard)."""
+    rng = random.Random(seed)
+    texts, langs = [], []
+    for lang, alphabet in ALPHABETS.items():
+        vocab = ["".join(rng.choice(alphabet) for _ in range(rng.randint(2, 8))) for _ in range(300)]
+        for _ in range(bases_per_lang):
+            words = [rng.choice(vocab) for _ in range(rng.randint(40, 90))]
+            texts.append(" ".join(words))
+            langs.append(lang)
+            for v in range(variants):
+                w = list(words)
+                for _ in range(v):  # 0..variants-1 word edits
+                    k = rng.randrange(len(w))
+                    op = rng.random()
+                    if op < 0.4:
+                        w[k] = rng.choice(vocab)
+                    elif op < 0.7:
+                        del w[k]
+                    else:
+                        w.insert(k, rng.choice(vocab))
+                texts.append(" ".join(w) + rng.choice(["", ".", "!", " ?"]))
+                langs.append(lang)
+    for lang, alphabet in CHAR_ALPHABETS.items():
+        for _ in range(bases_per_lang):
+            chars = [rng.choice(alphabet) for _ in range(rng.randint(120, 250))]
+            texts.append("".join(chars))
+            langs.append(lang)
+            for v in range(variants):
+                c = list(chars)
+                for _ in range(2 * v):
+                    k = rng.randrange(len(c))
+                    op = rng.random()
+                    if op < 0.4:
+                        c[k] = rng.choice(alphabet)
+                    elif op < 0.7:
+                        del c[k]
+                    else:
+                        c.insert(k, rng.choice("，。！" if lang == "zh" else alphabet))
+                texts.append("".join(c))
+                langs.append(lang)
+    return texts, langs
+
+
+def ref_pairs(texts, langs, threshold, ngram=5):
+    sets = [ref_shingles(t, ngram) for t in texts]
+    out = {}
+    for i, j in itertools.combinations(range(len(texts)), 2):
+        if langs[i] == langs[j] and sets[i] and sets[j]:
+            out[(i, j)] = jaccard(sets[i], sets[j])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation
+
+
+def test_unicode_version_pinned():
+    assert dedup.UNICODE_VERSION == gen_tables.PINNED_UNIDATA_VERSION == unicodedata.unidata_version
+
+
+@pytest.mark.parametrize("strip_accents", [False, True])
+def test_normalize_matches_reference_on_every_script(strip_accents):
+    texts = list(SAMPLES.values())
+    got = dedup.normalize(texts, strip_accents=strip_accents)
+    assert got == [ref_normalize(t, strip_accents) for t in texts]
+
+
+def test_normalize_examples():
+    got = dedup.normalize(["  Hello,\tWORLD!! ", "Straße ﬁ", "ＡＢＣ１２３", "café", "a\u00adb"])
+    assert got == ["hello world", "strasse fi", "abc123", "café", "ab"]
+    assert dedup.normalize(["café", "naïve"], strip_accents=True) == ["cafe", "naive"]
+    # Devanagari spacing vowel signs (Mc) stay even when stripping; the virama (Mn) goes.
+    assert dedup.normalize(["हिंदी"], strip_accents=True) == [ref_normalize("हिंदी", True)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.text(max_size=40), max_size=6), st.booleans())
+def test_normalize_property(texts, strip_accents):
+    assert dedup.normalize(texts, strip_accents=strip_accents) == [ref_normalize(t, strip_accents) for t in texts]
+
+
+def test_normalize_every_code_point_below_0x20000():
+    texts = [chr(cp) for cp in range(0x20000) if not 0xD800 <= cp <= 0xDFFF]
+    assert dedup.normalize(texts) == [ref_normalize(t) for t in texts]
+    assert dedup.normalize(texts[:0x3000], strip_accents=True) == [ref_normalize(t, True) for t in texts[:0x3000]]
+
+
+# Characters around which NFKC composes, reorders or expands: combining marks of several classes,
+# precomposed letters, Hangul syllables and jamo, compatibility forms, Indic nuktas, Greek ypogegrammeni.
+TRICKY = list("aeiouAEOSsnNcCyYwWzZ\u03b1\u03c9\u0391\u1f00\u0434\u0418\u05d0\u05b7\u05bc\u0915\u093c\u0928"
+              "\u0300\u0301\u0302\u0303\u0308\u0323\u0327\u0328\u031b\u0345\u0342\u0306\u0313\u0314"
+              "\u00e9\u00c5\u212b\u1e9b\u1ea0\u01c4\u00df\u1e9e\ufb01\ufb03\u2460\u33a1\u3392\uff21\uff41"
+              "\u1100\u1161\u11a8\uac00\ud4db\u3131\u0b47\u0b3e\u0b57\u0dd9\u0dcf\u0dca\u0e33\u0e4d\u0e32"
+              "\u0f71\u0f72\u0f80\u2126\u00bd\u2075\u1d2c\u0130\u0131\u03d0\u1fbe ")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(TRICKY), max_size=24).map("".join), st.booleans())
+def test_nfkc_composition_property(text, strip_accents):
+    assert dedup.normalize([text], strip_accents=strip_accents) == [ref_normalize(text, strip_accents)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.binary(max_size=30), max_size=5))
+def test_core_utf8_decoding_matches_python_replace(docs):
+    # Straight into the core: invalid sequences become U+FFFD exactly as bytes.decode(errors="replace").
+    data = np.frombuffer(b"".join(docs), dtype=np.uint8)
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    out, out_offsets = core._dedup_normalize(data, offsets, False, 0, 2)
+    raw = out.tobytes()
+    got = [raw[out_offsets[i]:out_offsets[i + 1]].decode("utf-8") for i in range(len(docs))]
+    assert got == [ref_normalize(d) for d in docs]
+
+
+def test_invalid_utf8_policies():
+    bad = [b"ok text", b"caf\xc3 \xff\xfe end", "lone \ud800 surrogate"]
+    assert dedup.normalize(bad) == [ref_normalize(t) for t in bad]
+    with pytest.raises(ValueError, match=r"texts\[1\] is not valid UTF-8"):
+        dedup.normalize(bad, errors="strict")
+    with pytest.raises(ValueError, match=r"texts\[0\] is not valid UTF-8"):
+        dedup.near_duplicates(["lone \udfff surrogate"], errors="strict")
+    for fn in (dedup.exact_duplicates, dedup.near_duplicates):
+        r = fn(bad)
+        assert r.cluster.tolist() == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# Shingles and signatures
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(list("ab c.日本ไทย") + ["ab", " xy "]), max_size=40).map("".join),
+       st.integers(1, 6), st.sampled_from(["auto", "word", "char"]))
+def test_shingle_set_size_matches_reference(text, ngram, shingle):
+    got = dedup._shingle_set(text, ngram=ngram, shingle=shingle)
+    assert len(got) == len(ref_shingles(text, ngram, shingle))
+    assert np.all(np.diff(got.astype(np.float64)) >= 0)
+
+
+def test_auto_shingle_mode_by_script():
+    texts = [SAMPLES[k] for k in ("en", "ru", "ar", "he", "hi", "ko", "zh", "ja", "th")]
+    r = dedup.near_duplicates(texts)
+    assert r.info["char_shingled"] == 3
+    assert [ref_char_mode(ref_normalize(t)) for t in texts] == [False] * 6 + [True] * 3
+
+
+def test_signature_estimates_jaccard():
+    texts, langs = make_corpus(seed=3, bases_per_lang=2)
+    sig = dedup.minhash_signatures(texts, num_perm=256)
+    assert sig.shape == (len(texts), 256) and sig.dtype == np.uint32
+    errors = [abs(np.mean(sig[i] == sig[j]) - j_ref) for (i, j), j_ref in ref_pairs(texts, langs, 0.0).items()]
+    assert np.mean(errors) < 0.03
+    assert np.max(errors) < 0.2
+
+
+def test_empty_and_short_documents():
+    texts = ["", "   \t\n", "!!! ...", "one", "one", "two words", "Two, words!", "two other"]
+    sig = dedup.minhash_signatures(texts)
+    assert np.all(sig[:3] == np.iinfo(np.uint32).max)
+    assert not np.all(sig[3:] == np.iinfo(np.uint32).max, axis=1).any()
+    for fn in (dedup.exact_duplicates, dedup.near_duplicates):
+        r = fn(texts)
+        # Empty-after-normalisation documents are duplicates of each other only; shorter than one
+        # shingle means one shingle of the whole document.
+        assert r.cluster.tolist() == [0, 0, 0, 3, 3, 5, 5, 7]
+
+
+# --------------------------------------------------------------------------------------------
+# Exact duplicates
+
+
+def test_exact_duplicates_match_reference_grouping():
+    texts, langs = make_corpus(seed=5, bases_per_lang=2)
+    texts = texts + [t.upper() + " !" for t in texts[:20]] + list(SAMPLES.values()) * 2
+    langs = langs + langs[:20] + ["x"] * (2 * len(SAMPLES))
+    r = dedup.exact_duplicates(texts, langs=langs)
+    first = {}
+    expected = [first.setdefault((lang, ref_normalize(t)), i) for i, (t, lang) in enumerate(zip(texts, langs))]
+    assert r.cluster.tolist() == expected
+    assert r.keep.tolist() == [c == i for i, c in enumerate(expected)]
+    removed = {lang: sum(1 for i, la in enumerate(langs) if la == lang and expected[i] != i) for lang in set(langs)}
+    assert {k: v["removed"] for k, v in r.stats.items()} == removed
+
+
+def test_exact_hashes_shard_and_merge():
+    texts = [SAMPLES["en"], SAMPLES["zh"], SAMPLES["en"].upper(), "x", SAMPLES["zh"] + "。"]
+    whole = dedup.exact_hashes(texts)
+    assert whole.shape == (5, 2) and whole.dtype == np.uint64
+    np.testing.assert_array_equal(np.vstack([dedup.exact_hashes(texts[:2]), dedup.exact_hashes(texts[2:])]), whole)
+    assert (whole[0] == whole[2]).all() and (whole[1] == whole[4]).all() and not (whole[0] == whole[1]).all()
+    merged = dedup.cluster_hashes(np.vstack([dedup.exact_hashes(texts[:2]), dedup.exact_hashes(texts[2:])]))
+    np.testing.assert_array_equal(merged.cluster, dedup.exact_duplicates(texts).cluster)
+    assert merged.cluster.tolist() == [0, 1, 0, 3, 1]
+    with pytest.raises(ValueError, match="hashes must be a"):
+        dedup.cluster_hashes(whole.astype(np.int64))
+
+
+def test_keep_policies():
+    texts = ["abc", "ABC!!", "Abc.", "other"]
+    assert dedup.exact_duplicates(texts).cluster.tolist() == [0, 0, 0, 3]
+    assert dedup.exact_duplicates(texts, keep="longest").cluster.tolist() == [1, 1, 1, 3]
+    r = dedup.exact_duplicates(texts, keep=[0.0, 1.0, 5.0, 0.0])
+    assert r.cluster.tolist() == [2, 2, 2, 3] and r.keep.tolist() == [False, False, True, True]
+    assert dedup.near_duplicates(texts, keep="longest").cluster.tolist() == [1, 1, 1, 3]
+
+
+def test_language_scope():
+    texts = ["the same text here"] * 3
+    langs = ["en", "de", "en"]
+    r = dedup.near_duplicates(texts, langs=langs)
+    assert r.cluster.tolist() == [0, 1, 0]
+    assert r.stats == {"en": {"documents": 2, "removed": 1}, "de": {"documents": 1, "removed": 0}}
+    assert dedup.near_duplicates(texts, langs=langs, scope="global").cluster.tolist() == [0, 0, 0]
+    assert dedup.exact_duplicates(texts, langs=langs, scope="global").cluster.tolist() == [0, 0, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Near duplicates vs exact Jaccard
+
+
+@pytest.mark.parametrize("threshold", [0.8, 0.6])
+def test_near_duplicates_recall_and_precision(threshold):
+    texts, langs = make_corpus(seed=11)
+    ref = ref_pairs(texts, langs, threshold)
+    r = dedup.near_duplicates(texts, threshold=threshold, langs=langs)
+    # Every reported pair is a true pair, with its exact Jaccard.
+    for (i, j), sim in zip(r.pairs.tolist(), r.similarity.tolist()):
+        assert ref[(i, j)] >= threshold
+        assert sim == pytest.approx(ref[(i, j)], abs=1e-12)
+    # Recall of pairs at or above the threshold, overall and for character-shingled scripts.
+    true_pairs = [p for p, s in ref.items() if s >= threshold]
+    assert len(true_pairs) > 100
+    found = [r.cluster[i] == r.cluster[j] for i, j in true_pairs]
+    assert np.mean(found) >= 0.95
+    for script in ("zh", "th", "ru"):
+        sub = [r.cluster[i] == r.cluster[j] for i, j in true_pairs if langs[i] == script]
+        assert len(sub) >= 10 and np.mean(sub) >= 0.95, script
+    # Clusters are exactly the connected components of the reported pairs.
+    parent = list(range(len(texts)))
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for i, j in r.pairs.tolist():
+        parent[max(find(i), find(j))] = min(find(i), find(j))
+    roots = [find(i) for i in range(len(texts))]
+    assert all((roots[i] == roots[j]) == (r.cluster[i] == r.cluster[j])
+               for i, j in itertools.combinations(range(len(texts)), 2))
+
+
+def test_real_multilingual_near_copies():
+    texts = [t for _, a, b in REAL_PAIRS for t in (a, b)]
+    langs = [lang for lang, _, _ in REAL_PAIRS for _ in (0, 1)]
+    r = dedup.near_duplicates(texts, langs=langs, threshold=0.7)
+    for k, (lang, a, b) in enumerate(REAL_PAIRS):
+        assert jaccard(ref_shingles(a), ref_shingles(b)) >= 0.7, lang
+        assert r.cluster[2 * k] == r.cluster[2 * k + 1] == 2 * k, lang
+    assert r.num_removed == len(REAL_PAIRS)
+    # Translations of one another are not duplicates, even across languages.
+    assert dedup.near_duplicates(texts, threshold=0.7, scope="global", langs=langs).num_removed == len(REAL_PAIRS)
+
+
+def test_verify_false_and_signature_clustering_across_shards():
+    texts, langs = make_corpus(seed=7, bases_per_lang=3)
+    full = dedup.near_duplicates(texts, langs=langs, verify=False)
+    half = len(texts) // 2
+    sig = np.vstack([dedup.minhash_signatures(texts[:half]), dedup.minhash_signatures(texts[half:])])
+    hashes = np.vstack([dedup.exact_hashes(texts[:half]), dedup.exact_hashes(texts[half:])])
+    merged = dedup.cluster_signatures(sig, hashes=hashes, langs=langs, verify=False)
+    np.testing.assert_array_equal(merged.cluster, full.cluster)
+    # Agreement verification keeps a subset of the candidate edges.
+    agreed = dedup.cluster_signatures(sig, hashes=hashes, langs=langs, verify=True)
+    assert len(agreed.pairs) > 0 and np.all(agreed.similarity >= 0.8)
+    for (i, j), sim in zip(agreed.pairs.tolist(), agreed.similarity.tolist()):
+        assert sim == np.mean(sig[i] == sig[j]) or (hashes[i] == hashes[j]).all()
+
+
+def test_deterministic_across_thread_counts():
+    texts, langs = make_corpus(seed=13, bases_per_lang=3)
+    texts = texts * 2
+    langs = langs * 2
+    runs = [dedup.near_duplicates(texts, langs=langs, num_threads=t) for t in (1, 2, 3, 7)]
+    sigs = [dedup.minhash_signatures(texts, num_threads=t) for t in (1, 3)]
+    np.testing.assert_array_equal(sigs[0], sigs[1])
+    for r in runs[1:]:
+        np.testing.assert_array_equal(r.cluster, runs[0].cluster)
+        np.testing.assert_array_equal(r.pairs, runs[0].pairs)
+        np.testing.assert_array_equal(r.similarity, runs[0].similarity)
+    assert dedup.normalize(texts, num_threads=1) == dedup.normalize(texts, num_threads=3)
+
+
+def test_seed_changes_signatures_not_clusters_much():
+    texts, langs = make_corpus(seed=17, bases_per_lang=2)
+    a, b = dedup.minhash_signatures(texts, seed=0), dedup.minhash_signatures(texts, seed=1)
+    assert not np.array_equal(a, b)
+
+
+def test_pyarrow_input_matches_list():
+    pa = pytest.importorskip("pyarrow")
+    texts = [SAMPLES["en"], SAMPLES["en"] + "!", SAMPLES["zh"], SAMPLES["zh"]]
+    expected = dedup.near_duplicates(texts).cluster
+    for arr in (pa.array(texts), pa.array(texts, type=pa.large_string()), pa.chunked_array([texts[:1], texts[1:]])):
+        np.testing.assert_array_equal(dedup.near_duplicates(arr).cluster, expected)
+        np.testing.assert_array_equal(dedup.exact_duplicates(arr).cluster, [0, 0, 2, 2])
+    # Slices of an arrow array are read at their offset, without a copy of the data.
+    sliced = pa.array(["x"] + texts + ["y"])[1:-1]
+    np.testing.assert_array_equal(dedup.near_duplicates(sliced).cluster, expected)
+    assert dedup.normalize(pa.array(texts)[2:3]) == [ref_normalize(texts[2])]
+    with pytest.raises(ValueError, match=r"texts\[1\] is None"):
+        dedup.exact_duplicates(pa.array(["a", None]))
+
+
+def test_large_document():
+    # About 17.6 MB: above the 16 MB under which the core buffers normalised code points, so the
+    # streaming path (normalise twice) runs.
+    words = list(map(str, np.random.default_rng(0).integers(0, 50000, 3_000_000).tolist()))
+    big = " ".join(words)
+    assert len(big) > 16 << 20
+    edited = " ".join(words[:-10])
+    r = dedup.near_duplicates([big, "small doc", edited])
+    assert r.cluster.tolist() == [0, 1, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"threshold": 0.0}, "threshold must be a number in"),
+    ({"threshold": 1.5}, "threshold must be a number in"),
+    ({"threshold": float("nan")}, "threshold must be a number in"),
+    ({"threshold": True}, "threshold must be a number in"),
+    ({"num_perm": 0}, "num_perm must be an integer"),
+    ({"num_perm": 128, "bands": 7}, r"not divisible into bands=7"),
+    ({"bands": 0}, "bands must be an integer"),
+    ({"ngram": 0}, "ngram must be an integer"),
+    ({"shingle": "sentence"}, "shingle must be one of"),
+    ({"errors": "ignore"}, "errors must be one of"),
+    ({"langs": ["en"]}, "langs must have one entry per document"),
+    ({"scope": "world"}, "scope must be one of"),
+    ({"keep": "last"}, "keep must be one of"),
+    ({"keep": [1.0]}, r"keep scores must have shape \(2,\)"),
+    ({"keep": [1.0, float("nan")]}, "keep scores must be finite"),
+    ({"seed": -1}, "seed must be an integer"),
+    ({"verify": "yes"}, "verify must be True or False"),
+    ({"num_threads": -2}, "num_threads must be an integer"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dedup.near_duplicates(["a b c", "a b d"], **kwargs)
+
+
+def test_bad_texts():
+    with pytest.raises(ValueError, match="not a single str"):
+        dedup.near_duplicates("just one string")
+    with pytest.raises(ValueError, match=r"texts\[1\] must be str or UTF-8 bytes, got int"):
+        dedup.exact_duplicates(["a", 3])
+    with pytest.raises(ValueError, match="signatures must be a"):
+        dedup.cluster_signatures(np.zeros((3, 4), dtype=np.int64))
+    with pytest.raises(ValueError, match="hashes must be a"):
+        dedup.cluster_signatures(np.zeros((3, 4), dtype=np.uint32), hashes=np.zeros((2, 2), np.uint64))
+    with pytest.raises(ValueError, match="keep='longest' needs"):
+        dedup.cluster_signatures(np.zeros((3, 4), dtype=np.uint32), keep="longest")
+    with pytest.raises(ValueError, match="offsets must be non-decreasing"):
+        core._dedup_normalize(np.zeros(4, np.uint8), np.array([0, 3, 2], np.int64), False, 0, 1)
+    with pytest.raises(ValueError, match="exceeds the data size"):
+        core._dedup_normalize(np.zeros(4, np.uint8), np.array([0, 9], np.int64), False, 0, 1)
+    assert dedup.near_duplicates([]).cluster.shape == (0,)
+    assert dedup.exact_duplicates([]).keep.dtype == bool
+
+
+def test_lsh_params_minimise_weighted_error():
+    def brute(t, p, wfp, wfn):
+        xs = np.linspace(0, 1, 4097)
+        best = None
+        for b in range(1, p + 1):
+            for r in range(1, p // b + 1):
+                prob = 1 - (1 - xs ** r) ** b
+                fp = np.trapezoid(np.where(xs <= t, prob, 0), xs)
+                fn = np.trapezoid(np.where(xs >= t, 1 - prob, 0), xs)
+                err = wfp * fp + wfn * fn
+                if best is None or err < best[0] - 1e-6:
+                    best = (err, b, r)
+        return best[1:]
+
+    for t, p in [(0.8, 32), (0.5, 24), (0.9, 40)]:
+        assert dedup.lsh_params(t, p, verify=False) == brute(t, p, 0.5, 0.5)
+        b, r = dedup.lsh_params(t, p)
+        assert b * r <= p
+
+
+def test_verification_without_kept_shingle_sets(monkeypatch):
+    # Over the budget the sets from the signature pass are dropped and rebuilt for candidates.
+    texts, langs = make_corpus(seed=19, bases_per_lang=2)
+    kept = dedup.near_duplicates(texts, langs=langs)
+    monkeypatch.setattr(dedup, "_SHINGLE_SET_BUDGET", 100)
+    rebuilt = dedup.near_duplicates(texts, langs=langs, num_threads=2)
+    np.testing.assert_array_equal(rebuilt.cluster, kept.cluster)
+    np.testing.assert_array_equal(rebuilt.pairs, kept.pairs)
+    np.testing.assert_array_equal(rebuilt.similarity, kept.similarity)
+    assert len(kept.pairs) > 10
+
+
+def test_large_lsh_bucket_stays_linear():
+    # 300 near copies share most LSH buckets; buckets over 128 documents are paired as a star plus
+    # a chain, so the candidates stay linear while the cluster is still found whole.
+    rng = random.Random(23)
+    base = [f"w{rng.randrange(10**6)}" for _ in range(400)]
+    texts = []
+    for k in range(300):
+        words = list(base)
+        words[k % 400] = f"x{k}"
+        texts.append(" ".join(words))
+    r = dedup.near_duplicates(texts)
+    assert r.cluster.tolist() == [0] * 300
+    assert r.info["candidate_pairs"] < 300 * 299 // 2
+    assert r.num_removed == 299
