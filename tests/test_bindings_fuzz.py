@@ -37,13 +37,14 @@ WORDS = ["bfd", "ffd", "wrapped", "error", "truncate", "split", "drop", "cpu", "
          "", "\x00", "\udcff", "é" * 3, "x" * 1000]
 
 
-def _signature(fn) -> list[tuple[str, str, bool]]:
-    """[(name, type text, has default)] of a pybind11 function (first overload), without ``self``."""
+def _signature(fn) -> list[tuple[str, str, bool]] | None:
+    """[(name, type text, has default)] of a pybind11 function (first overload), without ``self``;
+    None when the docstring holds no signature."""
     doc = (fn.__doc__ or "").strip().splitlines()
     head = doc[0] if doc else ""
     m = re.match(r"^\s*(?:\d+\.\s*)?[\w.]+\((.*)\)\s*->", head)
     if not m:
-        return []
+        return None
     params, depth, cur = [], 0, ""
     for ch in m.group(1):  # split on top-level commas only (types hold brackets)
         if ch == "," and depth == 0:
@@ -142,11 +143,18 @@ def calls(draw, sig):
     return args
 
 
+# Bindings that take raw device pointers (as integers, from torch tensors) and launch CUDA kernels on
+# them: no binding can validate a pointer, so they are private to mlmix.torch.loss, which checks the
+# tensors (device, dtype, shape, contiguity) before passing their addresses; that layer is what
+# tests/test_loss.py exercises with bad input.
+RAW_POINTER_BINDINGS = ("lce_lse_block", "lce_grad_block")
+
+
 def _functions():
     out = []
     for name in sorted(dir(core)):
         obj = getattr(core, name)
-        if inspect.isclass(obj) or not callable(obj) or name.startswith("__"):
+        if inspect.isclass(obj) or not callable(obj) or name.startswith("__") or name in RAW_POINTER_BINDINGS:
             continue
         out.append(name)
     return out
@@ -191,7 +199,7 @@ FUNCTIONS = _functions()
 def test_every_binding_has_a_signature():
     assert FUNCTIONS, "mlmix._core exposes no functions"
     for name in FUNCTIONS:
-        assert _signature(getattr(core, name)), f"cannot read the signature of {name}"
+        assert _signature(getattr(core, name)) is not None, f"cannot read the signature of {name}"
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
