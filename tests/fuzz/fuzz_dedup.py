@@ -10,7 +10,9 @@ import atheris
 import numpy as np
 
 from _common import CLEAN, main
-import mlmix.dedup as dd
+
+with atheris.instrument_imports(include=["mlmix"]):
+    import mlmix.dedup as dd
 
 
 def _valid(doc) -> bool:
