@@ -79,27 +79,28 @@ def run_sample(n: int) -> dict:
 
 
 def _documents(n: int):
-    """n synthetic documents (~60 words from a 50k-word vocabulary, 1 in 10 a near copy of an
-    earlier one) as a pyarrow large_string array, built without Python strings."""
+    """n synthetic documents (60 words of 5 letters from a 50k-word vocabulary; 1 in 10 a copy of
+    another with one word changed) as a pyarrow large_string array, built chunk by chunk straight
+    into its data buffer (no Python strings, no large temporaries)."""
     import pyarrow as pa
 
+    words, vocab, width = 60, 50_000, 6
     rng = np.random.default_rng(0)
-    words = 60
-    vocab = 50_000
-    ids = rng.integers(0, vocab, size=(n, words), dtype=np.int64)
+    data = np.empty(n * words * width, dtype=np.uint8)
+    view = data.reshape(n, words, width)
+    chunk = 500_000
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        ids = rng.integers(0, vocab, size=(hi - lo, words), dtype=np.int32)
+        for k in range(5):
+            view[lo:hi, :, 4 - k] = ord("a") + ids % 26
+            ids //= 26
+        view[lo:hi, :, 5] = ord(" ")
     src = rng.integers(0, n, size=n // 10)
     dst = rng.integers(0, n, size=n // 10)
-    ids[dst] = ids[src]
-    ids[dst, rng.integers(0, words, size=dst.shape[0])] = rng.integers(0, vocab, size=dst.shape[0])
-    # each word: 5 letters in base 26 from its id, then a space
-    letters = np.empty((n, words, 6), dtype=np.uint8)
-    v = ids.copy()
-    for k in range(5):
-        letters[:, :, 4 - k] = ord("a") + v % 26
-        v //= 26
-    letters[:, :, 5] = ord(" ")
-    data = letters.reshape(-1)
-    offsets = np.arange(n + 1, dtype=np.int64) * (words * 6)
+    view[dst] = view[src]
+    view[dst, rng.integers(0, words, size=dst.shape[0]), 0] = ord("z")
+    offsets = np.arange(n + 1, dtype=np.int64) * (words * width)
     return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
 
 

@@ -79,7 +79,7 @@ case("pack", "materialize with a mask shaped unlike the tokens")(
 case("pack", "pad_id outside the token dtype")(lambda: mlmix.pack(_toks([3]), 8).materialize(_toks([3]), pad_id=-1))
 
 # --- store writing ---------------------------------------------------------------------------------
-case("store", "no examples")(lambda: mlmix.write_store(os.path.join(TMP, "e"), _toks([]), seq_len=8))
+case("store", "no examples")(lambda: mlmix.write_store(os.path.join(TMP, "e"), _toks(np.zeros(0, np.int64)), seq_len=8))
 case("store", "langs not strings")(lambda: mlmix.write_store(os.path.join(TMP, "l"), _toks([2]), seq_len=8, langs=[3]))
 case("store", "langs of the wrong length")(
     lambda: mlmix.write_store(os.path.join(TMP, "l2"), _toks([2, 2]), seq_len=8, langs=["en"]))
@@ -137,7 +137,9 @@ case("sample", "negative ids")(lambda: mlmix.StratifiedReservoir({"en": 2}).add(
 case("sample", "bool stratum")(lambda: mlmix.StratifiedReservoir({True: 2}))
 case("sample", "merge with another seed")(
     lambda: mlmix.StratifiedReservoir({"en": 2}, seed=1).merge(mlmix.StratifiedReservoir({"en": 2}, seed=2)))
-case("recipes", "mixture weights with NaN")(lambda: mlmix.Mixture({"en": float("nan"), "sw": 1.0}))
+case("recipes", "language sizes with NaN (temperature allocation)")(
+    lambda: mlmix.recipes.allocate_temperature({"en": float("nan"), "sw": 10.0}, 100))
+case("recipes", "negative budget")(lambda: mlmix.recipes.allocate_proportional({"en": 5.0}, -1))
 
 # --- dedup -----------------------------------------------------------------------------------------
 case("dedup", "invalid UTF-8 bytes, errors='replace'")(lambda: mlmix.dedup.normalize([b"ab\xffcd"]))
@@ -145,7 +147,7 @@ case("dedup", "invalid UTF-8 bytes, errors='strict'")(lambda: mlmix.dedup.normal
 case("dedup", "lone surrogate in str")(lambda: mlmix.dedup.normalize(["ab\udcffcd"]))
 case("dedup", "None document")(lambda: mlmix.dedup.exact_duplicates(["a", None]))
 case("dedup", "empty and punctuation-only documents")(lambda: mlmix.dedup.near_duplicates(["", "!!", " "]).cluster)
-case("dedup", "a 64 MB document")(lambda: mlmix.dedup.near_duplicates(["ab " * (1 << 24 // 3 * 4), "x"]).cluster)
+case("dedup", "a 64 MB document")(lambda: mlmix.dedup.near_duplicates(["ab " * ((64 << 20) // 3), "x"]).cluster)
 case("dedup", "threshold 0")(lambda: mlmix.dedup.near_duplicates(["a"], threshold=0))
 case("dedup", "a single str instead of a list")(lambda: mlmix.dedup.exact_duplicates("abc"))
 
