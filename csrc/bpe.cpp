@@ -1,0 +1,821 @@
+#include "bpe.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <queue>
+#include <thread>
+#include <unordered_map>
+
+#include "common.h"
+
+namespace mlmix::bpe {
+
+namespace {
+
+constexpr uint32_t kNone = 0xFFFFFFFFu;
+
+inline uint64_t mix64(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdULL;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ULL;
+  x ^= x >> 33;
+  return x;
+}
+
+// A hash of a short byte string, 8 bytes at a time.
+inline uint64_t hash_bytes(const uint8_t* p, size_t n) {
+  uint64_t h = 0x9E3779B97F4A7C15ULL ^ (n * 0x100000001B3ULL);
+  while (n >= 8) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    h = mix64(h ^ w) + 0x9E3779B97F4A7C15ULL;
+    p += 8;
+    n -= 8;
+  }
+  uint64_t w = 0;
+  std::memcpy(&w, p, n);
+  return mix64(h ^ w ^ (uint64_t(n) << 59));
+}
+
+inline size_t table_capacity(size_t n) {
+  size_t cap = 16;
+  while (cap < n * 2) cap <<= 1;
+  return cap;
+}
+
+// Token bytes -> id, open addressing with linear probing; strings live in one pool.
+class ByteVocab {
+ public:
+  void build(const std::string& bytes, const std::vector<int64_t>& offsets, const std::vector<uint32_t>& ids) {
+    const size_t n = ids.size();
+    pool_ = bytes;
+    cap_ = table_capacity(n);
+    slots_.assign(cap_, Slot{});
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t lo = offsets[i], hi = offsets[i + 1];
+      MLMIX_CHECK(lo >= 0 && hi >= lo && hi <= static_cast<int64_t>(pool_.size()),
+                  "vocab offsets are inconsistent at token " << i);
+      MLMIX_CHECK(hi > lo, "vocab token " << i << " (id " << ids[i] << ") is empty");
+      const auto* p = reinterpret_cast<const uint8_t*>(pool_.data()) + lo;
+      const size_t len = static_cast<size_t>(hi - lo);
+      const uint64_t h = hash_bytes(p, len);
+      size_t k = h & (cap_ - 1);
+      for (;; k = (k + 1) & (cap_ - 1)) {
+        Slot& s = slots_[k];
+        if (s.id == kNone) {
+          s = Slot{h, static_cast<uint64_t>(lo), static_cast<uint32_t>(len), ids[i]};
+          break;
+        }
+        if (s.hash == h && s.len == len && std::memcmp(pool_.data() + s.offset, p, len) == 0) {
+          s.id = ids[i];  // a duplicate string keeps the last id, as a JSON object would
+          break;
+        }
+      }
+    }
+  }
+
+  uint32_t find(const uint8_t* p, size_t len, uint64_t h) const {
+    for (size_t k = h & (cap_ - 1);; k = (k + 1) & (cap_ - 1)) {
+      const Slot& s = slots_[k];
+      if (s.id == kNone) return kNone;
+      if (s.hash == h && s.len == len && std::memcmp(pool_.data() + s.offset, p, len) == 0) return s.id;
+    }
+  }
+  uint32_t find(const uint8_t* p, size_t len) const { return find(p, len, hash_bytes(p, len)); }
+
+ private:
+  struct Slot {
+    uint64_t hash = 0;
+    uint64_t offset = 0;
+    uint32_t len = 0;
+    uint32_t id = kNone;
+  };
+  std::string pool_;
+  std::vector<Slot> slots_;
+  size_t cap_ = 0;
+};
+
+// (left id, right id) -> (rank, merged id).
+class MergeMap {
+ public:
+  void reserve(size_t n) {
+    cap_ = table_capacity(n);
+    slots_.assign(cap_, Slot{});
+  }
+  void insert(uint32_t a, uint32_t b, uint32_t rank, uint32_t merged) {
+    const uint64_t key = (uint64_t(a) << 32) | b;
+    for (size_t k = mix64(key) & (cap_ - 1);; k = (k + 1) & (cap_ - 1)) {
+      Slot& s = slots_[k];
+      if (s.merged == kNone || s.key == key) {
+        if (s.merged == kNone) ++size_;
+        s = Slot{key, rank, merged};  // a repeated pair keeps its last rank, as HF's HashMap collect does
+        return;
+      }
+    }
+  }
+  // Returns the rank (kNone if the pair does not merge) and sets `merged`.
+  uint32_t find(uint32_t a, uint32_t b, uint32_t& merged) const {
+    const uint64_t key = (uint64_t(a) << 32) | b;
+    for (size_t k = mix64(key) & (cap_ - 1);; k = (k + 1) & (cap_ - 1)) {
+      const Slot& s = slots_[k];
+      if (s.merged == kNone) return kNone;
+      if (s.key == key) {
+        merged = s.merged;
+        return s.rank;
+      }
+    }
+  }
+  size_t size() const { return size_; }
+
+ private:
+  struct Slot {
+    uint64_t key = 0;
+    uint32_t rank = kNone;
+    uint32_t merged = kNone;
+  };
+  std::vector<Slot> slots_;
+  size_t cap_ = 0;
+  size_t size_ = 0;
+};
+
+// Added tokens of one matching pass, as a trie over code points (leftmost-longest search).
+class AddedTrie {
+ public:
+  void add(const std::u32string& s, uint32_t token_index) {
+    if (nodes_.empty()) nodes_.emplace_back();
+    size_t node = 0;
+    for (char32_t c : s) {
+      auto& kids = nodes_[node].kids;
+      auto it = std::lower_bound(kids.begin(), kids.end(), std::make_pair(uint32_t(c), uint32_t(0)));
+      if (it != kids.end() && it->first == uint32_t(c)) {
+        node = it->second;
+      } else {
+        const auto child = static_cast<uint32_t>(nodes_.size());
+        kids.insert(it, {uint32_t(c), child});
+        nodes_.emplace_back();
+        node = child;
+      }
+    }
+    nodes_[node].token = token_index;
+    const uint32_t c0 = s[0];
+    if (c0 < 65536) first_[c0 >> 6] |= uint64_t(1) << (c0 & 63);
+    else first_astral_ = true;
+  }
+  bool empty() const { return nodes_.empty(); }
+
+  // Longest token starting at s[i]: sets `len` and returns its index, or kNone.
+  template <typename CU>
+  uint32_t longest_at(const CU* s, size_t i, size_t n, size_t& len) const {
+    const uint32_t c0 = s[i];
+    if (c0 < 65536 ? !((first_[c0 >> 6] >> (c0 & 63)) & 1) : !first_astral_) return kNone;
+    uint32_t best = kNone;
+    size_t node = 0;
+    for (size_t j = i; j < n; ++j) {
+      const auto& kids = nodes_[node].kids;
+      const uint32_t c = s[j];
+      auto it = std::lower_bound(kids.begin(), kids.end(), std::make_pair(c, uint32_t(0)));
+      if (it == kids.end() || it->first != c) break;
+      node = it->second;
+      if (nodes_[node].token != kNone) {
+        best = nodes_[node].token;
+        len = j + 1 - i;
+      }
+    }
+    return best;
+  }
+
+ private:
+  struct Node {
+    std::vector<std::pair<uint32_t, uint32_t>> kids;  // sorted by code point
+    uint32_t token = kNone;
+  };
+  std::vector<Node> nodes_;
+  uint64_t first_[1024] = {};
+  bool first_astral_ = false;
+};
+
+// A fixed-size, direct-mapped cache of piece -> ids, one per thread: memory stays bounded however
+// many distinct pieces a batch has.
+class PieceCache {
+ public:
+  // 8192 slots of 152 bytes: 1.2 MB per thread. Keys up to 48 bytes cover a CJK or Devanagari word.
+  static constexpr size_t kSlots = 1 << 13;
+  static constexpr size_t kMaxKey = 48;
+  static constexpr size_t kMaxIds = 24;
+
+  PieceCache() : slots_(kSlots) {}
+  const uint32_t* find(const uint8_t* p, size_t len, uint64_t h, size_t& n_ids) const {
+    if (len > kMaxKey) return nullptr;
+    const Slot& s = slots_[h & (kSlots - 1)];
+    if (s.key_len != len || s.hash != h || std::memcmp(s.key, p, len) != 0) return nullptr;
+    n_ids = s.n_ids;
+    return s.ids;
+  }
+  void put(const uint8_t* p, size_t len, uint64_t h, const uint32_t* ids, size_t n_ids) {
+    if (len > kMaxKey || n_ids > kMaxIds) return;
+    Slot& s = slots_[h & (kSlots - 1)];
+    s.hash = h;
+    s.key_len = static_cast<uint8_t>(len);
+    s.n_ids = static_cast<uint8_t>(n_ids);
+    std::memcpy(s.key, p, len);
+    std::memcpy(s.ids, ids, n_ids * sizeof(uint32_t));
+  }
+
+ private:
+  struct Slot {
+    uint64_t hash = 0;
+    uint8_t key_len = 0xFF;  // never a real length: empty slot
+    uint8_t n_ids = 0;
+    uint8_t key[kMaxKey];
+    uint32_t ids[kMaxIds];
+  };
+  std::vector<Slot> slots_;
+};
+
+struct Segment {
+  size_t start, end;
+  uint32_t token;  // index into added_tokens, or kNone for text
+};
+
+struct ThreadState {
+  PieceCache cache;
+  std::vector<uint8_t> piece_utf8;
+  std::vector<uint32_t> sym, sym_rank, sym_merged;
+  std::vector<char32_t> decoded, prefixed;
+  std::vector<Segment> seg_a, seg_b;
+};
+
+// Writes the UTF-8 form of code point c at p (room for 4 bytes) and returns the end.
+inline uint8_t* put_utf8(uint8_t* p, uint32_t c) {
+  if (c < 0x80) {
+    *p++ = static_cast<uint8_t>(c);
+  } else if (c < 0x800) {
+    *p++ = static_cast<uint8_t>(0xC0 | (c >> 6));
+    *p++ = static_cast<uint8_t>(0x80 | (c & 0x3F));
+  } else if (c < 0x10000) {
+    *p++ = static_cast<uint8_t>(0xE0 | (c >> 12));
+    *p++ = static_cast<uint8_t>(0x80 | ((c >> 6) & 0x3F));
+    *p++ = static_cast<uint8_t>(0x80 | (c & 0x3F));
+  } else {
+    *p++ = static_cast<uint8_t>(0xF0 | (c >> 18));
+    *p++ = static_cast<uint8_t>(0x80 | ((c >> 12) & 0x3F));
+    *p++ = static_cast<uint8_t>(0x80 | ((c >> 6) & 0x3F));
+    *p++ = static_cast<uint8_t>(0x80 | (c & 0x3F));
+  }
+  return p;
+}
+
+// Strict UTF-8 -> code points (no overlongs, no surrogates, nothing past U+10FFFF). Returns the byte
+// offset of the first invalid sequence, or -1.
+int64_t decode_utf8(const uint8_t* p, size_t n, std::vector<char32_t>& out) {
+  out.clear();
+  out.reserve(n);
+  size_t i = 0;
+  while (i < n) {
+    const uint8_t b0 = p[i];
+    if (b0 < 0x80) {
+      out.push_back(b0);
+      ++i;
+      continue;
+    }
+    size_t len;
+    uint32_t c, min;
+    if ((b0 & 0xE0) == 0xC0) { len = 2; c = b0 & 0x1F; min = 0x80; }
+    else if ((b0 & 0xF0) == 0xE0) { len = 3; c = b0 & 0x0F; min = 0x800; }
+    else if ((b0 & 0xF8) == 0xF0) { len = 4; c = b0 & 0x07; min = 0x10000; }
+    else return static_cast<int64_t>(i);
+    if (i + len > n) return static_cast<int64_t>(i);
+    for (size_t k = 1; k < len; ++k) {
+      if ((p[i + k] & 0xC0) != 0x80) return static_cast<int64_t>(i);
+      c = (c << 6) | (p[i + k] & 0x3F);
+    }
+    if (c < min || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF)) return static_cast<int64_t>(i);
+    out.push_back(c);
+    i += len;
+  }
+  return -1;
+}
+
+template <typename CU>
+int64_t find_surrogate(const CU* s, size_t n) {
+  if constexpr (sizeof(CU) == 1) {
+    (void)s;
+    (void)n;
+    return -1;
+  } else {
+    for (size_t i = 0; i < n; ++i) {
+      const uint32_t c = s[i];
+      if ((c >= 0xD800 && c <= 0xDFFF) || c > 0x10FFFF) return static_cast<int64_t>(i);
+    }
+    return -1;
+  }
+}
+
+// UAX #15 quick check for NFC, answering only YES (true) or "not proven" (false: NO or MAYBE): every
+// character NFC_QC=Yes and the combining classes of each run of non-starters non-decreasing.
+template <typename CU>
+bool nfc_quick_yes(const CU* s, size_t n) {
+  uint8_t last_ccc = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t c = s[i];
+    if (c < 0x300) {  // all NFC_QC=Yes starters
+      last_ccc = 0;
+      continue;
+    }
+    const uint8_t cls = unicode::classes(c);
+    if (cls & unicode::kNfcNotYes) return false;
+    const uint8_t ccc = (cls & unicode::kNonStarter) ? unicode::combining_class(c) : 0;
+    if (ccc != 0 && last_ccc > ccc) return false;
+    last_ccc = ccc;
+  }
+  return true;
+}
+
+inline bool is_white_space(uint32_t c) { return (unicode::classes(c) & unicode::kWhitespace) != 0; }
+
+}  // namespace
+
+struct Encoder::Impl {
+  PreTokenizer pre_tokenizer;
+  bool add_prefix_space;
+  bool ignore_merges;
+  bool nfc;
+  ByteVocab vocab;
+  size_t vocab_size = 0;
+  uint32_t byte_id[256];
+  MergeMap merges;
+  // merges of two single bytes, dense: every piece starts with these lookups, so keep them off the big table
+  std::vector<uint32_t> byte_pair_rank, byte_pair_merged;
+  std::vector<AddedToken> added;
+  AddedTrie trie_raw, trie_normalized;  // normalized=false tokens, normalized=true tokens
+  std::vector<uint32_t> prefix_ids, suffix_ids;
+
+  explicit Impl(const Config& cfg)
+      : pre_tokenizer(cfg.pre_tokenizer), add_prefix_space(cfg.add_prefix_space), ignore_merges(cfg.ignore_merges), nfc(cfg.nfc) {
+    const size_t n = cfg.vocab_ids.size();
+    MLMIX_CHECK(cfg.vocab_offsets.size() == n + 1,
+                "vocab_offsets must have len(vocab_ids) + 1 = " << n + 1 << " entries, got " << cfg.vocab_offsets.size());
+    vocab.build(cfg.vocab_bytes, cfg.vocab_offsets, cfg.vocab_ids);
+    vocab_size = n;
+    for (int b = 0; b < 256; ++b) {
+      const auto byte = static_cast<uint8_t>(b);
+      byte_id[b] = vocab.find(&byte, 1);
+      MLMIX_CHECK(byte_id[b] != kNone, "the vocabulary has no token for byte " << b
+                                           << ": a byte-level BPE needs all 256 (unknown bytes are not supported)");
+    }
+    // Token bytes by id, to find each merge's result.
+    std::vector<std::pair<int64_t, int64_t>> span_of_id;
+    for (size_t i = 0; i < n; ++i) {
+      const uint32_t id = cfg.vocab_ids[i];
+      if (id >= span_of_id.size()) span_of_id.resize(size_t(id) + 1, {-1, -1});
+      span_of_id[id] = {cfg.vocab_offsets[i], cfg.vocab_offsets[i + 1]};
+    }
+    MLMIX_CHECK(cfg.merges_left.size() == cfg.merges_right.size(), "merges_left and merges_right differ in length");
+    merges.reserve(cfg.merges_left.size());
+    std::string joined;
+    for (size_t r = 0; r < cfg.merges_left.size(); ++r) {
+      const uint32_t a = cfg.merges_left[r], b = cfg.merges_right[r];
+      MLMIX_CHECK(a < span_of_id.size() && span_of_id[a].first >= 0 && b < span_of_id.size() && span_of_id[b].first >= 0,
+                  "merge " << r << " refers to an id that is not in the vocabulary (" << a << ", " << b << ")");
+      joined.assign(cfg.vocab_bytes, span_of_id[a].first, span_of_id[a].second - span_of_id[a].first);
+      joined.append(cfg.vocab_bytes, span_of_id[b].first, span_of_id[b].second - span_of_id[b].first);
+      const uint32_t merged = vocab.find(reinterpret_cast<const uint8_t*>(joined.data()), joined.size());
+      MLMIX_CHECK(merged != kNone, "merge " << r << " (" << a << ", " << b << ") makes a token that is not in the vocabulary");
+      merges.insert(a, b, static_cast<uint32_t>(r), merged);
+    }
+    byte_pair_rank.assign(256 * 256, kNone);
+    byte_pair_merged.assign(256 * 256, kNone);
+    for (int a = 0; a < 256; ++a) {
+      for (int b = 0; b < 256; ++b) {
+        uint32_t m = kNone;
+        byte_pair_rank[a * 256 + b] = merges.find(byte_id[a], byte_id[b], m);
+        byte_pair_merged[a * 256 + b] = m;
+      }
+    }
+    added = cfg.added_tokens;
+    for (size_t i = 0; i < added.size(); ++i) {
+      if (added[i].content.empty()) continue;  // HF ignores empty added tokens
+      (added[i].normalized ? trie_normalized : trie_raw).add(added[i].content, static_cast<uint32_t>(i));
+    }
+    prefix_ids = cfg.prefix_ids;
+    suffix_ids = cfg.suffix_ids;
+  }
+
+  // --- step 3: one piece (UTF-8 bytes) -> ids ---------------------------------------------------
+  void encode_piece(const uint8_t* p, size_t len, ThreadState& ts, std::vector<uint32_t>& out) const {
+    if (len == 1) {
+      out.push_back(byte_id[p[0]]);
+      return;
+    }
+    const uint64_t h = hash_bytes(p, len);
+    // The small per-thread cache first: frequent pieces then never touch the large vocabulary table.
+    size_t n_cached;
+    if (const uint32_t* ids = ts.cache.find(p, len, h, n_cached)) {
+      out.insert(out.end(), ids, ids + n_cached);
+      return;
+    }
+    const size_t first = out.size();
+    if (ignore_merges) {
+      const uint32_t id = vocab.find(p, len, h);
+      if (id != kNone) {
+        out.push_back(id);
+        ts.cache.put(p, len, h, &id, 1);
+        return;
+      }
+    }
+    if (len <= 96) merge_small(p, len, ts, out);
+    else merge_heap(p, len, out);
+    ts.cache.put(p, len, h, out.data() + first, out.size() - first);
+  }
+
+  // Lowest rank first, leftmost among equals, by rescanning a short array: fastest for short pieces.
+  void merge_small(const uint8_t* p, size_t len, ThreadState& ts, std::vector<uint32_t>& out) const {
+    auto& sym = ts.sym;
+    auto& rank = ts.sym_rank;
+    auto& merged = ts.sym_merged;
+    sym.resize(len);
+    rank.resize(len);
+    merged.resize(len);
+    for (size_t i = 0; i < len; ++i) sym[i] = byte_id[p[i]];
+    size_t n = len;
+    for (size_t i = 0; i + 1 < n; ++i) {
+      const size_t pair = size_t(p[i]) * 256 + p[i + 1];
+      rank[i] = byte_pair_rank[pair];
+      merged[i] = byte_pair_merged[pair];
+    }
+    while (n > 1) {
+      size_t best = 0;
+      uint32_t best_rank = kNone;
+      for (size_t i = 0; i + 1 < n; ++i) {
+        if (rank[i] < best_rank) {
+          best_rank = rank[i];
+          best = i;
+        }
+      }
+      if (best_rank == kNone) break;
+      sym[best] = merged[best];
+      for (size_t i = best + 1; i + 1 < n; ++i) {
+        sym[i] = sym[i + 1];
+        rank[i] = rank[i + 1];
+        merged[i] = merged[i + 1];
+      }
+      --n;
+      if (best + 1 < n) rank[best] = merges.find(sym[best], sym[best + 1], merged[best]);
+      if (best > 0) rank[best - 1] = merges.find(sym[best - 1], sym[best], merged[best - 1]);
+    }
+    out.insert(out.end(), sym.begin(), sym.begin() + static_cast<std::ptrdiff_t>(n));
+  }
+
+  // The same order with a heap over a linked list of symbols (as HF's Word::merge_all): O(n log n).
+  void merge_heap(const uint8_t* p, size_t len, std::vector<uint32_t>& out) const {
+    struct Sym {
+      uint32_t id;
+      int64_t prev, next;
+      bool alive;
+    };
+    struct Cand {
+      uint32_t rank;
+      uint64_t pos;
+      uint32_t merged;
+      bool operator>(const Cand& o) const { return rank != o.rank ? rank > o.rank : pos > o.pos; }
+    };
+    std::vector<Sym> sym(len);
+    for (size_t i = 0; i < len; ++i) {
+      sym[i] = Sym{byte_id[p[i]], static_cast<int64_t>(i) - 1, i + 1 < len ? static_cast<int64_t>(i + 1) : -1, true};
+    }
+    std::priority_queue<Cand, std::vector<Cand>, std::greater<Cand>> heap;
+    for (size_t i = 0; i + 1 < len; ++i) {
+      uint32_t m;
+      const uint32_t r = merges.find(sym[i].id, sym[i + 1].id, m);
+      if (r != kNone) heap.push(Cand{r, i, m});
+    }
+    while (!heap.empty()) {
+      const Cand top = heap.top();
+      heap.pop();
+      Sym& left = sym[top.pos];
+      if (!left.alive || left.next < 0) continue;
+      Sym& right = sym[static_cast<size_t>(left.next)];
+      uint32_t m;
+      // a stale entry: the pair at this position has changed since it was pushed
+      if (merges.find(left.id, right.id, m) == kNone || m != top.merged) continue;
+      left.id = m;
+      right.alive = false;
+      left.next = right.next;
+      if (right.next >= 0) sym[static_cast<size_t>(right.next)].prev = static_cast<int64_t>(top.pos);
+      if (left.prev >= 0) {
+        const Sym& before = sym[static_cast<size_t>(left.prev)];
+        const uint32_t r = merges.find(before.id, left.id, m);
+        if (r != kNone) heap.push(Cand{r, static_cast<uint64_t>(left.prev), m});
+      }
+      if (left.next >= 0) {
+        const uint32_t r = merges.find(left.id, sym[static_cast<size_t>(left.next)].id, m);
+        if (r != kNone) heap.push(Cand{r, top.pos, m});
+      }
+    }
+    for (int64_t i = 0; i >= 0; i = sym[static_cast<size_t>(i)].next) out.push_back(sym[static_cast<size_t>(i)].id);
+  }
+
+  // --- step 2: a text segment -> pieces -> ids ------------------------------------------------------
+  template <typename CU>
+  void encode_text(const CU* s, size_t n, ThreadState& ts, std::vector<uint32_t>& out) const {
+    if (n == 0) return;
+    if (add_prefix_space && s[0] != ' ') {
+      auto& buf = ts.prefixed;
+      buf.assign(1, U' ');
+      buf.insert(buf.end(), s, s + n);
+      encode_pieces(buf.data(), buf.size(), ts, out);
+      return;
+    }
+    encode_pieces(s, n, ts, out);
+  }
+
+  template <typename CU>
+  void encode_pieces(const CU* s, size_t n, ThreadState& ts, std::vector<uint32_t>& out) const {
+    auto& piece = ts.piece_utf8;
+    for (size_t i = 0; i < n;) {
+      const size_t len = next_piece(pre_tokenizer, s, i, n);
+      if (piece.size() < 4 * len) piece.resize(4 * len);
+      uint8_t* end = piece.data();
+      for (size_t k = i; k < i + len; ++k) end = put_utf8(end, s[k]);
+      encode_piece(piece.data(), static_cast<size_t>(end - piece.data()), ts, out);
+      i += len;
+    }
+  }
+
+  // --- step 1: added tokens ---------------------------------------------------------------------------
+  // Splits s[lo, hi) on the tokens of `trie`, mirroring AddedVocabulary::find_matches.
+  template <typename CU>
+  void split_added(const CU* s, size_t lo, size_t hi, const AddedTrie& trie, bool split_special,
+                   std::vector<Segment>& out) const {
+    if (trie.empty()) {
+      out.push_back({lo, hi, kNone});
+      return;
+    }
+    size_t start_offset = lo;
+    size_t i = lo;
+    while (i < hi) {
+      size_t len = 0;
+      const uint32_t tok = trie.longest_at(s, i, hi, len);
+      if (tok == kNone) {
+        ++i;
+        continue;
+      }
+      const AddedToken& t = added[tok];
+      const size_t match_end = i + len;
+      if (split_special && t.special) {  // left in the text, but the matcher still moves past it
+        i = match_end;
+        continue;
+      }
+      size_t start = i, stop = match_end;
+      if (t.lstrip) {
+        size_t ws = start;
+        while (ws > lo && is_white_space(s[ws - 1])) --ws;
+        start = std::max(ws, start_offset);
+      }
+      if (t.rstrip) {
+        while (stop < hi && is_white_space(s[stop])) ++stop;
+      }
+      if (start_offset < start) out.push_back({start_offset, start, kNone});
+      out.push_back({start, stop, tok});
+      start_offset = stop;
+      i = match_end;
+    }
+    if (start_offset < hi) out.push_back({start_offset, hi, kNone});
+  }
+
+  // Returns false, encoding nothing, when the document needs NFC normalization this encoder does not do.
+  template <typename CU>
+  bool encode_doc(const CU* s, size_t n, bool split_special, ThreadState& ts, std::vector<uint32_t>& out) const {
+    if (nfc && !nfc_quick_yes(s, n)) return false;
+    encode_doc_normalized(s, n, split_special, ts, out);
+    return true;
+  }
+
+  template <typename CU>
+  void encode_doc_normalized(const CU* s, size_t n, bool split_special, ThreadState& ts, std::vector<uint32_t>& out) const {
+    if (trie_raw.empty() && trie_normalized.empty()) {
+      encode_text(s, n, ts, out);
+      return;
+    }
+    auto& first = ts.seg_a;
+    auto& second = ts.seg_b;
+    first.clear();
+    second.clear();
+    if (n > 0) split_added(s, 0, n, trie_raw, split_special, first);
+    for (const Segment& seg : first) {
+      if (seg.token != kNone) second.push_back(seg);
+      else split_added(s, seg.start, seg.end, trie_normalized, split_special, second);
+    }
+    for (const Segment& seg : second) {
+      if (seg.token != kNone) out.push_back(added[seg.token].id);
+      else encode_text(s + seg.start, seg.end - seg.start, ts, out);
+    }
+  }
+};
+
+namespace {
+// GPT-2's ByteLevel alphabet: printable bytes stand for themselves, the other 68 map to U+0100.. in order.
+struct ByteLevelAlphabet {
+  int16_t byte_of[0x144];
+  ByteLevelAlphabet() {
+    std::fill(std::begin(byte_of), std::end(byte_of), int16_t(-1));
+    int extra = 0;
+    for (int b = 0; b < 256; ++b) {
+      const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+      byte_of[printable ? b : 256 + extra++] = static_cast<int16_t>(b);
+    }
+  }
+};
+
+bool byte_level_decode(const std::string& token, std::string& out) {
+  static const ByteLevelAlphabet alphabet;
+  out.clear();
+  const auto* p = reinterpret_cast<const uint8_t*>(token.data());
+  const size_t n = token.size();
+  for (size_t i = 0; i < n;) {
+    uint32_t c;
+    if (p[i] < 0x80) {
+      c = p[i++];
+    } else if ((p[i] & 0xE0) == 0xC0 && i + 1 < n) {
+      c = ((p[i] & 0x1Fu) << 6) | (p[i + 1] & 0x3Fu);
+      i += 2;
+    } else {
+      return false;  // three- and four-byte characters are all beyond U+0143
+    }
+    if (c >= 0x144 || alphabet.byte_of[c] < 0) return false;
+    out.push_back(static_cast<char>(alphabet.byte_of[c]));
+  }
+  return !out.empty();
+}
+}  // namespace
+
+void set_byte_level_model(Config& config, const std::vector<std::string>& vocab_tokens,
+                          const std::vector<uint32_t>& vocab_ids, const std::vector<std::string>& merges_left,
+                          const std::vector<std::string>& merges_right) {
+  MLMIX_CHECK(vocab_tokens.size() == vocab_ids.size(), "vocab tokens and ids differ in length");
+  MLMIX_CHECK(merges_left.size() == merges_right.size(), "merges_left and merges_right differ in length");
+  // token string -> id, kNone - 1 marking a token that exists but is not byte-level
+  std::unordered_map<std::string, uint32_t> id_of;
+  id_of.reserve(vocab_tokens.size() * 2);
+  config.vocab_bytes.clear();
+  config.vocab_offsets.assign(1, 0);
+  config.vocab_ids.clear();
+  std::string raw;
+  for (size_t i = 0; i < vocab_tokens.size(); ++i) {
+    if (byte_level_decode(vocab_tokens[i], raw)) {
+      config.vocab_bytes += raw;
+      config.vocab_offsets.push_back(static_cast<int64_t>(config.vocab_bytes.size()));
+      config.vocab_ids.push_back(vocab_ids[i]);
+      id_of[vocab_tokens[i]] = vocab_ids[i];
+    } else {
+      id_of[vocab_tokens[i]] = kNone;
+    }
+  }
+  config.merges_left.clear();
+  config.merges_right.clear();
+  for (size_t r = 0; r < merges_left.size(); ++r) {
+    auto a = id_of.find(merges_left[r]);
+    auto b = id_of.find(merges_right[r]);
+    MLMIX_CHECK(a != id_of.end() && b != id_of.end(),
+                "merge " << r << " ('" << merges_left[r] << "', '" << merges_right[r] << "') uses a token missing from the vocabulary");
+    if (a->second == kNone || b->second == kNone) continue;  // can never apply to byte-level pieces
+    config.merges_left.push_back(a->second);
+    config.merges_right.push_back(b->second);
+  }
+}
+
+Encoder::Encoder(const Config& config) : impl_(std::make_unique<Impl>(config)) {}
+Encoder::~Encoder() = default;
+size_t Encoder::vocab_size() const { return impl_->vocab_size; }
+size_t Encoder::num_merges() const { return impl_->merges.size(); }
+
+EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const EncodeOptions& options) const {
+  const Impl& impl = *impl_;
+  const size_t n_docs = docs.size();
+  for (size_t d = 0; d < n_docs; ++d) {
+    const int w = docs[d].width;
+    MLMIX_CHECK(w == 0 || w == 1 || w == 2 || w == 4, "document " << d << " has code unit width " << w << "; expected 0 (UTF-8), 1, 2 or 4");
+    MLMIX_CHECK(docs[d].len >= 0 && (docs[d].len == 0 || docs[d].data != nullptr), "document " << d << " has a bad length or pointer");
+  }
+
+  // Work units: runs of consecutive documents of about `target` code units each, handed out in order.
+  int64_t total_units = 0;
+  for (const auto& doc : docs) total_units += doc.len;
+  const int threads = std::max(1, std::min<int>(resolve_threads(options.num_threads), static_cast<int>(std::max<size_t>(n_docs, 1))));
+  const int64_t target = std::clamp<int64_t>(total_units / (int64_t(threads) * 16 + 1), 4096, 1 << 20);
+  std::vector<size_t> chunk_begin{0};
+  int64_t acc = 0;
+  for (size_t d = 0; d < n_docs; ++d) {
+    acc += docs[d].len + 16;
+    if (acc >= target && d + 1 < n_docs) {
+      chunk_begin.push_back(d + 1);
+      acc = 0;
+    }
+  }
+  chunk_begin.push_back(n_docs);
+  const size_t n_chunks = chunk_begin.size() - 1;
+
+  std::vector<std::vector<uint32_t>> chunk_ids(n_chunks);
+  std::vector<int64_t> doc_len(n_docs, 0);
+  std::vector<uint8_t> doc_unencoded(n_docs, 0);
+  std::atomic<size_t> next_chunk{0};
+  std::atomic<bool> failed{false};
+  std::mutex error_mutex;
+  size_t error_doc = SIZE_MAX;
+  std::string error_msg;
+
+  auto worker = [&]() {
+    ThreadState ts;
+    for (;;) {
+      const size_t c = next_chunk.fetch_add(1);
+      // No early exit on another thread's error: the smallest bad index is then the one reported, whatever
+      // the thread count.
+      if (c >= n_chunks) return;
+      auto& out = chunk_ids[c];
+      for (size_t d = chunk_begin[c]; d < chunk_begin[c + 1]; ++d) {
+        const TextView& doc = docs[d];
+        const size_t before = out.size();
+        const size_t len = static_cast<size_t>(doc.len);
+        int64_t bad = -1;
+        bool encoded = true;
+        if (options.add_special_tokens) out.insert(out.end(), impl.prefix_ids.begin(), impl.prefix_ids.end());
+        try {
+          switch (doc.width) {
+            case 0:
+              bad = decode_utf8(static_cast<const uint8_t*>(doc.data), len, ts.decoded);
+              if (bad < 0) encoded = impl.encode_doc(ts.decoded.data(), ts.decoded.size(), options.split_special_tokens, ts, out);
+              break;
+            case 1:
+              encoded = impl.encode_doc(static_cast<const uint8_t*>(doc.data), len, options.split_special_tokens, ts, out);
+              break;
+            case 2:
+              bad = find_surrogate(static_cast<const uint16_t*>(doc.data), len);
+              if (bad < 0) encoded = impl.encode_doc(static_cast<const uint16_t*>(doc.data), len, options.split_special_tokens, ts, out);
+              break;
+            default:
+              bad = find_surrogate(static_cast<const uint32_t*>(doc.data), len);
+              if (bad < 0) encoded = impl.encode_doc(static_cast<const uint32_t*>(doc.data), len, options.split_special_tokens, ts, out);
+              break;
+          }
+        } catch (const std::exception& e) {
+          std::lock_guard<std::mutex> lock(error_mutex);
+          if (d < error_doc) {
+            error_doc = d;
+            error_msg = std::string("document ") + std::to_string(d) + ": " + e.what();
+          }
+          failed = true;
+          return;
+        }
+        if (bad >= 0) {
+          std::lock_guard<std::mutex> lock(error_mutex);
+          if (d < error_doc) {
+            error_doc = d;
+            error_msg = "texts[" + std::to_string(d) + "] is not valid Unicode: " +
+                        (doc.width == 0 ? "invalid UTF-8 at byte " : "a lone surrogate or out-of-range code point at index ") +
+                        std::to_string(bad);
+          }
+          failed = true;
+          return;
+        }
+        if (!encoded) {
+          out.resize(before);
+          doc_unencoded[d] = 1;
+          continue;
+        }
+        if (options.add_special_tokens) out.insert(out.end(), impl.suffix_ids.begin(), impl.suffix_ids.end());
+        doc_len[d] = static_cast<int64_t>(out.size() - before);
+      }
+    }
+  };
+
+  if (threads == 1) {
+    worker();
+  } else {
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (int t = 0; t < threads; ++t) pool.emplace_back(worker);
+    for (auto& th : pool) th.join();
+  }
+  MLMIX_CHECK(!failed.load(), error_msg);
+
+  EncodeResult result;
+  for (size_t d = 0; d < n_docs; ++d) {
+    if (doc_unencoded[d]) result.unencoded.push_back(static_cast<int64_t>(d));
+  }
+  result.offsets.resize(n_docs + 1);
+  result.offsets[0] = 0;
+  for (size_t d = 0; d < n_docs; ++d) result.offsets[d + 1] = result.offsets[d] + doc_len[d];
+  result.values.resize(static_cast<size_t>(result.offsets[n_docs]));
+  for (size_t c = 0; c < n_chunks; ++c) {
+    const auto base = static_cast<size_t>(result.offsets[chunk_begin[c]]);
+    std::copy(chunk_ids[c].begin(), chunk_ids[c].end(), result.values.begin() + static_cast<std::ptrdiff_t>(base));
+    std::vector<uint32_t>().swap(chunk_ids[c]);  // release as we go: peak stays near one copy of the output
+  }
+  return result;
+}
+
+}  // namespace mlmix::bpe
