@@ -392,13 +392,20 @@ def test_failing_writes_give_a_clean_error_and_no_output(tmp_path, inject, err, 
     write(old, make_chunks(1, 30, seed=6), seq_len=256)
     old_bytes = snapshot(old)
 
-    counter = _Injector(None, err, persistent)
-    inject(counter)
-    write(tmp_path / "count", data, seq_len=256)
-    points = list(counter.points)
-    assert sum(p.startswith("write") for p in points) >= 8 and "mkdtemp" in points
     tolerated = collections.Counter()
     for replacing in (False, True):
+        # the write points of this scenario (replacing a store adds a mkdtemp and two renames)
+        count_dir = tmp_path / f"count{int(replacing)}"
+        count_dir.mkdir()
+        if replacing:
+            shutil.copytree(old, count_dir / "s")
+        counter = _Injector(None, err, persistent)
+        inject(counter)
+        write(count_dir / "s", data, seq_len=256)
+        inject(_Injector(None, err, persistent))
+        points = list(counter.points)
+        assert sum(p.startswith("write") for p in points) >= 8 and "mkdtemp" in points
+        assert sum(p.startswith("rename") for p in points) == (2 if replacing else 1)
         for i, what in enumerate(points):
             parent = tmp_path / f"p{int(replacing)}-{i}"
             parent.mkdir()
