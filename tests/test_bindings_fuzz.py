@@ -51,7 +51,7 @@ def _signature(fn) -> list[tuple[str, str, bool]] | None:
             params.append(cur.strip())
             cur = ""
             continue
-        depth += ch in "[(" 
+        depth += ch in "[("
         depth -= ch in "])"
         cur += ch
     if cur.strip():
@@ -134,7 +134,7 @@ def calls(draw, sig):
     """Arguments for one call: all values share one length n so that consistent calls are common."""
     n = draw(st.sampled_from([0, 1, 2, 3, 5, 8, 17]))
     args = []
-    for i, (name, typ, has_default) in enumerate(sig):
+    for _name, typ, has_default in sig:
         if has_default and draw(st.booleans()):
             break
         args.append(draw(_value(typ, n)))

@@ -257,7 +257,8 @@ def test_sigkill_never_leaves_a_partial_store(tmp_path):
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
         outcome = _check_after_kill(parent, target, ref_bytes, old_bytes if replacing else None)
-        outcomes[("replace" if replacing else "fresh", outcome, "killed" if os.WIFSIGNALED(status) else "finished")] += 1
+        how = "killed" if os.WIFSIGNALED(status) else "finished"
+        outcomes[("replace" if replacing else "fresh", outcome, how)] += 1
         # a rerun gives the same bytes as an uninterrupted run
         write(target, data)
         assert snapshot(target) == ref_bytes

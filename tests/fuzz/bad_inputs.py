@@ -86,15 +86,19 @@ case("store", "langs of the wrong length")(
 case("store", "chunks of different token dtypes")(lambda: mlmix.write_store(
     os.path.join(TMP, "d"), iter([_toks([2]), _toks([2], np.int64)]), seq_len=8))
 case("store", "mask for some chunks only")(lambda: mlmix.write_store(
-    os.path.join(TMP, "mk"), iter([_toks([2]), _toks([2])]), seq_len=8, loss_mask=iter([Ragged.from_lengths(np.ones(2, bool), [2])])))
-case("store", "tokens given as a numpy array")(lambda: mlmix.write_store(os.path.join(TMP, "n"), np.arange(5), seq_len=8))
+    os.path.join(TMP, "mk"), iter([_toks([2]), _toks([2])]), seq_len=8,
+    loss_mask=iter([Ragged.from_lengths(np.ones(2, bool), [2])])))
+case("store", "tokens given as a numpy array")(
+    lambda: mlmix.write_store(os.path.join(TMP, "n"), np.arange(5), seq_len=8))
 
 # --- store reading ---------------------------------------------------------------------------------
 case("store", "path that does not exist")(lambda: mlmix.open(os.path.join(TMP, "nope")))
 case("store", "directory without manifest")(lambda: (os.makedirs(os.path.join(TMP, "empty"), exist_ok=True),
                                                       mlmix.open(os.path.join(TMP, "empty")))[1])
-case("store", "one bit flipped in tokens.bin")(lambda: _mutate_store("tokens.bin", lambda d: d.__setitem__(3, d[3] ^ 1) or d))
-case("store", "tokens.bin truncated by 4 bytes")(lambda: _mutate_store("tokens.bin", lambda d: d[:-4]))
+case("store", "one bit flipped in tokens.bin")(
+    lambda: _mutate_store("tokens.bin", lambda d: d.__setitem__(3, d[3] ^ 1) or d))
+case("store", "tokens.bin truncated by 4 bytes")(
+    lambda: _mutate_store("tokens.bin", lambda d: d[:-4]))
 case("store", "seg_lens.bin deleted")(lambda: _mutate_store("seg_lens.bin", lambda d: None))
 case("store", "manifest: seq_len 16 -> 17 (valid JSON)")(
     lambda: _mutate_store("manifest.json", lambda d: bytearray(bytes(d).replace(b'"seq_len": 16', b'"seq_len": 17'))))
@@ -120,7 +124,8 @@ def _crafted(edit):
 
 case("store", "crafted manifest: array file '../../etc/passwd'")(
     lambda: _crafted(lambda m: m["arrays"]["tokens"].update(file="../../etc/passwd")))
-case("store", "crafted manifest: tokens dtype 'f8'")(lambda: _crafted(lambda m: m["arrays"]["tokens"].update(dtype="f8")))
+case("store", "crafted manifest: tokens dtype 'f8'")(
+    lambda: _crafted(lambda m: m["arrays"]["tokens"].update(dtype="f8")))
 case("store", "crafted manifest: seq_len missing")(lambda: _crafted(lambda m: m.pop("seq_len")))
 case("store", "crafted manifest: row offsets past the tokens (lengths consistent)")(
     lambda: _crafted(lambda m: m.update(num_tokens=m["num_tokens"] + 1)))
@@ -130,7 +135,8 @@ case("store", "batch of float row indices")(lambda: mlmix.open(_store("r2")).bat
 # --- sampling --------------------------------------------------------------------------------------
 case("sample", "NaN weight")(lambda: mlmix.StratifiedReservoir({"en": 2}).add(["en"], [1], np.array([np.nan])))
 case("sample", "negative weight")(lambda: mlmix.StratifiedReservoir({"en": 2}).add(["en"], [1], np.array([-1.0])))
-case("sample", "infinite weight")(lambda: mlmix.StratifiedReservoir({"en": 2}).add(["en"], [1], np.array([np.inf])).result())
+case("sample", "infinite weight")(
+    lambda: mlmix.StratifiedReservoir({"en": 2}).add(["en"], [1], np.array([np.inf])).result())
 case("sample", "stratum not in capacities")(lambda: mlmix.StratifiedReservoir({"en": 2}).add(["de"], [1]))
 case("sample", "negative capacity")(lambda: mlmix.StratifiedReservoir({"en": -1}))
 case("sample", "negative ids")(lambda: mlmix.StratifiedReservoir({"en": 2}).add(["en"], np.array([-5])).result())
@@ -147,7 +153,8 @@ case("dedup", "invalid UTF-8 bytes, errors='strict'")(lambda: mlmix.dedup.normal
 case("dedup", "lone surrogate in str")(lambda: mlmix.dedup.normalize(["ab\udcffcd"]))
 case("dedup", "None document")(lambda: mlmix.dedup.exact_duplicates(["a", None]))
 case("dedup", "empty and punctuation-only documents")(lambda: mlmix.dedup.near_duplicates(["", "!!", " "]).cluster)
-case("dedup", "a 64 MB document")(lambda: mlmix.dedup.near_duplicates(["ab " * ((64 << 20) // 3), "x"]).cluster)
+case("dedup", "a 64 MB document")(
+    lambda: mlmix.dedup.near_duplicates(["ab " * ((64 << 20) // 3), "x"]).cluster)
 case("dedup", "threshold 0")(lambda: mlmix.dedup.near_duplicates(["a"], threshold=0))
 case("dedup", "a single str instead of a list")(lambda: mlmix.dedup.exact_duplicates("abc"))
 

@@ -5,7 +5,6 @@ seq_len tokens, every example's pieces cover it as the over-long policy says, an
 give back the example tokens.
 """
 
-import sys
 
 import atheris
 import numpy as np

@@ -13,7 +13,6 @@ import struct
 import tempfile
 import zlib
 
-import atheris
 import numpy as np
 
 from _common import CLEAN, main

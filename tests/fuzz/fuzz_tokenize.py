@@ -38,11 +38,12 @@ def TestOneInput(data: bytes) -> None:
             assert TOK.decode(ids) == t, f"text {i} does not round-trip"
         return
     conv = [{"role": ROLES[len(t) % len(ROLES)], "content": t} for t in texts]
-    records = [{"messages": conv}, {"messages": conv[:1]}, {"messages": []}, {"prompt": texts[0], "completion": texts[-1]}]
+    records = [{"messages": conv}, {"messages": conv[:1]}, {"messages": []},
+               {"prompt": texts[0], "completion": texts[-1]}]
     try:
         enc = TOK.encode_records(records, on_error="skip", max_length=fdp.PickValueInList([None, 8, 4096]))
-    except CLEAN:
-        raise AssertionError("on_error='skip' raised")
+    except CLEAN as exc:
+        raise AssertionError("on_error='skip' raised") from exc
     assert enc.stats.records == len(records)
 
 
