@@ -73,14 +73,31 @@ def test_encode_batch_matches_hf_and_tiktoken(qwen, qwen_hf, tiktoken_qwen):
     assert r.to_lists() == [tiktoken_qwen.encode(t, allowed_special="all") for t in TEXTS]
 
 
+@pytest.mark.parametrize("impl", ["hf", "native"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(texts=st.lists(st.text(max_size=40), max_size=8))
-def test_encode_batch_property(texts, qwen_hf, tiktoken_qwen):
+def test_encode_batch_property(impl, texts, qwen_hf, tiktoken_qwen):
     texts = [t for t in texts if not any(0xD800 <= ord(c) <= 0xDFFF for c in t)]
-    r = Tokenizer(qwen_hf).encode_batch(texts)
+    tok = Tokenizer(qwen_hf, impl=impl)
+    assert tok.impl == impl
+    r = tok.encode_batch(texts)
     assert len(r) == len(texts)
     assert r.to_lists() == hf_reference(qwen_hf, texts)
     assert r.to_lists() == [tiktoken_qwen.encode(t, allowed_special="all") for t in texts]
+
+
+def test_impl_choice(qwen_hf):
+    assert Tokenizer(qwen_hf).impl == "native"
+    assert Tokenizer(qwen_hf, impl="hf").impl == "hf"
+    with pytest.raises(ValueError, match="impl must be 'auto', 'native' or 'hf', got 'fast'"):
+        Tokenizer(qwen_hf, impl="fast")
+    import tokenizers
+
+    wordpiece = tokenizers.Tokenizer(tokenizers.models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    auto = Tokenizer(wordpiece)
+    assert auto.impl == "hf" and "unsupported" in auto.impl_reason
+    with pytest.raises(ValueError, match="impl='native' cannot encode this tokenizer"):
+        Tokenizer(wordpiece, impl="native")
 
 
 def test_qwen36(qwen36_hf):

