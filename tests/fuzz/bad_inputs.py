@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -184,7 +185,7 @@ def _outcome(fn) -> str:
     try:
         out = fn()
     except Exception as exc:  # the catalogue records whatever comes out
-        msg = str(exc).replace("\n", " ").replace("|", "\\|").replace(TMP, "<tmp>")
+        msg = re.sub(re.escape(TMP) + r"/[^'\s]*", "<store>", str(exc)).replace("\n", " ").replace("|", "\\|")
         if len(msg) > 200:
             msg = msg[:200] + "..."
         return f"`{type(exc).__name__}`: {msg}"
