@@ -6,6 +6,7 @@ recomputes every checksum after the fuzzer's edits, so that crafted stores (wron
 dtypes, manifest fields) get past the CRC check and reach the parser and the C++ row reader.
 """
 
+import atexit
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import mlmix
 from mlmix import store as store_mod
 
 WORK = tempfile.mkdtemp(prefix="mlmix-fuzz-store-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+atexit.register(shutil.rmtree, WORK, True)
 NAMES = {"manifest.json", "tokens.bin", "loss_mask.bin", "row_offsets.bin", "seg_offsets.bin", "seg_lens.bin",
          "seg_starts.bin", "seg_example.bin", "seg_lang.bin"}
 
