@@ -902,7 +902,8 @@ std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHa
 LshParams optimal_lsh_params(double threshold, int num_perm, double fp_weight, double fn_weight) {
   MLMIX_CHECK(threshold > 0.0 && threshold <= 1.0,
               "threshold must be in (0, 1], got " << threshold);
-  MLMIX_CHECK(num_perm >= 1, "num_perm must be >= 1, got " << num_perm);
+  // The search is O(num_perm log num_perm) S-curve integrations: bounded like the Python API's num_perm.
+  MLMIX_CHECK(num_perm >= 1 && num_perm <= 4096, "num_perm must be in [1, 4096], got " << num_perm);
   // Trapezoid rule on a fixed grid: deterministic and accurate to ~1e-5 here.
   constexpr int kSteps = 512;
   auto area = [](double lo, double hi, int b, int r, bool false_negative) {

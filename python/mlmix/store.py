@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import re
 import sys
 import zlib
 from typing import Sequence
@@ -26,6 +27,7 @@ __all__ = ["write_store", "open", "Store", "StoreError", "FORMAT", "VERSION"]
 FORMAT = "mlmix.packed-store"
 VERSION = 1
 MANIFEST = "manifest.json"
+MANIFEST_CRC = "manifest_crc32"  # last field of the manifest: CRC-32 of the file's text without it
 _ROW_BLOCK = 16_384  # fewest rows gathered and written at a time
 
 
@@ -51,8 +53,13 @@ class _ArrayWriter:
         self.length += arr.shape[0]
 
     def discard(self) -> None:
-        """Close the file (idempotent); used when writing fails half-way."""
-        self._f.close()
+        """Close the file (idempotent); used when writing fails half-way, so a failing close (a full
+        disk flushing its buffer) is ignored here: the error being raised already says what went wrong,
+        and every other writer must still be closed."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
 
     def close(self) -> dict:
         self._f.close()
@@ -228,9 +235,33 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
         finally:
             for w in writers.values():
                 w.discard()
-        with builtins.open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
+        with builtins.open(os.path.join(tmp, MANIFEST), "wb") as f:
+            f.write(_manifest_bytes(manifest))
     return manifest
+
+
+_BODY_END = b"\n}"  # how json.dumps(..., indent=2) ends a dict
+
+
+def _crc_field(crc_hex: str) -> bytes:
+    return f',\n  "{MANIFEST_CRC}": "{crc_hex}"\n}}\n'.encode()
+
+
+def _manifest_bytes(manifest: dict) -> bytes:
+    """The manifest file: indented JSON whose last field is the CRC-32 of the same text without that field.
+
+    The arrays' CRCs cover the data; this one covers the manifest itself, so that a flipped digit in
+    ``seq_len`` or a length cannot pass as a different, valid store.
+    """
+    body = json.dumps(manifest, indent=2).encode()
+    return body[: -len(_BODY_END)] + _crc_field(f"{zlib.crc32(body):08x}")
+
+
+def _check_manifest_crc(raw: bytes, m: dict, mpath: str) -> None:
+    crc = m.get(MANIFEST_CRC)
+    field = _crc_field(crc) if isinstance(crc, str) and re.fullmatch("[0-9a-f]{8}", crc) else None
+    if field is None or not raw.endswith(field) or f"{zlib.crc32(raw[: -len(field)] + _BODY_END):08x}" != crc:
+        raise StoreError(f"{mpath!r}: manifest checksum mismatch ({MANIFEST_CRC} {crc!r}): the manifest is corrupted")
 
 
 def _gather_lang(lang_all: list[np.ndarray], ids: np.ndarray) -> np.ndarray:
@@ -238,6 +269,64 @@ def _gather_lang(lang_all: list[np.ndarray], ids: np.ndarray) -> np.ndarray:
     if len(lang_all) > 1:
         lang_all[:] = [np.concatenate(lang_all)]
     return lang_all[0][ids]
+
+
+# dtypes (numpy short codes) each array may have; tokens keep the dtype they were written with
+_ARRAY_DTYPES = {"tokens": ("u4", "i4", "i8"), "loss_mask": ("u1",), "row_offsets": ("i8",), "seg_offsets": ("i8",),
+                 "seg_lens": ("i4",), "seg_starts": ("i4",), "seg_example": ("i8",), "seg_lang": ("u2",)}
+
+
+def _check_manifest_fields(m: dict, where: str) -> None:
+    """Types and ranges of the manifest fields the reader uses.
+
+    A manifest that passes its checksum but was written by another tool (or edited and re-summed by
+    hand) still gets a StoreError naming the field, never a KeyError, and never names a file outside
+    the store's directory.
+    """
+
+    def bad(field: str, want: str, got) -> None:
+        raise StoreError(f"{where!r}: manifest field {field!r} must be {want}, got {got!r}")
+
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    for k in ("seq_len", "pad_id", "num_tokens", "num_examples", "num_sequences", "num_segments"):
+        if not is_int(m.get(k)) or m[k] < 0:
+            bad(k, "a non-negative integer", m.get(k))
+    from .pack import _core
+
+    limit = int(_core().PACK_MAX_SEQ_LEN)
+    if not 2 <= m["seq_len"] <= limit:
+        bad("seq_len", f"in [2, {limit}]", m["seq_len"])
+    if isinstance(m.get("efficiency"), bool) or not isinstance(m.get("efficiency"), (int, float)):
+        bad("efficiency", "a number", m.get("efficiency"))
+    if not isinstance(m.get("has_loss_mask"), bool):
+        bad("has_loss_mask", "true or false", m.get("has_loss_mask"))
+    langs = m.get("languages")
+    if not isinstance(langs, list) or not all(isinstance(c, str) for c in langs):
+        bad("languages", "a list of strings", langs)
+    arrays = m.get("arrays")
+    if not isinstance(arrays, dict):
+        bad("arrays", "an object", arrays)
+    for name, spec in arrays.items():
+        field = f"arrays.{name}"
+        if name not in _ARRAY_DTYPES:
+            bad("arrays", f"made of {sorted(_ARRAY_DTYPES)}", name)
+        if not isinstance(spec, dict):
+            bad(field, "an object", spec)
+        f = spec.get("file")
+        if not isinstance(f, str) or f in ("", ".", "..", MANIFEST) or os.path.basename(f) != f or "\0" in f:
+            bad(f"{field}.file", "a file name inside the store directory", f)
+        if spec.get("dtype") not in _ARRAY_DTYPES[name]:
+            bad(f"{field}.dtype", f"one of {_ARRAY_DTYPES[name]}", spec.get("dtype"))
+        if not is_int(spec.get("length")) or spec["length"] < 0:
+            bad(f"{field}.length", "a non-negative integer", spec.get("length"))
+        if not isinstance(spec.get("crc32"), str):
+            bad(f"{field}.crc32", "8 hex digits", spec.get("crc32"))
+    if "tokens" in arrays:
+        info = np.iinfo(np.dtype(arrays["tokens"]["dtype"]))
+        if m["pad_id"] > info.max:
+            bad("pad_id", f"in [0, {info.max}] for {arrays['tokens']['dtype']} tokens", m["pad_id"])
 
 
 class Store:
@@ -256,8 +345,9 @@ class Store:
         if not os.path.isfile(mpath):
             raise StoreError(f"{self.path!r} is not an mlmix packed store: {MANIFEST} is missing")
         try:
-            with builtins.open(mpath) as f:
-                m = json.load(f)
+            with builtins.open(mpath, "rb") as f:
+                raw = f.read()
+            m = json.loads(raw)
         except (OSError, ValueError) as exc:
             raise StoreError(f"{mpath!r} is not a readable JSON manifest: {exc}") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -266,6 +356,8 @@ class Store:
             raise StoreError(
                 f"{self.path!r} is packed-store format version {m.get('version')!r}; this mlmix reads version {VERSION}"
             )
+        _check_manifest_crc(raw, m, mpath)
+        _check_manifest_fields(m, self.path)
         self.manifest = m
         self.seq_len = int(m["seq_len"])
         self.pad_id = int(m["pad_id"])
