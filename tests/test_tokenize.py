@@ -228,3 +228,14 @@ def test_pickle_round_trip(qwen_hf):
     after = back.encode_chat([conv])
     assert back.eos_token == "<|endoftext|>" and back.chat_template == chat.CHATML_TEMPLATE
     assert after.tokens.equals(before.tokens) and after.loss_mask.equals(before.loss_mask)
+
+
+def test_decode_rejects_ids_outside_the_vocabulary(qwen_hf):
+    tok = Tokenizer(qwen_hf, impl="hf")
+    assert tok.decode(tok.encode("héllo")) == "héllo"
+    with pytest.raises(ValueError, match=r"ids holds 1000000000, outside the vocabulary \[0, 151851\)"):
+        tok.decode([1, 10**9])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([-1])
+    with pytest.raises(TypeError, match="ids must be integers"):
+        tok.decode([1.5])

@@ -223,8 +223,16 @@ class Tokenizer:
         return self._hf.token_to_id(token)
 
     def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
-        """Token ids (any integer sequence or array) -> text."""
-        return self._hf.decode([int(i) for i in np.asarray(ids).ravel()], skip_special_tokens=skip_special_tokens)
+        """Token ids (any integer sequence or array) -> text. Ids outside the vocabulary raise ValueError
+        (HF would silently drop them)."""
+        arr = np.asarray(ids).ravel()
+        if arr.size and arr.dtype.kind not in "iu":
+            raise TypeError(f"ids must be integers, got dtype {arr.dtype}")
+        n = self.vocab_size
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= n):
+            bad = int(arr[(arr < 0) | (arr >= n)][0])
+            raise ValueError(f"ids holds {bad}, outside the vocabulary [0, {n})")
+        return self._hf.decode([int(i) for i in arr], skip_special_tokens=skip_special_tokens)
 
     # --- texts ----------------------------------------------------------------------------------
     def _encode_texts(self, texts: list) -> Ragged:
