@@ -136,14 +136,15 @@ def test_tiktoken(benchmark, data):
     _record(benchmark, "tiktoken", data["bytes"], sum(map(len, ids)))
 
 
-def _mlmix():
+def _mlmix(impl: str = "hf"):
     from mlmix.tokenize import Tokenizer
 
-    return Tokenizer.qwen("qwen3_6")
+    return Tokenizer.qwen("qwen3_6", impl=impl)
 
 
-# name -> factory of an object with encode_batch(list[str]) -> Ragged; the native encoder joins here
-ENCODERS = {"mlmix_encode_batch": _mlmix}
+# name -> factory of an object with encode_batch(list[str]) -> Ragged: mlmix over HF tokenizers (the issue-5
+# target, >= 0.9x encode_batch_fast) and over its native C++ BPE (the default where supported)
+ENCODERS = {"mlmix_encode_batch": _mlmix, "mlmix_encode_batch_native": lambda: _mlmix("native")}
 
 
 @pytest.mark.parametrize("name", sorted(ENCODERS))
