@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("-v", "--verbose", action="store_true", help="print more detail")
         p.add_argument("--json", action="store_true", help="print a machine-readable JSON summary on stdout")
 
-    p = sub.add_parser("demo", help="the end-to-end demo on the bundled parallel set (about 2 minutes on 2 cores)",
+    p = sub.add_parser("demo", help="the end-to-end demo on the bundled parallel set (under a minute on 2 cores)",
                        description="Build the study's mixtures (English-only, the pinch, P=100) on the bundled "
                                    "12-language parallel instruction set, train a tiny causal LM on two of them and "
                                    "compare held-out loss per language; writes a report.")
