@@ -417,6 +417,22 @@ def test_cuda_bf16_large_vocab():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_many_blocks(dtype):
+    """Several token and vocabulary blocks: the float32 accumulators of grad_hidden and grad_weight are summed
+    across blocks (inside cuBLAS where torch has the mixed-dtype addmm), and the label lands in different tiles."""
+    h, w, b, y, tw = make_inputs((300,), 96, 5000, dtype=dtype, bias=True, weights=True, seed=11)
+    kw = dict(reduction="sum", label_smoothing=0.05, z_loss=1e-3)
+    out, grads = loss_and_grads(linear_cross_entropy, h.cuda(), w.cuda(), b.cuda(), y.cuda(), impl="cuda",
+                                token_weights=tw.cuda(), token_block=128, vocab_block=700, **kw)
+    ref, ref_grads = loss_and_grads(reference, h.double(), w.double(), b.double(), y, token_weights=tw.double(),
+                                    **kw)
+    assert rel_err(out.cpu(), ref) < 2 ** -7
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got.cpu(), want) < 2 ** -6
+
+
+@pytest.mark.gpu
 def test_cuda_all_ignored_and_errors():
     h, w, _, y, _ = make_inputs((8,), 16, 50, ignore_frac=1.0)
     out, grads = loss_and_grads(linear_cross_entropy, h.cuda(), w.cuda(), None, y.cuda(), impl="cuda")

@@ -54,14 +54,34 @@ def cce(h, w, y):
     return linear_cross_entropy(h, w, y, ignore_index=IGNORE)
 
 
-def mlmix_cuda(h, w, y):
+def mlmix_cuda(h, w, y, vocab_block=0):
     from mlmix.torch import linear_cross_entropy
 
-    return linear_cross_entropy(h, w, y, impl="cuda")
+    return linear_cross_entropy(h, w, y, impl="cuda", vocab_block=vocab_block)
 
 
-VARIANTS = {"materialised": materialised, "torch.compile chunked": compiled_chunked, "liger": liger,
-            "cut-cross-entropy": cce, "mlmix cuda": mlmix_cuda}
+VARIANTS = {"materialised": materialised, "mlmix cuda": mlmix_cuda,
+            "mlmix cuda vb=1024": lambda h, w, y: mlmix_cuda(h, w, y, 1024),
+            "mlmix cuda vb=4096": lambda h, w, y: mlmix_cuda(h, w, y, 4096),
+            "liger": liger, "cut-cross-entropy": cce, "torch.compile chunked": compiled_chunked}
+
+
+def reference_grads(h, w, y):
+    """Loss and gradients from float32 logits of the same bf16 inputs (TF32 off): the accuracy yardstick."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        hf = h.detach().float().requires_grad_(True)
+        wf = w.detach().float().requires_grad_(True)
+        loss = F.cross_entropy(hf @ wf.T, y, ignore_index=IGNORE)
+        loss.backward()
+        return float(loss.detach()), hf.grad, wf.grad
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def rel_norm(got, ref):
+    return float((got.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def timed(fn, iters):
@@ -82,6 +102,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=248_044)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated variant names to run")
+    ap.add_argument("--no-check", action="store_true", help="skip the float32 reference and the error columns")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -100,6 +121,15 @@ def main():
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  tokens={n} hidden={hdim} vocab={vocab} "
           f"bf16, fwd+bwd; matmul {mm * 1e3:.1f} ms ({tflops:.0f} TFLOP/s), floor = 3 GEMMs = {floor * 1e3:.1f} ms",
           flush=True)
+
+    ref = None
+    if not args.no_check:
+        try:
+            ref = reference_grads(h, w, y)
+            print(f"reference (float32 logits, TF32 off): loss {ref[0]:.6f}", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"reference failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}", flush=True)
+        torch.cuda.empty_cache()
 
     rows = []
     names = [v for v in VARIANTS if not args.only or v in args.only.split(",")]
@@ -125,24 +155,35 @@ def main():
             step()
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base
+            err = ""
+            if ref is not None:
+                # fresh gradient tensors (not accumulated into .grad), compared by norm with the float32 ones
+                loss = fn(h, w, y)
+                gh, gw = torch.autograd.grad(loss, (h, w))
+                finite = bool(torch.isfinite(gh).all()) and bool(torch.isfinite(gw).all())
+                err = (f"loss {abs(float(loss) - ref[0]) / abs(ref[0]):.1e} dh {rel_norm(gh, ref[1]):.1e} "
+                       f"dw {rel_norm(gw, ref[2]):.1e}" + ("" if finite else " NON-FINITE"))
+                del gh, gw
             t = timed(step, args.iters)
-            loss_val = float(loss)
+            loss_val = float(loss.detach())
             ref_loss = loss_val if ref_loss is None else ref_loss
-            rows.append((name, t, peak, loss_val, ""))
+            rows.append((name, t, peak, loss_val, err))
         except Exception as exc:  # noqa: BLE001 - report and continue with the other variants
             rows.append((name, None, None, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"))
         finally:
             h.grad = w.grad = None
             torch.cuda.empty_cache()
-        print(f"  done: {name}", flush=True)
+        r = rows[-1]
+        print(f"  done: {name}: " + (f"{r[1] * 1e3:.1f} ms, {r[2] / 2**30:.2f} GB, {r[4]}" if r[1] is not None
+                                    else r[4]), flush=True)
 
     print()
-    print(f"{'variant':<24}{'time ms':>10}{'x floor':>9}{'peak extra GB':>15}{'loss':>10}")
+    print(f"{'variant':<24}{'time ms':>10}{'x floor':>9}{'peak extra GB':>15}{'loss':>10}  rel. error vs float32")
     for name, t, peak, loss_val, err in rows:
-        if err:
+        if t is None:
             print(f"{name:<24}  failed: {err}")
         else:
-            print(f"{name:<24}{t * 1e3:>10.1f}{t / floor:>9.2f}{peak / 2**30:>15.2f}{loss_val:>10.4f}")
+            print(f"{name:<24}{t * 1e3:>10.1f}{t / floor:>9.2f}{peak / 2**30:>15.2f}{loss_val:>10.4f}  {err}")
 
 
 if __name__ == "__main__":

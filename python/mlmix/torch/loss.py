@@ -46,9 +46,9 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Elements of one (token block x vocab block) logits buffer. 4M floats = 16 MiB keeps the GEMMs large enough
 # to run at full speed on a CPU while staying small next to the float32 weight gradient. On a GPU the token block
 # covers up to 16k tokens, so that each grad_weight block is one GEMM over all tokens written once (no float32
-# vocab x hidden accumulator), and the buffer is 64M floats = 256 MiB (16k tokens x 4k vocabulary entries).
+# vocab x hidden accumulator), and the buffer is 32M floats = 128 MiB (16k tokens x 2k vocabulary entries).
 _CPU_BLOCK_ELEMS = 1 << 22
-_CUDA_BLOCK_ELEMS = 1 << 26
+_CUDA_BLOCK_ELEMS = 1 << 25
 _CPU_TOKEN_BLOCK = 2048
 _CUDA_TOKEN_BLOCK = 16384
 
@@ -333,6 +333,7 @@ def _logits_block(buf, hc, weight, bias, v0, v1, acc, w_v=None):
 
 
 _MM_OUT_DTYPE: Optional[bool] = None
+_ADDMM_OUT_DTYPE: Optional[bool] = None
 
 
 def _mm_f32(a, b):
@@ -348,6 +349,26 @@ def _mm_f32(a, b):
         except (TypeError, RuntimeError, NotImplementedError):
             _MM_OUT_DTYPE = False
     return torch.mm(a, b)  # logits rounded to the input dtype, as a materialised loss would have them
+
+
+def _addmm_f32_(acc, a, b):
+    """acc += a @ b for a float32 ``acc`` and half-precision a, b, accumulated inside cuBLAS (beta = 1).
+
+    Falls back to a float32 product added afterwards (one (rows x cols) float32 temporary) where torch lacks the
+    mixed-dtype addmm.
+    """
+    global _ADDMM_OUT_DTYPE
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if _ADDMM_OUT_DTYPE is not False:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDMM_OUT_DTYPE = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE = False
+    acc.add_(_mm_f32(a, b))
 
 
 def _grad_pass_cuda(h, weight, bias, labels, lse, coef_p, coef_y, coef_u, cap, tb, vb, need, grad_h, grad_b):
@@ -381,12 +402,12 @@ def _grad_pass_cuda(h, weight, bias, labels, lse, coef_p, coef_y, coef_u, cap, t
             )
             del z
             if grad_h is not None:
-                grad_h[t0:t1].add_(_mm_f32(dl, w_v))
+                _addmm_f32_(grad_h[t0:t1], dl, w_v)
             if grad_w is not None:
                 if single_chunk:
                     torch.mm(dl.t(), hc, out=grad_w[v0:v1])
                 else:
-                    w_acc.add_(_mm_f32(dl.t(), hc))
+                    _addmm_f32_(w_acc, dl.t(), hc)
             if grad_b is not None:
                 grad_b[v0:v1].add_(dl.sum(0, dtype=f32))
         if grad_w is not None and not single_chunk:
