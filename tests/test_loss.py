@@ -71,9 +71,9 @@ def loss_and_grads(fn, h, w, b, y, grad_out_seed=1, **kw):
     out = fn(leaves[0], leaves[1], y, bias=leaves[2] if b is not None else None, **kw)
     if out.dim():
         g = torch.Generator().manual_seed(grad_out_seed)
-        go = torch.randn(out.shape, generator=g).to(out.dtype)
+        go = torch.randn(out.shape, generator=g).to(out.dtype).to(out.device)
     else:
-        go = torch.ones((), dtype=out.dtype)
+        go = torch.ones((), dtype=out.dtype, device=out.device)
     grads = torch.autograd.grad(out, leaves, grad_outputs=go)
     return out, grads
 

@@ -65,5 +65,11 @@ echo "== sanitizer done at $((SECONDS - start)) s"
 
 echo "== benchmark"
 left=$((470 - (SECONDS - start))); [ "$left" -lt 60 ] && left=60
-(cd /tmp && timeout "$left" "$py" "$root/bench/gpu/bench_loss_gpu.py" "$@") 2>&1 | tee "$logs/bench.log"
+(cd /tmp && timeout "$left" "$py" "$root/bench/gpu/bench_loss_gpu.py" --profile "$@") 2>&1 | tee "$logs/bench.log"
+left=$((500 - (SECONDS - start)))
+if [ "$left" -gt 90 ]; then
+  echo "== second size: a Qwen2-7B-like head (tokens=8192 hidden=3584 vocab=151,646)"
+  (cd /tmp && timeout "$left" "$py" "$root/bench/gpu/bench_loss_gpu.py" --tokens 8192 --hidden 3584 --vocab 151646 \
+    --only "materialised,mlmix cuda,liger,cut-cross-entropy") 2>&1 | tee "$logs/bench2.log"
+fi
 echo "== total $((SECONDS - start)) s"

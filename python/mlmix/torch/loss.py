@@ -193,6 +193,11 @@ def _block_sizes(n_tokens: int, vocab: int, device_type: str, token_block: int, 
     tb = token_block if token_block > 0 else max(1, min(n_tokens, _CUDA_TOKEN_BLOCK if device_type == "cuda"
                                                           else _CPU_TOKEN_BLOCK))
     vb = vocab_block if vocab_block > 0 else max(128, elems // max(tb, 1))
+    if device_type == "cuda" and vocab_block <= 0:
+        # the vocabulary block is the leading dimension of the logits and gradient tiles: a multiple of 256 keeps
+        # every row 16-byte aligned, without which cuBLAS falls back to kernels several times slower (measured
+        # on an H100: 2275 columns ran 5x slower than 2048)
+        vb = max(256, vb // 256 * 256)
     return max(1, min(tb, n_tokens)), max(1, min(vb, vocab))
 
 
@@ -607,7 +612,11 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             else:
                 grad_h = torch.zeros(n, h_v.shape[1], dtype=ctx.h_dtype, device=dev)
                 if grad_h_v is not None:
-                    grad_h.index_copy_(0, idx, grad_h_v.to(ctx.h_dtype))
+                    # converted in row chunks: no second full-size copy next to the float32 accumulator
+                    step = max(1, (1 << 24) // max(1, h_v.shape[1]))
+                    for r0 in range(0, grad_h_v.shape[0], step):
+                        r1 = min(grad_h_v.shape[0], r0 + step)
+                        grad_h.index_copy_(0, idx[r0:r1], grad_h_v[r0:r1].to(ctx.h_dtype))
         if need_w:
             grad_weight = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
         if need_b:
