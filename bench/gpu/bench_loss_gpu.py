@@ -54,16 +54,16 @@ def cce(h, w, y):
     return linear_cross_entropy(h, w, y, ignore_index=IGNORE)
 
 
-def mlmix_cuda(h, w, y, vocab_block=0):
+def mlmix_cuda(h, w, y, vocab_block=0, token_block=0):
     from mlmix.torch import linear_cross_entropy
 
-    return linear_cross_entropy(h, w, y, impl="cuda", vocab_block=vocab_block)
+    return linear_cross_entropy(h, w, y, impl="cuda", vocab_block=vocab_block, token_block=token_block)
 
 
 VARIANTS = {"materialised": materialised, "mlmix cuda": mlmix_cuda,
             "mlmix cuda vb=1024": lambda h, w, y: mlmix_cuda(h, w, y, 1024),
             "mlmix cuda vb=4096": lambda h, w, y: mlmix_cuda(h, w, y, 4096),
-            "mlmix cuda vb=8192": lambda h, w, y: mlmix_cuda(h, w, y, 8192),
+            "mlmix cuda tb=4096 vb=4096": lambda h, w, y: mlmix_cuda(h, w, y, 4096, 4096),
             "liger": liger, "cut-cross-entropy": cce, "torch.compile chunked": compiled_chunked}
 
 

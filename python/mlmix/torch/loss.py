@@ -539,13 +539,13 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
         if reduction == "none":
             if all_valid:
-                out = loss_v.to(h.dtype)
+                out = loss_v
             else:
-                out = torch.zeros(n, dtype=h.dtype, device=h.device).index_copy_(0, idx, loss_v.to(h.dtype))
+                out = torch.zeros(n, dtype=acc, device=h.device).index_copy_(0, idx, loss_v)
         elif reduction == "sum":
-            out = loss_v.sum().to(h.dtype)
+            out = loss_v.sum()
         else:
-            out = (loss_v.sum() / denom if denom > 0 else loss_v.sum() * 0.0).to(h.dtype)
+            out = loss_v.sum() / denom if denom > 0 else loss_v.sum() * 0.0
         if all_valid:
             lse_full = lse.to(torch.float32)
         else:
@@ -681,8 +681,10 @@ def linear_cross_entropy(
             buffer. The CUDA backend and ``reduction="none"`` always use the two-pass scheme.
 
     Returns:
-        The loss (scalar for "mean"/"sum", ``labels.shape`` for "none") in the dtype of ``hidden``, computed
-        with float32 accumulation (float64 for float64 inputs); with ``return_lse`` a tuple ``(loss, lse)``.
+        The loss (scalar for "mean"/"sum", ``labels.shape`` for "none") in float32 (float64 for float64 inputs),
+        whatever the dtype of ``hidden``: it is accumulated in float32 and not rounded back to bfloat16/float16,
+        as transformers' causal LMs (which upcast the logits), Liger and cut-cross-entropy also return it; with
+        ``return_lse`` a tuple ``(loss, lse)``.
 
     Non-finite hidden states or weights give NaN losses (and gradients) for the tokens they touch, as the
     materialised reference does; nothing is raised. Labels out of range raise ``ValueError``.
