@@ -6,8 +6,7 @@ Everything heavier than numpy is imported lazily, on first use of the name that 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ._lazy import lazy_exports
 
 from .ragged import Ragged
 
@@ -42,19 +41,7 @@ _LAZY = {
 __all__ = ["Ragged", "pack", "PackPlan", "build_info", "__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    try:
-        module, attr = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'mlmix' has no attribute {name!r}") from None
-    mod = importlib.import_module(module)
-    value = mod if attr is None else getattr(mod, attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports("mlmix", globals(), _LAZY)
 
 
 def build_info() -> dict:
