@@ -55,11 +55,16 @@ def _files(out: str) -> dict[str, bytes]:
     return out_files
 
 
-def test_same_mixture_and_store_as_single_machine_despite_a_killed_actor(tmp_path, local_ray, tok_path, data_path):
+def test_same_mixture_and_store_as_single_machine_despite_a_killed_actor(tmp_path, local_ray, tok_path, data_path,
+                                                                         monkeypatch):
     """Two sources: the bundled demo set (12 languages, CJK and RTL scripts, language given) and parallel
     rows in 4 languages with exact and near duplicates and records without a language (py3langid). The
     pinch recipe, exact + near dedup per language. An actor process of the tokenize stage exits on its
-    first batch: Ray restarts it and retries the batch, and the output is still complete and exact."""
+    first batch: Ray restarts it and retries the batch, and the output is still complete and exact. Shards
+    of 16 rows, so that the store is several shard files, each written by its own Ray task."""
+    import mlmix.store
+
+    monkeypatch.setattr(mlmix.store, "SHARD_TOKENS", 512 * 16)
     def cfg(d: str) -> dict:
         return {"output": str(tmp_path / d / "out"), "cache_dir": str(tmp_path / d / "cache"), "seed": 3,
                 "sources": [{"path": DEMO, "where": {"split": "train"}}, {"path": data_path}],
@@ -75,6 +80,7 @@ def test_same_mixture_and_store_as_single_machine_despite_a_killed_actor(tmp_pat
     assert os.path.isfile(os.path.join(b["output"], "report.html"))
     files = _files(b["output"])
     assert "mixture.json" in files and len(files) > 5
+    assert "store/tokens-00001.bin" in files and "store/loss_mask-00001.bin" in files
     assert _files(a["output"]) == files
     sa, sb = a["stages"], b["stages"]
     assert sb["read"]["records"] == sa["read"]["records"]
@@ -86,6 +92,7 @@ def test_same_mixture_and_store_as_single_machine_despite_a_killed_actor(tmp_pat
         assert sb["tokenize"][key] == sa["tokenize"][key]
     assert b["langs"] == a["langs"] and len(b["langs"]) == 12
     assert b["sequences"] == a["sequences"] == len(mlmix.open(b["store"])) and b["engine"] == "ray"
+    assert sb["pack"]["shards"] == mlmix.open(b["store"]).num_shards > 1
 
 
 def test_bad_arguments_are_clear(tmp_path, local_ray, tok_path, data_path, monkeypatch):

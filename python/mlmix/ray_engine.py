@@ -56,7 +56,6 @@ from . import pipeline, readers
 from ._atomic import atomic_directory
 from ._deps import require
 from .config import load_config
-from .ragged import Ragged
 
 __all__ = ["RayEngineError", "build_ray", "connect"]
 
@@ -528,37 +527,6 @@ def _uid_str(uid: int) -> str:
     return f"{int(uid) >> _UID_SHIFT}:{int(uid) & ((1 << _UID_SHIFT) - 1)}"
 
 
-def _selected_chunks(ds, selected_uids: np.ndarray, chunk: int) -> Iterator[tuple[Ragged, Ragged]]:
-    """Tokens and masks of the selected records in uid order, in Ragged chunks (streamed from the workers)."""
-    ray = require("ray", "the Ray engine")
-    ref = ray.put(selected_uids)
-
-    def pick(table):
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        wanted = pa.array(ray.get(ref))
-        return table.filter(pc.is_in(table.column("uid"), value_set=wanted)).select(["uid", "tokens", "mask"])
-
-    parts = list(ds.map_batches(pick, batch_size=_BATCH, batch_format="pyarrow").iter_batches(
-        batch_format="pyarrow", batch_size=None))
-    import pyarrow as pa
-
-    table = pa.concat_tables(parts) if parts else None
-    if table is None or table.num_rows == 0:
-        return
-    table = table.take(pa.array(np.argsort(table.column("uid").to_numpy(), kind="stable")))
-    for lo in range(0, table.num_rows, chunk):
-        part = table.slice(lo, chunk)
-        tok = part.column("tokens").combine_chunks()
-        msk = part.column("mask").combine_chunks()
-        offsets = np.asarray(tok.offsets, dtype=np.int64)
-        moff = np.asarray(msk.offsets, dtype=np.int64)
-        tv = np.asarray(tok.values, dtype=np.uint32)[offsets[0]:offsets[-1]]
-        mv = np.asarray(msk.values, dtype=np.uint8)[moff[0]:moff[-1]]
-        yield Ragged(tv, offsets - offsets[0]), Ragged(mv, moff - moff[0])
-
-
 # ---- the driver --------------------------------------------------------------------------------
 def build_ray(config: str | os.PathLike | Mapping, *, address: str | None = None, num_cpus: int | None = None,
               concurrency: int | None = None, quiet: bool = False, verbose: bool = False,
@@ -724,16 +692,101 @@ def _run(cfg: dict, log, concurrency: int, fault_marker: str | None) -> dict:
 
 def _pack(cfg: dict, ds, sel_uids: np.ndarray, lengths: np.ndarray, sel_langs: list, pad_id: int,
           out_store: str) -> dict:
-    """write_store over the selected examples, as the single-machine engine calls it."""
+    """The packed store of the selected examples, written as shards by Ray tasks and indexed on the driver.
+
+    The plan is made on the driver from the selected lengths alone (the planner is global: its seed
+    permutes all examples before best-fit), with the shard bounds of :func:`mlmix.write_store`. Each
+    selected record's tokens and mask are tagged with the shard(s) its segments land in and shuffled by
+    shard (``groupby(shard).map_groups``): one task per shard gathers its rows and writes its files into
+    ``out_store`` (a directory the workers share). The driver writes the index arrays and the manifest.
+    The bytes equal those of ``write_store`` over the same examples in uid order.
+    """
+    from . import store
+    from .pack import pack
+
+    ray = require("ray", "the Ray engine")
+    pcfg = cfg["pack"]
+    seq_len, strategy, policy = pcfg["seq_len"], pcfg["strategy"], pcfg["overlong"]
     if len(sel_uids) == 0:
         raise ValueError("pack: no examples are left to pack (check the mixture and dedup statistics)")
-    # The in-memory planner is global (its seed permutes all examples), so the selected tokens are
-    # gathered into one Ragged; see docs/ray.md for the bound.
-    tok_parts, mask_parts = [], []
-    for t, m in _selected_chunks(ds, sel_uids, chunk=65_536):
-        tok_parts.append(t)
-        mask_parts.append(m)
-    tokens, masks = Ragged.concat(tok_parts), Ragged.concat(mask_parts)
-    if not np.array_equal(tokens.lengths, lengths):
-        raise RuntimeError("pack: the gathered examples do not match the selected lengths (a lost block?)")
-    return pipeline._stage_pack(cfg, tokens, masks, sel_langs, pad_id, out_store)
+    n_over = int((lengths > seq_len).sum())
+    if strategy == "bfd_split":
+        policy = "split"
+    elif n_over and policy == "error" and strategy != "wrapped":
+        raise ValueError(
+            f"{n_over} example(s) are longer than pack.seq_len = {seq_len} (longest {int(lengths.max())} tokens); "
+            "set pack.overlong to 'truncate', 'split' or 'drop', or raise pack.seq_len")
+    plan = pack(lengths, seq_len, strategy=strategy, overlong=policy, seed=cfg["seed"])
+    shard_sequences = store._check_shard_sequences(None, seq_len)
+    bounds = np.asarray(store.shard_bounds(plan.num_sequences, shard_sequences), dtype=np.int64)
+    num_shards = len(bounds) - 1
+    # (example, shard) pairs: the shards of each example's segments (one, unless split across a boundary)
+    seg_row = np.repeat(np.arange(plan.num_sequences, dtype=np.int64), np.diff(plan.row_offsets))
+    seg_shard = np.searchsorted(bounds, seg_row, side="right") - 1
+    pair = np.unique(plan.seg_example * num_shards + seg_shard)
+    os.makedirs(out_store, exist_ok=True)
+    refs = ray.put({"uids": sel_uids, "pair_ex": pair // num_shards, "pair_shard": pair % num_shards})
+    plan_ref = ray.put(plan)
+    tagged = ds.select_columns(["uid", "tokens", "mask"]).map_batches(
+        _tag_shards, batch_size=_BATCH, batch_format="pyarrow", fn_kwargs={"refs": refs})
+    written = tagged.groupby("shard", num_partitions=max(1, min(num_shards, 64))).map_groups(
+        _write_shard_group, batch_format="pyarrow",
+        fn_kwargs={"plan_ref": plan_ref, "bounds": bounds, "directory": out_store})
+    specs: dict[int, dict] = {}
+    for t in written.iter_batches(batch_format="pyarrow", batch_size=None):
+        for k, spec in zip(t.column("shard").to_pylist(), t.column("specs").to_pylist()):
+            specs[int(k)] = json.loads(spec)
+    if sorted(specs) != list(range(num_shards)):
+        raise RuntimeError(f"pack: shards {sorted(set(range(num_shards)) - set(specs))} were not written (a lost block?)")
+    manifest = store.write_index(out_store, plan, [specs[k] for k in range(num_shards)], strategy=strategy,
+                                 langs=sel_langs, pad_id=pad_id, seed=cfg["seed"], shard_sequences=shard_sequences)
+    counts = manifest["counts"]
+    return {"sequences": manifest["num_sequences"], "seq_len": seq_len, "strategy": strategy, "overlong_policy": policy,
+            "examples": manifest["num_examples"], "tokens": manifest["num_tokens"], "efficiency": manifest["efficiency"],
+            "lower_bound_sequences": manifest["lower_bound_sequences"], "overlong": n_over,
+            "truncated": counts["truncated"], "split": counts["split"], "dropped": counts["dropped"],
+            "tokens_dropped": counts["tokens_dropped"], "shards": num_shards}
+
+
+def _tag_shards(table, refs):
+    """The selected records of a block, one row per (record, shard it lands in): shard, example index
+    (position in uid order), tokens, mask."""
+    import pyarrow as pa
+    import ray
+
+    r = ray.get(refs)
+    uids, pair_ex, pair_shard = r["uids"], r["pair_ex"], r["pair_shard"]
+    uid = table.column("uid").to_numpy()
+    ex = np.searchsorted(uids, uid)
+    hit = (ex < len(uids)) & (uids[np.minimum(ex, len(uids) - 1)] == uid)
+    rows, ex = np.flatnonzero(hit), ex[hit]
+    lo, hi = np.searchsorted(pair_ex, ex, side="left"), np.searchsorted(pair_ex, ex, side="right")
+    counts = hi - lo  # a dropped example (overlong = drop) has no segment, so no row
+    take = np.repeat(rows, counts)
+    pos = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(len(take))
+    return pa.table({"shard": pa.array(pair_shard[pos], type=pa.int64()), "ex": pa.array(pair_ex[pos], type=pa.int64()),
+                     "tokens": table.column("tokens").take(pa.array(take)),
+                     "mask": table.column("mask").take(pa.array(take))})
+
+
+def _write_shard_group(table, plan_ref, bounds: np.ndarray, directory: str):
+    """One shard's files from the examples tagged with it (a ``map_groups`` UDF); returns its specs."""
+    import pyarrow as pa
+    import ray
+
+    from . import store
+
+    plan = ray.get(plan_ref)
+    k = int(table.column("shard")[0].as_py())
+    table = table.take(pa.array(np.argsort(table.column("ex").to_numpy(), kind="stable")))
+    ex = table.column("ex").to_numpy()
+    tok = table.column("tokens").combine_chunks()
+    msk = table.column("mask").combine_chunks()
+    offsets = np.asarray(tok.offsets, dtype=np.int64)
+    values = np.asarray(tok.values, dtype=np.uint32)[offsets[0]:offsets[-1]]
+    moff = np.asarray(msk.offsets, dtype=np.int64)
+    mvals = np.asarray(msk.values, dtype=np.uint8)[moff[0]:moff[-1]]
+    sub = plan.rows(int(bounds[k]), int(bounds[k + 1]))
+    sub.seg_example = np.searchsorted(ex, sub.seg_example)  # the shard's examples, renumbered
+    specs = store.write_shard(directory, k, len(bounds) - 1, sub, values, offsets - offsets[0], mvals)
+    return pa.table({"shard": pa.array([k], type=pa.int64()), "specs": pa.array([json.dumps(specs)])})
