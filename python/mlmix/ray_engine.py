@@ -22,12 +22,21 @@ of block boundaries, worker count or arrival order. How each stage runs:
   are joined into clusters (connected components) by union-find on the driver, uniting toward the
   smaller uid; all but the smallest uid of each cluster are removed. Driver memory: 16 B per candidate
   pair plus the shingle sets of the documents involved (see docs/ray.md).
-- ``mix``: the recipe needs a global max-flow over (source id, language) availability, so it runs on the
-  driver over the compact rows (uid, source id, language, token count) of the surviving records, by the
-  same recipe code as the single-machine engine.
-- ``pack``: the planner is global (its seed permutes all selected examples before best-fit), so the
-  selected examples' tokens and masks are gathered on the driver in uid order and written by the same
-  ``mlmix.store.write_store`` call as the single-machine engine (5 B per output token on the driver).
+- ``mix``: recipe ``all`` keeps every surviving record. The other recipes (an exact max-flow assignment
+  of sources to languages) run on the driver over counts (:class:`mlmix.recipes.GroupedCorpus`):
+  ``groupby(sid).aggregate(Count, Unique(lang))`` gives each source's languages, each block counts its
+  sources per language set, and the recipe computes its targets and per-group quotas from those counts.
+  Each availability group's chosen sources are the first k in a seeded hash order, i.e. a bottom-k: each
+  block keeps its bottom-k per group (a ``StratifiedReservoir`` for integer ids, the recipe's hashed key
+  for string ids) and the driver merges them exactly, so only k ids per group and block travel. The
+  selected (source id, language) pairs are then picked out on the workers.
+- ``pack``: the plan is global (its seed permutes all selected examples before best-fit), so it is made
+  on the driver from the selected lengths (O(n) ints), with the shard bounds of ``mlmix.write_store``.
+  Each selected record's tokens are tagged with the shard(s) their rows fall in and shuffled by shard
+  (``groupby(shard).map_groups``): one task per shard gathers its rows and writes its shard files
+  (``mlmix.store.write_shard``) into the output's temporary directory, which the workers must share.
+  The driver writes the index arrays and the one manifest (``mlmix.store.write_index``); the output
+  directory is renamed into place only when complete.
 
 What runs on the driver is bounded in docs/ray.md (capacity plan), with the steps that would lift each
 bound. A worker process that dies (OOM, preemption, a killed actor) is retried by Ray: tasks are
@@ -484,43 +493,252 @@ def _scan(ds) -> dict:
     return out
 
 
-def _mix(cfg: dict, rows: dict, out: str) -> tuple[np.ndarray, dict]:
-    """The mixture over the surviving rows (sorted by uid), as the single-machine engine computes it."""
+def _mix(cfg: dict, rows: dict, kept, partitions: int, out: str) -> tuple[dict, dict]:
+    """The mixture over the surviving records, as the single-machine engine computes it; returns the
+    selected records (uid, lang, ntok; in uid order) and the stage statistics.
+
+    Recipe ``all`` selects every surviving record (``rows``, on the driver). The other recipes run on the
+    driver over counts only (:class:`mlmix.recipes.GroupedCorpus`): sources are grouped by source id on the
+    cluster (``groupby(sid).aggregate(Count, Unique(lang))``), each block counts its sources per language
+    set, and once the recipe has its exact per-group quotas, each block keeps the bottom-k of every group
+    by the recipe's seeded key (a StratifiedReservoir for integer ids) and the driver merges them exactly:
+    only k ids per group and block travel. The selected records are then picked out on the workers.
+    """
     mcfg = cfg["mixture"]
-    uids, sids, langs, ntok = rows["uid"], rows["sid"], rows["lang"], rows["ntok"]
     params = pipeline._recipe_params(mcfg)
     if mcfg["recipe"] == "all":
         if params:
             raise ValueError(f"mixture: recipe 'all' takes no parameters, got {sorted(params)}")
-        selected = np.arange(len(uids))
+        sel = {"uid": rows["uid"], "lang": list(rows["lang"]), "ntok": rows["ntok"]}
         target = None
     else:
         from . import recipes
 
-        ids = [json.loads(s) for s in sids]
-        where: dict[tuple[str, str], int] = {}
-        for i, (sid, lang) in enumerate(zip(ids, langs)):
-            key = (sid, lang)
-            if key in where:
-                raise ValueError(
-                    f"mixture: source id {sid!r} appears twice in language {lang!r} (records "
-                    f"{_uid_str(uids[where[key]])} and {_uid_str(uids[i])}); recipes need one example per "
-                    "(source id, language): set the sources' id_field to an id shared only by translations, "
-                    "or use recipe 'all'")
-            where[key] = i
-        table = [{"id": sid, "lang": lang, "tokens": int(n)} for sid, lang, n in zip(ids, langs, ntok.tolist())]
+        sources = _source_langs(kept, partitions)
+        summary = _group_summary(sources)
+        if summary["dups"]:
+            _raise_duplicate(kept, summary["dups"])
+        if summary["bad"]:
+            raise ValueError(f"mixture: source id {summary['bad'][0]!r} is neither an int nor a string; recipes need "
+                             "int or str source ids (set the sources' id_field), or use recipe 'all'")
+        if summary["big"]:
+            raise ValueError(f"mixture: source id {summary['big'][0]!r} is not in [-2**63, 2**63); the Ray engine's "
+                             "mixture needs 64-bit signed integer (or string) ids")
+        tokens: Counter = Counter()
+        for lang, n in zip(rows["lang"], rows["ntok"].tolist()):
+            tokens[lang] += n
+        groups = {g: c[0] for g, c in summary["groups"].items()}
+
+        def prefixes(active: list, quotas: dict, seed: int) -> dict:
+            return _group_prefixes(sources, summary["groups"], active, quotas, seed)
+
+        corpus = recipes.GroupedCorpus(groups, tokens, prefixes)
         recipe = getattr(recipes, mcfg["recipe"])
         try:
-            mixture = recipe(table, seed=mcfg["seed"], **params)
+            mixture = recipe(corpus, seed=mcfg["seed"], **params)
         except TypeError as exc:
             raise ValueError(f"mixture: bad parameters for recipe {mcfg['recipe']!r}: {exc}") from exc
-        selected = np.array(sorted(where[(str(sid), str(lang))] for sid, lang in mixture.rows), dtype=np.int64)
+        sel = _selected_rows(kept, mixture.rows)
         mixture.save(os.path.join(out, "mixture.json"))
         target = {str(k): int(v) for k, v in mixture.targets.items()}
-    sel_langs = [langs[i] for i in selected]
-    stats = {"recipe": mcfg["recipe"], "params": params, "seed": mcfg["seed"], "examples": int(selected.size),
-             "langs": pipeline._by_lang(sel_langs), "target": dict(target) if target else None}
-    return selected, stats
+    stats = {"recipe": mcfg["recipe"], "params": params, "seed": mcfg["seed"], "examples": int(len(sel["uid"])),
+             "langs": pipeline._by_lang(sel["lang"]), "target": dict(target) if target else None}
+    return sel, stats
+
+
+def _source_langs(kept, partitions: int):
+    """One row per source id: ``sid``, ``count()`` (its records) and ``unique(lang)`` (its languages)."""
+    from ray.data.aggregate import Count, Unique
+
+    return kept.select_columns(["sid", "lang"]).groupby("sid", num_partitions=partitions).aggregate(
+        Count(), Unique("lang")).materialize()
+
+
+def _is_int_id(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _summarize_sources(table):
+    """A block's sources counted per language set: one row holding a pickled dict."""
+    import pickle
+
+    import pyarrow as pa
+
+    groups: dict[tuple, list[int]] = {}
+    dups, bad, big = [], [], []
+    for sid, count, langs in zip(table.column("sid").to_pylist(), table.column("count()").to_pylist(),
+                                 table.column("unique(lang)").to_pylist()):
+        key = tuple(sorted(langs))
+        if count != len(key):
+            dups.append(sid)
+        x = json.loads(sid)
+        is_int = _is_int_id(x)
+        if not is_int and not isinstance(x, str):
+            bad.append(x)
+        elif is_int and not -(1 << 63) <= x < (1 << 63):
+            big.append(x)
+        c = groups.setdefault(key, [0, 0])
+        c[0] += 1
+        c[1] += is_int
+    return pa.table({"part": [pickle.dumps({"groups": groups, "dups": dups, "bad": bad, "big": big})]})
+
+
+def _group_summary(sources) -> dict:
+    """``groups``: {language set (sorted tuple): [sources, of which integer ids]}; ``dups``: source ids
+    with a language twice; ``bad``/``big``: ids that are not int/str, or ints outside int64."""
+    import pickle
+
+    parts = sources.map_batches(_summarize_sources, batch_format="pyarrow", batch_size=None)
+    return _merge_summaries(parts.iter_batches(batch_format="pyarrow", batch_size=None))
+
+
+def _merge_summaries(tables) -> dict:
+    import pickle
+
+    out: dict = {"groups": {}, "dups": [], "bad": [], "big": []}
+    groups: dict[tuple, list[int]] = {}
+    for t in tables:
+        for raw in t.column("part").to_pylist():
+            p = pickle.loads(raw)
+            for key, (n, n_int) in p["groups"].items():
+                c = groups.setdefault(key, [0, 0])
+                c[0] += n
+                c[1] += n_int
+            for k in ("dups", "bad", "big"):
+                out[k] += p[k]
+    out["groups"] = groups
+    return out
+
+
+def _raise_duplicate(kept, dup_sids: list) -> None:
+    """The error of the single-machine engine for the first (in uid order) record whose (source id,
+    language) an earlier record has."""
+    rows = _rows_with_keys(kept, {"sid": np.array(sorted(dup_sids), dtype=object)}, ["uid", "sid", "lang"])
+    order = np.argsort(rows["uid"], kind="stable")
+    first: dict = {}
+    for uid, sid, lang in zip(rows["uid"][order].tolist(), rows["sid"][order].tolist(), rows["lang"][order].tolist()):
+        if (sid, lang) in first:
+            raise ValueError(
+                f"mixture: source id {json.loads(sid)!r} appears twice in language {lang!r} (records "
+                f"{_uid_str(first[(sid, lang)])} and {_uid_str(uid)}); recipes need one example per "
+                "(source id, language): set the sources' id_field to an id shared only by translations, "
+                "or use recipe 'all'")
+        first[(sid, lang)] = uid
+    raise RuntimeError("mixture: a duplicate (source id, language) was counted but not found (a lost block?)")
+
+
+def _group_prefixes(sources, summary_groups: dict, active: list, quotas: dict, seed: int) -> dict:
+    """The first ``quotas[g]`` sources of each availability group ``g`` in the recipe's seeded order:
+    per-block bottom-k reservoirs (``map_batches``), merged exactly on the driver."""
+    plan = _prefix_plan(summary_groups, active, quotas, seed)
+    parts = sources.map_batches(_block_reservoirs, batch_format="pyarrow", batch_size=None, fn_kwargs={"plan": plan})
+    return _merge_prefixes(parts.iter_batches(batch_format="pyarrow", batch_size=None), plan, list(quotas))
+
+
+def _prefix_plan(summary_groups: dict, active: list, quotas: dict, seed: int) -> dict:
+    """What each block needs: the active languages, the groups (in ``quotas`` order) with their quotas,
+    and whether each group's ids are all integers (then the recipe orders it by reservoir keys)."""
+    act = frozenset(active)
+    n_int: Counter = Counter()
+    n_all: Counter = Counter()
+    for key, (n, k_int) in summary_groups.items():
+        g = frozenset(key) & act
+        n_all[g] += n
+        n_int[g] += k_int
+    return {"active": sorted(act), "groups": [sorted(g) for g in quotas], "quotas": list(quotas.values()),
+            "integer": [n_int[g] == n_all[g] for g in quotas], "seed": seed}
+
+
+def _merge_prefixes(tables, plan: dict, order: list) -> dict:
+    """Merge the blocks' reservoirs (tables of group, part) into each group's ordered prefix."""
+    import pickle
+
+    from . import recipes
+
+    merged: dict[int, Any] = {}
+    for t in tables:
+        for gi, raw in zip(t.column("group").to_pylist(), t.column("part").to_pylist()):
+            merged[gi] = _merge_reservoir(merged.get(gi), pickle.loads(raw), plan, gi)
+    out = {}
+    for gi, g in enumerate(order):
+        part = merged.get(gi)
+        if part is None:
+            out[g] = []
+        elif plan["integer"][gi]:
+            out[g] = part.result()[recipes.ASSIGN_STRATUM].tolist()
+        else:
+            out[g] = list(part)
+    return out
+
+
+def _block_reservoirs(table, plan: dict):
+    """Each availability group's bottom-k sources of a block, by the recipe's seeded key: one row per
+    group (index, pickled reservoir or id list)."""
+    import pickle
+
+    import pyarrow as pa
+
+    ids_of = _group_ids(table, plan)
+    out_g, out_p = [], []
+    for gi, ids in ids_of.items():
+        out_g.append(gi)
+        out_p.append(pickle.dumps(_reservoir(ids, plan, gi)))
+    return pa.table({"group": pa.array(out_g, type=pa.int64()), "part": pa.array(out_p, type=pa.binary())})
+
+
+def _group_ids(table, plan: dict) -> dict[int, list]:
+    """{group index: the block's source ids in that group} for the groups with a quota."""
+    act = frozenset(plan["active"])
+    index = {frozenset(g): gi for gi, g in enumerate(plan["groups"])}
+    ids_of: dict[int, list] = {}
+    for sid, langs in zip(table.column("sid").to_pylist(), table.column("unique(lang)").to_pylist()):
+        gi = index.get(frozenset(langs) & act)
+        if gi is not None:
+            ids_of.setdefault(gi, []).append(json.loads(sid))
+    return ids_of
+
+
+def _reservoir(ids: list, plan: dict, gi: int):
+    """The bottom-k of ``ids``: a StratifiedReservoir (integer groups) or a sorted list of ids."""
+    import heapq
+
+    from . import recipes
+    from .sample import StratifiedReservoir
+
+    k, seed = plan["quotas"][gi], plan["seed"]
+    if plan["integer"][gi]:
+        r = StratifiedReservoir({recipes.ASSIGN_STRATUM: k}, seed=seed)
+        r.add(np.full(len(ids), recipes.ASSIGN_STRATUM, dtype=np.uint64), np.array(ids, dtype=np.int64))
+        return r
+    return heapq.nsmallest(k, ids, key=lambda x: recipes.assign_order_key(seed, x))
+
+
+def _merge_reservoir(acc, part, plan: dict, gi: int):
+    """Exact merge of two bottom-k samples of a group (either may be None)."""
+    import heapq
+
+    from . import recipes
+
+    if acc is None:
+        return part
+    if plan["integer"][gi]:
+        return acc.merge(part)
+    seed = plan["seed"]
+    return heapq.nsmallest(plan["quotas"][gi], acc + part, key=lambda x: recipes.assign_order_key(seed, x))
+
+
+def _selected_rows(kept, pairs: list) -> dict:
+    """uid, lang, ntok of the records the mixture selected (its (source id, lang) pairs), in uid order."""
+    if not pairs:
+        return {"uid": np.zeros(0, np.int64), "lang": [], "ntok": np.zeros(0, np.int64)}
+    wanted = {"sid": np.array([json.dumps(sid) for sid, _ in pairs], dtype=object),
+              "lang": np.array([lang for _, lang in pairs], dtype=object)}
+    got = _rows_with_keys(kept, wanted, ["uid", "lang", "ntok"])
+    if len(got["uid"]) != len(pairs):
+        raise RuntimeError(f"mixture: {len(pairs)} rows were selected but {len(got['uid'])} records found")
+    order = np.argsort(got["uid"], kind="stable")
+    return {"uid": got["uid"][order].astype(np.int64), "lang": got["lang"][order].tolist(),
+            "ntok": got["ntok"][order].astype(np.int64)}
 
 
 def _uid_str(uid: int) -> str:
@@ -645,6 +863,10 @@ def _run(cfg: dict, log, concurrency: int, fault_marker: str | None) -> dict:
             gone = np.union1d(gone, gone_near)
         keep = ~np.isin(rows["uid"], gone)
         rows = {k: v[keep] for k, v in rows.items()}
+    else:
+        gone = np.zeros(0, np.int64)
+    # the kept records' small columns stay on the cluster for the mixture
+    kept = _drop(alive.select_columns(["uid", "sid", "lang", "ntok"]), gone).materialize()
     rows["sid"], rows["lang"] = rows["sid"].tolist(), rows["lang"].tolist()
     stats["dedup"] = {"kept": len(rows["uid"]), "exact_removed": dict(sorted(exact_removed.items())),
                       "near_removed": dict(sorted(near_removed.items())), "langs": pipeline._by_lang(rows["lang"]),
@@ -656,13 +878,11 @@ def _run(cfg: dict, log, concurrency: int, fault_marker: str | None) -> dict:
     with atomic_directory(out) as tmp:
         # mix
         t0 = time.perf_counter()
-        selected, stats["mix"] = _mix(cfg, rows, tmp)
-        done("mix", t0, f"recipe {stats['mix']['recipe']}: {selected.size:,} examples")
-        # pack: plan from the selected lengths; token values stream from the workers in uid order
+        sel, stats["mix"] = _mix(cfg, rows, kept, partitions, tmp)
+        done("mix", t0, f"recipe {stats['mix']['recipe']}: {len(sel['uid']):,} examples")
+        # pack: plan from the selected lengths; shards materialised by Ray tasks
         t0 = time.perf_counter()
-        sel_uids = rows["uid"][selected]
-        sel_langs = [rows["lang"][i] for i in selected]
-        lengths = rows["ntok"][selected]
+        sel_uids, sel_langs, lengths = sel["uid"], sel["lang"], sel["ntok"]
         s_pack = _pack(cfg, ds, sel_uids, lengths, sel_langs, stats["tokenize"]["pad_id"], os.path.join(tmp, "store"))
         s_pack["seconds"] = time.perf_counter() - t0
         stats["pack"] = s_pack
