@@ -323,3 +323,22 @@ def test_sharded_manifest_is_checked(tmp_path):
         mpath.write_bytes(_manifest_bytes(bad))
         with pytest.raises(StoreError, match=msg):
             mlmix.open(tmp_path / "s", verify=False)
+
+
+def test_torch_loader_reads_a_sharded_store_as_one(tmp_path):
+    """mlmix.torch's PackedDataset goes through Store.array: a sharded store gives the same batches."""
+    pytest.importorskip("torch")
+    from mlmix.torch.data import PackedDataset
+
+    tokens, mask, langs = make_data(400, seed=9)
+    mlmix.write_store(tmp_path / "one", tokens, seq_len=64, loss_mask=mask, langs=langs)
+    mlmix.write_store(tmp_path / "many", tokens, seq_len=64, loss_mask=mask, langs=langs, shard_sequences=7)
+    assert mlmix.open(tmp_path / "many").num_shards > 1
+    for layout in ("padded", "flat"):
+        a = list(PackedDataset(str(tmp_path / "one"), batch_size=5, seed=2, layout=layout))
+        b = list(PackedDataset(str(tmp_path / "many"), batch_size=5, seed=2, layout=layout))
+        assert len(a) == len(b) > 1
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys()
+            for k in x:
+                assert (x[k] == y[k]).all() if hasattr(x[k], "shape") else x[k] == y[k], k
