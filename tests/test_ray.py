@@ -210,3 +210,20 @@ def test_mixture_from_block_reservoirs_equals_the_recipe_on_rows():
             assert (got.rows, got.targets, got.available, got.params) == (
                 want.rows, want.targets, want.available, want.params), name
     assert True in integer_groups and False in integer_groups
+
+
+def test_mixture_errors_match_the_single_machine_engine(tmp_path, local_ray, tok_path):
+    """A (source id, language) given twice: the error of mlmix.build (the Ray one names records by
+    source:index)."""
+    rows = [{"id": i, "lang": lang, "instruction": f"Question {i} in {lang}?", "response": f"Answer {i} {lang}."}
+            for i in range(6) for lang in ("en", "de")]
+    rows.append(dict(rows[2], response="Another answer, same id and language."))
+    path = write_jsonl(str(tmp_path / "dup.jsonl"), rows)
+    cfg = base_config(str(tmp_path), tok_path, path, mixture={"recipe": "pinch", "n_multilingual": 2,
+                                                               "languages": ["en", "de"]},
+                      dedup={"exact": False, "near": False}, langid={"backend": "none"})
+    with pytest.raises(ValueError, match=r"source id '1' appears twice in language 'en' \(records 2 and 12\)"):
+        mlmix.build(dict(cfg, cache_dir=str(tmp_path / "cache")), quiet=True, use_cache=False)
+    with pytest.raises(ValueError, match=r"source id '1' appears twice in language 'en' \(records 0:2 and 0:12\)"):
+        build_ray(cfg, quiet=True, concurrency=1)
+    assert not os.path.exists(cfg["output"])

@@ -293,7 +293,7 @@ def test_shard_written_alone_equals_write_store(tmp_path):
 
 
 def test_corrupted_or_missing_shard_is_named(tmp_path):
-    tokens, mask, langs = make_data(200, seed=6)
+    tokens, mask, _ = make_data(200, seed=6)
     mlmix.write_store(tmp_path / "s", tokens, seq_len=64, loss_mask=mask, shard_sequences=10)
     f = tmp_path / "s" / "tokens-00002.bin"
     raw = bytearray(f.read_bytes())

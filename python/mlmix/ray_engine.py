@@ -399,7 +399,7 @@ def _exact_removed(ds, partitions: int) -> tuple[np.ndarray, list]:
     return r["uid"][~first][gone].astype(np.int64), r["lang"][~first][gone].tolist()
 
 
-def _near_removed(ds, dd: Mapping, partitions: int, lang_of: Mapping) -> tuple[np.ndarray, list, dict]:
+def _near_removed(ds, dd: Mapping, partitions: int) -> tuple[np.ndarray, list, dict]:
     """uids (sorted) and languages of the near duplicates: LSH buckets by groupby, candidate pairs verified
     by exact Jaccard of shingle sets, clusters by union-find; the smallest uid of each cluster is kept."""
     banded = ds.select_columns(["uid", "scope", "bands"]).map_batches(_explode_bands, batch_format="pyarrow",
@@ -416,15 +416,11 @@ def _near_removed(ds, dd: Mapping, partitions: int, lang_of: Mapping) -> tuple[n
     sets_ds = ds.select_columns(["uid", "rec"]).map_batches(_shingle_sets, batch_size=_BATCH, batch_format="numpy",
                                                             fn_kwargs={"wanted": wanted, "dd": dd})
     sets: dict[int, np.ndarray] = {}
-    langs: dict[int, str] = {}
     for table in sets_ds.iter_batches(batch_format="pyarrow", batch_size=None):
         col = table.column("shingles").combine_chunks()
         values, offsets = np.asarray(col.values, dtype=np.uint64), np.asarray(col.offsets, dtype=np.int64)
         for k, uid in enumerate(table.column("uid").to_pylist()):
             sets[uid] = values[offsets[k]:offsets[k + 1]]
-    for uid, lang in zip(lang_of["uid"].tolist(), lang_of["lang"].tolist()):
-        if uid in sets:
-            langs[uid] = lang
     uf = _DisjointSets()
     verified = 0
     for x, y in cand.tolist():
@@ -432,8 +428,23 @@ def _near_removed(ds, dd: Mapping, partitions: int, lang_of: Mapping) -> tuple[n
             uf.unite(x, y)
             verified += 1
     info["verified_pairs"] = verified
-    removed = sorted(u for u in wanted.tolist() if uf.find(u) != u)
-    return np.array(removed, dtype=np.int64), [langs[u] for u in removed], info
+    removed = np.array(sorted(u for u in wanted.tolist() if uf.find(u) != u), dtype=np.int64)
+    got = _rows_with_keys(ds, {"uid": removed}, ["uid", "lang"])  # the removed records' languages
+    lang = dict(zip(got["uid"].tolist(), got["lang"].tolist()))
+    return removed, [lang[u] for u in removed.tolist()], info
+
+
+def _lang_totals(kept, partitions: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Records and tokens per language of ``kept`` (``groupby(lang)`` aggregates), sorted by language."""
+    from ray.data.aggregate import Count, Sum
+
+    if kept.count() == 0:
+        return {}, {}
+    got = _collect(kept.groupby("lang", num_partitions=partitions).aggregate(Count(), Sum("ntok")),
+                   ["lang", "count()", "sum(ntok)"])
+    order = sorted(range(len(got["lang"])), key=lambda i: got["lang"][i])
+    return ({got["lang"][i]: int(got["count()"][i]) for i in order},
+            {got["lang"][i]: int(got["sum(ntok)"][i]) for i in order})
 
 
 def _pool(size: int):
@@ -493,11 +504,11 @@ def _scan(ds) -> dict:
     return out
 
 
-def _mix(cfg: dict, rows: dict, kept, partitions: int, out: str) -> tuple[dict, dict]:
+def _mix(cfg: dict, kept, lang_tokens: Mapping[str, int], partitions: int, out: str) -> tuple[dict, dict]:
     """The mixture over the surviving records, as the single-machine engine computes it; returns the
     selected records (uid, lang, ntok; in uid order) and the stage statistics.
 
-    Recipe ``all`` selects every surviving record (``rows``, on the driver). The other recipes run on the
+    Recipe ``all`` selects every surviving record (their uid, language and length come to the driver). The other recipes run on the
     driver over counts only (:class:`mlmix.recipes.GroupedCorpus`): sources are grouped by source id on the
     cluster (``groupby(sid).aggregate(Count, Unique(lang))``), each block counts its sources per language
     set, and once the recipe has its exact per-group quotas, each block keeps the bottom-k of every group
@@ -509,7 +520,10 @@ def _mix(cfg: dict, rows: dict, kept, partitions: int, out: str) -> tuple[dict, 
     if mcfg["recipe"] == "all":
         if params:
             raise ValueError(f"mixture: recipe 'all' takes no parameters, got {sorted(params)}")
-        sel = {"uid": rows["uid"], "lang": list(rows["lang"]), "ntok": rows["ntok"]}
+        got = _collect(kept, ["uid", "lang", "ntok"])
+        order = np.argsort(got["uid"], kind="stable")
+        sel = {"uid": got["uid"][order].astype(np.int64), "lang": got["lang"][order].tolist(),
+               "ntok": got["ntok"][order].astype(np.int64)}
         target = None
     else:
         from . import recipes
@@ -524,9 +538,7 @@ def _mix(cfg: dict, rows: dict, kept, partitions: int, out: str) -> tuple[dict, 
         if summary["big"]:
             raise ValueError(f"mixture: source id {summary['big'][0]!r} is not in [-2**63, 2**63); the Ray engine's "
                              "mixture needs 64-bit signed integer (or string) ids")
-        tokens: Counter = Counter()
-        for lang, n in zip(rows["lang"], rows["ntok"].tolist()):
-            tokens[lang] += n
+        tokens = dict(lang_tokens)
         groups = {g: c[0] for g, c in summary["groups"].items()}
 
         def prefixes(active: list, quotas: dict, seed: int) -> dict:
@@ -541,7 +553,7 @@ def _mix(cfg: dict, rows: dict, kept, partitions: int, out: str) -> tuple[dict, 
         sel = _selected_rows(kept, mixture.rows)
         mixture.save(os.path.join(out, "mixture.json"))
         target = {str(k): int(v) for k, v in mixture.targets.items()}
-    stats = {"recipe": mcfg["recipe"], "params": params, "seed": mcfg["seed"], "examples": int(len(sel["uid"])),
+    stats = {"recipe": mcfg["recipe"], "params": params, "seed": mcfg["seed"], "examples": len(sel["uid"]),
              "langs": pipeline._by_lang(sel["lang"]), "target": dict(target) if target else None}
     return sel, stats
 
@@ -586,8 +598,6 @@ def _summarize_sources(table):
 def _group_summary(sources) -> dict:
     """``groups``: {language set (sorted tuple): [sources, of which integer ids]}; ``dups``: source ids
     with a language twice; ``bad``/``big``: ids that are not int/str, or ints outside int64."""
-    import pickle
-
     parts = sources.map_batches(_summarize_sources, batch_format="pyarrow", batch_size=None)
     return _merge_summaries(parts.iter_batches(batch_format="pyarrow", batch_size=None))
 
@@ -848,9 +858,6 @@ def _run(cfg: dict, log, concurrency: int, fault_marker: str | None) -> dict:
     # the surviving records' small columns (the texts stay on the workers)
     alive = ds.drop_columns(["tokens", "mask"]).map_batches(_alive_rows, batch_size=_BATCH,
                                                              batch_format="pyarrow").materialize()
-    rows = _collect(alive, ["uid", "sid", "lang", "ntok"])
-    order = np.argsort(rows["uid"], kind="stable")
-    rows = {k: v[order] for k, v in rows.items()}
     exact_removed: Counter = Counter()
     near_removed: Counter = Counter()
     info: dict = {}
@@ -858,27 +865,26 @@ def _run(cfg: dict, log, concurrency: int, fault_marker: str | None) -> dict:
         gone, gone_langs = _exact_removed(alive, partitions)
         (exact_removed if dcfg["exact"] else near_removed).update(gone_langs)  # near merges exact dups too
         if dcfg["near"]:
-            gone_near, gone_langs, info = _near_removed(_drop(alive, gone), dd, partitions, rows)
+            gone_near, gone_langs, info = _near_removed(_drop(alive, gone), dd, partitions)
             near_removed.update(gone_langs)
             gone = np.union1d(gone, gone_near)
-        keep = ~np.isin(rows["uid"], gone)
-        rows = {k: v[keep] for k, v in rows.items()}
     else:
         gone = np.zeros(0, np.int64)
     # the kept records' small columns stay on the cluster for the mixture
     kept = _drop(alive.select_columns(["uid", "sid", "lang", "ntok"]), gone).materialize()
-    rows["sid"], rows["lang"] = rows["sid"].tolist(), rows["lang"].tolist()
-    stats["dedup"] = {"kept": len(rows["uid"]), "exact_removed": dict(sorted(exact_removed.items())),
-                      "near_removed": dict(sorted(near_removed.items())), "langs": pipeline._by_lang(rows["lang"]),
+    kept_langs, kept_tokens = _lang_totals(kept, partitions)
+    n_kept = sum(kept_langs.values())
+    stats["dedup"] = {"kept": n_kept, "exact_removed": dict(sorted(exact_removed.items())),
+                      "near_removed": dict(sorted(near_removed.items())), "langs": kept_langs,
                       "lsh": info}
-    done("dedup", t0, f"kept {len(rows['uid']):,}; removed {sum(exact_removed.values()):,} exact, "
+    done("dedup", t0, f"kept {n_kept:,}; removed {sum(exact_removed.values()):,} exact, "
                       f"{sum(near_removed.values()):,} near duplicates")
 
     out = cfg["output"]
     with atomic_directory(out) as tmp:
         # mix
         t0 = time.perf_counter()
-        sel, stats["mix"] = _mix(cfg, rows, kept, partitions, tmp)
+        sel, stats["mix"] = _mix(cfg, kept, kept_tokens, partitions, tmp)
         done("mix", t0, f"recipe {stats['mix']['recipe']}: {len(sel['uid']):,} examples")
         # pack: plan from the selected lengths; shards materialised by Ray tasks
         t0 = time.perf_counter()
@@ -887,7 +893,7 @@ def _run(cfg: dict, log, concurrency: int, fault_marker: str | None) -> dict:
         s_pack["seconds"] = time.perf_counter() - t0
         stats["pack"] = s_pack
         stats["tokens_by_lang"] = {"read": dict(sorted(scan["lang_tokens"].items())),
-                                   "dedup": pipeline._by_lang(rows["lang"], rows["ntok"]),
+                                   "dedup": kept_tokens,
                                    "mix": pipeline._by_lang(sel_langs, lengths)}
         stats["lengths"] = pipeline._length_summary(lengths, sel_langs) if len(lengths) else {}
         np.save(os.path.join(tmp, "lengths.npy"), lengths.astype(np.int32))
