@@ -943,7 +943,8 @@ def _pack(cfg: dict, ds, sel_uids: np.ndarray, lengths: np.ndarray, sel_langs: l
             f"{n_over} example(s) are longer than pack.seq_len = {seq_len} (longest {int(lengths.max())} tokens); "
             "set pack.overlong to 'truncate', 'split' or 'drop', or raise pack.seq_len")
     plan = pack(lengths, seq_len, strategy=strategy, overlong=policy, seed=cfg["seed"])
-    shard_sequences = store._check_shard_sequences(None, seq_len)
+    # pack.shard_sequences, once the config schema has it (pipeline._stage_pack passes the same to write_store)
+    shard_sequences = store._check_shard_sequences(pcfg.get("shard_sequences"), seq_len)
     bounds = np.asarray(store.shard_bounds(plan.num_sequences, shard_sequences), dtype=np.int64)
     num_shards = len(bounds) - 1
     # (example, shard) pairs: the shards of each example's segments (one, unless split across a boundary)
