@@ -318,7 +318,7 @@ def test_sharded_manifest_is_checked(tmp_path):
     m = json.loads(mpath.read_text())
     m.pop("manifest_crc32")
     for field, value, msg in (("shard_sequences", 0, "shard_sequences"), ("shard_sequences", 10**6, "arrays.tokens.shards"),
-                              ("version", 1, "arrays.tokens.shards")):
+                              ("version", 1, "field 'version' must be 2 for a store whose 'tokens' has shards")):
         bad = dict(m, **{field: value})
         mpath.write_bytes(_manifest_bytes(bad))
         with pytest.raises(StoreError, match=msg):

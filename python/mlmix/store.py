@@ -507,8 +507,10 @@ def _check_manifest_fields(m: dict, where: str) -> None:
             bad(f"{field}.dtype", f"one of {_ARRAY_DTYPES[name]}", spec.get("dtype"))
         parts = [(field, spec)]
         if "shards" in spec:
-            if m["version"] < 2 or name not in SHARDED_ARRAYS:
-                bad(f"{field}.shards", f"absent (only {list(SHARDED_ARRAYS)} of a version-2 store are sharded)", "...")
+            if m["version"] < 2:
+                bad("version", f"2 for a store whose {name!r} has shards", m["version"])
+            if name not in SHARDED_ARRAYS:
+                bad(f"{field}.shards", f"absent (only {list(SHARDED_ARRAYS)} are sharded)", spec["shards"])
             if not isinstance(spec["shards"], list) or not all(isinstance(x, dict) for x in spec["shards"]):
                 bad(f"{field}.shards", "a list of objects", spec["shards"])
             parts = [(f"{field}.shards[{k}]", x) for k, x in enumerate(spec["shards"])]
