@@ -342,3 +342,13 @@ def test_torch_loader_reads_a_sharded_store_as_one(tmp_path):
             assert x.keys() == y.keys()
             for k in x:
                 assert (x[k] == y[k]).all() if hasattr(x[k], "shape") else x[k] == y[k], k
+
+
+@given(st.binary(max_size=300), st.binary(max_size=3000))
+@settings(max_examples=40, deadline=None)
+def test_crc32_combine_is_the_crc_of_the_concatenation(a, b):
+    import zlib
+
+    from mlmix.store import crc32_combine
+
+    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
