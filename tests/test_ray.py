@@ -55,11 +55,16 @@ def _files(out: str) -> dict[str, bytes]:
     return out_files
 
 
-def test_same_mixture_and_store_as_single_machine_despite_a_killed_actor(tmp_path, local_ray, tok_path, data_path):
+def test_same_mixture_and_store_as_single_machine_despite_a_killed_actor(tmp_path, local_ray, tok_path, data_path,
+                                                                         monkeypatch):
     """Two sources: the bundled demo set (12 languages, CJK and RTL scripts, language given) and parallel
     rows in 4 languages with exact and near duplicates and records without a language (py3langid). The
     pinch recipe, exact + near dedup per language. An actor process of the tokenize stage exits on its
-    first batch: Ray restarts it and retries the batch, and the output is still complete and exact."""
+    first batch: Ray restarts it and retries the batch, and the output is still complete and exact. Shards
+    of 16 rows, so that the store is several shard files, each written by its own Ray task."""
+    import mlmix.store
+
+    monkeypatch.setattr(mlmix.store, "SHARD_TOKENS", 512 * 16)
     def cfg(d: str) -> dict:
         return {"output": str(tmp_path / d / "out"), "cache_dir": str(tmp_path / d / "cache"), "seed": 3,
                 "sources": [{"path": DEMO, "where": {"split": "train"}}, {"path": data_path}],
@@ -75,6 +80,7 @@ def test_same_mixture_and_store_as_single_machine_despite_a_killed_actor(tmp_pat
     assert os.path.isfile(os.path.join(b["output"], "report.html"))
     files = _files(b["output"])
     assert "mixture.json" in files and len(files) > 5
+    assert "store/tokens-00001.bin" in files and "store/loss_mask-00001.bin" in files
     assert _files(a["output"]) == files
     sa, sb = a["stages"], b["stages"]
     assert sb["read"]["records"] == sa["read"]["records"]
@@ -86,6 +92,7 @@ def test_same_mixture_and_store_as_single_machine_despite_a_killed_actor(tmp_pat
         assert sb["tokenize"][key] == sa["tokenize"][key]
     assert b["langs"] == a["langs"] and len(b["langs"]) == 12
     assert b["sequences"] == a["sequences"] == len(mlmix.open(b["store"])) and b["engine"] == "ray"
+    assert sb["pack"]["shards"] == mlmix.open(b["store"]).num_shards > 1
 
 
 def test_bad_arguments_are_clear(tmp_path, local_ray, tok_path, data_path, monkeypatch):
@@ -151,3 +158,72 @@ def test_cli_engine_ray(tmp_path, local_ray, tok_path, data_path, capsys):
     assert main(["build", str(path), "--engine", "ray", "--address", "nohost"]) == 1
     assert "address must be 'host:port'" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_mixture_from_block_reservoirs_equals_the_recipe_on_rows():
+    """The mix stage's pieces without a cluster: sources counted per block, every recipe run on a
+    GroupedCorpus whose group prefixes come from per-block bottom-k reservoirs merged exactly. Integer
+    ids (negative and large ones too) and string ids, so both orders (reservoir keys, hashed keys) run."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    from mlmix import recipes
+    from mlmix.ray_engine import _block_reservoirs, _merge_prefixes, _merge_summaries, _prefix_plan, _summarize_sources
+
+    rng = np.random.default_rng(4)
+    langs = ["en", "de", "sw", "fi", "ar"]
+    rows, sources = [], []
+    for i in range(400):
+        have = [lang for lang in langs if rng.random() < 0.6] or ["en"]
+        sid = f"s{i}" if "sw" in have else int(rng.integers(-2**62, 2**62))
+        sources.append((json.dumps(sid), len(have), have[::-1]))
+        rows += [{"id": sid, "lang": lang, "tokens": int(rng.integers(1, 500))} for lang in have]
+    table = pa.table({"sid": [s[0] for s in sources], "count()": [s[1] for s in sources],
+                      "unique(lang)": [s[2] for s in sources]})
+    blocks = [table.slice(lo, 70) for lo in range(0, table.num_rows, 70)]
+    summary = _merge_summaries(_summarize_sources(b) for b in blocks)
+    assert not summary["dups"] and not summary["bad"]
+    tokens: dict = {}
+    for r in rows:
+        tokens[r["lang"]] = tokens.get(r["lang"], 0) + r["tokens"]
+    integer_groups = []
+
+    def prefixes(active, quotas, seed):
+        plan = _prefix_plan(summary["groups"], active, quotas, seed)
+        integer_groups.extend(plan["integer"])
+        return _merge_prefixes([_block_reservoirs(b, plan) for b in blocks], plan, list(quotas))
+
+    corpus = recipes.GroupedCorpus({g: c[0] for g, c in summary["groups"].items()}, tokens, prefixes)
+    calls = [("pinch", dict(n_multilingual=30, pivot="en", languages=langs)),
+             ("percent_mixture", dict(percent=40, pivot="de", languages=langs)),
+             ("language_diversity", dict(k=3, order=["en", "fi", "sw"])),
+             ("bilingual", dict(pair=["de", "ar"], total=101)),
+             ("temperature", dict(alpha=0.5, tokens="tokens", total=60_000)),
+             ("unimax", dict(total=300)),
+             ("monolingual", dict(lang="sw", n=25))]
+    for name, kw in calls:
+        for seed in (0, 11):
+            kw = dict(kw, on_shortfall="take_all")
+            want = getattr(recipes, name)(rows, seed=seed, **kw)
+            got = getattr(recipes, name)(corpus, seed=seed, **kw)
+            assert (got.rows, got.targets, got.available, got.params) == (
+                want.rows, want.targets, want.available, want.params), name
+    assert True in integer_groups and False in integer_groups
+
+
+def test_mixture_errors_match_the_single_machine_engine(tmp_path, local_ray, tok_path):
+    """A (source id, language) given twice: the error of mlmix.build (the Ray one names records by
+    source:index)."""
+    rows = [{"id": i, "lang": lang, "instruction": f"Question {i} in {lang}?", "response": f"Answer {i} {lang}."}
+            for i in range(6) for lang in ("en", "de")]
+    rows.append(dict(rows[2], response="Another answer, same id and language."))
+    path = write_jsonl(str(tmp_path / "dup.jsonl"), rows)
+    cfg = base_config(str(tmp_path), tok_path, path, mixture={"recipe": "pinch", "n_multilingual": 2,
+                                                               "languages": ["en", "de"]},
+                      dedup={"exact": False, "near": False}, langid={"backend": "none"})
+    with pytest.raises(ValueError, match=r"source id '1' appears twice in language 'en' \(records 2 and 12\)"):
+        mlmix.build(dict(cfg, cache_dir=str(tmp_path / "cache")), quiet=True, use_cache=False)
+    with pytest.raises(ValueError, match=r"source id '1' appears twice in language 'en' \(records 0:2 and 0:12\)"):
+        build_ray(cfg, quiet=True, concurrency=1)
+    assert not os.path.exists(cfg["output"])

@@ -207,3 +207,148 @@ def test_inconsistent_segments_raise_on_read(tmp_path):
         store.batch([0])
     with pytest.raises(StoreError, match="seg_lens.bin"):
         mlmix.open(tmp_path / "s")
+
+
+# --- shards -----------------------------------------------------------------------------------------------
+def _read(path, name):
+    with open(os.path.join(path, name), "rb") as f:
+        return f.read()
+
+
+@given(st.integers(1, 400), st.integers(1, 60), st.booleans(), st.sampled_from(["bfd", "wrapped", "bfd_split"]))
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_sharded_store_reads_like_one_file(tmp_path_factory, n, shard_sequences, with_mask, strategy):
+    """Any shard size: the same rows, the same index files, and per-token arrays whose shards end to end
+    are the one-shard file (the manifest's whole-array CRC says so too)."""
+    tokens, mask, langs = make_data(n, seed=n, hi=90)
+    mask = mask if with_mask else None
+    d = tmp_path_factory.mktemp("shards")
+    kw = dict(seq_len=64, loss_mask=mask, langs=langs, seed=1, strategy=strategy, overlong="split")
+    one = mlmix.write_store(d / "one", tokens, **kw)
+    many = mlmix.write_store(d / "many", tokens, shard_sequences=shard_sequences, **kw)
+    rows = one["num_sequences"]
+    num_shards = -(-rows // shard_sequences)
+    assert one["version"] == 1 and many["version"] == (1 if num_shards == 1 else 2)
+    for name, spec in one["arrays"].items():
+        got = many["arrays"][name]
+        assert (got["length"], got["crc32"]) == (spec["length"], spec["crc32"])
+        if "shards" in got:
+            assert name in ("tokens", "loss_mask") and len(got["shards"]) == num_shards
+            assert b"".join(_read(d / "many", s["file"]) for s in got["shards"]) == _read(d / "one", spec["file"])
+        else:
+            assert _read(d / "many", got["file"]) == _read(d / "one", spec["file"])
+    a, b = mlmix.open(d / "one"), mlmix.open(d / "many")
+    assert b.num_shards == num_shards and b.shard_rows(num_shards - 1)[1] == rows
+    idx = np.random.default_rng(0).integers(0, rows, size=min(rows, 40))
+    for k, v in a.batch(idx).items():
+        np.testing.assert_array_equal(b.batch(idx)[k], v)
+    for i in (0, rows - 1):
+        for k, v in a[i].items():
+            np.testing.assert_array_equal(b[i][k], v)
+    np.testing.assert_array_equal(np.asarray(b.array("tokens")), a.array("tokens"))
+
+
+def test_streaming_store_shards_like_in_memory_rows(tmp_path):
+    tokens, mask, langs = make_data(700, seed=4)
+    chunks = [tokens[i : i + 90] for i in range(0, 700, 90)]
+    mchunks = [mask[i : i + 90] for i in range(0, 700, 90)]
+    lchunks = [langs[i : i + 90] for i in range(0, 700, 90)]
+    one = mlmix.write_store(tmp_path / "one", chunks, seq_len=48, loss_mask=mchunks, langs=lchunks, window=100)
+    many = mlmix.write_store(tmp_path / "many", chunks, seq_len=48, loss_mask=mchunks, langs=lchunks, window=100,
+                             shard_sequences=50)
+    assert many["version"] == 2 and len(many["arrays"]["tokens"]["shards"]) == -(-one["num_sequences"] // 50)
+    for name, spec in one["arrays"].items():
+        assert (many["arrays"][name]["length"], many["arrays"][name]["crc32"]) == (spec["length"], spec["crc32"])
+    a, b = mlmix.open(tmp_path / "one"), mlmix.open(tmp_path / "many")
+    idx = np.arange(len(a))
+    for k, v in a.batch(idx).items():
+        np.testing.assert_array_equal(b.batch(idx)[k], v)
+
+
+def test_shard_written_alone_equals_write_store(tmp_path):
+    """What the Ray engine does: each shard from only the examples it needs, then the index and manifest."""
+    from mlmix.store import shard_bounds, write_index, write_shard
+
+    tokens, mask, langs = make_data(300, seed=5, hi=120)
+    ref = mlmix.write_store(tmp_path / "ref", tokens, seq_len=96, loss_mask=mask, langs=langs, seed=7,
+                            strategy="bfd_split", pad_id=3, shard_sequences=20)
+    plan = mlmix.pack(tokens.lengths, 96, strategy="bfd_split", seed=7)
+    out = tmp_path / "out"
+    out.mkdir()
+    bounds = shard_bounds(plan.num_sequences, 20)
+    specs = []
+    for k in range(len(bounds) - 1):
+        sub = plan.rows(bounds[k], bounds[k + 1])
+        need = np.unique(sub.seg_example)  # only this shard's examples, renumbered
+        part = tokens[need]
+        sub.seg_example = np.searchsorted(need, sub.seg_example)
+        pm = mask[need]
+        specs.append(write_shard(str(out), k, len(bounds) - 1, sub, part.values, part.offsets,
+                                 pm.values.astype(np.uint8)))
+    got = write_index(str(out), plan, specs, strategy="bfd_split", langs=langs, pad_id=3, seed=7, shard_sequences=20)
+    assert got == ref
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "ref"))
+    for name in os.listdir(out):
+        assert _read(out, name) == _read(tmp_path / "ref", name), name
+
+
+def test_corrupted_or_missing_shard_is_named(tmp_path):
+    tokens, mask, _ = make_data(200, seed=6)
+    mlmix.write_store(tmp_path / "s", tokens, seq_len=64, loss_mask=mask, shard_sequences=10)
+    f = tmp_path / "s" / "tokens-00002.bin"
+    raw = bytearray(f.read_bytes())
+    raw[5] ^= 1
+    f.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="checksum mismatch in tokens-00002.bin"):
+        mlmix.open(tmp_path / "s")
+    mlmix.open(tmp_path / "s", verify=False)  # sizes still match: only the CRC pass sees it
+    os.remove(tmp_path / "s" / "loss_mask-00001.bin")
+    with pytest.raises(StoreError, match="loss_mask-00001.bin is missing"):
+        mlmix.open(tmp_path / "s", verify=False)
+    with pytest.raises(ValueError, match=r"shard_sequences must be an integer >= 1.*got 0"):
+        mlmix.write_store(tmp_path / "t", tokens, seq_len=64, shard_sequences=0)
+
+
+def test_sharded_manifest_is_checked(tmp_path):
+    from mlmix.store import _manifest_bytes
+
+    tokens, _, _ = make_data(200, seed=8)
+    mlmix.write_store(tmp_path / "s", tokens, seq_len=64, shard_sequences=10)
+    mpath = tmp_path / "s" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m.pop("manifest_crc32")
+    for field, value, msg in (("shard_sequences", 0, "shard_sequences"), ("shard_sequences", 10**6, "arrays.tokens.shards"),
+                              ("version", 1, "field 'version' must be 2 for a store whose 'tokens' has shards")):
+        bad = dict(m, **{field: value})
+        mpath.write_bytes(_manifest_bytes(bad))
+        with pytest.raises(StoreError, match=msg):
+            mlmix.open(tmp_path / "s", verify=False)
+
+
+def test_torch_loader_reads_a_sharded_store_as_one(tmp_path):
+    """mlmix.torch's PackedDataset goes through Store.array: a sharded store gives the same batches."""
+    pytest.importorskip("torch")
+    from mlmix.torch.data import PackedDataset
+
+    tokens, mask, langs = make_data(400, seed=9)
+    mlmix.write_store(tmp_path / "one", tokens, seq_len=64, loss_mask=mask, langs=langs)
+    mlmix.write_store(tmp_path / "many", tokens, seq_len=64, loss_mask=mask, langs=langs, shard_sequences=7)
+    assert mlmix.open(tmp_path / "many").num_shards > 1
+    for layout in ("padded", "flat"):
+        a = list(PackedDataset(str(tmp_path / "one"), batch_size=5, seed=2, layout=layout))
+        b = list(PackedDataset(str(tmp_path / "many"), batch_size=5, seed=2, layout=layout))
+        assert len(a) == len(b) > 1
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys()
+            for k in x:
+                assert (x[k] == y[k]).all() if hasattr(x[k], "shape") else x[k] == y[k], k
+
+
+@given(st.binary(max_size=300), st.binary(max_size=3000))
+@settings(max_examples=40, deadline=None)
+def test_crc32_combine_is_the_crc_of_the_concatenation(a, b):
+    import zlib
+
+    from mlmix.store import crc32_combine
+
+    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)

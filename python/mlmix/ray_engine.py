@@ -22,12 +22,21 @@ of block boundaries, worker count or arrival order. How each stage runs:
   are joined into clusters (connected components) by union-find on the driver, uniting toward the
   smaller uid; all but the smallest uid of each cluster are removed. Driver memory: 16 B per candidate
   pair plus the shingle sets of the documents involved (see docs/ray.md).
-- ``mix``: the recipe needs a global max-flow over (source id, language) availability, so it runs on the
-  driver over the compact rows (uid, source id, language, token count) of the surviving records, by the
-  same recipe code as the single-machine engine.
-- ``pack``: the planner is global (its seed permutes all selected examples before best-fit), so the
-  selected examples' tokens and masks are gathered on the driver in uid order and written by the same
-  ``mlmix.store.write_store`` call as the single-machine engine (5 B per output token on the driver).
+- ``mix``: recipe ``all`` keeps every surviving record. The other recipes (an exact max-flow assignment
+  of sources to languages) run on the driver over counts (:class:`mlmix.recipes.GroupedCorpus`):
+  ``groupby(sid).aggregate(Count, Unique(lang))`` gives each source's languages, each block counts its
+  sources per language set, and the recipe computes its targets and per-group quotas from those counts.
+  Each availability group's chosen sources are the first k in a seeded hash order, i.e. a bottom-k: each
+  block keeps its bottom-k per group (a ``StratifiedReservoir`` for integer ids, the recipe's hashed key
+  for string ids) and the driver merges them exactly, so only k ids per group and block travel. The
+  selected (source id, language) pairs are then picked out on the workers.
+- ``pack``: the plan is global (its seed permutes all selected examples before best-fit), so it is made
+  on the driver from the selected lengths (O(n) ints), with the shard bounds of ``mlmix.write_store``.
+  Each selected record's tokens are tagged with the shard(s) their rows fall in and shuffled by shard
+  (``groupby(shard).map_groups``): one task per shard gathers its rows and writes its shard files
+  (``mlmix.store.write_shard``) into the output's temporary directory, which the workers must share.
+  The driver writes the index arrays and the one manifest (``mlmix.store.write_index``); the output
+  directory is renamed into place only when complete.
 
 What runs on the driver is bounded in docs/ray.md (capacity plan), with the steps that would lift each
 bound. A worker process that dies (OOM, preemption, a killed actor) is retried by Ray: tasks are
@@ -56,7 +65,6 @@ from . import pipeline, readers
 from ._atomic import atomic_directory
 from ._deps import require
 from .config import load_config
-from .ragged import Ragged
 
 __all__ = ["RayEngineError", "build_ray", "connect"]
 
@@ -391,7 +399,7 @@ def _exact_removed(ds, partitions: int) -> tuple[np.ndarray, list]:
     return r["uid"][~first][gone].astype(np.int64), r["lang"][~first][gone].tolist()
 
 
-def _near_removed(ds, dd: Mapping, partitions: int, lang_of: Mapping) -> tuple[np.ndarray, list, dict]:
+def _near_removed(ds, dd: Mapping, partitions: int) -> tuple[np.ndarray, list, dict]:
     """uids (sorted) and languages of the near duplicates: LSH buckets by groupby, candidate pairs verified
     by exact Jaccard of shingle sets, clusters by union-find; the smallest uid of each cluster is kept."""
     banded = ds.select_columns(["uid", "scope", "bands"]).map_batches(_explode_bands, batch_format="pyarrow",
@@ -408,15 +416,11 @@ def _near_removed(ds, dd: Mapping, partitions: int, lang_of: Mapping) -> tuple[n
     sets_ds = ds.select_columns(["uid", "rec"]).map_batches(_shingle_sets, batch_size=_BATCH, batch_format="numpy",
                                                             fn_kwargs={"wanted": wanted, "dd": dd})
     sets: dict[int, np.ndarray] = {}
-    langs: dict[int, str] = {}
     for table in sets_ds.iter_batches(batch_format="pyarrow", batch_size=None):
         col = table.column("shingles").combine_chunks()
         values, offsets = np.asarray(col.values, dtype=np.uint64), np.asarray(col.offsets, dtype=np.int64)
         for k, uid in enumerate(table.column("uid").to_pylist()):
             sets[uid] = values[offsets[k]:offsets[k + 1]]
-    for uid, lang in zip(lang_of["uid"].tolist(), lang_of["lang"].tolist()):
-        if uid in sets:
-            langs[uid] = lang
     uf = _DisjointSets()
     verified = 0
     for x, y in cand.tolist():
@@ -424,8 +428,23 @@ def _near_removed(ds, dd: Mapping, partitions: int, lang_of: Mapping) -> tuple[n
             uf.unite(x, y)
             verified += 1
     info["verified_pairs"] = verified
-    removed = sorted(u for u in wanted.tolist() if uf.find(u) != u)
-    return np.array(removed, dtype=np.int64), [langs[u] for u in removed], info
+    removed = np.array(sorted(u for u in wanted.tolist() if uf.find(u) != u), dtype=np.int64)
+    got = _rows_with_keys(ds, {"uid": removed}, ["uid", "lang"])  # the removed records' languages
+    lang = dict(zip(got["uid"].tolist(), got["lang"].tolist()))
+    return removed, [lang[u] for u in removed.tolist()], info
+
+
+def _lang_totals(kept, partitions: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Records and tokens per language of ``kept`` (``groupby(lang)`` aggregates), sorted by language."""
+    from ray.data.aggregate import Count, Sum
+
+    if kept.count() == 0:
+        return {}, {}
+    got = _collect(kept.groupby("lang", num_partitions=partitions).aggregate(Count(), Sum("ntok")),
+                   ["lang", "count()", "sum(ntok)"])
+    order = sorted(range(len(got["lang"])), key=lambda i: got["lang"][i])
+    return ({got["lang"][i]: int(got["count()"][i]) for i in order},
+            {got["lang"][i]: int(got["sum(ntok)"][i]) for i in order})
 
 
 def _pool(size: int):
@@ -485,78 +504,255 @@ def _scan(ds) -> dict:
     return out
 
 
-def _mix(cfg: dict, rows: dict, out: str) -> tuple[np.ndarray, dict]:
-    """The mixture over the surviving rows (sorted by uid), as the single-machine engine computes it."""
+def _mix(cfg: dict, kept, lang_tokens: Mapping[str, int], partitions: int, out: str) -> tuple[dict, dict]:
+    """The mixture over the surviving records, as the single-machine engine computes it; returns the
+    selected records (uid, lang, ntok; in uid order) and the stage statistics.
+
+    Recipe ``all`` selects every surviving record (their uid, language and length come to the driver). The other recipes run on the
+    driver over counts only (:class:`mlmix.recipes.GroupedCorpus`): sources are grouped by source id on the
+    cluster (``groupby(sid).aggregate(Count, Unique(lang))``), each block counts its sources per language
+    set, and once the recipe has its exact per-group quotas, each block keeps the bottom-k of every group
+    by the recipe's seeded key (a StratifiedReservoir for integer ids) and the driver merges them exactly:
+    only k ids per group and block travel. The selected records are then picked out on the workers.
+    """
     mcfg = cfg["mixture"]
-    uids, sids, langs, ntok = rows["uid"], rows["sid"], rows["lang"], rows["ntok"]
     params = pipeline._recipe_params(mcfg)
     if mcfg["recipe"] == "all":
         if params:
             raise ValueError(f"mixture: recipe 'all' takes no parameters, got {sorted(params)}")
-        selected = np.arange(len(uids))
+        got = _collect(kept, ["uid", "lang", "ntok"])
+        order = np.argsort(got["uid"], kind="stable")
+        sel = {"uid": got["uid"][order].astype(np.int64), "lang": got["lang"][order].tolist(),
+               "ntok": got["ntok"][order].astype(np.int64)}
         target = None
     else:
         from . import recipes
 
-        ids = [json.loads(s) for s in sids]
-        where: dict[tuple[str, str], int] = {}
-        for i, (sid, lang) in enumerate(zip(ids, langs)):
-            key = (sid, lang)
-            if key in where:
-                raise ValueError(
-                    f"mixture: source id {sid!r} appears twice in language {lang!r} (records "
-                    f"{_uid_str(uids[where[key]])} and {_uid_str(uids[i])}); recipes need one example per "
-                    "(source id, language): set the sources' id_field to an id shared only by translations, "
-                    "or use recipe 'all'")
-            where[key] = i
-        table = [{"id": sid, "lang": lang, "tokens": int(n)} for sid, lang, n in zip(ids, langs, ntok.tolist())]
+        sources = _source_langs(kept, partitions)
+        summary = _group_summary(sources)
+        if summary["dups"]:
+            _raise_duplicate(kept, summary["dups"])
+        if summary["bad"]:
+            raise ValueError(f"mixture: source id {summary['bad'][0]!r} is neither an int nor a string; recipes need "
+                             "int or str source ids (set the sources' id_field), or use recipe 'all'")
+        if summary["big"]:
+            raise ValueError(f"mixture: source id {summary['big'][0]!r} is not in [-2**63, 2**63); the Ray engine's "
+                             "mixture needs 64-bit signed integer (or string) ids")
+        tokens = dict(lang_tokens)
+        groups = {g: c[0] for g, c in summary["groups"].items()}
+
+        def prefixes(active: list, quotas: dict, seed: int) -> dict:
+            return _group_prefixes(sources, summary["groups"], active, quotas, seed)
+
+        corpus = recipes.GroupedCorpus(groups, tokens, prefixes)
         recipe = getattr(recipes, mcfg["recipe"])
         try:
-            mixture = recipe(table, seed=mcfg["seed"], **params)
+            mixture = recipe(corpus, seed=mcfg["seed"], **params)
         except TypeError as exc:
             raise ValueError(f"mixture: bad parameters for recipe {mcfg['recipe']!r}: {exc}") from exc
-        selected = np.array(sorted(where[(str(sid), str(lang))] for sid, lang in mixture.rows), dtype=np.int64)
+        sel = _selected_rows(kept, mixture.rows)
         mixture.save(os.path.join(out, "mixture.json"))
         target = {str(k): int(v) for k, v in mixture.targets.items()}
-    sel_langs = [langs[i] for i in selected]
-    stats = {"recipe": mcfg["recipe"], "params": params, "seed": mcfg["seed"], "examples": int(selected.size),
-             "langs": pipeline._by_lang(sel_langs), "target": dict(target) if target else None}
-    return selected, stats
+    stats = {"recipe": mcfg["recipe"], "params": params, "seed": mcfg["seed"], "examples": len(sel["uid"]),
+             "langs": pipeline._by_lang(sel["lang"]), "target": dict(target) if target else None}
+    return sel, stats
+
+
+def _source_langs(kept, partitions: int):
+    """One row per source id: ``sid``, ``count()`` (its records) and ``unique(lang)`` (its languages)."""
+    from ray.data.aggregate import Count, Unique
+
+    return kept.select_columns(["sid", "lang"]).groupby("sid", num_partitions=partitions).aggregate(
+        Count(), Unique("lang")).materialize()
+
+
+def _is_int_id(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _summarize_sources(table):
+    """A block's sources counted per language set: one row holding a pickled dict."""
+    import pickle
+
+    import pyarrow as pa
+
+    groups: dict[tuple, list[int]] = {}
+    dups, bad, big = [], [], []
+    for sid, count, langs in zip(table.column("sid").to_pylist(), table.column("count()").to_pylist(),
+                                 table.column("unique(lang)").to_pylist()):
+        key = tuple(sorted(langs))
+        if count != len(key):
+            dups.append(sid)
+        x = json.loads(sid)
+        is_int = _is_int_id(x)
+        if not is_int and not isinstance(x, str):
+            bad.append(x)
+        elif is_int and not -(1 << 63) <= x < (1 << 63):
+            big.append(x)
+        c = groups.setdefault(key, [0, 0])
+        c[0] += 1
+        c[1] += is_int
+    return pa.table({"part": [pickle.dumps({"groups": groups, "dups": dups, "bad": bad, "big": big})]})
+
+
+def _group_summary(sources) -> dict:
+    """``groups``: {language set (sorted tuple): [sources, of which integer ids]}; ``dups``: source ids
+    with a language twice; ``bad``/``big``: ids that are not int/str, or ints outside int64."""
+    parts = sources.map_batches(_summarize_sources, batch_format="pyarrow", batch_size=None)
+    return _merge_summaries(parts.iter_batches(batch_format="pyarrow", batch_size=None))
+
+
+def _merge_summaries(tables) -> dict:
+    import pickle
+
+    out: dict = {"groups": {}, "dups": [], "bad": [], "big": []}
+    groups: dict[tuple, list[int]] = {}
+    for t in tables:
+        for raw in t.column("part").to_pylist():
+            p = pickle.loads(raw)
+            for key, (n, n_int) in p["groups"].items():
+                c = groups.setdefault(key, [0, 0])
+                c[0] += n
+                c[1] += n_int
+            for k in ("dups", "bad", "big"):
+                out[k] += p[k]
+    out["groups"] = groups
+    return out
+
+
+def _raise_duplicate(kept, dup_sids: list) -> None:
+    """The error of the single-machine engine for the first (in uid order) record whose (source id,
+    language) an earlier record has."""
+    rows = _rows_with_keys(kept, {"sid": np.array(sorted(dup_sids), dtype=object)}, ["uid", "sid", "lang"])
+    order = np.argsort(rows["uid"], kind="stable")
+    first: dict = {}
+    for uid, sid, lang in zip(rows["uid"][order].tolist(), rows["sid"][order].tolist(), rows["lang"][order].tolist()):
+        if (sid, lang) in first:
+            raise ValueError(
+                f"mixture: source id {json.loads(sid)!r} appears twice in language {lang!r} (records "
+                f"{_uid_str(first[(sid, lang)])} and {_uid_str(uid)}); recipes need one example per "
+                "(source id, language): set the sources' id_field to an id shared only by translations, "
+                "or use recipe 'all'")
+        first[(sid, lang)] = uid
+    raise RuntimeError("mixture: a duplicate (source id, language) was counted but not found (a lost block?)")
+
+
+def _group_prefixes(sources, summary_groups: dict, active: list, quotas: dict, seed: int) -> dict:
+    """The first ``quotas[g]`` sources of each availability group ``g`` in the recipe's seeded order:
+    per-block bottom-k reservoirs (``map_batches``), merged exactly on the driver."""
+    plan = _prefix_plan(summary_groups, active, quotas, seed)
+    parts = sources.map_batches(_block_reservoirs, batch_format="pyarrow", batch_size=None, fn_kwargs={"plan": plan})
+    return _merge_prefixes(parts.iter_batches(batch_format="pyarrow", batch_size=None), plan, list(quotas))
+
+
+def _prefix_plan(summary_groups: dict, active: list, quotas: dict, seed: int) -> dict:
+    """What each block needs: the active languages, the groups (in ``quotas`` order) with their quotas,
+    and whether each group's ids are all integers (then the recipe orders it by reservoir keys)."""
+    act = frozenset(active)
+    n_int: Counter = Counter()
+    n_all: Counter = Counter()
+    for key, (n, k_int) in summary_groups.items():
+        g = frozenset(key) & act
+        n_all[g] += n
+        n_int[g] += k_int
+    return {"active": sorted(act), "groups": [sorted(g) for g in quotas], "quotas": list(quotas.values()),
+            "integer": [n_int[g] == n_all[g] for g in quotas], "seed": seed}
+
+
+def _merge_prefixes(tables, plan: dict, order: list) -> dict:
+    """Merge the blocks' reservoirs (tables of group, part) into each group's ordered prefix."""
+    import pickle
+
+    from . import recipes
+
+    merged: dict[int, Any] = {}
+    for t in tables:
+        for gi, raw in zip(t.column("group").to_pylist(), t.column("part").to_pylist()):
+            merged[gi] = _merge_reservoir(merged.get(gi), pickle.loads(raw), plan, gi)
+    out = {}
+    for gi, g in enumerate(order):
+        part = merged.get(gi)
+        if part is None:
+            out[g] = []
+        elif plan["integer"][gi]:
+            out[g] = part.result()[recipes.ASSIGN_STRATUM].tolist()
+        else:
+            out[g] = list(part)
+    return out
+
+
+def _block_reservoirs(table, plan: dict):
+    """Each availability group's bottom-k sources of a block, by the recipe's seeded key: one row per
+    group (index, pickled reservoir or id list)."""
+    import pickle
+
+    import pyarrow as pa
+
+    ids_of = _group_ids(table, plan)
+    out_g, out_p = [], []
+    for gi, ids in ids_of.items():
+        out_g.append(gi)
+        out_p.append(pickle.dumps(_reservoir(ids, plan, gi)))
+    return pa.table({"group": pa.array(out_g, type=pa.int64()), "part": pa.array(out_p, type=pa.binary())})
+
+
+def _group_ids(table, plan: dict) -> dict[int, list]:
+    """{group index: the block's source ids in that group} for the groups with a quota."""
+    act = frozenset(plan["active"])
+    index = {frozenset(g): gi for gi, g in enumerate(plan["groups"])}
+    ids_of: dict[int, list] = {}
+    for sid, langs in zip(table.column("sid").to_pylist(), table.column("unique(lang)").to_pylist()):
+        gi = index.get(frozenset(langs) & act)
+        if gi is not None:
+            ids_of.setdefault(gi, []).append(json.loads(sid))
+    return ids_of
+
+
+def _reservoir(ids: list, plan: dict, gi: int):
+    """The bottom-k of ``ids``: a StratifiedReservoir (integer groups) or a sorted list of ids."""
+    import heapq
+
+    from . import recipes
+    from .sample import StratifiedReservoir
+
+    k, seed = plan["quotas"][gi], plan["seed"]
+    if plan["integer"][gi]:
+        r = StratifiedReservoir({recipes.ASSIGN_STRATUM: k}, seed=seed)
+        r.add(np.full(len(ids), recipes.ASSIGN_STRATUM, dtype=np.uint64), np.array(ids, dtype=np.int64))
+        return r
+    return heapq.nsmallest(k, ids, key=lambda x: recipes.assign_order_key(seed, x))
+
+
+def _merge_reservoir(acc, part, plan: dict, gi: int):
+    """Exact merge of two bottom-k samples of a group (either may be None)."""
+    import heapq
+
+    from . import recipes
+
+    if acc is None:
+        return part
+    if plan["integer"][gi]:
+        return acc.merge(part)
+    seed = plan["seed"]
+    return heapq.nsmallest(plan["quotas"][gi], acc + part, key=lambda x: recipes.assign_order_key(seed, x))
+
+
+def _selected_rows(kept, pairs: list) -> dict:
+    """uid, lang, ntok of the records the mixture selected (its (source id, lang) pairs), in uid order."""
+    if not pairs:
+        return {"uid": np.zeros(0, np.int64), "lang": [], "ntok": np.zeros(0, np.int64)}
+    wanted = {"sid": np.array([json.dumps(sid) for sid, _ in pairs], dtype=object),
+              "lang": np.array([lang for _, lang in pairs], dtype=object)}
+    got = _rows_with_keys(kept, wanted, ["uid", "lang", "ntok"])
+    if len(got["uid"]) != len(pairs):
+        raise RuntimeError(f"mixture: {len(pairs)} rows were selected but {len(got['uid'])} records found")
+    order = np.argsort(got["uid"], kind="stable")
+    return {"uid": got["uid"][order].astype(np.int64), "lang": got["lang"][order].tolist(),
+            "ntok": got["ntok"][order].astype(np.int64)}
 
 
 def _uid_str(uid: int) -> str:
     return f"{int(uid) >> _UID_SHIFT}:{int(uid) & ((1 << _UID_SHIFT) - 1)}"
-
-
-def _selected_chunks(ds, selected_uids: np.ndarray, chunk: int) -> Iterator[tuple[Ragged, Ragged]]:
-    """Tokens and masks of the selected records in uid order, in Ragged chunks (streamed from the workers)."""
-    ray = require("ray", "the Ray engine")
-    ref = ray.put(selected_uids)
-
-    def pick(table):
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        wanted = pa.array(ray.get(ref))
-        return table.filter(pc.is_in(table.column("uid"), value_set=wanted)).select(["uid", "tokens", "mask"])
-
-    parts = list(ds.map_batches(pick, batch_size=_BATCH, batch_format="pyarrow").iter_batches(
-        batch_format="pyarrow", batch_size=None))
-    import pyarrow as pa
-
-    table = pa.concat_tables(parts) if parts else None
-    if table is None or table.num_rows == 0:
-        return
-    table = table.take(pa.array(np.argsort(table.column("uid").to_numpy(), kind="stable")))
-    for lo in range(0, table.num_rows, chunk):
-        part = table.slice(lo, chunk)
-        tok = part.column("tokens").combine_chunks()
-        msk = part.column("mask").combine_chunks()
-        offsets = np.asarray(tok.offsets, dtype=np.int64)
-        moff = np.asarray(msk.offsets, dtype=np.int64)
-        tv = np.asarray(tok.values, dtype=np.uint32)[offsets[0]:offsets[-1]]
-        mv = np.asarray(msk.values, dtype=np.uint8)[moff[0]:moff[-1]]
-        yield Ragged(tv, offsets - offsets[0]), Ragged(mv, moff - moff[0])
 
 
 # ---- the driver --------------------------------------------------------------------------------
@@ -662,9 +858,6 @@ def _run(cfg: dict, log, concurrency: int, fault_marker: str | None) -> dict:
     # the surviving records' small columns (the texts stay on the workers)
     alive = ds.drop_columns(["tokens", "mask"]).map_batches(_alive_rows, batch_size=_BATCH,
                                                              batch_format="pyarrow").materialize()
-    rows = _collect(alive, ["uid", "sid", "lang", "ntok"])
-    order = np.argsort(rows["uid"], kind="stable")
-    rows = {k: v[order] for k, v in rows.items()}
     exact_removed: Counter = Counter()
     near_removed: Counter = Counter()
     info: dict = {}
@@ -672,34 +865,35 @@ def _run(cfg: dict, log, concurrency: int, fault_marker: str | None) -> dict:
         gone, gone_langs = _exact_removed(alive, partitions)
         (exact_removed if dcfg["exact"] else near_removed).update(gone_langs)  # near merges exact dups too
         if dcfg["near"]:
-            gone_near, gone_langs, info = _near_removed(_drop(alive, gone), dd, partitions, rows)
+            gone_near, gone_langs, info = _near_removed(_drop(alive, gone), dd, partitions)
             near_removed.update(gone_langs)
             gone = np.union1d(gone, gone_near)
-        keep = ~np.isin(rows["uid"], gone)
-        rows = {k: v[keep] for k, v in rows.items()}
-    rows["sid"], rows["lang"] = rows["sid"].tolist(), rows["lang"].tolist()
-    stats["dedup"] = {"kept": len(rows["uid"]), "exact_removed": dict(sorted(exact_removed.items())),
-                      "near_removed": dict(sorted(near_removed.items())), "langs": pipeline._by_lang(rows["lang"]),
+    else:
+        gone = np.zeros(0, np.int64)
+    # the kept records' small columns stay on the cluster for the mixture
+    kept = _drop(alive.select_columns(["uid", "sid", "lang", "ntok"]), gone).materialize()
+    kept_langs, kept_tokens = _lang_totals(kept, partitions)
+    n_kept = sum(kept_langs.values())
+    stats["dedup"] = {"kept": n_kept, "exact_removed": dict(sorted(exact_removed.items())),
+                      "near_removed": dict(sorted(near_removed.items())), "langs": kept_langs,
                       "lsh": info}
-    done("dedup", t0, f"kept {len(rows['uid']):,}; removed {sum(exact_removed.values()):,} exact, "
+    done("dedup", t0, f"kept {n_kept:,}; removed {sum(exact_removed.values()):,} exact, "
                       f"{sum(near_removed.values()):,} near duplicates")
 
     out = cfg["output"]
     with atomic_directory(out) as tmp:
         # mix
         t0 = time.perf_counter()
-        selected, stats["mix"] = _mix(cfg, rows, tmp)
-        done("mix", t0, f"recipe {stats['mix']['recipe']}: {selected.size:,} examples")
-        # pack: plan from the selected lengths; token values stream from the workers in uid order
+        sel, stats["mix"] = _mix(cfg, kept, kept_tokens, partitions, tmp)
+        done("mix", t0, f"recipe {stats['mix']['recipe']}: {len(sel['uid']):,} examples")
+        # pack: plan from the selected lengths; shards materialised by Ray tasks
         t0 = time.perf_counter()
-        sel_uids = rows["uid"][selected]
-        sel_langs = [rows["lang"][i] for i in selected]
-        lengths = rows["ntok"][selected]
+        sel_uids, sel_langs, lengths = sel["uid"], sel["lang"], sel["ntok"]
         s_pack = _pack(cfg, ds, sel_uids, lengths, sel_langs, stats["tokenize"]["pad_id"], os.path.join(tmp, "store"))
         s_pack["seconds"] = time.perf_counter() - t0
         stats["pack"] = s_pack
         stats["tokens_by_lang"] = {"read": dict(sorted(scan["lang_tokens"].items())),
-                                   "dedup": pipeline._by_lang(rows["lang"], rows["ntok"]),
+                                   "dedup": kept_tokens,
                                    "mix": pipeline._by_lang(sel_langs, lengths)}
         stats["lengths"] = pipeline._length_summary(lengths, sel_langs) if len(lengths) else {}
         np.save(os.path.join(tmp, "lengths.npy"), lengths.astype(np.int32))
@@ -724,16 +918,102 @@ def _run(cfg: dict, log, concurrency: int, fault_marker: str | None) -> dict:
 
 def _pack(cfg: dict, ds, sel_uids: np.ndarray, lengths: np.ndarray, sel_langs: list, pad_id: int,
           out_store: str) -> dict:
-    """write_store over the selected examples, as the single-machine engine calls it."""
+    """The packed store of the selected examples, written as shards by Ray tasks and indexed on the driver.
+
+    The plan is made on the driver from the selected lengths alone (the planner is global: its seed
+    permutes all examples before best-fit), with the shard bounds of :func:`mlmix.write_store`. Each
+    selected record's tokens and mask are tagged with the shard(s) its segments land in and shuffled by
+    shard (``groupby(shard).map_groups``): one task per shard gathers its rows and writes its files into
+    ``out_store`` (a directory the workers share). The driver writes the index arrays and the manifest.
+    The bytes equal those of ``write_store`` over the same examples in uid order.
+    """
+    from . import store
+    from .pack import pack
+
+    ray = require("ray", "the Ray engine")
+    pcfg = cfg["pack"]
+    seq_len, strategy, policy = pcfg["seq_len"], pcfg["strategy"], pcfg["overlong"]
     if len(sel_uids) == 0:
         raise ValueError("pack: no examples are left to pack (check the mixture and dedup statistics)")
-    # The in-memory planner is global (its seed permutes all examples), so the selected tokens are
-    # gathered into one Ragged; see docs/ray.md for the bound.
-    tok_parts, mask_parts = [], []
-    for t, m in _selected_chunks(ds, sel_uids, chunk=65_536):
-        tok_parts.append(t)
-        mask_parts.append(m)
-    tokens, masks = Ragged.concat(tok_parts), Ragged.concat(mask_parts)
-    if not np.array_equal(tokens.lengths, lengths):
-        raise RuntimeError("pack: the gathered examples do not match the selected lengths (a lost block?)")
-    return pipeline._stage_pack(cfg, tokens, masks, sel_langs, pad_id, out_store)
+    n_over = int((lengths > seq_len).sum())
+    if strategy == "bfd_split":
+        policy = "split"
+    elif n_over and policy == "error" and strategy != "wrapped":
+        raise ValueError(
+            f"{n_over} example(s) are longer than pack.seq_len = {seq_len} (longest {int(lengths.max())} tokens); "
+            "set pack.overlong to 'truncate', 'split' or 'drop', or raise pack.seq_len")
+    plan = pack(lengths, seq_len, strategy=strategy, overlong=policy, seed=cfg["seed"])
+    # pack.shard_sequences, once the config schema has it (pipeline._stage_pack passes the same to write_store)
+    shard_sequences = store._check_shard_sequences(pcfg.get("shard_sequences"), seq_len)
+    bounds = np.asarray(store.shard_bounds(plan.num_sequences, shard_sequences), dtype=np.int64)
+    num_shards = len(bounds) - 1
+    # (example, shard) pairs: the shards of each example's segments (one, unless split across a boundary)
+    seg_row = np.repeat(np.arange(plan.num_sequences, dtype=np.int64), np.diff(plan.row_offsets))
+    seg_shard = np.searchsorted(bounds, seg_row, side="right") - 1
+    pair = np.unique(plan.seg_example * num_shards + seg_shard)
+    os.makedirs(out_store, exist_ok=True)
+    refs = ray.put({"uids": sel_uids, "pair_ex": pair // num_shards, "pair_shard": pair % num_shards})
+    plan_ref = ray.put(plan)
+    tagged = ds.select_columns(["uid", "tokens", "mask"]).map_batches(
+        _tag_shards, batch_size=_BATCH, batch_format="pyarrow", fn_kwargs={"refs": refs})
+    written = tagged.groupby("shard", num_partitions=max(1, min(num_shards, 64))).map_groups(
+        _write_shard_group, batch_format="pyarrow",
+        fn_kwargs={"plan_ref": plan_ref, "bounds": bounds, "directory": out_store})
+    specs: dict[int, dict] = {}
+    for t in written.iter_batches(batch_format="pyarrow", batch_size=None):
+        for k, spec in zip(t.column("shard").to_pylist(), t.column("specs").to_pylist()):
+            specs[int(k)] = json.loads(spec)
+    if sorted(specs) != list(range(num_shards)):
+        raise RuntimeError(f"pack: shards {sorted(set(range(num_shards)) - set(specs))} were not written (a lost block?)")
+    manifest = store.write_index(out_store, plan, [specs[k] for k in range(num_shards)], strategy=strategy,
+                                 langs=sel_langs, pad_id=pad_id, seed=cfg["seed"], shard_sequences=shard_sequences)
+    counts = manifest["counts"]
+    return {"sequences": manifest["num_sequences"], "seq_len": seq_len, "strategy": strategy, "overlong_policy": policy,
+            "examples": manifest["num_examples"], "tokens": manifest["num_tokens"], "efficiency": manifest["efficiency"],
+            "lower_bound_sequences": manifest["lower_bound_sequences"], "overlong": n_over,
+            "truncated": counts["truncated"], "split": counts["split"], "dropped": counts["dropped"],
+            "tokens_dropped": counts["tokens_dropped"], "shards": num_shards}
+
+
+def _tag_shards(table, refs):
+    """The selected records of a block, one row per (record, shard it lands in): shard, example index
+    (position in uid order), tokens, mask."""
+    import pyarrow as pa
+    import ray
+
+    r = ray.get(refs)
+    uids, pair_ex, pair_shard = r["uids"], r["pair_ex"], r["pair_shard"]
+    uid = table.column("uid").to_numpy()
+    ex = np.searchsorted(uids, uid)
+    hit = (ex < len(uids)) & (uids[np.minimum(ex, len(uids) - 1)] == uid)
+    rows, ex = np.flatnonzero(hit), ex[hit]
+    lo, hi = np.searchsorted(pair_ex, ex, side="left"), np.searchsorted(pair_ex, ex, side="right")
+    counts = hi - lo  # a dropped example (overlong = drop) has no segment, so no row
+    take = np.repeat(rows, counts)
+    pos = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(len(take))
+    return pa.table({"shard": pa.array(pair_shard[pos], type=pa.int64()), "ex": pa.array(pair_ex[pos], type=pa.int64()),
+                     "tokens": table.column("tokens").take(pa.array(take)),
+                     "mask": table.column("mask").take(pa.array(take))})
+
+
+def _write_shard_group(table, plan_ref, bounds: np.ndarray, directory: str):
+    """One shard's files from the examples tagged with it (a ``map_groups`` UDF); returns its specs."""
+    import pyarrow as pa
+    import ray
+
+    from . import store
+
+    plan = ray.get(plan_ref)
+    k = int(table.column("shard")[0].as_py())
+    table = table.take(pa.array(np.argsort(table.column("ex").to_numpy(), kind="stable")))
+    ex = table.column("ex").to_numpy()
+    tok = table.column("tokens").combine_chunks()
+    msk = table.column("mask").combine_chunks()
+    offsets = np.asarray(tok.offsets, dtype=np.int64)
+    values = np.asarray(tok.values, dtype=np.uint32)[offsets[0]:offsets[-1]]
+    moff = np.asarray(msk.offsets, dtype=np.int64)
+    mvals = np.asarray(msk.values, dtype=np.uint8)[moff[0]:moff[-1]]
+    sub = plan.rows(int(bounds[k]), int(bounds[k + 1]))
+    sub.seg_example = np.searchsorted(ex, sub.seg_example)  # the shard's examples, renumbered
+    specs = store.write_shard(directory, k, len(bounds) - 1, sub, values, offsets - offsets[0], mvals)
+    return pa.table({"shard": pa.array([k], type=pa.int64()), "specs": pa.array([json.dumps(specs)])})

@@ -207,7 +207,12 @@ def _columns(rows, fields: Sequence[str]) -> list[list]:
 
 
 class _Corpus:
-    """Availability of a parallel corpus: {lang: list of source ids}, validated."""
+    """Availability of a parallel corpus: {lang: list of source ids}, validated.
+
+    The recipes see a corpus only through ``require``, ``languages``, ``available``, ``count_sources``,
+    ``tokens``, ``group_sizes`` and ``group_prefixes``; :class:`GroupedCorpus` answers the same questions
+    from counts, with the group prefixes computed elsewhere (per-block reservoirs on a cluster).
+    """
 
     def __init__(self, rows, id_field: str, lang_field: str, tokens_field: str | None = None) -> None:
         if isinstance(rows, _Corpus):
@@ -251,6 +256,43 @@ class _Corpus:
         for lang in langs:
             out.update(self.by_lang.get(lang, ()))
         return out
+
+    def languages(self) -> list[str]:
+        return sorted(self.by_lang)
+
+    def available(self, lang: str) -> int:
+        """Sources available in ``lang``."""
+        return len(self.by_lang.get(lang, ()))
+
+    def count_sources(self, langs: Iterable[str]) -> int:
+        """Sources available in any of ``langs``."""
+        return len(self.sources(langs))
+
+    def _groups(self, active: Sequence[str]) -> dict[frozenset, list]:
+        membership: dict[Hashable, set] = collections.defaultdict(set)
+        for lang in active:
+            for sid in self.by_lang.get(lang, ()):
+                membership[sid].add(lang)
+        by_group: dict[frozenset, list] = collections.defaultdict(list)
+        for sid, langs in membership.items():
+            by_group[frozenset(langs)].append(sid)
+        return by_group
+
+    def group_sizes(self, active: Sequence[str]) -> dict[frozenset, int]:
+        """``{availability group: sources}``: sources by the set of ``active`` languages they are in
+        (sources in none are left out)."""
+        return {g: len(ids) for g, ids in self._groups(active).items()}
+
+    def group_prefixes(self, active: Sequence[str], quotas: Mapping[frozenset, int], seed: int) -> dict[frozenset, list]:
+        """The first ``quotas[g]`` sources of each group ``g`` in the seeded order ``_seeded_order(...,
+        seed, "assign")``: the bottom-k of the keys :func:`assign_order_keys` gives."""
+        by_group = self._groups(active)
+        return {g: _seeded_order(by_group[g], seed, "assign")[:k] for g, k in quotas.items()}
+
+
+def _corpus(rows, id_field: str, lang_field: str, tokens_field: str | None = None) -> _Corpus:
+    """A recipe's corpus: ``rows`` itself when it is one already (handed on, or a GroupedCorpus)."""
+    return rows if isinstance(rows, _Corpus) else _Corpus(rows, id_field, lang_field, tokens_field)
 
 
 def _check_langs(langs, arg: str) -> tuple[str, ...]:
@@ -456,32 +498,29 @@ def _assign(
     if on_shortfall not in _SHORTFALL:
         raise ValueError(f"on_shortfall must be one of {_SHORTFALL}, got {on_shortfall!r}")
     active = [lang for lang, t in targets.items() if t > 0]
-    membership: dict[Hashable, set] = collections.defaultdict(set)
-    for lang in active:
-        for sid in corpus.by_lang.get(lang, ()):
-            membership[sid].add(lang)
-    by_group: dict[frozenset, list] = collections.defaultdict(list)
-    for sid, langs in membership.items():
-        by_group[frozenset(langs)].append(sid)
+    sizes = corpus.group_sizes(active)
     # deterministic group order: by the languages' positions in targets
     pos = {lang: i for i, lang in enumerate(targets)}
-    keys = sorted(by_group, key=lambda g: sorted(pos[lang] for lang in g))
-    groups = [(g, len(by_group[g])) for g in keys]
+    keys = sorted(sizes, key=lambda g: sorted(pos[lang] for lang in g))
+    groups = [(g, sizes[g]) for g in keys]
     flow = _max_flow_assign(groups, {lang: targets[lang] for lang in active})
     got = collections.Counter()
     for (lang, _), c in flow.items():
         got[lang] += c
     short = {lang: targets[lang] - got[lang] for lang in active if got[lang] < targets[lang]}
     if short and on_shortfall == "error":
-        avail = {lang: len(corpus.by_lang.get(lang, ())) for lang in targets}
+        avail = {lang: corpus.available(lang) for lang in targets}
         raise ValueError(
             f"the rows cannot meet the targets {targets} with each source in one language "
             f"(short by {short}; sources available per language: {avail}); "
             "pass on_shortfall='take_all' to keep what can be met and report the shortfall"
         )
     chosen: dict[str, list] = {lang: [] for lang in targets}
+    # each group's sources in the seeded order, as far as the flow takes them
+    quotas = {g: sum(flow.get((lang, gi), 0) for lang in targets) for gi, g in enumerate(keys)}
+    prefixes = corpus.group_prefixes(active, {g: k for g, k in quotas.items() if k > 0}, seed)
     for gi, g in enumerate(keys):
-        ordered = _seeded_order(by_group[g], seed, "assign")
+        ordered = prefixes.get(g, [])
         start = 0
         for lang in targets:
             c = flow.get((lang, gi), 0)
@@ -503,14 +542,14 @@ def _mixture(
     params: dict,
 ) -> Mixture:
     rows = _assign(corpus, targets, seed, on_shortfall)
-    available = {lang: len(corpus.by_lang.get(lang, ())) for lang in targets}
+    available = {lang: corpus.available(lang) for lang in targets}
     return Mixture(recipe=recipe, seed=seed, params=params, rows=rows, targets=dict(targets), available=available)
 
 
 def _total(corpus: _Corpus, langs: Sequence[str], total) -> int:
     """The set size: ``total`` if given, else the number of sources available in any of ``langs``."""
     if total is None:
-        return len(corpus.sources(langs))
+        return corpus.count_sources(langs)
     if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or total < 0:
         raise ValueError(f"total must be an integer >= 0 (or None for all sources), got {total!r}")
     return int(total)
@@ -524,7 +563,7 @@ def monolingual(
 ) -> Mixture:
     """The set in one language: all its sources (``n=None``) or a seeded random ``n`` of them."""
     seed = _check_seed(seed)
-    corpus = _Corpus(rows, id_field, lang_field)
+    corpus = _corpus(rows, id_field, lang_field)
     (lang,) = _check_langs([lang], "lang")
     corpus.require([lang], "lang")
     count = _total(corpus, [lang], n)
@@ -538,7 +577,7 @@ def _pivot_mixture(
     languages = _check_langs(languages, "languages")
     if pivot not in languages:
         raise ValueError(f"pivot {pivot!r} must be one of languages {languages!r}")
-    corpus = _Corpus(rows, id_field, lang_field)
+    corpus = _corpus(rows, id_field, lang_field)
     corpus.require(languages, "languages")
     size = _total(corpus, languages, total)
     if n_multi > size:
@@ -585,7 +624,7 @@ def percent_mixture(
     ):
         raise ValueError(f"percent must be a number in [0, 100], got {percent!r}")
     # the set size turns P% into a count; the corpus is read once and handed on
-    corpus = _Corpus(rows, id_field, lang_field)
+    corpus = _corpus(rows, id_field, lang_field)
     size = _total(corpus, _check_langs(languages, "languages"), total)
     n_multi = int(math.floor(Fraction(percent) * size / 100 + Fraction(1, 2)))
     params = {"percent": percent, "pivot": pivot, "languages": list(languages), "spread_over": spread_over}
@@ -598,7 +637,7 @@ def percent_mixture(
 def _even_mixture(recipe, rows, langs, arg, total, seed, id_field, lang_field, on_shortfall, params):
     """The set spread evenly over ``langs`` (``arg``: the argument that named them, for errors)."""
     seed = _check_seed(seed)
-    corpus = _Corpus(rows, id_field, lang_field)
+    corpus = _corpus(rows, id_field, lang_field)
     corpus.require(langs, arg)
     size = _total(corpus, langs, total)
     return _mixture(recipe, corpus, even_split(size, langs, seed), seed, on_shortfall, params | {"total": size})
@@ -646,10 +685,10 @@ def bilingual(
 
 def _policy_mixture(recipe, rows, languages, total, seed, id_field, lang_field, on_shortfall, tokens, allocate, params):
     seed = _check_seed(seed)
-    corpus = _Corpus(rows, id_field, lang_field, tokens)
-    langs = _check_langs(languages if languages is not None else sorted(corpus.by_lang), "languages")
+    corpus = _corpus(rows, id_field, lang_field, tokens)
+    langs = _check_langs(languages if languages is not None else corpus.languages(), "languages")
     corpus.require(langs, "languages")
-    n_avail = {lang: len(corpus.by_lang[lang]) for lang in langs}
+    n_avail = {lang: corpus.available(lang) for lang in langs}
     if tokens is None:
         sizes = n_avail
         budget = _total(corpus, langs, total)
@@ -701,3 +740,72 @@ def unimax(
         "unimax", rows, languages, total, seed, id_field, lang_field, on_shortfall, tokens,
         lambda sizes, budget: allocate_unimax(sizes, budget, max_epochs=max_epochs, seed=seed), params,
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# a corpus known by counts (the Ray engine's)
+class GroupedCorpus(_Corpus):
+    """A parallel corpus given by counts, for recipes run where the rows do not fit one process.
+
+    Pass it as a recipe's ``rows``: the recipe computes its targets and the exact assignment from
+    ``groups`` alone, then asks ``prefixes`` for the first ``k`` sources of each availability group in
+    the seeded order (the bottom-k of a keyed hash: per-block reservoirs merged exactly give them, see
+    mlmix.ray_engine). The Mixture equals the one the rows themselves give.
+
+    Args:
+        groups: ``{languages: number of sources}``, where ``languages`` (any iterable of codes) is the
+            full set of languages a source is available in.
+        tokens: ``{lang: tokens summed over its rows}`` (for recipes with ``tokens=``).
+        prefixes: ``prefixes(active, quotas, seed) -> {group: [source ids]}`` where a group is a
+            frozenset of active languages and ``quotas`` maps groups to counts (see
+            :meth:`_Corpus.group_prefixes`).
+    """
+
+    def __init__(self, groups: Mapping[Iterable[str], int], tokens: Mapping[str, float], prefixes) -> None:
+        self.groups = {frozenset(g): int(n) for g, n in groups.items() if int(n) > 0}
+        self.tokens = collections.defaultdict(float, {k: float(v) for k, v in tokens.items()})
+        self._prefixes = prefixes
+        self._langs = sorted(set().union(*self.groups)) if self.groups else []
+
+    def require(self, langs: Iterable[str], arg: str) -> None:
+        for lang in langs:
+            if lang not in self._langs:
+                raise ValueError(f"{arg} names language {lang!r}, which has no rows; languages in rows: {self._langs}")
+
+    def sources(self, langs: Iterable[str]) -> set:
+        raise NotImplementedError("a GroupedCorpus knows its sources by count only")
+
+    def languages(self) -> list[str]:
+        return list(self._langs)
+
+    def available(self, lang: str) -> int:
+        return sum(n for g, n in self.groups.items() if lang in g)
+
+    def count_sources(self, langs: Iterable[str]) -> int:
+        want = set(langs)
+        return sum(n for g, n in self.groups.items() if g & want)
+
+    def group_sizes(self, active: Sequence[str]) -> dict[frozenset, int]:
+        out: dict[frozenset, int] = collections.Counter()
+        act = frozenset(active)
+        for g, n in self.groups.items():
+            if g & act:
+                out[g & act] += n
+        return dict(out)
+
+    def group_prefixes(self, active: Sequence[str], quotas: Mapping[frozenset, int], seed: int) -> dict[frozenset, list]:
+        got = self._prefixes(list(active), dict(quotas), seed)
+        for g, k in quotas.items():
+            if len(got.get(g, ())) != k:
+                raise RuntimeError(f"group {sorted(g)}: {len(got.get(g, ()))} sources came back for a quota of {k}")
+        return got
+
+
+def assign_order_key(seed: int, source_id) -> tuple:
+    """The sort key of ``source_id`` in an availability group whose ids are not all 64-bit integers
+    (``_seeded_order(..., seed, "assign")``); groups of integer ids sort by StratifiedReservoir keys of
+    the stratum :data:`ASSIGN_STRATUM` instead (a bijective hash, so no ties)."""
+    return (_hash_u64(seed, "assign", source_id), type(source_id).__name__, str(source_id))
+
+
+ASSIGN_STRATUM = _hash_u64(0, "code", "assign")  # the stratum code of _seeded_order(..., "assign") on int ids

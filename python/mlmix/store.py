@@ -22,13 +22,16 @@ from ._atomic import atomic_directory
 from .pack import StreamPacker, _check_mask, _check_pad, _check_seed, _check_seq_len, _check_tokens, pack
 from .ragged import Ragged
 
-__all__ = ["write_store", "open", "Store", "StoreError", "FORMAT", "VERSION"]
+__all__ = ["write_store", "open", "Store", "ShardedArray", "StoreError", "FORMAT", "VERSION"]
 
 FORMAT = "mlmix.packed-store"
-VERSION = 1
+VERSION = 2  # the newest version written; a store of one shard is written (and read) as version 1
+READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 MANIFEST_CRC = "manifest_crc32"  # last field of the manifest: CRC-32 of the file's text without it
 _ROW_BLOCK = 16_384  # fewest rows gathered and written at a time
+SHARD_TOKENS = 1 << 28  # default shard size: seq_len-token rows of 2**28 tokens (1 GiB of uint32 ids)
+SHARDED_ARRAYS = ("tokens", "loss_mask")  # the per-token arrays, split by rows into shard files
 
 
 class StoreError(ValueError):
@@ -38,9 +41,9 @@ class StoreError(ValueError):
 class _ArrayWriter:
     """Appends to one raw little-endian array file, tracking its length and CRC-32."""
 
-    def __init__(self, directory: str, name: str, dtype) -> None:
+    def __init__(self, directory: str, name: str, dtype, file: str | None = None) -> None:
         self.name, self.dtype = name, np.dtype(dtype)
-        self.file = f"{name}.bin"
+        self.file = f"{name}.bin" if file is None else file
         self._f = builtins.open(os.path.join(directory, self.file), "wb")
         self.length = 0
         self.crc = 0
@@ -67,6 +70,93 @@ class _ArrayWriter:
                 "crc32": f"{self.crc:08x}"}
 
 
+def shard_file(name: str, shard: int, num_shards: int) -> str:
+    """File name of array ``name`` in shard ``shard``: ``tokens.bin`` for a store of one shard (format
+    version 1), else ``tokens-00000.bin``, ``tokens-00001.bin``, ..."""
+    return f"{name}.bin" if num_shards == 1 else f"{name}-{shard:05d}.bin"
+
+
+def shard_bounds(num_sequences: int, shard_sequences: int) -> list[int]:
+    """Row boundaries of the shards: ``[0, s, 2s, ..., num_sequences]`` (one shard for an empty store)."""
+    return list(range(0, num_sequences, shard_sequences)) + [num_sequences] if num_sequences else [0, 0]
+
+
+def _check_shard_sequences(shard_sequences, seq_len: int) -> int:
+    if shard_sequences is None:
+        return max(1, SHARD_TOKENS // seq_len)
+    if isinstance(shard_sequences, bool) or not isinstance(shard_sequences, (int, np.integer)) or shard_sequences < 1:
+        raise ValueError(f"shard_sequences must be an integer >= 1 (rows per shard) or None, got {shard_sequences!r}")
+    return int(shard_sequences)
+
+
+def _gf2_times(mat: list[int], vec: int) -> int:
+    out, i = 0, 0
+    while vec:
+        if vec & 1:
+            out ^= mat[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC-32 of ``a + b`` from ``crc32(a)``, ``crc32(b)`` and ``len(b)`` in bytes (zlib's method:
+    apply ``len2`` zero bytes to ``crc1`` by squaring the one-zero-bit operator over GF(2))."""
+    if len2 <= 0:
+        return crc1
+    odd = [0xEDB88320] + [1 << n for n in range(31)]  # one zero bit
+    even = [_gf2_times(odd, odd[n]) for n in range(32)]  # two zero bits
+    odd = [_gf2_times(even, even[n]) for n in range(32)]  # four zero bits
+    while True:
+        even = [_gf2_times(odd, odd[n]) for n in range(32)]
+        if len2 & 1:
+            crc1 = _gf2_times(even, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+        odd = [_gf2_times(even, even[n]) for n in range(32)]
+        if len2 & 1:
+            crc1 = _gf2_times(odd, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+    return crc1 ^ crc2
+
+
+def _sharded_spec(dtype: str, shards: list[dict]) -> dict:
+    """The manifest entry of an array kept in several shard files: its total length and the CRC-32 of
+    the shards' bytes end to end (what one file would have), then each shard's file, length and CRC."""
+    crc, itemsize = 0, np.dtype(dtype).itemsize
+    for sh in shards:
+        crc = crc32_combine(crc, int(sh["crc32"], 16), sh["length"] * itemsize)
+    return {"dtype": dtype, "length": sum(sh["length"] for sh in shards), "crc32": f"{crc:08x}",
+            "shards": [{"file": sh["file"], "length": sh["length"], "crc32": sh["crc32"]} for sh in shards]}
+
+
+def write_shard(directory: str, shard: int, num_shards: int, plan, values: np.ndarray, offsets: np.ndarray,
+                mask_values: np.ndarray | None) -> dict[str, dict]:
+    """Write the per-token arrays of one shard and return their specs (file, dtype, length, crc32).
+
+    ``plan`` is the shard's rows (a PackPlan, e.g. ``full_plan.rows(lo, hi)``) whose ``seg_example``
+    indexes ``offsets``: the tokens of only the examples the shard needs may be given. The bytes equal
+    those :func:`write_store` writes for the same rows, however the examples reached this call (this is
+    how the Ray engine materialises each shard in its own task).
+    """
+    writers = {"tokens": _ArrayWriter(directory, "tokens", values.dtype, shard_file("tokens", shard, num_shards))}
+    if mask_values is not None:
+        writers["loss_mask"] = _ArrayWriter(directory, "loss_mask", np.uint8, shard_file("loss_mask", shard, num_shards))
+    try:
+        for lo in range(0, plan.num_sequences, _ROW_BLOCK):
+            block = plan.rows(lo, min(plan.num_sequences, lo + _ROW_BLOCK))
+            writers["tokens"].append(block.gather(values, offsets))
+            if mask_values is not None:
+                writers["loss_mask"].append(block.gather(mask_values, offsets))
+        return {name: w.close() for name, w in writers.items()}
+    finally:
+        for w in writers.values():
+            w.discard()
+
+
 def _lang_table(langs, n: int, table: dict[str, int]) -> np.ndarray:
     """uint16 language index per example, growing ``table`` (code -> index) in order of appearance."""
     codes = list(langs) if not isinstance(langs, np.ndarray) else langs.tolist()
@@ -86,7 +176,8 @@ def _lang_table(langs, n: int, table: dict[str, int]) -> np.ndarray:
 
 
 def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "bfd", langs=None, seed: int | None = 0,
-                pad_id: int = 0, overlong: str = "error", window: int = 65_536) -> dict:
+                pad_id: int = 0, overlong: str = "error", window: int = 65_536,
+                shard_sequences: int | None = None) -> dict:
     """Pack tokenized examples and write a packed store at ``path`` (atomically; replaces an old one).
 
     Args:
@@ -102,11 +193,16 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
         seed: permutes examples before planning (see mlmix.pack); None keeps the input order.
         pad_id: token id used for padding when rows are read.
         overlong: policy for examples longer than seq_len (see mlmix.pack).
+        shard_sequences: rows per shard of the per-token arrays (tokens, loss_mask); None: 2**28 //
+            seq_len (1 GiB of uint32 ids). A store of one shard is format version 1 (``tokens.bin``);
+            more shards give ``tokens-00000.bin``, ... listed in the one manifest (version 2). The row
+            data and the index arrays are the same bytes whatever the shard size.
 
     Returns the manifest (a dict) that was written.
     """
     seq_len = _check_seq_len(seq_len)
     seed = _check_seed(seed)
+    shard_rows = _check_shard_sequences(shard_sequences, seq_len)
     streaming = not isinstance(tokens, Ragged)
     if streaming:
         if isinstance(tokens, (np.ndarray, list, tuple, str, bytes)) and not (
@@ -119,7 +215,22 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
     with atomic_directory(path) as tmp:
         writers: dict[str, _ArrayWriter] = {}
         try:
-            state = {"rows": 0, "segs": 0, "tokens": 0, "examples": 0, "dtype": None, "has_mask": None}
+            state = {"rows": 0, "segs": 0, "tokens": 0, "examples": 0, "dtype": None, "has_mask": None,
+                     "shard_end": shard_rows}
+            closed: dict[str, list[dict]] = {name: [] for name in SHARDED_ARRAYS}  # finished shards' specs
+
+            def next_shard() -> None:
+                """Close the per-token files of the current shard and open the next shard's."""
+                k = len(closed["tokens"]) + 1
+                for name in SHARDED_ARRAYS:
+                    if name in writers:
+                        spec = writers[name].close()
+                        if k == 1:  # the first shard was named as in a one-shard store
+                            spec["file"] = shard_file(name, 0, 2)
+                            os.replace(os.path.join(tmp, f"{name}.bin"), os.path.join(tmp, spec["file"]))
+                        closed[name].append(spec)
+                        writers[name] = _ArrayWriter(tmp, name, writers[name].dtype, shard_file(name, k, 2))
+                state["shard_end"] += shard_rows
 
             def emit(plan, toks: Ragged, mask: Ragged | None, ex_ids: np.ndarray, lang_idx: np.ndarray | None) -> None:
                 values, offsets, _ = _check_tokens(toks, "tokens")
@@ -147,8 +258,13 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
                 mvals = None if mask is None else _check_mask(mask, offsets)
                 # at most ~8 blocks: each gather re-validates the whole offsets array once
                 step = max(_ROW_BLOCK, -(-plan.num_sequences // 8))
-                for lo in range(0, plan.num_sequences, step):
-                    block = plan.rows(lo, min(plan.num_sequences, lo + step))
+                lo = 0
+                while lo < plan.num_sequences:
+                    if state["rows"] == state["shard_end"]:
+                        next_shard()
+                    hi = min(plan.num_sequences, lo + step, lo + state["shard_end"] - state["rows"])
+                    block = plan.rows(lo, hi)
+                    lo = hi
                     writers["tokens"].append(block.gather(values, offsets))
                     if mvals is not None:
                         writers["loss_mask"].append(block.gather(mvals, offsets))
@@ -210,33 +326,106 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
             if state["dtype"] is None:
                 raise ValueError("tokens holds no examples: nothing to write")
             arrays = {name: w.close() for name, w in writers.items()}
-            rows = state["rows"]
-            manifest = {
-                "format": FORMAT,
-                "version": VERSION,
-                "seq_len": seq_len,
-                "pad_id": int(pad_id),
-                "token_dtype": np.dtype(state["dtype"]).name,
-                "has_loss_mask": bool(state["has_mask"]),
-                "strategy": strategy,
-                "seed": seed,
-                "streaming": streaming,
-                "num_examples": int(state["examples"]),
-                "num_sequences": rows,
-                "num_segments": state["segs"],
-                "num_tokens": state["tokens"],
-                "efficiency": state["tokens"] / (rows * seq_len) if rows else 1.0,
-                "lower_bound_sequences": -(-state["tokens"] // seq_len),
-                "languages": list(table),
-                "counts": counts,
-                "checksum": "crc32 (zlib) of each file's bytes",
-                "arrays": arrays,
-            }
+            for name in SHARDED_ARRAYS:
+                if closed[name]:
+                    arrays[name] = _sharded_spec(arrays[name]["dtype"], closed[name] + [arrays[name]])
+            manifest = _manifest_dict(
+                seq_len=seq_len, pad_id=pad_id, token_dtype=state["dtype"], has_mask=state["has_mask"],
+                strategy=strategy, seed=seed, streaming=streaming, num_examples=state["examples"],
+                num_sequences=state["rows"], num_segments=state["segs"], num_tokens=state["tokens"],
+                languages=list(table), counts=counts, arrays=arrays,
+                shard_sequences=shard_rows if closed["tokens"] else None)
         finally:
             for w in writers.values():
                 w.discard()
         with builtins.open(os.path.join(tmp, MANIFEST), "wb") as f:
             f.write(_manifest_bytes(manifest))
+    return manifest
+
+
+def _manifest_dict(*, seq_len: int, pad_id: int, token_dtype, has_mask: bool, strategy: str, seed, streaming: bool,
+                   num_examples: int, num_sequences: int, num_segments: int, num_tokens: int, languages: list,
+                   counts: dict, arrays: dict, shard_sequences: int | None) -> dict:
+    """The manifest's fields, in their order (the file is compared byte for byte across engines)."""
+    manifest = {
+        "format": FORMAT,
+        "version": 1 if shard_sequences is None else 2,
+        "seq_len": seq_len,
+        "pad_id": int(pad_id),
+        "token_dtype": np.dtype(token_dtype).name,
+        "has_loss_mask": bool(has_mask),
+        "strategy": strategy,
+        "seed": seed,
+        "streaming": streaming,
+        "num_examples": int(num_examples),
+        "num_sequences": int(num_sequences),
+        "num_segments": int(num_segments),
+        "num_tokens": int(num_tokens),
+        "efficiency": num_tokens / (num_sequences * seq_len) if num_sequences else 1.0,
+        "lower_bound_sequences": -(-int(num_tokens) // seq_len),
+        "languages": list(languages),
+        "counts": counts,
+        "checksum": "crc32 (zlib) of each file's bytes",
+        "arrays": arrays,
+    }
+    if shard_sequences is not None:
+        manifest["shard_sequences"] = int(shard_sequences)
+    return manifest
+
+
+def write_index(directory: str, plan, shard_specs: list[dict[str, dict]], *, strategy: str, langs=None,
+                pad_id: int = 0, seed: int | None = 0, shard_sequences: int) -> dict:
+    """Finish a store whose shards :func:`write_shard` wrote into ``directory``: write the index arrays
+    (row and segment offsets, segment lengths, starts, examples, languages) from the whole ``plan``, then
+    the one manifest; return the manifest. The store equals what :func:`write_store` writes for an
+    in-memory Ragged with the same plan (``shard_specs[k]`` are shard k's specs, k in row order).
+
+    ``strategy``, ``seed``, ``pad_id``: as given to write_store (recorded in the manifest). ``directory``
+    should be the temporary directory of an atomic write (the Ray engine's output is).
+    """
+    table: dict[str, int] = {}
+    lang_idx = None if langs is None else _lang_table(langs, len(plan.lengths), table)
+    bounds = shard_bounds(plan.num_sequences, shard_sequences)
+    if len(shard_specs) != len(bounds) - 1:
+        raise ValueError(f"shard_specs must hold one entry per shard ({len(bounds) - 1}), got {len(shard_specs)}")
+    names = ["row_offsets", "seg_offsets", "seg_lens", "seg_starts", "seg_example"] + (["seg_lang"] if langs else [])
+    dtypes = {"row_offsets": np.int64, "seg_offsets": np.int64, "seg_lens": np.int32, "seg_starts": np.int32,
+              "seg_example": np.int64, "seg_lang": np.uint16}
+    writers = {name: _ArrayWriter(directory, name, dtypes[name]) for name in names}
+    try:
+        writers["row_offsets"].append(np.zeros(1, np.int64))
+        writers["seg_offsets"].append(np.zeros(1, np.int64))
+        tokens = 0
+        for lo in range(0, plan.num_sequences, _ROW_BLOCK):
+            block = plan.rows(lo, min(plan.num_sequences, lo + _ROW_BLOCK))
+            writers["row_offsets"].append(tokens + np.cumsum(block.row_tokens))
+            writers["seg_offsets"].append(int(plan.row_offsets[lo]) + block.row_offsets[1:])
+            writers["seg_lens"].append(block.seg_len)
+            writers["seg_starts"].append(block.seg_start)
+            writers["seg_example"].append(block.seg_example)
+            if lang_idx is not None:
+                writers["seg_lang"].append(lang_idx[block.seg_example])
+            tokens += block.tokens_packed
+        arrays = {name: w.close() for name, w in writers.items()}
+    finally:
+        for w in writers.values():
+            w.discard()
+    first = shard_specs[0]
+    for name in SHARDED_ARRAYS:
+        if name in first:
+            arrays[name] = first[name] if len(shard_specs) == 1 else _sharded_spec(
+                first[name]["dtype"], [sp[name] for sp in shard_specs])
+    order = ["tokens", "loss_mask", "row_offsets", "seg_offsets", "seg_lens", "seg_starts", "seg_example", "seg_lang"]
+    arrays = {name: arrays[name] for name in order if name in arrays}
+    counts = {"truncated": plan.num_truncated, "split": plan.num_split, "dropped": plan.num_dropped,
+              "tokens_dropped": plan.tokens_dropped}
+    manifest = _manifest_dict(
+        seq_len=plan.seq_len, pad_id=pad_id, token_dtype=np.dtype(first["tokens"]["dtype"]), has_mask="loss_mask" in first,
+        strategy=strategy, seed=seed, streaming=False, num_examples=len(plan.lengths),
+        num_sequences=plan.num_sequences, num_segments=plan.num_segments, num_tokens=tokens, languages=list(table),
+        counts=counts, arrays=arrays, shard_sequences=shard_sequences if len(shard_specs) > 1 else None)
+    with builtins.open(os.path.join(directory, MANIFEST), "wb") as f:
+        f.write(_manifest_bytes(manifest))
     return manifest
 
 
@@ -314,15 +503,36 @@ def _check_manifest_fields(m: dict, where: str) -> None:
             bad("arrays", f"made of {sorted(_ARRAY_DTYPES)}", name)
         if not isinstance(spec, dict):
             bad(field, "an object", spec)
-        f = spec.get("file")
-        if not isinstance(f, str) or f in ("", ".", "..", MANIFEST) or os.path.basename(f) != f or "\0" in f:
-            bad(f"{field}.file", "a file name inside the store directory", f)
         if spec.get("dtype") not in _ARRAY_DTYPES[name]:
             bad(f"{field}.dtype", f"one of {_ARRAY_DTYPES[name]}", spec.get("dtype"))
-        if not is_int(spec.get("length")) or spec["length"] < 0:
-            bad(f"{field}.length", "a non-negative integer", spec.get("length"))
-        if not isinstance(spec.get("crc32"), str):
-            bad(f"{field}.crc32", "8 hex digits", spec.get("crc32"))
+        parts = [(field, spec)]
+        if "shards" in spec:
+            if m["version"] < 2:
+                bad("version", f"2 for a store whose {name!r} has shards", m["version"])
+            if name not in SHARDED_ARRAYS:
+                bad(f"{field}.shards", f"absent (only {list(SHARDED_ARRAYS)} are sharded)", spec["shards"])
+            if not isinstance(spec["shards"], list) or not all(isinstance(x, dict) for x in spec["shards"]):
+                bad(f"{field}.shards", "a list of objects", spec["shards"])
+            parts = [(f"{field}.shards[{k}]", x) for k, x in enumerate(spec["shards"])]
+            if not is_int(spec.get("length")) or spec["length"] < 0:
+                bad(f"{field}.length", "a non-negative integer", spec.get("length"))
+        for where_, part in parts:
+            f = part.get("file")
+            if not isinstance(f, str) or f in ("", ".", "..", MANIFEST) or os.path.basename(f) != f or "\0" in f:
+                bad(f"{where_}.file", "a file name inside the store directory", f)
+            if not is_int(part.get("length")) or part["length"] < 0:
+                bad(f"{where_}.length", "a non-negative integer", part.get("length"))
+            if not isinstance(part.get("crc32"), str):
+                bad(f"{where_}.crc32", "8 hex digits", part.get("crc32"))
+    if m["version"] >= 2:
+        k = m.get("shard_sequences")
+        if not is_int(k) or k < 1:
+            bad("shard_sequences", "an integer >= 1", k)
+        want = len(shard_bounds(m["num_sequences"], k)) - 1
+        for name in SHARDED_ARRAYS:
+            if name in arrays and len(arrays[name].get("shards", [None])) != want:
+                bad(f"arrays.{name}.shards", f"{want} shards ({m['num_sequences']} rows, {k} per shard)",
+                    len(arrays[name].get("shards", [None])))
     if "tokens" in arrays:
         info = np.iinfo(np.dtype(arrays["tokens"]["dtype"]))
         if m["pad_id"] > info.max:
@@ -352,9 +562,10 @@ class Store:
             raise StoreError(f"{mpath!r} is not a readable JSON manifest: {exc}") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise StoreError(f"{self.path!r} is not an mlmix packed store (format {m.get('format') if isinstance(m, dict) else None!r})")
-        if m.get("version") != VERSION:
+        if m.get("version") not in READ_VERSIONS or isinstance(m.get("version"), bool):
             raise StoreError(
-                f"{self.path!r} is packed-store format version {m.get('version')!r}; this mlmix reads version {VERSION}"
+                f"{self.path!r} is packed-store format version {m.get('version')!r}; this mlmix reads version "
+                f"{' and '.join(map(str, READ_VERSIONS))}"
             )
         _check_manifest_crc(raw, m, mpath)
         _check_manifest_fields(m, self.path)
@@ -366,8 +577,17 @@ class Store:
         self.efficiency = float(m["efficiency"])
         self.languages: list[str] = list(m["languages"])
         self._arrays: dict[str, np.ndarray] = {}
+        self._shards: dict[str, list[np.ndarray]] = {}  # per-token arrays kept in several files
         for name, spec in m["arrays"].items():
-            self._arrays[name] = self._map(name, spec, verify)
+            if "shards" in spec:
+                dtype = spec["dtype"]
+                self._shards[name] = [self._map(name, dict(x, dtype=dtype), verify) for x in spec["shards"]]
+                self._arrays[name] = ShardedArray(self._shards[name])
+                if self._arrays[name].shape[0] != spec["length"]:
+                    raise StoreError(f"{self.path!r}: the shards of {name!r} hold {self._arrays[name].shape[0]} "
+                                     f"entries, the manifest says {spec['length']}")
+            else:
+                self._arrays[name] = self._map(name, spec, verify)
         a = self._arrays
         rows, segs = int(m["num_sequences"]), int(m["num_segments"])
         expect = {"row_offsets": rows + 1, "seg_offsets": rows + 1, "seg_lens": segs, "seg_starts": segs,
@@ -380,6 +600,13 @@ class Store:
         if a["row_offsets"][0] != 0 or a["row_offsets"][-1] != self.num_tokens or a["seg_offsets"][-1] != segs:
             raise StoreError(f"{self.path!r}: row or segment offsets do not match the manifest totals")
         self._rows = rows
+        # shard k holds rows [bounds[k], bounds[k+1]): its files hold exactly those rows' tokens
+        self._bounds = np.asarray(shard_bounds(rows, int(m.get("shard_sequences", max(rows, 1)))), dtype=np.int64)
+        if self._shards:
+            starts = a["row_offsets"][self._bounds]
+            for name, parts in self._shards.items():
+                if not np.array_equal(np.diff(starts), [len(p) for p in parts]):
+                    raise StoreError(f"{self.path!r}: the shards of {name!r} do not hold the rows the offsets give them")
 
     def _map(self, name: str, spec: dict, verify: bool) -> np.ndarray:
         fpath = os.path.join(self.path, spec["file"])
@@ -453,16 +680,117 @@ class Store:
         idx = np.ascontiguousarray(idx, dtype=np.int64)
         a = self._arrays
         suffix = {"uint32": "u32", "int32": "i32", "int64": "i64"}[a["tokens"].dtype.name]
+        if self._shards:
+            tokens, mask, row_offsets, seg_offsets, seg_lens, idx = self._gather_rows(idx)
+        else:
+            tokens, mask, row_offsets, seg_offsets, seg_lens = (
+                a["tokens"], a.get("loss_mask"), a["row_offsets"], a["seg_offsets"], a["seg_lens"])
         ids, labels, pos = getattr(core, f"_store_rows_{suffix}")(
-            a["tokens"], a.get("loss_mask"), a["row_offsets"], a["seg_offsets"], a["seg_lens"], idx,
-            self.seq_len, self.pad_id, threads,
+            tokens, mask, row_offsets, seg_offsets, seg_lens, idx, self.seq_len, self.pad_id, threads,
         )
-        num_tokens = (a["row_offsets"][idx + 1] - a["row_offsets"][idx]).astype(np.int32)
+        num_tokens = np.diff(row_offsets)[idx].astype(np.int32) if self._shards else (
+            a["row_offsets"][idx + 1] - a["row_offsets"][idx]).astype(np.int32)
         return {"input_ids": ids, "labels": labels, "position_ids": pos, "num_tokens": num_tokens}
 
+    def _gather_rows(self, idx: np.ndarray) -> tuple:
+        """The rows ``idx`` of a sharded store as a compact store of B rows (their tokens, mask, offsets
+        and segment lengths copied out: O(B x seq_len)), and the row numbers 0..B-1 to read from it."""
+        a = self._arrays
+        n = self._rows
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            bad = int(idx[(idx < 0) | (idx >= n)][0])
+            raise IndexError(f"row {bad} is out of range for a store of {n} rows")
+        t0, t1 = a["row_offsets"][idx], a["row_offsets"][idx + 1]
+        s0, s1 = a["seg_offsets"][idx], a["seg_offsets"][idx + 1]
+        row_offsets = np.zeros(idx.size + 1, dtype=np.int64)
+        np.cumsum(t1 - t0, out=row_offsets[1:])
+        seg_offsets = np.zeros(idx.size + 1, dtype=np.int64)
+        np.cumsum(s1 - s0, out=seg_offsets[1:])
+        seg_lens = np.concatenate([a["seg_lens"][lo:hi] for lo, hi in zip(s0.tolist(), s1.tolist())]) if idx.size \
+            else np.zeros(0, np.int32)
+        tokens = a["tokens"].take_ranges(t0, t1)
+        mask = a["loss_mask"].take_ranges(t0, t1) if "loss_mask" in a else None
+        return tokens, mask, row_offsets, seg_offsets, np.ascontiguousarray(seg_lens), np.arange(idx.size, dtype=np.int64)
+
     def array(self, name: str) -> np.ndarray:
-        """A raw memory-mapped array of the store (see docs/store-format.md)."""
+        """A raw memory-mapped array of the store (see docs/store-format.md); for a store of several
+        shards, ``tokens`` and ``loss_mask`` are :class:`ShardedArray` views over the shard files."""
         return self._arrays[name]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._bounds) - 1
+
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        """Rows ``[lo, hi)`` held by shard ``shard`` (a dataloader can keep each worker on one shard)."""
+        if not 0 <= shard < self.num_shards:
+            raise IndexError(f"shard {shard} is out of range for a store of {self.num_shards} shard(s)")
+        return int(self._bounds[shard]), int(self._bounds[shard + 1])
+
+
+class ShardedArray:
+    """A read-only 1-D view of several memory-mapped shard files end to end, without copying them.
+
+    Supports ``len``, ``shape``, ``dtype``, ``nbytes``, integer indexing and step-1 slices: a slice
+    inside one shard is a memory-mapped view, one across shards a copy. ``np.asarray`` copies the whole
+    array. The store's rows never cross a shard, so a row's tokens are always one view.
+    """
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self._parts = parts
+        self.dtype = parts[0].dtype
+        self._starts = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in parts], out=self._starts[1:])
+        self.shape = (int(self._starts[-1]),)
+        self.ndim = 1
+        self.nbytes = self.shape[0] * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"ShardedArray(length={self.shape[0]}, dtype={self.dtype}, shards={len(self._parts)})"
+
+    def _locate(self, i: int) -> int:
+        return int(np.searchsorted(self._starts, i, side="right")) - 1
+
+    def __getitem__(self, key):
+        n = self.shape[0]
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            i = int(key) + n if key < 0 else int(key)
+            if not 0 <= i < n:
+                raise IndexError(f"index {int(key)} is out of range for length {n}")
+            k = self._locate(i)
+            return self._parts[k][i - self._starts[k]]
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(n)
+            if step != 1:
+                raise IndexError(f"a ShardedArray takes slices of step 1, got step {step}")
+            hi = max(lo, hi)
+            k = self._locate(lo) if lo < n else len(self._parts) - 1
+            if hi <= self._starts[k + 1]:
+                base = int(self._starts[k])
+                return self._parts[k][lo - base : hi - base]
+            return self.take_ranges(np.array([lo]), np.array([hi]))
+        raise TypeError(f"a ShardedArray takes an int or a slice, got {type(key).__name__}")
+
+    def take_ranges(self, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+        """The ranges ``[starts[i], stops[i])`` end to end, as one new array."""
+        out = np.empty(int((np.asarray(stops) - np.asarray(starts)).sum()), dtype=self.dtype)
+        pos = 0
+        for lo, hi in zip(np.asarray(starts).tolist(), np.asarray(stops).tolist()):
+            while lo < hi:
+                k = self._locate(lo)
+                base = int(self._starts[k])
+                end = min(hi, int(self._starts[k + 1]))
+                out[pos : pos + end - lo] = self._parts[k][lo - base : end - base]
+                pos += end - lo
+                lo = end
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.take_ranges(np.array([0]), np.array([self.shape[0]]))
+        return out if dtype is None else out.astype(dtype)
 
 
 def open(path, *, verify: bool = True) -> Store:  # noqa: A001 - the public name is mlmix.open
