@@ -27,10 +27,12 @@ The output directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -41,7 +43,7 @@ from . import readers
 from ._atomic import atomic_directory
 from .cache import StageCache, stage_key
 from .config import load_config
-from .ragged import Ragged
+from .ragged import Ragged, RaggedWriter, drop_mapped_pages
 
 __all__ = ["build", "BuildLog", "STAGES", "BUILD_FORMAT"]
 
@@ -257,24 +259,28 @@ def encode_records(tokenizer, records: Sequence[Mapping], tcfg: Mapping) -> tupl
 
 
 def _stage_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log: BuildLog) -> dict:
+    """Tokens and loss masks of every record, streamed to ``out/tokens`` and ``out/loss_mask`` chunk by
+    chunk (memory: one chunk of records and its encodings, plus 8 bytes of length per record)."""
     tcfg = cfg["tokenizer"]
     tokenizer = load_tokenizer(tcfg)
-    tok_parts: list[Ragged] = []
-    mask_parts: list[Ragged] = []
-    n_tokens = 0
+    n_tokens = n_loss = n_examples = 0
     enc_stats: dict[str, int] = {}
     t0 = time.perf_counter()
-    with log.bar("tokenize", total=n_records) as bar:
+    with log.bar("tokenize", total=n_records) as bar, \
+            RaggedWriter(os.path.join(out, "tokens"), np.uint32) as tok_out, \
+            RaggedWriter(os.path.join(out, "loss_mask"), np.uint8) as mask_out:
         chunk: list[dict] = []
 
         def flush() -> None:
-            nonlocal n_tokens
+            nonlocal n_tokens, n_loss, n_examples
             t, m, st = encode_records(tokenizer, chunk, tcfg)
             for k, v in st.items():
                 enc_stats[k] = enc_stats.get(k, 0) + v
-            tok_parts.append(t)
-            mask_parts.append(m)
+            tok_out.append(t)
+            mask_out.append(m)
             n_tokens += int(t.offsets[-1])
+            n_loss += int(m.values.sum(dtype=np.int64))
+            n_examples += int((t.lengths > 0).sum())
             bar.update(len(chunk))
             bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9) / 1e3:.0f}k tok/s")
             chunk.clear()
@@ -285,14 +291,10 @@ def _stage_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log:
                 flush()
         if chunk:
             flush()
-    tokens = Ragged.concat(tok_parts) if tok_parts else Ragged(np.zeros(0, np.uint32), np.zeros(1, np.int64))
-    masks = Ragged.concat(mask_parts) if mask_parts else Ragged(np.zeros(0, np.uint8), np.zeros(1, np.int64))
-    _save_ragged(os.path.join(out, "tokens"), tokens)
-    _save_ragged(os.path.join(out, "loss_mask"), masks)
     if "name" not in tcfg:  # a bundled tokenizer is found again by its name (saves writing ~7 MB)
         save_tokenizer(tokenizer, os.path.join(out, "tokenizer.json"))
-    return {"examples": int((tokens.lengths > 0).sum()), "tokens": int(tokens.offsets[-1]),
-            "loss_tokens": int(masks.values.sum(dtype=np.int64)), "pad_id": _pad_id(tokenizer), **enc_stats}
+    return {"examples": n_examples, "tokens": n_tokens, "loss_tokens": n_loss, "pad_id": _pad_id(tokenizer),
+            **enc_stats}
 
 
 def save_tokenizer(tokenizer, path: str) -> None:
@@ -311,18 +313,56 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _save_ragged(path: str, r: Ragged) -> None:
-    os.makedirs(path, exist_ok=True)
-    np.save(os.path.join(path, "values.npy"), r.values)
-    np.save(os.path.join(path, "offsets.npy"), r.offsets)
-
-
 def _load_ragged(path: str) -> Ragged:
+    """A cached Ragged: values memory-mapped, offsets in memory (8 bytes per record)."""
     return Ragged(np.load(os.path.join(path, "values.npy"), mmap_mode="r"), np.load(os.path.join(path, "offsets.npy")))
 
 
+_TAKE_CHUNK_TOKENS = 1 << 22  # tokens copied at a time when the selected examples are written out
+
+
+def _take_to_disk(r: Ragged, index: np.ndarray, path: str) -> Ragged:
+    """``r.take(index)`` written to ``path`` chunk by chunk and memory-mapped back, so that selecting
+    from a corpus larger than RAM needs memory for one chunk only (``index`` sorted ascending)."""
+    lengths = r.lengths[index]
+    # chunk boundaries by token count: at most _TAKE_CHUNK_TOKENS tokens (or one example) per chunk
+    csum = np.cumsum(lengths, dtype=np.int64)
+    with RaggedWriter(path, r.values.dtype) as w:
+        lo = 0
+        while lo < index.size:
+            base = int(csum[lo - 1]) if lo else 0
+            hi = max(lo + 1, int(np.searchsorted(csum, base + _TAKE_CHUNK_TOKENS, side="right")))
+            w.append(r.take(index[lo:hi]))
+            drop_mapped_pages(r.values)
+            lo = hi
+    return _load_ragged(path)
+
+
 # ---- stage: dedup --------------------------------------------------------------------------------
+_DEDUP_CHUNK = 4096  # records hashed at a time
+
+
+def _texts_of(r: Ragged):
+    """Documents as ``mlmix.dedup`` takes them: a zero-copy pyarrow string array over the UTF-8 bytes
+    when pyarrow is installed, else a list of bytes."""
+    try:
+        import pyarrow as pa
+    except ImportError:
+        return [bytes(r.values[a:b]) for a, b in zip(r.offsets[:-1].tolist(), r.offsets[1:].tolist())]
+    values = np.ascontiguousarray(r.values[int(r.offsets[0]):int(r.offsets[-1])])
+    offsets = np.ascontiguousarray(r.offsets - r.offsets[0])
+    return pa.LargeStringArray.from_buffers(len(r), pa.py_buffer(offsets), pa.py_buffer(values))
+
+
 def _stage_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarray, out: str, log: BuildLog) -> dict:
+    """Exact then near duplicates among the ``alive`` records; the first seen of each cluster is kept.
+
+    Memory: exact dedup reads the texts chunk by chunk and keeps a 16-byte hash per document. Near
+    dedup needs the texts of the documents it compares: they are spilled to disk per language as UTF-8
+    during the same pass and, with scope "language", deduplicated one language at a time (documents of
+    different languages are never duplicates then), so the texts of the largest language are in memory
+    at once; with scope "global" all of them are.
+    """
     dcfg = cfg["dedup"]
     keep = alive.copy()
     exact_removed: Counter = Counter()
@@ -331,34 +371,82 @@ def _stage_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarr
         from . import dedup
 
         idx = np.flatnonzero(alive)
-        idx_set = set(idx.tolist())
-        texts = [readers.record_text(r) for i, r in enumerate(_iter_records(records_path)) if i in idx_set]
+        n = idx.size
         sub_langs = [langs[i] for i in idx]
         scope = "lang" if dcfg["scope"] == "language" else "global"
-        with log.bar("dedup", total=len(texts) * (int(dcfg["exact"]) + int(dcfg["near"]))) as bar:
-            sub_keep = np.ones(len(texts), dtype=bool)
-            if dcfg["exact"] and texts:
-                res = dedup.exact_duplicates(texts, langs=sub_langs, scope=scope)
-                sub_keep &= np.asarray(res.keep, dtype=bool)
-                for j in np.flatnonzero(~np.asarray(res.keep, dtype=bool)):
+        with log.bar("dedup", total=n * (int(dcfg["exact"]) + int(dcfg["near"]))) as bar, \
+                _scratch_dir(cfg["cache_dir"]) as scratch:
+            # one pass over the records: exact hashes per chunk, and (for near) texts spilled per group
+            group_of = (lambda lang: lang) if scope == "lang" else (lambda lang: "")
+            spill: dict[str, RaggedWriter] = {}
+            members: dict[str, list[int]] = {}  # positions in idx of each group's documents, in order
+            hashes: list[np.ndarray] = []
+            chunk: list[str] = []
+            first = 0
+
+            def flush() -> None:
+                nonlocal first
+                if dcfg["exact"]:
+                    hashes.append(dedup.exact_hashes(chunk))
+                    bar.update(len(chunk))
+                if dcfg["near"]:
+                    encoded = [t.encode("utf-8", "surrogatepass") for t in chunk]
+                    by_group: dict[str, list[int]] = {}
+                    for j in range(len(chunk)):
+                        by_group.setdefault(group_of(sub_langs[first + j]), []).append(j)
+                    for g, js in by_group.items():
+                        w = spill.get(g)
+                        if w is None:
+                            w = spill[g] = RaggedWriter(os.path.join(scratch, f"g{len(spill)}"), np.uint8)
+                        data = np.frombuffer(b"".join(encoded[j] for j in js), dtype=np.uint8)
+                        w.append(Ragged.from_lengths(data, [len(encoded[j]) for j in js]))
+                        members.setdefault(g, []).extend(first + j for j in js)
+                first += len(chunk)
+                chunk.clear()
+
+            it = iter(enumerate(_iter_records(records_path)))
+            for i in idx.tolist():
+                for k, rec in it:
+                    if k == i:
+                        chunk.append(readers.record_text(rec))
+                        break
+                if len(chunk) >= _DEDUP_CHUNK:
+                    flush()
+            if chunk:
+                flush()
+            for w in spill.values():
+                w.close()
+
+            sub_keep = np.ones(n, dtype=bool)
+            if dcfg["exact"] and n:
+                res = dedup.cluster_hashes(np.concatenate(hashes), langs=sub_langs, scope=scope)
+                exact_keep = np.asarray(res.keep, dtype=bool)
+                sub_keep &= exact_keep
+                for j in np.flatnonzero(~exact_keep):
                     exact_removed[sub_langs[j]] += 1
-                bar.update(len(texts))
-            if dcfg["near"] and sub_keep.any():
-                rest = np.flatnonzero(sub_keep)
-                res = dedup.near_duplicates(
-                    [texts[j] for j in rest],
-                    threshold=dcfg["threshold"],
-                    num_perm=dcfg["num_perm"],
-                    ngram=dcfg["ngram"],
-                    langs=[sub_langs[j] for j in rest],
-                    scope=scope,
-                    seed=cfg["seed"],
-                )
-                near_keep = np.asarray(res.keep, dtype=bool)
-                for j in rest[~near_keep]:
-                    near_removed[sub_langs[j]] += 1
-                sub_keep[rest[~near_keep]] = False
-                bar.update(len(texts))
+                del hashes, res
+            if dcfg["near"]:
+                for g, w in spill.items():
+                    pos = np.asarray(members[g], dtype=np.int64)
+                    live = sub_keep[pos]
+                    if live.any():
+                        texts = Ragged.load(w.path, mmap=False).take(np.flatnonzero(live))
+                        rest = pos[live]
+                        res = dedup.near_duplicates(
+                            _texts_of(texts),
+                            threshold=dcfg["threshold"],
+                            num_perm=dcfg["num_perm"],
+                            ngram=dcfg["ngram"],
+                            langs=[sub_langs[j] for j in rest],
+                            scope=scope,
+                            seed=cfg["seed"],
+                        )
+                        del texts
+                        near_keep = np.asarray(res.keep, dtype=bool)
+                        for j in rest[~near_keep]:
+                            near_removed[sub_langs[j]] += 1
+                        sub_keep[rest[~near_keep]] = False
+                    bar.update(pos.size)
         keep[idx] = sub_keep
     np.save(os.path.join(out, "keep.npy"), keep)
     return {
@@ -567,8 +655,6 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
         log.stage("pack", _pack_line(s_pack), 0.0, True)
     else:
         sel_langs = [langs[i] for i in selected]
-        tokens = tokens_all.take(selected)
-        masks = masks_all.take(selected)
         stage_stats = {"read": s_read, "langid": s_lid, "tokenize": s_tok, "dedup": s_dd, "mix": s_mix}
         stage_stats["tokens_by_lang"] = {
             "read": _by_lang(langs, lengths_all),
@@ -576,8 +662,14 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
             "mix": _by_lang(sel_langs, lengths_all[selected]),
         }
         stage_stats["lengths"] = _length_summary(lengths_all[selected], sel_langs)
-        with atomic_directory(out) as tmp:
+        with atomic_directory(out) as tmp, _scratch_dir(cfg["cache_dir"]) as scratch:
+            if selected.size == len(tokens_all) and np.array_equal(selected, np.arange(selected.size)):
+                tokens, masks = tokens_all, masks_all  # everything: pack straight from the cached arrays
+            else:
+                tokens = _take_to_disk(tokens_all, selected, os.path.join(scratch, "tokens"))
+                masks = _take_to_disk(masks_all, selected, os.path.join(scratch, "loss_mask"))
             s_pack = _stage_pack(cfg, tokens, masks, sel_langs, s_tok["pad_id"], os.path.join(tmp, "store"))
+            del tokens, masks  # unmap the scratch copies before the directory is removed
             s_pack["seconds"] = time.perf_counter() - t0
             stage_stats["pack"] = s_pack
             # lengths of the selected examples, for the report's histograms (int32, one per example)
@@ -616,6 +708,17 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
     summary["seconds"] = time.perf_counter() - t_start
     summary["cache_discarded"] = list(cache.discarded)
     return summary
+
+
+@contextlib.contextmanager
+def _scratch_dir(cache_dir: str) -> Iterator[str]:
+    """A temporary directory next to the cache (same filesystem, out of /tmp's RAM disk), removed after."""
+    os.makedirs(cache_dir, exist_ok=True)
+    d = tempfile.mkdtemp(prefix=".scratch-", dir=cache_dir)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _relax_modes(root: str) -> None:

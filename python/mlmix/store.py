@@ -20,7 +20,7 @@ import numpy as np
 
 from ._atomic import atomic_directory
 from .pack import StreamPacker, _check_mask, _check_pad, _check_seed, _check_seq_len, _check_tokens, pack
-from .ragged import Ragged
+from .ragged import Ragged, drop_mapped_pages
 
 __all__ = ["write_store", "open", "Store", "StoreError", "FORMAT", "VERSION"]
 
@@ -28,7 +28,8 @@ FORMAT = "mlmix.packed-store"
 VERSION = 1
 MANIFEST = "manifest.json"
 MANIFEST_CRC = "manifest_crc32"  # last field of the manifest: CRC-32 of the file's text without it
-_ROW_BLOCK = 16_384  # fewest rows gathered and written at a time
+_ROW_BLOCK = 16_384  # most rows gathered and written at a time
+_BLOCK_TOKENS = 1 << 22  # most tokens gathered at a time (bounds memory whatever the input size)
 
 
 class StoreError(ValueError):
@@ -145,8 +146,8 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
                 if (lang_idx is not None) != ("seg_lang" in writers):
                     raise ValueError("langs must be given for every chunk or for none")
                 mvals = None if mask is None else _check_mask(mask, offsets)
-                # at most ~8 blocks: each gather re-validates the whole offsets array once
-                step = max(_ROW_BLOCK, -(-plan.num_sequences // 8))
+                # blocks of at most _BLOCK_TOKENS tokens, so memory stays bounded for any input size
+                step = max(1, min(_ROW_BLOCK, _BLOCK_TOKENS // plan.seq_len))
                 for lo in range(0, plan.num_sequences, step):
                     block = plan.rows(lo, min(plan.num_sequences, lo + step))
                     writers["tokens"].append(block.gather(values, offsets))
@@ -162,6 +163,10 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
                     state["rows"] += block.num_sequences
                     state["segs"] += block.num_segments
                     state["tokens"] += block.tokens_packed
+                    # memory-mapped inputs: hand back the pages this block read, so RSS stays bounded
+                    drop_mapped_pages(values)
+                    if mvals is not None:
+                        drop_mapped_pages(mvals)
 
             counts = {"truncated": 0, "split": 0, "dropped": 0, "tokens_dropped": 0}
             if not streaming:
