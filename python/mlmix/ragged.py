@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["Ragged", "RaggedWriter", "drop_mapped_pages"]
+__all__ = ["Ragged", "RaggedWriter", "drop_mapped_pages", "is_mapped", "take_spans"]
 
 
 def _as_offsets(offsets, n_values: int, name: str = "offsets") -> np.ndarray:
@@ -310,6 +310,48 @@ class RaggedWriter:
             self.closed = True
 
 
+def _mapping(arr):
+    """The mmap.mmap an array's memory lives in, or None."""
+    import mmap
+
+    base = arr
+    while base is not None:
+        if isinstance(base, mmap.mmap):
+            return base
+        mm = getattr(base, "_mmap", None)
+        if isinstance(mm, mmap.mmap):
+            return mm
+        base = getattr(base, "base", None)
+    return None
+
+
+def is_mapped(arr: np.ndarray) -> bool:
+    """Whether ``arr`` is a view of a memory-mapped file (e.g. ``np.load(..., mmap_mode="r")``)."""
+    return _mapping(arr) is not None
+
+
+# examples copied between page releases by take_spans: each read of a mapped file maps up to ~64 KB
+# around it (the kernel's fault-around), so this bounds the mapped pages resident at once to ~32 MB
+_SPANS_PER_RELEASE = 512
+
+
+def take_spans(values: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, int64 offsets) of the sequences ``index`` (ascending int64) of ``values``/``offsets``,
+    copied into memory; from a memory-mapped ``values`` the pages read are released every few hundred
+    sequences, so random access over a file larger than RAM keeps RSS bounded by the output size."""
+    r = Ragged(values, offsets, validate=False)
+    if not is_mapped(values) or index.size <= _SPANS_PER_RELEASE:
+        out = r.take(index)
+        drop_mapped_pages(values)
+        return out.values, out.offsets
+    parts = []
+    for lo in range(0, index.size, _SPANS_PER_RELEASE):
+        parts.append(r.take(index[lo:lo + _SPANS_PER_RELEASE]))
+        drop_mapped_pages(values)
+    out = Ragged.concat(parts)
+    return out.values, out.offsets
+
+
 def drop_mapped_pages(arr: np.ndarray) -> None:
     """Release the resident pages of a memory-mapped array (no-op for an in-memory one).
 
@@ -319,16 +361,9 @@ def drop_mapped_pages(arr: np.ndarray) -> None:
     """
     import mmap
 
-    base = arr
-    while base is not None:
-        mm = getattr(base, "_mmap", None)
-        if isinstance(base, mmap.mmap):
-            mm = base
-        if isinstance(mm, mmap.mmap):
-            if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-                try:
-                    mm.madvise(mmap.MADV_DONTNEED)
-                except (OSError, ValueError):  # closed or not advisable: only a memory nicety
-                    pass
-            return
-        base = getattr(base, "base", None)
+    mm = _mapping(arr)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # closed or not advisable: only a memory nicety
+            pass

@@ -9,6 +9,7 @@ per-row / per-segment boundaries; labels, position ids and padding are derived w
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import numpy as np
 
 from ._atomic import atomic_directory
 from .pack import StreamPacker, _check_mask, _check_pad, _check_seed, _check_seq_len, _check_tokens, pack
-from .ragged import Ragged, drop_mapped_pages
+from .ragged import Ragged, drop_mapped_pages, is_mapped, take_spans
 
 __all__ = ["write_store", "open", "Store", "StoreError", "FORMAT", "VERSION"]
 
@@ -28,8 +29,8 @@ FORMAT = "mlmix.packed-store"
 VERSION = 1
 MANIFEST = "manifest.json"
 MANIFEST_CRC = "manifest_crc32"  # last field of the manifest: CRC-32 of the file's text without it
-_ROW_BLOCK = 16_384  # most rows gathered and written at a time
-_BLOCK_TOKENS = 1 << 22  # most tokens gathered at a time (bounds memory whatever the input size)
+_ROW_BLOCK = 16_384  # fewest rows gathered and written at a time (most, from memory-mapped inputs)
+_BLOCK_TOKENS = 1 << 22  # most tokens gathered at a time from memory-mapped inputs
 
 
 class StoreError(ValueError):
@@ -146,13 +147,23 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
                 if (lang_idx is not None) != ("seg_lang" in writers):
                     raise ValueError("langs must be given for every chunk or for none")
                 mvals = None if mask is None else _check_mask(mask, offsets)
-                # blocks of at most _BLOCK_TOKENS tokens, so memory stays bounded for any input size
-                step = max(1, min(_ROW_BLOCK, _BLOCK_TOKENS // plan.seq_len))
+                mapped = is_mapped(values) or (mvals is not None and is_mapped(mvals))
+                if mapped:  # blocks of at most _BLOCK_TOKENS tokens: memory stays bounded for any input size
+                    step = max(1, min(_ROW_BLOCK, _BLOCK_TOKENS // plan.seq_len))
+                else:  # at most ~8 blocks: each gather re-validates the whole offsets array once
+                    step = max(_ROW_BLOCK, -(-plan.num_sequences // 8))
                 for lo in range(0, plan.num_sequences, step):
                     block = plan.rows(lo, min(plan.num_sequences, lo + step))
-                    writers["tokens"].append(block.gather(values, offsets))
-                    if mvals is not None:
-                        writers["loss_mask"].append(block.gather(mvals, offsets))
+                    if mapped:  # copy in only this block's examples, so RSS stays bounded (see take_spans)
+                        need = np.unique(block.seg_example)
+                        local = dataclasses.replace(block, seg_example=np.searchsorted(need, block.seg_example))
+                        writers["tokens"].append(local.gather(*take_spans(values, offsets, need)))
+                        if mvals is not None:
+                            writers["loss_mask"].append(local.gather(*take_spans(mvals, offsets, need)))
+                    else:
+                        writers["tokens"].append(block.gather(values, offsets))
+                        if mvals is not None:
+                            writers["loss_mask"].append(block.gather(mvals, offsets))
                     writers["row_offsets"].append(state["tokens"] + np.cumsum(block.row_tokens))
                     writers["seg_offsets"].append(state["segs"] + block.row_offsets[1:])
                     writers["seg_lens"].append(block.seg_len)
@@ -163,10 +174,6 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
                     state["rows"] += block.num_sequences
                     state["segs"] += block.num_segments
                     state["tokens"] += block.tokens_packed
-                    # memory-mapped inputs: hand back the pages this block read, so RSS stays bounded
-                    drop_mapped_pages(values)
-                    if mvals is not None:
-                        drop_mapped_pages(mvals)
 
             counts = {"truncated": 0, "split": 0, "dropped": 0, "tokens_dropped": 0}
             if not streaming:
@@ -407,6 +414,7 @@ class Store:
             raw = arr.view(np.uint8) if n else arr
             for lo in range(0, raw.shape[0], step):
                 crc = zlib.crc32(memoryview(np.ascontiguousarray(raw[lo : lo + step])), crc)
+                drop_mapped_pages(arr)  # the pages just checked leave RSS: memory stays bounded for any size
             if f"{crc:08x}" != spec["crc32"]:
                 raise StoreError(
                     f"{self.path!r}: checksum mismatch in {spec['file']} (crc32 {crc:08x}, manifest {spec['crc32']}): "
