@@ -171,33 +171,51 @@ def _stage_read(cfg: dict, out: str, log: BuildLog) -> dict:
 
 
 # ---- stage: langid -------------------------------------------------------------------------------
+_LANGID_CHUNK = 4096  # texts classified per call
+
+
 def _stage_langid(cfg: dict, records_path: str, out: str, log: BuildLog) -> dict:
+    """A language code for every record: the record's own, or py3langid's where it has none (or always,
+    with ``override``). One pass, one chunk of texts at a time; memory per record: its code (a pointer
+    to one shared string per language) and a keep flag."""
     lcfg = cfg["langid"]
-    given = [rec["lang"] for rec in _iter_records(records_path)]
-    todo = [i for i, lang in enumerate(given) if lcfg["override"] or lang is None]
-    langs = [lang if lang is not None else lcfg["unknown"] for lang in given]
-    probs: dict[int, float] = {}
-    if todo and lcfg["backend"] == "py3langid":
+    run = lcfg["backend"] == "py3langid"
+    langs: list[str] = []
+    n_todo = 0
+    if run:
         from .langid import identify
 
-        todo_set = set(todo)
-        texts = (readers.record_text(rec) for i, rec in enumerate(_iter_records(records_path)) if i in todo_set)
-        with log.bar("langid", total=len(todo)) as bar:
-            found, p = identify(texts, threshold=lcfg["threshold"], unknown=lcfg["unknown"],
+    with log.bar("langid") as bar:
+        pending: list[tuple[int, str]] = []  # (record index, text) awaiting identification
+
+        def flush() -> None:
+            found, _ = identify((t for _, t in pending), threshold=lcfg["threshold"], unknown=lcfg["unknown"],
                                 languages=lcfg.get("languages"), on_item=bar.update)
-        for i, lang, pi in zip(todo, found, p):
-            langs[i] = lang
-            probs[i] = pi
+            for (i, _), lang in zip(pending, found):
+                langs[i] = sys.intern(lang)
+            pending.clear()
+
+        for rec in _iter_records(records_path):
+            lang = rec["lang"]
+            todo = lcfg["override"] or lang is None
+            n_todo += todo
+            langs.append(sys.intern(lang if lang is not None else lcfg["unknown"]))  # replaced once identified
+            if todo and run:
+                pending.append((len(langs) - 1, readers.record_text(rec)))
+                if len(pending) >= _LANGID_CHUNK:
+                    flush()
+        if pending:
+            flush()
     keep = np.ones(len(langs), dtype=bool)
     if lcfg["drop_unknown"]:
-        keep = np.array([lang != lcfg["unknown"] for lang in langs], dtype=bool)
+        keep = np.fromiter((lang != lcfg["unknown"] for lang in langs), dtype=bool, count=len(langs))
     _write_json(os.path.join(out, "langs.json"), langs)
     np.save(os.path.join(out, "keep.npy"), keep)
-    identified = len(probs)
+    identified = n_todo if run else 0
     unknown = sum(1 for lang in langs if lang == lcfg["unknown"])
     return {
         "identified": identified,
-        "given": len(langs) - len(todo),
+        "given": len(langs) - n_todo,
         "unknown": unknown,
         "dropped": int((~keep).sum()),
         "langs": _by_lang(langs),
@@ -502,13 +520,19 @@ def _stage_mix(cfg: dict, records_path: str, langs: list[str], keep: np.ndarray,
 
 
 # ---- stage: pack ---------------------------------------------------------------------------------
+def _lang_index(langs: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """(distinct codes in order of appearance, int64 index of each entry's code)."""
+    table: dict[str, int] = {}
+    idx = np.fromiter((table.setdefault(lang, len(table)) for lang in langs), dtype=np.int64, count=len(langs))
+    return list(table), idx
+
+
 def _length_summary(lengths: np.ndarray, langs: list[str]) -> dict:
-    by: dict[str, list[int]] = {}
-    for lang, n in zip(langs, lengths.tolist()):
-        by.setdefault(lang, []).append(n)
+    names, idx = _lang_index(langs)
+    lengths = np.asarray(lengths)
     out = {}
-    for lang, ns in sorted(by.items()):
-        a = np.asarray(ns)
+    for k, lang in sorted(enumerate(names), key=lambda kv: kv[1]):
+        a = lengths[idx == k].astype(np.int64)
         q = np.percentile(a, [5, 25, 50, 75, 95]).tolist()
         out[lang] = {"n": int(a.size), "mean": float(a.mean()), "min": int(a.min()), "max": int(a.max()),
                      "p5": q[0], "p25": q[1], "p50": q[2], "p75": q[3], "p95": q[4]}
@@ -559,10 +583,26 @@ def _cached_stage(cache: StageCache, log: BuildLog, name: str, key: str, run: Ca
         d = cache.save(name, key, write)
     stats = _read_json(os.path.join(d, "stats.json"))
     seconds = time.perf_counter() - t0
-    timings[name] = {"seconds": seconds, "cached": cached}
+    timings[name] = {"seconds": seconds, "cached": cached, "peak_rss_mb": _peak_rss_mb()}
     log.stage(name, summary(stats), seconds, cached)
     log.detail(f"cache {d}")
+    _log_peak(log, timings[name])
     return d, stats
+
+
+def _peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far, in MB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)  # bytes on macOS, KiB elsewhere
+
+
+def _log_peak(log: BuildLog, timing: Mapping) -> None:
+    if timing.get("peak_rss_mb") is not None:
+        log.detail(f"peak memory so far {timing['peak_rss_mb']:,.0f} MB")
 
 
 def _fmt_langs(counts: Mapping[str, int], limit: int = 6) -> str:
@@ -610,7 +650,8 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
         lambda s: f"{len(s['langs'])} languages ({s['given']:,} given, {s['identified']:,} identified, "
                   f"{s['unknown']:,} unknown) {_fmt_langs(s['langs'])}",
         timings)
-    langs: list[str] = _read_json(os.path.join(d_lid, "langs.json"))
+    # one shared str per language code, not one per record (json makes a new str for every entry)
+    langs: list[str] = [sys.intern(lang) for lang in _read_json(os.path.join(d_lid, "langs.json"))]
     alive = np.load(os.path.join(d_lid, "keep.npy"))
 
     # tokenize (all records; see the module docstring for why it precedes dedup and mix)
@@ -650,7 +691,7 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
     summary = _load_existing(out, k_pack) if use_cache else None
     t0 = time.perf_counter()
     if summary is not None:
-        timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": True}
+        timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": True, "peak_rss_mb": _peak_rss_mb()}
         s_pack = summary["stages"]["pack"]
         log.stage("pack", _pack_line(s_pack), 0.0, True)
     else:
@@ -698,8 +739,9 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
 
                 write_report(tmp, os.path.join(tmp, "report.html"))
         _relax_modes(out)
-        timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": False}
+        timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": False, "peak_rss_mb": _peak_rss_mb()}
         log.stage("pack", _pack_line(s_pack), timings["pack"]["seconds"], False)
+        _log_peak(log, timings["pack"])
         log.detail(f"output {out} (key {k_pack})")
     for entry in cache.discarded:
         log.line(f"warning: cache entry {entry} was corrupt and has been recomputed")
