@@ -311,8 +311,38 @@ def _stage_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log:
             flush()
     if "name" not in tcfg:  # a bundled tokenizer is found again by its name (saves writing ~7 MB)
         save_tokenizer(tokenizer, os.path.join(out, "tokenizer.json"))
+    _forget_native_encoder(tokenizer)
     return {"examples": n_examples, "tokens": n_tokens, "loss_tokens": n_loss, "pad_id": _pad_id(tokenizer),
             **enc_stats}
+
+
+def _forget_native_encoder(tokenizer) -> None:
+    """Drop the native encoder mlmix.tokenize keeps for this tokenizer's backend (~200 MB for Qwen's):
+    the backend was loaded for this stage only, so nothing else can use the entry, and the later stages
+    then run without the tokenizer in memory."""
+    from . import tokenize
+
+    cache = getattr(tokenize, "_NATIVE_CACHE", None)
+    backend = getattr(tokenizer, "backend", None)
+    if cache is not None and backend is not None:
+        hit = cache.get(id(backend))
+        if hit is not None and hit[0] is backend:
+            del cache[id(backend)]
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and it would count in RSS under
+    every later stage); a no-op where malloc_trim does not exist."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def save_tokenizer(tokenizer, path: str) -> None:
@@ -336,7 +366,9 @@ def _load_ragged(path: str) -> Ragged:
     return Ragged(np.load(os.path.join(path, "values.npy"), mmap_mode="r"), np.load(os.path.join(path, "offsets.npy")))
 
 
-_TAKE_CHUNK_TOKENS = 1 << 22  # tokens copied at a time when the selected examples are written out
+# tokens copied at a time when the selected examples are written out (Ragged.take needs 8 B of
+# index per token on top: ~12 MB at this size)
+_TAKE_CHUNK_TOKENS = 1 << 20
 
 
 def _take_to_disk(r: Ragged, index: np.ndarray, path: str) -> Ragged:
@@ -370,6 +402,15 @@ def _texts_of(r: Ragged):
     values = np.ascontiguousarray(r.values[int(r.offsets[0]):int(r.offsets[-1])])
     offsets = np.ascontiguousarray(r.offsets - r.offsets[0])
     return pa.LargeStringArray.from_buffers(len(r), pa.py_buffer(offsets), pa.py_buffer(values))
+
+
+def _select(r: Ragged, mask: np.ndarray) -> Ragged:
+    """The sequences of ``r`` where ``mask`` is true; 1 byte of scratch per value (``Ragged.take``
+    builds an int64 index per value, 8x the text it selects)."""
+    if mask.all():
+        return r
+    lengths = r.lengths
+    return Ragged.from_lengths(r.values[np.repeat(mask, lengths)], lengths[mask])
 
 
 def _stage_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarray, out: str, log: BuildLog) -> dict:
@@ -448,7 +489,7 @@ def _stage_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarr
                     pos = np.asarray(members[g], dtype=np.int64)
                     live = sub_keep[pos]
                     if live.any():
-                        texts = Ragged.load(w.path, mmap=False).take(np.flatnonzero(live))
+                        texts = _select(Ragged.load(w.path, mmap=False), live)
                         rest = pos[live]
                         res = dedup.near_duplicates(
                             _texts_of(texts),

@@ -331,8 +331,8 @@ def is_mapped(arr: np.ndarray) -> bool:
 
 
 # examples copied between page releases by take_spans: each read of a mapped file maps up to ~64 KB
-# around it (the kernel's fault-around), so this bounds the mapped pages resident at once to ~32 MB
-_SPANS_PER_RELEASE = 512
+# around it (the kernel's fault-around), so this bounds the mapped pages resident at once to ~8 MB
+_SPANS_PER_RELEASE = 128
 
 
 def take_spans(values: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
