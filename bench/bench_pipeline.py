@@ -6,18 +6,23 @@ masks), TRL's ``pack_dataset(strategy="bfd")``, ``save_to_disk``. mlmix: one con
 every record carries its language, dedup off since the HF stack has none, recipe ``all``), cold cache.
 Both use Qwen's 151,643-token BPE (the same ``tokenizers.Tokenizer``) and seq_len 2048.
 
-Each variant runs in its own process, so time includes imports and peak memory (``ru_maxrss``) is that
-variant's alone.
+Each variant runs in its own process at each of two input sizes, so time includes imports and peak
+memory (``ru_maxrss``) is that run's alone; comparing the two sizes shows how peak memory grows with the
+input (mlmix's is a fixed amount plus ~100-150 B per record: docs/memory.md).
 
-    pytest bench/bench_pipeline.py                    # ~8 MB of multilingual chat JSONL
-    MLMIX_BENCH_FULL=1 pytest bench/bench_pipeline.py # >= 100 MB
-    python bench/bench_pipeline.py [--mb 8]           # prints a table
+    pytest bench/bench_pipeline.py                    # 4 and 16 MB of multilingual chat JSONL
+    MLMIX_BENCH_FULL=1 pytest bench/bench_pipeline.py # 50 and 200 MB
+    python bench/bench_pipeline.py [--mb 8 --mb 32] [--only mlmix]   # prints a table
 
-Measured on the shared 2-core development machine (load average ~8-11 from other jobs, so wall times are
-noisy; CPU seconds are steadier), Qwen BPE, seq_len 2048, both producing the same 26,106,960 tokens:
+Measured 2026-11-26 on the shared 2-core development machine (load average ~8-11 from other jobs, so wall
+times are noisy; CPU seconds are steadier; memory is not affected), Qwen BPE, seq_len 2048, both sides
+producing the same tokens (13,091,371 at 50 MB, 52,271,062 at 200 MB):
 
-    100 MB: HF 303.6 s (91.0 s CPU, peak 1520 MB)  mlmix 48.5 s (16.0 s CPU, peak 996 MB)  6.3x wall, 5.7x CPU
-      8 MB: HF  30.4 s (14.1 s CPU, peak  961 MB)  mlmix  6.5 s ( 3.3 s CPU, peak 291 MB)  4.7x wall, 4.3x CPU
+     50 MB: HF 195.9 s (44.9 s CPU, peak 1228 MB)  mlmix 23.2 s ( 8.1 s CPU, peak 314 MB)  8.4x wall, 5.6x CPU, 0.26x memory
+    200 MB: HF 269.4 s (122.5 s CPU, peak 2116 MB) mlmix 41.5 s (23.0 s CPU, peak 307 MB)  6.5x wall, 5.3x CPU, 0.15x memory
+
+HF's peak grows by 5.9 MB per MB of input; mlmix's does not grow (before the streaming stages: 608 MB at
+50 MB, 1786 MB at 200 MB).
 """
 
 from __future__ import annotations
