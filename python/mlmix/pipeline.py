@@ -689,7 +689,8 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
     d_lid, s_lid = _cached_stage(
         cache, log, "langid", k_lid, lambda tmp: _stage_langid(cfg, records_path, tmp, log),
         lambda s: f"{len(s['langs'])} languages ({s['given']:,} given, {s['identified']:,} identified, "
-                  f"{s['unknown']:,} unknown) {_fmt_langs(s['langs'])}",
+                  f"{s['unknown']:,} unknown) {_fmt_langs(s['langs'])}"
+                  + (_rate(s["identified"], s["seconds"], "rec") if s["identified"] else ""),
         timings)
     # one shared str per language code, not one per record (json makes a new str for every entry)
     langs: list[str] = [sys.intern(lang) for lang in _read_json(os.path.join(d_lid, "langs.json"))]
@@ -714,7 +715,9 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
     d_dd, s_dd = _cached_stage(
         cache, log, "dedup", k_dd, lambda tmp: _stage_dedup(cfg, records_path, langs, alive, tmp, log),
         lambda s: f"kept {s['kept']:,}; removed {sum(s['exact_removed'].values()):,} exact, "
-                  f"{sum(s['near_removed'].values()):,} near duplicates",
+                  f"{sum(s['near_removed'].values()):,} near duplicates"
+                  + _rate(s["kept"] + sum(s["exact_removed"].values()) + sum(s["near_removed"].values()),
+                          s["seconds"], "doc"),
         timings)
     keep = np.load(os.path.join(d_dd, "keep.npy"))
 
@@ -819,7 +822,8 @@ def _relax_modes(root: str) -> None:
 def _pack_line(s: Mapping) -> str:
     extra = "".join(f", {s[k]:,} {k}" for k in ("truncated", "split", "dropped") if s.get(k))
     return (f"{s['examples']:,} examples -> {s['sequences']:,} sequences of {s['seq_len']:,} "
-            f"({s['efficiency']:.2%} full; lower bound {s['lower_bound_sequences']:,}){extra}")
+            f"({s['efficiency']:.2%} full; lower bound {s['lower_bound_sequences']:,}){extra}"
+            + _rate(s["tokens"], s.get("seconds") or 0.0, "tok"))
 
 
 def _load_existing(out: str, key: str) -> dict | None:
