@@ -139,3 +139,30 @@ def test_dedup_stage_equals_whole_corpus_dedup(tmp_path, monkeypatch, scope):
     assert stats["kept"] == int(want.sum())
     assert sum(stats["near_removed"].values()) > 0 and sum(stats["exact_removed"].values()) > 0
     assert [e for e in os.listdir(cfg["cache_dir"]) if e.startswith(".scratch")] == []
+
+
+@pytest.mark.parametrize("override", [False, True])
+def test_langid_stage_in_chunks_equals_identify_over_all(tmp_path, monkeypatch, override):
+    from mlmix.langid import identify
+
+    texts = ["The weather is lovely today and we walk in the park.", "Hoy hace buen tiempo y paseamos por el parque.",
+             "Tänään on kaunis sää ja kävelemme puistossa.", "Сегодня прекрасная погода, и мы гуляем в парке.",
+             "x", "Oggi il tempo è bello e passeggiamo nel parco.", ""]
+    langs = [None, "es", None, None, None, "it", None]
+    path = _records(tmp_path, texts, langs)  # "lang": null where missing
+    lcfg = {"backend": "py3langid", "threshold": 0.6, "unknown": "und", "override": override, "drop_unknown": True}
+    monkeypatch.setattr(pipeline, "_LANGID_CHUNK", 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = pipeline._stage_langid({"langid": lcfg}, path, str(out), pipeline.BuildLog(quiet=True))
+    got = json.loads((out / "langs.json").read_text())
+
+    todo = [i for i, lang in enumerate(langs) if override or lang is None]
+    found, _ = identify([texts[i] for i in todo], threshold=0.6, unknown="und")
+    want = [lang if lang is not None else "und" for lang in langs]
+    for i, lang in zip(todo, found):
+        want[i] = lang
+    assert got == want
+    assert np.array_equal(np.load(out / "keep.npy"), np.array([lang != "und" for lang in want]))
+    assert stats["identified"] == len(todo) and stats["given"] == len(langs) - len(todo)
+    assert "und" in got and "fi" in got
