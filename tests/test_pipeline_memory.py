@@ -166,3 +166,17 @@ def test_langid_stage_in_chunks_equals_identify_over_all(tmp_path, monkeypatch, 
     assert np.array_equal(np.load(out / "keep.npy"), np.array([lang != "und" for lang in want]))
     assert stats["identified"] == len(todo) and stats["given"] == len(langs) - len(todo)
     assert "und" in got and "fi" in got
+
+
+def test_stale_scratch_directories_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited
+    cache = tmp_path / "cache"
+    (cache / f".scratch-{dead_pid}-abc").mkdir(parents=True)
+    (cache / f".scratch-{os.getpid()}-def").mkdir()
+    (cache / ".scratch-notapid").mkdir()
+    pipeline._remove_stale_scratch(str(cache))
+    assert sorted(os.listdir(cache)) == sorted([f".scratch-{os.getpid()}-def", ".scratch-notapid"])

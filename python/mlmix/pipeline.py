@@ -15,6 +15,11 @@ only the stages downstream of a change. Order of the stages and why:
   tokenizer and ``build.json`` (every stage's statistics), into the output directory. The output is
   assembled in a temporary directory and renamed into place, so it is always complete or absent.
 
+Memory is bounded whatever the input size (docs/memory.md): records are read and written one at a
+time, tokens and loss masks are appended to files chunk by chunk and memory-mapped afterwards, dedup
+reads texts in chunks (near dedup one language at a time), and packing plans from the lengths alone and
+gathers tokens in bounded blocks. What stays in memory is a few arrays with one entry per record.
+
 The output directory::
 
     OUTPUT/store/          the packed store (mlmix.open)
@@ -669,6 +674,7 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
     cfg = load_config(config)
     log = log or BuildLog(quiet=quiet, verbose=verbose, progress=progress)
     cache = StageCache(cfg["cache_dir"], enabled=True)
+    _remove_stale_scratch(cfg["cache_dir"])
     if not use_cache:
         cache.enabled = False
     t_start = time.perf_counter()
@@ -796,11 +802,32 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
     return summary
 
 
+_SCRATCH = ".scratch-"  # + pid + "-" + random: scratch directories in cache_dir (dot: the cache ignores them)
+
+
+def _remove_stale_scratch(cache_dir: str) -> None:
+    """Remove scratch directories left by builds that were killed (their process no longer exists)."""
+    try:
+        names = os.listdir(cache_dir)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_SCRATCH):
+            continue
+        try:
+            pid = int(name[len(_SCRATCH):].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+        except (ValueError, OSError):  # not ours, or a live process we may not signal: leave it
+            pass
+
+
 @contextlib.contextmanager
 def _scratch_dir(cache_dir: str) -> Iterator[str]:
     """A temporary directory next to the cache (same filesystem, out of /tmp's RAM disk), removed after."""
     os.makedirs(cache_dir, exist_ok=True)
-    d = tempfile.mkdtemp(prefix=".scratch-", dir=cache_dir)
+    d = tempfile.mkdtemp(prefix=f"{_SCRATCH}{os.getpid()}-", dir=cache_dir)
     try:
         yield d
     finally:
