@@ -180,3 +180,24 @@ def test_stale_scratch_directories_are_removed(tmp_path):
     (cache / ".scratch-notapid").mkdir()
     pipeline._remove_stale_scratch(str(cache))
     assert sorted(os.listdir(cache)) == sorted([f".scratch-{os.getpid()}-def", ".scratch-notapid"])
+
+
+def test_tokenize_stage_chunking_does_not_change_the_tokens(tmp_path, monkeypatch):
+    from mlmix.config import load_config
+
+    texts = [f"Record {i}: " + "word " * (i % 17) for i in range(40)]
+    path = _records(tmp_path, texts, ["en"] * len(texts))
+    cfg = load_config({"output": str(tmp_path / "o"), "sources": [{"path": path}],
+                       "tokenizer": {"name": "qwen", "template": "chatml"}})
+    outs = []
+    for chunk, size in ((4096, 16 << 20), (3, 16 << 20), (4096, 100)):  # by count, by size
+        monkeypatch.setattr(pipeline, "_TOKENIZE_CHUNK", chunk)
+        monkeypatch.setattr(pipeline, "_CHUNK_BYTES", size)
+        out = tmp_path / f"t{chunk}-{size}"
+        out.mkdir()
+        stats = pipeline._stage_tokenize(cfg, path, len(texts), str(out), pipeline.BuildLog(quiet=True))
+        outs.append((stats, Ragged.load(str(out / "tokens")), Ragged.load(str(out / "loss_mask"))))
+    (s0, t0, m0) = outs[0]
+    assert len(t0) == len(texts) and s0["tokens"] == t0.values.size > 0
+    for s, t, m in outs[1:]:
+        assert s == s0 and t.equals(t0) and m.equals(m0)

@@ -56,7 +56,8 @@ STAGES = ("read", "langid", "tokenize", "dedup", "mix", "pack")
 BUILD_FORMAT = 1
 # bump when a stage's output format or semantics change, so old cache entries are not reused
 _STAGE_VERSION = {"read": 1, "langid": 1, "tokenize": 1, "dedup": 1, "mix": 1, "pack": 1}
-_TOKENIZE_CHUNK = 4096
+_TOKENIZE_CHUNK = 4096  # records encoded at a time ...
+_CHUNK_BYTES = 16 << 20  # ... or fewer, once they hold this much JSON (bounds memory for long records)
 
 
 # ---- logging and progress ----------------------------------------------------------------------
@@ -151,6 +152,13 @@ def _iter_records(path: str) -> Iterator[dict]:
     with open(path, encoding="utf-8") as f:
         for line in f:
             yield json.loads(line)
+
+
+def _iter_sized_records(path: str) -> Iterator[tuple[dict, int]]:
+    """(record, length of its JSON line in characters), for chunking by size."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line), len(line)
 
 
 def _stage_read(cfg: dict, out: str, log: BuildLog) -> dict:
@@ -308,10 +316,13 @@ def _stage_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log:
             bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9) / 1e3:.0f}k tok/s")
             chunk.clear()
 
-        for rec in _iter_records(records_path):
+        size = 0
+        for rec, n in _iter_sized_records(records_path):
             chunk.append(rec)
-            if len(chunk) >= _TOKENIZE_CHUNK:
+            size += n
+            if len(chunk) >= _TOKENIZE_CHUNK or size >= _CHUNK_BYTES:
                 flush()
+                size = 0
         if chunk:
             flush()
     if "name" not in tcfg:  # a bundled tokenizer is found again by its name (saves writing ~7 MB)
@@ -469,13 +480,16 @@ def _stage_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarr
                 chunk.clear()
 
             it = iter(enumerate(_iter_records(records_path)))
+            size = 0
             for i in idx.tolist():
                 for k, rec in it:
                     if k == i:
                         chunk.append(readers.record_text(rec))
+                        size += len(chunk[-1])
                         break
-                if len(chunk) >= _DEDUP_CHUNK:
+                if len(chunk) >= _DEDUP_CHUNK or size >= _CHUNK_BYTES:
                     flush()
+                    size = 0
             if chunk:
                 flush()
             for w in spill.values():
