@@ -6,18 +6,23 @@ masks), TRL's ``pack_dataset(strategy="bfd")``, ``save_to_disk``. mlmix: one con
 every record carries its language, dedup off since the HF stack has none, recipe ``all``), cold cache.
 Both use Qwen's 151,643-token BPE (the same ``tokenizers.Tokenizer``) and seq_len 2048.
 
-Each variant runs in its own process, so time includes imports and peak memory (``ru_maxrss``) is that
-variant's alone.
+Each variant runs in its own process at each of two input sizes, so time includes imports and peak
+memory (``ru_maxrss``) is that run's alone; comparing the two sizes shows how peak memory grows with the
+input (mlmix's is a fixed amount plus ~100-150 B per record: docs/memory.md).
 
-    pytest bench/bench_pipeline.py                    # ~8 MB of multilingual chat JSONL
-    MLMIX_BENCH_FULL=1 pytest bench/bench_pipeline.py # >= 100 MB
-    python bench/bench_pipeline.py [--mb 8]           # prints a table
+    pytest bench/bench_pipeline.py                    # 4 and 16 MB of multilingual chat JSONL
+    MLMIX_BENCH_FULL=1 pytest bench/bench_pipeline.py # 50 and 200 MB
+    python bench/bench_pipeline.py [--mb 8 --mb 32] [--only mlmix]   # prints a table
 
-Measured on the shared 2-core development machine (load average ~8-11 from other jobs, so wall times are
-noisy; CPU seconds are steadier), Qwen BPE, seq_len 2048, both producing the same 26,106,960 tokens:
+Measured 2026-11-26 on the shared 2-core development machine (load average ~8-11 from other jobs, so wall
+times are noisy; CPU seconds are steadier; memory is not affected), Qwen BPE, seq_len 2048, both sides
+producing the same tokens (13,091,371 at 50 MB, 52,271,062 at 200 MB):
 
-    100 MB: HF 303.6 s (91.0 s CPU, peak 1520 MB)  mlmix 48.5 s (16.0 s CPU, peak 996 MB)  6.3x wall, 5.7x CPU
-      8 MB: HF  30.4 s (14.1 s CPU, peak  961 MB)  mlmix  6.5 s ( 3.3 s CPU, peak 291 MB)  4.7x wall, 4.3x CPU
+     50 MB: HF 195.9 s (44.9 s CPU, peak 1228 MB)  mlmix 23.2 s ( 8.1 s CPU, peak 314 MB)  8.4x wall, 5.6x CPU, 0.26x memory
+    200 MB: HF 269.4 s (122.5 s CPU, peak 2116 MB) mlmix 41.5 s (23.0 s CPU, peak 307 MB)  6.5x wall, 5.3x CPU, 0.15x memory
+
+HF's peak grows by 5.9 MB per MB of input; mlmix's does not grow (before the streaming stages: 608 MB at
+50 MB, 1786 MB at 200 MB).
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEQ_LEN = 2048
 FULL = os.environ.get("MLMIX_BENCH_FULL") == "1"
-DEFAULT_MB = 100 if FULL else 8
+# two input sizes, each variant in its own process at each: peak memory against input size
+SIZES_MB = (50.0, 200.0) if FULL else (4.0, 16.0)
 
 from mlmix.chat import CHATML_TEMPLATE as CHATML_GENERATION  # noqa: E402  (the same ChatML template mlmix uses)
 
@@ -138,36 +144,55 @@ def measure(variant: str, data: str) -> dict:
     return res
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("bench_pipeline") / "chat.jsonl")
-    info = make_data(path, DEFAULT_MB)
-    info["path"] = path
-    return info
+_DATA: dict[float, dict] = {}
 
 
 @pytest.fixture(scope="module")
-def results(dataset):
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench_pipeline")
+
+
+def _dataset(data_dir, mb: float) -> dict:
+    if mb not in _DATA:
+        path = str(data_dir / f"chat_{mb:g}mb.jsonl")
+        info = make_data(path, mb)
+        info["path"] = path
+        _DATA[mb] = info
+    return _DATA[mb]
+
+
+@pytest.fixture(scope="module")
+def results():
     return {}
 
 
-@pytest.mark.parametrize("variant", ["hf", "mlmix"])
-def test_pipeline_end_to_end(benchmark, dataset, results, variant):
+@pytest.mark.parametrize("size_mb, variant", [(mb, v) for mb in SIZES_MB for v in ("hf", "mlmix")])
+def test_pipeline_end_to_end(benchmark, data_dir, results, size_mb, variant):
+    dataset = _dataset(data_dir, size_mb)
     res = benchmark.pedantic(measure, args=(variant, dataset["path"]), rounds=1, iterations=1)
-    results[variant] = res
+    results[(size_mb, variant)] = res
     mb = dataset["bytes"] / 1e6
     benchmark.extra_info.update({
         "variant": variant, "input_mb": round(mb, 1), "records": dataset["records"],
         "seconds": round(res["seconds"], 2), "mb_per_s": round(mb / res["seconds"], 2),
-        "peak_rss_mb": round(res["peak_rss_mb"], 1), "cpu_s": round(res["cpu_s"], 2), "tokens": res["tokens"], "sequences": res["sequences"],
-        "efficiency": round(res["efficiency"], 5),
+        "peak_rss_mb": round(res["peak_rss_mb"], 1), "cpu_s": round(res["cpu_s"], 2), "tokens": res["tokens"],
+        "sequences": res["sequences"], "efficiency": round(res["efficiency"], 5),
     })
-    if "hf" in results and "mlmix" in results:
-        benchmark.extra_info["speedup_vs_hf"] = round(results["hf"]["seconds"] / results["mlmix"]["seconds"], 2)
-        benchmark.extra_info["cpu_ratio_vs_hf"] = round(results["hf"]["cpu_s"] / results["mlmix"]["cpu_s"], 2)
-        benchmark.extra_info["memory_ratio_vs_hf"] = round(results["mlmix"]["peak_rss_mb"] / results["hf"]["peak_rss_mb"], 2)
-        print(f"\nmlmix vs HF datasets+TRL on {mb:.0f} MB: {benchmark.extra_info['speedup_vs_hf']}x faster, "
-              f"peak memory {results['mlmix']['peak_rss_mb']:.0f} MB vs {results['hf']['peak_rss_mb']:.0f} MB")
+    hf, ml = results.get((size_mb, "hf")), results.get((size_mb, "mlmix"))
+    if hf and ml:
+        benchmark.extra_info["speedup_vs_hf"] = round(hf["seconds"] / ml["seconds"], 2)
+        benchmark.extra_info["cpu_ratio_vs_hf"] = round(hf["cpu_s"] / ml["cpu_s"], 2)
+        benchmark.extra_info["memory_ratio_vs_hf"] = round(ml["peak_rss_mb"] / hf["peak_rss_mb"], 2)
+        print(f"\n{mb:.0f} MB: mlmix {benchmark.extra_info['speedup_vs_hf']}x faster than HF datasets+TRL "
+              f"({benchmark.extra_info['cpu_ratio_vs_hf']}x CPU), peak memory {ml['peak_rss_mb']:.0f} MB vs "
+              f"{hf['peak_rss_mb']:.0f} MB ({benchmark.extra_info['memory_ratio_vs_hf']}x)")
+    done = [(s, results[(s, v)]) for s in SIZES_MB for v in (variant,) if (s, v) in results]
+    if len(done) == len(SIZES_MB) > 1:
+        (s0, r0), (s1, r1) = done[0], done[-1]
+        growth = (r1["peak_rss_mb"] - r0["peak_rss_mb"]) / (s1 - s0)
+        benchmark.extra_info["peak_rss_growth_mb_per_input_mb"] = round(growth, 3)
+        print(f"{variant}: peak {r0['peak_rss_mb']:.0f} MB at {s0:g} MB of input, {r1['peak_rss_mb']:.0f} MB at "
+              f"{s1:g} MB ({growth:+.2f} MB per MB of input)")
 
 
 def _child(variant: str, data: str, out: str) -> None:
@@ -186,16 +211,22 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mb", type=float, default=DEFAULT_MB, help="input size in MB (default: %(default)s)")
+    ap.add_argument("--mb", type=float, action="append", help="input size in MB, repeatable (default: %s)"
+                    % " ".join(f"{m:g}" for m in SIZES_MB))
+    ap.add_argument("--only", choices=("hf", "mlmix"), help="run one variant only")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "chat.jsonl")
-        info = make_data(path, args.mb)
-        print(f"{info['bytes'] / 1e6:.1f} MB, {info['records']:,} conversations in 12 languages")
-        rows = {v: measure(v, path) for v in ("hf", "mlmix")}
-    for v, r in rows.items():
-        print(f"{v:<6} {r['seconds']:8.1f} s  cpu {r['cpu_s']:7.1f} s  {info['bytes'] / 1e6 / r['seconds']:6.2f} MB/s  "
-              f"peak {r['peak_rss_mb']:7.0f} MB  "
-              f"{r['tokens']:,} tokens  {r['sequences']:,} sequences  efficiency {r['efficiency']:.2%}")
-    print(f"speedup {rows['hf']['seconds'] / rows['mlmix']['seconds']:.2f}x (cpu {rows['hf']['cpu_s'] / rows['mlmix']['cpu_s']:.2f}x), "
-          f"memory {rows['mlmix']['peak_rss_mb'] / rows['hf']['peak_rss_mb']:.2f}x")
+    variants = (args.only,) if args.only else ("hf", "mlmix")
+    for mb in args.mb or SIZES_MB:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "chat.jsonl")
+            info = make_data(path, mb)
+            print(f"{info['bytes'] / 1e6:.1f} MB, {info['records']:,} conversations in 12 languages", flush=True)
+            rows = {v: measure(v, path) for v in variants}
+        for v, r in rows.items():
+            print(f"  {v:<6} {r['seconds']:8.1f} s  cpu {r['cpu_s']:7.1f} s  {info['bytes'] / 1e6 / r['seconds']:6.2f} MB/s  "
+                  f"peak {r['peak_rss_mb']:7.0f} MB  "
+                  f"{r['tokens']:,} tokens  {r['sequences']:,} sequences  efficiency {r['efficiency']:.2%}", flush=True)
+        if len(rows) == 2:
+            print(f"  speedup {rows['hf']['seconds'] / rows['mlmix']['seconds']:.2f}x "
+                  f"(cpu {rows['hf']['cpu_s'] / rows['mlmix']['cpu_s']:.2f}x), "
+                  f"memory {rows['mlmix']['peak_rss_mb'] / rows['hf']['peak_rss_mb']:.2f}x", flush=True)

@@ -108,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the demo's budget)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("build", help="run the pipeline a config describes: read, langid, dedup, mix, tokenize, pack",
-                       description="Read the sources, identify languages, remove duplicates, build the mixture, "
-                                   "tokenize with the chat template and pack into a store, as CONFIG (TOML or YAML; "
+    p = sub.add_parser("build", help="run the pipeline a config describes: read, langid, tokenize, dedup, mix, pack",
+                       description="Read the sources, identify languages, tokenize with the chat template, remove "
+                                   "duplicates, build the mixture and pack into a store, as CONFIG (TOML or YAML; "
                                    "see docs/config.md) says. Stages are cached: a rerun redoes only what changed.")
     common(p)
     p.add_argument("config", metavar="CONFIG", help="the build config (.toml, .yaml/.yml or .json)")

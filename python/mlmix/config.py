@@ -147,6 +147,7 @@ SCHEMA = {
                 "seq_len": {"type": "int", "min": 2, "default": 2048},
                 "strategy": {"type": "str", "enum": ["bfd", "ffd", "wrapped", "bfd_split"], "default": "bfd"},
                 "overlong": {"type": "str", "enum": ["error", "truncate", "split", "drop"], "default": "error"},
+                "shard_sequences": {"type": "int", "min": 1},
             },
         },
         "report": {"type": "bool", "default": True},

@@ -15,6 +15,11 @@ only the stages downstream of a change. Order of the stages and why:
   tokenizer and ``build.json`` (every stage's statistics), into the output directory. The output is
   assembled in a temporary directory and renamed into place, so it is always complete or absent.
 
+Memory is bounded whatever the input size (docs/memory.md): records are read and written one at a
+time, tokens and loss masks are appended to files chunk by chunk and memory-mapped afterwards, dedup
+reads texts in chunks (near dedup one language at a time), and packing plans from the lengths alone and
+gathers tokens in bounded blocks. What stays in memory is a few arrays with one entry per record.
+
 The output directory::
 
     OUTPUT/store/          the packed store (mlmix.open)
@@ -27,10 +32,12 @@ The output directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -41,7 +48,7 @@ from . import readers
 from ._atomic import atomic_directory
 from .cache import StageCache, stage_key
 from .config import load_config
-from .ragged import Ragged
+from .ragged import Ragged, RaggedWriter, drop_mapped_pages
 
 __all__ = ["build", "BuildLog", "STAGES", "BUILD_FORMAT"]
 
@@ -49,7 +56,8 @@ STAGES = ("read", "langid", "tokenize", "dedup", "mix", "pack")
 BUILD_FORMAT = 1
 # bump when a stage's output format or semantics change, so old cache entries are not reused
 _STAGE_VERSION = {"read": 1, "langid": 1, "tokenize": 1, "dedup": 1, "mix": 1, "pack": 1}
-_TOKENIZE_CHUNK = 4096
+_TOKENIZE_CHUNK = 4096  # records encoded at a time ...
+_CHUNK_BYTES = 16 << 20  # ... or fewer, once they hold this much JSON (bounds memory for long records)
 
 
 # ---- logging and progress ----------------------------------------------------------------------
@@ -146,6 +154,13 @@ def _iter_records(path: str) -> Iterator[dict]:
             yield json.loads(line)
 
 
+def _iter_sized_records(path: str) -> Iterator[tuple[dict, int]]:
+    """(record, length of its JSON line in characters), for chunking by size."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line), len(line)
+
+
 def _stage_read(cfg: dict, out: str, log: BuildLog) -> dict:
     per_source = []
     langs: Counter = Counter()
@@ -169,33 +184,51 @@ def _stage_read(cfg: dict, out: str, log: BuildLog) -> dict:
 
 
 # ---- stage: langid -------------------------------------------------------------------------------
+_LANGID_CHUNK = 4096  # texts classified per call
+
+
 def _stage_langid(cfg: dict, records_path: str, out: str, log: BuildLog) -> dict:
+    """A language code for every record: the record's own, or py3langid's where it has none (or always,
+    with ``override``). One pass, one chunk of texts at a time; memory per record: its code (a pointer
+    to one shared string per language) and a keep flag."""
     lcfg = cfg["langid"]
-    given = [rec["lang"] for rec in _iter_records(records_path)]
-    todo = [i for i, lang in enumerate(given) if lcfg["override"] or lang is None]
-    langs = [lang if lang is not None else lcfg["unknown"] for lang in given]
-    probs: dict[int, float] = {}
-    if todo and lcfg["backend"] == "py3langid":
+    run = lcfg["backend"] == "py3langid"
+    langs: list[str] = []
+    n_todo = 0
+    if run:
         from .langid import identify
 
-        todo_set = set(todo)
-        texts = (readers.record_text(rec) for i, rec in enumerate(_iter_records(records_path)) if i in todo_set)
-        with log.bar("langid", total=len(todo)) as bar:
-            found, p = identify(texts, threshold=lcfg["threshold"], unknown=lcfg["unknown"],
+    with log.bar("langid") as bar:
+        pending: list[tuple[int, str]] = []  # (record index, text) awaiting identification
+
+        def flush() -> None:
+            found, _ = identify((t for _, t in pending), threshold=lcfg["threshold"], unknown=lcfg["unknown"],
                                 languages=lcfg.get("languages"), on_item=bar.update)
-        for i, lang, pi in zip(todo, found, p):
-            langs[i] = lang
-            probs[i] = pi
+            for (i, _), lang in zip(pending, found):
+                langs[i] = sys.intern(lang)
+            pending.clear()
+
+        for rec in _iter_records(records_path):
+            lang = rec["lang"]
+            todo = lcfg["override"] or lang is None
+            n_todo += todo
+            langs.append(sys.intern(lang if lang is not None else lcfg["unknown"]))  # replaced once identified
+            if todo and run:
+                pending.append((len(langs) - 1, readers.record_text(rec)))
+                if len(pending) >= _LANGID_CHUNK:
+                    flush()
+        if pending:
+            flush()
     keep = np.ones(len(langs), dtype=bool)
     if lcfg["drop_unknown"]:
-        keep = np.array([lang != lcfg["unknown"] for lang in langs], dtype=bool)
+        keep = np.fromiter((lang != lcfg["unknown"] for lang in langs), dtype=bool, count=len(langs))
     _write_json(os.path.join(out, "langs.json"), langs)
     np.save(os.path.join(out, "keep.npy"), keep)
-    identified = len(probs)
+    identified = n_todo if run else 0
     unknown = sum(1 for lang in langs if lang == lcfg["unknown"])
     return {
         "identified": identified,
-        "given": len(langs) - len(todo),
+        "given": len(langs) - n_todo,
         "unknown": unknown,
         "dropped": int((~keep).sum()),
         "langs": _by_lang(langs),
@@ -257,42 +290,75 @@ def encode_records(tokenizer, records: Sequence[Mapping], tcfg: Mapping) -> tupl
 
 
 def _stage_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log: BuildLog) -> dict:
+    """Tokens and loss masks of every record, streamed to ``out/tokens`` and ``out/loss_mask`` chunk by
+    chunk (memory: one chunk of records and its encodings, plus 8 bytes of length per record)."""
     tcfg = cfg["tokenizer"]
     tokenizer = load_tokenizer(tcfg)
-    tok_parts: list[Ragged] = []
-    mask_parts: list[Ragged] = []
-    n_tokens = 0
+    n_tokens = n_loss = n_examples = 0
     enc_stats: dict[str, int] = {}
     t0 = time.perf_counter()
-    with log.bar("tokenize", total=n_records) as bar:
+    with log.bar("tokenize", total=n_records) as bar, \
+            RaggedWriter(os.path.join(out, "tokens"), np.uint32) as tok_out, \
+            RaggedWriter(os.path.join(out, "loss_mask"), np.uint8) as mask_out:
         chunk: list[dict] = []
 
         def flush() -> None:
-            nonlocal n_tokens
+            nonlocal n_tokens, n_loss, n_examples
             t, m, st = encode_records(tokenizer, chunk, tcfg)
             for k, v in st.items():
                 enc_stats[k] = enc_stats.get(k, 0) + v
-            tok_parts.append(t)
-            mask_parts.append(m)
+            tok_out.append(t)
+            mask_out.append(m)
             n_tokens += int(t.offsets[-1])
+            n_loss += int(m.values.sum(dtype=np.int64))
+            n_examples += int((t.lengths > 0).sum())
             bar.update(len(chunk))
             bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9) / 1e3:.0f}k tok/s")
             chunk.clear()
 
-        for rec in _iter_records(records_path):
+        size = 0
+        for rec, n in _iter_sized_records(records_path):
             chunk.append(rec)
-            if len(chunk) >= _TOKENIZE_CHUNK:
+            size += n
+            if len(chunk) >= _TOKENIZE_CHUNK or size >= _CHUNK_BYTES:
                 flush()
+                size = 0
         if chunk:
             flush()
-    tokens = Ragged.concat(tok_parts) if tok_parts else Ragged(np.zeros(0, np.uint32), np.zeros(1, np.int64))
-    masks = Ragged.concat(mask_parts) if mask_parts else Ragged(np.zeros(0, np.uint8), np.zeros(1, np.int64))
-    _save_ragged(os.path.join(out, "tokens"), tokens)
-    _save_ragged(os.path.join(out, "loss_mask"), masks)
     if "name" not in tcfg:  # a bundled tokenizer is found again by its name (saves writing ~7 MB)
         save_tokenizer(tokenizer, os.path.join(out, "tokenizer.json"))
-    return {"examples": int((tokens.lengths > 0).sum()), "tokens": int(tokens.offsets[-1]),
-            "loss_tokens": int(masks.values.sum(dtype=np.int64)), "pad_id": _pad_id(tokenizer), **enc_stats}
+    _forget_native_encoder(tokenizer)
+    return {"examples": n_examples, "tokens": n_tokens, "loss_tokens": n_loss, "pad_id": _pad_id(tokenizer),
+            **enc_stats}
+
+
+def _forget_native_encoder(tokenizer) -> None:
+    """Drop the native encoder mlmix.tokenize keeps for this tokenizer's backend (~200 MB for Qwen's):
+    the backend was loaded for this stage only, so nothing else can use the entry, and the later stages
+    then run without the tokenizer in memory."""
+    from . import tokenize
+
+    cache = getattr(tokenize, "_NATIVE_CACHE", None)
+    backend = getattr(tokenizer, "backend", None)
+    if cache is not None and backend is not None:
+        hit = cache.get(id(backend))
+        if hit is not None and hit[0] is backend:
+            del cache[id(backend)]
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and it would count in RSS under
+    every later stage); a no-op where malloc_trim does not exist."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def save_tokenizer(tokenizer, path: str) -> None:
@@ -311,18 +377,67 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _save_ragged(path: str, r: Ragged) -> None:
-    os.makedirs(path, exist_ok=True)
-    np.save(os.path.join(path, "values.npy"), r.values)
-    np.save(os.path.join(path, "offsets.npy"), r.offsets)
-
-
 def _load_ragged(path: str) -> Ragged:
+    """A cached Ragged: values memory-mapped, offsets in memory (8 bytes per record)."""
     return Ragged(np.load(os.path.join(path, "values.npy"), mmap_mode="r"), np.load(os.path.join(path, "offsets.npy")))
 
 
+# tokens copied at a time when the selected examples are written out (Ragged.take needs 8 B of
+# index per token on top: ~12 MB at this size)
+_TAKE_CHUNK_TOKENS = 1 << 20
+
+
+def _take_to_disk(r: Ragged, index: np.ndarray, path: str) -> Ragged:
+    """``r.take(index)`` written to ``path`` chunk by chunk and memory-mapped back, so that selecting
+    from a corpus larger than RAM needs memory for one chunk only (``index`` sorted ascending)."""
+    lengths = r.lengths[index]
+    # chunk boundaries by token count: at most _TAKE_CHUNK_TOKENS tokens (or one example) per chunk
+    csum = np.cumsum(lengths, dtype=np.int64)
+    with RaggedWriter(path, r.values.dtype) as w:
+        lo = 0
+        while lo < index.size:
+            base = int(csum[lo - 1]) if lo else 0
+            hi = max(lo + 1, int(np.searchsorted(csum, base + _TAKE_CHUNK_TOKENS, side="right")))
+            w.append(r.take(index[lo:hi]))
+            drop_mapped_pages(r.values)
+            lo = hi
+    return _load_ragged(path)
+
+
 # ---- stage: dedup --------------------------------------------------------------------------------
+_DEDUP_CHUNK = 4096  # records hashed at a time
+
+
+def _texts_of(r: Ragged):
+    """Documents as ``mlmix.dedup`` takes them: a zero-copy pyarrow string array over the UTF-8 bytes
+    when pyarrow is installed, else a list of bytes."""
+    try:
+        import pyarrow as pa
+    except ImportError:
+        return [bytes(r.values[a:b]) for a, b in zip(r.offsets[:-1].tolist(), r.offsets[1:].tolist())]
+    values = np.ascontiguousarray(r.values[int(r.offsets[0]):int(r.offsets[-1])])
+    offsets = np.ascontiguousarray(r.offsets - r.offsets[0])
+    return pa.LargeStringArray.from_buffers(len(r), pa.py_buffer(offsets), pa.py_buffer(values))
+
+
+def _select(r: Ragged, mask: np.ndarray) -> Ragged:
+    """The sequences of ``r`` where ``mask`` is true; 1 byte of scratch per value (``Ragged.take``
+    builds an int64 index per value, 8x the text it selects)."""
+    if mask.all():
+        return r
+    lengths = r.lengths
+    return Ragged.from_lengths(r.values[np.repeat(mask, lengths)], lengths[mask])
+
+
 def _stage_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarray, out: str, log: BuildLog) -> dict:
+    """Exact then near duplicates among the ``alive`` records; the first seen of each cluster is kept.
+
+    Memory: exact dedup reads the texts chunk by chunk and keeps a 16-byte hash per document. Near
+    dedup needs the texts of the documents it compares: they are spilled to disk per language as UTF-8
+    during the same pass and, with scope "language", deduplicated one language at a time (documents of
+    different languages are never duplicates then), so the texts of the largest language are in memory
+    at once; with scope "global" all of them are.
+    """
     dcfg = cfg["dedup"]
     keep = alive.copy()
     exact_removed: Counter = Counter()
@@ -331,34 +446,85 @@ def _stage_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarr
         from . import dedup
 
         idx = np.flatnonzero(alive)
-        idx_set = set(idx.tolist())
-        texts = [readers.record_text(r) for i, r in enumerate(_iter_records(records_path)) if i in idx_set]
+        n = idx.size
         sub_langs = [langs[i] for i in idx]
         scope = "lang" if dcfg["scope"] == "language" else "global"
-        with log.bar("dedup", total=len(texts) * (int(dcfg["exact"]) + int(dcfg["near"]))) as bar:
-            sub_keep = np.ones(len(texts), dtype=bool)
-            if dcfg["exact"] and texts:
-                res = dedup.exact_duplicates(texts, langs=sub_langs, scope=scope)
-                sub_keep &= np.asarray(res.keep, dtype=bool)
-                for j in np.flatnonzero(~np.asarray(res.keep, dtype=bool)):
+        with log.bar("dedup", total=n * (int(dcfg["exact"]) + int(dcfg["near"]))) as bar, \
+                _scratch_dir(cfg["cache_dir"]) as scratch:
+            # one pass over the records: exact hashes per chunk, and (for near) texts spilled per group
+            group_of = (lambda lang: lang) if scope == "lang" else (lambda lang: "")
+            spill: dict[str, RaggedWriter] = {}
+            members: dict[str, list[int]] = {}  # positions in idx of each group's documents, in order
+            hashes: list[np.ndarray] = []
+            chunk: list[str] = []
+            first = 0
+
+            def flush() -> None:
+                nonlocal first
+                if dcfg["exact"]:
+                    hashes.append(dedup.exact_hashes(chunk))
+                    bar.update(len(chunk))
+                if dcfg["near"]:
+                    encoded = [t.encode("utf-8", "surrogatepass") for t in chunk]
+                    by_group: dict[str, list[int]] = {}
+                    for j in range(len(chunk)):
+                        by_group.setdefault(group_of(sub_langs[first + j]), []).append(j)
+                    for g, js in by_group.items():
+                        w = spill.get(g)
+                        if w is None:
+                            w = spill[g] = RaggedWriter(os.path.join(scratch, f"g{len(spill)}"), np.uint8)
+                        data = np.frombuffer(b"".join(encoded[j] for j in js), dtype=np.uint8)
+                        w.append(Ragged.from_lengths(data, [len(encoded[j]) for j in js]))
+                        members.setdefault(g, []).extend(first + j for j in js)
+                first += len(chunk)
+                chunk.clear()
+
+            it = iter(enumerate(_iter_records(records_path)))
+            size = 0
+            for i in idx.tolist():
+                for k, rec in it:
+                    if k == i:
+                        chunk.append(readers.record_text(rec))
+                        size += len(chunk[-1])
+                        break
+                if len(chunk) >= _DEDUP_CHUNK or size >= _CHUNK_BYTES:
+                    flush()
+                    size = 0
+            if chunk:
+                flush()
+            for w in spill.values():
+                w.close()
+
+            sub_keep = np.ones(n, dtype=bool)
+            if dcfg["exact"] and n:
+                res = dedup.cluster_hashes(np.concatenate(hashes), langs=sub_langs, scope=scope)
+                exact_keep = np.asarray(res.keep, dtype=bool)
+                sub_keep &= exact_keep
+                for j in np.flatnonzero(~exact_keep):
                     exact_removed[sub_langs[j]] += 1
-                bar.update(len(texts))
-            if dcfg["near"] and sub_keep.any():
-                rest = np.flatnonzero(sub_keep)
-                res = dedup.near_duplicates(
-                    [texts[j] for j in rest],
-                    threshold=dcfg["threshold"],
-                    num_perm=dcfg["num_perm"],
-                    ngram=dcfg["ngram"],
-                    langs=[sub_langs[j] for j in rest],
-                    scope=scope,
-                    seed=cfg["seed"],
-                )
-                near_keep = np.asarray(res.keep, dtype=bool)
-                for j in rest[~near_keep]:
-                    near_removed[sub_langs[j]] += 1
-                sub_keep[rest[~near_keep]] = False
-                bar.update(len(texts))
+                del hashes, res
+            if dcfg["near"]:
+                for g, w in spill.items():
+                    pos = np.asarray(members[g], dtype=np.int64)
+                    live = sub_keep[pos]
+                    if live.any():
+                        texts = _select(Ragged.load(w.path, mmap=False), live)
+                        rest = pos[live]
+                        res = dedup.near_duplicates(
+                            _texts_of(texts),
+                            threshold=dcfg["threshold"],
+                            num_perm=dcfg["num_perm"],
+                            ngram=dcfg["ngram"],
+                            langs=[sub_langs[j] for j in rest],
+                            scope=scope,
+                            seed=cfg["seed"],
+                        )
+                        del texts
+                        near_keep = np.asarray(res.keep, dtype=bool)
+                        for j in rest[~near_keep]:
+                            near_removed[sub_langs[j]] += 1
+                        sub_keep[rest[~near_keep]] = False
+                    bar.update(pos.size)
         keep[idx] = sub_keep
     np.save(os.path.join(out, "keep.npy"), keep)
     return {
@@ -414,13 +580,19 @@ def _stage_mix(cfg: dict, records_path: str, langs: list[str], keep: np.ndarray,
 
 
 # ---- stage: pack ---------------------------------------------------------------------------------
+def _lang_index(langs: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """(distinct codes in order of appearance, int64 index of each entry's code)."""
+    table: dict[str, int] = {}
+    idx = np.fromiter((table.setdefault(lang, len(table)) for lang in langs), dtype=np.int64, count=len(langs))
+    return list(table), idx
+
+
 def _length_summary(lengths: np.ndarray, langs: list[str]) -> dict:
-    by: dict[str, list[int]] = {}
-    for lang, n in zip(langs, lengths.tolist()):
-        by.setdefault(lang, []).append(n)
+    names, idx = _lang_index(langs)
+    lengths = np.asarray(lengths)
     out = {}
-    for lang, ns in sorted(by.items()):
-        a = np.asarray(ns)
+    for k, lang in sorted(enumerate(names), key=lambda kv: kv[1]):
+        a = lengths[idx == k].astype(np.int64)
         q = np.percentile(a, [5, 25, 50, 75, 95]).tolist()
         out[lang] = {"n": int(a.size), "mean": float(a.mean()), "min": int(a.min()), "max": int(a.max()),
                      "p5": q[0], "p25": q[1], "p50": q[2], "p75": q[3], "p95": q[4]}
@@ -444,7 +616,8 @@ def _stage_pack(cfg: dict, tokens: Ragged, masks: Ragged, langs: list[str], pad_
             "set pack.overlong to 'truncate', 'split' or 'drop', or raise pack.seq_len"
         )
     manifest = write_store(out_store, tokens, seq_len=seq_len, loss_mask=masks, strategy=strategy, langs=langs,
-                           seed=cfg["seed"], pad_id=pad_id, overlong=policy)
+                           seed=cfg["seed"], pad_id=pad_id, overlong=policy,
+                           shard_sequences=pcfg.get("shard_sequences"))
     counts = manifest["counts"]
     return {"sequences": manifest["num_sequences"], "seq_len": seq_len, "strategy": strategy, "overlong_policy": policy,
             "examples": manifest["num_examples"], "tokens": manifest["num_tokens"], "efficiency": manifest["efficiency"],
@@ -471,10 +644,26 @@ def _cached_stage(cache: StageCache, log: BuildLog, name: str, key: str, run: Ca
         d = cache.save(name, key, write)
     stats = _read_json(os.path.join(d, "stats.json"))
     seconds = time.perf_counter() - t0
-    timings[name] = {"seconds": seconds, "cached": cached}
+    timings[name] = {"seconds": seconds, "cached": cached, "peak_rss_mb": _peak_rss_mb()}
     log.stage(name, summary(stats), seconds, cached)
     log.detail(f"cache {d}")
+    _log_peak(log, timings[name])
     return d, stats
+
+
+def _peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far, in MB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)  # bytes on macOS, KiB elsewhere
+
+
+def _log_peak(log: BuildLog, timing: Mapping) -> None:
+    if timing.get("peak_rss_mb") is not None:
+        log.detail(f"peak memory so far {timing['peak_rss_mb']:,.0f} MB")
 
 
 def _fmt_langs(counts: Mapping[str, int], limit: int = 6) -> str:
@@ -500,6 +689,7 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
     cfg = load_config(config)
     log = log or BuildLog(quiet=quiet, verbose=verbose, progress=progress)
     cache = StageCache(cfg["cache_dir"], enabled=True)
+    _remove_stale_scratch(cfg["cache_dir"])
     if not use_cache:
         cache.enabled = False
     t_start = time.perf_counter()
@@ -520,9 +710,11 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
     d_lid, s_lid = _cached_stage(
         cache, log, "langid", k_lid, lambda tmp: _stage_langid(cfg, records_path, tmp, log),
         lambda s: f"{len(s['langs'])} languages ({s['given']:,} given, {s['identified']:,} identified, "
-                  f"{s['unknown']:,} unknown) {_fmt_langs(s['langs'])}",
+                  f"{s['unknown']:,} unknown) {_fmt_langs(s['langs'])}"
+                  + (_rate(s["identified"], s["seconds"], "rec") if s["identified"] else ""),
         timings)
-    langs: list[str] = _read_json(os.path.join(d_lid, "langs.json"))
+    # one shared str per language code, not one per record (json makes a new str for every entry)
+    langs: list[str] = [sys.intern(lang) for lang in _read_json(os.path.join(d_lid, "langs.json"))]
     alive = np.load(os.path.join(d_lid, "keep.npy"))
 
     # tokenize (all records; see the module docstring for why it precedes dedup and mix)
@@ -544,7 +736,9 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
     d_dd, s_dd = _cached_stage(
         cache, log, "dedup", k_dd, lambda tmp: _stage_dedup(cfg, records_path, langs, alive, tmp, log),
         lambda s: f"kept {s['kept']:,}; removed {sum(s['exact_removed'].values()):,} exact, "
-                  f"{sum(s['near_removed'].values()):,} near duplicates",
+                  f"{sum(s['near_removed'].values()):,} near duplicates"
+                  + _rate(s["kept"] + sum(s["exact_removed"].values()) + sum(s["near_removed"].values()),
+                          s["seconds"], "doc"),
         timings)
     keep = np.load(os.path.join(d_dd, "keep.npy"))
 
@@ -562,13 +756,11 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
     summary = _load_existing(out, k_pack) if use_cache else None
     t0 = time.perf_counter()
     if summary is not None:
-        timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": True}
+        timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": True, "peak_rss_mb": _peak_rss_mb()}
         s_pack = summary["stages"]["pack"]
         log.stage("pack", _pack_line(s_pack), 0.0, True)
     else:
         sel_langs = [langs[i] for i in selected]
-        tokens = tokens_all.take(selected)
-        masks = masks_all.take(selected)
         stage_stats = {"read": s_read, "langid": s_lid, "tokenize": s_tok, "dedup": s_dd, "mix": s_mix}
         stage_stats["tokens_by_lang"] = {
             "read": _by_lang(langs, lengths_all),
@@ -576,8 +768,14 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
             "mix": _by_lang(sel_langs, lengths_all[selected]),
         }
         stage_stats["lengths"] = _length_summary(lengths_all[selected], sel_langs)
-        with atomic_directory(out) as tmp:
+        with atomic_directory(out) as tmp, _scratch_dir(cfg["cache_dir"]) as scratch:
+            if selected.size == len(tokens_all) and np.array_equal(selected, np.arange(selected.size)):
+                tokens, masks = tokens_all, masks_all  # everything: pack straight from the cached arrays
+            else:
+                tokens = _take_to_disk(tokens_all, selected, os.path.join(scratch, "tokens"))
+                masks = _take_to_disk(masks_all, selected, os.path.join(scratch, "loss_mask"))
             s_pack = _stage_pack(cfg, tokens, masks, sel_langs, s_tok["pad_id"], os.path.join(tmp, "store"))
+            del tokens, masks  # unmap the scratch copies before the directory is removed
             s_pack["seconds"] = time.perf_counter() - t0
             stage_stats["pack"] = s_pack
             # lengths of the selected examples, for the report's histograms (int32, one per example)
@@ -606,8 +804,9 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
 
                 write_report(tmp, os.path.join(tmp, "report.html"))
         _relax_modes(out)
-        timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": False}
+        timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": False, "peak_rss_mb": _peak_rss_mb()}
         log.stage("pack", _pack_line(s_pack), timings["pack"]["seconds"], False)
+        _log_peak(log, timings["pack"])
         log.detail(f"output {out} (key {k_pack})")
     for entry in cache.discarded:
         log.line(f"warning: cache entry {entry} was corrupt and has been recomputed")
@@ -616,6 +815,38 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
     summary["seconds"] = time.perf_counter() - t_start
     summary["cache_discarded"] = list(cache.discarded)
     return summary
+
+
+_SCRATCH = ".scratch-"  # + pid + "-" + random: scratch directories in cache_dir (dot: the cache ignores them)
+
+
+def _remove_stale_scratch(cache_dir: str) -> None:
+    """Remove scratch directories left by builds that were killed (their process no longer exists)."""
+    try:
+        names = os.listdir(cache_dir)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_SCRATCH):
+            continue
+        try:
+            pid = int(name[len(_SCRATCH):].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+        except (ValueError, OSError):  # not ours, or a live process we may not signal: leave it
+            pass
+
+
+@contextlib.contextmanager
+def _scratch_dir(cache_dir: str) -> Iterator[str]:
+    """A temporary directory next to the cache (same filesystem, out of /tmp's RAM disk), removed after."""
+    os.makedirs(cache_dir, exist_ok=True)
+    d = tempfile.mkdtemp(prefix=f"{_SCRATCH}{os.getpid()}-", dir=cache_dir)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _relax_modes(root: str) -> None:
@@ -633,7 +864,8 @@ def _relax_modes(root: str) -> None:
 def _pack_line(s: Mapping) -> str:
     extra = "".join(f", {s[k]:,} {k}" for k in ("truncated", "split", "dropped") if s.get(k))
     return (f"{s['examples']:,} examples -> {s['sequences']:,} sequences of {s['seq_len']:,} "
-            f"({s['efficiency']:.2%} full; lower bound {s['lower_bound_sequences']:,}){extra}")
+            f"({s['efficiency']:.2%} full; lower bound {s['lower_bound_sequences']:,}){extra}"
+            + _rate(s["tokens"], s.get("seconds") or 0.0, "tok"))
 
 
 def _load_existing(out: str, key: str) -> dict | None:

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["Ragged"]
+__all__ = ["Ragged", "RaggedWriter", "drop_mapped_pages", "is_mapped", "take_spans"]
 
 
 def _as_offsets(offsets, n_values: int, name: str = "offsets") -> np.ndarray:
@@ -237,3 +237,133 @@ def _cast_checked(values: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
         if values.dtype.kind == "f" and not np.all(values == np.floor(values)):
             raise ValueError(f"{name} has non-integer values; cannot cast to {dtype}")
     return values.astype(dtype)
+
+
+class RaggedWriter:
+    """Writes a Ragged to disk sequence batch by batch, in the layout :meth:`Ragged.save` writes.
+
+    ``values.npy`` grows on disk as batches are appended; only the lengths stay in memory (8 bytes
+    per sequence), so a corpus far larger than RAM can be written and then memory-mapped back with
+    :meth:`Ragged.load`. Used as a context manager, it finishes (``close``) on success and leaves the
+    partial files to the caller's atomic directory on failure.
+
+    Args:
+        path: directory to create (it may exist); ``values.npy`` and ``offsets.npy`` are written in it.
+        dtype: values dtype; appended values are cast to it with a range check.
+    """
+
+    def __init__(self, path: str | os.PathLike, dtype) -> None:
+        self.path = os.fspath(path)
+        self.dtype = np.dtype(dtype)
+        os.makedirs(self.path, exist_ok=True)
+        self._f = open(os.path.join(self.path, "values.npy"), "wb")
+        # numpy pads a 1-D header so that the length can grow in place: write it for length 0 now and
+        # rewrite it, with the same size, once the length is known
+        self._header_len = self._write_header(0)
+        self._lengths: list[np.ndarray] = []
+        self.num_values = 0
+        self.closed = False
+
+    def _write_header(self, n: int) -> int:
+        self._f.seek(0)
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (n,)}
+        np.lib.format.write_array_header_1_0(self._f, header)
+        return self._f.tell()
+
+    def __len__(self) -> int:
+        return sum(a.size for a in self._lengths)
+
+    def append(self, r: "Ragged") -> None:
+        """Append the sequences of ``r`` (values cast to the writer's dtype with a range check)."""
+        if self.closed:
+            raise ValueError("RaggedWriter is closed")
+        lo, hi = int(r.offsets[0]), int(r.offsets[-1])
+        values = _cast_checked(np.asarray(r.values[lo:hi]), self.dtype, "values")
+        self._f.write(np.ascontiguousarray(values).data)
+        self._lengths.append(np.diff(r.offsets).astype(np.int64))
+        self.num_values += hi - lo
+
+    def close(self) -> None:
+        """Finish ``values.npy`` (its header) and write ``offsets.npy``; idempotent."""
+        if self.closed:
+            return
+        end = self._f.tell()
+        if self._write_header(self.num_values) != self._header_len:
+            raise RuntimeError("values.npy header changed size; cannot finish it in place")
+        self._f.seek(end)
+        self._f.close()
+        offsets = np.zeros(len(self) + 1, dtype=np.int64)
+        if len(self):
+            np.cumsum(np.concatenate(self._lengths), out=offsets[1:])
+        np.save(os.path.join(self.path, "offsets.npy"), offsets)
+        self._lengths = []
+        self.closed = True
+
+    def __enter__(self) -> "RaggedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._f.close()
+            self.closed = True
+
+
+def _mapping(arr):
+    """The mmap.mmap an array's memory lives in, or None."""
+    import mmap
+
+    base = arr
+    while base is not None:
+        if isinstance(base, mmap.mmap):
+            return base
+        mm = getattr(base, "_mmap", None)
+        if isinstance(mm, mmap.mmap):
+            return mm
+        base = getattr(base, "base", None)
+    return None
+
+
+def is_mapped(arr: np.ndarray) -> bool:
+    """Whether ``arr`` is a view of a memory-mapped file (e.g. ``np.load(..., mmap_mode="r")``)."""
+    return _mapping(arr) is not None
+
+
+# examples copied between page releases by take_spans: each read of a mapped file maps up to ~64 KB
+# around it (the kernel's fault-around), so this bounds the mapped pages resident at once to ~8 MB
+_SPANS_PER_RELEASE = 128
+
+
+def take_spans(values: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, int64 offsets) of the sequences ``index`` (ascending int64) of ``values``/``offsets``,
+    copied into memory; from a memory-mapped ``values`` the pages read are released every few hundred
+    sequences, so random access over a file larger than RAM keeps RSS bounded by the output size."""
+    r = Ragged(values, offsets, validate=False)
+    if not is_mapped(values) or index.size <= _SPANS_PER_RELEASE:
+        out = r.take(index)
+        drop_mapped_pages(values)
+        return out.values, out.offsets
+    parts = []
+    for lo in range(0, index.size, _SPANS_PER_RELEASE):
+        parts.append(r.take(index[lo:lo + _SPANS_PER_RELEASE]))
+        drop_mapped_pages(values)
+    out = Ragged.concat(parts)
+    return out.values, out.offsets
+
+
+def drop_mapped_pages(arr: np.ndarray) -> None:
+    """Release the resident pages of a memory-mapped array (no-op for an in-memory one).
+
+    Pages of a file mapping that have been read count in the process's RSS until unmapped; after a
+    pass over a mapped array, this hands them back (they stay in the OS page cache, and reading the
+    array again simply faults them in), so a pass over a file larger than RAM keeps RSS bounded.
+    """
+    import mmap
+
+    mm = _mapping(arr)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # closed or not advisable: only a memory nicety
+            pass

@@ -943,7 +943,7 @@ def _pack(cfg: dict, ds, sel_uids: np.ndarray, lengths: np.ndarray, sel_langs: l
             f"{n_over} example(s) are longer than pack.seq_len = {seq_len} (longest {int(lengths.max())} tokens); "
             "set pack.overlong to 'truncate', 'split' or 'drop', or raise pack.seq_len")
     plan = pack(lengths, seq_len, strategy=strategy, overlong=policy, seed=cfg["seed"])
-    # pack.shard_sequences, once the config schema has it (pipeline._stage_pack passes the same to write_store)
+    # pack.shard_sequences (pipeline._stage_pack passes the same to write_store)
     shard_sequences = store._check_shard_sequences(pcfg.get("shard_sequences"), seq_len)
     bounds = np.asarray(store.shard_bounds(plan.num_sequences, shard_sequences), dtype=np.int64)
     num_shards = len(bounds) - 1

@@ -9,6 +9,7 @@ per-row / per-segment boundaries; labels, position ids and padding are derived w
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import numpy as np
 
 from ._atomic import atomic_directory
 from .pack import StreamPacker, _check_mask, _check_pad, _check_seed, _check_seq_len, _check_tokens, pack
-from .ragged import Ragged
+from .ragged import Ragged, drop_mapped_pages, is_mapped, take_spans
 
 __all__ = ["write_store", "open", "Store", "ShardedArray", "StoreError", "FORMAT", "VERSION"]
 
@@ -29,7 +30,8 @@ VERSION = 2  # the newest version written; a store of one shard is written (and 
 READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 MANIFEST_CRC = "manifest_crc32"  # last field of the manifest: CRC-32 of the file's text without it
-_ROW_BLOCK = 16_384  # fewest rows gathered and written at a time
+_ROW_BLOCK = 16_384  # fewest rows gathered and written at a time (most, from memory-mapped inputs)
+_BLOCK_TOKENS = 1 << 22  # most tokens gathered at a time from memory-mapped inputs
 SHARD_TOKENS = 1 << 28  # default shard size: seq_len-token rows of 2**28 tokens (1 GiB of uint32 ids)
 SHARDED_ARRAYS = ("tokens", "loss_mask")  # the per-token arrays, split by rows into shard files
 
@@ -256,8 +258,11 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
                 if (lang_idx is not None) != ("seg_lang" in writers):
                     raise ValueError("langs must be given for every chunk or for none")
                 mvals = None if mask is None else _check_mask(mask, offsets)
-                # at most ~8 blocks: each gather re-validates the whole offsets array once
-                step = max(_ROW_BLOCK, -(-plan.num_sequences // 8))
+                mapped = is_mapped(values) or (mvals is not None and is_mapped(mvals))
+                if mapped:  # blocks of at most _BLOCK_TOKENS tokens: memory stays bounded for any input size
+                    step = max(1, min(_ROW_BLOCK, _BLOCK_TOKENS // plan.seq_len))
+                else:  # at most ~8 blocks: each gather re-validates the whole offsets array once
+                    step = max(_ROW_BLOCK, -(-plan.num_sequences // 8))
                 lo = 0
                 while lo < plan.num_sequences:
                     if state["rows"] == state["shard_end"]:
@@ -265,9 +270,16 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
                     hi = min(plan.num_sequences, lo + step, lo + state["shard_end"] - state["rows"])
                     block = plan.rows(lo, hi)
                     lo = hi
-                    writers["tokens"].append(block.gather(values, offsets))
-                    if mvals is not None:
-                        writers["loss_mask"].append(block.gather(mvals, offsets))
+                    if mapped:  # copy in only this block's examples, so RSS stays bounded (see take_spans)
+                        need = np.unique(block.seg_example)
+                        local = dataclasses.replace(block, seg_example=np.searchsorted(need, block.seg_example))
+                        writers["tokens"].append(local.gather(*take_spans(values, offsets, need)))
+                        if mvals is not None:
+                            writers["loss_mask"].append(local.gather(*take_spans(mvals, offsets, need)))
+                    else:
+                        writers["tokens"].append(block.gather(values, offsets))
+                        if mvals is not None:
+                            writers["loss_mask"].append(block.gather(mvals, offsets))
                     writers["row_offsets"].append(state["tokens"] + np.cumsum(block.row_tokens))
                     writers["seg_offsets"].append(state["segs"] + block.row_offsets[1:])
                     writers["seg_lens"].append(block.seg_len)
@@ -629,6 +641,7 @@ class Store:
             raw = arr.view(np.uint8) if n else arr
             for lo in range(0, raw.shape[0], step):
                 crc = zlib.crc32(memoryview(np.ascontiguousarray(raw[lo : lo + step])), crc)
+                drop_mapped_pages(arr)  # the pages just checked leave RSS: memory stays bounded for any size
             if f"{crc:08x}" != spec["crc32"]:
                 raise StoreError(
                     f"{self.path!r}: checksum mismatch in {spec['file']} (crc32 {crc:08x}, manifest {spec['crc32']}): "

@@ -1,0 +1,203 @@
+"""Bounded-memory building blocks of the pipeline: streamed Ragged writing, page-bounded span copies,
+stores packed from memory-mapped tokens, and chunked / per-language dedup. Each is checked against the
+plain in-memory computation it replaces (same values, same bytes)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mlmix.ragged as ragged_mod
+import mlmix.store as store_mod
+from mlmix import dedup, pipeline
+from mlmix.ragged import Ragged, RaggedWriter, is_mapped, take_spans
+from mlmix.store import write_store
+
+lists = st.lists(st.lists(st.integers(0, 2**32 - 1), max_size=6), max_size=8)
+
+
+@settings(max_examples=30, deadline=None)
+@given(chunks=st.lists(lists, max_size=5))
+def test_ragged_writer_equals_concat(tmp_path_factory, chunks):
+    path = str(tmp_path_factory.mktemp("rw") / "r")
+    parts = [Ragged.from_lists(c, dtype=np.uint32) if c else Ragged(np.zeros(0, np.uint32), np.zeros(1, np.int64))
+             for c in chunks]
+    with RaggedWriter(path, np.uint32) as w:
+        for p in parts:
+            w.append(p)
+    got = Ragged.load(path)
+    assert is_mapped(got.values) or got.values.size == 0
+    want = [x for c in chunks for x in c]
+    assert got.to_lists() == want
+    assert got.values.dtype == np.uint32 and got.offsets.dtype == np.int64
+
+
+def test_ragged_writer_checks_range_and_closed(tmp_path):
+    w = RaggedWriter(str(tmp_path / "m"), np.uint8)
+    with pytest.raises(ValueError, match="outside the range of uint8"):
+        w.append(Ragged.from_lists([[1, 300]], dtype=np.int64))
+    w.close()
+    with pytest.raises(ValueError, match="closed"):
+        w.append(Ragged.from_lists([[1]], dtype=np.uint8))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seqs=st.lists(st.lists(st.integers(0, 1000), max_size=7), min_size=1, max_size=40), data=st.data())
+def test_take_spans_equals_take(tmp_path_factory, monkeypatch_module, seqs, data):
+    r = Ragged.from_lists(seqs, dtype=np.uint32)
+    path = str(tmp_path_factory.mktemp("ts") / "r")
+    r.save(path)
+    mapped = Ragged.load(path)
+    index = np.array(sorted(set(data.draw(st.lists(st.integers(0, len(seqs) - 1), max_size=20)))), dtype=np.int64)
+    want = r.take(index)
+    for src in (r, mapped):
+        values, offsets = take_spans(src.values, src.offsets, index)
+        assert Ragged(values, offsets).equals(want)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    # tiny release batches, so that the chunked path of take_spans runs on small inputs
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ragged_mod, "_SPANS_PER_RELEASE", 3)
+    yield mp
+    mp.undo()
+
+
+@pytest.mark.parametrize("strategy, overlong", [("bfd", "truncate"), ("ffd", "split"), ("bfd_split", "split")])
+def test_store_from_memory_mapped_tokens_is_byte_identical(tmp_path, monkeypatch, strategy, overlong):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 90, size=300)
+    tokens = Ragged.from_lengths(rng.integers(0, 50_000, size=int(lengths.sum())).astype(np.uint32), lengths)
+    masks = Ragged.from_lengths((rng.random(int(lengths.sum())) < 0.6).astype(np.uint8), lengths)
+    langs = [("en", "fi", "sw")[i % 3] for i in range(len(lengths))]
+    kw = dict(seq_len=64, strategy=strategy, overlong=overlong, langs=langs, seed=3, pad_id=7)
+    write_store(str(tmp_path / "mem"), tokens, loss_mask=masks, **kw)
+    tokens.save(str(tmp_path / "t"))
+    masks.save(str(tmp_path / "m"))
+    monkeypatch.setattr(store_mod, "_BLOCK_TOKENS", 200)  # many blocks
+    monkeypatch.setattr(ragged_mod, "_SPANS_PER_RELEASE", 5)
+    mt, mm = Ragged.load(str(tmp_path / "t")), Ragged.load(str(tmp_path / "m"))
+    assert is_mapped(mt.values) and is_mapped(mm.values)
+    write_store(str(tmp_path / "mapped"), mt, loss_mask=mm, **kw)
+    names = sorted(os.listdir(tmp_path / "mem"))
+    assert names == sorted(os.listdir(tmp_path / "mapped"))
+    for name in names:
+        assert (tmp_path / "mem" / name).read_bytes() == (tmp_path / "mapped" / name).read_bytes(), name
+
+
+def _records(tmp_path, texts, langs):
+    path = str(tmp_path / "records.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (t, lang) in enumerate(zip(texts, langs)):
+            f.write(json.dumps({"id": str(i), "lang": lang, "text": t}, ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("scope", ["language", "global"])
+def test_dedup_stage_equals_whole_corpus_dedup(tmp_path, monkeypatch, scope):
+    rng = np.random.default_rng(1)
+    words = ["alpha", "beta", "gamma", "delta", "épsilon", "ζήτα", "эта", "θήτα", "iota", "каппа", "lambda", "mu"]
+    base = [" ".join(rng.choice(words, size=int(rng.integers(3, 30)))) for _ in range(60)]
+    texts, langs = [], []
+    for i in range(200):
+        t = base[int(rng.integers(0, len(base)))]
+        if rng.random() < 0.3:  # a near duplicate: one word changed
+            w = t.split(" ")
+            w[len(w) // 2] = "zzz"
+            t = " ".join(w)
+        texts.append(t)
+        langs.append(("en", "ru", "el")[int(rng.integers(0, 3))])
+    texts[5] = ""  # a document without shingles
+    path = _records(tmp_path, texts, langs)
+    alive = rng.random(len(texts)) < 0.9
+    cfg = {"cache_dir": str(tmp_path / "cache"), "seed": 4,
+           "dedup": {"exact": True, "near": True, "scope": scope, "threshold": 0.7, "num_perm": 64, "ngram": 2}}
+    monkeypatch.setattr(pipeline, "_DEDUP_CHUNK", 7)
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = pipeline._stage_dedup(cfg, path, langs, alive, str(out), pipeline.BuildLog(quiet=True))
+    got = np.load(out / "keep.npy")
+
+    # the reference: every alive text at once, as the stage did before it streamed
+    idx = np.flatnonzero(alive)
+    sub_texts, sub_langs = [texts[i] for i in idx], [langs[i] for i in idx]
+    s = "lang" if scope == "language" else "global"
+    keep = np.asarray(dedup.exact_duplicates(sub_texts, langs=sub_langs, scope=s).keep, dtype=bool)
+    rest = np.flatnonzero(keep)
+    near = dedup.near_duplicates([sub_texts[j] for j in rest], threshold=0.7, num_perm=64, ngram=2,
+                                 langs=[sub_langs[j] for j in rest], scope=s, seed=4)
+    keep[rest[~np.asarray(near.keep, dtype=bool)]] = False
+    want = np.zeros(len(texts), dtype=bool)
+    want[idx] = keep
+    assert np.array_equal(got, want)
+    assert stats["kept"] == int(want.sum())
+    assert sum(stats["near_removed"].values()) > 0 and sum(stats["exact_removed"].values()) > 0
+    assert [e for e in os.listdir(cfg["cache_dir"]) if e.startswith(".scratch")] == []
+
+
+@pytest.mark.parametrize("override", [False, True])
+def test_langid_stage_in_chunks_equals_identify_over_all(tmp_path, monkeypatch, override):
+    from mlmix.langid import identify
+
+    texts = ["The weather is lovely today and we walk in the park.", "Hoy hace buen tiempo y paseamos por el parque.",
+             "Tänään on kaunis sää ja kävelemme puistossa.", "Сегодня прекрасная погода, и мы гуляем в парке.",
+             "x", "Oggi il tempo è bello e passeggiamo nel parco.", ""]
+    langs = [None, "es", None, None, None, "it", None]
+    path = _records(tmp_path, texts, langs)  # "lang": null where missing
+    lcfg = {"backend": "py3langid", "threshold": 0.6, "unknown": "und", "override": override, "drop_unknown": True}
+    monkeypatch.setattr(pipeline, "_LANGID_CHUNK", 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = pipeline._stage_langid({"langid": lcfg}, path, str(out), pipeline.BuildLog(quiet=True))
+    got = json.loads((out / "langs.json").read_text())
+
+    todo = [i for i, lang in enumerate(langs) if override or lang is None]
+    found, _ = identify([texts[i] for i in todo], threshold=0.6, unknown="und")
+    want = [lang if lang is not None else "und" for lang in langs]
+    for i, lang in zip(todo, found):
+        want[i] = lang
+    assert got == want
+    assert np.array_equal(np.load(out / "keep.npy"), np.array([lang != "und" for lang in want]))
+    assert stats["identified"] == len(todo) and stats["given"] == len(langs) - len(todo)
+    assert "und" in got and "fi" in got
+
+
+def test_stale_scratch_directories_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited
+    cache = tmp_path / "cache"
+    (cache / f".scratch-{dead_pid}-abc").mkdir(parents=True)
+    (cache / f".scratch-{os.getpid()}-def").mkdir()
+    (cache / ".scratch-notapid").mkdir()
+    pipeline._remove_stale_scratch(str(cache))
+    assert sorted(os.listdir(cache)) == sorted([f".scratch-{os.getpid()}-def", ".scratch-notapid"])
+
+
+def test_tokenize_stage_chunking_does_not_change_the_tokens(tmp_path, monkeypatch):
+    from mlmix.config import load_config
+
+    texts = [f"Record {i}: " + "word " * (i % 17) for i in range(40)]
+    path = _records(tmp_path, texts, ["en"] * len(texts))
+    cfg = load_config({"output": str(tmp_path / "o"), "sources": [{"path": path}],
+                       "tokenizer": {"name": "qwen", "template": "chatml"}})
+    outs = []
+    for chunk, size in ((4096, 16 << 20), (3, 16 << 20), (4096, 100)):  # by count, by size
+        monkeypatch.setattr(pipeline, "_TOKENIZE_CHUNK", chunk)
+        monkeypatch.setattr(pipeline, "_CHUNK_BYTES", size)
+        out = tmp_path / f"t{chunk}-{size}"
+        out.mkdir()
+        stats = pipeline._stage_tokenize(cfg, path, len(texts), str(out), pipeline.BuildLog(quiet=True))
+        outs.append((stats, Ragged.load(str(out / "tokens")), Ragged.load(str(out / "loss_mask"))))
+    (s0, t0, m0) = outs[0]
+    assert len(t0) == len(texts) and s0["tokens"] == t0.values.size > 0
+    for s, t, m in outs[1:]:
+        assert s == s0 and t.equals(t0) and m.equals(m0)
