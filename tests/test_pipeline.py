@@ -309,6 +309,21 @@ def test_build_is_deterministic(tmp_path, tok_path, data_path):
     assert _store_bytes(a["output"]) == _store_bytes(b["output"])
 
 
+def test_pack_shard_sequences_writes_the_same_rows_in_shards(tmp_path, tok_path, data_path):
+    import mlmix
+
+    one = mlmix.build(_cfg(tmp_path / "one", tok_path, data_path), quiet=True)
+    cfg = _cfg(tmp_path / "sharded", tok_path, data_path)
+    cfg["pack"]["shard_sequences"] = 3
+    sharded = mlmix.build(cfg, quiet=True)
+    a, b = mlmix.open(one["store"]), mlmix.open(sharded["store"])
+    assert a.num_shards == 1 and b.num_shards == -(-len(b) // 3) > 1
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        assert np.array_equal(a[i]["input_ids"], b[i]["input_ids"])
+        assert np.array_equal(a[i]["labels"], b[i]["labels"])
+
+
 def test_rerun_redoes_only_what_changed(tmp_path, tok_path, data_path):
     import mlmix
 
