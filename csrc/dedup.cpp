@@ -95,6 +95,19 @@ class Hash128 {
     if (++packed_ == 3) flush();
     ++length_;
   }
+  // The same as add() of each of c[0..n), three code points per step without branches.
+  void add_all(const uint32_t* c, size_t n) {
+    size_t k = 0;
+    if (packed_ == 0) {
+      for (; k + 3 <= n; k += 3) {
+        word_ = static_cast<uint64_t>(c[k]) | static_cast<uint64_t>(c[k + 1]) << 21 |
+                static_cast<uint64_t>(c[k + 2]) << 42;
+        flush();
+      }
+      length_ += k;
+    }
+    for (; k < n; ++k) add(c[k]);
+  }
   void finish(uint64_t* out) {
     if (packed_ != 0) flush();
     uint64_t a = lane_a_ ^ (length_ * kMulB);
@@ -203,8 +216,18 @@ class NfkcStream {
  public:
   explicit NfkcStream(bool compose) : compose_(compose) {}
 
-  template <class Out>
-  __attribute__((noinline)) void push(uint32_t cp, Out&& out) {  // the slow path: kept out of line
+  // Output code points (with their classes) that are final: ready() after each push or finish,
+  // to be consumed and then clear_ready(). The caller drains them inline rather than handing this
+  // out-of-line path a callback, so that none of its hot-loop state escapes into memory.
+  struct Ready {
+    uint32_t cp;
+    uint8_t cls;
+  };
+  const std::vector<Ready>& ready() const { return ready_; }
+  void clear_ready() { ready_.clear(); }
+
+  __attribute__((noinline)) void push(uint32_t cp) {  // the slow path: kept out of line
+    auto out = [this](uint32_t c, uint8_t k) { ready_.push_back({c, k}); };
     const uint8_t cls = char_class(cp);
     if (!(cls & kHasDecomp)) {
       push_decomposed(cp, cls, out);
@@ -228,9 +251,8 @@ class NfkcStream {
     }
   }
 
-  template <class Out>
-  void finish(Out&& out) {
-    flush(out);
+  __attribute__((noinline)) void finish() {
+    flush([this](uint32_t c, uint8_t k) { ready_.push_back({c, k}); });
   }
 
   // Buffers a simple code point (no decomposition, combining class 0) into an empty buffer.
@@ -328,6 +350,7 @@ class NfkcStream {
 
   bool compose_;
   std::vector<Item> buf_;
+  std::vector<Ready> ready_;
 };
 
 // Calls emit(cp, no_space_script) for each code point of the normalised text: NFKC (NFKD when
@@ -367,6 +390,12 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
     }
   };
   NfkcStream nfkc(!opts.strip_marks);
+  // Inlined at each call: an out-of-line call taking these lambdas by reference would force the
+  // loop's state (and the caller's) into memory.
+  auto drain = [&]() __attribute__((always_inline)) {
+    for (const NfkcStream::Ready& r : nfkc.ready()) fold(r.cp, r.cls);
+    nfkc.clear_ready();
+  };
   // Most code points have no decomposition, combining class 0 and nothing that composes with a
   // preceding starter ("simple"). NfkcStream::push of a simple code point flushes its buffer and
   // then buffers the code point alone; here that lone code point is held in `held` instead, and
@@ -396,7 +425,8 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
     const uint8_t cls = char_class(cp);
     if (!(cls & slow)) [[likely]] {
       if (in_stream) {
-        nfkc.finish(fold);
+        nfkc.finish();
+        drain();
         in_stream = false;
       } else if (has_held) {
         fold(held_cp, held_cls);
@@ -409,12 +439,14 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
         nfkc.hold(held_cp, held_cls);
         has_held = false;
       }
-      nfkc.push(cp, fold);
+      nfkc.push(cp);
+      drain();
       in_stream = true;
     }
   }
   if (has_held) fold(held_cp, held_cls);
-  nfkc.finish(fold);
+  nfkc.finish();
+  drain();
 }
 
 inline void append_utf8(std::vector<uint8_t>& out, uint32_t cp) {
@@ -457,22 +489,35 @@ struct CodePoints {
 };
 
 // With `keep`, the normalised code points are also appended to it, for a second pass without
-// decoding and normalising again.
+// decoding and normalising again; the hash is then computed from that buffer afterwards, in a
+// tight loop (the same value as Hash128 fed one code point at a time).
 DocSummary summarize(const uint8_t* p, int64_t n, const NormalizeOptions& opts, int64_t doc,
                      CodePoints* keep = nullptr) {
   DocSummary s;
-  Hash128 h;
-  int64_t letters = 0, no_space = 0;
-  for_each_normalized(p, n, opts, doc, [&](uint32_t cp, bool ns) __attribute__((always_inline)) {
-    h.add(cp);
-    if (keep) keep->push(cp);
-    ++s.length;
-    if (cp != ' ') {
-      ++letters;
+  int64_t spaces = 0, no_space = 0;
+  if (keep) {
+    const size_t before = keep->size;
+    for_each_normalized(p, n, opts, doc, [&](uint32_t cp, bool ns) __attribute__((always_inline)) {
+      keep->push(cp);
+      spaces += cp == ' ';
+      no_space += ns;  // false for the space
+    });
+    const uint32_t* c = keep->begin() + before;
+    s.length = static_cast<int64_t>(keep->size - before);
+    Hash128 h;
+    h.add_all(c, static_cast<size_t>(s.length));
+    h.finish(s.hash);
+  } else {
+    Hash128 h;
+    for_each_normalized(p, n, opts, doc, [&](uint32_t cp, bool ns) __attribute__((always_inline)) {
+      h.add(cp);
+      ++s.length;
+      spaces += cp == ' ';
       no_space += ns;
-    }
-  });
-  h.finish(s.hash);
+    });
+    h.finish(s.hash);
+  }
+  const int64_t letters = s.length - spaces;
   // Mostly written in a script without spaces between words: shingle by characters.
   s.char_mode = letters > 0 && 2 * no_space >= letters;
   return s;
@@ -639,11 +684,14 @@ __attribute__((target("avx512f"))) void minhash_block_avx512(const Permutations&
     const __m512i b_even = _mm512_loadu_si512(perm.b_even.data() + 8 * g);
     const __m512i b_odd = _mm512_loadu_si512(perm.b_odd.data() + 8 * g);
     __m512i s = _mm512_loadu_si512(sig + 16 * g);
+    // One two-source permute gathers the high halves (odd 32-bit lanes) of both products into
+    // their permutations' lanes: lane 2m from t_even's lane 2m + 1, lane 2m + 1 from t_odd's.
+    const __m512i gather_high = _mm512_set_epi32(31, 15, 29, 13, 27, 11, 25, 9, 23, 7, 21, 5, 19, 3, 17, 1);
     for (size_t j = 0; j < n_keys; ++j) {
       const __m512i x = _mm512_set1_epi32(static_cast<int>(keys[j]));
       const __m512i t_even = _mm512_add_epi64(_mm512_mul_epu32(a_lo, x), b_even);
       const __m512i t_odd = _mm512_add_epi64(_mm512_mul_epu32(a_lo_odd, x), b_odd);
-      const __m512i high = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(t_even, 32), t_odd);
+      const __m512i high = _mm512_permutex2var_epi32(t_even, gather_high, t_odd);
       s = _mm512_min_epu32(s, _mm512_add_epi32(high, _mm512_mullo_epi32(a_hi, x)));
     }
     _mm512_storeu_si512(sig + 16 * g, s);
@@ -792,9 +840,12 @@ void normalize_texts(const TextSpan& texts, const NormalizeOptions& opts, int nu
 void exact_hashes(const TextSpan& texts, const NormalizeOptions& opts, int num_threads,
                   uint64_t* out) {
   parallel_chunks(texts.count, num_threads, 64, [&](int64_t begin, int64_t end) {
+    CodePoints cps;
     for (int64_t i = begin; i < end; ++i) {
-      const DocSummary s = summarize(texts.data + texts.offsets[i],
-                                     texts.offsets[i + 1] - texts.offsets[i], opts, i);
+      const int64_t size = texts.offsets[i + 1] - texts.offsets[i];
+      cps.clear();
+      const DocSummary s = summarize(texts.data + texts.offsets[i], size, opts, i,
+                                     size <= kMaxBufferedBytes ? &cps : nullptr);
       out[2 * i] = s.hash[0];
       out[2 * i + 1] = s.hash[1];
     }
@@ -897,6 +948,48 @@ std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHa
   }
   HashSorter().sort_unique(set);
   return set;
+}
+
+void shingle_sets(const TextSpan& texts, const MinHashOptions& opts, int num_threads,
+                  std::vector<uint64_t>& values, std::vector<int64_t>& offsets) {
+  check_minhash_options(opts);
+  const int64_t n = texts.count;
+  constexpr int64_t kGrain = 64;
+  const int64_t chunks = (n + kGrain - 1) / kGrain;
+  // Each chunk's sets are concatenated into its own buffer, then the buffers in chunk order.
+  std::vector<std::vector<uint64_t>> chunk_values(chunks);
+  offsets.assign(n + 1, 0);
+  parallel_chunks(n, num_threads, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t>& out = chunk_values[begin / kGrain];
+    CodePoints cps;
+    HashSorter sorter;
+    std::vector<uint64_t> set;
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t* p = texts.data + texts.offsets[i];
+      const int64_t size = texts.offsets[i + 1] - texts.offsets[i];
+      const bool buffered = size <= kMaxBufferedBytes;
+      cps.clear();
+      const DocSummary s = summarize(p, size, opts.normalize, i, buffered ? &cps : nullptr);
+      const bool char_mode = resolve_char_mode(opts, s);
+      set.clear();
+      auto sink = [&](uint64_t x) { set.push_back(x); };
+      if (buffered) {
+        shingles_of([&](auto&& f) { for (uint32_t cp : cps) f(cp); }, opts.ngram, char_mode, sink);
+      } else {
+        for_each_shingle(p, size, opts.normalize, opts.ngram, char_mode, i, sink);
+      }
+      sorter.sort_unique(set);
+      out.insert(out.end(), set.begin(), set.end());
+      offsets[i + 1] = static_cast<int64_t>(set.size());
+    }
+  });
+  for (int64_t i = 0; i < n; ++i) offsets[i + 1] += offsets[i];
+  values.clear();
+  values.reserve(static_cast<size_t>(offsets[n]));
+  for (auto& chunk : chunk_values) {
+    values.insert(values.end(), chunk.begin(), chunk.end());
+    std::vector<uint64_t>().swap(chunk);
+  }
 }
 
 LshParams optimal_lsh_params(double threshold, int num_perm, double fp_weight, double fn_weight) {

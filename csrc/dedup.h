@@ -70,6 +70,11 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
 std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHashOptions& opts,
                                   int64_t doc_index);
 
+// shingle_set of every document, concatenated: document i's sorted unique hashes are
+// values[offsets[i], offsets[i + 1]). offsets gets count + 1 entries.
+void shingle_sets(const TextSpan& texts, const MinHashOptions& opts, int num_threads,
+                  std::vector<uint64_t>& values, std::vector<int64_t>& offsets);
+
 struct LshParams {
   int bands = 0;
   int rows = 0;
