@@ -744,17 +744,21 @@ void bucket_sort(std::vector<T>& v, std::vector<T>& scratch, std::vector<uint32_
   size_t begin = 0;
   for (size_t b = 0; b < buckets; ++b) {
     const size_t end = starts[b];
-    if (end - begin > 32) {
-      std::sort(scratch.begin() + begin, scratch.begin() + end);
-    } else {
-      for (size_t i = begin + 1; i < end; ++i) {
-        const T x = scratch[i];
-        size_t j = i;
-        for (; j > begin && x < scratch[j - 1]; --j) scratch[j] = scratch[j - 1];
-        scratch[j] = x;
-      }
-    }
+    if (end - begin > 32) [[unlikely]] std::sort(scratch.begin() + begin, scratch.begin() + end);
     begin = end;
+  }
+  // What is left out of order lies within buckets of at most 32 values: one insertion-sort pass
+  // over the whole array finishes it (a loop per bucket would mispredict on each bucket's size).
+  T* a = scratch.data();
+  for (size_t i = 1; i < n; ++i) {
+    const T x = a[i];
+    if (!(x < a[i - 1])) continue;
+    size_t j = i;
+    do {
+      a[j] = a[j - 1];
+      --j;
+    } while (j > 0 && x < a[j - 1]);
+    a[j] = x;
   }
   v.swap(scratch);
 }
@@ -1083,40 +1087,56 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
   // 2. LSH: per band, sort (band hash, doc) and pair the documents of each bucket.
   const int bands = opts.lsh.bands, rows = opts.lsh.rows;
   std::vector<std::vector<std::pair<int64_t, int64_t>>> band_pairs(bands);
-  parallel_chunks(bands, opts.num_threads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<uint64_t, int64_t>> keys(lsh_docs.size()), scratch;
-    std::vector<uint32_t> starts;
-    for (int64_t band = begin; band < end; ++band) {
-      for (size_t k = 0; k < lsh_docs.size(); ++k) {
+  // Band hashes are computed a few bands at a time, document by document, so that each
+  // signature row is read in long runs (band by band, every row would be a cache miss);
+  // then each band of the group is sorted and paired on its own thread.
+  const size_t m = lsh_docs.size();
+  const int group = std::max(1, std::min(bands, 32 / rows));
+  std::vector<uint64_t> band_hash(static_cast<size_t>(group) * m);
+  for (int first_band = 0; first_band < bands; first_band += group) {
+    const int in_group = std::min(group, bands - first_band);
+    parallel_chunks(static_cast<int64_t>(m), opts.num_threads, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
         const int64_t doc = lsh_docs[k];
-        const uint32_t* s = in.signatures + doc * P + band * rows;
-        uint64_t h = mix64(static_cast<uint64_t>(band) * kMulB ^ static_cast<uint64_t>(group_of(doc)));
-        for (int r = 0; r < rows; r += 2) {
-          const uint64_t w = r + 1 < rows ? (static_cast<uint64_t>(s[r + 1]) << 32) | s[r] : s[r];
-          h = mix64(h ^ (w * kMulA));
-        }
-        keys[k] = {h, doc};
-      }
-      bucket_sort(keys, scratch, starts, [](const std::pair<uint64_t, int64_t>& k) { return k.first; });
-      auto& pairs = band_pairs[band];
-      size_t start = 0;
-      while (start < keys.size()) {
-        size_t stop = start + 1;
-        while (stop < keys.size() && keys[stop].first == keys[start].first) ++stop;
-        const int64_t size = static_cast<int64_t>(stop - start);
-        if (size <= kMaxBucketAllPairs) {
-          for (size_t x = start; x < stop; ++x)
-            for (size_t y = x + 1; y < stop; ++y) pairs.emplace_back(keys[x].second, keys[y].second);
-        } else {
-          for (size_t y = start + 1; y < stop; ++y) {
-            pairs.emplace_back(keys[start].second, keys[y].second);
-            if (y - 1 > start) pairs.emplace_back(keys[y - 1].second, keys[y].second);
+        for (int j = 0; j < in_group; ++j) {
+          const int band = first_band + j;
+          const uint32_t* s = in.signatures + doc * P + static_cast<int64_t>(band) * rows;
+          uint64_t h = mix64(static_cast<uint64_t>(band) * kMulB ^ static_cast<uint64_t>(group_of(doc)));
+          for (int r = 0; r < rows; r += 2) {
+            const uint64_t w = r + 1 < rows ? (static_cast<uint64_t>(s[r + 1]) << 32) | s[r] : s[r];
+            h = mix64(h ^ (w * kMulA));
           }
+          band_hash[static_cast<size_t>(j) * m + k] = h;
         }
-        start = stop;
       }
-    }
-  });
+    });
+    parallel_chunks(in_group, opts.num_threads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<std::pair<uint64_t, int64_t>> keys(m), scratch;
+      std::vector<uint32_t> starts;
+      for (int64_t j = begin; j < end; ++j) {
+        for (size_t k = 0; k < m; ++k) keys[k] = {band_hash[j * m + k], lsh_docs[k]};
+        bucket_sort(keys, scratch, starts, [](const std::pair<uint64_t, int64_t>& k) { return k.first; });
+        auto& pairs = band_pairs[first_band + j];
+        size_t start = 0;
+        while (start < keys.size()) {
+          size_t stop = start + 1;
+          while (stop < keys.size() && keys[stop].first == keys[start].first) ++stop;
+          const int64_t size = static_cast<int64_t>(stop - start);
+          if (size <= kMaxBucketAllPairs) {
+            for (size_t x = start; x < stop; ++x)
+              for (size_t y = x + 1; y < stop; ++y) pairs.emplace_back(keys[x].second, keys[y].second);
+          } else {
+            for (size_t y = start + 1; y < stop; ++y) {
+              pairs.emplace_back(keys[start].second, keys[y].second);
+              if (y - 1 > start) pairs.emplace_back(keys[y - 1].second, keys[y].second);
+            }
+          }
+          start = stop;
+        }
+      }
+    });
+  }
+  std::vector<uint64_t>().swap(band_hash);
   std::vector<std::pair<int64_t, int64_t>> candidates;
   for (auto& p : band_pairs) {
     candidates.insert(candidates.end(), p.begin(), p.end());
