@@ -129,7 +129,7 @@ void bind_dedup(py::module_& m) {
         U32 sig({n, static_cast<py::ssize_t>(num_perm)});
         U64 hashes({n, py::ssize_t{2}});
         py::array_t<bool> char_mode({n});
-        std::vector<std::vector<uint64_t>> sets;
+        ShingleSets sets;
         SignatureOutputs out{sig.mutable_data(), hashes.mutable_data(), nullptr,
                              reinterpret_cast<uint8_t*>(char_mode.mutable_data()),
                              verify ? &sets : nullptr, shingle_set_budget};

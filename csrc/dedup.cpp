@@ -878,17 +878,24 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
     perm.b[k] = splitmix_next(state);
     (k % 2 == 0 ? perm.b_even : perm.b_odd)[k / 2] = perm.b[k];
   }
-  std::vector<std::vector<uint64_t>>* sets = out.shingle_sets;
-  if (sets) sets->assign(texts.count, {});
+  ShingleSets* sets = out.shingle_sets;
+  constexpr int64_t kGrain = 16;
+  if (sets) {
+    sets->grain = kGrain;
+    sets->blocks.assign((texts.count + kGrain - 1) / kGrain, {});
+    sets->ends.assign(texts.count, 0);
+  }
   std::atomic<int64_t> set_total{0};
   std::atomic<bool> over_budget{false};
-  parallel_chunks(texts.count, num_threads, 16, [&](int64_t begin, int64_t end) {
+  parallel_chunks(texts.count, num_threads, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> sig(P);
     std::vector<uint32_t> keys;
     CodePoints cps;
     HashSorter sorter;
     std::vector<uint64_t> shingle_buf;
     keys.reserve(kShingleBlock);
+    // This chunk's sets, appended one after the other into its block.
+    std::vector<uint64_t>* block = sets ? &sets->blocks[begin / kGrain] : nullptr;
     for (int64_t i = begin; i < end; ++i) {
       const uint8_t* p = texts.data + texts.offsets[i];
       const int64_t size = texts.offsets[i + 1] - texts.offsets[i];
@@ -898,12 +905,10 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
       const bool char_mode = resolve_char_mode(opts, s);
       std::fill(sig.begin(), sig.end(), std::numeric_limits<uint32_t>::max());
       keys.clear();
-      // The shingles are gathered in a per-thread buffer and the set stored at its final size:
-      // one allocation per document.
-      std::vector<uint64_t>* set = sets && !over_budget.load(std::memory_order_relaxed) ? &(*sets)[i] : nullptr;
+      const bool keep_set = block && !over_budget.load(std::memory_order_relaxed);
       shingle_buf.clear();
       auto sink = [&](uint64_t x) {
-        if (set) shingle_buf.push_back(x);
+        if (keep_set) shingle_buf.push_back(x);
         keys.push_back(static_cast<uint32_t>(x >> 32));
         if (keys.size() == kShingleBlock) {
           minhash_block(perm, keys.data(), keys.size(), sig.data());
@@ -917,13 +922,13 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
       }
       minhash_block(perm, keys.data(), keys.size(), sig.data());
       std::copy(sig.begin(), sig.end(), out.signatures + i * P);
-      if (set) {
+      if (keep_set) {
         sorter.sort_unique(shingle_buf);
-        set->assign(shingle_buf.begin(), shingle_buf.end());
-        if (set_total.fetch_add(static_cast<int64_t>(set->size())) + static_cast<int64_t>(set->size()) >
-            out.shingle_set_budget)
-          over_budget = true;
+        block->insert(block->end(), shingle_buf.begin(), shingle_buf.end());
+        const auto added = static_cast<int64_t>(shingle_buf.size());
+        if (set_total.fetch_add(added) + added > out.shingle_set_budget) over_budget = true;
       }
+      if (block) sets->ends[i] = static_cast<int64_t>(block->size());
       if (out.hashes) {
         out.hashes[2 * i] = s.hash[0];
         out.hashes[2 * i + 1] = s.hash[1];
@@ -931,9 +936,10 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
       if (out.lengths) out.lengths[i] = s.length;
       if (out.char_mode) out.char_mode[i] = char_mode ? 1 : 0;
     }
+    if (block) block->shrink_to_fit();
   });
   // Which documents got a set before the budget ran out depends on thread timing: all or none.
-  if (sets && over_budget) std::vector<std::vector<uint64_t>>().swap(*sets);
+  if (sets && over_budget) *sets = ShingleSets();
 }
 
 std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHashOptions& opts,
@@ -1039,7 +1045,7 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
                   static_cast<int64_t>(opts.lsh.bands) * opts.lsh.rows <= P,
               "bands x rows must fit in num_perm = " << P << ", got " << opts.lsh.bands << " x "
                                                      << opts.lsh.rows);
-  const bool given_sets = in.shingle_sets != nullptr && static_cast<int64_t>(in.shingle_sets->size()) == n;
+  const bool given_sets = in.shingle_sets != nullptr && in.shingle_sets->count() == n;
   const bool exact_verify = opts.verify && (given_sets || (in.texts != nullptr && in.minhash != nullptr));
   auto group_of = [&](int64_t i) -> int64_t { return in.groups ? in.groups[i] : 0; };
 
@@ -1153,24 +1159,30 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
   // 3. Verification, in parallel; the edges are then applied in candidate order.
   std::vector<double> similarity(candidates.size(), 1.0);
   if (opts.verify) {
-    auto jaccard = [](const std::vector<uint64_t>& x, const std::vector<uint64_t>& y) {
+    auto jaccard_of = [](const uint64_t* x, size_t nx, const uint64_t* y, size_t ny) {
       size_t i = 0, j = 0, common = 0;
       // Branch-free merge: the comparisons of random hashes are unpredictable.
-      while (i < x.size() && j < y.size()) {
+      while (i < nx && j < ny) {
         const uint64_t a = x[i], b = y[j];
         common += a == b;
         i += a <= b;
         j += b <= a;
       }
-      const size_t uni = x.size() + y.size() - common;
+      const size_t uni = nx + ny - common;
       return uni == 0 ? 0.0 : static_cast<double>(common) / static_cast<double>(uni);
+    };
+    auto jaccard = [&](const std::vector<uint64_t>& x, const std::vector<uint64_t>& y) {
+      return jaccard_of(x.data(), x.size(), y.data(), y.size());
     };
     if (given_sets) {
       parallel_chunks(static_cast<int64_t>(candidates.size()), opts.num_threads, 256,
                       [&](int64_t begin, int64_t end) {
-                        for (int64_t k = begin; k < end; ++k)
-                          similarity[k] = jaccard((*in.shingle_sets)[candidates[k].first],
-                                                  (*in.shingle_sets)[candidates[k].second]);
+                        const ShingleSets& sets_in = *in.shingle_sets;
+                        for (int64_t k = begin; k < end; ++k) {
+                          const int64_t x = candidates[k].first, y = candidates[k].second;
+                          similarity[k] = jaccard_of(sets_in.data(x), static_cast<size_t>(sets_in.size(x)),
+                                                     sets_in.data(y), static_cast<size_t>(sets_in.size(y)));
+                        }
                       });
     } else if (exact_verify) {
       // Candidates are verified in blocks, so that only the shingle sets of one block's documents
