@@ -28,14 +28,15 @@ document. Documents that normalise to nothing (empty, whitespace or punctuation 
 shingles: they are exact duplicates of one another and never near duplicates of anything else.
 
 Memory per document: the signature, ``4 * num_perm`` bytes (512 B at 128), plus 16 B of exact hash,
-plus during clustering 16 B per document for each band in flight (one per thread) and 16 B per
-candidate pair. For verification, ``near_duplicates`` keeps every document's shingle set from
-the signature pass (8 B per distinct shingle) while they total at most 1 GiB; above that it
-drops them and rebuilds the sets of the documents of 65536 candidate pairs at a time. 10M documents at num_perm=128 thus need about 5.3 GB for
-signatures and hashes plus 0.16 GB per thread for banding, within 8 GB. Besides that, ``str``
-documents are encoded to one UTF-8 buffer (about their size again; zero-copy for pyarrow), and
-each thread holds 4 B per code point of the document it is normalising (documents over 16 MB
-are normalised twice, streaming, instead).
+plus during clustering 8 B per document for each band of the group being hashed (4 bands at 16 x 8),
+16 B per document for each band being sorted (one per thread) and 16 B per candidate pair. For
+verification, ``near_duplicates`` keeps every document's shingle set from the signature pass (8 B per
+distinct shingle + 8 B per document) while they total at most 1 GiB; above that it drops them and
+rebuilds the sets of the documents of 65536 candidate pairs at a time. 10M documents at num_perm=128
+thus need about 5.3 GB for signatures and hashes, within 8 GB (measured: 6.3 GiB at the peak beyond
+the text, bench/bench_scale.py). Besides that, ``str`` documents are encoded to one UTF-8 buffer
+(about their size again; zero-copy for pyarrow), and each thread holds 4 B per code point of the
+document it is normalising (documents over 16 MB are normalised twice, streaming, instead).
 
 Results are identical for any ``num_threads`` (0 = all cores, or ``MLMIX_NUM_THREADS``).
 """
