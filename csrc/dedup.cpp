@@ -27,8 +27,20 @@ namespace {
 // written at its document's index, so the output does not depend on the thread count. Of the
 // exceptions thrown, the one from the lowest chunk is rethrown, for the same reason.
 
+// body(state, begin, end) with one default-constructed State per worker thread, kept across its
+// chunks (scratch buffers allocated once per thread, not once per chunk).
+template <class State, class F>
+void parallel_chunks_with(int64_t n, int num_threads, int64_t grain, F&& body);
+
 template <class F>
 void parallel_chunks(int64_t n, int num_threads, int64_t grain, F&& body) {
+  struct None {};
+  parallel_chunks_with<None>(n, num_threads, grain,
+                             [&](None&, int64_t begin, int64_t end) { body(begin, end); });
+}
+
+template <class State, class F>
+void parallel_chunks_with(int64_t n, int num_threads, int64_t grain, F&& body) {
   if (n <= 0) return;
   const int64_t chunks = (n + grain - 1) / grain;
   const int threads = static_cast<int>(std::min<int64_t>(resolve_threads(num_threads), chunks));
@@ -37,11 +49,12 @@ void parallel_chunks(int64_t n, int num_threads, int64_t grain, F&& body) {
   std::exception_ptr error;
   int64_t error_chunk = std::numeric_limits<int64_t>::max();
   auto worker = [&] {
+    State state;
     for (;;) {
       const int64_t c = next.fetch_add(1);
       if (c >= chunks) return;
       try {
-        body(c * grain, std::min(n, (c + 1) * grain));
+        body(state, c * grain, std::min(n, (c + 1) * grain));
       } catch (...) {
         std::lock_guard<std::mutex> lock(error_mutex);
         if (c < error_chunk) {
@@ -887,15 +900,25 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
   }
   std::atomic<int64_t> set_total{0};
   std::atomic<bool> over_budget{false};
-  parallel_chunks(texts.count, num_threads, kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> sig(P);
-    std::vector<uint32_t> keys;
+  struct Scratch {
+    std::vector<uint32_t> sig, keys;
     CodePoints cps;
     HashSorter sorter;
-    std::vector<uint64_t> shingle_buf;
+    std::vector<uint64_t> shingle_buf, chunk_sets;
+  };
+  parallel_chunks_with<Scratch>(texts.count, num_threads, kGrain, [&](Scratch& scratch, int64_t begin, int64_t end) {
+    std::vector<uint32_t>& sig = scratch.sig;
+    std::vector<uint32_t>& keys = scratch.keys;
+    CodePoints& cps = scratch.cps;
+    HashSorter& sorter = scratch.sorter;
+    std::vector<uint64_t>& shingle_buf = scratch.shingle_buf;
+    std::vector<uint64_t>& chunk_sets = scratch.chunk_sets;
+    sig.resize(P);
     keys.reserve(kShingleBlock);
-    // This chunk's sets, appended one after the other into its block.
+    // This chunk's sets, gathered one after the other in a buffer reused across chunks, then
+    // stored in the chunk's block at their final size: one allocation per chunk.
     std::vector<uint64_t>* block = sets ? &sets->blocks[begin / kGrain] : nullptr;
+    chunk_sets.clear();
     for (int64_t i = begin; i < end; ++i) {
       const uint8_t* p = texts.data + texts.offsets[i];
       const int64_t size = texts.offsets[i + 1] - texts.offsets[i];
@@ -924,11 +947,11 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
       std::copy(sig.begin(), sig.end(), out.signatures + i * P);
       if (keep_set) {
         sorter.sort_unique(shingle_buf);
-        block->insert(block->end(), shingle_buf.begin(), shingle_buf.end());
+        chunk_sets.insert(chunk_sets.end(), shingle_buf.begin(), shingle_buf.end());
         const auto added = static_cast<int64_t>(shingle_buf.size());
         if (set_total.fetch_add(added) + added > out.shingle_set_budget) over_budget = true;
       }
-      if (block) sets->ends[i] = static_cast<int64_t>(block->size());
+      if (block) sets->ends[i] = static_cast<int64_t>(chunk_sets.size());
       if (out.hashes) {
         out.hashes[2 * i] = s.hash[0];
         out.hashes[2 * i + 1] = s.hash[1];
@@ -936,7 +959,7 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
       if (out.lengths) out.lengths[i] = s.length;
       if (out.char_mode) out.char_mode[i] = char_mode ? 1 : 0;
     }
-    if (block) block->shrink_to_fit();
+    if (block) block->assign(chunk_sets.begin(), chunk_sets.end());
   });
   // Which documents got a set before the budget ran out depends on thread timing: all or none.
   if (sets && over_budget) *sets = ShingleSets();
