@@ -129,7 +129,7 @@ void bind_dedup(py::module_& m) {
         U32 sig({n, static_cast<py::ssize_t>(num_perm)});
         U64 hashes({n, py::ssize_t{2}});
         py::array_t<bool> char_mode({n});
-        std::vector<std::vector<uint64_t>> sets;
+        ShingleSets sets;
         SignatureOutputs out{sig.mutable_data(), hashes.mutable_data(), nullptr,
                              reinterpret_cast<uint8_t*>(char_mode.mutable_data()),
                              verify ? &sets : nullptr, shingle_set_budget};
@@ -185,6 +185,24 @@ void bind_dedup(py::module_& m) {
       py::arg("data"), py::arg("offsets"), py::arg("index"), py::arg("num_perm"), py::arg("ngram"),
       py::arg("mode"), py::arg("seed"), py::arg("strip_marks"), py::arg("errors"),
       "Sorted unique uint64 shingle hashes of one document.");
+
+  m.def(
+      "_dedup_shingle_sets",
+      [](const Bytes& data, const I64& offsets, int ngram, int mode, uint64_t seed, bool strip_marks,
+         int errors, int num_threads) {
+        const TextSpan t = texts_of(data, offsets);
+        const MinHashOptions o = minhash_options(1, ngram, mode, seed, strip_marks, errors);
+        std::vector<uint64_t> values;
+        std::vector<int64_t> set_offsets;
+        {
+          py::gil_scoped_release release;
+          shingle_sets(t, o, num_threads, values, set_offsets);
+        }
+        return py::make_tuple(vector_to_array(std::move(values)), vector_to_array(std::move(set_offsets)));
+      },
+      py::arg("data"), py::arg("offsets"), py::arg("ngram"), py::arg("mode"), py::arg("seed"),
+      py::arg("strip_marks"), py::arg("errors"), py::arg("num_threads"),
+      "(values uint64, offsets (n + 1,) int64): every document's sorted unique shingle hashes.");
 
   m.def(
       "_dedup_lsh_params",

@@ -27,8 +27,20 @@ namespace {
 // written at its document's index, so the output does not depend on the thread count. Of the
 // exceptions thrown, the one from the lowest chunk is rethrown, for the same reason.
 
+// body(state, begin, end) with one default-constructed State per worker thread, kept across its
+// chunks (scratch buffers allocated once per thread, not once per chunk).
+template <class State, class F>
+void parallel_chunks_with(int64_t n, int num_threads, int64_t grain, F&& body);
+
 template <class F>
 void parallel_chunks(int64_t n, int num_threads, int64_t grain, F&& body) {
+  struct None {};
+  parallel_chunks_with<None>(n, num_threads, grain,
+                             [&](None&, int64_t begin, int64_t end) { body(begin, end); });
+}
+
+template <class State, class F>
+void parallel_chunks_with(int64_t n, int num_threads, int64_t grain, F&& body) {
   if (n <= 0) return;
   const int64_t chunks = (n + grain - 1) / grain;
   const int threads = static_cast<int>(std::min<int64_t>(resolve_threads(num_threads), chunks));
@@ -37,11 +49,12 @@ void parallel_chunks(int64_t n, int num_threads, int64_t grain, F&& body) {
   std::exception_ptr error;
   int64_t error_chunk = std::numeric_limits<int64_t>::max();
   auto worker = [&] {
+    State state;
     for (;;) {
       const int64_t c = next.fetch_add(1);
       if (c >= chunks) return;
       try {
-        body(c * grain, std::min(n, (c + 1) * grain));
+        body(state, c * grain, std::min(n, (c + 1) * grain));
       } catch (...) {
         std::lock_guard<std::mutex> lock(error_mutex);
         if (c < error_chunk) {
@@ -94,6 +107,19 @@ class Hash128 {
     word_ |= static_cast<uint64_t>(cp) << (21 * packed_);
     if (++packed_ == 3) flush();
     ++length_;
+  }
+  // The same as add() of each of c[0..n), three code points per step without branches.
+  void add_all(const uint32_t* c, size_t n) {
+    size_t k = 0;
+    if (packed_ == 0) {
+      for (; k + 3 <= n; k += 3) {
+        word_ = static_cast<uint64_t>(c[k]) | static_cast<uint64_t>(c[k + 1]) << 21 |
+                static_cast<uint64_t>(c[k + 2]) << 42;
+        flush();
+      }
+      length_ += k;
+    }
+    for (; k < n; ++k) add(c[k]);
   }
   void finish(uint64_t* out) {
     if (packed_ != 0) flush();
@@ -203,8 +229,18 @@ class NfkcStream {
  public:
   explicit NfkcStream(bool compose) : compose_(compose) {}
 
-  template <class Out>
-  __attribute__((noinline)) void push(uint32_t cp, Out&& out) {  // the slow path: kept out of line
+  // Output code points (with their classes) that are final: ready() after each push or finish,
+  // to be consumed and then clear_ready(). The caller drains them inline rather than handing this
+  // out-of-line path a callback, so that none of its hot-loop state escapes into memory.
+  struct Ready {
+    uint32_t cp;
+    uint8_t cls;
+  };
+  const std::vector<Ready>& ready() const { return ready_; }
+  void clear_ready() { ready_.clear(); }
+
+  __attribute__((noinline)) void push(uint32_t cp) {  // the slow path: kept out of line
+    auto out = [this](uint32_t c, uint8_t k) { ready_.push_back({c, k}); };
     const uint8_t cls = char_class(cp);
     if (!(cls & kHasDecomp)) {
       push_decomposed(cp, cls, out);
@@ -228,9 +264,8 @@ class NfkcStream {
     }
   }
 
-  template <class Out>
-  void finish(Out&& out) {
-    flush(out);
+  __attribute__((noinline)) void finish() {
+    flush([this](uint32_t c, uint8_t k) { ready_.push_back({c, k}); });
   }
 
   // Buffers a simple code point (no decomposition, combining class 0) into an empty buffer.
@@ -328,6 +363,7 @@ class NfkcStream {
 
   bool compose_;
   std::vector<Item> buf_;
+  std::vector<Ready> ready_;
 };
 
 // Calls emit(cp, no_space_script) for each code point of the normalised text: NFKC (NFKD when
@@ -367,6 +403,12 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
     }
   };
   NfkcStream nfkc(!opts.strip_marks);
+  // Inlined at each call: an out-of-line call taking these lambdas by reference would force the
+  // loop's state (and the caller's) into memory.
+  auto drain = [&]() __attribute__((always_inline)) {
+    for (const NfkcStream::Ready& r : nfkc.ready()) fold(r.cp, r.cls);
+    nfkc.clear_ready();
+  };
   // Most code points have no decomposition, combining class 0 and nothing that composes with a
   // preceding starter ("simple"). NfkcStream::push of a simple code point flushes its buffer and
   // then buffers the code point alone; here that lone code point is held in `held` instead, and
@@ -396,7 +438,8 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
     const uint8_t cls = char_class(cp);
     if (!(cls & slow)) [[likely]] {
       if (in_stream) {
-        nfkc.finish(fold);
+        nfkc.finish();
+        drain();
         in_stream = false;
       } else if (has_held) {
         fold(held_cp, held_cls);
@@ -409,12 +452,14 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
         nfkc.hold(held_cp, held_cls);
         has_held = false;
       }
-      nfkc.push(cp, fold);
+      nfkc.push(cp);
+      drain();
       in_stream = true;
     }
   }
   if (has_held) fold(held_cp, held_cls);
-  nfkc.finish(fold);
+  nfkc.finish();
+  drain();
 }
 
 inline void append_utf8(std::vector<uint8_t>& out, uint32_t cp) {
@@ -457,22 +502,35 @@ struct CodePoints {
 };
 
 // With `keep`, the normalised code points are also appended to it, for a second pass without
-// decoding and normalising again.
+// decoding and normalising again; the hash is then computed from that buffer afterwards, in a
+// tight loop (the same value as Hash128 fed one code point at a time).
 DocSummary summarize(const uint8_t* p, int64_t n, const NormalizeOptions& opts, int64_t doc,
                      CodePoints* keep = nullptr) {
   DocSummary s;
-  Hash128 h;
-  int64_t letters = 0, no_space = 0;
-  for_each_normalized(p, n, opts, doc, [&](uint32_t cp, bool ns) __attribute__((always_inline)) {
-    h.add(cp);
-    if (keep) keep->push(cp);
-    ++s.length;
-    if (cp != ' ') {
-      ++letters;
+  int64_t spaces = 0, no_space = 0;
+  if (keep) {
+    const size_t before = keep->size;
+    for_each_normalized(p, n, opts, doc, [&](uint32_t cp, bool ns) __attribute__((always_inline)) {
+      keep->push(cp);
+      spaces += cp == ' ';
+      no_space += ns;  // false for the space
+    });
+    const uint32_t* c = keep->begin() + before;
+    s.length = static_cast<int64_t>(keep->size - before);
+    Hash128 h;
+    h.add_all(c, static_cast<size_t>(s.length));
+    h.finish(s.hash);
+  } else {
+    Hash128 h;
+    for_each_normalized(p, n, opts, doc, [&](uint32_t cp, bool ns) __attribute__((always_inline)) {
+      h.add(cp);
+      ++s.length;
+      spaces += cp == ' ';
       no_space += ns;
-    }
-  });
-  h.finish(s.hash);
+    });
+    h.finish(s.hash);
+  }
+  const int64_t letters = s.length - spaces;
   // Mostly written in a script without spaces between words: shingle by characters.
   s.char_mode = letters > 0 && 2 * no_space >= letters;
   return s;
@@ -639,11 +697,14 @@ __attribute__((target("avx512f"))) void minhash_block_avx512(const Permutations&
     const __m512i b_even = _mm512_loadu_si512(perm.b_even.data() + 8 * g);
     const __m512i b_odd = _mm512_loadu_si512(perm.b_odd.data() + 8 * g);
     __m512i s = _mm512_loadu_si512(sig + 16 * g);
+    // One two-source permute gathers the high halves (odd 32-bit lanes) of both products into
+    // their permutations' lanes: lane 2m from t_even's lane 2m + 1, lane 2m + 1 from t_odd's.
+    const __m512i gather_high = _mm512_set_epi32(31, 15, 29, 13, 27, 11, 25, 9, 23, 7, 21, 5, 19, 3, 17, 1);
     for (size_t j = 0; j < n_keys; ++j) {
       const __m512i x = _mm512_set1_epi32(static_cast<int>(keys[j]));
       const __m512i t_even = _mm512_add_epi64(_mm512_mul_epu32(a_lo, x), b_even);
       const __m512i t_odd = _mm512_add_epi64(_mm512_mul_epu32(a_lo_odd, x), b_odd);
-      const __m512i high = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(t_even, 32), t_odd);
+      const __m512i high = _mm512_permutex2var_epi32(t_even, gather_high, t_odd);
       s = _mm512_min_epu32(s, _mm512_add_epi32(high, _mm512_mullo_epi32(a_hi, x)));
     }
     _mm512_storeu_si512(sig + 16 * g, s);
@@ -696,17 +757,21 @@ void bucket_sort(std::vector<T>& v, std::vector<T>& scratch, std::vector<uint32_
   size_t begin = 0;
   for (size_t b = 0; b < buckets; ++b) {
     const size_t end = starts[b];
-    if (end - begin > 32) {
-      std::sort(scratch.begin() + begin, scratch.begin() + end);
-    } else {
-      for (size_t i = begin + 1; i < end; ++i) {
-        const T x = scratch[i];
-        size_t j = i;
-        for (; j > begin && x < scratch[j - 1]; --j) scratch[j] = scratch[j - 1];
-        scratch[j] = x;
-      }
-    }
+    if (end - begin > 32) [[unlikely]] std::sort(scratch.begin() + begin, scratch.begin() + end);
     begin = end;
+  }
+  // What is left out of order lies within buckets of at most 32 values: one insertion-sort pass
+  // over the whole array finishes it (a loop per bucket would mispredict on each bucket's size).
+  T* a = scratch.data();
+  for (size_t i = 1; i < n; ++i) {
+    const T x = a[i];
+    if (!(x < a[i - 1])) continue;
+    size_t j = i;
+    do {
+      a[j] = a[j - 1];
+      --j;
+    } while (j > 0 && x < a[j - 1]);
+    a[j] = x;
   }
   v.swap(scratch);
 }
@@ -792,9 +857,12 @@ void normalize_texts(const TextSpan& texts, const NormalizeOptions& opts, int nu
 void exact_hashes(const TextSpan& texts, const NormalizeOptions& opts, int num_threads,
                   uint64_t* out) {
   parallel_chunks(texts.count, num_threads, 64, [&](int64_t begin, int64_t end) {
+    CodePoints cps;
     for (int64_t i = begin; i < end; ++i) {
-      const DocSummary s = summarize(texts.data + texts.offsets[i],
-                                     texts.offsets[i + 1] - texts.offsets[i], opts, i);
+      const int64_t size = texts.offsets[i + 1] - texts.offsets[i];
+      cps.clear();
+      const DocSummary s = summarize(texts.data + texts.offsets[i], size, opts, i,
+                                     size <= kMaxBufferedBytes ? &cps : nullptr);
       out[2 * i] = s.hash[0];
       out[2 * i + 1] = s.hash[1];
     }
@@ -823,17 +891,34 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
     perm.b[k] = splitmix_next(state);
     (k % 2 == 0 ? perm.b_even : perm.b_odd)[k / 2] = perm.b[k];
   }
-  std::vector<std::vector<uint64_t>>* sets = out.shingle_sets;
-  if (sets) sets->assign(texts.count, {});
+  ShingleSets* sets = out.shingle_sets;
+  constexpr int64_t kGrain = 16;
+  if (sets) {
+    sets->grain = kGrain;
+    sets->blocks.assign((texts.count + kGrain - 1) / kGrain, {});
+    sets->ends.assign(texts.count, 0);
+  }
   std::atomic<int64_t> set_total{0};
   std::atomic<bool> over_budget{false};
-  parallel_chunks(texts.count, num_threads, 16, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> sig(P);
-    std::vector<uint32_t> keys;
+  struct Scratch {
+    std::vector<uint32_t> sig, keys;
     CodePoints cps;
     HashSorter sorter;
-    std::vector<uint64_t> shingle_buf;
+    std::vector<uint64_t> shingle_buf, chunk_sets;
+  };
+  parallel_chunks_with<Scratch>(texts.count, num_threads, kGrain, [&](Scratch& scratch, int64_t begin, int64_t end) {
+    std::vector<uint32_t>& sig = scratch.sig;
+    std::vector<uint32_t>& keys = scratch.keys;
+    CodePoints& cps = scratch.cps;
+    HashSorter& sorter = scratch.sorter;
+    std::vector<uint64_t>& shingle_buf = scratch.shingle_buf;
+    std::vector<uint64_t>& chunk_sets = scratch.chunk_sets;
+    sig.resize(P);
     keys.reserve(kShingleBlock);
+    // This chunk's sets, gathered one after the other in a buffer reused across chunks, then
+    // stored in the chunk's block at their final size: one allocation per chunk.
+    std::vector<uint64_t>* block = sets ? &sets->blocks[begin / kGrain] : nullptr;
+    chunk_sets.clear();
     for (int64_t i = begin; i < end; ++i) {
       const uint8_t* p = texts.data + texts.offsets[i];
       const int64_t size = texts.offsets[i + 1] - texts.offsets[i];
@@ -843,12 +928,10 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
       const bool char_mode = resolve_char_mode(opts, s);
       std::fill(sig.begin(), sig.end(), std::numeric_limits<uint32_t>::max());
       keys.clear();
-      // The shingles are gathered in a per-thread buffer and the set stored at its final size:
-      // one allocation per document.
-      std::vector<uint64_t>* set = sets && !over_budget.load(std::memory_order_relaxed) ? &(*sets)[i] : nullptr;
+      const bool keep_set = block && !over_budget.load(std::memory_order_relaxed);
       shingle_buf.clear();
       auto sink = [&](uint64_t x) {
-        if (set) shingle_buf.push_back(x);
+        if (keep_set) shingle_buf.push_back(x);
         keys.push_back(static_cast<uint32_t>(x >> 32));
         if (keys.size() == kShingleBlock) {
           minhash_block(perm, keys.data(), keys.size(), sig.data());
@@ -862,13 +945,13 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
       }
       minhash_block(perm, keys.data(), keys.size(), sig.data());
       std::copy(sig.begin(), sig.end(), out.signatures + i * P);
-      if (set) {
+      if (keep_set) {
         sorter.sort_unique(shingle_buf);
-        set->assign(shingle_buf.begin(), shingle_buf.end());
-        if (set_total.fetch_add(static_cast<int64_t>(set->size())) + static_cast<int64_t>(set->size()) >
-            out.shingle_set_budget)
-          over_budget = true;
+        chunk_sets.insert(chunk_sets.end(), shingle_buf.begin(), shingle_buf.end());
+        const auto added = static_cast<int64_t>(shingle_buf.size());
+        if (set_total.fetch_add(added) + added > out.shingle_set_budget) over_budget = true;
       }
+      if (block) sets->ends[i] = static_cast<int64_t>(chunk_sets.size());
       if (out.hashes) {
         out.hashes[2 * i] = s.hash[0];
         out.hashes[2 * i + 1] = s.hash[1];
@@ -876,9 +959,10 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
       if (out.lengths) out.lengths[i] = s.length;
       if (out.char_mode) out.char_mode[i] = char_mode ? 1 : 0;
     }
+    if (block) block->assign(chunk_sets.begin(), chunk_sets.end());
   });
   // Which documents got a set before the budget ran out depends on thread timing: all or none.
-  if (sets && over_budget) std::vector<std::vector<uint64_t>>().swap(*sets);
+  if (sets && over_budget) *sets = ShingleSets();
 }
 
 std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHashOptions& opts,
@@ -897,6 +981,48 @@ std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHa
   }
   HashSorter().sort_unique(set);
   return set;
+}
+
+void shingle_sets(const TextSpan& texts, const MinHashOptions& opts, int num_threads,
+                  std::vector<uint64_t>& values, std::vector<int64_t>& offsets) {
+  check_minhash_options(opts);
+  const int64_t n = texts.count;
+  constexpr int64_t kGrain = 64;
+  const int64_t chunks = (n + kGrain - 1) / kGrain;
+  // Each chunk's sets are concatenated into its own buffer, then the buffers in chunk order.
+  std::vector<std::vector<uint64_t>> chunk_values(chunks);
+  offsets.assign(n + 1, 0);
+  parallel_chunks(n, num_threads, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t>& out = chunk_values[begin / kGrain];
+    CodePoints cps;
+    HashSorter sorter;
+    std::vector<uint64_t> set;
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t* p = texts.data + texts.offsets[i];
+      const int64_t size = texts.offsets[i + 1] - texts.offsets[i];
+      const bool buffered = size <= kMaxBufferedBytes;
+      cps.clear();
+      const DocSummary s = summarize(p, size, opts.normalize, i, buffered ? &cps : nullptr);
+      const bool char_mode = resolve_char_mode(opts, s);
+      set.clear();
+      auto sink = [&](uint64_t x) { set.push_back(x); };
+      if (buffered) {
+        shingles_of([&](auto&& f) { for (uint32_t cp : cps) f(cp); }, opts.ngram, char_mode, sink);
+      } else {
+        for_each_shingle(p, size, opts.normalize, opts.ngram, char_mode, i, sink);
+      }
+      sorter.sort_unique(set);
+      out.insert(out.end(), set.begin(), set.end());
+      offsets[i + 1] = static_cast<int64_t>(set.size());
+    }
+  });
+  for (int64_t i = 0; i < n; ++i) offsets[i + 1] += offsets[i];
+  values.clear();
+  values.reserve(static_cast<size_t>(offsets[n]));
+  for (auto& chunk : chunk_values) {
+    values.insert(values.end(), chunk.begin(), chunk.end());
+    std::vector<uint64_t>().swap(chunk);
+  }
 }
 
 LshParams optimal_lsh_params(double threshold, int num_perm, double fp_weight, double fn_weight) {
@@ -942,7 +1068,7 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
                   static_cast<int64_t>(opts.lsh.bands) * opts.lsh.rows <= P,
               "bands x rows must fit in num_perm = " << P << ", got " << opts.lsh.bands << " x "
                                                      << opts.lsh.rows);
-  const bool given_sets = in.shingle_sets != nullptr && static_cast<int64_t>(in.shingle_sets->size()) == n;
+  const bool given_sets = in.shingle_sets != nullptr && in.shingle_sets->count() == n;
   const bool exact_verify = opts.verify && (given_sets || (in.texts != nullptr && in.minhash != nullptr));
   auto group_of = [&](int64_t i) -> int64_t { return in.groups ? in.groups[i] : 0; };
 
@@ -990,40 +1116,56 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
   // 2. LSH: per band, sort (band hash, doc) and pair the documents of each bucket.
   const int bands = opts.lsh.bands, rows = opts.lsh.rows;
   std::vector<std::vector<std::pair<int64_t, int64_t>>> band_pairs(bands);
-  parallel_chunks(bands, opts.num_threads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<uint64_t, int64_t>> keys(lsh_docs.size()), scratch;
-    std::vector<uint32_t> starts;
-    for (int64_t band = begin; band < end; ++band) {
-      for (size_t k = 0; k < lsh_docs.size(); ++k) {
+  // Band hashes are computed a few bands at a time, document by document, so that each
+  // signature row is read in long runs (band by band, every row would be a cache miss);
+  // then each band of the group is sorted and paired on its own thread.
+  const size_t m = lsh_docs.size();
+  const int group = std::max(1, std::min(bands, 32 / rows));
+  std::vector<uint64_t> band_hash(static_cast<size_t>(group) * m);
+  for (int first_band = 0; first_band < bands; first_band += group) {
+    const int in_group = std::min(group, bands - first_band);
+    parallel_chunks(static_cast<int64_t>(m), opts.num_threads, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
         const int64_t doc = lsh_docs[k];
-        const uint32_t* s = in.signatures + doc * P + band * rows;
-        uint64_t h = mix64(static_cast<uint64_t>(band) * kMulB ^ static_cast<uint64_t>(group_of(doc)));
-        for (int r = 0; r < rows; r += 2) {
-          const uint64_t w = r + 1 < rows ? (static_cast<uint64_t>(s[r + 1]) << 32) | s[r] : s[r];
-          h = mix64(h ^ (w * kMulA));
-        }
-        keys[k] = {h, doc};
-      }
-      bucket_sort(keys, scratch, starts, [](const std::pair<uint64_t, int64_t>& k) { return k.first; });
-      auto& pairs = band_pairs[band];
-      size_t start = 0;
-      while (start < keys.size()) {
-        size_t stop = start + 1;
-        while (stop < keys.size() && keys[stop].first == keys[start].first) ++stop;
-        const int64_t size = static_cast<int64_t>(stop - start);
-        if (size <= kMaxBucketAllPairs) {
-          for (size_t x = start; x < stop; ++x)
-            for (size_t y = x + 1; y < stop; ++y) pairs.emplace_back(keys[x].second, keys[y].second);
-        } else {
-          for (size_t y = start + 1; y < stop; ++y) {
-            pairs.emplace_back(keys[start].second, keys[y].second);
-            if (y - 1 > start) pairs.emplace_back(keys[y - 1].second, keys[y].second);
+        for (int j = 0; j < in_group; ++j) {
+          const int band = first_band + j;
+          const uint32_t* s = in.signatures + doc * P + static_cast<int64_t>(band) * rows;
+          uint64_t h = mix64(static_cast<uint64_t>(band) * kMulB ^ static_cast<uint64_t>(group_of(doc)));
+          for (int r = 0; r < rows; r += 2) {
+            const uint64_t w = r + 1 < rows ? (static_cast<uint64_t>(s[r + 1]) << 32) | s[r] : s[r];
+            h = mix64(h ^ (w * kMulA));
           }
+          band_hash[static_cast<size_t>(j) * m + k] = h;
         }
-        start = stop;
       }
-    }
-  });
+    });
+    parallel_chunks(in_group, opts.num_threads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<std::pair<uint64_t, int64_t>> keys(m), scratch;
+      std::vector<uint32_t> starts;
+      for (int64_t j = begin; j < end; ++j) {
+        for (size_t k = 0; k < m; ++k) keys[k] = {band_hash[j * m + k], lsh_docs[k]};
+        bucket_sort(keys, scratch, starts, [](const std::pair<uint64_t, int64_t>& k) { return k.first; });
+        auto& pairs = band_pairs[first_band + j];
+        size_t start = 0;
+        while (start < keys.size()) {
+          size_t stop = start + 1;
+          while (stop < keys.size() && keys[stop].first == keys[start].first) ++stop;
+          const int64_t size = static_cast<int64_t>(stop - start);
+          if (size <= kMaxBucketAllPairs) {
+            for (size_t x = start; x < stop; ++x)
+              for (size_t y = x + 1; y < stop; ++y) pairs.emplace_back(keys[x].second, keys[y].second);
+          } else {
+            for (size_t y = start + 1; y < stop; ++y) {
+              pairs.emplace_back(keys[start].second, keys[y].second);
+              if (y - 1 > start) pairs.emplace_back(keys[y - 1].second, keys[y].second);
+            }
+          }
+          start = stop;
+        }
+      }
+    });
+  }
+  std::vector<uint64_t>().swap(band_hash);
   std::vector<std::pair<int64_t, int64_t>> candidates;
   for (auto& p : band_pairs) {
     candidates.insert(candidates.end(), p.begin(), p.end());
@@ -1040,24 +1182,30 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
   // 3. Verification, in parallel; the edges are then applied in candidate order.
   std::vector<double> similarity(candidates.size(), 1.0);
   if (opts.verify) {
-    auto jaccard = [](const std::vector<uint64_t>& x, const std::vector<uint64_t>& y) {
+    auto jaccard_of = [](const uint64_t* x, size_t nx, const uint64_t* y, size_t ny) {
       size_t i = 0, j = 0, common = 0;
       // Branch-free merge: the comparisons of random hashes are unpredictable.
-      while (i < x.size() && j < y.size()) {
+      while (i < nx && j < ny) {
         const uint64_t a = x[i], b = y[j];
         common += a == b;
         i += a <= b;
         j += b <= a;
       }
-      const size_t uni = x.size() + y.size() - common;
+      const size_t uni = nx + ny - common;
       return uni == 0 ? 0.0 : static_cast<double>(common) / static_cast<double>(uni);
+    };
+    auto jaccard = [&](const std::vector<uint64_t>& x, const std::vector<uint64_t>& y) {
+      return jaccard_of(x.data(), x.size(), y.data(), y.size());
     };
     if (given_sets) {
       parallel_chunks(static_cast<int64_t>(candidates.size()), opts.num_threads, 256,
                       [&](int64_t begin, int64_t end) {
-                        for (int64_t k = begin; k < end; ++k)
-                          similarity[k] = jaccard((*in.shingle_sets)[candidates[k].first],
-                                                  (*in.shingle_sets)[candidates[k].second]);
+                        const ShingleSets& sets_in = *in.shingle_sets;
+                        for (int64_t k = begin; k < end; ++k) {
+                          const int64_t x = candidates[k].first, y = candidates[k].second;
+                          similarity[k] = jaccard_of(sets_in.data(x), static_cast<size_t>(sets_in.size(x)),
+                                                     sets_in.data(y), static_cast<size_t>(sets_in.size(y)));
+                        }
                       });
     } else if (exact_verify) {
       // Candidates are verified in blocks, so that only the shingle sets of one block's documents

@@ -51,6 +51,22 @@ void normalize_texts(const TextSpan& texts, const NormalizeOptions& opts, int nu
 void exact_hashes(const TextSpan& texts, const NormalizeOptions& opts, int num_threads,
                   uint64_t* out);
 
+// Sorted unique shingle hashes of many documents, stored flat, one buffer per `grain` consecutive
+// documents (each filled by one thread, no allocation per document): document i's set is
+// blocks[i / grain][start, ends[i]) with start = ends[i - 1] within the same block, else 0.
+struct ShingleSets {
+  int64_t grain = 16;
+  std::vector<std::vector<uint64_t>> blocks;
+  std::vector<int64_t> ends;  // one per document; empty when no sets are held
+
+  int64_t count() const { return static_cast<int64_t>(ends.size()); }
+  const uint64_t* data(int64_t i) const { return blocks[i / grain].data() + start(i); }
+  int64_t size(int64_t i) const { return ends[i] - start(i); }
+
+ private:
+  int64_t start(int64_t i) const { return i % grain == 0 ? 0 : ends[i - 1]; }
+};
+
 // Outputs of minhash_signatures; every pointer but `signatures` may be null.
 struct SignatureOutputs {
   uint32_t* signatures = nullptr;  // count x num_perm, row-major; all 0xFFFFFFFF for no shingles
@@ -59,7 +75,7 @@ struct SignatureOutputs {
   uint8_t* char_mode = nullptr;    // 1 where the document was shingled by characters
   // Optional: each document's sorted unique 64-bit shingle hashes (what verification compares),
   // kept while their total stays within shingle_set_budget entries; over it, left empty.
-  std::vector<std::vector<uint64_t>>* shingle_sets = nullptr;
+  ShingleSets* shingle_sets = nullptr;
   int64_t shingle_set_budget = 0;
 };
 
@@ -69,6 +85,11 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
 // Sorted, de-duplicated 64-bit shingle hashes of one document (the set MinHash estimates).
 std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHashOptions& opts,
                                   int64_t doc_index);
+
+// shingle_set of every document, concatenated: document i's sorted unique hashes are
+// values[offsets[i], offsets[i + 1]). offsets gets count + 1 entries.
+void shingle_sets(const TextSpan& texts, const MinHashOptions& opts, int num_threads,
+                  std::vector<uint64_t>& values, std::vector<int64_t>& offsets);
 
 struct LshParams {
   int bands = 0;
@@ -90,7 +111,7 @@ struct ClusterInputs {
   const TextSpan* texts = nullptr;       // with `minhash`: verify candidates by exact Jaccard
   const MinHashOptions* minhash = nullptr;
   // Or the shingle sets themselves (count entries), from minhash_signatures.
-  const std::vector<std::vector<uint64_t>>* shingle_sets = nullptr;
+  const ShingleSets* shingle_sets = nullptr;
 };
 
 struct ClusterOptions {

@@ -629,3 +629,78 @@ def test_large_lsh_bucket_stays_linear():
     assert r.cluster.tolist() == [0] * 300
     assert r.info["candidate_pairs"] < 300 * 299 // 2
     assert r.num_removed == 299
+
+
+# --------------------------------------------------------------------------------------------
+# shingle_sets: the sets verification compares, for every document at once
+
+
+def test_shingle_sets_match_reference_jaccard():
+    texts, _ = make_corpus(bases_per_lang=2, variants=3)
+    texts = texts + ["", "   ", "...", "one", list(SAMPLES.values())[0]]
+    sets = dedup.shingle_sets(texts)
+    assert sets.values.dtype == np.uint64 and sets.offsets.dtype == np.int64
+    assert sets.offsets.shape == (len(texts) + 1,) and sets.offsets[0] == 0
+    rows = [sets.values[sets.offsets[i]:sets.offsets[i + 1]] for i in range(len(texts))]
+    ref = [ref_shingles(t) for t in texts]
+    for row, r in zip(rows, ref):
+        assert len(row) == len(r)
+        assert all(int(a) < int(b) for a, b in zip(row[:-1], row[1:]))
+    # Distinct shingles get distinct hashes here, so the Jaccard of the rows is the reference's.
+    for i, j in itertools.combinations(range(len(texts)), 2):
+        inter = np.intersect1d(rows[i], rows[j], assume_unique=True).size
+        union = rows[i].size + rows[j].size - inter
+        got = inter / union if union else 0.0
+        assert got == pytest.approx(jaccard(ref[i], ref[j]), abs=1e-12), (i, j)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(list("ab c.日本ไทย") + ["ab", " xy ", "\u0301"]), max_size=30)
+                .map("".join), max_size=12),
+       st.integers(1, 6), st.sampled_from(["auto", "word", "char"]), st.booleans())
+def test_shingle_sets_rows_equal_single_documents(texts, ngram, shingle, strip_accents):
+    sets = dedup.shingle_sets(texts, ngram=ngram, shingle=shingle, strip_accents=strip_accents, num_threads=2)
+    assert len(sets.offsets) == len(texts) + 1
+    for i, text in enumerate(texts):
+        row = sets.values[sets.offsets[i]:sets.offsets[i + 1]]
+        one = dedup.shingle_sets([text], ngram=ngram, shingle=shingle, strip_accents=strip_accents)
+        assert np.array_equal(row, one.values)
+        if not strip_accents:
+            assert len(row) == len(ref_shingles(text, ngram, shingle))
+
+
+def test_shingle_sets_deterministic_and_seed_independent():
+    texts, _ = make_corpus(bases_per_lang=3, variants=4)
+    texts = texts * 3  # enough documents for several chunks per thread
+    a = dedup.shingle_sets(texts, num_threads=1)
+    b = dedup.shingle_sets(texts, num_threads=3, seed=7)
+    assert np.array_equal(a.values, b.values) and np.array_equal(a.offsets, b.offsets)
+
+
+def test_shingle_sets_bad_arguments():
+    assert dedup.shingle_sets([]).offsets.tolist() == [0]
+    with pytest.raises(ValueError, match="ngram must be an integer"):
+        dedup.shingle_sets(["a"], ngram=0)
+    with pytest.raises(ValueError, match="shingle must be one of"):
+        dedup.shingle_sets(["a"], shingle="line")
+    with pytest.raises(ValueError, match="errors must be one of"):
+        dedup.shingle_sets(["a"], errors="ignore")
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        dedup.shingle_sets(["a", b"\xff"], errors="strict")
+
+
+def test_many_documents_take_the_same_path_as_few():
+    # From 64 documents on, lists are converted through pyarrow when it accepts them; whatever
+    # it rejects (lone surrogates, invalid bytes, None, other types) takes the plain path, with
+    # the same results and the same errors.
+    base = [f"doc {k} text" for k in range(70)]
+    mixed = base[:65] + ["bad \ud800 surrogate", b"bytes \xff here", bytearray(b"ok bytes"), "caf\u00e9"]
+    many = dedup.exact_hashes(mixed)
+    for i, text in enumerate(mixed):
+        assert np.array_equal(many[i], dedup.exact_hashes([text])[0]), i
+    with pytest.raises(ValueError, match=r"texts\[65\] is not valid UTF-8"):
+        dedup.exact_hashes(mixed, errors="strict")
+    with pytest.raises(ValueError, match=r"texts\[66\] is None"):
+        dedup.exact_hashes(base[:66] + [None])
+    with pytest.raises(ValueError, match=r"texts\[67\] must be str or UTF-8 bytes, got int"):
+        dedup.exact_hashes(base[:67] + [5])

@@ -28,14 +28,15 @@ document. Documents that normalise to nothing (empty, whitespace or punctuation 
 shingles: they are exact duplicates of one another and never near duplicates of anything else.
 
 Memory per document: the signature, ``4 * num_perm`` bytes (512 B at 128), plus 16 B of exact hash,
-plus during clustering 16 B per document for each band in flight (one per thread) and 16 B per
-candidate pair. For verification, ``near_duplicates`` keeps every document's shingle set from
-the signature pass (8 B per distinct shingle) while they total at most 1 GiB; above that it
-drops them and rebuilds the sets of the documents of 65536 candidate pairs at a time. 10M documents at num_perm=128 thus need about 5.3 GB for
-signatures and hashes plus 0.16 GB per thread for banding, within 8 GB. Besides that, ``str``
-documents are encoded to one UTF-8 buffer (about their size again; zero-copy for pyarrow), and
-each thread holds 4 B per code point of the document it is normalising (documents over 16 MB
-are normalised twice, streaming, instead).
+plus during clustering 8 B per document for each band of the group being hashed (4 bands at 16 x 8),
+16 B per document for each band being sorted (one per thread) and 16 B per candidate pair. For
+verification, ``near_duplicates`` keeps every document's shingle set from the signature pass (8 B per
+distinct shingle + 8 B per document) while they total at most 1 GiB; above that it drops them and
+rebuilds the sets of the documents of 65536 candidate pairs at a time. 10M documents at num_perm=128
+thus need about 5.3 GB for signatures and hashes, within 8 GB (measured: 6.3 GiB at the peak beyond
+the text, bench/bench_scale.py). Besides that, ``str`` documents are encoded to one UTF-8 buffer
+(about their size again; zero-copy for pyarrow), and each thread holds 4 B per code point of the
+document it is normalising (documents over 16 MB are normalised twice, streaming, instead).
 
 Results are identical for any ``num_threads`` (0 = all cores, or ``MLMIX_NUM_THREADS``).
 """
@@ -51,6 +52,7 @@ import numpy as np
 
 from ._core_loader import core
 from ._deps import require
+from .ragged import Ragged
 
 __all__ = [
     "DedupResult",
@@ -63,6 +65,7 @@ __all__ = [
     "cluster_signatures",
     "cluster_hashes",
     "lsh_params",
+    "shingle_sets",
 ]
 
 UNICODE_VERSION: str = core.DEDUP_UNICODE_VERSION
@@ -143,6 +146,20 @@ def _check_seed(seed: Any) -> int:
     return _check_int("seed", seed, 0, 2**64 - 1)
 
 
+def _text_options(strip_accents: Any, errors: Any, num_threads: Any) -> tuple[bool, int, int]:
+    """Checked (strip_accents, errors code for the core, num_threads): every text entry point's."""
+    strip_accents = _check_bool("strip_accents", strip_accents)
+    _check_choice("errors", errors, _ERRORS)
+    return strip_accents, _ERRORS[errors], _check_threads(num_threads)
+
+
+def _shingle_options(ngram: Any, shingle: Any, seed: Any) -> tuple[int, int, int]:
+    """Checked (ngram, shingle mode code for the core, seed)."""
+    ngram = _check_int("ngram", ngram, 1, 64)
+    _check_choice("shingle", shingle, _SHINGLE)
+    return ngram, _SHINGLE[shingle], _check_seed(seed)
+
+
 # --------------------------------------------------------------------------------------------
 # Texts -> one UTF-8 buffer + offsets
 
@@ -193,14 +210,34 @@ def _arrow_buffers(texts: Any) -> tuple[np.ndarray, np.ndarray] | None:
     return data, offsets
 
 
-def _prepare(texts: Any, strip_accents: bool, errors: str) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 UTF-8 data, int64 offsets (n + 1)) of the documents, as given (no normalisation)."""
-    del strip_accents, errors  # the core applies both
+def _arrow_from_list(items: list) -> tuple[np.ndarray, np.ndarray] | None:
+    """The list's documents through pyarrow's C++ str -> UTF-8 conversion (about 4x faster than
+    encoding each str in Python), when pyarrow is installed and accepts every item exactly as
+    :func:`_prepare` would: str without lone surrogates or valid UTF-8 bytes-likes, no None.
+    Anything else (or no pyarrow) returns None, and the plain path decides."""
+    try:
+        import pyarrow as pa
+    except ImportError:
+        return None
+    try:
+        array = pa.array(items, type=pa.large_string())
+    except (pa.ArrowException, UnicodeError, TypeError, ValueError, OverflowError):
+        return None
+    return _arrow_buffers(array) if array.null_count == 0 else None
+
+
+def _prepare(texts: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 UTF-8 data, int64 offsets (n + 1)) of the documents, as given (no normalisation:
+    the core applies it, and the UTF-8 errors policy)."""
     if (type(texts).__module__ or "").startswith("pyarrow"):
         buffers = _arrow_buffers(texts)
         if buffers is not None:
             return buffers
     items = _as_list(texts)
+    if len(items) >= 64:  # below that the conversion's fixed cost outweighs the gain
+        buffers = _arrow_from_list(items)
+        if buffers is not None:
+            return buffers
     # Lone surrogates pass through as their 3-byte encodings, which the C++ decoder rejects as
     # invalid UTF-8: one policy (errors=) for bytes and str alike.
     try:
@@ -269,11 +306,9 @@ def _result(raw: dict, names: list, index: np.ndarray, info: dict) -> DedupResul
 def normalize(texts: Sequence[str] | Any, *, strip_accents: bool = False, errors: str = "replace",
               num_threads: int = 0) -> list[str]:
     """The normalised text of each document (see the module docstring): a list of str."""
-    strip_accents = _check_bool("strip_accents", strip_accents)
-    _check_choice("errors", errors, _ERRORS)
-    data, offsets = _prepare(texts, strip_accents, errors)
-    out, out_offsets = core._dedup_normalize(data, offsets, strip_accents, _ERRORS[errors],
-                                             _check_threads(num_threads))
+    strip_accents, errors_code, num_threads = _text_options(strip_accents, errors, num_threads)
+    data, offsets = _prepare(texts)
+    out, out_offsets = core._dedup_normalize(data, offsets, strip_accents, errors_code, num_threads)
     raw = out.tobytes()
     return [raw[out_offsets[i]:out_offsets[i + 1]].decode("utf-8") for i in range(len(out_offsets) - 1)]
 
@@ -283,10 +318,9 @@ def exact_hashes(texts: Sequence[str] | Any, *, strip_accents: bool = False, err
     """(n, 2) uint64: a 128-bit hash of each normalised document. Equal normalised texts give
     equal hashes in any process, so shards can be hashed apart and clustered together
     (:func:`cluster_signatures` with ``hashes=``)."""
-    strip_accents = _check_bool("strip_accents", strip_accents)
-    _check_choice("errors", errors, _ERRORS)
-    data, offsets = _prepare(texts, strip_accents, errors)
-    return core._dedup_exact_hashes(data, offsets, strip_accents, _ERRORS[errors], _check_threads(num_threads))
+    strip_accents, errors_code, num_threads = _text_options(strip_accents, errors, num_threads)
+    data, offsets = _prepare(texts)
+    return core._dedup_exact_hashes(data, offsets, strip_accents, errors_code, num_threads)
 
 
 def exact_duplicates(texts: Sequence[str] | Any, *, langs: Sequence[str] | None = None, scope: str = "lang",
@@ -299,14 +333,12 @@ def exact_duplicates(texts: Sequence[str] | Any, *, langs: Sequence[str] | None 
     ``"global"`` they may be. keep: ``"first"`` (lowest index), ``"longest"`` (most
     UTF-8 bytes) or n float scores (highest kept, ties to the lowest index).
     """
-    strip_accents = _check_bool("strip_accents", strip_accents)
-    _check_choice("errors", errors, _ERRORS)
-    num_threads = _check_threads(num_threads)
-    data, offsets = _prepare(texts, strip_accents, errors)
+    strip_accents, errors_code, num_threads = _text_options(strip_accents, errors, num_threads)
+    data, offsets = _prepare(texts)
     n = len(offsets) - 1
     groups, names, index = _groups(langs, n, scope)
     scores = _scores(keep, n, np.diff(offsets) if keep == "longest" else None)
-    hashes = core._dedup_exact_hashes(data, offsets, strip_accents, _ERRORS[errors], num_threads)
+    hashes = core._dedup_exact_hashes(data, offsets, strip_accents, errors_code, num_threads)
     return _cluster_exact(hashes, groups, scores, names, index, scope, num_threads)
 
 
@@ -363,22 +395,30 @@ def minhash_signatures(texts: Sequence[str] | Any, *, num_perm: int = 128, ngram
     Signatures of different shards with the same arguments can be stacked and passed to
     :func:`cluster_signatures`.
     """
-    sig, _, _, _ = _signatures(texts, num_perm, ngram, shingle, seed, strip_accents, errors, num_threads)[0]
+    num_perm = _check_int("num_perm", num_perm, 1, 4096)
+    ngram, mode, seed = _shingle_options(ngram, shingle, seed)
+    strip_accents, errors_code, num_threads = _text_options(strip_accents, errors, num_threads)
+    data, offsets = _prepare(texts)
+    sig, _, _, _ = core._dedup_minhash(data, offsets, num_perm, ngram, mode, seed, strip_accents, errors_code,
+                                       num_threads)
     return sig
 
 
-def _signatures(texts, num_perm, ngram, shingle, seed, strip_accents, errors, num_threads):
-    num_perm = _check_int("num_perm", num_perm, 1, 4096)
-    ngram = _check_int("ngram", ngram, 1, 64)
-    _check_choice("shingle", shingle, _SHINGLE)
-    seed = _check_seed(seed)
-    strip_accents = _check_bool("strip_accents", strip_accents)
-    _check_choice("errors", errors, _ERRORS)
-    num_threads = _check_threads(num_threads)
-    data, offsets = _prepare(texts, strip_accents, errors)
-    out = core._dedup_minhash(data, offsets, num_perm, ngram, _SHINGLE[shingle], seed, strip_accents,
-                              _ERRORS[errors], num_threads)
-    return out, data, offsets
+def shingle_sets(texts: Sequence[str] | Any, *, ngram: int = 5, shingle: str = "auto", seed: int = 0,
+                 strip_accents: bool = False, errors: str = "replace", num_threads: int = 0) -> Ragged:
+    """Each document's shingle set, as :func:`near_duplicates` verifies it: a :class:`~mlmix.Ragged`
+    of n rows of sorted, distinct uint64 shingle hashes (row i: ``values[offsets[i]:offsets[i + 1]]``;
+    an empty row for a document without shingles). The exact Jaccard similarity of documents i and
+    j is that of their rows (``np.intersect1d`` size over ``np.union1d`` size). Arguments as in
+    :func:`near_duplicates`; ``seed`` is accepted for symmetry with it (the shingle hashes do not
+    depend on it: only the MinHash permutations do). Memory: 8 B per distinct shingle.
+    """
+    ngram, mode, seed = _shingle_options(ngram, shingle, seed)
+    strip_accents, errors_code, num_threads = _text_options(strip_accents, errors, num_threads)
+    data, offsets = _prepare(texts)
+    values, set_offsets = core._dedup_shingle_sets(data, offsets, ngram, mode, seed, strip_accents, errors_code,
+                                                   num_threads)
+    return Ragged(values, set_offsets, validate=False)
 
 
 def near_duplicates(texts: Sequence[str] | Any, *, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5,
@@ -401,19 +441,14 @@ def near_duplicates(texts: Sequence[str] | Any, *, threshold: float = 0.8, num_p
     verify = _check_bool("verify", verify)
     num_perm = _check_int("num_perm", num_perm, 1, 4096)
     band_count, rows = _bands_rows(bands, threshold, num_perm, verify)
-    ngram = _check_int("ngram", ngram, 1, 64)
-    _check_choice("shingle", shingle, _SHINGLE)
-    seed = _check_seed(seed)
-    strip_accents = _check_bool("strip_accents", strip_accents)
-    _check_choice("errors", errors, _ERRORS)
-    num_threads = _check_threads(num_threads)
-    data, offsets = _prepare(texts, strip_accents, errors)
+    ngram, mode, seed = _shingle_options(ngram, shingle, seed)
+    strip_accents, errors_code, num_threads = _text_options(strip_accents, errors, num_threads)
+    data, offsets = _prepare(texts)
     n = len(offsets) - 1
     groups, names, index = _groups(langs, n, scope)
     scores = _scores(keep, n, np.diff(offsets) if keep == "longest" else None)
-    raw = core._dedup_near(data, offsets, num_perm, ngram, _SHINGLE[shingle], seed, strip_accents,
-                           _ERRORS[errors], groups, scores, threshold, band_count, rows, verify,
-                           _SHINGLE_SET_BUDGET, num_threads)
+    raw = core._dedup_near(data, offsets, num_perm, ngram, mode, seed, strip_accents, errors_code, groups, scores,
+                           threshold, band_count, rows, verify, _SHINGLE_SET_BUDGET, num_threads)
     info = {"bands": band_count, "rows": rows, "threshold": threshold, "num_perm": num_perm,
             "ngram": ngram, "scope": scope, "char_shingled": int(np.count_nonzero(raw["char_mode"]))}
     return _result(raw, names, index, info)
@@ -459,8 +494,7 @@ def cluster_signatures(signatures: np.ndarray, *, threshold: float = 0.8, bands:
 
 def _shingle_set(text: str, *, ngram: int = 5, shingle: str = "auto", strip_accents: bool = False,
                  errors: str = "replace") -> np.ndarray:
-    """Sorted unique uint64 shingle hashes of one document (what verification compares)."""
-    data, offsets = _prepare([text], strip_accents, errors)
-    return core._dedup_shingle_set(data, offsets, 0, 1, ngram, _SHINGLE[shingle], 0, strip_accents,
-                                   _ERRORS[errors])
+    """Sorted unique uint64 shingle hashes of one document (one row of :func:`shingle_sets`)."""
+    return shingle_sets([text], ngram=ngram, shingle=shingle, strip_accents=strip_accents, errors=errors,
+                        num_threads=1).values
 

@@ -306,20 +306,14 @@ def _shingle_sets(batch: dict, wanted: np.ndarray, dd: Mapping):
     import pyarrow as pa
 
     from . import dedup
-    from ._core_loader import core
 
     pos = np.searchsorted(wanted, batch["uid"])
     hit = (pos < len(wanted)) & (wanted[np.minimum(pos, len(wanted) - 1)] == batch["uid"])
-    uids, sets = [], []
-    for uid, rec in zip(batch["uid"][hit].tolist(), batch["rec"][hit].tolist()):
-        data, offsets = dedup._prepare([readers.record_text(json.loads(rec))], False, "replace")
-        sets.append(core._dedup_shingle_set(data, offsets, 0, 1, dd["ngram"], 0, dd["seed"], False, 0))
-        uids.append(uid)
-    offsets = np.zeros(len(sets) + 1, dtype=np.int64)
-    np.cumsum([len(x) for x in sets], out=offsets[1:])
-    values = np.concatenate(sets) if sets else np.zeros(0, np.uint64)
-    return pa.table({"uid": pa.array(np.array(uids, dtype=np.int64)),
-                     "shingles": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))})
+    uids = np.asarray(batch["uid"][hit], dtype=np.int64)
+    sets = dedup.shingle_sets([readers.record_text(json.loads(rec)) for rec in batch["rec"][hit].tolist()],
+                              ngram=dd["ngram"], seed=dd["seed"], num_threads=1)  # one Ray task, one CPU
+    return pa.table({"uid": pa.array(uids),
+                     "shingles": pa.LargeListArray.from_arrays(pa.array(sets.offsets), pa.array(sets.values))})
 
 
 def _jaccard(x: np.ndarray, y: np.ndarray) -> float:
