@@ -197,3 +197,37 @@ def test_sigkill_mlmix_build_at_random_moments(tmp_path):
         for k, v in sorted(campaign.tally.items()):
             print(f"  {k}: {v}")
     assert campaign.tally["kills"] == KILLS
+
+
+_KILL_BEFORE_MODES = """
+import os, signal, sys
+import mlmix.pipeline as pipeline
+from mlmix.cli import main
+# SIGKILL right after the output's rename, before the build gives its files their usual modes
+pipeline._relax_modes = lambda root: os.kill(os.getpid(), signal.SIGKILL)
+sys.exit(main(["build", sys.argv[1], "--quiet"]))
+"""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "pipeline.build gives the output its umask modes (_relax_modes) after renaming it into place; killed "
+    "in between, the output keeps mkdtemp's 0700/0600 modes and a rerun finds it complete and never fixes "
+    "them. Proposed fix (pipeline.py, not this branch's file): call _relax_modes(tmp) inside the "
+    "atomic_directory block, before the rename"))
+def test_killed_after_rename_output_gets_the_usual_modes(tmp_path):
+    tok = train_tiny_bpe(str(tmp_path / "tokenizer.json"))
+    data = write_jsonl(str(tmp_path / "data.jsonl"), parallel_rows(2))
+    cfg = base_config(str(tmp_path / "run"), tok, data, dedup={"near": False})
+    cfg_path = str(tmp_path / "build.json")
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-c", _KILL_BEFORE_MODES, cfg_path], env=env, capture_output=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    mlmix.build(cfg, quiet=True)  # the rerun: finds the complete output (same key)
+    umask = os.umask(0)
+    os.umask(umask)
+    store = os.path.join(cfg["output"], "store")
+    assert os.stat(cfg["output"]).st_mode & 0o777 == 0o777 & ~umask
+    assert os.stat(os.path.join(store, "manifest.json")).st_mode & 0o777 == 0o666 & ~umask
