@@ -15,7 +15,7 @@ otherwise the next kill lands on the state this one left (chained crashes). Afte
 the state is reset: output removed, cache kept, partly removed or removed, or an older output put in
 place to be replaced.
 
-The normal suite makes ``MLMIX_HARDEN_BUILD_KILLS`` (default 16) kills; the documented run 1,000
+The normal suite makes ``MLMIX_HARDEN_BUILD_KILLS`` (default 12) kills; the documented run 1,000
 (``MLMIX_HARDEN_VERBOSE=1`` prints the tally).
 """
 
@@ -38,7 +38,7 @@ from mlmix.cache import StageCache
 from mlmix.store import StoreError
 from pipeline_data import base_config, parallel_rows, train_tiny_bpe, write_jsonl
 
-KILLS = int(os.environ.get("MLMIX_HARDEN_BUILD_KILLS", "16"))
+KILLS = int(os.environ.get("MLMIX_HARDEN_BUILD_KILLS", "12"))
 VERBOSE = os.environ.get("MLMIX_HARDEN_VERBOSE") == "1"
 STAGES = ("read", "langid", "tokenize", "dedup", "mix")
 OUTPUT_FILES = ("langs.json", "lengths.npy", "tokenizer.json", "mixture.json")

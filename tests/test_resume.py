@@ -277,3 +277,22 @@ def _tally(cfg, where_done, same_tails, run, straight) -> None:
     t["rows"] += sum(len(s) for s in run.streams)
     with open(report, "w") as f:
         json.dump(dict(sorted(t.items())), f, indent=1)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_state_after_a_short_last_step_counts_the_rows_yielded(workers):
+    # regression: the loader counted batches x (batch_size x world_size), which overshot the epoch's
+    # rows after a short last step of the on-the-fly dataset (whose length it cannot know)
+    rng = np.random.default_rng(5)
+    lens = rng.integers(2, 30, 61)
+    toks = mlmix.Ragged.from_lengths(rng.integers(0, 1000, int(lens.sum())).astype(np.uint32), lens)
+    ds = PackedIterableDataset([toks], seq_len=SEQ_LEN, batch_size=4, seed=2, window=16)
+    rows = sum(b["input_ids"].shape[0] for b in ds)
+    assert rows % 4  # the data has a short last step
+    loader = DataLoader(PackedIterableDataset([toks], seq_len=SEQ_LEN, batch_size=4, seed=2, window=16),
+                        num_workers=workers)
+    seen = 0
+    for batch in loader:
+        seen += batch["input_ids"].shape[0]
+        assert loader.state_dict()["samples_consumed"] == seen
+    assert seen == rows and loader.state_dict()["epoch"] == 1
