@@ -1,7 +1,8 @@
 """Crash safety of ``mlmix build``: SIGKILL the command at random moments of every stage.
 
 A chain of runs of the real command line (``python -m mlmix build CONFIG``) is killed with SIGKILL
-after a uniformly random delay in [0, 1.1 x the time of a cold build]; after each kill the state on
+after a uniformly random delay in [0, bound], bound adapted so that about two runs in three are
+killed (runs that finish first are not counted as kills); after each kill the state on
 disk is checked:
 
 - the output directory, if present, is complete: its store opens with checksums verified and its
@@ -10,7 +11,7 @@ disk is checked:
 - no temporary sibling of the output opens as a different store;
 - every stage-cache entry under its final name verifies (the cache discards nothing);
 
-then, half of the time, the build is rerun to completion, which must give byte-identical output;
+then, half of the time (always if it finished before the kill), the build is rerun to completion, which must give byte-identical output;
 otherwise the next kill lands on the state this one left (chained crashes). After a completed run
 the state is reset: output removed, cache kept, partly removed or removed, or an older output put in
 place to be replaced.
@@ -166,17 +167,23 @@ class _Campaign:
     def run(self, kills: int, seed: int) -> None:
         rng = np.random.default_rng(seed)
         self.reset(rng)
-        for _ in range(kills):
-            rc = self._cli(float(rng.uniform(0, 1.1 * self.cold)))
+        # the kill delay is uniform in [0, bound]; bound shrinks when a run finishes first and grows when
+        # it is killed, so that about two runs in three are killed, at moments spread over whole runs
+        # (a cold build takes several times a warm one, and the machine's load varies)
+        bound = 1.1 * self.cold
+        while self.tally["kills"] < kills:
+            rc = self._cli(float(rng.uniform(0, bound)))
             found = self.check_state()
             if rc == 0:
-                self.tally["finished before the kill"] += 1
+                self.tally["runs that finished before the kill"] += 1
                 assert found == "complete new output"
+                bound = max(0.2, bound * 0.9)
             else:
                 # the first stage without a cache entry is the one the build was in (or had not reached)
                 stage = self._stage_reached() if found != "complete new output" else "after the output's rename"
                 self.tally[f"killed in (or before) {stage}: {found}"] += 1
-            self.tally["kills"] += 1
+                self.tally["kills"] += 1
+                bound = min(2.0 * self.cold, bound * 1.05)
             if rc == 0 or rng.random() < 0.5:  # rerun to the end: byte-identical output
                 summary = mlmix.build(self.cfg, quiet=True)
                 assert summary["cache_discarded"] == []
@@ -191,9 +198,10 @@ class _Campaign:
 def test_sigkill_mlmix_build_at_random_moments(tmp_path):
     campaign = _Campaign(str(tmp_path))
     t0 = time.perf_counter()
-    campaign.run(KILLS, seed=KILLS)
+    campaign.run(KILLS, seed=int(os.environ.get("MLMIX_HARDEN_BUILD_SEED", KILLS)))
     if VERBOSE:
-        print(f"\ncold build {campaign.cold:.2f} s; {KILLS} kills in {time.perf_counter() - t0:.0f} s")
+        seed = os.environ.get("MLMIX_HARDEN_BUILD_SEED", "")
+        print(f"\ncold build {campaign.cold:.2f} s; {KILLS} kills in {time.perf_counter() - t0:.0f} s (seed {seed!r})")
         for k, v in sorted(campaign.tally.items()):
             print(f"  {k}: {v}")
     assert campaign.tally["kills"] == KILLS
