@@ -41,11 +41,16 @@ from pipeline_data import base_config, parallel_rows, train_tiny_bpe, write_json
 
 KILLS = int(os.environ.get("MLMIX_HARDEN_BUILD_KILLS", "12"))
 VERBOSE = os.environ.get("MLMIX_HARDEN_VERBOSE") == "1"
+REPORT = os.environ.get("MLMIX_HARDEN_BUILD_REPORT")  # a JSON file: the tally, rewritten after every run
 STAGES = ("read", "langid", "tokenize", "dedup", "mix")
 OUTPUT_FILES = ("langs.json", "lengths.npy", "tokenizer.json", "mixture.json")
 
 
-def _output_bytes(out: str) -> dict[str, bytes]:
+def _store_only(files: dict[str, bytes]) -> dict[str, bytes]:
+    return {k: v for k, v in files.items() if k.startswith("store/")}
+
+
+def _output_bytes(out: str, store_only: bool = False) -> dict[str, bytes]:
     """The build's deterministic output: every store file and the other data files (build.json holds
     timings, so only its key is compared)."""
     res = {}
@@ -53,6 +58,8 @@ def _output_bytes(out: str) -> dict[str, bytes]:
     for name in sorted(os.listdir(store)):
         with open(os.path.join(store, name), "rb") as f:
             res[f"store/{name}"] = f.read()
+    if store_only:
+        return res
     for name in OUTPUT_FILES:
         p = os.path.join(out, name)
         if os.path.exists(p):
@@ -150,7 +157,11 @@ class _Campaign:
                     mlmix.open(os.path.join(parent, name, "store"), verify=True)
                 except (StoreError, OSError, ValueError):
                     continue
-                _complete(os.path.join(parent, name), [self.clean, self.old])  # opens: then it is whole
+                # the output's temp dir of a killed build: its store is written (atomically) before the
+                # other files, so it may open; then it must be a whole store, byte for byte
+                self.tally["temp sibling of the output holding a complete store"] += 1
+                got = _store_only(_output_bytes(os.path.join(parent, name), store_only=True))
+                assert got in (_store_only(self.clean), _store_only(self.old)), name
         cache = StageCache(self.cache_root)
         for stage in STAGES:
             base_dir = os.path.join(self.cache_root, stage)
@@ -184,6 +195,9 @@ class _Campaign:
                 self.tally[f"killed in (or before) {stage}: {found}"] += 1
                 self.tally["kills"] += 1
                 bound = min(2.0 * self.cold, bound * 1.05)
+            if REPORT:  # the tally so far, after every run (a long campaign can be stopped at any time)
+                with open(REPORT, "w") as f:
+                    json.dump(dict(sorted(self.tally.items())), f, indent=1)
             if rc == 0 or rng.random() < 0.5:  # rerun to the end: byte-identical output
                 summary = mlmix.build(self.cfg, quiet=True)
                 assert summary["cache_discarded"] == []
