@@ -1,12 +1,95 @@
-"""Atomic writes: build in a temporary sibling, fsync, then rename into place."""
+"""Atomic writes: build in a temporary sibling, fsync, then rename into place.
+
+Temporary siblings are named ``.<name>.tmp-<host>-<pid>-<random>`` (and ``.<name>.old-...`` for the
+old directory of a swap), ``<host>`` a short hash of the host name. A writer killed (SIGKILL, power
+loss) leaves its sibling behind; the next write of the same ``<name>`` removes the siblings of writers
+of this host whose pid is no longer alive. Siblings of live writers, of other hosts (a shared file
+system) and of any name that does not parse are left alone. A dead writer's ``.old-*`` directory is
+the complete previous version: if nothing is under ``<name>`` (the writer died between the two renames
+of a swap) it is renamed back into place instead of being removed.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from typing import Iterator
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def _prefix(base: str, kind: str) -> str:
+    """Name prefix of a temporary sibling of ``base`` made by this process (kind: "tmp" or "old")."""
+    return f".{base}.{kind}-{_host_tag()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a pid we could have written: never treat it as dead
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or unknown: keep its files
+    return True
+
+
+def _stale_siblings(parent: str, base: str) -> list[tuple[str, str]]:
+    """(kind, full path) of the temporary siblings of ``base`` left by dead writers of this host."""
+    pattern = re.compile(re.escape(f".{base}.") + r"(tmp|old)-([0-9a-f]{8})-([0-9]+)-")
+    host = _host_tag()
+    out = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return out
+    for name in names:
+        m = pattern.match(name)
+        if m is None or m.group(2) != host:
+            continue
+        pid = int(m.group(3))
+        if pid != os.getpid() and not _pid_alive(pid):
+            out.append((m.group(1), os.path.join(parent, name)))
+    return sorted(out)
+
+
+def clean_stale(path: str | os.PathLike) -> list[str]:
+    """Remove what dead writers of ``path`` left next to it; returns the paths removed or restored.
+
+    If nothing is at ``path`` and a dead writer left exactly one ``.old-*`` directory (it was killed
+    between the two renames of a swap), that directory is renamed back to ``path``. Errors are
+    ignored: cleaning is an optimisation, never a reason for a write to fail.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent, base = os.path.dirname(path), os.path.basename(path)
+    stale = _stale_siblings(parent, base)
+    done = []
+    olds = [p for kind, p in stale if kind == "old"]
+    if len(olds) == 1 and not os.path.lexists(path):
+        with contextlib.suppress(OSError):
+            os.rename(olds[0], path)
+            done.append(olds[0])
+            stale = [(k, p) for k, p in stale if p != olds[0]]
+    if olds and not os.path.lexists(path):
+        stale = [(k, p) for k, p in stale if k != "old"]  # several candidates: keep them all, decide nothing
+    for _, p in stale:
+        try:
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.unlink(p)
+        except OSError:
+            continue
+        done.append(p)
+    return done
 
 
 def _fsync_dir(path: str) -> None:
@@ -27,14 +110,16 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iter
     """Yield a temporary directory next to ``path``; on success it replaces ``path`` atomically.
 
     On any exception the temporary directory is removed and ``path`` is left as it was. A crash
-    leaves at most a ``.<name>.tmp-*`` sibling, which never opens as a store.
+    leaves at most a ``.<name>.tmp-*`` sibling, which never opens as a store and which the next
+    write of ``path`` removes (see the module docstring).
     """
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    clean_stale(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path!r} already exists (pass overwrite=True to replace it)")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=_prefix(os.path.basename(path), "tmp"), dir=parent)
     try:
         yield tmp
         for name in os.listdir(tmp):
@@ -48,7 +133,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iter
         _fsync_dir(tmp)
         if os.path.exists(path):
             # rename the old one aside first so that the swap itself is a single rename
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=_prefix(os.path.basename(path), "old"), dir=parent)
             os.rmdir(old)
             os.rename(path, old)
             try:
@@ -71,7 +156,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    clean_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(os.path.basename(path), "tmp"), dir=parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f

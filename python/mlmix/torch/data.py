@@ -591,9 +591,6 @@ class PackedDataset(_BatchStream):
             steps.append((self.num_samples - tail, self.num_samples))
         return steps
 
-    def _position_after(self, start: int, k: int) -> int:
-        return min(start + k * self.step_rows, self.num_samples)
-
     def __len__(self) -> int:
         """Batches per epoch on this rank (from the start of an epoch)."""
         return len(self._steps(0))
@@ -610,6 +607,7 @@ class PackedDataset(_BatchStream):
         src, order, steps = self._rows(), self.order(epoch), self._steps(start)
         ring = self._ring(self._builder, in_worker)
         track = not in_worker and not self._loader_owned
+        tag = self._loader_owned  # mlmix's DataLoader wants each batch's end position with it
         for k in range(wid, len(steps), nw):
             lo, hi = steps[k]
             rows = order[lo:hi]
@@ -617,7 +615,7 @@ class PackedDataset(_BatchStream):
             batch = self._emit(self._builder, src, rows, ring)
             if track:
                 self._cursor[1] = hi
-            yield batch
+            yield (hi, batch) if tag else batch
         if track:
             self._set_position(epoch + 1, 0)
 
@@ -693,9 +691,6 @@ class PackedIterableDataset(_BatchStream):
         return {"seq_len": self.seq_len, "seed": self.seed, "shuffle": self.shuffle, "window": self.window,
                 "strategy": self.strategy, "overlong": self.overlong}
 
-    def _position_after(self, start: int, k: int) -> int:
-        return start + k * self.step_rows
-
     def _chunks(self) -> Iterator:
         return iter(self.source() if callable(self.source) else self.source)
 
@@ -704,6 +699,7 @@ class PackedIterableDataset(_BatchStream):
         wid, nw, in_worker = self._worker()
         g, w = self.step_rows, self.world_size
         track = not in_worker and not self._loader_owned
+        tag = self._loader_owned  # mlmix's DataLoader wants each batch's end position with it
         packer = StreamPacker(self.seq_len, window=self.window, strategy=self.strategy, overlong=self.overlong,
                               seed=int(_key(self.seed, epoch)[0]) if self.shuffle else None)
         table: dict[str, int] = {}
@@ -760,7 +756,7 @@ class PackedIterableDataset(_BatchStream):
                 batch = self._emit(builder, step_src, share, ring)
                 if track:
                     self._cursor[1] = lo + n_take
-                yield batch
+                yield (lo + n_take, batch) if tag else batch
 
         for chunk in self._chunks():
             tokens, mask, langs = _split_chunk(chunk)
@@ -836,14 +832,15 @@ class DataLoader(torch.utils.data.DataLoader):
             it = super().__iter__()
         finally:
             ds._ring_slots = 0
-        k = 0
         try:
-            for item in it:
+            # each item is (end, batch): the position after the batch, computed where it was built. A
+            # count of batches times the step size would overshoot after a short last step of the
+            # on-the-fly dataset, whose epoch length is unknown until it has been packed.
+            for end, item in it:
                 batch = item.unpack(rings, pin) if isinstance(item, _RingBatch) else item
                 if self._user_collate is not None:
                     batch = self._user_collate(batch)
-                k += 1
-                ds._live = (epoch, ds._position_after(start, k))
+                ds._live = (epoch, int(end))
                 yield batch
         finally:
             ds._loader_owned = False
