@@ -297,7 +297,7 @@ namespace {
 // Copy one segment of `len` tokens from src into a row at offset t, with its labels and positions.
 template <typename T>
 inline void fill_segment(const T* src, const uint8_t* mask_src, int32_t len, T* ids, int64_t* lab, int32_t* pos) {
-  std::memcpy(ids, src, sizeof(T) * static_cast<size_t>(len));
+  if (len > 0) std::memcpy(ids, src, sizeof(T) * static_cast<size_t>(len));  // src may be null when len = 0
   for (int32_t j = 0; j < len; ++j) {
     pos[j] = j;
     bool keep = mask_src == nullptr || mask_src[j] != 0;
@@ -398,7 +398,8 @@ void gather_segments(const T* values, const int64_t* offsets, const SegmentView&
   int64_t t = 0;
   for (int64_t s = segs.row_offsets[0]; s < segs.row_offsets[segs.num_rows]; ++s) {
     const int64_t src = offsets[segs.seg_example[s]] + segs.seg_start[s];
-    std::memcpy(out + t, values + src, sizeof(T) * static_cast<size_t>(segs.seg_len[s]));
+    // an empty token array may come as a null pointer; memcpy(null, ..., 0) is undefined behaviour
+    if (segs.seg_len[s] > 0) std::memcpy(out + t, values + src, sizeof(T) * static_cast<size_t>(segs.seg_len[s]));
     t += segs.seg_len[s];
   }
 }

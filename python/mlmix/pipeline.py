@@ -803,7 +803,8 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
                 from .report import write_report
 
                 write_report(tmp, os.path.join(tmp, "report.html"))
-        _relax_modes(out)
+            # before the rename: an output killed right after it must not keep mkdtemp's 0700/0600 modes
+            _relax_modes(tmp)
         timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": False, "peak_rss_mb": _peak_rss_mb()}
         log.stage("pack", _pack_line(s_pack), timings["pack"]["seconds"], False)
         _log_peak(log, timings["pack"])
