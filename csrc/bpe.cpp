@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <queue>
 #include <thread>
@@ -247,7 +248,32 @@ struct ThreadState {
   std::vector<uint32_t> sym, sym_rank, sym_merged;
   std::vector<char32_t> decoded, prefixed;
   std::vector<Segment> seg_a, seg_b;
+
+  // Buffers grown past 1 MB by a huge document are released when a call ends (the state outlives the call).
+  void trim() {
+    auto shrink = [](auto& v) {
+      if (v.capacity() * sizeof(v[0]) > (size_t{1} << 20)) std::remove_reference_t<decltype(v)>().swap(v);
+    };
+    shrink(piece_utf8); shrink(sym); shrink(sym_rank); shrink(sym_merged);
+    shrink(decoded); shrink(prefixed); shrink(seg_a); shrink(seg_b);
+  }
 };
+
+// The calling thread's ThreadState for encoder `owner`, kept between calls: a single-document call (the
+// common case for chat encoding) then neither allocates nor clears the 1.2 MB piece cache again. A thread
+// that switches encoders starts a fresh state, so cached pieces never cross vocabularies.
+ThreadState& thread_state(uint64_t owner) {
+  struct Held {
+    uint64_t owner = 0;
+    std::unique_ptr<ThreadState> state;
+  };
+  thread_local Held held;
+  if (!held.state || held.owner != owner) {
+    held.state = std::make_unique<ThreadState>();
+    held.owner = owner;
+  }
+  return *held.state;
+}
 
 // Writes the UTF-8 form of code point c at p (room for 4 bytes) and returns the end.
 inline uint8_t* put_utf8(uint8_t* p, uint32_t c) {
@@ -353,6 +379,14 @@ struct Encoder::Impl {
   std::vector<AddedToken> added;
   AddedTrie trie_raw, trie_normalized;  // normalized=false tokens, normalized=true tokens
   std::vector<uint32_t> prefix_ids, suffix_ids;
+  // Unique for the life of the process (never reused, unlike an address): names the encoder whose pieces a
+  // thread's cached ThreadState holds.
+  const uint64_t id = next_id();
+
+  static uint64_t next_id() {
+    static std::atomic<uint64_t> counter{0};
+    return ++counter;
+  }
 
   explicit Impl(const Config& cfg)
       : pre_tokenizer(cfg.pre_tokenizer), add_prefix_space(cfg.add_prefix_space), ignore_merges(cfg.ignore_merges), nfc(cfg.nfc) {
@@ -729,7 +763,11 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
   std::string error_msg;
 
   auto worker = [&]() {
-    ThreadState ts;
+    ThreadState& ts = thread_state(impl.id);
+    struct TrimOnExit {
+      ThreadState& ts;
+      ~TrimOnExit() { ts.trim(); }
+    } trim_on_exit{ts};
     for (;;) {
       const size_t c = next_chunk.fetch_add(1);
       // No early exit on another thread's error: the smallest bad index is then the one reported, whatever
