@@ -48,10 +48,12 @@ def liger(h, w, y):
     return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)(w, h, y)
 
 
-def cce(h, w, y):
+def cce(h, w, y, filter_eps="auto"):
     from cut_cross_entropy import linear_cross_entropy
 
-    return linear_cross_entropy(h, w, y, ignore_index=IGNORE)
+    if filter_eps == "auto":  # the package's default, whatever this version calls it
+        return linear_cross_entropy(h, w, y, ignore_index=IGNORE)
+    return linear_cross_entropy(h, w, y, ignore_index=IGNORE, filter_eps=filter_eps)
 
 
 def mlmix_cuda(h, w, y, vocab_block=0, token_block=0):
@@ -64,7 +66,9 @@ VARIANTS = {"materialised": materialised, "mlmix cuda": mlmix_cuda,
             "mlmix cuda vb=1024": lambda h, w, y: mlmix_cuda(h, w, y, 1024),
             "mlmix cuda vb=4096": lambda h, w, y: mlmix_cuda(h, w, y, 4096),
             "mlmix cuda tb=4096 vb=4096": lambda h, w, y: mlmix_cuda(h, w, y, 4096, 4096),
-            "liger": liger, "cut-cross-entropy": cce, "torch.compile chunked": compiled_chunked}
+            "liger": liger, "cut-cross-entropy": cce,
+            "cut-cross-entropy no filter": lambda h, w, y: cce(h, w, y, filter_eps=None),
+            "torch.compile chunked": compiled_chunked}
 
 
 def reference_grads(h, w, y):

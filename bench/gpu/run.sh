@@ -69,7 +69,9 @@ left=$((470 - (SECONDS - start))); [ "$left" -lt 60 ] && left=60
 left=$((500 - (SECONDS - start)))
 if [ "$left" -gt 90 ]; then
   echo "== second size: a Qwen2-7B-like head (tokens=8192 hidden=3584 vocab=151,646)"
+  only=("--only" "materialised,mlmix cuda,liger,cut-cross-entropy,cut-cross-entropy no filter")
+  [ $# -gt 0 ] && only=()  # arguments given: the same selection at both sizes
   (cd /tmp && timeout "$left" "$py" "$root/bench/gpu/bench_loss_gpu.py" --tokens 8192 --hidden 3584 --vocab 151646 \
-    --only "materialised,mlmix cuda,liger,cut-cross-entropy") 2>&1 | tee "$logs/bench2.log"
+    "${only[@]}" "$@") 2>&1 | tee "$logs/bench2.log"
 fi
 echo "== total $((SECONDS - start)) s"
