@@ -9,14 +9,18 @@ ones: see tests/fuzz/run.sh).
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 
 import atheris
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if "mlmix" not in sys.modules and os.path.isdir(os.path.join(ROOT, "python", "mlmix")):
-    sys.path.insert(0, os.environ.get("MLMIX_FUZZ_PYTHONPATH", os.path.join(ROOT, "python")))
+# The package to fuzz: MLMIX_FUZZ_PYTHONPATH (the ASan build), else the source tree when a developer build put
+# the extension there (.ci/dev-build), else the installed mlmix (a clean clone with `pip install .`).
+_src = os.environ.get("MLMIX_FUZZ_PYTHONPATH") or os.path.join(ROOT, "python")
+if "mlmix" not in sys.modules and glob.glob(os.path.join(_src, "mlmix", "_core*.so")):
+    sys.path.insert(0, _src)
 
 with atheris.instrument_imports(include=["mlmix"]):
     import mlmix  # noqa: F401

@@ -65,7 +65,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     std::vector<uint64_t> hashes(2 * n);
     std::vector<int64_t> lengths(n);
     std::vector<uint8_t> char_mode(n);
-    std::vector<std::vector<uint64_t>> sets;
+    ShingleSets sets;
     minhash_signatures(texts, mo, many, SignatureOutputs{sig.data(), hashes.data(), lengths.data(), char_mode.data(),
                                                        verify ? &sets : nullptr, budget});
     if (hashes != h1) std::abort();
