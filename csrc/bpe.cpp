@@ -1,6 +1,7 @@
 #include "bpe.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <exception>
@@ -260,19 +261,27 @@ struct ThreadState {
 };
 
 // The calling thread's ThreadState for encoder `owner`, kept between calls: a single-document call (the
-// common case for chat encoding) then neither allocates nor clears the 1.2 MB piece cache again. A thread
-// that switches encoders starts a fresh state, so cached pieces never cross vocabularies.
+// common case for chat encoding) then neither allocates nor clears the 1.2 MB piece cache again. The thread
+// keeps the states of the last kHeldStates encoders it used (most recent first), so alternating between a
+// few tokenizers does not rebuild the cache on every call; states never cross vocabularies.
+constexpr size_t kHeldStates = 4;
+
 ThreadState& thread_state(uint64_t owner) {
   struct Held {
     uint64_t owner = 0;
     std::unique_ptr<ThreadState> state;
   };
-  thread_local Held held;
-  if (!held.state || held.owner != owner) {
-    held.state = std::make_unique<ThreadState>();
-    held.owner = owner;
+  thread_local std::array<Held, kHeldStates> held;
+  for (size_t k = 0; k < kHeldStates; ++k) {
+    if (held[k].state && held[k].owner == owner) {
+      std::rotate(held.begin(), held.begin() + k, held.begin() + k + 1);
+      return *held[0].state;
+    }
   }
-  return *held.state;
+  std::rotate(held.begin(), held.end() - 1, held.end());  // the least recently used one is replaced
+  held[0].state = std::make_unique<ThreadState>();
+  held[0].owner = owner;
+  return *held[0].state;
 }
 
 // Writes the UTF-8 form of code point c at p (room for 4 bytes) and returns the end.
@@ -830,13 +839,23 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
     }
   };
 
-  if (threads == 1) {
+  // No more threads than work units, and the calling thread is one of them (its piece cache is warm): a
+  // batch of a few short documents runs inline, without starting a thread.
+  const int helpers = std::min<int>(threads, static_cast<int>(n_chunks)) - 1;
+  if (helpers <= 0) {
     worker();
   } else {
     std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (int t = 0; t < threads; ++t) pool.emplace_back(worker);
+    pool.reserve(helpers);
+    for (int t = 0; t < helpers; ++t) pool.emplace_back(worker);
+    std::exception_ptr caller_error;
+    try {
+      worker();
+    } catch (...) {
+      caller_error = std::current_exception();
+    }
     for (auto& th : pool) th.join();
+    if (caller_error) std::rethrow_exception(caller_error);
   }
   MLMIX_CHECK(!failed.load(), error_msg);
 
