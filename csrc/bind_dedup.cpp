@@ -21,18 +21,73 @@ using U32 = py::array_t<uint32_t, py::array::c_style>;
 using U64 = py::array_t<uint64_t, py::array::c_style>;
 using F64 = py::array_t<double, py::array::c_style>;
 
-// The documents as one UTF-8 buffer plus count + 1 int64 offsets; checked before the GIL goes.
-TextSpan texts_of(const Bytes& data, const I64& offsets) {
-  MLMIX_CHECK(data.ndim() == 1, "data must be 1-D uint8, got " << data.ndim() << " dimensions");
-  MLMIX_CHECK(offsets.ndim() == 1 && offsets.shape(0) >= 1,
-              "offsets must be 1-D int64 with count + 1 >= 1 entries");
-  TextSpan t{data.data(), offsets.data(), offsets.shape(0) - 1};
-  check_texts(t);
-  MLMIX_CHECK(t.count == 0 || offsets.data()[t.count] <= data.shape(0),
-              "offsets[-1] = " << offsets.data()[t.count] << " exceeds the data size "
-                               << data.shape(0));
-  return t;
-}
+// The documents of a call, checked before the GIL goes. Either one UTF-8 buffer (`data`, uint8) with
+// count + 1 int64 `offsets`, or (`offsets` None) a sequence of str / bytes read in place: a str's code
+// units as Python stores them (Latin-1, UCS-2 or UCS-4), bytes as UTF-8 -- nothing is encoded or copied.
+// A tuple holds a reference to every document while the GIL is released; bytearray and memoryview
+// documents, which could change meanwhile, are copied to bytes first.
+class Texts {
+ public:
+  Texts(const py::object& data, const py::object& offsets) {
+    if (offsets.is_none()) {
+      from_sequence(data);
+      return;
+    }
+    buffer_ = py::cast<Bytes>(data);
+    offsets_ = py::cast<I64>(offsets);
+    MLMIX_CHECK(buffer_.ndim() == 1, "data must be 1-D uint8, got " << buffer_.ndim() << " dimensions");
+    MLMIX_CHECK(offsets_.ndim() == 1 && offsets_.shape(0) >= 1,
+                "offsets must be 1-D int64 with count + 1 >= 1 entries");
+    span_ = TextSpan{buffer_.data(), offsets_.data(), offsets_.shape(0) - 1};
+    check_texts(span_);
+    MLMIX_CHECK(span_.count == 0 || offsets_.data()[span_.count] <= buffer_.shape(0),
+                "offsets[-1] = " << offsets_.data()[span_.count] << " exceeds the data size " << buffer_.shape(0));
+  }
+  Texts(const Texts&) = delete;
+  Texts& operator=(const Texts&) = delete;
+
+  const TextSpan& span() const { return span_; }
+
+ private:
+  void from_sequence(const py::object& data) {
+    if (PyUnicode_Check(data.ptr()) || PyBytes_Check(data.ptr()))
+      throw py::value_error(std::string("texts must be a sequence of documents, not a single ") + Py_TYPE(data.ptr())->tp_name);
+    held_ = py::reinterpret_steal<py::tuple>(PySequence_Tuple(data.ptr()));
+    if (!held_) throw py::error_already_set();
+    const auto n = static_cast<int64_t>(PyTuple_GET_SIZE(held_.ptr()));
+    views_.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      PyObject* o = PyTuple_GET_ITEM(held_.ptr(), static_cast<Py_ssize_t>(i));
+      if (PyUnicode_Check(o)) {
+#if PY_VERSION_HEX < 0x030C0000
+        if (PyUnicode_READY(o) != 0) throw py::error_already_set();
+#endif
+        views_[i] = TextView{PyUnicode_DATA(o), static_cast<int64_t>(PyUnicode_GET_LENGTH(o)),
+                             static_cast<int>(PyUnicode_KIND(o))};
+        continue;
+      }
+      if (!PyBytes_Check(o)) {
+        if (o == Py_None)
+          throw py::value_error("texts[" + std::to_string(i) + "] is None; documents must be str or UTF-8 bytes");
+        if (!PyByteArray_Check(o) && !PyMemoryView_Check(o))
+          throw py::value_error("texts[" + std::to_string(i) + "] must be str or UTF-8 bytes, got " + Py_TYPE(o)->tp_name);
+        o = PyBytes_FromObject(o);
+        if (!o) throw py::error_already_set();
+        copies_.append(py::reinterpret_steal<py::object>(o));
+      }
+      views_[i] = TextView{PyBytes_AS_STRING(o), static_cast<int64_t>(PyBytes_GET_SIZE(o)), 0};
+    }
+    span_ = TextSpan{nullptr, nullptr, n, views_.data()};
+    check_texts(span_);
+  }
+
+  Bytes buffer_;
+  I64 offsets_;
+  py::tuple held_;
+  py::list copies_;
+  std::vector<TextView> views_;
+  TextSpan span_;
+};
 
 NormalizeOptions normalize_options(bool strip_marks, int errors) {
   MLMIX_CHECK(errors == 0 || errors == 1, "errors must be 0 (replace) or 1 (strict), got " << errors);
@@ -60,8 +115,9 @@ void bind_dedup(py::module_& m) {
 
   m.def(
       "_dedup_normalize",
-      [](const Bytes& data, const I64& offsets, bool strip_marks, int errors, int num_threads) {
-        const TextSpan t = texts_of(data, offsets);
+      [](const py::object& data, const py::object& offsets, bool strip_marks, int errors, int num_threads) {
+        const Texts texts(data, offsets);
+        const TextSpan& t = texts.span();
         const NormalizeOptions o = normalize_options(strip_marks, errors);
         std::vector<uint8_t> out;
         std::vector<int64_t> out_offsets;
@@ -76,9 +132,20 @@ void bind_dedup(py::module_& m) {
       "Normalised UTF-8 (uint8 data, int64 offsets) of NFKC+casefolded UTF-8 documents.");
 
   m.def(
+      "_dedup_utf8_sizes",
+      [](const py::object& data, const py::object& offsets) {
+        const Texts texts(data, offsets);
+        I64 out({static_cast<py::ssize_t>(texts.span().count)});
+        utf8_sizes(texts.span(), out.mutable_data());
+        return out;
+      },
+      py::arg("data"), py::arg("offsets"), "(n,) int64: each document's size in bytes as UTF-8.");
+
+  m.def(
       "_dedup_exact_hashes",
-      [](const Bytes& data, const I64& offsets, bool strip_marks, int errors, int num_threads) {
-        const TextSpan t = texts_of(data, offsets);
+      [](const py::object& data, const py::object& offsets, bool strip_marks, int errors, int num_threads) {
+        const Texts texts(data, offsets);
+        const TextSpan& t = texts.span();
         const NormalizeOptions o = normalize_options(strip_marks, errors);
         U64 out({static_cast<py::ssize_t>(t.count), py::ssize_t{2}});
         uint64_t* p = out.mutable_data();
@@ -93,9 +160,10 @@ void bind_dedup(py::module_& m) {
 
   m.def(
       "_dedup_minhash",
-      [](const Bytes& data, const I64& offsets, int num_perm, int ngram, int mode, uint64_t seed,
+      [](const py::object& data, const py::object& offsets, int num_perm, int ngram, int mode, uint64_t seed,
          bool strip_marks, int errors, int num_threads) {
-        const TextSpan t = texts_of(data, offsets);
+        const Texts texts(data, offsets);
+        const TextSpan& t = texts.span();
         const MinHashOptions o = minhash_options(num_perm, ngram, mode, seed, strip_marks, errors);
         MLMIX_CHECK(num_perm >= 1 && num_perm <= 4096, "num_perm must be in [1, 4096], got " << num_perm);
         const auto n = static_cast<py::ssize_t>(t.count);
@@ -117,10 +185,11 @@ void bind_dedup(py::module_& m) {
 
   m.def(
       "_dedup_near",
-      [](const Bytes& data, const I64& offsets, int num_perm, int ngram, int mode, uint64_t seed,
+      [](const py::object& data, const py::object& offsets, int num_perm, int ngram, int mode, uint64_t seed,
          bool strip_marks, int errors, std::optional<I64> groups, std::optional<F64> scores,
          double threshold, int bands, int rows, bool verify, int64_t shingle_set_budget, int num_threads) {
-        const TextSpan t = texts_of(data, offsets);
+        const Texts texts(data, offsets);
+        const TextSpan& t = texts.span();
         const MinHashOptions o = minhash_options(num_perm, ngram, mode, seed, strip_marks, errors);
         MLMIX_CHECK(num_perm >= 1 && num_perm <= 4096, "num_perm must be in [1, 4096], got " << num_perm);
         const auto n = static_cast<py::ssize_t>(t.count);
@@ -168,29 +237,11 @@ void bind_dedup(py::module_& m) {
       "budget, in entries of 8 bytes; else rebuilt) and clustering in one call.");
 
   m.def(
-      "_dedup_shingle_set",
-      [](const Bytes& data, const I64& offsets, int64_t index, int num_perm, int ngram, int mode,
-         uint64_t seed, bool strip_marks, int errors) {
-        const TextSpan t = texts_of(data, offsets);
-        MLMIX_CHECK_INDEX(index >= 0 && index < t.count,
-                          "index " << index << " out of range for " << t.count << " documents");
-        const MinHashOptions o = minhash_options(num_perm, ngram, mode, seed, strip_marks, errors);
-        std::vector<uint64_t> set;
-        {
-          py::gil_scoped_release release;
-          set = shingle_set(t.data + t.offsets[index], t.offsets[index + 1] - t.offsets[index], o, index);
-        }
-        return vector_to_array(std::move(set));
-      },
-      py::arg("data"), py::arg("offsets"), py::arg("index"), py::arg("num_perm"), py::arg("ngram"),
-      py::arg("mode"), py::arg("seed"), py::arg("strip_marks"), py::arg("errors"),
-      "Sorted unique uint64 shingle hashes of one document.");
-
-  m.def(
       "_dedup_shingle_sets",
-      [](const Bytes& data, const I64& offsets, int ngram, int mode, uint64_t seed, bool strip_marks,
+      [](const py::object& data, const py::object& offsets, int ngram, int mode, uint64_t seed, bool strip_marks,
          int errors, int num_threads) {
-        const TextSpan t = texts_of(data, offsets);
+        const Texts texts(data, offsets);
+        const TextSpan& t = texts.span();
         const MinHashOptions o = minhash_options(1, ngram, mode, seed, strip_marks, errors);
         std::vector<uint64_t> values;
         std::vector<int64_t> set_offsets;
@@ -215,9 +266,7 @@ void bind_dedup(py::module_& m) {
   m.def(
       "_dedup_cluster",
       [](const U32& signatures, std::optional<U64> hashes, std::optional<I64> groups,
-         std::optional<F64> scores, double threshold, int bands, int rows, bool verify,
-         std::optional<Bytes> data, std::optional<I64> offsets, int ngram, int mode, uint64_t seed,
-         bool strip_marks, int errors, int num_threads) {
+         std::optional<F64> scores, double threshold, int bands, int rows, bool verify, int num_threads) {
         MLMIX_CHECK(signatures.ndim() == 2, "signatures must be 2-D (n, num_perm) uint32, got "
                                                 << signatures.ndim() << " dimensions");
         const int64_t n = signatures.shape(0);
@@ -240,15 +289,6 @@ void bind_dedup(py::module_& m) {
           MLMIX_CHECK(scores->ndim() == 1 && scores->shape(0) == n, "scores must be (n,) float64 with n = " << n);
           in.scores = scores->data();
         }
-        TextSpan texts;
-        MinHashOptions mo;
-        if (data && offsets) {
-          texts = texts_of(*data, *offsets);
-          MLMIX_CHECK(texts.count == n, "texts have " << texts.count << " documents but signatures " << n);
-          mo = minhash_options(in.num_perm, ngram, mode, seed, strip_marks, errors);
-          in.texts = &texts;
-          in.minhash = &mo;
-        }
         ClusterOptions opts{threshold, LshParams{bands, rows}, verify, num_threads};
         ClusterResult r;
         {
@@ -265,10 +305,8 @@ void bind_dedup(py::module_& m) {
         return out;
       },
       py::arg("signatures"), py::arg("hashes"), py::arg("groups"), py::arg("scores"),
-      py::arg("threshold"), py::arg("bands"), py::arg("rows"), py::arg("verify"), py::arg("data"),
-      py::arg("offsets"), py::arg("ngram"), py::arg("mode"), py::arg("seed"), py::arg("strip_marks"),
-      py::arg("errors"), py::arg("num_threads"),
-      "LSH + verification + union-find; returns a dict of int64 cluster, pair arrays and counts.");
+      py::arg("threshold"), py::arg("bands"), py::arg("rows"), py::arg("verify"), py::arg("num_threads"),
+      "LSH + signature-agreement verification + union-find; returns a dict of int64 cluster, pair arrays and counts.");
 }
 
 }  // namespace mlmix::bind

@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "common.h"
+
 #include "pretokenize.h"
 
 namespace mlmix::bpe {
@@ -56,11 +58,7 @@ void set_byte_level_model(Config& config, const std::vector<std::string>& vocab_
                           const std::vector<std::string>& merges_right);
 
 // One document: `len` code units of width 1 (Latin-1), 2 (UCS-2), 4 (UCS-4) or 0 (UTF-8 bytes).
-struct TextView {
-  const void* data = nullptr;
-  int64_t len = 0;
-  int width = 0;
-};
+using mlmix::TextView;
 
 struct EncodeOptions {
   bool add_special_tokens = true;

@@ -28,6 +28,14 @@ namespace mlmix {
     }                                                           \
   } while (0)
 
+// One document read in place: `len` code units of `width` bytes, the layouts of a Python str (1:
+// Latin-1, 2: UCS-2, 4: UCS-4; lone surrogates possible in the last two) or 0: UTF-8 bytes.
+struct TextView {
+  const void* data = nullptr;
+  int64_t len = 0;
+  int width = 0;
+};
+
 // Number of worker threads to use: `requested` if positive, else the hardware concurrency
 // (or MLMIX_NUM_THREADS when set).
 int resolve_threads(int requested);

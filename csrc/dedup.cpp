@@ -164,6 +164,12 @@ inline uint8_t char_class(uint32_t cp) {
                                  "U+FFFD");
 }
 
+[[noreturn]] void throw_invalid_code_point(int64_t doc, int64_t index, uint32_t cp) {
+  MLMIX_CHECK(false, "texts[" << doc << "] is not valid UTF-8: " << (cp <= 0x10FFFF ? "a lone surrogate" : "a value past U+10FFFF")
+                              << " (0x" << std::hex << cp << std::dec << ") at index " << index
+                              << "; errors='strict' was asked for, errors='replace' substitutes U+FFFD");
+}
+
 // Decodes one code point at p[i] (i < n) and advances i. Invalid input yields U+FFFD for the
 // maximal valid prefix of a sequence (the Unicode "maximal subpart" practice, as Python does).
 inline uint32_t decode_utf8(const uint8_t* p, int64_t n, int64_t& i, Utf8Errors errors,
@@ -369,9 +375,12 @@ class NfkcStream {
 // Calls emit(cp, no_space_script) for each code point of the normalised text: NFKC (NFKD when
 // stripping marks), full case folding, then separators collapsed, format characters (and marks
 // when asked) dropped.
-template <class Emit>
-void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& opts, int64_t doc,
-                         Emit&& emit) {
+//
+// Unit is the document's code unit: uint8_t with kUtf8 (UTF-8 bytes, decoded with the errors
+// policy), or uint8_t (Latin-1), uint16_t (UCS-2), uint32_t (UCS-4) code points as a Python str
+// holds them, where a lone surrogate (or a value past U+10FFFF) is the invalid input.
+template <class Unit, bool kUtf8, class Emit>
+void normalize_units(const Unit* p, int64_t n, const NormalizeOptions& opts, int64_t doc, Emit&& emit) {
   bool pending_space = false, started = false;
   auto take = [&](uint32_t cp, uint8_t cls) __attribute__((always_inline)) {
     switch (cls & kClassMask) {
@@ -418,23 +427,7 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
   bool has_held = false, in_stream = false;
   uint32_t held_cp = 0;
   uint8_t held_cls = 0;
-  int64_t i = 0;
-  while (i < n) {
-    // Well-formed 1- to 3-byte sequences are decoded here; the rest (4 bytes, overlong or
-    // surrogate encodings, truncated or invalid bytes) by decode_utf8.
-    uint32_t cp = p[i];
-    if (cp < 0x80) {
-      ++i;
-    } else if (cp >= 0xC2 && cp <= 0xDF && i + 1 < n && (p[i + 1] & 0xC0) == 0x80) {
-      cp = ((cp & 0x1F) << 6) | (p[i + 1] & 0x3F);
-      i += 2;
-    } else if ((cp & 0xF0) == 0xE0 && i + 2 < n && (p[i + 1] & 0xC0) == 0x80 && (p[i + 2] & 0xC0) == 0x80 &&
-               ((cp & 0x0F) << 12 | (p[i + 1] & 0x3F) << 6) >= 0x800 && !(cp == 0xED && p[i + 1] >= 0xA0)) {
-      cp = ((cp & 0x0F) << 12) | ((p[i + 1] & 0x3F) << 6) | (p[i + 2] & 0x3F);
-      i += 3;
-    } else {
-      cp = decode_utf8(p, n, i, opts.errors, doc);
-    }
+  auto step = [&](uint32_t cp) __attribute__((always_inline)) {
     const uint8_t cls = char_class(cp);
     if (!(cls & slow)) [[likely]] {
       if (in_stream) {
@@ -456,10 +449,63 @@ void for_each_normalized(const uint8_t* p, int64_t n, const NormalizeOptions& op
       drain();
       in_stream = true;
     }
+  };
+  int64_t i = 0;
+  while (i < n) {
+    uint32_t cp = p[i];
+    if constexpr (kUtf8) {
+      // Well-formed 1- to 3-byte sequences are decoded here; the rest (4 bytes, overlong or
+      // surrogate encodings, truncated or invalid bytes) by decode_utf8.
+      if (cp < 0x80) {
+        ++i;
+      } else if (cp >= 0xC2 && cp <= 0xDF && i + 1 < n && (p[i + 1] & 0xC0) == 0x80) {
+        cp = ((cp & 0x1F) << 6) | (p[i + 1] & 0x3F);
+        i += 2;
+      } else if ((cp & 0xF0) == 0xE0 && i + 2 < n && (p[i + 1] & 0xC0) == 0x80 && (p[i + 2] & 0xC0) == 0x80 &&
+                 ((cp & 0x0F) << 12 | (p[i + 1] & 0x3F) << 6) >= 0x800 && !(cp == 0xED && p[i + 1] >= 0xA0)) {
+        cp = ((cp & 0x0F) << 12) | ((p[i + 1] & 0x3F) << 6) | (p[i + 2] & 0x3F);
+        i += 3;
+      } else {
+        cp = decode_utf8(p, n, i, opts.errors, doc);
+      }
+    } else {
+      ++i;
+      if constexpr (sizeof(Unit) > 1) {
+        if (cp - 0xD800u < 0x800u || cp > 0x10FFFFu) [[unlikely]] {
+          if (opts.errors == Utf8Errors::kStrict) throw_invalid_code_point(doc, i - 1, cp);
+          // A surrogate's UTF-8 form (ED A0..BF 80..BF) is three invalid sequences: three U+FFFD,
+          // as for the same str passed as surrogatepass-encoded bytes.
+          if (cp <= 0x10FFFFu) {
+            step(kReplacement);
+            step(kReplacement);
+          }
+          cp = kReplacement;
+        }
+      }
+    }
+    step(cp);
   }
   if (has_held) fold(held_cp, held_cls);
   nfkc.finish();
   drain();
+}
+
+template <class Emit>
+void for_each_normalized(const TextView& t, const NormalizeOptions& opts, int64_t doc, Emit&& emit) {
+  switch (t.width) {
+    case 0:
+      normalize_units<uint8_t, true>(static_cast<const uint8_t*>(t.data), t.len, opts, doc, emit);
+      break;
+    case 1:
+      normalize_units<uint8_t, false>(static_cast<const uint8_t*>(t.data), t.len, opts, doc, emit);
+      break;
+    case 2:
+      normalize_units<uint16_t, false>(static_cast<const uint16_t*>(t.data), t.len, opts, doc, emit);
+      break;
+    default:
+      normalize_units<uint32_t, false>(static_cast<const uint32_t*>(t.data), t.len, opts, doc, emit);
+      break;
+  }
 }
 
 inline void append_utf8(std::vector<uint8_t>& out, uint32_t cp) {
@@ -504,13 +550,12 @@ struct CodePoints {
 // With `keep`, the normalised code points are also appended to it, for a second pass without
 // decoding and normalising again; the hash is then computed from that buffer afterwards, in a
 // tight loop (the same value as Hash128 fed one code point at a time).
-DocSummary summarize(const uint8_t* p, int64_t n, const NormalizeOptions& opts, int64_t doc,
-                     CodePoints* keep = nullptr) {
+DocSummary summarize(const TextView& t, const NormalizeOptions& opts, int64_t doc, CodePoints* keep = nullptr) {
   DocSummary s;
   int64_t spaces = 0, no_space = 0;
   if (keep) {
     const size_t before = keep->size;
-    for_each_normalized(p, n, opts, doc, [&](uint32_t cp, bool ns) __attribute__((always_inline)) {
+    for_each_normalized(t, opts, doc, [&](uint32_t cp, bool ns) __attribute__((always_inline)) {
       keep->push(cp);
       spaces += cp == ' ';
       no_space += ns;  // false for the space
@@ -522,7 +567,7 @@ DocSummary summarize(const uint8_t* p, int64_t n, const NormalizeOptions& opts, 
     h.finish(s.hash);
   } else {
     Hash128 h;
-    for_each_normalized(p, n, opts, doc, [&](uint32_t cp, bool ns) __attribute__((always_inline)) {
+    for_each_normalized(t, opts, doc, [&](uint32_t cp, bool ns) __attribute__((always_inline)) {
       h.add(cp);
       ++s.length;
       spaces += cp == ' ';
@@ -607,15 +652,15 @@ void shingles_of(ForEachCp&& for_each_cp, int ngram, bool char_mode, Sink&& sink
 }
 
 template <class Sink>
-void for_each_shingle(const uint8_t* p, int64_t n, const NormalizeOptions& norm, int ngram,
-                      bool char_mode, int64_t doc, Sink&& sink) {
-  shingles_of([&](auto&& f) { for_each_normalized(p, n, norm, doc, [&](uint32_t cp, bool) { f(cp); }); },
+void for_each_shingle(const TextView& t, const NormalizeOptions& norm, int ngram, bool char_mode, int64_t doc,
+                      Sink&& sink) {
+  shingles_of([&](auto&& f) { for_each_normalized(t, norm, doc, [&](uint32_t cp, bool) { f(cp); }); },
               ngram, char_mode, sink);
 }
 
-// Documents up to this many bytes are normalised once and shingled from a buffer of code points
-// (4 bytes each); larger ones are normalised twice, streaming, to bound memory.
-constexpr int64_t kMaxBufferedBytes = int64_t{16} << 20;
+// Documents up to this many code units (bytes of UTF-8) are normalised once and shingled from a
+// buffer of code points (4 bytes each); larger ones are normalised twice, streaming, to bound memory.
+constexpr int64_t kMaxBufferedUnits = int64_t{16} << 20;
 
 bool resolve_char_mode(const MinHashOptions& opts, const DocSummary& s) {
   switch (opts.mode) {
@@ -629,6 +674,24 @@ void check_minhash_options(const MinHashOptions& o) {
   MLMIX_CHECK(o.num_perm >= 1 && o.num_perm <= 4096,
               "num_perm must be in [1, 4096], got " << o.num_perm);
   MLMIX_CHECK(o.ngram >= 1 && o.ngram <= 64, "ngram must be in [1, 64], got " << o.ngram);
+}
+
+// The per-document pass of the signature and shingle-set kernels: summarise (normalising once into
+// `cps` when the document is small enough to buffer), choose the shingling mode (into char_mode),
+// then sink(hash) for every shingle, repeats included.
+template <class Sink>
+DocSummary shingle_document(const TextView& t, const MinHashOptions& opts, int64_t doc, CodePoints& cps,
+                            bool& char_mode, Sink&& sink) {
+  const bool buffered = t.len <= kMaxBufferedUnits;
+  cps.clear();
+  const DocSummary s = summarize(t, opts.normalize, doc, buffered ? &cps : nullptr);
+  char_mode = resolve_char_mode(opts, s);
+  if (buffered) {
+    shingles_of([&](auto&& f) { for (uint32_t cp : cps) f(cp); }, opts.ngram, char_mode, sink);
+  } else {
+    for_each_shingle(t, opts.normalize, opts.ngram, char_mode, doc, sink);
+  }
+  return s;
 }
 
 // MinHash update of sig[0..P) with a block of shingle keys: sig[k] = min(sig[k], h_k(key)) with
@@ -821,6 +884,16 @@ const char* unicode_version() { return tables::kUnicodeVersion; }
 void check_texts(const TextSpan& t) {
   MLMIX_CHECK(t.count >= 0, "texts: negative count " << t.count);
   if (t.count == 0) return;
+  if (t.views) {
+    for (int64_t i = 0; i < t.count; ++i) {
+      const TextView& v = t.views[i];
+      MLMIX_CHECK(v.width == 0 || v.width == 1 || v.width == 2 || v.width == 4,
+                  "texts[" << i << "]: code unit width " << v.width << "; expected 0 (UTF-8), 1, 2 or 4");
+      MLMIX_CHECK(v.len >= 0 && (v.len == 0 || v.data != nullptr),
+                  "texts[" << i << "]: bad length " << v.len << " or null data");
+    }
+    return;
+  }
   MLMIX_CHECK(t.offsets != nullptr, "texts: missing offsets");
   MLMIX_CHECK(t.offsets[0] == 0, "texts: offsets[0] must be 0, got " << t.offsets[0]);
   for (int64_t i = 0; i < t.count; ++i)
@@ -828,6 +901,20 @@ void check_texts(const TextSpan& t) {
                 "texts: offsets must be non-decreasing, offsets[" << i + 1 << "] = "
                                                                   << t.offsets[i + 1] << " < "
                                                                   << t.offsets[i]);
+}
+
+void utf8_sizes(const TextSpan& texts, int64_t* out) {
+  for (int64_t i = 0; i < texts.count; ++i) {
+    const TextView t = texts.doc(i);
+    int64_t size = t.len;  // UTF-8 bytes, or one per code unit to begin with
+    auto add_extra = [&](const auto* u) {
+      for (int64_t k = 0; k < t.len; ++k) size += (u[k] >= 0x80) + (u[k] >= 0x800) + (u[k] >= 0x10000);
+    };
+    if (t.width == 1) add_extra(static_cast<const uint8_t*>(t.data));
+    if (t.width == 2) add_extra(static_cast<const uint16_t*>(t.data));
+    if (t.width == 4) add_extra(static_cast<const uint32_t*>(t.data));
+    out[i] = size;
+  }
 }
 
 void normalize_texts(const TextSpan& texts, const NormalizeOptions& opts, int num_threads,
@@ -841,9 +928,7 @@ void normalize_texts(const TextSpan& texts, const NormalizeOptions& opts, int nu
     std::vector<uint8_t>& buf = chunk_bytes[begin / kGrain];
     for (int64_t i = begin; i < end; ++i) {
       const size_t before = buf.size();
-      const int64_t size = texts.offsets[i + 1] - texts.offsets[i];
-      for_each_normalized(texts.data + texts.offsets[i], size, opts, i,
-                          [&](uint32_t cp, bool) { append_utf8(buf, cp); });
+      for_each_normalized(texts.doc(i), opts, i, [&](uint32_t cp, bool) { append_utf8(buf, cp); });
       lengths[i] = static_cast<int64_t>(buf.size() - before);
     }
   });
@@ -859,10 +944,9 @@ void exact_hashes(const TextSpan& texts, const NormalizeOptions& opts, int num_t
   parallel_chunks(texts.count, num_threads, 64, [&](int64_t begin, int64_t end) {
     CodePoints cps;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t size = texts.offsets[i + 1] - texts.offsets[i];
+      const TextView t = texts.doc(i);
       cps.clear();
-      const DocSummary s = summarize(texts.data + texts.offsets[i], size, opts, i,
-                                     size <= kMaxBufferedBytes ? &cps : nullptr);
+      const DocSummary s = summarize(t, opts, i, t.len <= kMaxBufferedUnits ? &cps : nullptr);
       out[2 * i] = s.hash[0];
       out[2 * i + 1] = s.hash[1];
     }
@@ -920,29 +1004,19 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
     std::vector<uint64_t>* block = sets ? &sets->blocks[begin / kGrain] : nullptr;
     chunk_sets.clear();
     for (int64_t i = begin; i < end; ++i) {
-      const uint8_t* p = texts.data + texts.offsets[i];
-      const int64_t size = texts.offsets[i + 1] - texts.offsets[i];
-      const bool buffered = size <= kMaxBufferedBytes;
-      cps.clear();
-      const DocSummary s = summarize(p, size, opts.normalize, i, buffered ? &cps : nullptr);
-      const bool char_mode = resolve_char_mode(opts, s);
       std::fill(sig.begin(), sig.end(), std::numeric_limits<uint32_t>::max());
       keys.clear();
       const bool keep_set = block && !over_budget.load(std::memory_order_relaxed);
       shingle_buf.clear();
-      auto sink = [&](uint64_t x) {
+      bool char_mode = false;
+      const DocSummary s = shingle_document(texts.doc(i), opts, i, cps, char_mode, [&](uint64_t x) {
         if (keep_set) shingle_buf.push_back(x);
         keys.push_back(static_cast<uint32_t>(x >> 32));
         if (keys.size() == kShingleBlock) {
           minhash_block(perm, keys.data(), keys.size(), sig.data());
           keys.clear();
         }
-      };
-      if (buffered) {
-        shingles_of([&](auto&& f) { for (uint32_t cp : cps) f(cp); }, opts.ngram, char_mode, sink);
-      } else {
-        for_each_shingle(p, size, opts.normalize, opts.ngram, char_mode, i, sink);
-      }
+      });
       minhash_block(perm, keys.data(), keys.size(), sig.data());
       std::copy(sig.begin(), sig.end(), out.signatures + i * P);
       if (keep_set) {
@@ -965,20 +1039,12 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
   if (sets && over_budget) *sets = ShingleSets();
 }
 
-std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHashOptions& opts,
-                                  int64_t doc_index) {
+std::vector<uint64_t> shingle_set(const TextView& doc, const MinHashOptions& opts, int64_t doc_index) {
   check_minhash_options(opts);
-  const bool buffered = size <= kMaxBufferedBytes;
   CodePoints cps;
-  const DocSummary s = summarize(data, size, opts.normalize, doc_index, buffered ? &cps : nullptr);
-  const bool char_mode = resolve_char_mode(opts, s);
+  bool char_mode = false;
   std::vector<uint64_t> set;
-  auto sink = [&](uint64_t x) { set.push_back(x); };
-  if (buffered) {
-    shingles_of([&](auto&& f) { for (uint32_t cp : cps) f(cp); }, opts.ngram, char_mode, sink);
-  } else {
-    for_each_shingle(data, size, opts.normalize, opts.ngram, char_mode, doc_index, sink);
-  }
+  shingle_document(doc, opts, doc_index, cps, char_mode, [&](uint64_t x) { set.push_back(x); });
   HashSorter().sort_unique(set);
   return set;
 }
@@ -998,19 +1064,9 @@ void shingle_sets(const TextSpan& texts, const MinHashOptions& opts, int num_thr
     HashSorter sorter;
     std::vector<uint64_t> set;
     for (int64_t i = begin; i < end; ++i) {
-      const uint8_t* p = texts.data + texts.offsets[i];
-      const int64_t size = texts.offsets[i + 1] - texts.offsets[i];
-      const bool buffered = size <= kMaxBufferedBytes;
-      cps.clear();
-      const DocSummary s = summarize(p, size, opts.normalize, i, buffered ? &cps : nullptr);
-      const bool char_mode = resolve_char_mode(opts, s);
       set.clear();
-      auto sink = [&](uint64_t x) { set.push_back(x); };
-      if (buffered) {
-        shingles_of([&](auto&& f) { for (uint32_t cp : cps) f(cp); }, opts.ngram, char_mode, sink);
-      } else {
-        for_each_shingle(p, size, opts.normalize, opts.ngram, char_mode, i, sink);
-      }
+      bool char_mode = false;
+      shingle_document(texts.doc(i), opts, i, cps, char_mode, [&](uint64_t x) { set.push_back(x); });
       sorter.sort_unique(set);
       out.insert(out.end(), set.begin(), set.end());
       offsets[i + 1] = static_cast<int64_t>(set.size());
@@ -1227,9 +1283,7 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
                         [&](int64_t begin, int64_t end) {
                           for (int64_t k = begin; k < end; ++k) {
                             const int64_t doc = involved[k];
-                            const int64_t off = in.texts->offsets[doc];
-                            shingles[k] = shingle_set(in.texts->data + off,
-                                                      in.texts->offsets[doc + 1] - off, *in.minhash, doc);
+                            shingles[k] = shingle_set(in.texts->doc(doc), *in.minhash, doc);
                           }
                         });
         auto set_of = [&](int64_t doc) -> const std::vector<uint64_t>& {

@@ -9,17 +9,27 @@
 #include <string>
 #include <vector>
 
+#include "common.h"
+
 namespace mlmix::dedup {
 
 enum class Utf8Errors : int { kReplace = 0, kStrict = 1 };
 enum class ShingleMode : int { kAuto = 0, kWord = 1, kChar = 2 };
 
-// `count` UTF-8 documents: document i is the bytes data[offsets[i], offsets[i+1]).
-// offsets has count + 1 non-decreasing entries starting at 0.
+// `count` documents, either UTF-8 in one buffer -- document i is the bytes data[offsets[i],
+// offsets[i+1]), offsets has count + 1 non-decreasing entries starting at 0 -- or, when `views` is
+// set, document i is views[i], read in place (a Python str's code units, or UTF-8 bytes). In
+// str code units, a lone surrogate is invalid input like invalid UTF-8: errors='replace' reads it
+// as the three U+FFFD that its UTF-8 form (surrogatepass) gives, so both inputs agree.
 struct TextSpan {
   const uint8_t* data = nullptr;
   const int64_t* offsets = nullptr;
   int64_t count = 0;
+  const TextView* views = nullptr;
+
+  TextView doc(int64_t i) const {
+    return views ? views[i] : TextView{data + offsets[i], offsets[i + 1] - offsets[i], 0};
+  }
 };
 
 struct NormalizeOptions {
@@ -35,8 +45,13 @@ struct MinHashOptions {
   NormalizeOptions normalize;
 };
 
-// Throws std::invalid_argument when offsets are not a valid partition of the data.
+// Throws std::invalid_argument when offsets are not a valid partition of the data, or a view is
+// malformed (width not 0, 1, 2 or 4, negative length, null data).
 void check_texts(const TextSpan& texts);
+
+// Size in bytes of each document's UTF-8 form, as given (not normalised; a lone surrogate of a str
+// counts the 3 bytes of its surrogatepass encoding), into out[0..count).
+void utf8_sizes(const TextSpan& texts, int64_t* out);
 
 // The Unicode version the class tables were generated from.
 const char* unicode_version();
@@ -83,8 +98,7 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
                         const SignatureOutputs& out);
 
 // Sorted, de-duplicated 64-bit shingle hashes of one document (the set MinHash estimates).
-std::vector<uint64_t> shingle_set(const uint8_t* data, int64_t size, const MinHashOptions& opts,
-                                  int64_t doc_index);
+std::vector<uint64_t> shingle_set(const TextView& doc, const MinHashOptions& opts, int64_t doc_index);
 
 // shingle_set of every document, concatenated: document i's sorted unique hashes are
 // values[offsets[i], offsets[i + 1]). offsets gets count + 1 entries.

@@ -689,18 +689,90 @@ def test_shingle_sets_bad_arguments():
         dedup.shingle_sets(["a", b"\xff"], errors="strict")
 
 
-def test_many_documents_take_the_same_path_as_few():
-    # From 64 documents on, lists are converted through pyarrow when it accepts them; whatever
-    # it rejects (lone surrogates, invalid bytes, None, other types) takes the plain path, with
-    # the same results and the same errors.
+def _utf8_buffer(texts):
+    """The (uint8 data, int64 offsets) form of documents: str as surrogatepass UTF-8, bytes as given."""
+    encoded = [t.encode("utf-8", "surrogatepass") if isinstance(t, str) else bytes(t) for t in texts]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), np.uint8), offsets
+
+
+# Every layout a str can have (Latin-1 with ASCII and accents, UCS-2, UCS-4) and the invalid code
+# points each can hold (lone surrogates), besides UTF-8 bytes, bytearray and memoryview documents.
+VIEW_DOCS = [
+    "plain ascii text with five words and more", "caf\u00e9 cr\u00e8me br\u00fbl\u00e9e \u00c9T\u00c9",
+    "\u041f\u0440\u0438\u0432\u0435\u0442 \u043c\u0438\u0440 \ufb01 \u2460", SAMPLES["zh"], SAMPLES["hi"], SAMPLES["ar"],
+    "emoji \U0001F600 and \U0001D400 math", "bad \ud800 surrogate \u4e2d\u6587", "bad \udfff \U0001F600 in UCS-4",
+    "", "   ", b"bytes \xff here", bytearray(b"ok bytes"), memoryview(b"a view of bytes"),
+    "A\u030a ring e\u0301 \u1e9b\u0323", "\u00df strasse STRASSE",
+]
+
+
+@pytest.mark.parametrize("strip_accents", [False, True])
+def test_str_read_in_place_equals_utf8_buffer(strip_accents):
+    # The core reads str code units in place; the same documents as one UTF-8 buffer (the pyarrow
+    # path) give the same normalised text, hashes, signatures and shingle sets, lone surrogates
+    # included (replaced, as their surrogatepass bytes are).
+    data, offsets = _utf8_buffer(VIEW_DOCS)
+    assert {type(t) for t in VIEW_DOCS} == {str, bytes, bytearray, memoryview}
+    for threads in (1, 3):
+        args = (strip_accents, 0, threads)
+        a, a_off = core._dedup_normalize(VIEW_DOCS, None, *args)
+        b, b_off = core._dedup_normalize(data, offsets, *args)
+        assert a.tobytes() == b.tobytes() and np.array_equal(a_off, b_off)
+        np.testing.assert_array_equal(core._dedup_exact_hashes(VIEW_DOCS, None, *args),
+                                      core._dedup_exact_hashes(data, offsets, *args))
+        for mode in (0, 1, 2):
+            mh = (64, 3, mode, 7, strip_accents, 0, threads)
+            for x, y in zip(core._dedup_minhash(VIEW_DOCS, None, *mh), core._dedup_minhash(data, offsets, *mh)):
+                np.testing.assert_array_equal(x, y)
+            sh = (3, mode, 7, strip_accents, 0, threads)
+            for x, y in zip(core._dedup_shingle_sets(VIEW_DOCS, None, *sh), core._dedup_shingle_sets(data, offsets, *sh)):
+                np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(core._dedup_utf8_sizes(VIEW_DOCS, None), np.diff(offsets))
+    assert dedup.normalize(VIEW_DOCS[:11], strip_accents=strip_accents) == [
+        ref_normalize(t, strip_accents) for t in VIEW_DOCS[:11]]
+
+
+def test_str_read_in_place_errors():
     base = [f"doc {k} text" for k in range(70)]
-    mixed = base[:65] + ["bad \ud800 surrogate", b"bytes \xff here", bytearray(b"ok bytes"), "caf\u00e9"]
-    many = dedup.exact_hashes(mixed)
-    for i, text in enumerate(mixed):
-        assert np.array_equal(many[i], dedup.exact_hashes([text])[0]), i
-    with pytest.raises(ValueError, match=r"texts\[65\] is not valid UTF-8"):
-        dedup.exact_hashes(mixed, errors="strict")
+    with pytest.raises(ValueError, match=r"texts\[2\] is not valid UTF-8: a lone surrogate \(0xd800\) at index 4"):
+        dedup.exact_hashes(["ok", "caf\u00e9", "bad \ud800", "bad \udfff"], errors="strict")
+    with pytest.raises(ValueError, match=r"texts\[1\] is not valid UTF-8: a lone surrogate \(0xdfff\) at index 6"):
+        dedup.near_duplicates(["ok", "\U0001F600 bad \udfff"], errors="strict")
     with pytest.raises(ValueError, match=r"texts\[66\] is None"):
         dedup.exact_hashes(base[:66] + [None])
     with pytest.raises(ValueError, match=r"texts\[67\] must be str or UTF-8 bytes, got int"):
         dedup.exact_hashes(base[:67] + [5])
+    with pytest.raises(ValueError, match="not a single str"):
+        core._dedup_exact_hashes("one string", None, False, 0, 1)
+    # keep="longest" compares UTF-8 sizes, computed from the code units
+    r = dedup.exact_duplicates(["\u00e9t\u00e9", "ETE\u0301", "\u00c9T\u00c9"], keep="longest", strip_accents=True)
+    assert r.cluster.tolist() == [0, 0, 0]
+    r = dedup.exact_duplicates(["\u00e9t\u00e9", "\u00c9T\u00c9\u200b"], keep="longest")
+    assert r.cluster.tolist() == [1, 1]
+
+
+def test_documents_outlive_a_mutated_list():
+    # The call holds every document while the GIL is released: a list changed by another thread
+    # meanwhile cannot free them under the core.
+    import threading
+
+    texts = ["w%d " % (i % 97) * 200 for i in range(4000)]
+    expected = dedup.exact_hashes(list(texts), num_threads=2)
+    stop = threading.Event()
+
+    def mutate():  # replaces every document by an equal new str: the old one is freed unless held
+        while not stop.is_set():
+            for i in range(len(texts)):
+                texts[i] = (texts[i] + ".")[:-1]
+
+    t = threading.Thread(target=mutate)
+    t.start()
+    try:
+        for _ in range(5):
+            got = dedup.exact_hashes(texts, num_threads=2)
+    finally:
+        stop.set()
+        t.join()
+    np.testing.assert_array_equal(got, expected)

@@ -37,35 +37,35 @@ class _BpeEncoder:
     @property
     def vocab_size(self) -> int:
         ...
-def _dedup_cluster(signatures: typing.Annotated[numpy.typing.ArrayLike, numpy.uint32], hashes: typing.Annotated[numpy.typing.ArrayLike, numpy.uint64] | None, groups: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, scores: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None, threshold: typing.SupportsFloat | typing.SupportsIndex, bands: typing.SupportsInt | typing.SupportsIndex, rows: typing.SupportsInt | typing.SupportsIndex, verify: bool, data: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8] | None, offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, ngram: typing.SupportsInt | typing.SupportsIndex, mode: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, strip_marks: bool, errors: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex) -> dict:
+def _dedup_cluster(signatures: typing.Annotated[numpy.typing.ArrayLike, numpy.uint32], hashes: typing.Annotated[numpy.typing.ArrayLike, numpy.uint64] | None, groups: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, scores: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None, threshold: typing.SupportsFloat | typing.SupportsIndex, bands: typing.SupportsInt | typing.SupportsIndex, rows: typing.SupportsInt | typing.SupportsIndex, verify: bool, num_threads: typing.SupportsInt | typing.SupportsIndex) -> dict:
     """
-    LSH + verification + union-find; returns a dict of int64 cluster, pair arrays and counts.
+    LSH + signature-agreement verification + union-find; returns a dict of int64 cluster, pair arrays and counts.
     """
-def _dedup_exact_hashes(data: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], strip_marks: bool, errors: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint64]:
+def _dedup_exact_hashes(data: typing.Any, offsets: typing.Any, strip_marks: bool, errors: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint64]:
     """
     (n, 2) uint64 hash of each normalised document.
     """
 def _dedup_lsh_params(threshold: typing.SupportsFloat | typing.SupportsIndex, num_perm: typing.SupportsInt | typing.SupportsIndex, fp_weight: typing.SupportsFloat | typing.SupportsIndex, fn_weight: typing.SupportsFloat | typing.SupportsIndex) -> tuple[int, int]:
     ...
-def _dedup_minhash(data: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], num_perm: typing.SupportsInt | typing.SupportsIndex, ngram: typing.SupportsInt | typing.SupportsIndex, mode: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, strip_marks: bool, errors: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.uint32], numpy.typing.NDArray[numpy.uint64], numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.bool]]:
+def _dedup_minhash(data: typing.Any, offsets: typing.Any, num_perm: typing.SupportsInt | typing.SupportsIndex, ngram: typing.SupportsInt | typing.SupportsIndex, mode: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, strip_marks: bool, errors: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.uint32], numpy.typing.NDArray[numpy.uint64], numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.bool]]:
     """
     (signatures (n, num_perm) uint32, hashes (n, 2) uint64, lengths (n,) int64, char_mode (n,) bool).
     """
-def _dedup_near(data: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], num_perm: typing.SupportsInt | typing.SupportsIndex, ngram: typing.SupportsInt | typing.SupportsIndex, mode: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, strip_marks: bool, errors: typing.SupportsInt | typing.SupportsIndex, groups: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, scores: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None, threshold: typing.SupportsFloat | typing.SupportsIndex, bands: typing.SupportsInt | typing.SupportsIndex, rows: typing.SupportsInt | typing.SupportsIndex, verify: bool, shingle_set_budget: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex) -> dict:
+def _dedup_near(data: typing.Any, offsets: typing.Any, num_perm: typing.SupportsInt | typing.SupportsIndex, ngram: typing.SupportsInt | typing.SupportsIndex, mode: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, strip_marks: bool, errors: typing.SupportsInt | typing.SupportsIndex, groups: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, scores: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None, threshold: typing.SupportsFloat | typing.SupportsIndex, bands: typing.SupportsInt | typing.SupportsIndex, rows: typing.SupportsInt | typing.SupportsIndex, verify: bool, shingle_set_budget: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex) -> dict:
     """
     Signatures, LSH, verification (shingle sets kept from the signature pass while within the budget, in entries of 8 bytes; else rebuilt) and clustering in one call.
     """
-def _dedup_normalize(data: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], strip_marks: bool, errors: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.uint8], numpy.typing.NDArray[numpy.int64]]:
+def _dedup_normalize(data: typing.Any, offsets: typing.Any, strip_marks: bool, errors: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.uint8], numpy.typing.NDArray[numpy.int64]]:
     """
     Normalised UTF-8 (uint8 data, int64 offsets) of NFKC+casefolded UTF-8 documents.
     """
-def _dedup_shingle_set(data: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], index: typing.SupportsInt | typing.SupportsIndex, num_perm: typing.SupportsInt | typing.SupportsIndex, ngram: typing.SupportsInt | typing.SupportsIndex, mode: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, strip_marks: bool, errors: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint64]:
-    """
-    Sorted unique uint64 shingle hashes of one document.
-    """
-def _dedup_shingle_sets(data: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8], offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], ngram: typing.SupportsInt | typing.SupportsIndex, mode: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, strip_marks: bool, errors: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.uint64], numpy.typing.NDArray[numpy.int64]]:
+def _dedup_shingle_sets(data: typing.Any, offsets: typing.Any, ngram: typing.SupportsInt | typing.SupportsIndex, mode: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, strip_marks: bool, errors: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.uint64], numpy.typing.NDArray[numpy.int64]]:
     """
     (values uint64, offsets (n + 1,) int64): every document's sorted unique shingle hashes.
+    """
+def _dedup_utf8_sizes(data: typing.Any, offsets: typing.Any) -> numpy.typing.NDArray[numpy.int64]:
+    """
+    (n,) int64: each document's size in bytes as UTF-8.
     """
 def _gather_i32(values: numpy.ndarray, offsets: numpy.ndarray, seg_example: numpy.ndarray, seg_start: numpy.ndarray, seg_len: numpy.ndarray, row_offsets: numpy.ndarray) -> numpy.ndarray:
     """

@@ -1,7 +1,8 @@
 """Exact and near-duplicate detection for text in any script.
 
-Pipeline (multi-threaded C++ with the GIL released; Python only encodes ``str`` documents to one
-UTF-8 buffer, and a pyarrow string array without nulls is read in place):
+Pipeline (multi-threaded C++ with the GIL released; documents are read in place, never encoded or
+copied: a ``str``'s code units as Python stores them, ``bytes`` as UTF-8, a pyarrow string array
+without nulls through its buffers):
 
 1. **Normalisation**, in C++ from tables generated from Python's ``unicodedata`` (version
    :data:`UNICODE_VERSION`): NFKC (NFKD with ``strip_accents``), full case folding (exactly
@@ -34,9 +35,9 @@ verification, ``near_duplicates`` keeps every document's shingle set from the si
 distinct shingle + 8 B per document) while they total at most 1 GiB; above that it drops them and
 rebuilds the sets of the documents of 65536 candidate pairs at a time. 10M documents at num_perm=128
 thus need about 5.3 GB for signatures and hashes, within 8 GB (measured: 6.3 GiB at the peak beyond
-the text, bench/bench_scale.py). Besides that, ``str`` documents are encoded to one UTF-8 buffer
-(about their size again; zero-copy for pyarrow), and each thread holds 4 B per code point of the
-document it is normalising (documents over 16 MB are normalised twice, streaming, instead).
+the text, bench/bench_scale.py). Besides that, the call holds 24 B per document to
+view the documents in place (no copy of the text), and each thread holds 4 B per code point of the
+document it is normalising (documents over 16M code units, or bytes of UTF-8, are normalised twice, streaming, instead).
 
 Results are identical for any ``num_threads`` (0 = all cores, or ``MLMIX_NUM_THREADS``).
 """
@@ -161,7 +162,7 @@ def _shingle_options(ngram: Any, shingle: Any, seed: Any) -> tuple[int, int, int
 
 
 # --------------------------------------------------------------------------------------------
-# Texts -> one UTF-8 buffer + offsets
+# Texts -> what the core reads
 
 
 def _as_list(texts: Any) -> list:
@@ -176,20 +177,12 @@ def _as_list(texts: Any) -> list:
         if texts.ndim != 1:
             raise ValueError(f"texts must be 1-D, got an array of shape {texts.shape}")
         return texts.tolist()
+    if isinstance(texts, (list, tuple)):
+        return texts
     try:
         return list(texts)
     except TypeError:
         raise ValueError(f"texts must be a sequence of str, got {type(texts).__name__}") from None
-
-
-def _as_bytes(i: int, item: Any) -> bytes:
-    if isinstance(item, str):
-        return item.encode("utf-8", "surrogatepass")
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        return bytes(item)
-    if item is None:
-        raise ValueError(f"texts[{i}] is None; documents must be str or UTF-8 bytes")
-    raise ValueError(f"texts[{i}] must be str or UTF-8 bytes, got {type(item).__name__}")
 
 
 def _arrow_buffers(texts: Any) -> tuple[np.ndarray, np.ndarray] | None:
@@ -210,45 +203,21 @@ def _arrow_buffers(texts: Any) -> tuple[np.ndarray, np.ndarray] | None:
     return data, offsets
 
 
-def _arrow_from_list(items: list) -> tuple[np.ndarray, np.ndarray] | None:
-    """The list's documents through pyarrow's C++ str -> UTF-8 conversion (about 4x faster than
-    encoding each str in Python), when pyarrow is installed and accepts every item exactly as
-    :func:`_prepare` would: str without lone surrogates or valid UTF-8 bytes-likes, no None.
-    Anything else (or no pyarrow) returns None, and the plain path decides."""
-    try:
-        import pyarrow as pa
-    except ImportError:
-        return None
-    try:
-        array = pa.array(items, type=pa.large_string())
-    except (pa.ArrowException, UnicodeError, TypeError, ValueError, OverflowError):
-        return None
-    return _arrow_buffers(array) if array.null_count == 0 else None
-
-
-def _prepare(texts: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 UTF-8 data, int64 offsets (n + 1)) of the documents, as given (no normalisation:
-    the core applies it, and the UTF-8 errors policy)."""
+def _prepare(texts: Any) -> tuple[Any, np.ndarray | None]:
+    """The documents as the core reads them, unnormalised (the core applies normalisation and the
+    UTF-8 errors policy): a pyarrow string array as its (uint8 UTF-8 data, int64 offsets) buffers,
+    anything else as (list of str / bytes, None), whose documents the core reads in place --
+    a str's code units as Python stores them, with no encoding or copy. The core checks each
+    item (None or another type is a ValueError naming its index)."""
     if (type(texts).__module__ or "").startswith("pyarrow"):
         buffers = _arrow_buffers(texts)
         if buffers is not None:
             return buffers
-    items = _as_list(texts)
-    if len(items) >= 64:  # below that the conversion's fixed cost outweighs the gain
-        buffers = _arrow_from_list(items)
-        if buffers is not None:
-            return buffers
-    # Lone surrogates pass through as their 3-byte encodings, which the C++ decoder rejects as
-    # invalid UTF-8: one policy (errors=) for bytes and str alike.
-    try:
-        encoded = [t.encode("utf-8", "surrogatepass") for t in items]
-    except AttributeError:
-        encoded = [_as_bytes(i, t) for i, t in enumerate(items)]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    if encoded:
-        np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
-    data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    return data, offsets
+    return _as_list(texts), None
+
+
+def _count(data: Any, offsets: np.ndarray | None) -> int:
+    return len(data) if offsets is None else len(offsets) - 1
 
 
 def _groups(langs: Any, n: int, scope: str) -> tuple[np.ndarray | None, list, np.ndarray]:
@@ -335,9 +304,9 @@ def exact_duplicates(texts: Sequence[str] | Any, *, langs: Sequence[str] | None 
     """
     strip_accents, errors_code, num_threads = _text_options(strip_accents, errors, num_threads)
     data, offsets = _prepare(texts)
-    n = len(offsets) - 1
+    n = _count(data, offsets)
     groups, names, index = _groups(langs, n, scope)
-    scores = _scores(keep, n, np.diff(offsets) if keep == "longest" else None)
+    scores = _scores(keep, n, core._dedup_utf8_sizes(data, offsets) if keep == "longest" else None)
     hashes = core._dedup_exact_hashes(data, offsets, strip_accents, errors_code, num_threads)
     return _cluster_exact(hashes, groups, scores, names, index, scope, num_threads)
 
@@ -345,8 +314,7 @@ def exact_duplicates(texts: Sequence[str] | Any, *, langs: Sequence[str] | None 
 def _cluster_exact(hashes, groups, scores, names, index, scope, num_threads) -> DedupResult:
     # No LSH: a single all-max signature column marks every document as "no shingles".
     empty = np.full((hashes.shape[0], 1), np.iinfo(np.uint32).max, dtype=np.uint32)
-    raw = core._dedup_cluster(empty, hashes, groups, scores, 1.0, 1, 1, False, None, None, 1, 0, 0,
-                              False, 0, num_threads)
+    raw = core._dedup_cluster(empty, hashes, groups, scores, 1.0, 1, 1, False, num_threads)
     return _result(raw, names, index, {"scope": scope})
 
 
@@ -444,9 +412,9 @@ def near_duplicates(texts: Sequence[str] | Any, *, threshold: float = 0.8, num_p
     ngram, mode, seed = _shingle_options(ngram, shingle, seed)
     strip_accents, errors_code, num_threads = _text_options(strip_accents, errors, num_threads)
     data, offsets = _prepare(texts)
-    n = len(offsets) - 1
+    n = _count(data, offsets)
     groups, names, index = _groups(langs, n, scope)
-    scores = _scores(keep, n, np.diff(offsets) if keep == "longest" else None)
+    scores = _scores(keep, n, core._dedup_utf8_sizes(data, offsets) if keep == "longest" else None)
     raw = core._dedup_near(data, offsets, num_perm, ngram, mode, seed, strip_accents, errors_code, groups, scores,
                            threshold, band_count, rows, verify, _SHINGLE_SET_BUDGET, num_threads)
     info = {"bands": band_count, "rows": rows, "threshold": threshold, "num_perm": num_perm,
@@ -486,8 +454,8 @@ def cluster_signatures(signatures: np.ndarray, *, threshold: float = 0.8, bands:
             raise ValueError(f"lengths must have shape ({n},), got {lengths.shape}")
     groups, names, index = _groups(langs, n, scope)
     scores = _scores(keep, n, lengths)
-    raw = core._dedup_cluster(sig, hashes, groups, scores, threshold, band_count, rows, verify, None, None,
-                              1, 0, 0, False, 0, _check_threads(num_threads))
+    raw = core._dedup_cluster(sig, hashes, groups, scores, threshold, band_count, rows, verify,
+                              _check_threads(num_threads))
     info = {"bands": band_count, "rows": rows, "threshold": threshold, "num_perm": num_perm, "scope": scope}
     return _result(raw, names, index, info)
 
