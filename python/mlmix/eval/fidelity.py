@@ -13,7 +13,6 @@ An empty (or whitespace-only) response is a failure: it stays in the denominator
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Mapping, Optional, Sequence, Union
 
@@ -21,33 +20,9 @@ from .stats import DEFAULT_ALPHA, check_ci_args, wilson_ci
 
 __all__ = ["language_fidelity"]
 
-# the same model and text limit as the pipeline's language identification
-from ..langid import _MAX_CHARS  # noqa: E402
+# the pipeline's language identification (same model, settings and text limit), so both read a text alike
+from ..langid import LanguageIdentifier  # noqa: E402
 from ..langid import _full_model as _py3langid_model  # noqa: E402
-
-
-class _Py3LangId:
-    """py3langid with normalised probabilities, optionally restricted to ``languages``: the same model and
-    settings as :class:`mlmix.langid.LanguageIdentifier`, used where that module is not installed."""
-
-    def __init__(self, languages: Optional[Sequence[str]] = None) -> None:
-        self._model = copy.copy(_py3langid_model())  # set_languages makes new arrays; the copy shares the rest
-        if languages:
-            self._model.set_languages(list(languages))
-
-    def classify(self, text: str) -> tuple[str, float]:
-        if not text.strip():
-            return "", 0.0
-        lang, prob = self._model.classify(text[:_MAX_CHARS])
-        return str(lang), float(prob)
-
-
-def _identifier(languages: Optional[Sequence[str]]):
-    try:  # the pipeline's language identification, so that both read a text the same way
-        from ..langid import LanguageIdentifier
-    except ImportError:
-        LanguageIdentifier = _Py3LangId
-    return LanguageIdentifier(languages)
 
 
 def language_fidelity(
@@ -99,7 +74,7 @@ def language_fidelity(
         unknown = [c for c in chosen if c not in known]
         if unknown:
             raise ValueError(f"candidates: py3langid does not know {unknown}; known codes include {sorted(known)[:12]}")
-    lid = _identifier(chosen)
+    lid = LanguageIdentifier(chosen)
 
     items, by_lang = [], {}
     for lang in order:
