@@ -104,8 +104,6 @@ case("store", "seg_lens.bin deleted")(lambda: _mutate_store("seg_lens.bin", lamb
 case("store", "manifest: seq_len 16 -> 17 (valid JSON)")(
     lambda: _mutate_store("manifest.json", lambda d: bytearray(bytes(d).replace(b'"seq_len": 16', b'"seq_len": 17'))))
 case("store", "manifest: truncated")(lambda: _mutate_store("manifest.json", lambda d: d[: len(d) // 2]))
-case("store", "manifest: version 2")(lambda: _mutate_store(
-    "manifest.json", lambda d: bytearray(bytes(d).replace(b'"version": 1', b'"version": 2'))))
 
 
 def _crafted(edit):
@@ -123,6 +121,8 @@ def _crafted(edit):
     return mlmix.open(p)
 
 
+case("store", "manifest: a future format version (99), checksum re-summed")(
+    lambda: _crafted(lambda m: m.update(version=99)))
 case("store", "crafted manifest: array file '../../etc/passwd'")(
     lambda: _crafted(lambda m: m["arrays"]["tokens"].update(file="../../etc/passwd")))
 case("store", "crafted manifest: tokens dtype 'f8'")(
