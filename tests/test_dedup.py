@@ -734,6 +734,16 @@ def test_str_read_in_place_equals_utf8_buffer(strip_accents):
         ref_normalize(t, strip_accents) for t in VIEW_DOCS[:11]]
 
 
+def test_str_subclasses_arrays_tuples_and_iterators_read_alike():
+    class Text(str):
+        pass
+
+    texts = ["h\u00e9llo w\u00f6rld \u4e2d\u6587 text", "plain", "\U0001F600 emoji", ""]
+    expected = dedup.exact_hashes(texts)
+    for form in ([Text(t) for t in texts], np.array(texts), tuple(texts), iter(texts), (t for t in texts)):
+        np.testing.assert_array_equal(dedup.exact_hashes(form), expected)
+
+
 def test_str_read_in_place_errors():
     base = [f"doc {k} text" for k in range(70)]
     with pytest.raises(ValueError, match=r"texts\[2\] is not valid UTF-8: a lone surrogate \(0xd800\) at index 4"):
