@@ -763,6 +763,26 @@ def test_str_read_in_place_errors():
     assert r.cluster.tolist() == [1, 1]
 
 
+def test_one_snapshot_of_the_documents_per_call():
+    # Sizes (keep="longest"), hashes and clusters come from one reading of the input, even when the
+    # sequence gives other items on a later pass (as a list changed by another thread would).
+    first = ["a b c d e f", "a b c d e f", "x"]
+
+    class Shifting(list):
+        passes = 0
+
+        def __iter__(self):
+            Shifting.passes += 1
+            return iter(first if Shifting.passes == 1 else ["q", "a b c d e f" * 50, "a b c d e f"])
+
+    for fn in (dedup.exact_duplicates, dedup.near_duplicates):
+        Shifting.passes = 0
+        got = fn(Shifting(first), keep="longest")
+        want = fn(list(first), keep="longest")
+        np.testing.assert_array_equal(got.cluster, want.cluster)
+        np.testing.assert_array_equal(got.keep, want.keep)
+
+
 def test_documents_outlive_a_mutated_list():
     # The call holds every document while the GIL is released: a list changed by another thread
     # meanwhile cannot free them under the core.

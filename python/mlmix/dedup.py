@@ -206,14 +206,16 @@ def _arrow_buffers(texts: Any) -> tuple[np.ndarray, np.ndarray] | None:
 def _prepare(texts: Any) -> tuple[Any, np.ndarray | None]:
     """The documents as the core reads them, unnormalised (the core applies normalisation and the
     UTF-8 errors policy): a pyarrow string array as its (uint8 UTF-8 data, int64 offsets) buffers,
-    anything else as (list of str / bytes, None), whose documents the core reads in place --
-    a str's code units as Python stores them, with no encoding or copy. The core checks each
-    item (None or another type is a ValueError naming its index)."""
+    anything else as (tuple of str / bytes, None), whose documents the core reads in place --
+    a str's code units as Python stores them, with no encoding or copy. The tuple is the one
+    snapshot every core call of a function reads (sizes, hashes, clusters), whatever another
+    thread does to the caller's list meanwhile. The core checks each item (None or another type
+    is a ValueError naming its index)."""
     if (type(texts).__module__ or "").startswith("pyarrow"):
         buffers = _arrow_buffers(texts)
         if buffers is not None:
             return buffers
-    return _as_list(texts), None
+    return tuple(_as_list(texts)), None
 
 
 def _count(data: Any, offsets: np.ndarray | None) -> int:
