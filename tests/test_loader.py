@@ -202,6 +202,32 @@ def test_bad_arguments(data):
         DataLoader([1, 2, 3])
 
 
+def test_vocab_size_catches_a_store_tokenized_for_another_model(data, tmp_path):
+    path, toks, mask, langs = data
+    # ids below the model's vocabulary: the check changes nothing
+    plain = _collect(DataLoader(PackedDataset(path, batch_size=5, seed=1)))
+    checked = _collect(DataLoader(PackedDataset(path, batch_size=5, seed=1, vocab_size=VOCAB)))
+    assert len(plain) == len(checked)
+    for a, b in zip(plain, checked):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    # a model with a smaller vocabulary: the first batch holding a larger id names its row and the id
+    store = mlmix.Store(path)
+    with pytest.raises(ValueError, match=r"vocab_size=40: row (\d+) holds token id (\d+), outside \[0, 40\); the data "
+                                         "was tokenized with a different tokenizer") as exc:
+        _collect(DataLoader(PackedDataset(path, batch_size=5, seed=1, vocab_size=40)))
+    import re
+
+    row, tid = (int(x) for x in re.search(r"row (\d+) holds token id (\d+)", str(exc.value)).groups())
+    assert tid >= 40 and tid in store[row]["input_ids"].tolist()
+    # the streaming dataset checks the same way; a padding id outside the vocabulary is refused up front
+    with pytest.raises(ValueError, match=r"vocab_size=40: row \d+ holds token id"):
+        _collect(DataLoader(PackedIterableDataset([(toks, mask)], seq_len=SEQ_LEN, batch_size=5, vocab_size=40)))
+    with pytest.raises(ValueError, match=r"vocab_size=8: the padding id 9 is outside \[0, 8\)"):
+        PackedIterableDataset([toks], seq_len=SEQ_LEN, batch_size=5, pad_id=9, vocab_size=8)
+    with pytest.raises(ValueError, match="vocab_size must be a positive int, got 0"):
+        PackedDataset(path, batch_size=2, vocab_size=0)
+
+
 # --- resume -----------------------------------------------------------------------------------------------
 def test_resume_with_other_num_workers_is_exact(data):
     path, *_ = data

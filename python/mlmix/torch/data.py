@@ -69,6 +69,12 @@ def _check_positive_int(value, name: str) -> int:
     return int(value)
 
 
+def _check_pad_in_vocab(pad_id: int, vocab_size: int | None) -> None:
+    if vocab_size is not None and pad_id >= vocab_size:
+        raise ValueError(f"vocab_size={vocab_size}: the padding id {pad_id} is outside [0, {vocab_size}) "
+                         "(the data was tokenized with a different tokenizer than the model's?)")
+
+
 def _resolve_rank(rank, world_size) -> tuple[int, int]:
     """(rank, world_size) from the arguments, else torch.distributed, else env RANK / WORLD_SIZE, else (0, 1)."""
     if (rank is None) != (world_size is None):
@@ -234,8 +240,9 @@ class _BatchBuilder:
     """Turns rows of a :class:`_Rows` into a batch dict of torch tensors."""
 
     def __init__(self, *, seq_len: int, pad_id: int, layout: str, languages: str | None, attention_mask: bool,
-                 num_languages: int) -> None:
+                 num_languages: int, vocab_size: int | None = None) -> None:
         self.seq_len, self.pad_id, self.layout = seq_len, pad_id, layout
+        self.vocab_size = vocab_size
         self.languages, self.attention_mask = languages, attention_mask
         self.lang_dtype = torch.int16 if num_languages < 2**15 else torch.int32
         self._arange = np.zeros(0, dtype=np.int64)
@@ -244,6 +251,19 @@ class _BatchBuilder:
         if self._arange.shape[0] < n:
             self._arange = np.arange(max(n, 2 * self._arange.shape[0]), dtype=np.int64)
         return self._arange[:n]
+
+    def _check_vocab(self, values: np.ndarray, rows: np.ndarray, row_lengths: np.ndarray) -> None:
+        """Token ids outside [0, vocab_size) mean the store was tokenized for another model: raise at the
+        batch, before an embedding lookup turns them into an index error or a device-side assert."""
+        lo, hi = int(values.min()), int(values.max())
+        if lo >= 0 and hi < self.vocab_size:
+            return
+        k = int(np.flatnonzero((values < 0) | (values >= self.vocab_size))[0])
+        row = int(rows[int(np.searchsorted(np.cumsum(row_lengths), k, side="right"))])
+        bad = int(values[k])
+        raise ValueError(
+            f"vocab_size={self.vocab_size}: row {row} holds token id {bad}, outside [0, {self.vocab_size}); "
+            "the data was tokenized with a different tokenizer than the model's (or vocab_size is wrong)")
 
     def slot_bytes(self, batch_size: int) -> int:
         """Bytes of ring slot one batch of ``batch_size`` rows may need."""
@@ -295,6 +315,8 @@ class _BatchBuilder:
         else:
             values = np.concatenate([tok[a : a + k] for a, k in zip(t0.tolist(), n.tolist())])
             mvals = None if mask is None else np.concatenate([mask[a : a + k] for a, k in zip(t0.tolist(), n.tolist())])
+        if self.vocab_size is not None and values.size:
+            self._check_vocab(values, rows, n)
         row_start = np.zeros(b + 1, dtype=np.int64)
         np.cumsum(n, out=row_start[1:])
         seg_row = np.repeat(np.arange(b, dtype=np.int64), n_seg)
@@ -375,8 +397,9 @@ class _BatchStream(IterableDataset):
     _kind = ""
 
     def _init_common(self, *, batch_size, seed, shuffle, rank, world_size, layout, drop_last, languages,
-                     attention_mask) -> None:
+                     attention_mask, vocab_size=None) -> None:
         self.batch_size = _check_positive_int(batch_size, "batch_size")
+        self.vocab_size = None if vocab_size is None else _check_positive_int(vocab_size, "vocab_size")
         self.seed = _check_seed(seed)
         if self.seed is None:
             raise TypeError("seed must be an int (it fixes the order of every epoch), got None")
@@ -504,6 +527,9 @@ class PackedDataset(_BatchStream):
         attention_mask: add a (batch_size, seq_len) int64 padding mask (padded layout only). Leave it off
             for packed rows: with a 2-D mask transformers no longer separates examples by position_ids.
         verify: check the store's CRC-32 checksums on open (worker processes re-open without).
+        vocab_size: the model's vocabulary size. Given, every batch's token ids are checked against it (a
+            ValueError names the row and the id), so that a store tokenized for another model fails at its
+            first batch with a clear message rather than inside the embedding; None checks nothing.
 
     Each batch is a dict of torch tensors: ``input_ids``, ``labels`` (-100 = ignored: masked tokens,
     padding and the first token of every example), ``position_ids`` (restarting at 0 per example, 0 on
@@ -516,14 +542,17 @@ class PackedDataset(_BatchStream):
 
     def __init__(self, path, *, batch_size: int, seed: int = 0, shuffle: bool = True, rank: int | None = None,
                  world_size: int | None = None, layout: str = "padded", drop_last: bool = False,
-                 languages: str | None = "token", attention_mask: bool = False, verify: bool = True) -> None:
+                 languages: str | None = "token", attention_mask: bool = False, verify: bool = True,
+                 vocab_size: int | None = None) -> None:
         self._init_common(batch_size=batch_size, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
-                          layout=layout, drop_last=drop_last, languages=languages, attention_mask=attention_mask)
+                          layout=layout, drop_last=drop_last, languages=languages, attention_mask=attention_mask,
+                          vocab_size=vocab_size)
         store = path if isinstance(path, Store) else Store(path, verify=verify)
         self.path = store.path
         self._store: Store | None = store
         m = store.manifest
         self.seq_len, self.pad_id, self.languages = store.seq_len, store.pad_id, list(store.languages)
+        _check_pad_in_vocab(self.pad_id, self.vocab_size)
         self.num_samples = len(store)
         self.num_tokens = store.num_tokens
         self._store_hash = hashlib.sha256(json.dumps(
@@ -533,7 +562,8 @@ class PackedDataset(_BatchStream):
         _check_flat_size(layout, self.batch_size, self.seq_len)
         self._builder = _BatchBuilder(seq_len=self.seq_len, pad_id=self.pad_id, layout=layout,
                                       languages=languages if self.languages else None,
-                                      attention_mask=attention_mask, num_languages=len(self.languages))
+                                      attention_mask=attention_mask, num_languages=len(self.languages),
+                                      vocab_size=self.vocab_size)
         self._rows_cache: _Rows | None = None
         self._order_cache: tuple[int, np.ndarray] | None = None
 
@@ -667,9 +697,10 @@ class PackedIterableDataset(_BatchStream):
                  shuffle: bool = True, window: int = 65_536, strategy: str = "bfd", overlong: str = "error",
                  rank: int | None = None, world_size: int | None = None, layout: str = "padded",
                  drop_last: bool = False, languages: str | None = "token", attention_mask: bool = False,
-                 pad_id: int = 0) -> None:
+                 pad_id: int = 0, vocab_size: int | None = None) -> None:
         self._init_common(batch_size=batch_size, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
-                          layout=layout, drop_last=drop_last, languages=languages, attention_mask=attention_mask)
+                          layout=layout, drop_last=drop_last, languages=languages, attention_mask=attention_mask,
+                          vocab_size=vocab_size)
         if not callable(source):
             if not isinstance(source, Iterable) or iter(source) is source:
                 raise TypeError(
@@ -684,6 +715,7 @@ class PackedIterableDataset(_BatchStream):
         if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)) or pad_id < 0:
             raise ValueError(f"pad_id must be a non-negative int, got {pad_id!r}")
         self.pad_id = int(pad_id)
+        _check_pad_in_vocab(self.pad_id, self.vocab_size)
         self._languages_mode = languages
         self.languages: list[str] = []  # filled in order of appearance while iterating (in this process)
 
@@ -707,7 +739,7 @@ class PackedIterableDataset(_BatchStream):
         has_langs: list[bool] = []
         builder = _BatchBuilder(seq_len=self.seq_len, pad_id=self.pad_id, layout=self.layout,
                                 languages=self._languages_mode, attention_mask=self.attention_mask,
-                                num_languages=2**15 - 1)
+                                num_languages=2**15 - 1, vocab_size=self.vocab_size)
         ring = self._ring(builder, in_worker)
         pending: list[_Rows] = []  # my workers' rows not yet built, in global order
         pending_first = start + wid * g  # global index of this worker's next step's first row
