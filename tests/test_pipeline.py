@@ -193,6 +193,23 @@ def test_readers_bad_records_name_file_and_line(tmp_path, line, message):
         list(readers.iter_source(_src(tmp_path / "data.jsonl")))
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+def test_readers_invalid_utf8_names_file_and_line(tmp_path, suffix):
+    import gzip
+
+    import zstandard
+
+    good = '{"prompt": "caf\u00e9", "response": "r"}\r\n'.encode()
+    data = good + b"\n" + b'{"prompt": "ab\xff", "response": "r"}\n'
+    pack = {".jsonl": bytes, ".jsonl.gz": gzip.compress, ".jsonl.zst": zstandard.ZstdCompressor().compress}[suffix]
+    (tmp_path / ("data" + suffix)).write_bytes(pack(data))
+    it = readers.iter_source(_src(tmp_path / ("data" + suffix)))
+    assert next(it)["messages"][0]["content"] == "caf\u00e9"  # CRLF line ends and blank lines are fine
+    with pytest.raises(ValueError, match=r"data\.jsonl(\.gz|\.zst)?:3: not valid UTF-8 at byte 14 of the line "
+                                         r"\(invalid start byte: b'\\xff"):
+        next(it)
+
+
 def test_readers_missing_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         readers.expand_paths(_src(tmp_path / "nope.jsonl"))

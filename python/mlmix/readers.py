@@ -106,20 +106,26 @@ def source_fingerprint(src: Mapping, mode: str = "stat") -> list:
     return out
 
 
-def _open_text(path: str) -> io.TextIOBase:
+def _open_binary(path: str) -> io.BufferedIOBase:
     p = path.lower()
     if p.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+        return gzip.open(path, "rb")
     if p.endswith(".zst"):
         zstd = require("zstandard", "reading .zst files")
         fh = open(path, "rb")
-        return io.TextIOWrapper(zstd.ZstdDecompressor().stream_reader(fh, closefd=True), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.BufferedReader(zstd.ZstdDecompressor().stream_reader(fh, closefd=True))
+    return open(path, "rb")
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[str, dict]]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
+    # Lines are read as bytes and decoded one by one, so that invalid UTF-8 is reported with its line.
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 at byte {exc.start} of the line "
+                                 f"({exc.reason}: {raw[exc.start:exc.start + 4]!r})") from None
             if not line.strip():
                 continue
             try:

@@ -7,6 +7,7 @@ A case whose outcome is a crash would kill this script: that is the point of run
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -16,7 +17,10 @@ import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "python"))
+# the source tree when a developer build put the extension there, else the installed mlmix
+_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "python")
+if glob.glob(os.path.join(_SRC, "mlmix", "_core*.so")):
+    sys.path.insert(0, _SRC)
 
 import mlmix  # noqa: E402
 from mlmix import Ragged  # noqa: E402
@@ -181,11 +185,62 @@ if TOK is not None:
     case("tokenize", "ids beyond the vocabulary to decode")(lambda: TOK.decode([10**9]))
 
 
+# --- the pipeline (`mlmix build`) on bad source files ------------------------------------------------
+GOOD_LINE = b'{"prompt": "What is the capital of France?", "response": "Paris."}'
+
+
+def _build(lines: list[bytes], **cfg):
+    """`mlmix build` on a JSONL file of these lines (Qwen tokenizer, no langid or dedup)."""
+    d = tempfile.mkdtemp(dir=TMP)
+    with open(os.path.join(d, "data.jsonl"), "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    config = {"output": os.path.join(d, "out"), "sources": [{"path": os.path.join(d, "data.jsonl")}],
+              "tokenizer": {"name": "qwen"}, "langid": {"backend": "none"}, "dedup": {"exact": False, "near": False},
+              "pack": {"seq_len": 256}, "report": False, **cfg}
+    s = mlmix.build(config, quiet=True)
+    pk = s["stages"]["pack"]
+    return {k: s[k] for k in ("examples", "tokens", "sequences")} | {k: pk[k] for k in ("truncated", "tokens_dropped")}
+
+
+case("pipeline", "JSONL line that is not JSON (line 2)")(lambda: _build([GOOD_LINE, b'{"prompt": "p"']))
+case("pipeline", "JSONL line that is an array")(lambda: _build([GOOD_LINE, b"[1, 2]"]))
+case("pipeline", "invalid UTF-8 in line 2")(lambda: _build([GOOD_LINE, b'{"prompt": "ab\xff", "response": "r"}']))
+case("pipeline", "field of the wrong type (response: 3)")(lambda: _build([b'{"prompt": "p", "response": 3}']))
+case("pipeline", "no prompt or text field")(lambda: _build([b'{"foo": "bar"}']))
+case("pipeline", "empty file")(lambda: _build([b""]))
+case("pipeline", "a 16 MB record, seq_len 256, default overlong policy")(
+    lambda: _build([GOOD_LINE, b'{"prompt": "p", "response": "' + b"word " * (16 << 18) + b'"}']))
+case("pipeline", "a 16 MB record, overlong='truncate'")(
+    lambda: _build([GOOD_LINE, b'{"prompt": "p", "response": "' + b"word " * (16 << 18) + b'"}'],
+                   pack={"seq_len": 256, "overlong": "truncate"}))
+case("pipeline", "mixture recipe 'temperature' with alpha NaN")(
+    lambda: _build([GOOD_LINE], mixture={"recipe": "temperature", "alpha": float("nan")}))
+
+# --- the loader on a store tokenized for another model ---------------------------------------------
+def _first_batch(pad_id=0, **kw):
+    from mlmix.torch import PackedDataset
+
+    p = os.path.join(TMP, f"qwen-store-{pad_id}")
+    if not os.path.exists(p):
+        ids = np.array([9707, 11, 1879, 151643], dtype=np.uint32)  # Qwen ids, up to its <|endoftext|>
+        mlmix.write_store(p, Ragged.from_lengths(ids, [4]), seq_len=8, pad_id=pad_id)
+    return next(iter(PackedDataset(p, batch_size=1, **kw)))["input_ids"].tolist()
+
+
+case("loader", "Qwen-tokenized store, model vocab_size=32000")(lambda: _first_batch(vocab_size=32000))
+case("loader", "Qwen-tokenized store, no vocab_size given")(lambda: _first_batch())
+case("loader", "store padded with id 151643, model vocab_size=32000")(
+    lambda: _first_batch(pad_id=151643, vocab_size=32000))
+
+
 def _outcome(fn) -> str:
     try:
         out = fn()
     except Exception as exc:  # the catalogue records whatever comes out
-        msg = re.sub(re.escape(TMP) + r"/[^'\s]*", "<store>", str(exc)).replace("\n", " ").replace("|", "\\|")
+        # a temporary store directory reads <store>; a file keeps its name (source files name their line)
+        msg = re.sub(re.escape(TMP) + r"/[^'\s:)]*",
+                     lambda m: ".../" + os.path.basename(m[0]) if re.search(r"\.(jsonl?|bin)$", m[0]) else "<store>",
+                     str(exc)).replace("\n", " ").replace("|", "\\|")
         if len(msg) > 200:
             msg = msg[:200] + "..."
         return f"`{type(exc).__name__}`: {msg}"
