@@ -372,9 +372,9 @@ class NfkcStream {
   std::vector<Ready> ready_;
 };
 
-// Calls emit(cp, no_space_script) for each code point of the normalised text: NFKC (NFKD when
-// stripping marks), full case folding, then separators collapsed, format characters (and marks
-// when asked) dropped.
+// Calls emit(cp, no_space_script) for each code point of the normalised text: format characters
+// dropped, NFKC (NFKD when stripping marks), full case folding, then separators collapsed (and
+// marks dropped when asked).
 //
 // Unit is the document's code unit: uint8_t with kUtf8 (UTF-8 bytes, decoded with the errors
 // policy), or uint8_t (Latin-1), uint16_t (UCS-2), uint32_t (UCS-4) code points as a Python str
@@ -430,6 +430,10 @@ void normalize_units(const Unit* p, int64_t n, const NormalizeOptions& opts, int
   auto step = [&](uint32_t cp) __attribute__((always_inline)) {
     const uint8_t cls = char_class(cp);
     if (!(cls & slow)) [[likely]] {
+      // Format characters (Cf: no decomposition, class 0, never produced by NFKC or case folding) are
+      // dropped before NFKC: kept as starters, they would block composition and canonical reordering
+      // across them, and the text would change when normalised again.
+      if ((cls & kClassMask) == kFormat) [[unlikely]] return;
       if (in_stream) {
         nfkc.finish();
         drain();

@@ -47,6 +47,7 @@ def ref_collapse(text: str, strip_accents: bool = False) -> str:
 def ref_normalize(text: str | bytes, strip_accents: bool = False) -> str:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
+    text = "".join(c for c in text if unicodedata.category(c) != "Cf")  # format characters go first
     t = unicodedata.normalize("NFKD" if strip_accents else "NFKC", text)
     t = t.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
     return ref_collapse(t, strip_accents)
@@ -761,6 +762,19 @@ def test_str_read_in_place_errors():
     assert r.cluster.tolist() == [0, 0, 0]
     r = dedup.exact_duplicates(["\u00e9t\u00e9", "\u00c9T\u00c9\u200b"], keep="longest")
     assert r.cluster.tolist() == [1, 1]
+
+
+def test_format_characters_never_block_composition_or_reordering():
+    # Found by the libFuzzer dedup target: U+0604 (Cf) between an acute (class 230) and a fatha (30)
+    # kept them out of canonical order, and normalising the output again reordered them.
+    docs = ["\u0928\u092e\u093c\u094d\u0301\u0604\u064e x", "e\u200d\u0301", "e\u00ad\u0301\u200b",
+            "a\u0301\ufeff\u0316"]
+    for strip in (False, True):
+        once = dedup.normalize(docs, strip_accents=strip)
+        assert dedup.normalize(once, strip_accents=strip) == once
+        assert once == [ref_normalize(d, strip) for d in docs]
+    assert dedup.normalize(["e\u200d\u0301"]) == ["\u00e9"]  # the joiner no longer blocks composition
+    assert dedup.exact_duplicates(["caf\u00e9", "cafe\u200d\u0301"]).cluster.tolist() == [0, 0]
 
 
 def test_one_snapshot_of_the_documents_per_call():
