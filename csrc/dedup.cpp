@@ -231,9 +231,12 @@ inline uint32_t case_fold(uint32_t cp, uint32_t* out) {
 // Unicode normalisation form NFKC (or NFKD when compose is false), streaming (UAX #15): full
 // compatibility decomposition, canonical ordering of combining marks, canonical composition.
 // Code points are buffered from one starter to the next starter that cannot compose backwards.
+// With drop_marks (only with NFKD), marks (Mn, Me) are dropped as they come out of the
+// decomposition, before canonical ordering: a mark of class 0 dropped after ordering would leave
+// the marks on either side of it out of order.
 class NfkcStream {
  public:
-  explicit NfkcStream(bool compose) : compose_(compose) {}
+  NfkcStream(bool compose, bool drop_marks) : compose_(compose), drop_marks_(drop_marks) {}
 
   // Output code points (with their classes) that are final: ready() after each push or finish,
   // to be consumed and then clear_ready(). The caller drains them inline rather than handing this
@@ -316,6 +319,7 @@ class NfkcStream {
 
   template <class Out>
   void push_decomposed(uint32_t cp, uint8_t cls, Out&& out) {
+    if (drop_marks_ && (cls & kClassMask) == kMark) return;
     const uint32_t ccc = ccc_of(cp, cls);
     if (ccc == 0 && !(compose_ && (cls & kComposesSecond))) flush(out);
     buf_.push_back({cp, ccc, cls});
@@ -367,14 +371,20 @@ class NfkcStream {
     buf_.resize(write);
   }
 
-  bool compose_;
+  bool compose_, drop_marks_;
   std::vector<Item> buf_;
   std::vector<Ready> ready_;
 };
 
 // Calls emit(cp, no_space_script) for each code point of the normalised text: format characters
-// dropped, NFKC (NFKD when stripping marks), full case folding, then separators collapsed (and
-// marks dropped when asked).
+// dropped, NFKC, full case folding, NFKC again, then separators collapsed. When stripping marks,
+// NFKD stands for NFKC and marks are dropped before each canonical ordering.
+//
+// The second NFKC is what makes normalisation idempotent: case folding's output is not always NFKC
+// (U+00DF + U+0301 folds to "ss" + U+0301, which composes to "s" + U+015B). Text that case folding
+// leaves alone is already NFKC, so the second stream runs only from a code point that folding
+// changed up to the next code point that starts a new composition unit; no case folding's first
+// code point composes backwards or has a nonzero class, so what came before is unaffected.
 //
 // Unit is the document's code unit: uint8_t with kUtf8 (UTF-8 bytes, decoded with the errors
 // policy), or uint8_t (Latin-1), uint16_t (UCS-2), uint32_t (UCS-4) code points as a Python str
@@ -402,16 +412,65 @@ void normalize_units(const Unit* p, int64_t n, const NormalizeOptions& opts, int
     started = true;
     emit(cp, (cls & kNoSpace) != 0);
   };
+  const uint8_t slow = kHasDecomp | kNonzeroCcc | (opts.strip_marks ? 0 : kComposesSecond);
+  // The second NFKC. It sees case folding's output from a code point that folding changed up to the
+  // next simple code point it leaves alone, with the same held/stream split as the first (below).
+  NfkcStream refold(!opts.strip_marks, opts.strip_marks);
+  bool refolding = false, re_held = false, re_stream = false;
+  uint32_t re_cp = 0;
+  uint8_t re_cls = 0;
+  auto drain_refold = [&]() __attribute__((always_inline)) {
+    for (const NfkcStream::Ready& r : refold.ready()) take(r.cp, r.cls);
+    refold.clear_ready();
+  };
+  auto refold_step = [&](uint32_t cp, uint8_t cls) {
+    if (!(cls & slow)) {
+      if (opts.strip_marks && (cls & kClassMask) == kMark) return;
+      if (re_stream) {
+        refold.finish();
+        drain_refold();
+        re_stream = false;
+      } else if (re_held) {
+        take(re_cp, re_cls);
+      }
+      re_cp = cp;
+      re_cls = cls;
+      re_held = true;
+    } else {
+      if (re_held) {
+        refold.hold(re_cp, re_cls);
+        re_held = false;
+      }
+      refold.push(cp);
+      drain_refold();
+      re_stream = true;
+    }
+  };
+  auto refold_finish = [&]() {
+    if (re_stream) {
+      refold.finish();
+      drain_refold();
+    } else if (re_held) {
+      take(re_cp, re_cls);
+    }
+    refolding = re_held = re_stream = false;
+  };
   auto fold = [&](uint32_t cp, uint8_t cls) __attribute__((always_inline)) {
-    if (cls & kHasFold) {
+    if (cls & kHasFold) [[unlikely]] {
       uint32_t folded[3];
       const uint32_t count = case_fold(cp, folded);
-      for (uint32_t k = 0; k < count; ++k) take(folded[k], char_class(folded[k]));
+      for (uint32_t k = 0; k < count; ++k) refold_step(folded[k], char_class(folded[k]));
+      refolding = true;
+    } else if (!refolding) [[likely]] {
+      take(cp, cls);
+    } else if (cls & slow) {
+      refold_step(cp, cls);
     } else {
+      refold_finish();
       take(cp, cls);
     }
   };
-  NfkcStream nfkc(!opts.strip_marks);
+  NfkcStream nfkc(!opts.strip_marks, opts.strip_marks);
   // Inlined at each call: an out-of-line call taking these lambdas by reference would force the
   // loop's state (and the caller's) into memory.
   auto drain = [&]() __attribute__((always_inline)) {
@@ -423,7 +482,6 @@ void normalize_units(const Unit* p, int64_t n, const NormalizeOptions& opts, int
   // then buffers the code point alone; here that lone code point is held in `held` instead, and
   // handed to the stream (as its buffer) only when a code point that needs the stream comes.
   // The output is the same as pushing every code point through the stream.
-  const uint8_t slow = kHasDecomp | kNonzeroCcc | (opts.strip_marks ? 0 : kComposesSecond);
   bool has_held = false, in_stream = false;
   uint32_t held_cp = 0;
   uint8_t held_cls = 0;
@@ -432,8 +490,9 @@ void normalize_units(const Unit* p, int64_t n, const NormalizeOptions& opts, int
     if (!(cls & slow)) [[likely]] {
       // Format characters (Cf: no decomposition, class 0, never produced by NFKC or case folding) are
       // dropped before NFKC: kept as starters, they would block composition and canonical reordering
-      // across them, and the text would change when normalised again.
-      if ((cls & kClassMask) == kFormat) [[unlikely]] return;
+      // across them, and the text would change when normalised again. Marks of class 0 with no
+      // decomposition are dropped here too when stripping marks, for the same reason.
+      if ((cls & kClassMask) == kFormat || (opts.strip_marks && (cls & kClassMask) == kMark)) [[unlikely]] return;
       if (in_stream) {
         nfkc.finish();
         drain();
@@ -492,6 +551,7 @@ void normalize_units(const Unit* p, int64_t n, const NormalizeOptions& opts, int
   if (has_held) fold(held_cp, held_cls);
   nfkc.finish();
   drain();
+  refold_finish();
 }
 
 template <class Emit>

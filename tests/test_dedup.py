@@ -27,10 +27,10 @@ _spec.loader.exec_module(gen_tables)
 
 
 def ref_collapse(text: str, strip_accents: bool = False) -> str:
-    """Case folding, then class-based collapsing, of already NFKC text, straight from unicodedata."""
+    """Class-based collapsing of already normalised and case-folded text, straight from unicodedata."""
     out: list[str] = []
     pending = False
-    for ch in text.casefold():
+    for ch in text:
         cat = unicodedata.category(ch)
         if cat[0] in "ZP" or cat in ("Cc", "Sm", "Sc", "Sk"):
             pending = bool(out)
@@ -44,13 +44,30 @@ def ref_collapse(text: str, strip_accents: bool = False) -> str:
     return "".join(out)
 
 
+def ref_nfk(text: str, strip_accents: bool) -> str:
+    """NFKC; or, stripping accents, NFKD with marks dropped before canonical ordering."""
+    if not strip_accents:
+        return unicodedata.normalize("NFKC", text)
+    kept = [c for c in unicodedata.normalize("NFKD", text) if unicodedata.category(c) not in ("Mn", "Me")]
+    out: list[str] = []
+    run: list[str] = []  # a stable sort of each run of nonzero combining classes
+    for c in kept + [""]:
+        if c and unicodedata.combining(c):
+            run.append(c)
+            continue
+        out += sorted(run, key=unicodedata.combining) + [c]
+        run = []
+    return "".join(out)
+
+
 def ref_normalize(text: str | bytes, strip_accents: bool = False) -> str:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     text = "".join(c for c in text if unicodedata.category(c) != "Cf")  # format characters go first
-    t = unicodedata.normalize("NFKD" if strip_accents else "NFKC", text)
+    t = ref_nfk(text, strip_accents)
     t = t.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-    return ref_collapse(t, strip_accents)
+    # Normalised again after case folding, whose output is not always normalised (ß + U+0301).
+    return ref_collapse(ref_nfk(t.casefold(), strip_accents), strip_accents)
 
 
 def no_space_script(ch: str) -> bool:
@@ -775,6 +792,28 @@ def test_format_characters_never_block_composition_or_reordering():
         assert once == [ref_normalize(d, strip) for d in docs]
     assert dedup.normalize(["e\u200d\u0301"]) == ["\u00e9"]  # the joiner no longer blocks composition
     assert dedup.exact_duplicates(["caf\u00e9", "cafe\u200d\u0301"]).cluster.tolist() == [0, 0]
+
+
+def test_normalised_again_after_case_folding():
+    # Found by the libFuzzer dedup target: U+00DF + U+0301 folds to "ss" + U+0301, which is not NFKC;
+    # normalising the output again composed it to "s" + U+015B.
+    docs = ["\u00df\u0301", "stra\u1e9e\u0301e", "\u0130\u0301", "\u1f88\u0345\u0301", "\u03a3\u0342x"]
+    for strip in (False, True):
+        once = dedup.normalize(docs, strip_accents=strip)
+        assert dedup.normalize(once, strip_accents=strip) == once
+        assert once == [ref_normalize(d, strip) for d in docs]
+    assert dedup.normalize(["\u00df\u0301"]) == ["s\u015b"]
+    assert dedup.exact_duplicates(["\u00df\u0301", "ss\u0301", "s\u015b"]).cluster.tolist() == [0, 0, 0]
+
+
+def test_stripping_marks_keeps_the_rest_in_canonical_order():
+    # A mark of class 0 (U+0900) between two spacing marks of classes 226 and 216: dropped before
+    # canonical ordering, so that the output does not change when normalised again.
+    docs = ["a\U0001d16d\u0900\U0001d165", "a\U0001d16d\U0001d165"]
+    once = dedup.normalize(docs, strip_accents=True)
+    assert once == ["a\U0001d165\U0001d16d"] * 2
+    assert dedup.normalize(once, strip_accents=True) == once
+    assert once == [ref_normalize(d, True) for d in docs]
 
 
 def test_one_snapshot_of_the_documents_per_call():

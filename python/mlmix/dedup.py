@@ -7,12 +7,15 @@ without nulls through its buffers):
 1. **Normalisation**, in C++ from tables generated from Python's ``unicodedata`` (version
    :data:`UNICODE_VERSION`): format characters (Cf: soft hyphen, zero-width joiners, BOM) are
    dropped first, so that an invisible character never blocks composition or reordering; then
-   NFKC (NFKD with ``strip_accents``), full case folding (exactly ``str.casefold``), then every
+   NFKC, full case folding (exactly ``str.casefold``), NFKC again (folding's output is not always
+   NFKC: ``ß`` + U+0301 folds to ``ss`` + U+0301), then every
    run of separators -- whitespace (Z*), controls (Cc), punctuation (P*) and the symbols Sm, Sc,
-   Sk -- becomes one space with none at either end and, with ``strip_accents``, nonspacing and
-   enclosing marks (Mn, Me) are dropped. Letters, digits, spacing marks (Mc: Devanagari vowel
-   signs stay) and other symbols (So: emoji) are kept. It equals ``casefold(NFKC(text without
-   Cf))`` followed by that collapsing, computed with ``unicodedata``.
+   Sk -- becomes one space with none at either end. With ``strip_accents``, NFKD stands for NFKC
+   and nonspacing and enclosing marks (Mn, Me) are dropped before each canonical ordering.
+   Letters, digits, spacing marks (Mc: Devanagari vowel
+   signs stay) and other symbols (So: emoji) are kept. It equals ``NFKC(casefold(NFKC(text
+   without Cf)))`` followed by that collapsing, computed with ``unicodedata``, and normalising
+   its output again changes nothing.
    :func:`normalize` returns this text.
 2. **Exact duplicates**: a 128-bit hash of the normalised text (:func:`exact_hashes`); hashes of
    different shards can be concatenated and clustered together.

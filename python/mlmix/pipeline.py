@@ -55,7 +55,7 @@ __all__ = ["build", "BuildLog", "STAGES", "BUILD_FORMAT"]
 STAGES = ("read", "langid", "tokenize", "dedup", "mix", "pack")
 BUILD_FORMAT = 1
 # bump when a stage's output format or semantics change, so old cache entries are not reused
-_STAGE_VERSION = {"read": 1, "langid": 1, "tokenize": 1, "dedup": 2, "mix": 1, "pack": 1}
+_STAGE_VERSION = {"read": 1, "langid": 1, "tokenize": 1, "dedup": 3, "mix": 1, "pack": 1}
 _TOKENIZE_CHUNK = 4096  # records encoded at a time ...
 _CHUNK_BYTES = 16 << 20  # ... or fewer, once they hold this much JSON (bounds memory for long records)
 
