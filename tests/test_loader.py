@@ -228,6 +228,25 @@ def test_vocab_size_catches_a_store_tokenized_for_another_model(data, tmp_path):
         PackedDataset(path, batch_size=2, vocab_size=0)
 
 
+def test_tokenizer_catches_a_store_tokenized_for_another_model_of_the_same_size(data, tmp_path):
+    """Two vocabularies of one size: vocab_size cannot tell them apart, the recorded fingerprint can."""
+    from tokenizers import Tokenizer, models
+
+    _, toks, mask, langs = data
+    words = [f"w{i}" for i in range(VOCAB)]
+    ours = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    other = Tokenizer(models.WordLevel({w: i for i, w in enumerate(reversed(words))}, unk_token="w0"))
+    path = str(tmp_path / "store")
+    mlmix.write_store(path, toks, seq_len=SEQ_LEN, loss_mask=mask, langs=langs, tokenizer=ours)
+    plain = _collect(DataLoader(PackedDataset(path, batch_size=5, seed=1, vocab_size=VOCAB)))
+    checked = _collect(DataLoader(PackedDataset(path, batch_size=5, seed=1, vocab_size=VOCAB, tokenizer=ours)))
+    assert len(plain) == len(checked) and all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(plain, checked))
+    with pytest.raises(ValueError, match="stand for other tokens than those of the tokenizer that wrote the store"):
+        PackedDataset(path, batch_size=5, vocab_size=VOCAB, tokenizer=other)
+    with pytest.raises(ValueError, match="does not record which tokenizer wrote it"):
+        PackedDataset(data[0], batch_size=5, tokenizer=ours)
+
+
 # --- resume -----------------------------------------------------------------------------------------------
 def test_resume_with_other_num_workers_is_exact(data):
     path, *_ = data

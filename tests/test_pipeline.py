@@ -316,6 +316,12 @@ def test_build_end_to_end(tmp_path, tok_path, data_path):
     labels = np.asarray(seq["labels"])
     trained_text = hf.decode(np.asarray(seq["input_ids"])[labels != -100].tolist(), skip_special_tokens=False)
     assert "<|im_start|>user" not in trained_text
+    # the store records the vocabulary it was tokenized with; the loader checks a model's tokenizer against it
+    from mlmix.tokenize import vocab_fingerprint
+
+    assert store.vocab_fingerprint == vocab_fingerprint(tok_path) == st["tokenize"]["vocab"]
+    store.check_tokenizer(tok_path)
+    store.check_tokenizer(hf)
 
 
 def test_build_is_deterministic(tmp_path, tok_path, data_path):
@@ -513,3 +519,8 @@ def test_example_pinch_builds_with_qwen(tmp_path):
     info = __import__("mlmix.report", fromlist=["inspect_store"]).inspect_store(s["output"], samples=1)
     text = info["samples"][0]["examples"][0]["text"]
     assert text.startswith("<|im_start|>user\n") and "[[" in text and "<|im_end|>" in text
+    store = mlmix.open(s["store"])
+    store.check_tokenizer(mlmix.Tokenizer.qwen())
+    assert store.vocab_fingerprint["num_ids"] == mlmix.Tokenizer.qwen().vocab_size
+    with pytest.raises(ValueError, match="stand for other tokens than those of the tokenizer that wrote the store"):
+        store.check_tokenizer(mlmix.Tokenizer.qwen("qwen3_6"))

@@ -352,3 +352,107 @@ def test_crc32_combine_is_the_crc_of_the_concatenation(a, b):
     from mlmix.store import crc32_combine
 
     assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+# ---- the tokenizer a store was written with ---------------------------------------------------------------------
+def _word_tokenizer(tokens, model="wordlevel"):
+    """A tokenizers.Tokenizer whose id i is tokens[i] (WordLevel, or a BPE over the same table)."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if model == "wordlevel":
+        return Tokenizer(models.WordLevel(vocab, unk_token=tokens[0]))
+    return Tokenizer(models.BPE(vocab, merges=[], unk_token=tokens[0]))
+
+
+WORDS = ["<unk>", "a", "b", "c", "ab", "bc", "abc", "d", "<|im_end|>", "e"]
+
+
+def test_vocab_fingerprint_is_the_id_to_token_table():
+    pytest.importorskip("tokenizers")
+    from mlmix.tokenize import vocab_fingerprint
+
+    fp = vocab_fingerprint(_word_tokenizer(WORDS))
+    assert fp["num_ids"] == len(WORDS) and len(fp["vocab_sha256"]) == 64
+    # another model over the same table (it segments text differently): the ids mean the same tokens
+    assert vocab_fingerprint(_word_tokenizer(WORDS, "bpe")) == fp
+    assert vocab_fingerprint(mlmix.Tokenizer(_word_tokenizer(WORDS))) == fp
+    swapped = WORDS[:3] + [WORDS[4], WORDS[3]] + WORDS[5:]  # same tokens, two ids exchanged
+    assert vocab_fingerprint(_word_tokenizer(swapped)) != fp
+    assert vocab_fingerprint(_word_tokenizer(WORDS[:-1] + ["f"])) != fp
+    longer = _word_tokenizer(WORDS + ["f", "g"])  # tokens appended after the table
+    assert vocab_fingerprint(longer) != fp and vocab_fingerprint(longer, len(WORDS)) == fp
+    with pytest.raises(TypeError, match="tokenizer must be an mlmix.Tokenizer.*got int"):
+        vocab_fingerprint(3)
+    with pytest.raises(ValueError, match="num_ids must be a non-negative integer or None, got -1"):
+        vocab_fingerprint(longer, -1)
+    with pytest.raises(FileNotFoundError, match="is neither a tokenizer.json nor a directory holding one"):
+        vocab_fingerprint("/nonexistent/tokenizer.json")
+
+
+def test_vocab_fingerprint_agrees_across_tokenizer_objects(qwen_hf, tmp_path):
+    """A real vocabulary through every way a user holds it: tokenizers, transformers, mlmix, a file."""
+    transformers = pytest.importorskip("transformers")
+    from mlmix.tokenize import vocab_fingerprint
+
+    fp = vocab_fingerprint(qwen_hf)
+    assert fp["num_ids"] == qwen_hf.get_vocab_size(with_added_tokens=True) > 151_643
+    qwen_hf.save(str(tmp_path / "tokenizer.json"))
+    assert vocab_fingerprint(tmp_path / "tokenizer.json") == fp
+    assert vocab_fingerprint(str(tmp_path)) == fp  # a model directory
+    assert vocab_fingerprint(transformers.PreTrainedTokenizerFast(tokenizer_object=qwen_hf)) == fp
+    assert vocab_fingerprint(mlmix.Tokenizer.qwen()) == fp
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not a readable tokenizer.json"):
+        vocab_fingerprint(tmp_path / "bad")
+
+
+def test_store_records_and_checks_its_tokenizer(tmp_path):
+    pytest.importorskip("tokenizers")
+    from mlmix.store import _manifest_bytes
+    from mlmix.tokenize import vocab_fingerprint
+
+    tok = _word_tokenizer(WORDS)
+    lengths = np.array([3, 5, 2, 4])
+    tokens = Ragged.from_lengths(np.arange(14, dtype=np.uint32) % len(WORDS), lengths)
+    for streaming in (False, True):
+        path = tmp_path / f"s{int(streaming)}"
+        m = mlmix.write_store(path, [tokens] if streaming else tokens, seq_len=8, tokenizer=tok)
+        assert m["tokenizer"] == vocab_fingerprint(tok)
+        store = mlmix.open(path)
+        assert store.vocab_fingerprint == m["tokenizer"]
+        store.check_tokenizer(tok)
+        store.check_tokenizer(_word_tokenizer(WORDS, "bpe"))
+        store.check_tokenizer(_word_tokenizer(WORDS + ["f"]))  # a model that appended tokens
+        store.check_tokenizer(m["tokenizer"])
+        swapped = WORDS[:3] + [WORDS[4], WORDS[3]] + WORDS[5:]
+        with pytest.raises(ValueError, match=r"tokenizer: its ids \[0, 10\) stand for other tokens than those of the "
+                                             r"tokenizer that wrote the store at .*tokenized for another model"):
+            store.check_tokenizer(_word_tokenizer(swapped))
+        with pytest.raises(ValueError, match="tokenizer: it has 9 ids, the tokenizer that wrote the store at .* had 10"):
+            store.check_tokenizer(_word_tokenizer(WORDS[:-1]))
+        with pytest.raises(ValueError, match="a fingerprint over 11 ids cannot be compared with the store's over 10"):
+            store.check_tokenizer(vocab_fingerprint(_word_tokenizer(WORDS + ["f"])))
+    # the same store bytes as one written with the fingerprint dict
+    mlmix.write_store(tmp_path / "d", tokens, seq_len=8, tokenizer=vocab_fingerprint(tok))
+    assert (tmp_path / "d" / "manifest.json").read_bytes() == (tmp_path / "s0" / "manifest.json").read_bytes()
+    # ids the tokenizer does not have: refused at write time, nothing is written
+    with pytest.raises(ValueError, match=r"tokenizer: token id 9 is outside the tokenizer's 9 ids \[0, 9\)"):
+        mlmix.write_store(tmp_path / "bad", tokens, seq_len=8, tokenizer=_word_tokenizer(WORDS[:-1]))
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="tokenizer given as a dict must be a vocab_fingerprint"):
+        mlmix.write_store(tmp_path / "bad", tokens, seq_len=8, tokenizer={"num_ids": 10})
+    # a store written without one cannot be checked, and says so
+    mlmix.write_store(tmp_path / "none", tokens, seq_len=8)
+    assert mlmix.open(tmp_path / "none").vocab_fingerprint is None
+    with pytest.raises(ValueError, match="does not record which tokenizer wrote it"):
+        mlmix.open(tmp_path / "none").check_tokenizer(tok)
+    # a malformed record (checksum made to match) is named
+    mpath = tmp_path / "s0" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m.pop("manifest_crc32")
+    for value in ({"num_ids": -1, "vocab_sha256": "0" * 64}, {"num_ids": 3, "vocab_sha256": "xyz"}, [], None):
+        mpath.write_bytes(_manifest_bytes(dict(m, tokenizer=value)))
+        with pytest.raises(StoreError, match="manifest field 'tokenizer' must be an object"):
+            mlmix.open(tmp_path / "s0", verify=False)

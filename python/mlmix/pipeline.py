@@ -55,7 +55,7 @@ __all__ = ["build", "BuildLog", "STAGES", "BUILD_FORMAT"]
 STAGES = ("read", "langid", "tokenize", "dedup", "mix", "pack")
 BUILD_FORMAT = 1
 # bump when a stage's output format or semantics change, so old cache entries are not reused
-_STAGE_VERSION = {"read": 1, "langid": 1, "tokenize": 1, "dedup": 3, "mix": 1, "pack": 1}
+_STAGE_VERSION = {"read": 1, "langid": 1, "tokenize": 2, "dedup": 3, "mix": 1, "pack": 2}
 _TOKENIZE_CHUNK = 4096  # records encoded at a time ...
 _CHUNK_BYTES = 16 << 20  # ... or fewer, once they hold this much JSON (bounds memory for long records)
 
@@ -292,6 +292,8 @@ def encode_records(tokenizer, records: Sequence[Mapping], tcfg: Mapping) -> tupl
 def _stage_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log: BuildLog) -> dict:
     """Tokens and loss masks of every record, streamed to ``out/tokens`` and ``out/loss_mask`` chunk by
     chunk (memory: one chunk of records and its encodings, plus 8 bytes of length per record)."""
+    from .tokenize import vocab_fingerprint
+
     tcfg = cfg["tokenizer"]
     tokenizer = load_tokenizer(tcfg)
     n_tokens = n_loss = n_examples = 0
@@ -329,7 +331,7 @@ def _stage_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log:
         save_tokenizer(tokenizer, os.path.join(out, "tokenizer.json"))
     _forget_native_encoder(tokenizer)
     return {"examples": n_examples, "tokens": n_tokens, "loss_tokens": n_loss, "pad_id": _pad_id(tokenizer),
-            **enc_stats}
+            "vocab": vocab_fingerprint(tokenizer), **enc_stats}
 
 
 def _forget_native_encoder(tokenizer) -> None:
@@ -599,7 +601,8 @@ def _length_summary(lengths: np.ndarray, langs: list[str]) -> dict:
     return out
 
 
-def _stage_pack(cfg: dict, tokens: Ragged, masks: Ragged, langs: list[str], pad_id: int, out_store: str) -> dict:
+def _stage_pack(cfg: dict, tokens: Ragged, masks: Ragged, langs: list[str], pad_id: int, out_store: str,
+                vocab: dict) -> dict:
     from .store import write_store
 
     pcfg = cfg["pack"]
@@ -617,7 +620,7 @@ def _stage_pack(cfg: dict, tokens: Ragged, masks: Ragged, langs: list[str], pad_
         )
     manifest = write_store(out_store, tokens, seq_len=seq_len, loss_mask=masks, strategy=strategy, langs=langs,
                            seed=cfg["seed"], pad_id=pad_id, overlong=policy,
-                           shard_sequences=pcfg.get("shard_sequences"))
+                           shard_sequences=pcfg.get("shard_sequences"), tokenizer=vocab)
     counts = manifest["counts"]
     return {"sequences": manifest["num_sequences"], "seq_len": seq_len, "strategy": strategy, "overlong_policy": policy,
             "examples": manifest["num_examples"], "tokens": manifest["num_tokens"], "efficiency": manifest["efficiency"],
@@ -774,7 +777,8 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
             else:
                 tokens = _take_to_disk(tokens_all, selected, os.path.join(scratch, "tokens"))
                 masks = _take_to_disk(masks_all, selected, os.path.join(scratch, "loss_mask"))
-            s_pack = _stage_pack(cfg, tokens, masks, sel_langs, s_tok["pad_id"], os.path.join(tmp, "store"))
+            s_pack = _stage_pack(cfg, tokens, masks, sel_langs, s_tok["pad_id"], os.path.join(tmp, "store"),
+                                 s_tok["vocab"])
             del tokens, masks  # unmap the scratch copies before the directory is removed
             s_pack["seconds"] = time.perf_counter() - t0
             stage_stats["pack"] = s_pack

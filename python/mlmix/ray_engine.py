@@ -840,10 +840,13 @@ def _run(cfg: dict, log, concurrency: int, fault_marker: str | None) -> dict:
     stats["langid"] = {"identified": scan["identified"], "given": n_records - scan["todo"],
                        "unknown": scan["langs"].get(cfg["langid"]["unknown"], 0),
                        "dropped": n_records - scan["alive"], "langs": dict(sorted(scan["langs"].items()))}
+    from .tokenize import vocab_fingerprint
+
     tokenizer = pipeline.load_tokenizer(cfg["tokenizer"])
     n_tokens = scan["tokens"]
     stats["tokenize"] = {"examples": scan["examples"], "tokens": n_tokens, "loss_tokens": scan["loss_tokens"],
-                         "pad_id": pipeline._pad_id(tokenizer), **scan["encoder"]}
+                         "pad_id": pipeline._pad_id(tokenizer), "vocab": vocab_fingerprint(tokenizer),
+                         **scan["encoder"]}
     done("tokenize", t0, f"{n_records:,} records, {n_tokens:,} tokens")
 
     # dedup
@@ -883,7 +886,8 @@ def _run(cfg: dict, log, concurrency: int, fault_marker: str | None) -> dict:
         # pack: plan from the selected lengths; shards materialised by Ray tasks
         t0 = time.perf_counter()
         sel_uids, sel_langs, lengths = sel["uid"], sel["lang"], sel["ntok"]
-        s_pack = _pack(cfg, ds, sel_uids, lengths, sel_langs, stats["tokenize"]["pad_id"], os.path.join(tmp, "store"))
+        s_pack = _pack(cfg, ds, sel_uids, lengths, sel_langs, stats["tokenize"]["pad_id"], os.path.join(tmp, "store"),
+                       stats["tokenize"]["vocab"])
         s_pack["seconds"] = time.perf_counter() - t0
         stats["pack"] = s_pack
         stats["tokens_by_lang"] = {"read": dict(sorted(scan["lang_tokens"].items())),
@@ -911,7 +915,7 @@ def _run(cfg: dict, log, concurrency: int, fault_marker: str | None) -> dict:
 
 
 def _pack(cfg: dict, ds, sel_uids: np.ndarray, lengths: np.ndarray, sel_langs: list, pad_id: int,
-          out_store: str) -> dict:
+          out_store: str, vocab: dict) -> dict:
     """The packed store of the selected examples, written as shards by Ray tasks and indexed on the driver.
 
     The plan is made on the driver from the selected lengths alone (the planner is global: its seed
@@ -960,7 +964,8 @@ def _pack(cfg: dict, ds, sel_uids: np.ndarray, lengths: np.ndarray, sel_langs: l
     if sorted(specs) != list(range(num_shards)):
         raise RuntimeError(f"pack: shards {sorted(set(range(num_shards)) - set(specs))} were not written (a lost block?)")
     manifest = store.write_index(out_store, plan, [specs[k] for k in range(num_shards)], strategy=strategy,
-                                 langs=sel_langs, pad_id=pad_id, seed=cfg["seed"], shard_sequences=shard_sequences)
+                                 langs=sel_langs, pad_id=pad_id, seed=cfg["seed"], shard_sequences=shard_sequences,
+                                 tokenizer=vocab)
     counts = manifest["counts"]
     return {"sequences": manifest["num_sequences"], "seq_len": seq_len, "strategy": strategy, "overlong_policy": policy,
             "examples": manifest["num_examples"], "tokens": manifest["num_tokens"], "efficiency": manifest["efficiency"],

@@ -179,7 +179,7 @@ def _lang_table(langs, n: int, table: dict[str, int]) -> np.ndarray:
 
 def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "bfd", langs=None, seed: int | None = 0,
                 pad_id: int = 0, overlong: str = "error", window: int = 65_536,
-                shard_sequences: int | None = None) -> dict:
+                shard_sequences: int | None = None, tokenizer=None) -> dict:
     """Pack tokenized examples and write a packed store at ``path`` (atomically; replaces an old one).
 
     Args:
@@ -199,9 +199,15 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
             seq_len (1 GiB of uint32 ids). A store of one shard is format version 1 (``tokens.bin``);
             more shards give ``tokens-00000.bin``, ... listed in the one manifest (version 2). The row
             data and the index arrays are the same bytes whatever the shard size.
+        tokenizer: the tokenizer that made ``tokens`` (anything :func:`mlmix.tokenize.vocab_fingerprint`
+            takes, or its result). Its vocabulary fingerprint is recorded in the manifest, so that a loader
+            given the model's tokenizer can refuse a store tokenized for another model
+            (:meth:`Store.check_tokenizer`); every token id must then be below its ``num_ids``. None
+            records nothing.
 
     Returns the manifest (a dict) that was written.
     """
+    vocab = _check_vocab_record(tokenizer, "tokenizer")
     seq_len = _check_seq_len(seq_len)
     seed = _check_seed(seed)
     shard_rows = _check_shard_sequences(shard_sequences, seq_len)
@@ -233,6 +239,15 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
                         closed[name].append(spec)
                         writers[name] = _ArrayWriter(tmp, name, writers[name].dtype, shard_file(name, k, 2))
                 state["shard_end"] += shard_rows
+
+            def ids_in_vocab(block: np.ndarray) -> np.ndarray:
+                if vocab is not None and block.size:
+                    lo, hi = int(block.min()), int(block.max())
+                    if lo < 0 or hi >= vocab["num_ids"]:
+                        raise ValueError(f"tokenizer: token id {lo if lo < 0 else hi} is outside the tokenizer's "
+                                         f"{vocab['num_ids']} ids [0, {vocab['num_ids']}): the tokens were not made "
+                                         "by this tokenizer")
+                return block
 
             def emit(plan, toks: Ragged, mask: Ragged | None, ex_ids: np.ndarray, lang_idx: np.ndarray | None) -> None:
                 values, offsets, _ = _check_tokens(toks, "tokens")
@@ -273,11 +288,11 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
                     if mapped:  # copy in only this block's examples, so RSS stays bounded (see take_spans)
                         need = np.unique(block.seg_example)
                         local = dataclasses.replace(block, seg_example=np.searchsorted(need, block.seg_example))
-                        writers["tokens"].append(local.gather(*take_spans(values, offsets, need)))
+                        writers["tokens"].append(ids_in_vocab(local.gather(*take_spans(values, offsets, need))))
                         if mvals is not None:
                             writers["loss_mask"].append(local.gather(*take_spans(mvals, offsets, need)))
                     else:
-                        writers["tokens"].append(block.gather(values, offsets))
+                        writers["tokens"].append(ids_in_vocab(block.gather(values, offsets)))
                         if mvals is not None:
                             writers["loss_mask"].append(block.gather(mvals, offsets))
                     writers["row_offsets"].append(state["tokens"] + np.cumsum(block.row_tokens))
@@ -346,7 +361,7 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
                 strategy=strategy, seed=seed, streaming=streaming, num_examples=state["examples"],
                 num_sequences=state["rows"], num_segments=state["segs"], num_tokens=state["tokens"],
                 languages=list(table), counts=counts, arrays=arrays,
-                shard_sequences=shard_rows if closed["tokens"] else None)
+                shard_sequences=shard_rows if closed["tokens"] else None, tokenizer=vocab)
         finally:
             for w in writers.values():
                 w.discard()
@@ -355,9 +370,32 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
     return manifest
 
 
+_VOCAB_KEYS = ("num_ids", "vocab_sha256")
+
+
+def _is_vocab_record(x) -> bool:
+    return (isinstance(x, dict) and sorted(x) == sorted(_VOCAB_KEYS) and isinstance(x["num_ids"], int)
+            and not isinstance(x["num_ids"], bool) and x["num_ids"] >= 0 and isinstance(x["vocab_sha256"], str)
+            and re.fullmatch("[0-9a-f]{64}", x["vocab_sha256"]) is not None)
+
+
+def _check_vocab_record(tokenizer, name: str) -> dict | None:
+    """None, a vocabulary fingerprint dict, or a tokenizer to fingerprint -> the record kept in the manifest."""
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, dict):
+        if not _is_vocab_record(tokenizer):
+            raise ValueError(f"{name} given as a dict must be a vocab_fingerprint() result ({{'num_ids': int >= 0, "
+                             f"'vocab_sha256': 64 hex digits}}), got {tokenizer!r}")
+        return {k: tokenizer[k] for k in _VOCAB_KEYS}
+    from .tokenize import vocab_fingerprint
+
+    return vocab_fingerprint(tokenizer)
+
+
 def _manifest_dict(*, seq_len: int, pad_id: int, token_dtype, has_mask: bool, strategy: str, seed, streaming: bool,
                    num_examples: int, num_sequences: int, num_segments: int, num_tokens: int, languages: list,
-                   counts: dict, arrays: dict, shard_sequences: int | None) -> dict:
+                   counts: dict, arrays: dict, shard_sequences: int | None, tokenizer: dict | None = None) -> dict:
     """The manifest's fields, in their order (the file is compared byte for byte across engines)."""
     manifest = {
         "format": FORMAT,
@@ -376,6 +414,7 @@ def _manifest_dict(*, seq_len: int, pad_id: int, token_dtype, has_mask: bool, st
         "efficiency": num_tokens / (num_sequences * seq_len) if num_sequences else 1.0,
         "lower_bound_sequences": -(-int(num_tokens) // seq_len),
         "languages": list(languages),
+        **({} if tokenizer is None else {"tokenizer": dict(tokenizer)}),
         "counts": counts,
         "checksum": "crc32 (zlib) of each file's bytes",
         "arrays": arrays,
@@ -386,15 +425,17 @@ def _manifest_dict(*, seq_len: int, pad_id: int, token_dtype, has_mask: bool, st
 
 
 def write_index(directory: str, plan, shard_specs: list[dict[str, dict]], *, strategy: str, langs=None,
-                pad_id: int = 0, seed: int | None = 0, shard_sequences: int) -> dict:
+                pad_id: int = 0, seed: int | None = 0, shard_sequences: int, tokenizer=None) -> dict:
     """Finish a store whose shards :func:`write_shard` wrote into ``directory``: write the index arrays
     (row and segment offsets, segment lengths, starts, examples, languages) from the whole ``plan``, then
     the one manifest; return the manifest. The store equals what :func:`write_store` writes for an
     in-memory Ragged with the same plan (``shard_specs[k]`` are shard k's specs, k in row order).
 
-    ``strategy``, ``seed``, ``pad_id``: as given to write_store (recorded in the manifest). ``directory``
+    ``strategy``, ``seed``, ``pad_id``, ``tokenizer``: as given to write_store (recorded in the manifest;
+    the token ids are not re-checked against the tokenizer here). ``directory``
     should be the temporary directory of an atomic write (the Ray engine's output is).
     """
+    vocab = _check_vocab_record(tokenizer, "tokenizer")
     table: dict[str, int] = {}
     lang_idx = None if langs is None else _lang_table(langs, len(plan.lengths), table)
     bounds = shard_bounds(plan.num_sequences, shard_sequences)
@@ -435,7 +476,8 @@ def write_index(directory: str, plan, shard_specs: list[dict[str, dict]], *, str
         seq_len=plan.seq_len, pad_id=pad_id, token_dtype=np.dtype(first["tokens"]["dtype"]), has_mask="loss_mask" in first,
         strategy=strategy, seed=seed, streaming=False, num_examples=len(plan.lengths),
         num_sequences=plan.num_sequences, num_segments=plan.num_segments, num_tokens=tokens, languages=list(table),
-        counts=counts, arrays=arrays, shard_sequences=shard_sequences if len(shard_specs) > 1 else None)
+        counts=counts, arrays=arrays, shard_sequences=shard_sequences if len(shard_specs) > 1 else None,
+        tokenizer=vocab)
     with builtins.open(os.path.join(directory, MANIFEST), "wb") as f:
         f.write(_manifest_bytes(manifest))
     return manifest
@@ -506,6 +548,8 @@ def _check_manifest_fields(m: dict, where: str) -> None:
     langs = m.get("languages")
     if not isinstance(langs, list) or not all(isinstance(c, str) for c in langs):
         bad("languages", "a list of strings", langs)
+    if "tokenizer" in m and not _is_vocab_record(m["tokenizer"]):
+        bad("tokenizer", "an object {num_ids: integer >= 0, vocab_sha256: 64 hex digits}", m["tokenizer"])
     arrays = m.get("arrays")
     if not isinstance(arrays, dict):
         bad("arrays", "an object", arrays)
@@ -588,6 +632,7 @@ class Store:
         self.num_examples = int(m["num_examples"])
         self.efficiency = float(m["efficiency"])
         self.languages: list[str] = list(m["languages"])
+        self.vocab_fingerprint: dict | None = dict(m["tokenizer"]) if "tokenizer" in m else None
         self._arrays: dict[str, np.ndarray] = {}
         self._shards: dict[str, list[np.ndarray]] = {}  # per-token arrays kept in several files
         for name, spec in m["arrays"].items():
@@ -619,6 +664,36 @@ class Store:
             for name, parts in self._shards.items():
                 if not np.array_equal(np.diff(starts), [len(p) for p in parts]):
                     raise StoreError(f"{self.path!r}: the shards of {name!r} do not hold the rows the offsets give them")
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise ValueError unless ``tokenizer``'s ids ``[0, num_ids)`` mean the same tokens as those of the
+        tokenizer that wrote this store (see :func:`mlmix.tokenize.vocab_fingerprint`; a tokenizer with
+        more ids, appended after them, passes). ``tokenizer``: anything vocab_fingerprint takes, or its
+        result. A store written without ``tokenizer=`` records no fingerprint and raises as well."""
+        have = self.vocab_fingerprint
+        if have is None:
+            raise ValueError(f"tokenizer: the store at {self.path!r} does not record which tokenizer wrote it "
+                             "(written by write_store without tokenizer=), so it cannot be checked; rebuild it, or "
+                             "check the ids against the model with vocab_size=")
+        if isinstance(tokenizer, dict):
+            given = _check_vocab_record(tokenizer, "tokenizer")
+            if given["num_ids"] != have["num_ids"]:
+                raise ValueError(f"tokenizer: a fingerprint over {given['num_ids']} ids cannot be compared with the "
+                                 f"store's over {have['num_ids']}; pass the tokenizer itself")
+        else:
+            from .tokenize import _fingerprint_vocab, _vocab_of
+
+            vocab = _vocab_of(tokenizer)
+            n = max(vocab, default=-1) + 1
+            if n < have["num_ids"]:
+                raise ValueError(f"tokenizer: it has {n} ids, the tokenizer that wrote the store at {self.path!r} had "
+                                 f"{have['num_ids']}: the store was tokenized for another model")
+            given = _fingerprint_vocab(vocab, have["num_ids"])
+        if given["vocab_sha256"] != have["vocab_sha256"]:
+            raise ValueError(
+                f"tokenizer: its ids [0, {have['num_ids']}) stand for other tokens than those of the tokenizer "
+                f"that wrote the store at {self.path!r} (vocabulary sha256 {given['vocab_sha256'][:16]}..., the "
+                f"store's {have['vocab_sha256'][:16]}...): the store was tokenized for another model")
 
     def _map(self, name: str, spec: dict, verify: bool) -> np.ndarray:
         fpath = os.path.join(self.path, spec["file"])

@@ -12,6 +12,7 @@ token). See :mod:`mlmix.chat` for which tokens a chat mask trains and why the fa
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import json
 import os
@@ -27,7 +28,8 @@ from .formats import FORMATS, Fields, RecordError, _Bad, normalize_record
 from .formats import _chat as _parse_turns
 from .ragged import Ragged
 
-__all__ = ["Tokenizer", "Encoded", "EncodeStats", "RecordError", "TRAIN_ON", "TRUNCATION", "ON_ERROR"]
+__all__ = ["Tokenizer", "Encoded", "EncodeStats", "RecordError", "vocab_fingerprint", "TRAIN_ON", "TRUNCATION",
+           "ON_ERROR"]
 
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
 TRUNCATION = ("drop", "truncate_prompt_left", "truncate_response_right")
@@ -758,6 +760,65 @@ class _JinjaTemplate:
 
 # end-of-turn tokens of common templates, for locating turns in templates without {% generation %}
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+def vocab_fingerprint(tokenizer, num_ids: Optional[int] = None) -> dict:
+    """What a tokenizer's ids mean: ``{"num_ids": N, "vocab_sha256": hex}``, the SHA-256 of its id -> token
+    table over ids ``[0, N)`` (added and special tokens included; N defaults to the highest id + 1).
+
+    Two tokenizers agree on it exactly when every id below N stands for the same token string, which is
+    what a model's embedding rows depend on: merges, normalisers or templates that segment text differently
+    but keep the table do not change it, and tokens appended later (ids >= N) are outside it. A packed
+    store records the fingerprint of the tokenizer that wrote it (``write_store(tokenizer=...)``, ``mlmix
+    build``), and ``PackedDataset(..., tokenizer=...)`` checks the model's tokenizer against it.
+
+    Args:
+        tokenizer: a :class:`Tokenizer`, a ``tokenizers.Tokenizer``, a transformers tokenizer (anything
+            with ``get_vocab()`` returning ``{token: id}``), or a path to a tokenizer.json or to a local
+            model directory holding one.
+        num_ids: hash ids ``[0, num_ids)`` only (to compare with a fingerprint of that size).
+    """
+    if num_ids is not None and (isinstance(num_ids, bool) or not isinstance(num_ids, (int, np.integer))
+                                or num_ids < 0):
+        raise ValueError(f"num_ids must be a non-negative integer or None, got {num_ids!r}")
+    return _fingerprint_vocab(_vocab_of(tokenizer), num_ids)
+
+
+def _fingerprint_vocab(by_id: dict, num_ids: Optional[int]) -> dict:
+    n = max(by_id, default=-1) + 1 if num_ids is None else int(num_ids)
+    table = [[i, by_id[i]] for i in sorted(by_id) if i < n]
+    text = json.dumps(table, ensure_ascii=False, separators=(",", ":"))
+    return {"num_ids": n, "vocab_sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()}
+
+
+def _vocab_of(tokenizer) -> dict:
+    """A tokenizer's ``{id: token}`` table (see vocab_fingerprint for what ``tokenizer`` may be)."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        path = os.fspath(tokenizer)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer: {os.fspath(tokenizer)!r} is neither a tokenizer.json nor a "
+                                    "directory holding one")
+        tokenizers = require("tokenizers", "vocab_fingerprint")
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(path)
+        except Exception as exc:  # the Rust loader's own message says what is wrong with the file
+            raise ValueError(f"tokenizer: {path!r} is not a readable tokenizer.json: {exc}") from None
+    if isinstance(tokenizer, Tokenizer):
+        tokenizer = tokenizer.backend
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    vocab = get_vocab() if callable(get_vocab) else None
+    if not isinstance(vocab, dict):
+        raise TypeError("tokenizer must be an mlmix.Tokenizer, a tokenizers.Tokenizer, a transformers tokenizer or "
+                        f"a path to a tokenizer.json, got {type(tokenizer).__name__}")
+    by_id: dict[int, str] = {}
+    for token, i in vocab.items():
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 or not isinstance(token, str):
+            raise ValueError(f"tokenizer: its vocabulary maps {token!r} to {i!r}; expected str tokens and ids >= 0")
+        if by_id.setdefault(int(i), token) != token:
+            raise ValueError(f"tokenizer: ids must be unique, id {int(i)} is both {by_id[int(i)]!r} and {token!r}")
+    return by_id
 
 
 def _merge_spans(spans):

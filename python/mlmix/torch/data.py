@@ -530,6 +530,11 @@ class PackedDataset(_BatchStream):
         vocab_size: the model's vocabulary size. Given, every batch's token ids are checked against it (a
             ValueError names the row and the id), so that a store tokenized for another model fails at its
             first batch with a clear message rather than inside the embedding; None checks nothing.
+        tokenizer: the model's tokenizer (an mlmix or HF ``tokenizers``/transformers tokenizer, or a path to
+            its tokenizer.json). Given, it is checked on open against the vocabulary fingerprint the store
+            records (:meth:`mlmix.store.Store.check_tokenizer`): a ValueError if its ids mean other tokens than
+            those of the tokenizer that wrote the store, which ``vocab_size`` alone cannot tell when the two
+            vocabularies have the same size.
 
     Each batch is a dict of torch tensors: ``input_ids``, ``labels`` (-100 = ignored: masked tokens,
     padding and the first token of every example), ``position_ids`` (restarting at 0 per example, 0 on
@@ -543,11 +548,13 @@ class PackedDataset(_BatchStream):
     def __init__(self, path, *, batch_size: int, seed: int = 0, shuffle: bool = True, rank: int | None = None,
                  world_size: int | None = None, layout: str = "padded", drop_last: bool = False,
                  languages: str | None = "token", attention_mask: bool = False, verify: bool = True,
-                 vocab_size: int | None = None) -> None:
+                 vocab_size: int | None = None, tokenizer=None) -> None:
         self._init_common(batch_size=batch_size, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
                           layout=layout, drop_last=drop_last, languages=languages, attention_mask=attention_mask,
                           vocab_size=vocab_size)
         store = path if isinstance(path, Store) else Store(path, verify=verify)
+        if tokenizer is not None:
+            store.check_tokenizer(tokenizer)
         self.path = store.path
         self._store: Store | None = store
         m = store.manifest
