@@ -103,11 +103,13 @@ def test_inspect(built, capsys):
     assert set(info["langs"]) == {"en", "fr", "de", "ru"}
     assert info["sequences"] > 0 and 0 < info["efficiency"] <= 1
     assert 1 <= len(info["samples"]) <= 2
+    assert info["tokenizer"]["num_ids"] > 0 and len(info["tokenizer"]["vocab_sha256"]) == 64
     text = info["samples"][0]["examples"][0]["text"]
     assert "<|im_start|>user" in text and "[[" in text
     assert main(["inspect", str(built / "store")]) == 0  # the store directory itself works too
     out = capsys.readouterr().out
     assert "efficiency" in out and "trained tokens in [[ ]]" in out
+    assert f"tokenizer  {info['tokenizer']['num_ids']:,} ids, vocabulary sha256 " in out
     assert main(["inspect", str(built.parent / "nope")]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert main(["inspect", str(built.parent)]) == 1

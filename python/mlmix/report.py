@@ -563,6 +563,7 @@ def inspect_store(path: str | os.PathLike, *, samples: int = 2, max_tokens: int 
         "strategy": store.manifest.get("strategy"),
         "mixture": None,
         "langs": _store_langs(store),
+        "tokenizer": store.vocab_fingerprint,  # what the ids mean (None: not recorded)
         "samples": [],
     }
     tok_cfg = None
@@ -588,6 +589,9 @@ def format_inspection(info: Mapping, *, verbose: bool = False, quiet: bool = Fal
     if info["mixture"]:
         m = info["mixture"]
         lines.append(f"mixture    {m['recipe']} {m['params'] or ''} seed {m['seed']}".replace("  ", " "))
+    if info.get("tokenizer"):
+        t = info["tokenizer"]
+        lines.append(f"tokenizer  {t['num_ids']:,} ids, vocabulary sha256 {t['vocab_sha256'][:16]}")
     if quiet:
         return "\n".join(lines)
     total = max(sum(v["examples"] for v in info["langs"].values()), 1)
