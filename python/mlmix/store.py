@@ -600,7 +600,8 @@ class Store:
 
     ``len(store)`` is the number of rows (sequences); ``store[i]`` is row i as a dict (see
     :meth:`batch`, without the leading batch axis). Metadata: ``seq_len``, ``num_tokens``,
-    ``num_examples``, ``languages`` (list of codes; ``lang_ids`` index it), ``efficiency``, ``manifest``.
+    ``num_examples``, ``languages`` (list of codes; ``lang_ids`` index it), ``efficiency``, ``manifest``,
+    ``vocab_fingerprint`` (the writing tokenizer's, see :meth:`check_tokenizer`; None if not recorded).
     """
 
     def __init__(self, path, *, verify: bool = True) -> None:
