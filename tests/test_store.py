@@ -441,8 +441,12 @@ def test_store_records_and_checks_its_tokenizer(tmp_path):
     with pytest.raises(ValueError, match=r"tokenizer: token id 9 is outside the tokenizer's 9 ids \[0, 9\)"):
         mlmix.write_store(tmp_path / "bad", tokens, seq_len=8, tokenizer=_word_tokenizer(WORDS[:-1]))
     assert not (tmp_path / "bad").exists()
-    with pytest.raises(ValueError, match="tokenizer given as a dict must be a vocab_fingerprint"):
-        mlmix.write_store(tmp_path / "bad", tokens, seq_len=8, tokenizer={"num_ids": 10})
+    for bad in ({"num_ids": 10}, {1: 2, "num_ids": 3}, {"num_ids": True, "vocab_sha256": "0" * 64}):
+        with pytest.raises(ValueError, match="tokenizer given as a dict must be a vocab_fingerprint"):
+            mlmix.write_store(tmp_path / "bad", tokens, seq_len=8, tokenizer=bad)
+    with pytest.raises(ValueError, match=r"pad_id=10 is outside the tokenizer's 10 ids \[0, 10\)"):
+        mlmix.write_store(tmp_path / "bad", tokens, seq_len=8, tokenizer=tok, pad_id=10)
+    assert not (tmp_path / "bad").exists()
     # a store written without one cannot be checked, and says so
     mlmix.write_store(tmp_path / "none", tokens, seq_len=8)
     assert mlmix.open(tmp_path / "none").vocab_fingerprint is None

@@ -208,6 +208,8 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
     Returns the manifest (a dict) that was written.
     """
     vocab = _check_vocab_record(tokenizer, "tokenizer")
+    if vocab is not None and isinstance(pad_id, (int, np.integer)) and not 0 <= pad_id < vocab["num_ids"]:
+        raise ValueError(f"pad_id={pad_id} is outside the tokenizer's {vocab['num_ids']} ids [0, {vocab['num_ids']})")
     seq_len = _check_seq_len(seq_len)
     seed = _check_seed(seed)
     shard_rows = _check_shard_sequences(shard_sequences, seq_len)
@@ -374,7 +376,7 @@ _VOCAB_KEYS = ("num_ids", "vocab_sha256")
 
 
 def _is_vocab_record(x) -> bool:
-    return (isinstance(x, dict) and sorted(x) == sorted(_VOCAB_KEYS) and isinstance(x["num_ids"], int)
+    return (isinstance(x, dict) and set(x) == set(_VOCAB_KEYS) and isinstance(x["num_ids"], int)
             and not isinstance(x["num_ids"], bool) and x["num_ids"] >= 0 and isinstance(x["vocab_sha256"], str)
             and re.fullmatch("[0-9a-f]{64}", x["vocab_sha256"]) is not None)
 
