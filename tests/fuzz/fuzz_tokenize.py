@@ -1,4 +1,4 @@
-"""atheris target: mlmix.Tokenizer (HF tokenizers path) on arbitrary texts and chat records.
+"""atheris target: mlmix.Tokenizer on the HF tokenizers path (impl="hf") on arbitrary texts and chat records.
 
 Texts are cut from the input bytes and decoded with surrogateescape, so invalid UTF-8 arrives as
 lone surrogates. Beyond "no crash": a batch's ids equal the per-text ids (batching never changes
@@ -17,7 +17,7 @@ with atheris.instrument_imports(include=["mlmix"]):
     import mlmix.chat  # noqa: F401
     import mlmix.formats  # noqa: F401
 
-TOK = mlmix.Tokenizer.qwen("qwen")
+TOK = mlmix.Tokenizer.qwen("qwen", impl="hf")  # the HF path (the native one: fuzz_bpe and the libFuzzer bpe target)
 ROLES = ["user", "assistant", "system", "tool", "", "USER", None, 3]
 
 
