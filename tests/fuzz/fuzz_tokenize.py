@@ -24,6 +24,11 @@ ROLES = ["user", "assistant", "system", "tool", "", "USER", None, 3]
 def TestOneInput(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     what = fdp.ConsumeIntInRange(0, 1)
+    # the options first: once the texts take the remaining bytes, every pick would be the first choice
+    max_length = fdp.PickValueInList([None, 1, 8, 4096])
+    truncation = fdp.PickValueInList(list(mlmix.tokenize.TRUNCATION))
+    train_on = fdp.PickValueInList(list(mlmix.tokenize.TRAIN_ON))
+    add_eos = fdp.ConsumeBool()
     raw = fdp.ConsumeBytes(fdp.remaining_bytes())
     texts = [p.decode("utf-8", "surrogateescape") for p in raw.split(b"\xfe")[:32]]
     if what == 0:
@@ -41,10 +46,15 @@ def TestOneInput(data: bytes) -> None:
     records = [{"messages": conv}, {"messages": conv[:1]}, {"messages": []},
                {"prompt": texts[0], "completion": texts[-1]}]
     try:
-        enc = TOK.encode_records(records, on_error="skip", max_length=fdp.PickValueInList([None, 8, 4096]))
+        enc = TOK.encode_records(records, on_error="skip", max_length=max_length, train_on=train_on, add_eos=add_eos,
+                                 truncation=None if max_length is None else truncation)
     except CLEAN as exc:
         raise AssertionError("on_error='skip' raised") from exc
     assert enc.stats.records == len(records)
+    lengths = enc.tokens.lengths
+    assert np.array_equal(lengths, enc.loss_mask.lengths), "tokens and loss mask differ in length"
+    assert max_length is None or lengths.max(initial=0) <= max_length, f"a record is longer than {max_length}"
+    assert np.all(enc.tokens.values < TOK.vocab_size), "ids outside the vocabulary"
 
 
 def _valid(t: str) -> bool:
