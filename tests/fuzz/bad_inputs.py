@@ -217,13 +217,16 @@ case("pipeline", "mixture recipe 'temperature' with alpha NaN")(
     lambda: _build([GOOD_LINE], mixture={"recipe": "temperature", "alpha": float("nan")}))
 
 # --- the loader on a store tokenized for another model ---------------------------------------------
-def _first_batch(pad_id=0, **kw):
+def _first_batch(pad_id=0, recorded=None, **kw):
+    """The first batch of a one-row store of Qwen ids; ``recorded``: the bundled tokenizer (by name)
+    whose vocabulary the store records, None for none."""
     from mlmix.torch import PackedDataset
 
-    p = os.path.join(TMP, f"qwen-store-{pad_id}")
+    p = os.path.join(TMP, f"qwen-store-{pad_id}-{recorded}")
     if not os.path.exists(p):
         ids = np.array([9707, 11, 1879, 151643], dtype=np.uint32)  # Qwen ids, up to its <|endoftext|>
-        mlmix.write_store(p, Ragged.from_lengths(ids, [4]), seq_len=8, pad_id=pad_id)
+        mlmix.write_store(p, Ragged.from_lengths(ids, [4]), seq_len=8, pad_id=pad_id,
+                          tokenizer=None if recorded is None else mlmix.Tokenizer.qwen(recorded))
     return next(iter(PackedDataset(p, batch_size=1, **kw)))["input_ids"].tolist()
 
 
@@ -231,25 +234,12 @@ case("loader", "Qwen-tokenized store, model vocab_size=32000")(lambda: _first_ba
 case("loader", "Qwen-tokenized store, no vocab_size given")(lambda: _first_batch())
 case("loader", "store padded with id 151643, model vocab_size=32000")(
     lambda: _first_batch(pad_id=151643, vocab_size=32000))
-
-
-def _recorded(write_with: str, load_with: str):
-    from mlmix.torch import PackedDataset
-
-    p = os.path.join(TMP, f"store-{write_with}")
-    if not os.path.exists(p):
-        ids = np.array([9707, 11, 1879, 151643], dtype=np.uint32)  # Qwen ids, up to its <|endoftext|>
-        mlmix.write_store(p, Ragged.from_lengths(ids, [4]), seq_len=8, tokenizer=mlmix.Tokenizer.qwen(write_with))
-    return next(iter(PackedDataset(p, batch_size=1, tokenizer=mlmix.Tokenizer.qwen(load_with))))["input_ids"].tolist()
-
-
 case("loader", "store written with Qwen's tokenizer, model tokenizer Qwen3.6's (tokenizer=)")(
-    lambda: _recorded("qwen", "qwen3_6"))
+    lambda: _first_batch(recorded="qwen", tokenizer=mlmix.Tokenizer.qwen("qwen3_6")))
 case("loader", "store written with Qwen3.6's tokenizer (more ids), model tokenizer Qwen's (tokenizer=)")(
-    lambda: _recorded("qwen3_6", "qwen"))
+    lambda: _first_batch(recorded="qwen3_6", tokenizer=mlmix.Tokenizer.qwen()))
 case("loader", "store without a recorded tokenizer, tokenizer= given")(
-    lambda: next(iter(__import__("mlmix.torch", fromlist=["PackedDataset"]).PackedDataset(
-        os.path.join(TMP, "qwen-store-0"), batch_size=1, tokenizer=mlmix.Tokenizer.qwen()))))
+    lambda: _first_batch(tokenizer=mlmix.Tokenizer.qwen()))
 case("store", "token ids the given tokenizer does not have (tokenizer=)")(
     lambda: mlmix.write_store(os.path.join(TMP, "foreign"), Ragged.from_lengths(np.array([5, 160000], np.uint32), [2]),
                               seq_len=8, tokenizer=mlmix.Tokenizer.qwen()))
