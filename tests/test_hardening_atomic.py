@@ -48,7 +48,7 @@ def test_killed_writer_leaves_a_temp_dir_that_the_next_write_removes(tmp_path):
     path = str(tmp_path / "s")
     # a writer SIGKILLed inside atomic_directory, after writing part of its output
     code = ("import os, signal, sys\nfrom mlmix._atomic import atomic_directory\n"
-            "with atomic_directory(sys.argv[1]) as tmp:\n"
+            "with atomic_directory(sys.argv[1], kind='store') as tmp:\n"
             "    open(os.path.join(tmp, 'half'), 'w').write('x')\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
@@ -100,7 +100,7 @@ def test_old_dir_of_a_writer_killed_mid_swap_is_put_back(tmp_path):
     # and a write that refuses to overwrite sees the restored store
     os.rename(path, old)
     with pytest.raises(FileExistsError):
-        with _atomic.atomic_directory(path, overwrite=False):
+        with _atomic.atomic_directory(path, kind="store", overwrite=False):
             pass
     assert len(mlmix.open(path)) > 0
 

@@ -199,7 +199,7 @@ class _Campaign:
                 with open(REPORT, "w") as f:
                     json.dump(dict(sorted(self.tally.items())), f, indent=1)
             if rc == 0 or rng.random() < 0.5:  # rerun to the end: byte-identical output
-                summary = mlmix.build(self.cfg, quiet=True)
+                summary = mlmix.build(self.cfg_path, quiet=True)  # the same config file: its folder is the base of fallback ids
                 assert summary["cache_discarded"] == []
                 assert _output_bytes(self.out) == self.clean
                 self.tally["reruns, byte-identical"] += 1

@@ -106,14 +106,21 @@ def _fsync_dir(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[str]:
+def atomic_directory(path: str | os.PathLike, *, kind: str, overwrite: bool = True,
+                     arg: str = "output") -> Iterator[str]:
     """Yield a temporary directory next to ``path``; on success it replaces ``path`` atomically.
 
-    On any exception the temporary directory is removed and ``path`` is left as it was. A crash
-    leaves at most a ``.<name>.tmp-*`` sibling, which never opens as a store and which the next
-    write of ``path`` removes (see the module docstring).
+    ``kind`` is the kind of mlmix output being written (``_outputs``): an existing ``path`` is replaced
+    only if it is an output of that kind (or an empty directory); anything else raises
+    ``OutputError`` before anything is written, and ``arg`` names the argument in that message. For
+    the kinds that carry a marker file, the marker is written into the new directory unless the
+    caller wrote it. On any exception the temporary directory is removed and ``path`` is left as it
+    was. A crash leaves at most a ``.<name>.tmp-*`` sibling, which never opens as a store and which
+    the next write of ``path`` removes (see the module docstring).
     """
-    path = os.path.abspath(os.fspath(path))
+    from ._outputs import MARKER, check_target, write_marker
+
+    path = check_target(path, kind, arg=arg)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     clean_stale(path)
@@ -122,6 +129,8 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iter
     tmp = tempfile.mkdtemp(prefix=_prefix(os.path.basename(path), "tmp"), dir=parent)
     try:
         yield tmp
+        if kind in ("build", "demo", "eval") and not os.path.isfile(os.path.join(tmp, MARKER)):
+            write_marker(tmp, kind)
         for name in os.listdir(tmp):
             full = os.path.join(tmp, name)
             if os.path.isfile(full):
@@ -151,8 +160,19 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iter
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
-    """Open a temporary file next to ``path``; on success fsync and rename it over ``path``."""
+def atomic_file(path: str | os.PathLike, mode: str = "wb", *, kind: str | None = None,
+                arg: str = "output") -> Iterator:
+    """Open a temporary file next to ``path``; on success fsync and rename it over ``path``.
+
+    With ``kind`` (e.g. ``"report"``), an existing ``path`` is replaced only if it is an mlmix file of
+    that kind, and never inside a store or cache entry (``_outputs.check_target``; ``arg`` names the
+    argument in its message). Without it, the caller has claimed the directory the file goes into
+    (a marked output or the cache) and may replace any file in it.
+    """
+    if kind is not None:
+        from ._outputs import check_target
+
+        check_target(path, kind, arg=arg, directory=False)
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)

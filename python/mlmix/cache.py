@@ -19,10 +19,13 @@ from typing import Any, Callable
 
 from ._atomic import atomic_directory
 
-__all__ = ["StageCache", "stage_key"]
+__all__ = ["StageCache", "stage_key", "STAGE_NAMES"]
 
 _ENTRY = "entry.json"
 _FORMAT = 1
+# the stage folders a cache root holds (its other entries: CACHEDIR.TAG and dot-named scratch/temporary ones)
+STAGE_NAMES = ("read", "langid", "tokenize", "dedup", "mix", "pack")
+_KEY_CHARS = frozenset("0123456789abcdef")
 
 
 def stage_key(*parts: Any) -> str:
@@ -53,7 +56,10 @@ class StageCache:
     """Stage outputs under ``root/<stage>/<key>/``; ``keep`` most recently used entries per stage survive."""
 
     def __init__(self, root: str | os.PathLike, *, enabled: bool = True, keep: int = 3) -> None:
-        self.root = os.path.abspath(os.fspath(root))
+        from ._outputs import check_target
+
+        # an existing root must be mlmix's cache (or empty): corrupt and old entries are removed under it
+        self.root = check_target(root, "cache", arg="cache_dir")
         self.enabled = enabled
         self.keep = keep
         self.discarded: list[str] = []  # entries found corrupt during this run (for the log)
@@ -90,8 +96,11 @@ class StageCache:
 
     def save(self, stage: str, key: str, write: Callable[[str], Any]) -> str:
         """Run ``write(tmpdir)`` and commit its files as the entry ``(stage, key)``; returns the entry's directory."""
+        from ._outputs import claim_directory
+
+        claim_directory(self.root, "cache", arg="cache_dir")
         d = self.path(stage, key)
-        with atomic_directory(d) as tmp:
+        with atomic_directory(d, kind="cache-entry") as tmp:
             write(tmp)
             files = {rel: _file_sha256(os.path.join(tmp, rel)) for rel in _files_under(tmp)}
             with open(os.path.join(tmp, _ENTRY), "w", encoding="utf-8") as f:
@@ -102,7 +111,8 @@ class StageCache:
     def _prune(self, stage: str, keep_key: str) -> None:
         base = os.path.join(self.root, stage)
         try:
-            entries = [e for e in os.listdir(base) if not e.startswith(".")]
+            # only names a key can have: anything else under the root was not written here
+            entries = [e for e in os.listdir(base) if len(e) == 24 and set(e) <= _KEY_CHARS]
         except OSError:
             return
         entries.sort(key=lambda e: os.path.getmtime(os.path.join(base, e)), reverse=True)

@@ -26,6 +26,8 @@ class ConfigError(ValueError):
 # "one_of_types" accepts several types.
 
 _STR = {"type": "str"}
+# keys validate_config adds to each resolved source (not user keys; see there)
+_RESOLVED_KEYS = ("given_path", "base_dir", "exclude")
 _RECORD_FORMATS = ["auto", "messages", "alpaca", "prompt_response", "text"]
 _SOURCE_FORMATS = ["auto", "jsonl", "parquet", "hf-disk", "hub"]
 _RECIPES = [
@@ -243,17 +245,42 @@ def validate_config(config: Mapping, *, base_dir: str | os.PathLike | None = Non
     """
     if not isinstance(config, Mapping):
         raise ConfigError(f"config: expected a table (mapping), got {type(config).__name__}")
-    cfg = _check(SCHEMA, dict(config), "")
+    config = dict(config)
+    # a config mlmix resolved before (build.json's "config") holds the source keys added below: keep
+    # what they say (the folder and path the user gave), and check the rest as usual
+    given: dict[int, tuple[str, str]] = {}
+    if isinstance(config.get("sources"), list):
+        sources = []
+        for i, src in enumerate(config["sources"]):
+            if isinstance(src, Mapping) and any(k in src for k in _RESOLVED_KEYS):
+                src = dict(src)
+                resolved = {k: src.pop(k, None) for k in _RESOLVED_KEYS}
+                if isinstance(resolved["given_path"], str) and isinstance(resolved["base_dir"], str):
+                    given[i] = (resolved["base_dir"], resolved["given_path"])
+            sources.append(src)
+        config["sources"] = sources
+    cfg = _check(SCHEMA, config, "")
     base = os.path.abspath(os.fspath(base_dir)) if base_dir is not None else os.getcwd()
 
     def resolve(p: str) -> str:
         return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
 
+    if not cfg["output"].strip():
+        raise ConfigError(f"output: expected a path for the build's output directory, got {cfg['output']!r}")
     cfg["output"] = resolve(cfg["output"])
+    if "cache_dir" in cfg and not cfg["cache_dir"].strip():
+        raise ConfigError(f"cache_dir: expected a path for the stage cache, got {cfg['cache_dir']!r}")
     cfg["cache_dir"] = resolve(cfg["cache_dir"]) if "cache_dir" in cfg else cfg["output"] + ".cache"
     for i, src in enumerate(cfg["sources"]):
         if src["format"] != "hub":
-            src["path"] = resolve(src["path"])
+            if not src["path"].strip():
+                raise ConfigError(f"sources[{i}].path: expected a file, directory or glob pattern, got {src['path']!r}")
+            # kept apart so that only the user's path is a pattern, never the config's folder (see _paths)
+            src_base, src["given_path"] = given.get(i, (base, os.path.expanduser(src["path"])))
+            src["base_dir"] = src_base
+            src["path"] = os.path.normpath(os.path.join(src_base, src["given_path"]))
+            # never read: this build's own output and cache (not part of the stage keys, see source_key)
+            src["exclude"] = [cfg["output"], cfg["cache_dir"]]
         if "lang" in src and not src["lang"].strip():
             raise ConfigError(f"sources[{i}].lang: expected a language code, got {src['lang']!r}")
     tok = cfg["tokenizer"]

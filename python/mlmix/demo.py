@@ -262,8 +262,9 @@ def run(out: str, *, seed: int = 0, steps: int = DEFAULT_STEPS, quiet: bool = Fa
         raise ValueError(f"steps must be >= 1, got {steps}")
     say = _Printer(quiet)
     t_start = time.perf_counter()
-    out = os.path.abspath(out)
-    os.makedirs(out, exist_ok=True)
+    from ._outputs import claim_directory
+
+    out = claim_directory(out, "demo", arg="out")
     torch.manual_seed(seed)
 
     train_recs = data.demo_records(split="train")

@@ -46,6 +46,7 @@ import numpy as np
 
 from . import readers
 from ._atomic import atomic_directory
+from ._outputs import check_build_targets, check_sealed, read_marker, seal
 from .cache import StageCache, stage_key
 from .config import load_config
 from .ragged import Ragged, RaggedWriter, drop_mapped_pages
@@ -55,7 +56,7 @@ __all__ = ["build", "BuildLog", "STAGES", "BUILD_FORMAT"]
 STAGES = ("read", "langid", "tokenize", "dedup", "mix", "pack")
 BUILD_FORMAT = 1
 # bump when a stage's output format or semantics change, so old cache entries are not reused
-_STAGE_VERSION = {"read": 1, "langid": 1, "tokenize": 2, "dedup": 3, "mix": 1, "pack": 2}
+_STAGE_VERSION = {"read": 2, "langid": 1, "tokenize": 2, "dedup": 3, "mix": 1, "pack": 3}
 _TOKENIZE_CHUNK = 4096  # records encoded at a time ...
 _CHUNK_BYTES = 16 << 20  # ... or fewer, once they hold this much JSON (bounds memory for long records)
 
@@ -690,6 +691,8 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
         headline figures ``examples``, ``tokens``, ``sequences``, ``efficiency``, ``langs``.
     """
     cfg = load_config(config)
+    config_dir = None if isinstance(config, Mapping) else os.path.dirname(os.path.abspath(os.fspath(config)))
+    check_build_targets(cfg["output"], cfg["cache_dir"], cfg["sources"], config_dir)
     log = log or BuildLog(quiet=quiet, verbose=verbose, progress=progress)
     cache = StageCache(cfg["cache_dir"], enabled=True)
     _remove_stale_scratch(cfg["cache_dir"])
@@ -700,7 +703,9 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
 
     # read
     fingerprints = [readers.source_fingerprint(s, cfg["fingerprint"]) for s in cfg["sources"]]
-    k_read = stage_key("read", _STAGE_VERSION["read"], cfg["sources"], fingerprints)
+    # what a source reads is its settings and its files' fingerprints; where this build writes is not part of it
+    k_read = stage_key("read", _STAGE_VERSION["read"], [{k: v for k, v in s.items() if k != "exclude"}
+                                                        for s in cfg["sources"]], fingerprints)
     t0 = time.perf_counter()
     d_read, s_read = _cached_stage(
         cache, log, "read", k_read, lambda tmp: _stage_read(cfg, tmp, log),
@@ -756,9 +761,10 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
     # pack + output (the output directory itself is the cache of this stage)
     k_pack = stage_key("pack", _STAGE_VERSION["pack"], k_mix, k_tok, cfg["pack"], cfg["seed"])
     out = cfg["output"]
-    summary = _load_existing(out, k_pack) if use_cache else None
+    summary = _load_existing(out, k_pack, log) if use_cache else None
     t0 = time.perf_counter()
     if summary is not None:
+        _sync_report(out, cfg["report"], k_pack)
         timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": True, "peak_rss_mb": _peak_rss_mb()}
         s_pack = summary["stages"]["pack"]
         log.stage("pack", _pack_line(s_pack), 0.0, True)
@@ -771,7 +777,7 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
             "mix": _by_lang(sel_langs, lengths_all[selected]),
         }
         stage_stats["lengths"] = _length_summary(lengths_all[selected], sel_langs)
-        with atomic_directory(out) as tmp, _scratch_dir(cfg["cache_dir"]) as scratch:
+        with atomic_directory(out, kind="build") as tmp, _scratch_dir(cfg["cache_dir"]) as scratch:
             if selected.size == len(tokens_all) and np.array_equal(selected, np.arange(selected.size)):
                 tokens, masks = tokens_all, masks_all  # everything: pack straight from the cached arrays
             else:
@@ -807,6 +813,7 @@ def build(config: str | os.PathLike | Mapping, *, quiet: bool = False, verbose: 
                 from .report import write_report
 
                 write_report(tmp, os.path.join(tmp, "report.html"))
+            seal(tmp, "build", key=k_pack)  # checksums of every file: a later run or inspect tells a changed one
             # before the rename: an output killed right after it must not keep mkdtemp's 0700/0600 modes
             _relax_modes(tmp)
         timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": False, "peak_rss_mb": _peak_rss_mb()}
@@ -873,16 +880,41 @@ def _pack_line(s: Mapping) -> str:
             + _rate(s["tokens"], s.get("seconds") or 0.0, "tok"))
 
 
-def _load_existing(out: str, key: str) -> dict | None:
-    """The summary of an existing output built with the same key, if it is complete and opens."""
+def _load_existing(out: str, key: str, log: BuildLog) -> dict | None:
+    """The summary of an existing output built with the same key, if every file in it is as mlmix wrote
+    it (the checksums in its marker; the store's own) and the store opens; else None: it is rebuilt."""
     path = os.path.join(out, "build.json")
     try:
         summary = _read_json(path)
         if summary.get("format") != BUILD_FORMAT or summary.get("key") != key:
             return None
+    except Exception:  # missing, unreadable or corrupt: rebuild
+        return None
+    if read_marker(out) is None:
+        return None  # written before outputs carried checksums: nothing vouches for its files
+    problems = [p for p in check_sealed(out) if not p.startswith("report.html ")]
+    if problems:
+        log.line(f"warning: output {out}: {'; '.join(problems[:3])}; rebuilding it")
+        return None
+    try:
         from .store import open as open_store
 
         open_store(os.path.join(out, "store"))
-        return summary
-    except Exception:  # missing, unreadable or corrupt: rebuild
+    except Exception as exc:  # a store file changed or missing: rebuild
+        log.line(f"warning: output {out}: the store does not open ({exc}); rebuilding it")
         return None
+    return summary
+
+
+def _sync_report(out: str, want: bool, key: str) -> None:
+    """Make an output reused from an earlier build hold a report exactly when the config asks for one
+    (``report`` is an output setting, outside the stage keys): write or refresh it, or remove it."""
+    path = os.path.join(out, "report.html")
+    problems = [p for p in check_sealed(out) if p.startswith("report.html ")]
+    if want and (problems or not os.path.isfile(path)):
+        from .report import write_report
+
+        write_report(out, path)  # reseals the output
+    elif not want and os.path.lexists(path):
+        os.unlink(path)
+        seal(out, "build", key=key)

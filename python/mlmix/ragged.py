@@ -205,7 +205,7 @@ class Ragged:
         """Write ``values.npy`` and ``offsets.npy`` into directory ``path``, atomically."""
         from ._atomic import atomic_directory
 
-        with atomic_directory(path) as tmp:
+        with atomic_directory(path, kind="ragged", arg="path") as tmp:
             lo = int(self.offsets[0])
             np.save(os.path.join(tmp, "values.npy"), self.values[lo : int(self.offsets[-1])])
             np.save(os.path.join(tmp, "offsets.npy"), self.offsets - lo)

@@ -63,6 +63,7 @@ import numpy as np
 
 from . import pipeline, readers
 from ._atomic import atomic_directory
+from ._outputs import check_build_targets, seal
 from ._deps import require
 from .config import load_config
 
@@ -773,6 +774,8 @@ def build_ray(config: str | os.PathLike | Mapping, *, address: str | None = None
         ValueError: a bad config or argument (before anything runs).
     """
     cfg = load_config(config)
+    config_dir = None if isinstance(config, Mapping) else os.path.dirname(os.path.abspath(os.fspath(config)))
+    check_build_targets(cfg["output"], cfg["cache_dir"], cfg["sources"], config_dir)
     ray = require("ray", "the Ray engine")
     if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
                                     or concurrency < 1):
@@ -878,7 +881,7 @@ def _run(cfg: dict, log, concurrency: int, fault_marker: str | None) -> dict:
                       f"{sum(near_removed.values()):,} near duplicates")
 
     out = cfg["output"]
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, kind="build") as tmp:
         # mix
         t0 = time.perf_counter()
         sel, stats["mix"] = _mix(cfg, kept, kept_tokens, partitions, tmp)
@@ -908,6 +911,7 @@ def _run(cfg: dict, log, concurrency: int, fault_marker: str | None) -> dict:
             from .report import write_report
 
             write_report(tmp, os.path.join(tmp, "report.html"))
+        seal(tmp, "build", engine="ray")
         log.stage("pack", pipeline._pack_line(s_pack), s_pack["seconds"], False)
     pipeline._relax_modes(out)
     summary = dict(summary, timings=timings, seconds=time.perf_counter() - t_start)

@@ -152,7 +152,7 @@ class Mixture:
             "available": self.available,
             "rows": [[sid, lang] for sid, lang in self.rows],
         }
-        with atomic_file(path, "w") as f:
+        with atomic_file(path, "w", kind="mixture", arg="path") as f:
             json.dump(doc, f, separators=(",", ":"))
 
     @classmethod

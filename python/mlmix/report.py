@@ -23,6 +23,15 @@ PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F
 _FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, 'Noto Sans', sans-serif"
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("mlmix")
+    except Exception:  # not installed as a distribution (a source checkout on sys.path)
+        return "dev"
+
+
 def find_build_dir(path: str | os.PathLike) -> str:
     """The build output directory for ``path``: the directory itself or the parent of its ``store/``."""
     p = os.path.abspath(os.fspath(path))
@@ -320,7 +329,12 @@ def _decoder(directory: str, tok_cfg: Mapping | None):
     if os.path.isfile(tok_path):
         from ._deps import require
 
-        return require("tokenizers", "decoding samples").Tokenizer.from_file(tok_path)
+        Tokenizer = require("tokenizers", "decoding samples").Tokenizer
+        try:
+            return Tokenizer.from_file(tok_path)
+        except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"{tok_path!r} is not a tokenizer that HF tokenizers can read ({exc}); rebuild the "
+                             "output with mlmix build") from None
     if tok_cfg and "name" in tok_cfg:
         from ._tiktoken import qwen_tokenizer
 
@@ -371,8 +385,42 @@ def render_report(build_dir: str | os.PathLike, *, extra_sections: str = "", tit
     ``extra_sections`` is HTML placed after the headline figures (the demo adds its training results).
     """
     build_dir = find_build_dir(build_dir)
-    with open(os.path.join(build_dir, "build.json"), encoding="utf-8") as f:
-        b = json.load(f)
+    b = load_build(build_dir)
+    try:
+        return _render(build_dir, b, extra_sections, title)
+    except (KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise ValueError(f"{os.path.join(build_dir, 'build.json')!r} lacks what the report needs ({type(exc).__name__}: "
+                         f"{exc}); it was not written by this mlmix or was edited: rebuild the output") from None
+
+
+def load_build(build_dir: str) -> dict:
+    """``build.json`` of a build output directory, once the output is checked to be as mlmix wrote it.
+
+    Outputs carry the sha256 of each of their files (``_outputs.seal``): a missing, changed or foreign
+    file is a ValueError naming it (the report itself may differ: it is derived and rewritten). A
+    malformed build.json is a ValueError naming the file, never a KeyError from deep inside.
+    """
+    from ._outputs import check_sealed, read_marker
+
+    if read_marker(build_dir) is not None:
+        problems = [p for p in check_sealed(build_dir) if not p.startswith("report.html ")]
+        if problems:
+            raise ValueError(f"{build_dir!r} is not as mlmix wrote it: {'; '.join(problems[:5])}"
+                             f"{'; ...' if len(problems) > 5 else ''}. Run mlmix build on its config to rebuild it")
+    path = os.path.join(build_dir, "build.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            b = json.load(f)
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{path!r} is not a readable build summary ({type(exc).__name__}: {exc}); rebuild the "
+                         "output with mlmix build") from None
+    if not isinstance(b, dict) or not isinstance(b.get("stages"), dict) or not isinstance(b.get("config"), dict):
+        raise ValueError(f"{path!r} is not a build summary written by mlmix (no 'stages' and 'config' tables); "
+                         "rebuild the output with mlmix build")
+    return b
+
+
+def _render(build_dir: str, b: dict, extra_sections: str, title: str | None) -> str:
     st = b["stages"]
     cfg = b["config"]
     tb = st["tokens_by_lang"]
@@ -437,7 +485,10 @@ def render_report(build_dir: str | os.PathLike, *, extra_sections: str = "", tit
         sections.append(f'<figure>{box_plot(st["lengths"], title="Example length per language (mixture)")}</figure>')
     lengths_path = os.path.join(build_dir, "lengths.npy")
     if os.path.isfile(lengths_path):
-        lengths = np.load(lengths_path)
+        try:
+            lengths = np.load(lengths_path)
+        except (OSError, ValueError, EOFError) as exc:
+            raise ValueError(f"{lengths_path!r} is not a readable array ({exc}); rebuild the output") from None
         sections.append(f'<figure>{histogram(lengths, title="Example lengths (all languages)", xlabel="tokens per example")}'
                         f"<figcaption>{lengths.size:,} examples; sequence length {pack['seq_len']:,}; "
                         f"{pack.get('overlong', 0):,} longer than it.</figcaption></figure>")
@@ -479,6 +530,7 @@ def render_report(build_dir: str | os.PathLike, *, extra_sections: str = "", tit
 
     title = title or f"mlmix build report: {os.path.basename(b['output'].rstrip(os.sep))}"
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"generator\" content=\"mlmix {_version()}\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_esc(title)}</title>"
             f"<style>{_CSS}</style></head><body><main><h1>{_esc(title)}</h1>"
             f"<p class=\"sub\">{_esc(b['output'])}</p>{''.join(sections)}</main></body></html>")
@@ -488,13 +540,21 @@ def write_report(build_dir: str | os.PathLike, path: str | os.PathLike | None = 
     """Render the report of ``build_dir`` and write it (atomically) to ``path`` (default build_dir/report.html)."""
     from ._atomic import atomic_file
 
+    from ._outputs import check_target, is_within, read_marker, seal
+
+    build_dir = find_build_dir(build_dir)
+    path = os.path.abspath(os.fspath(path)) if path is not None else os.path.join(build_dir, "report.html")
+    check_target(path, "report", arg="output", directory=False)  # before the work, and again when writing
     html_text = render_report(build_dir)
-    path = os.fspath(path) if path is not None else os.path.join(find_build_dir(build_dir), "report.html")
-    with atomic_file(path, "wb") as f:
+    with atomic_file(path, "wb", kind="report", arg="output") as f:
         f.write(html_text.encode("utf-8"))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+    marker = read_marker(build_dir)
+    if marker is not None and "files" in marker and is_within(path, build_dir):
+        # a report written into the output becomes part of it: its checksum is recorded with the rest
+        seal(build_dir, marker["mlmix"], **{k: v for k, v in marker.items() if k not in ("mlmix", "files", "skip", "format")})
     return path
 
 
@@ -568,11 +628,14 @@ def inspect_store(path: str | os.PathLike, *, samples: int = 2, max_tokens: int 
     }
     tok_cfg = None
     if build_dir is not None:
-        with open(os.path.join(build_dir, "build.json"), encoding="utf-8") as f:
-            b = json.load(f)
-        mix = b["stages"]["mix"]
-        info["mixture"] = {"recipe": mix["recipe"], "params": mix["params"], "seed": mix["seed"]}
-        tok_cfg = b["config"]["tokenizer"]
+        b = load_build(build_dir)
+        try:
+            mix = b["stages"]["mix"]
+            info["mixture"] = {"recipe": mix["recipe"], "params": mix["params"], "seed": mix["seed"]}
+            tok_cfg = b["config"]["tokenizer"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{os.path.join(build_dir, 'build.json')!r} lacks {exc} (not written by this mlmix, "
+                             "or edited): rebuild the output") from None
     hf = _decoder(os.path.dirname(store_path), tok_cfg) if samples and len(store) else None
     if hf is not None:
         picks = np.linspace(0, len(store) - 1, num=min(samples, len(store))).round().astype(int)

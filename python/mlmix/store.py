@@ -222,7 +222,7 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
         if strategy == "wrapped":
             raise ValueError("strategy='wrapped' needs an in-memory Ragged, not a stream of chunks")
     table: dict[str, int] = {}
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, kind="store", arg="path") as tmp:
         writers: dict[str, _ArrayWriter] = {}
         try:
             state = {"rows": 0, "segs": 0, "tokens": 0, "examples": 0, "dtype": None, "has_mask": None,

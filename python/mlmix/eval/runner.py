@@ -404,9 +404,12 @@ def run(config: Any, *, output: Optional[str] = None, progress: Optional[Callabl
     from .._atomic import atomic_file
     from .results import chart, to_json
 
+    from .._outputs import check_target, claim_directory
+
     cfg = load_config(config)
     if output is not None:
         cfg["output"] = os.path.abspath(output)
+    check_target(cfg["output"], "eval")  # before the models run; claimed when the results are written
     records = _records(cfg)
     langs = cfg["data"]["languages"]
     models, responses = {}, {}
@@ -431,7 +434,7 @@ def run(config: Any, *, output: Optional[str] = None, progress: Optional[Callabl
         baseline=cfg["judge"]["baseline"] if judge is not None else None, ci=cfg["judge"]["ci"],
         n_bootstrap=st["bootstrap"], alpha=st["alpha"], seed=st["seed"], batch_tokens=cfg["loss"]["batch_tokens"],
         max_length=cfg["loss"]["max_length"], fused=cfg["loss"]["fused"], progress=progress)
-    out = cfg["output"]
+    out = claim_directory(cfg["output"], "eval")
     os.makedirs(os.path.join(out, "responses"), exist_ok=True)
     for name, rows in results.get("responses", {}).items():
         with atomic_file(os.path.join(out, "responses", f"{_safe(name)}.jsonl"), "w") as f:
