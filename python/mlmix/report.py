@@ -344,8 +344,8 @@ def _decoder(directory: str, tok_cfg: Mapping | None):
 
 def _samples_html(build_dir: str, tok_cfg: Mapping | None, n: int = 3, max_tokens: int = 400) -> str:
     """A few packed sequences decoded, trained tokens highlighted (needs the tokenizer and the store)."""
+    hf = _decoder(build_dir, tok_cfg)  # a malformed tokenizer.json is an error, as in inspect
     try:
-        hf = _decoder(build_dir, tok_cfg)
         if hf is None:
             return '<p class="note">No tokenizer.json next to the store, so samples cannot be decoded.</p>'
         from .store import open as open_store
