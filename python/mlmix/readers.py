@@ -1,9 +1,15 @@
 """Reading instruction data into mlmix's canonical records.
 
-A canonical record is a dict ``{"id": str, "lang": str | None, "messages": [{"role", "content"}, ...]}``
-(chat-shaped data: ``messages``/ShareGPT ``conversations``, Alpaca ``instruction``/``input``/``output``,
-``prompt``/``response``) or ``{"id", "lang", "text": str}`` (pre-training-style text). Everything after
-the read stage works on these, so a source's own field names matter only here.
+A canonical record is a dict ``{"id": str, "lang": str | None, "where": str, "messages": [{"role", "content"},
+...]}`` (chat-shaped data: ``messages``/ShareGPT ``conversations``, Alpaca ``instruction``/``input``/``output``,
+``prompt``/``response``) or ``{"id", "lang", "where", "text": str}`` (pre-training-style text). ``where`` is
+the row's location (``data/a.jsonl:17``, ``b.parquet[row 3]``), for errors in later stages; ``id`` is the
+source's own id, else :func:`fallback_id`. Everything after the read stage works on these, so a source's
+own field names matter only here.
+
+Input is read whole or not at all: a truncated or corrupt compressed stream (gzip, zstd, any number of
+frames), a damaged Parquet file, a JSON line cut short or nested too deep raise ValueError naming the
+file and, where known, the line, row group or byte offset.
 
 Formats: JSON lines (``.jsonl``/``.json``, optionally ``.gz`` or ``.zst`` compressed), Parquet, HF
 ``datasets`` saved with ``save_to_disk`` (``hf-disk``) and hub dataset names (``hub``, only where a
@@ -17,11 +23,14 @@ import gzip
 import io
 import json
 import os
+import re
+import sys
+import zlib
 from typing import Any, Callable, Iterator, Mapping
 
 from ._deps import require
 
-__all__ = ["expand_paths", "iter_raw", "iter_source", "to_record", "record_text", "source_fingerprint"]
+__all__ = ["expand_paths", "iter_raw", "iter_source", "to_record", "fallback_id", "record_text", "source_fingerprint"]
 
 _DEFAULT_ROLES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "user": "user",
                   "assistant": "assistant", "system": "system", "tool": "tool"}
@@ -106,53 +115,209 @@ def source_fingerprint(src: Mapping, mode: str = "stat") -> list:
     return out
 
 
+_ZSTD_PIECE = 1 << 13  # compressed bytes per decompress call: bounds the output of one call (zstd ratios reach ~32768)
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of every frame of a ``.zst`` file, in order.
+
+    zstandard's ``stream_reader`` stops at the first frame's end (by default) and, reading across frames,
+    returns a frame cut short by a truncated file as if it were whole. This reader decompresses frame by
+    frame and raises ``EOFError`` when the file ends inside a frame, as ``gzip`` does for a cut member.
+    """
+
+    def __init__(self, path: str):
+        zstd = require("zstandard", "reading .zst files")
+        self._dctx = zstd.ZstdDecompressor()
+        self._frame = self._dctx.decompressobj()
+        self._in_frame = False  # the current frame has been given some input and has not ended
+        self._fh = open(path, "rb")
+        self._out = b""
+        self._pos = 0
+        self._eof = False
+        self._error: Exception | None = None  # raised once the output decoded before it is read
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> None:
+        if self._error is not None:
+            raise self._error
+        piece = self._fh.read(_ZSTD_PIECE)
+        if not piece:
+            self._eof = True
+            if self._in_frame:
+                raise EOFError("the file ends inside a zstd frame")
+            return
+        parts = []
+        try:
+            while piece:
+                parts.append(self._frame.decompress(piece))
+                self._in_frame = True
+                if not self._frame.eof:
+                    break
+                piece = self._frame.unused_data  # the start of the next frame, if any
+                self._frame = self._dctx.decompressobj()
+                self._in_frame = False
+        except Exception as exc:  # the frames that ended whole in this piece are delivered first
+            if not parts:
+                raise
+            self._error = exc
+        self._out, self._pos = b"".join(parts), 0
+
+    def readinto(self, buf) -> int:
+        while self._pos >= len(self._out):
+            if self._eof:
+                return 0
+            self._fill()
+        n = min(len(buf), len(self._out) - self._pos)
+        buf[:n] = self._out[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._fh.close()
+        super().close()
+
+
 def _open_binary(path: str) -> io.BufferedIOBase:
     p = path.lower()
     if p.endswith(".gz"):
         return gzip.open(path, "rb")
     if p.endswith(".zst"):
-        zstd = require("zstandard", "reading .zst files")
-        fh = open(path, "rb")
-        return io.BufferedReader(zstd.ZstdDecompressor().stream_reader(fh, closefd=True))
+        return io.BufferedReader(_ZstdFrames(path), buffer_size=1 << 16)
     return open(path, "rb")
 
 
-def _iter_jsonl(path: str) -> Iterator[tuple[str, dict]]:
+def _decompress_errors(path: str) -> tuple:
+    """The exceptions a damaged compressed file raises while it is read (none for an uncompressed one)."""
+    p = path.lower()
+    if p.endswith(".gz"):
+        return (EOFError, zlib.error, gzip.BadGzipFile)
+    if p.endswith(".zst"):
+        return (EOFError, require("zstandard", "reading .zst files").ZstdError)
+    return ()
+
+
+def _damaged(path: str, lineno: int, offset: int, exc: BaseException) -> ValueError:
+    where = (f"after line {lineno} (byte offset {offset} of the decompressed data)" if lineno
+             else "before its first line")
+    if isinstance(exc, EOFError):
+        return ValueError(f"{path}: compressed stream is truncated {where}; the file is incomplete "
+                          "(an interrupted download or copy?)")
+    return ValueError(f"{path}: compressed data is corrupt {where}: {exc}")
+
+
+def _read_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of a file, decompressing ``.gz``/``.zst``; a damaged or truncated
+    compressed stream raises ValueError naming the file and the last line read whole."""
+    errors = _decompress_errors(path)
+    lineno = offset = 0
+    try:
+        with _open_binary(path) as f:
+            for raw in f:
+                lineno += 1
+                yield lineno, raw
+                offset += len(raw)
+    except errors as exc:
+        raise _damaged(path, lineno, offset, exc) from None
+
+
+_MAX_JSON_DEPTH = 512  # deeper lines are refused: Python's json parser recurses once per level
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _json_depth(line: str) -> int:
+    """How deep the arrays and objects of a JSON text nest (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for ch in _JSON_BRACKET.findall(_JSON_STRING.sub("", line)):
+        depth += 1 if ch in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _parse_line(path: str, lineno: int, line: str, ends_line: bool) -> Any:
+    """One JSON line -> its value, or ValueError naming ``path:lineno``."""
+    # counting brackets is cheap; only a line with many of them is measured
+    if line.count("[") + line.count("{") > _MAX_JSON_DEPTH:
+        depth = _json_depth(line)
+        if depth > _MAX_JSON_DEPTH:
+            raise ValueError(f"{path}:{lineno}: JSON nested deeper than {_MAX_JSON_DEPTH} levels ({depth} levels); "
+                             "mlmix does not read such lines")
+    try:
+        return json.loads(line)
+    except RecursionError:  # a recursion limit lowered below what _MAX_JSON_DEPTH assumes
+        raise ValueError(f"{path}:{lineno}: JSON nested deeper than Python's recursion limit allows here "
+                         f"({_json_depth(line)} levels, sys.getrecursionlimit() = {sys.getrecursionlimit()})") from None
+    except json.JSONDecodeError as exc:
+        cut = "" if ends_line else "; the file ends inside this line (no newline after it): is it truncated?"
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}){cut}") from None
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[int, str, dict]]:
+    """(line number, location, object) of each non-blank line of a JSON lines file."""
     # Lines are read as bytes and decoded one by one, so that invalid UTF-8 is reported with its line.
-    with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 at byte {exc.start} of the line "
-                                 f"({exc.reason}: {raw[exc.start:exc.start + 4]!r})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
-            yield f"{path}:{lineno}", obj
+    for lineno, raw in _read_lines(path):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not valid UTF-8 at byte {exc.start} of the line "
+                             f"({exc.reason}: {raw[exc.start:exc.start + 4]!r})") from None
+        if not line.strip():
+            continue
+        obj = _parse_line(path, lineno, line, raw.endswith(b"\n"))
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+        yield lineno, f"{path}:{lineno}", obj
 
 
-def _iter_table_rows(table, where: str) -> Iterator[tuple[str, dict]]:
+def _iter_table_rows(table, where: str) -> Iterator[tuple[int, str, dict]]:
     i = 0
     for batch in table.to_batches(max_chunksize=8192):
         for row in batch.to_pylist():
-            yield f"{where}[{i}]", row
+            yield i, f"{where}[{i}]", row
             i += 1
 
 
-def _iter_parquet(path: str) -> Iterator[tuple[str, dict]]:
+def _open_parquet(path: str):
+    pa = require("pyarrow", "reading Parquet files")
     pq = require("pyarrow.parquet", "reading Parquet files")
-    pf = pq.ParquetFile(path)
+    try:
+        try:  # page checksums, where the writer stored them (pyarrow >= 15 can check them)
+            return pq.ParquetFile(path, page_checksum_verification=True)
+        except TypeError:
+            return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Parquet file (damaged, truncated or another format): {exc}") from None
+
+
+def _iter_parquet(path: str) -> Iterator[tuple[int, str, dict]]:
+    """(row index, location, row) of a Parquet file, row group by row group; a row group that cannot be
+    decoded, or that holds fewer or more rows than the footer says, raises ValueError naming it."""
+    pa = require("pyarrow", "reading Parquet files")
+    pf = _open_parquet(path)
     i = 0
-    for batch in pf.iter_batches(batch_size=8192):
-        for row in batch.to_pylist():
-            yield f"{path}[row {i}]", row
-            i += 1
+    for rg in range(pf.num_row_groups):
+        expected = pf.metadata.row_group(rg).num_rows
+        first = i
+        batches = pf.iter_batches(batch_size=8192, row_groups=[rg])
+        while True:
+            try:
+                batch = next(batches, None)
+                rows = None if batch is None else batch.to_pylist()
+            except (pa.ArrowException, OSError) as exc:
+                raise ValueError(f"{path}: row group {rg} (rows {first} to {first + expected - 1}) cannot be "
+                                 f"read, the file is damaged: {exc}") from None
+            if rows is None:
+                break
+            for row in rows:
+                yield i, f"{path}[row {i}]", row
+                i += 1
+        if i - first != expected:
+            raise ValueError(f"{path}: row group {rg} gave {i - first} rows, the file's footer says {expected}: "
+                             "the file is damaged")
 
 
 def _pick_split(ds, split: str | None, where: str):
@@ -168,13 +333,13 @@ def _pick_split(ds, split: str | None, where: str):
     return ds
 
 
-def _iter_hf_disk(path: str, split: str | None) -> Iterator[tuple[str, dict]]:
+def _iter_hf_disk(path: str, split: str | None) -> Iterator[tuple[int, str, dict]]:
     datasets = require("datasets", "reading datasets saved to disk")
     ds = _pick_split(datasets.load_from_disk(path), split, path)
     yield from _iter_table_rows(ds.data.table if hasattr(ds.data, "table") else ds.data, path)
 
 
-def _iter_hub(name: str, split: str | None) -> Iterator[tuple[str, dict]]:
+def _iter_hub(name: str, split: str | None) -> Iterator[tuple[int, str, dict]]:
     datasets = require("datasets", "reading hub datasets")
     try:
         ds = datasets.load_dataset(name, split=split or "train")
@@ -186,25 +351,59 @@ def _iter_hub(name: str, split: str | None) -> Iterator[tuple[str, dict]]:
     yield from _iter_table_rows(ds.data.table if hasattr(ds.data, "table") else ds.data, f"hub:{name}")
 
 
-def iter_raw(src: Mapping) -> Iterator[tuple[str, dict]]:
-    """(location, raw row) pairs of one source, in a deterministic order (files sorted by path)."""
+def _iter_located(src: Mapping) -> Iterator[tuple[str, int, str, dict]]:
+    """(file, position in the file, location, raw row) of one source, files sorted by path. The position is
+    the line number in a JSON lines file and the row index (from 0) otherwise."""
     fmt = src["format"]
     if fmt == "hub":
-        yield from _iter_hub(src["path"], src.get("split"))
+        for pos, where, row in _iter_hub(src["path"], src.get("split")):
+            yield src["path"], pos, where, row
         return
     for path in expand_paths(src):
         kind = fmt if fmt != "auto" else _kind_of(path)
         if kind == "jsonl":
-            yield from _iter_jsonl(path)
+            rows = _iter_jsonl(path)
         elif kind == "parquet":
-            yield from _iter_parquet(path)
+            rows = _iter_parquet(path)
         elif kind == "hf-disk":
-            yield from _iter_hf_disk(path, src.get("split"))
+            rows = _iter_hf_disk(path, src.get("split"))
         else:
             raise ValueError(
                 f"{path}: cannot tell the format from the name; set the source's format to one of "
                 "'jsonl', 'parquet', 'hf-disk' (accepted extensions: .jsonl/.json/.ndjson[.gz|.zst], .parquet)"
             )
+        for pos, where, row in rows:
+            yield path, pos, where, row
+
+
+def iter_raw(src: Mapping) -> Iterator[tuple[str, dict]]:
+    """(location, raw row) pairs of one source, in a deterministic order (files sorted by path)."""
+    for _, _, where, row in _iter_located(src):
+        yield where, row
+
+
+def fallback_id(src: Mapping, file: str, index: int) -> str:
+    """The id of a row that has no ``id_field``: where it comes from, unique across the sources of a build.
+
+    ``<file>:<index>``, the file's path relative to the config's folder (``src["base_dir"]``, else the
+    current directory) with ``/`` separators and the row's line number (JSON lines) or row index from 0
+    (Parquet, datasets); prefixed by ``<name>:`` when the source has a name. A hub source stands as
+    ``hub:<dataset>:<split>``, a ``datasets`` directory read with a ``split`` as ``<dir>[<split>]``.
+    Two sources share a fallback id only when they read the same row of the same file under the same name.
+    """
+    if src["format"] == "hub":
+        part = f"hub:{src['path']}:{src.get('split') or 'train'}"
+    else:
+        base = src.get("base_dir") or os.getcwd()
+        try:
+            part = os.path.relpath(file, base)
+        except ValueError:  # another drive (Windows): no relative path exists
+            part = os.path.abspath(file)
+        part = part.replace(os.sep, "/")
+        if src.get("split") is not None and os.path.isdir(file):
+            part += f"[{src['split']}]"
+    name = src.get("name")
+    return f"{name}:{part}:{index}" if name else f"{part}:{index}"
 
 
 def _as_text(value: Any, where: str, field: str) -> str:
@@ -224,14 +423,19 @@ def _get(row: Mapping, fields: Mapping, canonical: str, candidates: tuple[str, .
     return None, None
 
 
-def to_record(row: Mapping, src: Mapping, where: str, index: int) -> dict:
-    """One raw row -> a canonical record (see the module docstring). Raises ValueError naming ``where``."""
+def to_record(row: Mapping, src: Mapping, where: str, index: int, file: str | None = None) -> dict:
+    """One raw row -> a canonical record (see the module docstring). Raises ValueError naming ``where``.
+
+    ``where`` is the row's location (``path:line`` or ``path[row i]``), kept in the record under
+    ``"where"`` so that later stages name it too; ``file`` (default: the source's path) and ``index`` (the
+    row's line number or row index in that file) make the id of a row without one (:func:`fallback_id`).
+    """
     fields = src["fields"]
     roles = {**_DEFAULT_ROLES, **src["roles"]}
     fmt = src["records"]
     rec_id = row.get(src["id_field"])
     if rec_id is None:
-        rec_id = f"{src.get('name') or os.path.basename(src['path'])}:{index}"
+        rec_id = fallback_id(src, src["path"] if file is None else file, index)
     if "lang" in src:
         lang = src["lang"]
     else:
@@ -239,7 +443,7 @@ def to_record(row: Mapping, src: Mapping, where: str, index: int) -> dict:
         if lang is not None and not isinstance(lang, str):
             raise ValueError(f"{where}: field {src['lang_field']!r} must be a language code string, got {lang!r}")
         lang = lang or None
-    out: dict = {"id": str(rec_id), "lang": lang}
+    out: dict = {"id": str(rec_id), "lang": lang, "where": where}
 
     if fmt == "auto":
         if any(k in row for k in _MESSAGES_KEYS) or "messages" in fields:
@@ -316,12 +520,12 @@ def iter_source(src: Mapping, on_row: Callable[[], None] | None = None) -> Itera
     """Canonical records of one source, after its ``where`` filter and ``limit``."""
     n = 0
     limit = src.get("limit")
-    for index, (where, row) in enumerate(iter_raw(src)):
+    for file, pos, where, row in _iter_located(src):
         if src["where"] and not _matches(row, src["where"]):
             continue
         if limit is not None and n >= limit:
             break
-        yield to_record(row, src, where, index)
+        yield to_record(row, src, where, pos, file)
         n += 1
 
 

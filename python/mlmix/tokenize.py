@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
@@ -84,6 +85,17 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+
+def _record_error(index: int, record: Any, kind: str, reason: str) -> RecordError:
+    """The error for a bad record: named by its ``"where"`` (the file and line the readers of
+    :mod:`mlmix.readers` put there) when it has one, else by its index in the input."""
+    err = RecordError(index, kind, reason)
+    where = record.get("where") if isinstance(record, Mapping) else None
+    err.where = where if isinstance(where, str) and where else None
+    if err.where is not None:
+        err.args = (f"{err.where}: {reason}",)
+    return err
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -319,7 +331,9 @@ class Tokenizer:
                 ``"drop"``, ``"truncate_prompt_left"`` (cut from the start, never into the last trained
                 span; else dropped) or ``"truncate_response_right"`` (cut the end; dropped if nothing
                 trained remains). Everything cut or dropped is counted in ``stats``.
-            on_error: ``"raise"`` (RecordError with the record index and reason) or ``"skip"`` (counted).
+            on_error: ``"raise"`` (RecordError with the reason, naming the record by its ``"where"`` key
+                when it has one, as records from :mod:`mlmix.readers` do, else by its index) or ``"skip"``
+                (counted).
         """
         records = conversations
         if isinstance(records, dict):
@@ -351,7 +365,8 @@ class Tokenizer:
             try:
                 enc = self.encode_records(chunk, **kwargs)
             except RecordError as exc:
-                raise RecordError(base + exc.index, exc.kind, exc.reason) from None
+                raise _record_error(base + exc.index, {"where": getattr(exc, "where", None)}, exc.kind,
+                                    exc.reason) from None
             enc.index += base
             base += len(chunk)
             yield enc
@@ -388,7 +403,7 @@ class Tokenizer:
                     raise _Bad("empty_text", "text is empty")
             except _Bad as bad:
                 if on_error == "raise":
-                    raise RecordError(i, bad.kind, bad.reason) from None
+                    raise _record_error(i, rec, bad.kind, bad.reason) from None
                 stats.skipped[bad.kind] += 1
                 continue
             if lang is not None:
@@ -408,7 +423,7 @@ class Tokenizer:
             if isinstance(t, _chat.FastTemplate):
                 (tok, mask), ok = self._encode_fast(t, chat_convs, train_on), None
             else:
-                tok, mask, ok = self._encode_jinja(t, chat_convs, train_on, on_error, chat_idx, stats)
+                tok, mask, ok = self._encode_jinja(t, chat_convs, train_on, on_error, chat_idx, stats, records)
             idx = np.asarray(chat_idx, dtype=np.int64)
             if ok is not None:
                 idx = idx[ok]
@@ -616,7 +631,7 @@ class Tokenizer:
         enc = self._hf.encode(text, add_special_tokens=False)
         return sum(1 for _, end in enc.offsets if end <= header_chars)
 
-    def _encode_jinja(self, t: "_JinjaTemplate", convs, train_on, on_error, chat_idx, stats):
+    def _encode_jinja(self, t: "_JinjaTemplate", convs, train_on, on_error, chat_idx, stats, records):
         """Generic path: render with Jinja, tokenise with offsets, mask the tokens overlapping trained spans."""
         texts, spans, ok = [], [], []
         for k, conv in enumerate(convs):
@@ -624,7 +639,7 @@ class Tokenizer:
                 text, sp = t.render_with_spans(conv, train_on)
             except _Bad as bad:
                 if on_error == "raise":
-                    raise RecordError(chat_idx[k], bad.kind, bad.reason) from None
+                    raise _record_error(chat_idx[k], records[chat_idx[k]], bad.kind, bad.reason) from None
                 stats.skipped[bad.kind] += 1
                 ok.append(False)
                 continue
