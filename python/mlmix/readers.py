@@ -18,7 +18,6 @@ network is reachable; otherwise a clear error).
 
 from __future__ import annotations
 
-import glob
 import gzip
 import io
 import json
@@ -57,32 +56,43 @@ def _kind_of(path: str) -> str:
 
 
 def expand_paths(src: Mapping) -> list[str]:
-    """The files (or HF dataset directories) a source's ``path`` names: a file, a glob or a directory."""
+    """The files (or HF dataset directories) a source's ``path`` names: a file, a directory or a glob.
+
+    The path resolves against the config's folder (``base_dir``), taken literally; a path that exists is
+    taken literally too, and only otherwise is it a pattern (see :mod:`mlmix._paths` for the rules, the
+    escaping of pattern characters and how links, loops and mlmix's own outputs are handled).
+    """
+    from . import _paths
+
     path = src["path"]
     fmt = src["format"]
     if fmt == "hub":
         return [path]
+    given = src.get("given_path", path)
+    base = src.get("base_dir") or os.getcwd()
+    exclude = src.get("exclude", ())
+    how, found = _paths.expand(base, given, exclude=exclude)
+    label = src.get("name") or given
     if fmt == "hf-disk":
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"source {src.get('name') or path!r}: {path!r} is not a directory saved by datasets")
-        return [path]
-    if glob.has_magic(path):
-        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
-    elif os.path.isdir(path):
-        if _kind_of(path) == "hf-disk":
-            return [path]
-        files = sorted(
-            os.path.join(root, f)
-            for root, _, names in os.walk(path)
-            for f in names
-            if _kind_of(os.path.join(root, f)) in ("jsonl", "parquet")
-        )
-    elif os.path.isfile(path):
-        files = [path]
+        if how != "dir":
+            raise FileNotFoundError(f"source {label!r}: {path!r} is not a directory saved by datasets")
+        return found
+    if how == "missing":
+        raise FileNotFoundError(f"source path {given!r} does not exist (looked for {path!r})")
+    if how == "file":
+        files = found
+    elif how == "dir":
+        if _kind_of(found[0]) == "hf-disk":
+            return found
+        files = _paths.walk_files(found[0], lambda p: _kind_of(p) in ("jsonl", "parquet"), exclude=exclude)
     else:
-        raise FileNotFoundError(f"source path {path!r} does not exist")
+        files = found
     if not files:
-        raise FileNotFoundError(f"source path {path!r} matches no .jsonl(.gz/.zst) or .parquet files")
+        where = f" under {base!r}" if not os.path.isabs(os.path.expanduser(given)) else ""
+        raise FileNotFoundError(
+            f"source path {given!r} matches no .jsonl(.gz/.zst) or .parquet files{where} (mlmix's own outputs and "
+            "names starting with a dot are never matched; to match a pattern character literally, enclose it in "
+            "brackets, e.g. 'data[[]1].jsonl')")
     return files
 
 
