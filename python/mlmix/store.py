@@ -13,9 +13,11 @@ import dataclasses
 import json
 import os
 import re
+import stat
 import sys
+import time
 import zlib
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import numpy as np
 
@@ -597,6 +599,87 @@ def _check_manifest_fields(m: dict, where: str) -> None:
             bad("pad_id", f"in [0, {info.max}] for {arrays['tokens']['dtype']} tokens", m["pad_id"])
 
 
+_REOPEN = ("; the files of an open store must not change: write the new store elsewhere (or let "
+           "mlmix.write_store replace it, which swaps the directory atomically) and open it again")
+
+
+def _file_crc32(path: str, size_hint: int) -> tuple[int, int, os.stat_result]:
+    """(CRC-32, bytes read, fstat) of the file at ``path``, read with read() rather than through a
+    mapping, so a file truncated meanwhile gives a short count, not SIGBUS."""
+    crc, got = 0, 0
+    buf = bytearray(min(1 << 24, size_hint + 1))
+    with builtins.open(path, "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        while True:
+            k = f.readinto(buf)
+            if not k:
+                break
+            crc = zlib.crc32(memoryview(buf)[:k], crc)
+            got += k
+    return crc, got, st
+
+
+BUILD_SUMMARY = "build.json"  # marks the output directory of mlmix build, whose store is in store/
+_STORE_LOOKS_LIKE = (f"a store is a directory holding {MANIFEST} and the .bin arrays it lists (tokens.bin, "
+                     "row_offsets.bin, ...), as mlmix.write_store writes it; the output directory of mlmix build "
+                     "holds one in store/")
+
+
+def _store_dir(path: str) -> str:
+    """The store directory ``path`` names: ``path`` itself, or ``path/store`` when ``path`` is the output
+    directory of ``mlmix build`` (it holds build.json and store/, and no manifest of its own)."""
+    if not os.path.isdir(path):
+        if os.path.isfile(path):
+            hint = (f" (the store is probably its directory {os.path.dirname(os.path.abspath(path))!r})"
+                    if os.path.basename(path) == MANIFEST or path.endswith(".bin") else "")
+            raise FileNotFoundError(f"no packed store at {path!r}: it is a file, not a directory; "
+                                    f"{_STORE_LOOKS_LIKE}{hint}")
+        raise FileNotFoundError(f"no packed store at {path!r}: not a directory")
+    if os.path.lexists(os.path.join(path, MANIFEST)):
+        return path
+    inner = os.path.join(path, "store")
+    if os.path.isfile(os.path.join(path, BUILD_SUMMARY)):
+        if os.path.isdir(inner):
+            return inner
+        raise StoreError(f"{path!r} is the output of mlmix build ({BUILD_SUMMARY}) but holds no store/ directory")
+    if os.path.isfile(os.path.join(inner, MANIFEST)):
+        raise StoreError(f"{path!r} is not an mlmix packed store: {MANIFEST} is missing; it holds one in "
+                         f"{inner!r}: open that")
+    raise StoreError(f"{path!r} is not an mlmix packed store: {MANIFEST} is missing ({_STORE_LOOKS_LIKE})")
+
+
+# A file's timestamps have a granularity (a clock tick, ~1-10 ms, or a whole second on some file
+# systems), so a rewrite within the same tick as the last write before opening keeps the mtime. A file
+# whose mtime is that close to the time it was opened is "racy" (as git calls it): while it is, each
+# check compares its bytes with the manifest's checksum instead of trusting the timestamps.
+_RACY_NS = 50_000_000  # sub-second timestamps: well above a clock tick
+_RACY_COARSE_NS = 2_500_000_000  # timestamps in whole seconds (ext3, FAT's 2 s, some network file systems)
+
+
+def _is_racy(mtime_ns: int, now_ns: int) -> bool:
+    window = _RACY_COARSE_NS if mtime_ns % 1_000_000_000 == 0 else _RACY_NS
+    return -window < now_ns - mtime_ns < window
+
+
+def _stat_key(st: os.stat_result) -> tuple:
+    return (st.st_size, st.st_ino, st.st_dev, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class _WatchedFile:
+    """A mapped file of a store and what it was when mapped (size, inode, device, mtime, ctime, from the
+    fstat of the descriptor that was mapped), so that a change under an open store is found before a
+    read: the mapping of a truncated file raises SIGBUS on the pages past its new end."""
+
+    __slots__ = ("file", "path", "crc32", "key", "racy", "mapping", "mapped_size")
+
+    def __init__(self, file: str, path: str, crc32: str, st: os.stat_result) -> None:
+        self.file, self.path, self.crc32 = file, path, crc32
+        self.key = _stat_key(st)
+        self.racy = _is_racy(st.st_mtime_ns, time.time_ns())
+        self.mapping = None  # the mmap.mmap (None for an empty file): its size() is the mapped file's
+        self.mapped_size = st.st_size  # bytes mapped; fixed, whatever key later says (see Store._watch_from)
+
+
 class Store:
     """A packed store opened read-only; arrays are memory-mapped.
 
@@ -604,15 +687,24 @@ class Store:
     :meth:`batch`, without the leading batch axis). Metadata: ``seq_len``, ``num_tokens``,
     ``num_examples``, ``languages`` (list of codes; ``lang_ids`` index it), ``efficiency``, ``manifest``,
     ``vocab_fingerprint`` (the writing tokenizer's, see :meth:`check_tokenizer`; None if not recorded).
+
+    ``path`` is the store's directory, or the output directory of ``mlmix build`` (which holds
+    ``build.json`` and the store in ``store/``; ``store.path`` is then that ``store/``).
+
+    A store's files must not change while it is open. Every read (:meth:`batch`, ``store[i]``,
+    :meth:`array`) first compares the files it reads with what they were when mapped
+    (:meth:`check_unchanged`): a file truncated, grown or deleted raises StoreError, whatever
+    ``verify``; with ``verify=True`` so does a file replaced (renamed over) or rewritten in place whose
+    bytes no longer match the manifest's checksum.
     """
 
     def __init__(self, path, *, verify: bool = True) -> None:
-        self.path = os.fspath(path)
+        self.path = _store_dir(os.fspath(path))
+        self.verify = bool(verify)  # also: a replaced or rewritten file is found (see check_unchanged)
         mpath = os.path.join(self.path, MANIFEST)
-        if not os.path.isdir(self.path):
-            raise FileNotFoundError(f"no packed store at {self.path!r}: not a directory")
         if not os.path.isfile(mpath):
-            raise StoreError(f"{self.path!r} is not an mlmix packed store: {MANIFEST} is missing")
+            raise StoreError(f"{self.path!r} is not an mlmix packed store: {MANIFEST} is missing "
+                             f"({_STORE_LOOKS_LIKE})")
         try:
             with builtins.open(mpath, "rb") as f:
                 raw = f.read()
@@ -638,16 +730,25 @@ class Store:
         self.vocab_fingerprint: dict | None = dict(m["tokenizer"]) if "tokenizer" in m else None
         self._arrays: dict[str, np.ndarray] = {}
         self._shards: dict[str, list[np.ndarray]] = {}  # per-token arrays kept in several files
+        self._watched: dict[str, _WatchedFile] = {}  # every mapped file, by file name
+        self._watch_index: list[_WatchedFile] = []  # the files every read uses (all but the shard files)
+        self._watch_shard: list[list[_WatchedFile]] = []  # per shard, its files (sharded stores)
+        self._watch_array: dict[str, list[_WatchedFile]] = {}  # per array, its files
         for name, spec in m["arrays"].items():
             if "shards" in spec:
                 dtype = spec["dtype"]
                 self._shards[name] = [self._map(name, dict(x, dtype=dtype), verify) for x in spec["shards"]]
+                for k, x in enumerate(spec["shards"]):
+                    if len(self._watch_shard) <= k:
+                        self._watch_shard.append([])
+                    self._watch_shard[k].append(self._watched[x["file"]])
                 self._arrays[name] = ShardedArray(self._shards[name])
                 if self._arrays[name].shape[0] != spec["length"]:
                     raise StoreError(f"{self.path!r}: the shards of {name!r} hold {self._arrays[name].shape[0]} "
                                      f"entries, the manifest says {spec['length']}")
             else:
                 self._arrays[name] = self._map(name, spec, verify)
+                self._watch_index.append(self._watched[spec["file"]])
         a = self._arrays
         rows, segs = int(m["num_sequences"]), int(m["num_segments"])
         expect = {"row_offsets": rows + 1, "seg_offsets": rows + 1, "seg_lens": segs, "seg_starts": segs,
@@ -706,13 +807,25 @@ class Store:
         n = int(spec["length"])
         if not os.path.isfile(fpath):
             raise StoreError(f"{self.path!r} is incomplete: {spec['file']} is missing")
-        size = os.path.getsize(fpath)
-        if size != n * dtype.itemsize:
-            raise StoreError(
-                f"{self.path!r}: {spec['file']} has {size} bytes, the manifest expects {n * dtype.itemsize} "
-                f"(truncated or overwritten)"
-            )
-        arr = np.memmap(fpath, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
+        try:  # O_NONBLOCK: a FIFO put in the file's place must not hang the open
+            fd = os.open(fpath, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except OSError as exc:
+            raise StoreError(f"{self.path!r}: cannot open {spec['file']}: {exc.strerror}") from None
+        with builtins.open(fd, "rb") as f:
+            st = os.fstat(fd)  # the file mapped below, whatever happens to the path meanwhile
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"{self.path!r} is incomplete: {spec['file']} is missing (not a regular file)")
+            size = st.st_size
+            if size != n * dtype.itemsize:
+                raise StoreError(
+                    f"{self.path!r}: {spec['file']} has {size} bytes, the manifest expects {n * dtype.itemsize} "
+                    f"(truncated or overwritten)"
+                )
+            watched = _WatchedFile(spec["file"], fpath, spec["crc32"], st)
+            arr = np.memmap(f, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
+            watched.mapping = getattr(arr, "_mmap", None)
+        self._watched[spec["file"]] = watched
+        self._watch_array.setdefault(name, []).append(watched)
         if verify:
             crc = 0
             step = 1 << 24
@@ -726,6 +839,102 @@ class Store:
                     f"the store is corrupted"
                 )
         return np.asarray(arr)
+
+    def check_unchanged(self, rows: Sequence[int] | np.ndarray | None = None) -> None:
+        """Raise StoreError if a file of the store changed since it was opened; called before every read.
+
+        A store's arrays are memory-mapped: reading a page of a file truncated under the mapping kills the
+        process with SIGBUS, and a file rewritten in place shows its new bytes. This compares each file's
+        ``stat`` (size, inode, mtime, ctime) with what it was when mapped, a few microseconds per file:
+
+        - truncated, grown or deleted: StoreError, whatever ``verify`` (the SIGBUS case);
+        - with ``verify=True``, also replaced (another file renamed over it) or rewritten in place: its
+          bytes are checksummed once and compared with the manifest; a match (a ``touch``, an identical
+          copy) is accepted, a mismatch raises StoreError. ``verify=False`` trusts files whose size is
+          unchanged (a replaced file is not read: the mapping keeps the old one; one rewritten in place
+          is read as it now is).
+
+        ``rows``: check only the files these rows are read from (the index arrays and the rows' shards);
+        None: every file. A change during a read, after this check, cannot be caught (docs/bad-input.md).
+        """
+        if rows is None or not self._watch_shard:
+            files = self._watch_index if rows is not None else list(self._watched.values())
+        else:
+            last = self.num_shards - 1  # rows out of range are clipped here and refused by the read
+            found = np.searchsorted(self._bounds, np.asarray(rows, dtype=np.int64).reshape(-1), side="right") - 1
+            shards = sorted({min(max(k, 0), last) for k in found.tolist()})
+            files = self._watch_index + [w for k in shards for w in self._watch_shard[k]]
+        for w in files:  # the fast path inline: one stat per file, most of the cost
+            try:
+                st = os.stat(w.path)
+            except OSError as exc:
+                self._stat_failed(w, exc)
+            if (st.st_size, st.st_ino, st.st_dev, st.st_mtime_ns, st.st_ctime_ns) != w.key or w.racy:
+                self._check_changed(w, st)
+
+    def _check_one(self, w: _WatchedFile) -> None:
+        try:
+            st = os.stat(w.path)
+        except OSError as exc:
+            self._stat_failed(w, exc)
+        if _stat_key(st) != w.key or w.racy:
+            self._check_changed(w, st)
+
+    def _stat_failed(self, w: _WatchedFile, exc: OSError) -> NoReturn:
+        if isinstance(exc, FileNotFoundError):
+            raise StoreError(f"{self.path!r}: {w.file} was deleted after the store was opened{_REOPEN}") from None
+        raise StoreError(f"{self.path!r}: {w.file} cannot be read any more ({exc.strerror}){_REOPEN}") from None
+
+    def _check_changed(self, w: _WatchedFile, st: os.stat_result) -> None:
+        """The slow path of :meth:`check_unchanged`, for a file whose stat changed (or is racy)."""
+        size, ino, dev = w.key[:3]
+        replaced = (st.st_ino, st.st_dev) != (ino, dev)
+        if replaced and w.mapping is not None:
+            # the path is another file now; reads depend on the size of the file still mapped
+            try:
+                mapped = w.mapping.size()
+            except (OSError, ValueError):
+                mapped = w.mapped_size
+            if mapped < w.mapped_size:
+                raise StoreError(f"{self.path!r}: {w.file} was replaced, and the file still mapped was truncated "
+                                 f"from {w.mapped_size} to {mapped} bytes{_REOPEN}")
+        if st.st_size != size:
+            what = (f"replaced by another file of {st.st_size} bytes (it had {size})" if replaced else
+                    f"truncated from {size} to {st.st_size} bytes" if st.st_size < size else
+                    f"grown from {size} to {st.st_size} bytes")
+            raise StoreError(f"{self.path!r}: {w.file} was {what} after the store was opened{_REOPEN}")
+        if not self.verify:
+            return
+        now = time.time_ns()
+        try:
+            crc, got, st2 = _file_crc32(w.path, size)
+        except OSError as exc:
+            raise StoreError(f"{self.path!r}: {w.file} cannot be read any more ({exc.strerror}){_REOPEN}") from None
+        if got != size:
+            raise StoreError(f"{self.path!r}: {w.file} was {'truncated' if got < size else 'grown'} from {size} to "
+                             f"{got} bytes after the store was opened{_REOPEN}")
+        if f"{crc:08x}" != w.crc32:
+            what = "replaced by another file" if replaced else "rewritten in place"
+            raise StoreError(f"{self.path!r}: {w.file} was {what} after the store was opened (crc32 {crc:08x}, "
+                             f"manifest {w.crc32}){_REOPEN}")
+        w.key = _stat_key(st2)  # the same bytes (a touch, an identical copy): watch the file as it is now
+        w.racy = _is_racy(st2.st_mtime_ns, now)
+
+    def _watch_state(self) -> dict[str, tuple]:
+        """What each file was when this store opened it (picklable), for :meth:`_watch_from`."""
+        return {name: (w.key, w.racy) for name, w in self._watched.items()}
+
+    def _watch_from(self, state: dict[str, tuple], verify: bool) -> None:
+        """Check against another Store's view of the same files (``state``, its :meth:`_watch_state`)
+        instead of what they were when this one mapped them, now and on every later read: a loader
+        worker re-opens the store without checksums and still finds a file changed since the loader
+        opened it."""
+        self.verify = bool(verify)
+        for name, (key, racy) in state.items():
+            w = self._watched.get(name)
+            if w is not None:
+                w.key, w.racy = tuple(key), bool(racy)
+        self.check_unchanged()
 
     def __len__(self) -> int:
         return self._rows
@@ -769,6 +978,7 @@ class Store:
         if idx.dtype.kind not in "iu" or idx.ndim != 1:
             raise TypeError(f"rows must be a 1-D integer array, got dtype {idx.dtype}, shape {idx.shape}")
         idx = np.ascontiguousarray(idx, dtype=np.int64)
+        self.check_unchanged(idx)
         a = self._arrays
         suffix = {"uint32": "u32", "int32": "i32", "int64": "i64"}[a["tokens"].dtype.name]
         if self._shards:
@@ -805,8 +1015,14 @@ class Store:
 
     def array(self, name: str) -> np.ndarray:
         """A raw memory-mapped array of the store (see docs/store-format.md); for a store of several
-        shards, ``tokens`` and ``loss_mask`` are :class:`ShardedArray` views over the shard files."""
-        return self._arrays[name]
+        shards, ``tokens`` and ``loss_mask`` are :class:`ShardedArray` views over the shard files.
+
+        Its files are checked (:meth:`check_unchanged`) now, not at each later access: a loader that
+        keeps the array calls ``check_unchanged(rows)`` before each batch, as mlmix's does."""
+        arr = self._arrays[name]
+        for w in self._watch_array.get(name, ()):
+            self._check_one(w)
+        return arr
 
     @property
     def num_shards(self) -> int:
