@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -510,7 +511,8 @@ class PackedDataset(_BatchStream):
     """Batches of packed rows read from a packed store, for one rank.
 
     Args:
-        path: a store written by :func:`mlmix.write_store` (or an opened :class:`mlmix.store.Store`).
+        path: a store written by :func:`mlmix.write_store` (or an opened :class:`mlmix.store.Store`), or
+            the output directory of ``mlmix build``, whose store (``OUTPUT/store``) is then opened.
         batch_size: rows per batch on this rank.
         seed: fixes the order of every epoch (order = a hash permutation of the rows keyed by (seed, epoch)).
         shuffle: False keeps the store's row order in every epoch.
@@ -520,13 +522,19 @@ class PackedDataset(_BatchStream):
             (what ``DataCollatorWithFlattening`` gives; use with flash-attention / position_ids).
         drop_last: drop the last step of an epoch if it has fewer than batch_size x world_size rows.
             Otherwise it is split over the ranks (row counts differ by at most one); if it has fewer rows
-            than there are ranks it is dropped so that every rank makes the same number of steps.
+            than there are ranks it is dropped so that every rank makes the same number of steps. A
+            store too small to give any rank a batch (fewer rows than ranks; with drop_last, than one
+            step) warns (UserWarning) when the dataset is made.
         languages: ``"token"`` (default when the store has languages): ``lang_ids`` shaped like input_ids
             (int16, -1 on padding); ``"segment"``: ``lang_ids`` and ``seq_lens`` per example piece in batch
             order; None: no language ids. ``dataset.languages`` is the table they index.
         attention_mask: add a (batch_size, seq_len) int64 padding mask (padded layout only). Leave it off
             for packed rows: with a 2-D mask transformers no longer separates examples by position_ids.
-        verify: check the store's CRC-32 checksums on open (worker processes re-open without).
+        verify: check the store's CRC-32 checksums on open (worker processes re-open without). Before
+            each batch the store's files are compared with what they were when opened: one truncated,
+            grown or deleted raises StoreError at that batch whatever ``verify``; with ``verify=True`` so
+            does one replaced or rewritten in place (see :meth:`mlmix.store.Store.check_unchanged`). For an
+            opened Store, its own ``verify`` applies.
         vocab_size: the model's vocabulary size. Given, every batch's token ids are checked against it (a
             ValueError names the row and the id), so that a store tokenized for another model fails at its
             first batch with a clear message rather than inside the embedding; None checks nothing.
@@ -556,7 +564,9 @@ class PackedDataset(_BatchStream):
         if tokenizer is not None:
             store.check_tokenizer(tokenizer)
         self.path = store.path
+        self.verify = store.verify
         self._store: Store | None = store
+        self._watch: dict | None = None  # the store's files as this dataset opened them (for re-opens)
         m = store.manifest
         self.seq_len, self.pad_id, self.languages = store.seq_len, store.pad_id, list(store.languages)
         _check_pad_in_vocab(self.pad_id, self.vocab_size)
@@ -573,10 +583,15 @@ class PackedDataset(_BatchStream):
                                       vocab_size=self.vocab_size)
         self._rows_cache: _Rows | None = None
         self._order_cache: tuple[int, np.ndarray] | None = None
+        if self.num_samples and not len(self):
+            warnings.warn(_empty_epoch_message(self.path, self.num_samples, self.batch_size, self.world_size,
+                                               self.drop_last), UserWarning, stacklevel=2)
 
     # --- pickling (DataLoader workers): re-open the memory maps instead of copying them -----------------
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
+        if self._store is not None:
+            state["_watch"] = self._store._watch_state()
         state["_store"] = None
         state["_rows_cache"] = None
         state["_order_cache"] = None
@@ -591,7 +606,10 @@ class PackedDataset(_BatchStream):
                 if store.seq_len != self.seq_len or len(store) != self.num_samples or hashlib.sha256(json.dumps(
                         {"seq_len": m["seq_len"], "pad_id": m["pad_id"], "num_sequences": m["num_sequences"],
                          "arrays": now}, sort_keys=True).encode()).hexdigest()[:16] != self._store_hash:
-                    raise StoreError(f"the store at {self.path!r} changed after the dataset was created")
+                    raise StoreError(f"the store at {self.path!r} changed after the dataset was created: its "
+                                     "manifest.json describes other data (rows, seq_len or array checksums differ)")
+                if self._watch is not None:  # a file changed since the dataset opened it raises here
+                    store._watch_from(self._watch, self.verify)
                 self._store = store
             a = self._store.array
             names = self._store.manifest["arrays"]
@@ -618,6 +636,12 @@ class PackedDataset(_BatchStream):
             self._order_cache = (epoch, perm)
         return self._order_cache[1]
 
+    def _num_steps(self, start: int) -> int:
+        """len(self._steps(start)), without building the list."""
+        g, w = self.step_rows, self.world_size
+        full, tail = divmod(self.num_samples - start, g)
+        return full + (1 if tail and not self.drop_last and tail >= w else 0)
+
     def _steps(self, start: int) -> list[tuple[int, int]]:
         """[lo, hi) ranges of the global order, one per step, from position ``start``."""
         g, w = self.step_rows, self.world_size
@@ -630,13 +654,15 @@ class PackedDataset(_BatchStream):
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (from the start of an epoch)."""
-        return len(self._steps(0))
+        return self._num_steps(0)
 
     def rank_rows(self, epoch: int, step: int, start: int = 0) -> np.ndarray:
         """Store rows (int64) of this rank's batch ``step`` of ``epoch`` counted from position ``start``."""
         lo, hi = self._steps(start)[step]
         rows = self.order(epoch)[lo:hi]
-        return rows[_rank_share(self._rows().row_tokens(rows), self.world_size, self.rank)]
+        src = self._rows()
+        self._store.check_unchanged(rows)
+        return rows[_rank_share(src.row_tokens(rows), self.world_size, self.rank)]
 
     def __iter__(self) -> Iterator[dict]:
         epoch, start = (int(x) for x in self._cursor.tolist())
@@ -645,9 +671,12 @@ class PackedDataset(_BatchStream):
         ring = self._ring(self._builder, in_worker)
         track = not in_worker and not self._loader_owned
         tag = self._loader_owned  # mlmix's DataLoader wants each batch's end position with it
+        store = self._store
         for k in range(wid, len(steps), nw):
             lo, hi = steps[k]
             rows = order[lo:hi]
+            # a store file truncated since the last batch raises here, not SIGBUS in the reads below
+            store.check_unchanged(rows)
             rows = rows[_rank_share(src.row_tokens(rows), self.world_size, self.rank)]
             batch = self._emit(self._builder, src, rows, ring)
             if track:
@@ -660,6 +689,22 @@ class PackedDataset(_BatchStream):
         return (f"PackedDataset({self.path!r}, samples={self.num_samples}, seq_len={self.seq_len}, "
                 f"batch_size={self.batch_size}, rank={self.rank}/{self.world_size}, layout={self.layout!r}, "
                 f"seed={self.seed}, shuffle={self.shuffle})")
+
+
+def _empty_epoch_message(path: str, rows: int, batch_size: int, world_size: int, drop_last: bool) -> str:
+    """Why a store of ``rows`` rows gives every rank 0 batches per epoch, and what to do."""
+    step = batch_size * world_size
+    batches = rows // batch_size if drop_last else -(-rows // batch_size)
+    have = (f"the store at {path!r} has {rows} row{'s' * (rows != 1)}, {batches} batch{'es' * (batches != 1)} of "
+            f"batch_size={batch_size}, for {world_size} rank{'s' * (world_size != 1)} (world_size={world_size})")
+    if not drop_last:  # rows < world_size
+        return (f"{have}: every rank gets 0 batches per epoch (every rank of a step takes at least one row, and a "
+                f"last step with fewer rows than ranks is dropped so that all ranks make the same number of "
+                f"steps). Train on at most {rows} ranks, or on a store of at least {world_size} rows.")
+    fixes = ["drop_last=False"] + ([f"batch_size={rows // world_size}"] if rows >= world_size else [])
+    return (f"{have}: every rank gets 0 batches per epoch (drop_last=True keeps only full steps of batch_size x "
+            f"world_size = {step} rows). Pass {' or '.join(fixes)}, use fewer ranks, or a store of at least "
+            f"{step} rows.")
 
 
 def _split_chunk(chunk) -> tuple[Ragged, Ragged | None, Any]:
