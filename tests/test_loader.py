@@ -90,7 +90,7 @@ def _same(a, b):
 def test_batches_match_store_reader(data, layout):
     path, *_ = data
     store = mlmix.open(path)
-    ds = PackedDataset(path, batch_size=5, layout=layout, seed=3)
+    ds = PackedDataset(path, batch_size=5, layout=layout, seed=3, languages="token")
     batches = list(ds)
     assert len(batches) == len(ds) == -(-len(store) // 5)
     seen = []
@@ -412,7 +412,8 @@ def _pieces(batches, languages):
 @pytest.mark.parametrize("layout", ["padded", "flat"])
 def test_iterable_packs_every_token_once(data, layout):
     _, toks, mask, langs = data
-    ds = PackedIterableDataset(_chunks(toks, mask, langs), seq_len=SEQ_LEN, batch_size=3, window=50, layout=layout)
+    ds = PackedIterableDataset(_chunks(toks, mask, langs), seq_len=SEQ_LEN, batch_size=3, window=50, layout=layout,
+                               languages="token")
     batches = list(ds)
     want = sorted(zip((tuple(t.tolist()) for t in toks), langs))
     assert sorted(_pieces(batches, ds.languages)) == want
@@ -421,11 +422,12 @@ def test_iterable_packs_every_token_once(data, layout):
 def test_iterable_ranks_share_the_stream(data):
     _, toks, mask, langs = data
     chunks = _chunks(toks, mask, langs)
-    dss = [PackedIterableDataset(chunks, seq_len=SEQ_LEN, batch_size=3, window=50, rank=r, world_size=2, seed=3)
+    dss = [PackedIterableDataset(chunks, seq_len=SEQ_LEN, batch_size=3, window=50, rank=r, world_size=2, seed=3,
+                                 languages="token")
            for r in range(2)]
     per_rank = [list(d) for d in dss]
     assert len(per_rank[0]) == len(per_rank[1])
-    single = PackedIterableDataset(chunks, seq_len=SEQ_LEN, batch_size=6, window=50, seed=3)
+    single = PackedIterableDataset(chunks, seq_len=SEQ_LEN, batch_size=6, window=50, seed=3, languages="token")
     steps = list(single)  # one process with the same global step: the same rows, step by step
     if steps[-1]["input_ids"].shape[0] < 2:  # a last step smaller than the world is dropped by the ranks
         steps = steps[:-1]
@@ -471,7 +473,7 @@ def _tiny_llama(impl):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   use_cache=False, attn_implementation=impl)
+                                   attn_implementation=impl)  # use_cache left at its default (True), as users do
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()
 

@@ -268,7 +268,7 @@ class _BatchBuilder:
 
     def slot_bytes(self, batch_size: int) -> int:
         """Bytes of ring slot one batch of ``batch_size`` rows may need."""
-        per_token = 3 * 8 + (4 if self.languages == "token" else 0) + (8 if self.attention_mask else 0)
+        per_token = 3 * 8 + 4 + (4 if self.languages == "token" else 0) + (8 if self.attention_mask else 0)
         return batch_size * self.seq_len * per_token + 64 * 4
 
     def build(self, src: _Rows, rows: np.ndarray, *, alloc: Callable = _heap_alloc,
@@ -357,7 +357,14 @@ class _BatchBuilder:
             "cu_seq_lens_k": cu_t,
             "max_length_q": max_len,
             "max_length_k": max_len,
+            # a model's default config (use_cache=True) would create a cache, and transformers then ignores
+            # the example boundaries in position_ids: examples in a row would attend to each other
+            "use_cache": False,
         }
+        if not padded:  # the example each token belongs to, numbered in the batch (hybrid / linear attention)
+            seq_idx = alloc(shape, torch.int32)
+            seq_idx.numpy().reshape(-1)[:] = np.repeat(np.arange(piece_len.shape[0], dtype=np.int32), piece_len)
+            out["seq_idx"] = seq_idx
         if self.languages is not None and src.seg_lang is not None:
             seg_lang = src.seg_lang[seg_idx]
             if self.languages == "token":
@@ -525,9 +532,10 @@ class PackedDataset(_BatchStream):
             than there are ranks it is dropped so that every rank makes the same number of steps. A
             store too small to give any rank a batch (fewer rows than ranks; with drop_last, than one
             step) warns (UserWarning) when the dataset is made.
-        languages: ``"token"`` (default when the store has languages): ``lang_ids`` shaped like input_ids
-            (int16, -1 on padding); ``"segment"``: ``lang_ids`` and ``seq_lens`` per example piece in batch
-            order; None: no language ids. ``dataset.languages`` is the table they index.
+        languages: None (default): batches hold model inputs only, so ``model(**batch)`` passes nothing a
+            strict ``forward`` refuses; ``"token"``: ``lang_ids`` shaped like input_ids (int16, -1 on
+            padding); ``"segment"``: ``lang_ids`` and ``seq_lens`` per example piece in batch order (pop them
+            before calling the model). ``dataset.languages`` is the table they index.
         attention_mask: add a (batch_size, seq_len) int64 padding mask (padded layout only). Leave it off
             for packed rows: with a 2-D mask transformers no longer separates examples by position_ids.
         verify: check the store's CRC-32 checksums on open (worker processes re-open without). Before
@@ -548,14 +556,16 @@ class PackedDataset(_BatchStream):
     padding and the first token of every example), ``position_ids`` (restarting at 0 per example, 0 on
     padding), all int64; ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (int32, cumulative lengths over the
     flattened batch; in the padded layout each padding tail is one more piece), ``max_length_q`` /
-    ``max_length_k`` (int); optional ``lang_ids``, ``seq_lens``, ``attention_mask``.
+    ``max_length_k`` (int), ``use_cache=False`` (so that ``model(**batch)`` under a model's default config
+    keeps the examples apart), and in the flat layout ``seq_idx`` (int32, the example of each token,
+    as TRL's padding-free collator gives); optional ``lang_ids``, ``seq_lens``, ``attention_mask``.
     """
 
     _kind = "PackedDataset"
 
     def __init__(self, path, *, batch_size: int, seed: int = 0, shuffle: bool = True, rank: int | None = None,
                  world_size: int | None = None, layout: str = "padded", drop_last: bool = False,
-                 languages: str | None = "token", attention_mask: bool = False, verify: bool = True,
+                 languages: str | None = None, attention_mask: bool = False, verify: bool = True,
                  vocab_size: int | None = None, tokenizer=None) -> None:
         self._init_common(batch_size=batch_size, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
                           layout=layout, drop_last=drop_last, languages=languages, attention_mask=attention_mask,
@@ -748,7 +758,7 @@ class PackedIterableDataset(_BatchStream):
     def __init__(self, source: Callable[[], Iterable] | Iterable, *, seq_len: int, batch_size: int, seed: int = 0,
                  shuffle: bool = True, window: int = 65_536, strategy: str = "bfd", overlong: str = "error",
                  rank: int | None = None, world_size: int | None = None, layout: str = "padded",
-                 drop_last: bool = False, languages: str | None = "token", attention_mask: bool = False,
+                 drop_last: bool = False, languages: str | None = None, attention_mask: bool = False,
                  pad_id: int = 0, vocab_size: int | None = None) -> None:
         self._init_common(batch_size=batch_size, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
                           layout=layout, drop_last=drop_last, languages=languages, attention_mask=attention_mask,
