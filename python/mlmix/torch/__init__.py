@@ -15,6 +15,8 @@ _LAZY = {
     "linear_cross_entropy": "mlmix.torch.loss",
     "LinearCrossEntropy": "mlmix.torch.loss",
     "patch_causal_lm": "mlmix.torch.loss",
+    "check_packed_attention": "mlmix.torch.packing",
+    "PackingError": "mlmix.torch.packing",
 }
 
 __all__ = list(_LAZY)
