@@ -2,11 +2,16 @@
 
 The loss mask marks the tokens the model must learn: an assistant turn's content and its end-of-turn token
 (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama-3). The template glue around them is not trained: the role
-header (``<|im_start|>assistant\\n``) and, for ChatML, the ``\\n`` that follows ``<|im_end|>``. That newline
-is never sampled (generation stops at ``<|im_end|>``), so it carries no learning signal; TRL's Qwen2.5 training
-template puts it (and the header's ``\\n``) inside ``{% generation %}``, while TRL's Llama-3 training template
-marks exactly content + ``<|eot_id|>`` as here. With a model's own template, ``{% generation %}`` blocks, when
-present, decide the mask.
+header (``<|im_start|>assistant\\n``) and, for ChatML, the ``\\n`` that follows ``<|im_end|>``. Neither is ever
+sampled: the header is the generation prompt, and generation stops at ``<|im_end|>``, so they carry no learning
+signal. With a model's own template, ``{% generation %}`` blocks, when present, decide the mask.
+
+``train_glue`` trains glue as well, for users who must match other tools (docs/tokenize.md compares with TRL):
+``"after_turn"`` the glue after each trained end-of-turn token (ChatML's ``\\n``; Llama-3 has none), as TRL's
+``completion_only_loss`` does; ``"around_turn"`` that and the whitespace that ends the role header (ChatML's
+``\\n`` after ``assistant``, Llama-3's ``\\n\\n``), as TRL's Qwen2.5 training template does. Fast templates
+mark the first with the mask code ``GLUE`` and name the second in ``assistant_header_glue``; the Jinja path
+(``{% generation %}`` spans included) adds the whitespace after and before each trained turn's span.
 
 Fast path and why it is exact. HF tokenizers split a text at special (added) tokens first and pre-tokenize
 each piece on its own, so tokenising a rendered conversation equals tokenising its pieces between special
@@ -21,7 +26,10 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
-__all__ = ["CHATML_TEMPLATE", "LLAMA3_TEMPLATE", "FastTemplate", "ChatML", "Llama3", "FAST_TEMPLATES"]
+__all__ = ["CHATML_TEMPLATE", "LLAMA3_TEMPLATE", "FastTemplate", "ChatML", "Llama3", "FAST_TEMPLATES", "TRAIN_GLUE"]
+
+# which template glue next to a trained assistant turn is trained too (see the module docstring)
+TRAIN_GLUE = ("none", "after_turn", "around_turn")
 
 # ChatML as Qwen uses it (without a default system prompt), with {% generation %} around the trained span.
 CHATML_TEMPLATE = (
@@ -52,9 +60,10 @@ LLAMA3_TEMPLATE = (
 )
 
 # piece kinds: FIXED pieces have token ids known in advance (special tokens, constant glue between them);
-# TEXT pieces are tokenised. Mask codes: 0 untrained, 1 trained, 2 = assistant run (header untrained, rest trained)
+# TEXT pieces are tokenised. Mask codes: 0 untrained, 1 trained, 2 = assistant run (header untrained, rest trained),
+# 3 = the glue after a trained end-of-turn token (trained only with train_glue "after_turn" or "around_turn")
 FIXED, TEXT = 0, 1
-UNTRAINED, TRAINED, SPLIT = 0, 1, 2
+UNTRAINED, TRAINED, SPLIT, GLUE = 0, 1, 2, 3
 
 
 class FastTemplate:
@@ -63,11 +72,15 @@ class FastTemplate:
     ``pieces(conv, trained, out)`` appends ``(kind, string, mask_code)`` for a conversation (a list of
     ``(role, content)``); ``trained[i]`` is 0 (message i untrained), 1 (an assistant message whose content and
     end-of-turn token are trained) or 2 (``train_on="all"``: every token of the message, glue included).
-    ``assistant_header`` is the text at the start of an assistant TEXT piece that is not trained.
+    Mask codes are ``UNTRAINED``, ``TRAINED``, ``SPLIT`` (an assistant TEXT piece: ``assistant_header``, the
+    text at its start, is not trained, the rest is) and ``GLUE`` (the glue after a trained end-of-turn token,
+    trained with ``train_glue`` ``"after_turn"`` or ``"around_turn"``). ``assistant_header_glue`` is the end of
+    ``assistant_header`` that ``train_glue="around_turn"`` trains (whitespace between role and content).
     """
 
     name = "base"
     assistant_header = ""
+    assistant_header_glue = ""
     required_specials: Sequence[str] = ()
 
     def pieces(self, conv, trained, out: list) -> None:  # pragma: no cover - interface
@@ -78,14 +91,22 @@ class FastTemplate:
         self.pieces(conv, [0] * len(conv), out)
         return "".join(s for _, s, _ in out)
 
-    def trained_spans(self, conv, trained) -> list[tuple[int, int]]:
+    def untrained_header(self, train_glue: str = "none") -> str:
+        """The start of an assistant TEXT piece that is not trained under ``train_glue``."""
+        if train_glue == "around_turn" and self.assistant_header_glue:
+            return self.assistant_header[: len(self.assistant_header) - len(self.assistant_header_glue)]
+        return self.assistant_header
+
+    def trained_spans(self, conv, trained, train_glue: str = "none") -> list[tuple[int, int]]:
         """Character spans ``[start, end)`` of :meth:`render`'s text that are trained (adjacent ones merged)."""
         out: list = []
         self.pieces(conv, trained, out)
         spans: list[tuple[int, int]] = []
         pos = 0
+        header = len(self.untrained_header(train_glue))
+        on = (TRAINED, GLUE) if train_glue != "none" else (TRAINED,)
         for _, s, m in out:
-            lo = pos if m == TRAINED else pos + len(self.assistant_header) if m == SPLIT else None
+            lo = pos if m in on else pos + header if m == SPLIT else None
             pos += len(s)
             if lo is None or pos <= lo:
                 continue
@@ -101,6 +122,7 @@ class ChatML(FastTemplate):
 
     name = "chatml"
     assistant_header = "assistant\n"
+    assistant_header_glue = "\n"
     required_specials = ("<|im_start|>", "<|im_end|>")
 
     def __init__(self, default_system: Optional[str] = None):
@@ -124,7 +146,7 @@ class ChatML(FastTemplate):
             append((FIXED, "<|im_start|>", UNTRAINED))
             append((TEXT, role + "\n" + content, SPLIT if t else UNTRAINED))
             append((FIXED, "<|im_end|>", TRAINED if t else UNTRAINED))
-            append((FIXED, "\n", UNTRAINED))
+            append((FIXED, "\n", GLUE if t else UNTRAINED))
 
 
 class Llama3(FastTemplate):
@@ -132,6 +154,7 @@ class Llama3(FastTemplate):
 
     name = "llama3"
     assistant_header = "\n\n"
+    assistant_header_glue = "\n\n"
     required_specials = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
     def __init__(self, bos_token: str = "<|begin_of_text|>"):

@@ -137,6 +137,7 @@ SCHEMA = {
                 },
                 "template": {"type": "str", "default": "auto"},
                 "train_on": {"type": "str", "enum": ["all_assistant", "last_assistant", "all"], "default": "all_assistant"},
+                "train_glue": {"type": "str", "enum": ["none", "after_turn", "around_turn"], "default": "none"},
                 "max_length": {"type": "int", "min": 1},
                 "truncation": {"type": "str", "enum": ["drop", "truncate_prompt_left", "truncate_response_right"],
                                "default": "drop"},

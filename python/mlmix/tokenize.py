@@ -29,10 +29,11 @@ from .formats import FORMATS, Fields, RecordError, _Bad, normalize_record
 from .formats import _chat as _parse_turns
 from .ragged import Ragged
 
-__all__ = ["Tokenizer", "Encoded", "EncodeStats", "RecordError", "vocab_fingerprint", "TRAIN_ON", "TRUNCATION",
-           "ON_ERROR"]
+__all__ = ["Tokenizer", "Encoded", "EncodeStats", "RecordError", "vocab_fingerprint", "TRAIN_ON", "TRAIN_GLUE",
+           "TRUNCATION", "ON_ERROR"]
 
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
+TRAIN_GLUE = _chat.TRAIN_GLUE
 TRUNCATION = ("drop", "truncate_prompt_left", "truncate_response_right")
 ON_ERROR = ("raise", "skip")
 
@@ -317,7 +318,7 @@ class Tokenizer:
         return t.render(conv) if isinstance(t, _chat.FastTemplate) else t.render([conv])[0]
 
     def encode_chat(self, conversations, *, template="auto", train_on: str = "all_assistant",
-                    max_length: Optional[int] = None, truncation: Optional[str] = None,
+                    train_glue: str = "none", max_length: Optional[int] = None, truncation: Optional[str] = None,
                     on_error: str = "raise") -> Encoded:
         """Encode conversations (each a list of ``{"role", "content"}``) -> :class:`Encoded`.
 
@@ -327,6 +328,12 @@ class Tokenizer:
                 tokenizer's template through Jinja), a Jinja template string, or a :class:`mlmix.chat.FastTemplate`.
             train_on: ``"all_assistant"`` (every assistant turn's content + end-of-turn token),
                 ``"last_assistant"`` (the final assistant turn only) or ``"all"`` (every token).
+            train_glue: the template glue next to each trained turn that is trained too: ``"none"`` (default:
+                the model never generates it), ``"after_turn"`` (the glue after the end-of-turn token, ChatML's
+                ``\\n`` after ``<|im_end|>``: TRL's ``completion_only_loss`` with ``train_on="last_assistant"``)
+                or ``"around_turn"`` (that and the whitespace ending the role header, ChatML's ``\\n`` after
+                ``assistant``: TRL's ``assistant_only_loss`` with its Qwen2.5 training template). See
+                docs/tokenize.md.
             max_length: maximum tokens per sequence; needs an explicit ``truncation`` policy:
                 ``"drop"``, ``"truncate_prompt_left"`` (cut from the start, never into the last trained
                 span; else dropped) or ``"truncate_response_right"`` (cut the end; dropped if nothing
@@ -338,11 +345,11 @@ class Tokenizer:
         records = conversations
         if isinstance(records, dict):
             raise TypeError("conversations must be a list of conversations, got a single dict")
-        return self._encode(records, "messages_list", Fields(), template, train_on, max_length, truncation,
-                            on_error, add_eos=False)
+        return self._encode(records, "messages_list", Fields(), template, train_on, train_glue, max_length,
+                            truncation, on_error, add_eos=False)
 
     def encode_records(self, records, format: str = "auto", *, fields=None, template="auto",
-                       train_on: str = "all_assistant", max_length: Optional[int] = None,
+                       train_on: str = "all_assistant", train_glue: str = "none", max_length: Optional[int] = None,
                        truncation: Optional[str] = None, on_error: str = "raise",
                        add_eos: bool = True) -> Encoded:
         """Encode records of any shape in :mod:`mlmix.formats` -> :class:`Encoded` (order kept).
@@ -353,17 +360,21 @@ class Tokenizer:
         has one. Other arguments as in :meth:`encode_chat`.
         """
         _check_choice("format", format, FORMATS)
-        return self._encode(records, format, Fields.coerce(fields), template, train_on, max_length,
+        return self._encode(records, format, Fields.coerce(fields), template, train_on, train_glue, max_length,
                             truncation, on_error, add_eos=add_eos)
 
-    def encode_records_stream(self, records: Iterable, chunk_size: int = 8192, **kwargs) -> Iterator[Encoded]:
+    def encode_records_stream(self, records: Iterable, chunk_size: int = 8192, *, train_on: str = "all_assistant",
+                              train_glue: str = "none", **kwargs) -> Iterator[Encoded]:
         """:meth:`encode_records` over an iterable of any size, one :class:`Encoded` per ``chunk_size``
-        records; ``index`` stays the position in the whole stream."""
+        records; ``index`` stays the position in the whole stream. Keyword arguments as in
+        :meth:`encode_records`."""
         _check_chunk(chunk_size)
+        _check_choice("train_on", train_on, TRAIN_ON)
+        _check_choice("train_glue", train_glue, TRAIN_GLUE)
         base = 0
         for chunk in _chunks(records, chunk_size):
             try:
-                enc = self.encode_records(chunk, **kwargs)
+                enc = self.encode_records(chunk, train_on=train_on, train_glue=train_glue, **kwargs)
             except RecordError as exc:
                 raise _record_error(base + exc.index, {"where": getattr(exc, "where", None)}, exc.kind,
                                     exc.reason) from None
@@ -372,8 +383,10 @@ class Tokenizer:
             yield enc
 
     # --- internals ------------------------------------------------------------------------------
-    def _encode(self, records, fmt, fields, template, train_on, max_length, truncation, on_error, add_eos):
+    def _encode(self, records, fmt, fields, template, train_on, train_glue, max_length, truncation, on_error,
+                add_eos):
         _check_choice("train_on", train_on, TRAIN_ON)
+        _check_choice("train_glue", train_glue, TRAIN_GLUE)
         _check_choice("on_error", on_error, ON_ERROR)
         if max_length is not None:
             if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1:
@@ -421,9 +434,10 @@ class Tokenizer:
         if chat_convs:
             t = self._template(template)
             if isinstance(t, _chat.FastTemplate):
-                (tok, mask), ok = self._encode_fast(t, chat_convs, train_on), None
+                (tok, mask), ok = self._encode_fast(t, chat_convs, train_on, train_glue), None
             else:
-                tok, mask, ok = self._encode_jinja(t, chat_convs, train_on, on_error, chat_idx, stats, records)
+                tok, mask, ok = self._encode_jinja(t, chat_convs, train_on, train_glue, on_error, chat_idx, stats,
+                                                   records)
             idx = np.asarray(chat_idx, dtype=np.int64)
             if ok is not None:
                 idx = idx[ok]
@@ -521,9 +535,11 @@ class Tokenizer:
         if cand.render(conv) != text:
             return False
         trained = [1 if r == "assistant" else 0 for r, _ in conv]
-        # the spans the Jinja path would train ({% generation %} blocks, prefix differences or located turns)
-        if jinja.render_with_spans(conv, "all_assistant")[1] != cand.trained_spans(conv, trained):
-            return False
+        # the spans the Jinja path would train ({% generation %} blocks, prefix differences or located turns),
+        # with and without the glue that train_glue adds
+        for glue in TRAIN_GLUE:
+            if jinja.render_with_spans(conv, "all_assistant", glue)[1] != cand.trained_spans(conv, trained, glue):
+                return False
         tokens, _ = self._encode_fast(cand, [conv], "all_assistant")
         return bool(np.array_equal(tokens.values, self._encode_texts([text]).values))
 
@@ -545,7 +561,7 @@ class Tokenizer:
             self._fixed_arrays = (vals, offs)
         return self._fixed_arrays
 
-    def _encode_fast(self, t: "_chat.FastTemplate", convs, train_on):
+    def _encode_fast(self, t: "_chat.FastTemplate", convs, train_on, train_glue="none"):
         """Fast-path chat encoding (see mlmix.chat): pieces -> one batched encode -> numpy assembly."""
         texts: list[str] = []
         src: list[int] = []
@@ -589,22 +605,24 @@ class Tokenizer:
         # assistant runs: the untrained header's token count, checked against the header's own tokens
         split = np.flatnonzero(code_a == _chat.SPLIT)
         head_len = np.zeros(len(split), np.int64)
+        head_text = t.untrained_header(train_glue)
         if len(split):
-            header = np.asarray(self._fixed_piece(t.assistant_header), np.uint32)
+            header = np.asarray(self._fixed_piece(head_text), np.uint32)
             h = len(header)
             st, ln = starts[split], lens[split]
             cols = st[:, None] + np.minimum(np.arange(h), np.maximum(ln[:, None] - 1, 0))
             ok = (ln >= h) & np.all(values[cols] == header[None, :], axis=1) if h else np.ones(len(split), bool)
             head_len[ok] = h
             for j in np.flatnonzero(~ok):  # a token straddles header and content: use character offsets
-                head_len[j] = self._header_tokens(texts[src_a[split[j]]], len(t.assistant_header))
+                head_len[j] = self._header_tokens(texts[src_a[split[j]]], len(head_text))
 
         # rows: one per piece, two per assistant run (header untrained, rest trained)
         nrep = 1 + (code_a == _chat.SPLIT).astype(np.int64)
         row_piece = np.repeat(np.arange(len(src_a)), nrep)
         row_start = starts[row_piece]
         row_len = lens[row_piece]
-        row_mask = (code_a[row_piece] == _chat.TRAINED).astype(np.uint8)
+        trained_codes = (_chat.TRAINED, _chat.GLUE) if train_glue != "none" else (_chat.TRAINED,)
+        row_mask = np.isin(code_a[row_piece], trained_codes).astype(np.uint8)
         if len(split):
             second = np.cumsum(nrep)[split] - 1
             first = second - 1
@@ -631,12 +649,12 @@ class Tokenizer:
         enc = self._hf.encode(text, add_special_tokens=False)
         return sum(1 for _, end in enc.offsets if end <= header_chars)
 
-    def _encode_jinja(self, t: "_JinjaTemplate", convs, train_on, on_error, chat_idx, stats, records):
+    def _encode_jinja(self, t: "_JinjaTemplate", convs, train_on, train_glue, on_error, chat_idx, stats, records):
         """Generic path: render with Jinja, tokenise with offsets, mask the tokens overlapping trained spans."""
         texts, spans, ok = [], [], []
         for k, conv in enumerate(convs):
             try:
-                text, sp = t.render_with_spans(conv, train_on)
+                text, sp = t.render_with_spans(conv, train_on, train_glue)
             except _Bad as bad:
                 if on_error == "raise":
                     raise _record_error(chat_idx[k], records[chat_idx[k]], bad.kind, bad.reason) from None
@@ -689,17 +707,19 @@ class _JinjaTemplate:
     def render(self, convs) -> list[str]:
         return self._render(convs)[0]
 
-    def render_with_spans(self, conv, train_on):
+    def render_with_spans(self, conv, train_on, train_glue="none"):
         """(text, trained character spans). Spans come from {% generation %} blocks; else from rendering each
         assistant turn's prefix with and without the turn (templates that only append); else by locating
-        every message's content, followed by an end-of-turn token, in order in the rendering."""
+        every message's content, followed by an end-of-turn token, in order in the rendering. ``train_glue``
+        then widens each turn's span over the whitespace after it (``"after_turn"``) or on both sides
+        (``"around_turn"``)."""
         try:
             if self.has_generation:
                 texts, idx = self._render([conv], with_spans=True)
                 text, spans = texts[0], _merge_spans([tuple(s) for s in idx[0]])
                 if train_on == "last_assistant":
                     spans = spans[-1:]
-                return text, spans
+                return text, _merge_spans(_with_glue(text, spans, train_glue))
             text = self.render([conv])[0]
             if train_on == "all":
                 return text, [(0, len(text))]
@@ -709,7 +729,7 @@ class _JinjaTemplate:
             spans = self._prefix_spans(text, conv, turns) if self.append_only else None
             if spans is None:
                 spans = self._located_spans(text, conv, turns)
-            return text, _merge_spans(spans)
+            return text, _merge_spans(_with_glue(text, spans, train_glue))
         except _Bad:
             raise
         except Exception as exc:  # the template rejected this conversation (raise_exception, bad roles...)
@@ -748,9 +768,15 @@ class _JinjaTemplate:
         message after message; an assistant span is its content + that token."""
         eots = [t for t in (self.kwargs["eos_token"], *_END_OF_TURN) if t]
         spans, cursor, wanted = [], 0, set(turns)
-        for j, (_, content) in enumerate(conv):
+        for j, (role, content) in enumerate(conv):
             found = None
-            for cand in dict.fromkeys((content, content.strip())):
+            cands = (content, content.strip())
+            # content padded with whitespace also matches inside the template's own whitespace (Llama-3's
+            # "\n\n" + trimmed content holds "\ncontent"): when the template trims it, look for it trimmed
+            if j in wanted and content != cands[1] and \
+                    self.render([[*conv[:j], (role, cands[1]), *conv[j + 1:]]])[0] == text:
+                cands = cands[1:]
+            for cand in dict.fromkeys(cands):
                 pos = text.find(cand, cursor)
                 while pos >= 0 and found is None:
                     end = pos + len(cand)
@@ -834,6 +860,25 @@ def _vocab_of(tokenizer) -> dict:
         if by_id.setdefault(int(i), token) != token:
             raise ValueError(f"tokenizer: ids must be unique, id {int(i)} is both {by_id[int(i)]!r} and {token!r}")
     return by_id
+
+
+def _with_glue(text: str, spans, train_glue: str):
+    """Widen trained turn spans over the template glue ``train_glue`` names: the whitespace after each span
+    (after its end-of-turn token) and, for ``"around_turn"``, the whitespace before it (the end of the role
+    header). Spans are in order and do not overlap; a widened span stops at its neighbours."""
+    if train_glue == "none" or not spans:
+        return spans
+    out = []
+    for k, (a, b) in enumerate(spans):
+        stop = spans[k + 1][0] if k + 1 < len(spans) else len(text)
+        while b < stop and text[b].isspace():
+            b += 1
+        if train_glue == "around_turn":
+            floor = out[-1][1] if out else 0
+            while a > floor and text[a - 1].isspace():
+                a -= 1
+        out.append((a, b))
+    return out
 
 
 def _merge_spans(spans):
