@@ -228,8 +228,6 @@ def test_bad_train_glue_is_an_error_naming_it(tok_file):
                          "tokenizer": {"name": "qwen", "train_glue": "yes"}})
 
 
-@pytest.mark.xfail(strict=True, reason="mlmix.pipeline.encode_records does not yet pass tokenizer.train_glue on to "
-                   "Tokenizer.encode_records (one keyword in pipeline.py, outside this change)")
 def test_build_config_trains_the_glue(tmp_path, tok_file):
     """`mlmix build` with tokenizer.train_glue = "after_turn": one more trained token per example, the "\\n"
     after each <|im_end|>."""

@@ -277,7 +277,7 @@ def encode_records(tokenizer, records: Sequence[Mapping], tcfg: Mapping) -> tupl
     enc = tokenizer.encode_records(
         list(records), format="auto", template=tcfg["template"], train_on=tcfg["train_on"],
         max_length=tcfg.get("max_length"), truncation=tcfg["truncation"] if "max_length" in tcfg else None,
-        on_error="raise")
+        on_error="raise", train_glue=tcfg.get("train_glue", "none"))
     st = enc.stats
     stats = {"truncated": int(st.truncated), "dropped_too_long": int(st.dropped_too_long),
              "tokens_removed": int(st.tokens_removed)}
