@@ -26,8 +26,10 @@ gradient in mlmix's fused CUDA kernels (``csrc/cuda/lce.cu``), with the GEMMs on
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import types
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -741,47 +743,411 @@ class LinearCrossEntropy(torch.nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
 
 
-def patch_causal_lm(model, *, impl: str = "auto", z_loss: float = 0.0, label_smoothing: float = 0.0):
-    """Make a transformers causal LM compute its training loss with :func:`linear_cross_entropy`.
+# --------------------------------------------------------------------------------------------------------------
+# transformers / TRL integration
 
-    Replaces ``model.forward`` (on this instance only) by one that, when ``labels`` are given, runs the decoder,
-    and scores its last hidden state against ``lm_head.weight`` without materialising the logits; the output's
-    ``logits`` is then None. Calls without labels (generation, evaluation of logits) go to the original forward.
-    Honours ``config.final_logit_softcapping`` (Gemma 2), ``num_items_in_batch`` (Trainer's gradient
-    accumulation: sum / num_items_in_batch) and ``shift_labels``. Returns the model.
+# the per-token fields of TRL's FusedCausalLMOutput besides log_probs, in TRL's order
+_TOKEN_STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+# keyword that carries a fused-head request past a forward wrapped over the mlmix one (see _fused_lm_head_pre_hook)
+_FUSED_KWARG = "_mlmix_fused_lm_head"
+
+
+@dataclass(frozen=True)
+class _PatchOptions:
+    impl: str
+    z_loss: float
+    label_smoothing: float
+    eval_logits: bool
+
+
+@dataclass(frozen=True)
+class _FusedHead:
+    """What a ``fused_lm_head=True`` call asks for: TRL's ``add_fused_lm_head`` settings, or these defaults."""
+
+    temperature: float = 1.0
+    outputs: tuple = ("log_probs",) + _TOKEN_STATS
+    cast_lm_head_to_fp32: bool = False
+
+
+def _trl_fused_head(model) -> Optional[_FusedHead]:
+    """The settings of TRL's ``add_fused_lm_head`` wrapper in ``model.forward``'s chain, or None if there is none.
+
+    TRL binds its settings (temperature, requested outputs, fp32 head) in the closure of the forward it installs;
+    they are read from there whether that forward wraps the mlmix one (patched before the trainer was built) or
+    is wrapped by it (patched after), also under accelerate's mixed-precision wrapper.
     """
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, model.base_model_prefix)
+    todo = [model.__dict__.get("forward"), model.__dict__.get("_mlmix_original_forward")]
+    seen = set()
+    while todo and len(seen) < 64:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen or isinstance(fn, torch.nn.Module):
+            continue
+        seen.add(id(fn))
+        func = getattr(fn, "__func__", fn)
+        code = getattr(func, "__code__", None)
+        cells = {}
+        if code is not None:
+            for name, cell in zip(code.co_freevars, func.__closure__ or ()):
+                try:
+                    cells[name] = cell.cell_contents
+                except ValueError:  # an unset cell
+                    pass
+        # functools.wraps gives TRL's forward the model's __module__; its globals name the defining module
+        module_name = str(getattr(func, "__globals__", {}).get("__name__", ""))
+        if code is not None and code.co_name == "_fused_forward" and module_name.startswith("trl."):
+            try:
+                temperature = float(cells["temperature"])
+                outputs = tuple(cells["outputs"])
+                cast = bool(cells["cast_lm_head_to_fp32"])
+            except (KeyError, TypeError, ValueError):
+                import trl
+
+                raise RuntimeError(
+                    f"patch_causal_lm cannot read the settings of the fused LM head of TRL {trl.__version__} "
+                    f"(closure variables {sorted(cells)}); mlmix supports TRL's add_fused_lm_head of TRL 1.x"
+                ) from None
+            return _FusedHead(temperature, outputs, cast)
+        todo.extend(getattr(fn, name, None) for name in ("__func__", "__wrapped__", "model_forward"))
+        todo.extend(v for v in cells.values() if callable(v))
+    return None
+
+
+def _logit_scale(text_config) -> float:
+    """The factor a model applies to its logits before the softcap, read from its config as TRL reads it."""
+    scale = getattr(text_config, "logit_scale", None)  # Cohere
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)  # Falcon-H1
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        # Granite and MiniCPM3 divide by logits_scaling, HyperCLOVA X multiplies
+        scaling = text_config.logits_scaling
+        scale = scaling if getattr(text_config, "model_type", None) == "hyperclovax" else 1 / scaling
+    scale = 1.0 if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale != 0.0):
+        raise ValueError(f"patch_causal_lm needs a finite non-zero logit scale, the model config gives {scale!r}")
+    return scale
+
+
+def _head_operands(hidden, head, scale: float, cast_fp32: bool = False):
+    """(hidden, weight, bias, autocast_off) for the fused loss, in the dtype the model's own head would compute in.
+
+    That is float32 with ``cast_fp32``, else the autocast dtype when autocast is on (as ``nn.Linear`` would run
+    under it), else the dtype of ``hidden``. ``scale`` (logit scale / temperature) is folded into hidden and bias:
+    ``scale * (h W^T + b) = (scale h) W^T + scale b``. ``autocast_off`` is a context that disables autocast around
+    the mlmix calls, whose dtypes are then explicit.
+    """
+    weight = head.weight
+    bias = getattr(head, "bias", None)
+    hidden = hidden.to(weight.device)
+    dev = hidden.device.type
+    autocast_on = torch.is_autocast_enabled(dev)
+    if cast_fp32:
+        dtype = torch.float32
+    elif autocast_on:
+        dtype = torch.get_autocast_dtype(dev)
+    else:
+        dtype = hidden.dtype
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    if scale != 1.0:
+        hidden = hidden * scale
+        bias = None if bias is None else bias * scale
+    off = torch.autocast(dev, enabled=False) if autocast_on else contextlib.nullcontext()
+    return hidden, weight, bias, off
+
+
+def _logit_rows(hc, weight, bias, acc):
+    """Logits of the rows ``hc`` against the full vocabulary, as a (rows, V) tensor in ``acc``."""
+    if hc.device.type == "cuda" and weight.dtype in (torch.float16, torch.bfloat16):
+        z = _mm_f32(hc, weight.t())
+        return z if bias is None else z.add_(bias.to(acc))
+    h_acc = hc.to(acc)
+    if weight.dtype == acc:
+        return torch.mm(h_acc, weight.t()) if bias is None else torch.addmm(bias, h_acc, weight.t())
+    # the product in the accumulation dtype, converting the weight a block of rows at a time
+    vocab = weight.shape[0]
+    z = torch.empty(hc.shape[0], vocab, dtype=acc, device=hc.device)
+    step = max(1, _CPU_BLOCK_ELEMS // max(1, weight.shape[1]))
+    for v0 in range(0, vocab, step):
+        v1 = min(vocab, v0 + step)
+        z[:, v0:v1] = h_acc @ weight[v0:v1].to(acc).t()
+        if bias is not None:
+            z[:, v0:v1] += bias[v0:v1].to(acc)
+    return z
+
+
+def _stat_rows(vocab: int, device) -> int:
+    """Tokens per chunk of the statistics pass: a (chunk x vocabulary) float32 buffer of 16 MiB (CPU) / 128 MiB."""
+    elems = _CUDA_BLOCK_ELEMS if device.type == "cuda" else _CPU_BLOCK_ELEMS
+    return max(1, elems // max(1, vocab))
+
+
+class _NextTokenStats(torch.autograd.Function):
+    """Entropy, ``log sum_v p_v^2``, mean logit and top-1 hit of ``softmax(s)`` per token, without the full logits.
+
+    ``s = cap * tanh((h W^T + b) / cap)`` (or ``h W^T + b``), computed for a chunk of tokens against the whole
+    vocabulary at a time, in float32 (float64 for float64 inputs). Only the entropy is differentiable (TRL's GRPO
+    adds an entropy bonus to its loss); its backward recomputes the chunks. The others are marked
+    non-differentiable, as in TRL. Fields not in ``outputs`` come back as None.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, softcap, outputs):
+        ctx.set_materialize_grads(False)
+        n = h.shape[0]
+        acc = _acc_dtype(h.dtype)
+        dev = h.device
+        res = [torch.empty(n, dtype=torch.bool if name == "is_top1" else acc, device=dev) if name in outputs else None
+               for name in _TOKEN_STATS]
+        entropy, log_sum_sq, mean_logits, is_top1 = res
+        lse = torch.empty(n, dtype=acc, device=dev)
+        rows = _stat_rows(weight.shape[0], dev)
+        for t0 in range(0, n, rows):
+            t1 = min(n, t0 + rows)
+            z = _logit_rows(h[t0:t1], weight, bias, acc)
+            if softcap is not None:
+                z.div_(softcap).tanh_().mul_(softcap)
+            if mean_logits is not None:
+                mean_logits[t0:t1] = z.mean(1)
+            if is_top1 is not None:
+                # argmax returns the first maximum: a tie with an earlier token is not a hit (TRL's rule)
+                is_top1[t0:t1] = z.argmax(1) == labels[t0:t1]
+            lse_c = torch.logsumexp(z, 1)
+            lse[t0:t1] = lse_c
+            z.sub_(lse_c.unsqueeze(1))  # log p
+            if log_sum_sq is not None:
+                log_sum_sq[t0:t1] = torch.logsumexp(2.0 * z, 1)
+            if entropy is not None:
+                entropy[t0:t1] = -(z.exp() * z).sum(1)
+        if entropy is not None and any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(h, weight, bias, lse, entropy)
+        ctx.softcap = softcap
+        ctx.mark_non_differentiable(*(t for t in (log_sum_sq, mean_logits, is_top1) if t is not None))
+        return entropy, log_sum_sq, mean_logits, is_top1
+
+    @staticmethod
+    def backward(ctx, grad_entropy, *_):
+        if grad_entropy is None or not ctx.saved_tensors:
+            return None, None, None, None, None, None
+        h, weight, bias, lse, entropy = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = lse.dtype
+        cap = ctx.softcap
+        n = h.shape[0]
+        g = grad_entropy.to(acc)
+        grad_h = torch.zeros(n, h.shape[1], dtype=acc, device=h.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if need_b else None
+        w_acc = weight.to(acc) if need_h else None
+        rows = _stat_rows(weight.shape[0], h.device)
+        for t0 in range(0, n, rows):
+            t1 = min(n, t0 + rows)
+            s = _logit_rows(h[t0:t1], weight, bias, acc)
+            tanh = None
+            if cap is not None:
+                tanh = s.div_(cap).tanh_()
+                s = tanh * cap
+            log_p = s.sub_(lse[t0:t1].unsqueeze(1))
+            # dH/ds_v = -p_v (log p_v + H)
+            ds = log_p.exp().mul_(log_p.add_(entropy[t0:t1].unsqueeze(1))).mul_(-g[t0:t1].unsqueeze(1))
+            if tanh is not None:
+                ds.mul_(tanh.mul_(tanh).neg_().add_(1.0))  # d cap*tanh(x/cap) / dx = 1 - tanh^2
+            if grad_h is not None:
+                grad_h[t0:t1] = ds @ w_acc
+            if grad_w is not None:
+                grad_w.addmm_(ds.t(), h[t0:t1].to(acc))
+            if grad_b is not None:
+                grad_b.add_(ds.sum(0))
+        return (None if grad_h is None else grad_h.to(h.dtype), None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+
+
+def _base_model(model):
+    base = getattr(model, model.base_model_prefix, None)
+    if base is None or base is model:
+        raise ValueError(f"patch_causal_lm needs a causal LM whose backbone is its '{model.base_model_prefix}' "
+                         f"attribute, got {type(model).__name__}")
+    return base
+
+
+def _fused_lm_head_output(model, args, kwargs, labels, shift_labels, num_items_in_batch, spec: _FusedHead,
+                          opts: _PatchOptions):
+    """TRL's ``FusedCausalLMOutput`` for ``model(..., labels=..., fused_lm_head=True)``, computed with mlmix.
+
+    Same fields and conventions as TRL's ``add_fused_lm_head``: log-probabilities of the next-token labels (shape
+    ``(batch, seq - 1)``, or ``(batch, seq)`` with ``shift_labels``) under ``softmax(transform(logits) / T)``,
+    zero where the label is -100; the statistics ``spec.outputs`` asks for; ``loss = -sum(log_probs) /
+    num_items_in_batch`` (the valid-token count when not given), plus the MoE load-balancing loss.
+    """
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    if opts.z_loss or opts.label_smoothing:
+        raise ValueError(
+            "patch_causal_lm(z_loss=..., label_smoothing=...) cannot apply to a fused_lm_head=True call: TRL computes "
+            f"its loss from the log-probabilities (got z_loss={opts.z_loss!r}, "
+            f"label_smoothing={opts.label_smoothing!r}); patch without them"
+        )
+    if not (isinstance(spec.temperature, float) and math.isfinite(spec.temperature) and spec.temperature > 0):
+        raise ValueError(f"the fused LM head's temperature must be a finite float > 0, got {spec.temperature!r}")
+    unknown = set(spec.outputs) - {"log_probs", *_TOKEN_STATS}
+    if unknown:
+        raise ValueError(f"fused LM head outputs must be among {('log_probs',) + _TOKEN_STATS}, got {sorted(unknown)}")
+    text_config = model.config.get_text_config()
+    kwargs.pop("logits_to_keep", None)
+    kwargs["use_cache"] = False
+    kwargs["return_dict"] = True
+    if getattr(text_config, "output_router_logits", False):
+        kwargs.setdefault("output_router_logits", True)
+    outputs = _base_model(model)(*args, **kwargs)
+    hidden = outputs.last_hidden_state
     head = model.get_output_embeddings()
-    if decoder is None or head is None or not hasattr(head, "weight"):
-        raise ValueError(f"patch_causal_lm needs a causal LM with a decoder and an lm_head, got {type(model).__name__}")
-    if getattr(model.config, "logit_scale", None) not in (None, 1, 1.0):
-        raise ValueError(f"patch_causal_lm does not support config.logit_scale={model.config.logit_scale!r}")
-    if getattr(model, "_mlmix_original_forward", None) is not None:
-        return model
-    original = model.forward
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if shift_labels is None:
+        # position i is scored against labels[i + 1]; the last position of each row is dropped from the output
+        labels = labels.to(head.weight.device)
+        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    else:
+        targets = shift_labels.to(head.weight.device)
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    # logits/T = cap/T * tanh(scale/T * y / (cap/T)): temperature and logit scale folded into hidden and softcap
+    cap = None if softcap is None else float(softcap) / spec.temperature
+    h, w, b, autocast_off = _head_operands(hidden, head, _logit_scale(text_config) / spec.temperature,
+                                           spec.cast_lm_head_to_fp32)
+    mask = targets != -100
+    with autocast_off:
+        log_probs = -linear_cross_entropy(h, w, targets, bias=b, reduction="none", softcap=cap, impl=opts.impl)
+        stats = [None] * len(_TOKEN_STATS)
+        wanted = tuple(name for name in _TOKEN_STATS if name in spec.outputs)
+        if wanted:
+            idx = torch.nonzero(mask.reshape(-1)).squeeze(1)
+            h_v = h.reshape(-1, h.shape[-1]).index_select(0, idx)
+            y_v = targets.reshape(-1).index_select(0, idx)
+            for i, t in enumerate(_NextTokenStats.apply(h_v, w, b, y_v, cap, wanted)):
+                if t is not None:
+                    # scattered into zeros: every field is 0 (False) at ignored positions, as in TRL
+                    stats[i] = t.new_zeros(mask.numel()).index_copy(0, idx, t).view(mask.shape)
+    if shift_labels is None:
+        log_probs, mask = log_probs[:, :-1], mask[:, :-1]
+        stats = [None if t is None else t[:, :-1] for t in stats]
+    denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    loss = -log_probs.sum() / denom
+    aux_loss = None
+    if kwargs.get("output_router_logits"):
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        num_experts = getattr(text_config, "num_experts", None) or getattr(model, "num_experts")
+        aux_loss = load_balancing_loss_func(outputs.router_logits, num_experts, text_config.num_experts_per_tok,
+                                            kwargs.get("attention_mask"))
+        loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+    entropy, log_sum_sq_probs, mean_logits, is_top1 = stats
+    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
+                               mean_logits=mean_logits, is_top1=is_top1, label_mask=mask, aux_loss=aux_loss)
+
+
+def _mlmix_forward(self, *args, labels=None, shift_labels=None, num_items_in_batch=None, logits_to_keep=None,
+                   fused_lm_head=False, return_logits=None, **kwargs):
+    """The forward ``patch_causal_lm`` installs (bound to the model): see its docstring for the routing."""
+    opts: _PatchOptions = self._mlmix_patch
+    spec = kwargs.pop(_FUSED_KWARG, None)
+    if fused_lm_head and spec is None:
+        spec = _trl_fused_head(self) or _FusedHead()
+    if spec is not None:
+        if labels is None and shift_labels is None:
+            raise ValueError("fused_lm_head=True needs labels or shift_labels")
+        return _fused_lm_head_output(self, args, kwargs, labels, shift_labels, num_items_in_batch, spec, opts)
+    has_labels = labels is not None or shift_labels is not None
+    if return_logits is None:
+        return_logits = not self.training and opts.eval_logits
+    if not has_labels or return_logits:
+        for name, value in (("labels", labels), ("shift_labels", shift_labels),
+                            ("num_items_in_batch", num_items_in_batch), ("logits_to_keep", logits_to_keep)):
+            if value is not None:
+                kwargs[name] = value
+        return self._mlmix_original_forward(*args, **kwargs)
+
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    @functools.wraps(original)
-    def forward(*args, labels=None, shift_labels=None, num_items_in_batch=None, logits_to_keep=None, **kwargs):
-        if labels is None and shift_labels is None:
-            if logits_to_keep is not None:
-                kwargs["logits_to_keep"] = logits_to_keep
-            return original(*args, **kwargs)
-        kwargs.pop("return_dict", None)
-        outputs = decoder(*args, return_dict=True, **kwargs)
-        hidden = outputs.last_hidden_state
-        targets, shift = (shift_labels, False) if shift_labels is not None else (labels, True)
-        reduction = "mean" if num_items_in_batch is None else "sum"
-        loss = linear_cross_entropy(hidden, head.weight, targets.to(hidden.device), bias=getattr(head, "bias", None),
-                                    shift=shift, reduction=reduction, softcap=softcap, z_loss=z_loss,
-                                    label_smoothing=label_smoothing, impl=impl)
-        if num_items_in_batch is not None:
-            loss = loss / num_items_in_batch
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
-                                      hidden_states=getattr(outputs, "hidden_states", None),
-                                      attentions=getattr(outputs, "attentions", None))
+    kwargs["return_dict"] = True
+    outputs = _base_model(self)(*args, **kwargs)
+    head = self.get_output_embeddings()
+    text_config = self.config.get_text_config()
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    targets, shift = (shift_labels, False) if shift_labels is not None else (labels, True)
+    h, w, b, autocast_off = _head_operands(outputs.last_hidden_state, head, _logit_scale(text_config))
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    with autocast_off:
+        loss = linear_cross_entropy(h, w, targets.to(w.device), bias=b, shift=shift, reduction=reduction,
+                                    softcap=softcap, z_loss=opts.z_loss, label_smoothing=opts.label_smoothing,
+                                    impl=opts.impl)
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
+                                  hidden_states=getattr(outputs, "hidden_states", None),
+                                  attentions=getattr(outputs, "attentions", None))
 
-    model._mlmix_original_forward = original
-    model.forward = forward
+
+def _fused_lm_head_pre_hook(module, args, kwargs):
+    """Route ``fused_lm_head=True`` calls to the mlmix forward, wherever it sits in the chain of forwards.
+
+    TRL's ``add_fused_lm_head`` (SFTTrainer/DPO/GRPO... ``__init__``) wraps ``model.forward`` and computes the fused
+    outputs itself when called with ``fused_lm_head=True``; called without it, it hands every keyword to the forward
+    it wrapped. Replacing the flag by a private keyword that carries TRL's settings therefore reaches the mlmix
+    forward through TRL's wrapper (model patched before the trainer was built) as well as directly (patched after).
+    """
+    if not kwargs.get("fused_lm_head"):
+        return None
+    return args, {**kwargs, "fused_lm_head": False, _FUSED_KWARG: _trl_fused_head(module) or _FusedHead()}
+
+
+def patch_causal_lm(model, *, impl: str = "auto", z_loss: float = 0.0, label_smoothing: float = 0.0,
+                    eval_logits: bool = True):
+    """Make a transformers causal LM compute its training loss with :func:`linear_cross_entropy`.
+
+    Replaces ``model.forward`` (on this instance only) by one that routes each call:
+
+    * training (``model.training``) with ``labels`` or ``shift_labels``: runs the backbone and scores its last
+      hidden state against ``lm_head.weight`` without materialising the logits; the output's ``logits`` is None.
+      Honours ``num_items_in_batch`` (the Trainer's gradient accumulation: sum / num_items_in_batch), the
+      config's ``final_logit_softcapping`` and logit scale (``logit_scale``, ``logits_scaling``, ...), and runs the
+      head in the autocast dtype under autocast, as the model's own ``lm_head`` would;
+    * evaluation (``model.training`` False) with labels, when ``eval_logits`` (the default): the original forward,
+      so the output carries ``logits`` and the model's own loss (``Trainer.evaluate``/``predict`` and
+      ``compute_metrics`` need them). With ``eval_logits=False`` evaluation takes the fused path too (loss only);
+    * without labels (generation, inference): the original forward;
+    * ``return_logits=True`` / ``False`` passed to the forward overrides the two rules above for that call;
+    * ``fused_lm_head=True`` (TRL >= 1.16 trainers: SFT, DPO, GRPO, KTO, RLOO): TRL's ``FusedCausalLMOutput``
+      computed with mlmix: per-token ``log_probs`` of the next-token labels (differentiable, through
+      ``linear_cross_entropy(reduction="none")``), the fields TRL requested among ``entropy`` (differentiable),
+      ``log_sum_sq_probs``, ``mean_logits`` and ``is_top1`` (token chunks against the whole vocabulary, never the
+      full logits), ``label_mask``, ``loss`` and the MoE ``aux_loss``; TRL's temperature, logit scale, softcap and
+      ``cast_lm_head_to_fp32`` are honoured. This works whether the model is patched before the trainer is built
+      (TRL then wraps the mlmix forward; a forward pre-hook routes the call through TRL's wrapper to mlmix) or
+      after it (the mlmix forward wraps TRL's). ``z_loss``/``label_smoothing`` cannot apply there and raise.
+
+    The model must be called through ``model(...)`` (``nn.Module.__call__``) for the pre-hook to see TRL's calls;
+    a wrapper that calls the inner model's ``.forward`` directly (PEFT's tuners) bypasses it when the model was
+    patched before TRL's head was added, and TRL's head then runs (PEFT models are untested). Patching twice with
+    the same options is a no-op; with other options it raises. Returns the model.
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    opts = _PatchOptions(impl, float(z_loss), float(label_smoothing), bool(eval_logits))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not hasattr(head, "weight") or not hasattr(model, "config"):
+        raise ValueError(f"patch_causal_lm needs a causal LM with a decoder and an lm_head, got {type(model).__name__}")
+    _base_model(model)
+    _logit_scale(model.config.get_text_config())
+    previous = model.__dict__.get("_mlmix_patch")
+    if previous is not None:
+        if previous != opts:
+            raise ValueError(f"the model is already patched with {previous}; patch_causal_lm got {opts}")
+        return model
+    model._mlmix_original_forward = model.forward
+    model._mlmix_patch = opts
+    # bound to the model, so that copy.deepcopy (TRL's reference models) rebinds it to the copy; signature of the
+    # class's forward, which the Trainer and generate() inspect
+    forward = functools.wraps(type(model).forward)(
+        lambda self, *args, **kwargs: _mlmix_forward(self, *args, **kwargs))
+    model.forward = types.MethodType(forward, model)
+    model.register_forward_pre_hook(_fused_lm_head_pre_hook, with_kwargs=True)
     return model
