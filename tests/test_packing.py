@@ -35,3 +35,25 @@ def test_a_model_that_mixes_examples_is_refused():
     model = _IgnoresPositions(test_hf._model().config)
     with pytest.raises(PackingError, match="lets packed examples attend to each other"):
         check_packed_attention(model)
+
+
+def test_patch_causal_lm_is_exact_on_packed_rows_under_default_configs_and_refuses_a_mixing_model(tmp_path):
+    """patch_causal_lm outside the Trainer (model(**batch) in a plain loop, default config): the fused loss on
+    mlmix's packed rows equals the per-example loss; a model that mixes packed examples fails on the first batch."""
+    import mlmix
+    from mlmix.hf import PackedRows
+    from mlmix.torch import patch_causal_lm
+
+    toks, mask = test_hf._examples(40)
+    mlmix.write_store(str(tmp_path / "s"), toks, seq_len=48, loss_mask=mask)
+    rows = PackedRows(str(tmp_path / "s"))
+    batch = rows.collator()([rows[i] for i in range(4)])
+    batch.pop("use_cache")  # what a hand-made batch looks like: nothing but the tensors
+    model = test_hf._model().train()
+    total, count = test_hf._per_example_loss_sum(model, rows, range(4))
+    patch_causal_lm(model)
+    fused = model(**batch).loss
+    assert fused.detach().item() == pytest.approx((total / count).detach().item(), rel=1e-5)
+    mixing = patch_causal_lm(_IgnoresPositions(test_hf._model().config).train())
+    with pytest.raises(PackingError):
+        mixing(**batch)

@@ -997,6 +997,7 @@ def _fused_lm_head_output(model, args, kwargs, labels, shift_labels, num_items_i
     kwargs.pop("logits_to_keep", None)
     kwargs["use_cache"] = False
     kwargs["return_dict"] = True
+    _check_packing_once(model, kwargs.get("position_ids"))
     if getattr(text_config, "output_router_logits", False):
         kwargs.setdefault("output_router_logits", True)
     outputs = _base_model(model)(*args, **kwargs)
@@ -1068,6 +1069,10 @@ def _mlmix_forward(self, *args, labels=None, shift_labels=None, num_items_in_bat
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     kwargs["return_dict"] = True
+    # a loss needs no cache, and under a default config (use_cache=True) transformers would create one and
+    # then ignore the example boundaries in packed position_ids
+    kwargs["use_cache"] = False
+    _check_packing_once(self, kwargs.get("position_ids"))
     outputs = _base_model(self)(*args, **kwargs)
     head = self.get_output_embeddings()
     text_config = self.config.get_text_config()
@@ -1084,6 +1089,18 @@ def _mlmix_forward(self, *args, labels=None, shift_labels=None, num_items_in_bat
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
                                   hidden_states=getattr(outputs, "hidden_states", None),
                                   attentions=getattr(outputs, "attentions", None))
+
+
+def _check_packing_once(model, position_ids) -> None:
+    """On the first batch with position_ids (packed rows come with them), check that the model keeps packed
+    examples apart (:func:`mlmix.torch.check_packed_attention`): a model that would mix them raises
+    PackingError instead of training wrongly. Later calls cost an attribute lookup."""
+    if position_ids is None or getattr(model, "_mlmix_packing_checked", False):
+        return
+    from .packing import check_packed_attention
+
+    check_packed_attention(model)
+    model._mlmix_packing_checked = True
 
 
 def _fused_lm_head_pre_hook(module, args, kwargs):
@@ -1123,6 +1140,11 @@ def patch_causal_lm(model, *, impl: str = "auto", z_loss: float = 0.0, label_smo
       ``cast_lm_head_to_fp32`` are honoured. This works whether the model is patched before the trainer is built
       (TRL then wraps the mlmix forward; a forward pre-hook routes the call through TRL's wrapper to mlmix) or
       after it (the mlmix forward wraps TRL's). ``z_loss``/``label_smoothing`` cannot apply there and raise.
+
+    The loss paths run the backbone with ``use_cache=False`` (a model's default config would otherwise create a
+    cache, under which transformers ignores the example boundaries of packed ``position_ids``), and the first call
+    that passes ``position_ids`` runs :func:`mlmix.torch.check_packed_attention` once: a model that would let
+    packed examples attend to each other raises ``PackingError`` instead of training wrongly.
 
     The model must be called through ``model(...)`` (``nn.Module.__call__``) for the pre-hook to see TRL's calls;
     a wrapper that calls the inner model's ``.forward`` directly (PEFT's tuners) bypasses it when the model was
