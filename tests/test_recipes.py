@@ -263,7 +263,9 @@ def test_bad_input_errors(study_rows):
     with pytest.raises(ValueError, match="percent"):
         R.percent_mixture(rows, percent=float("nan"))
     with pytest.raises(ValueError, match="k must"):
-        R.language_diversity(rows, 7)
+        R.language_diversity(rows, 7, order=R.DIVERSITY_ORDER)
+    with pytest.raises(ValueError, match="k must"):
+        R.language_diversity(rows, 13)  # the default order holds the data's 12 languages
     with pytest.raises(ValueError, match="k must"):
         R.language_diversity(rows, 0)
     with pytest.raises(ValueError, match="pair"):
@@ -307,3 +309,41 @@ def test_even_split_properties():
         langs = [f"l{i}" for i in range(n)]
         split = R.even_split(total, langs, seed=total)
         assert sum(split.values()) == total and max(split.values()) - min(split.values()) <= 1
+
+
+def test_languages_default_to_the_data():
+    """Recipes whose languages are not given use the data's: the study's 12 that are present in the study's
+    order, then others by code; a corpus in three languages is no longer an error about the nine it lacks."""
+    rows = parallel_rows(30, langs=("de", "es", "en"))
+    assert R.data_languages(rows) == ["en", "es", "de"]
+    m = R.pinch(rows, n_multilingual=4)
+    assert m.params["languages"] == ["en", "es", "de"] and m.counts() == {"en": 26, "es": 2, "de": 2}
+    check_disjoint_and_available(m, rows)
+    m = R.percent_mixture(rows, percent=50)
+    assert list(m.params) == ["percent", "pivot", "languages", "spread_over", "total"]
+    assert m.params["languages"] == ["en", "es", "de"] and sum(m.counts().values()) == 30
+    m = R.language_diversity(rows, k=2)
+    assert m.params["order"] == ["en", "es", "de"] and set(m.counts()) == {"en", "es"}
+    m = R.unseen_split(rows)
+    assert m.params["tuning"] == ["en"] and m.counts() == {"en": 30}
+    with pytest.raises(ValueError, match="pivot 'fr' has no rows; languages in rows"):
+        R.pinch(rows, pivot="fr")
+    with pytest.raises(ValueError, match="languages names language 'sw', which has no rows"):
+        R.pinch(rows, languages=("en", "sw"))  # languages given: still each must have rows
+    with pytest.raises(ValueError, match="none of the study's tuning languages"):
+        R.unseen_split(parallel_rows(5, langs=("de", "cs")))
+
+
+def test_defaults_on_the_study_set_are_unchanged(study_rows):
+    assert R.data_languages(study_rows) == list(R.STUDY_LANGUAGES)
+    assert R.pinch(study_rows, seed=3).rows == R.pinch(study_rows, languages=R.STUDY_LANGUAGES, seed=3).rows
+    assert (R.percent_mixture(study_rows, percent=30, seed=1).rows
+            == R.percent_mixture(study_rows, percent=30, languages=R.STUDY_LANGUAGES, seed=1).rows)
+    assert (R.language_diversity(study_rows, k=4).rows
+            == R.language_diversity(study_rows, k=4, order=R.DIVERSITY_ORDER).rows)
+
+
+def test_mixture_prints_its_parameters_readably():
+    m = R.pinch(parallel_rows(20, langs=("en", "sw")), n_multilingual=2)
+    assert str(m).splitlines()[0] == "pinch(n_multilingual=2, pivot=en, languages=[en, sw], total=20), seed 0"
+    assert repr(m) == "Mixture(recipe='pinch', seed=0, rows=20, counts={'en': 18, 'sw': 2})"

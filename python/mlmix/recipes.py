@@ -25,6 +25,11 @@ P% mixtures (and the pinch) spread the multilingual examples over the non-pivot 
 pivot (English) examples so that the set size stays constant. ``DIVERSITY_ORDER`` (en, ar, fi, it, ru,
 sw: the unseen-split tuning languages) is our default order for ``language_diversity``; pass the
 study's order explicitly with ``order=`` if it differs.
+
+Languages default to the data's: a recipe whose languages are not given uses those that have rows
+(:func:`data_languages`: the study's 12 that are present, in the study's order, then any others by
+code), so a corpus in three languages gets a three-language pinch rather than an error about the nine
+it lacks. Give ``languages`` (or ``tuning``, ``order``) to choose.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ __all__ = [
     "allocate_temperature",
     "allocate_unimax",
     "bilingual",
+    "data_languages",
     "even_split",
     "language_diversity",
     "monolingual",
@@ -127,7 +133,9 @@ class Mixture:
 
     def to_table(self) -> str:
         """A plain-text table: one line per language plus the total."""
-        lines = [f"{self.recipe} (seed {self.seed}) {json.dumps(self.params, sort_keys=True)}"]
+        from .report import format_params
+
+        lines = [f"{self.recipe}({format_params(self.params)}), seed {self.seed}"]
         lines.append(f"{'lang':<8}{'available':>10}{'target':>9}{'actual':>9}{'missing':>9}{'share':>8}")
         for r in self.compare():
             lines.append(
@@ -140,6 +148,11 @@ class Mixture:
         return "\n".join(lines)
 
     __str__ = to_table
+
+    def __repr__(self) -> str:
+        # rows can number millions: the recipe and the counts, not every (source id, lang) pair
+        return (f"Mixture(recipe={self.recipe!r}, seed={self.seed}, rows={len(self.rows):,}, "
+                f"counts={self.counts()})")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a small JSON file (atomically: a crash leaves the old file or none)."""
@@ -308,6 +321,23 @@ def _check_langs(langs, arg: str) -> tuple[str, ...]:
     if dup:
         raise ValueError(f"{arg} names {dup[0]!r} more than once: {langs!r}")
     return langs
+
+
+def data_languages(rows, *, id_field: str = "id", lang_field: str = "lang", first: Sequence[str] = STUDY_LANGUAGES
+                   ) -> list[str]:
+    """The languages that have rows, in the order the recipes default to: those of ``first`` (the study's
+    12) in its order, then any others sorted by code. ``rows`` as for the recipes (or a corpus)."""
+    present = set(_corpus(rows, id_field, lang_field).languages())
+    head = [lang for lang in first if lang in present]
+    return head + sorted(present - set(head))
+
+
+def _languages_or_data(corpus: _Corpus, languages, arg: str = "languages", first: Sequence[str] = STUDY_LANGUAGES
+                       ) -> tuple[str, ...]:
+    """``languages`` checked, or (None) the languages of the data in the default order."""
+    if languages is None:
+        return _check_langs(data_languages(corpus, first=first), arg)
+    return _check_langs(languages, arg)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -574,11 +604,15 @@ def _pivot_mixture(
     recipe, rows, n_multi, pivot, languages, total, seed, id_field, lang_field, on_shortfall, params, spread_over="others"
 ):
     seed = _check_seed(seed)
-    languages = _check_langs(languages, "languages")
-    if pivot not in languages:
-        raise ValueError(f"pivot {pivot!r} must be one of languages {languages!r}")
     corpus = _corpus(rows, id_field, lang_field)
+    given = languages is not None
+    languages = _languages_or_data(corpus, languages)
+    if pivot not in languages:
+        if given:
+            raise ValueError(f"pivot {pivot!r} must be one of languages {languages!r}")
+        raise ValueError(f"pivot {pivot!r} has no rows; languages in rows: {list(languages)} (set pivot to one of them)")
     corpus.require(languages, "languages")
+    params = params | {"languages": list(languages)}
     size = _total(corpus, languages, total)
     if n_multi > size:
         raise ValueError(f"{recipe}: {n_multi} multilingual examples exceed the set size {size}")
@@ -592,21 +626,25 @@ def _pivot_mixture(
 
 
 def pinch(
-    rows, n_multilingual: int = 40, pivot: str = "en", languages: Sequence[str] = STUDY_LANGUAGES, seed: int = 0,
+    rows, n_multilingual: int = 40, pivot: str = "en", languages: Sequence[str] | None = None, seed: int = 0,
     *, total: int | None = None, id_field: str = "id", lang_field: str = "lang", on_shortfall: str = "error",
 ) -> Mixture:
     """The study's "pinch": ``n_multilingual`` examples spread evenly over the non-pivot languages, the
-    rest of the set in ``pivot``. The set size (``total``, default all sources) stays constant."""
+    rest of the set in ``pivot``. The set size (``total``, default all sources) stays constant.
+
+    ``languages`` (default: every language of the rows, the study's 12 first in the study's order, see
+    :func:`data_languages`) are the mixture's languages, ``pivot`` among them; ``params["languages"]``
+    records the ones used."""
     if isinstance(n_multilingual, bool) or not isinstance(n_multilingual, (int, np.integer)) or n_multilingual < 0:
         raise ValueError(f"n_multilingual must be an integer >= 0, got {n_multilingual!r}")
-    params = {"n_multilingual": int(n_multilingual), "pivot": pivot, "languages": list(languages)}
+    params = {"n_multilingual": int(n_multilingual), "pivot": pivot}
     return _pivot_mixture(
         "pinch", rows, int(n_multilingual), pivot, languages, total, seed, id_field, lang_field, on_shortfall, params
     )
 
 
 def percent_mixture(
-    rows, percent: float, pivot: str = "en", languages: Sequence[str] = STUDY_LANGUAGES, seed: int = 0,
+    rows, percent: float, pivot: str = "en", languages: Sequence[str] | None = None, seed: int = 0,
     *, total: int | None = None, id_field: str = "id", lang_field: str = "lang", on_shortfall: str = "error",
     spread_over: str = "all",
 ) -> Mixture:
@@ -616,6 +654,7 @@ def percent_mixture(
     (default) the multilingual share is split over every language of ``languages``, the pivot included,
     so P=100 is the even 12-language mixture that the study compares with monolingual tuning; with
     ``spread_over="others"`` it is split over the non-pivot languages only (as the pinch is).
+    ``languages`` defaults to every language of the rows, as for :func:`pinch`.
     """
     if spread_over not in ("all", "others"):
         raise ValueError(f"spread_over must be 'all' or 'others', got {spread_over!r}")
@@ -625,9 +664,9 @@ def percent_mixture(
         raise ValueError(f"percent must be a number in [0, 100], got {percent!r}")
     # the set size turns P% into a count; the corpus is read once and handed on
     corpus = _corpus(rows, id_field, lang_field)
-    size = _total(corpus, _check_langs(languages, "languages"), total)
+    size = _total(corpus, _languages_or_data(corpus, languages), total)
     n_multi = int(math.floor(Fraction(percent) * size / 100 + Fraction(1, 2)))
-    params = {"percent": percent, "pivot": pivot, "languages": list(languages), "spread_over": spread_over}
+    params = {"percent": percent, "pivot": pivot, "languages": None, "spread_over": spread_over}  # languages: resolved
     return _pivot_mixture(
         "percent_mixture", corpus, n_multi, pivot, languages, size, seed, id_field, lang_field, on_shortfall, params,
         spread_over,
@@ -644,31 +683,47 @@ def _even_mixture(recipe, rows, langs, arg, total, seed, id_field, lang_field, o
 
 
 def unseen_split(
-    rows, tuning: Sequence[str] = UNSEEN_TUNING, heldout: Sequence[str] = UNSEEN_HELDOUT, seed: int = 0,
+    rows, tuning: Sequence[str] | None = None, heldout: Sequence[str] = UNSEEN_HELDOUT, seed: int = 0,
     *, total: int | None = None, id_field: str = "id", lang_field: str = "lang", on_shortfall: str = "error",
 ) -> Mixture:
-    """The unseen-language split: the set spread evenly over the ``tuning`` languages (en, ar, fi, it,
-    ru, sw); ``heldout`` (cs, et, he, hi, es, zh) is recorded in ``params`` for evaluation only."""
+    """The unseen-language split: the set spread evenly over the ``tuning`` languages (default: the study's,
+    en, ar, fi, it, ru, sw, those of them that have rows); ``heldout`` (cs, et, he, hi, es, zh) is recorded
+    in ``params`` for evaluation only."""
+    corpus = _corpus(rows, id_field, lang_field)
+    if tuning is None:
+        present = set(corpus.languages())
+        tuning = [lang for lang in UNSEEN_TUNING if lang in present]
+        if not tuning:
+            raise ValueError(f"tuning: none of the study's tuning languages {list(UNSEEN_TUNING)} has rows; languages "
+                             f"in rows: {corpus.languages()} (pass tuning= and heldout=)")
     tuning = _check_langs(tuning, "tuning")
     heldout = _check_langs(heldout, "heldout")
     both = sorted(set(tuning) & set(heldout))
     if both:
         raise ValueError(f"tuning and heldout must not share languages, both hold {both}")
     params = {"tuning": list(tuning), "heldout": list(heldout)}
-    return _even_mixture("unseen_split", rows, tuning, "tuning", total, seed, id_field, lang_field, on_shortfall, params)
+    return _even_mixture("unseen_split", corpus, tuning, "tuning", total, seed, id_field, lang_field, on_shortfall, params)
 
 
 def language_diversity(
-    rows, k: int, order: Sequence[str] = DIVERSITY_ORDER, seed: int = 0,
+    rows, k: int, order: Sequence[str] | None = None, seed: int = 0,
     *, total: int | None = None, id_field: str = "id", lang_field: str = "lang", on_shortfall: str = "error",
 ) -> Mixture:
-    """The same budget spread evenly over the first ``k`` languages of ``order`` (1 <= k <= len(order))."""
+    """The same budget spread evenly over the first ``k`` languages of ``order`` (1 <= k <= len(order)).
+
+    ``order`` defaults to the languages of the rows: those of :data:`DIVERSITY_ORDER` (en, ar, fi, it, ru, sw)
+    first in that order, then the rest of the study's 12 in the study's order, then any others by code."""
+    corpus = _corpus(rows, id_field, lang_field)
+    if order is None:
+        order = data_languages(corpus, first=tuple(DIVERSITY_ORDER) + tuple(
+            lang for lang in STUDY_LANGUAGES if lang not in DIVERSITY_ORDER))
     order = _check_langs(order, "order")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(order):
         raise ValueError(f"k must be an integer in [1, {len(order)}] (the number of languages in order), got {k!r}")
     langs = order[: int(k)]
     params = {"k": int(k), "order": list(order)}
-    return _even_mixture("language_diversity", rows, langs, "order", total, seed, id_field, lang_field, on_shortfall, params)
+    return _even_mixture("language_diversity", corpus, langs, "order", total, seed, id_field, lang_field, on_shortfall,
+                         params)
 
 
 def bilingual(
