@@ -16,7 +16,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["render_report", "write_report", "find_build_dir", "inspect_store", "format_inspection"]
+__all__ = ["render_report", "render_comparison", "write_report", "find_build_dir", "inspect_store", "format_inspection",
+           "format_params"]
 
 # Okabe-Ito palette: distinguishable with the common colour-vision deficiencies
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
@@ -65,17 +66,35 @@ def _fmt(v: float) -> str:
         return f"{v / 1e3:.1f}k"
     if a == int(a):
         return f"{int(v)}"
-    return f"{v:.2f}"
+    return f"{v:.2f}".rstrip("0")  # 2.5, 0.25
 
 
-def _nice_ticks(vmax: float, n: int = 5) -> list[float]:
+MIN_BAR_PX = 3.0  # a non-zero value is drawn at least this tall (or wide): one example must not vanish
+
+
+def _nice_ticks(vmax: float, n: int = 5, *, integer: bool = False) -> list[float]:
+    """Round tick values from 0 to at least ``vmax``, about ``n`` steps. ``integer``: for counts, every
+    tick is a whole number (steps of 1, 2, 5 x 10^k; never 2.5 or 0.5)."""
     if vmax <= 0:
         return [0.0, 1.0]
     raw = vmax / n
+    if integer and raw < 1:
+        raw = 1.0
     mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    top = math.ceil(vmax / step) * step
+    steps = (1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10)
+    step = next(m * mag for m in steps if m * mag >= raw * (1 - 1e-12))
+    if integer:
+        step = max(1, round(step))
+    top = math.ceil(vmax / step - 1e-9) * step
     return [i * step for i in range(int(round(top / step)) + 1)]
+
+
+def _bar_px(v: float, scale_max: float, extent: float) -> float:
+    """Pixels for value ``v`` on an axis of ``extent`` pixels ending at ``scale_max``; a non-zero value gets
+    at least MIN_BAR_PX, so that a bar of one example stays visible beside one of thousands."""
+    if v <= 0 or scale_max <= 0:
+        return 0.0
+    return max(extent * v / scale_max, MIN_BAR_PX)
 
 
 def _legend(items: Sequence[tuple[str, str]], x: float, y: float) -> str:
@@ -89,12 +108,16 @@ def _legend(items: Sequence[tuple[str, str]], x: float, y: float) -> str:
 
 def bar_chart(categories: Sequence[str], series: Sequence[tuple[str, Sequence[float]]], *, title: str,
               ylabel: str = "", width: int = 820, height: int = 300, markers: Sequence[float] | None = None,
-              marker_label: str = "target", css_class: str = "chart") -> str:
-    """Grouped vertical bars: one group per category, one bar per series; optional target markers."""
+              marker_label: str = "target", css_class: str = "chart", counts: bool = False,
+              value_format: str = ",.0f") -> str:
+    """Grouped vertical bars: one group per category, one bar per series; optional target markers.
+
+    ``counts``: the values are counts (examples, tokens), so the axis has whole-number ticks. A non-zero bar
+    is at least MIN_BAR_PX tall. ``value_format`` formats the values in the bars' tooltips."""
     left, right, top, bottom = 58, 12, 40, 46
     pw, ph = width - left - right, height - top - bottom
     vmax = max([max(list(v) or [0]) for _, v in series] + [max(markers) if markers else 0] + [1e-9])
-    ticks = _nice_ticks(vmax)
+    ticks = _nice_ticks(vmax, integer=counts)
     ymax = ticks[-1]
     n_cat, n_ser = max(len(categories), 1), max(len(series), 1)
     group = pw / n_cat
@@ -106,7 +129,7 @@ def bar_chart(categories: Sequence[str], series: Sequence[tuple[str, Sequence[fl
     for t in ticks:
         y = top + ph - ph * t / ymax
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
-                     f'<text x="{left - 6}" y="{y + 4:.1f}" class="ax" text-anchor="end">{_fmt(t)}</text>')
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" class="ax tick" text-anchor="end">{_fmt(t)}</text>')
     if ylabel:
         parts.append(f'<text transform="translate(13,{top + ph / 2:.0f}) rotate(-90)" class="ax" '
                      f'text-anchor="middle">{_esc(ylabel)}</text>')
@@ -114,11 +137,11 @@ def bar_chart(categories: Sequence[str], series: Sequence[tuple[str, Sequence[fl
         gx = left + ci * group + (group - bw * n_ser) / 2
         for si, (name, values) in enumerate(series):
             v = float(values[ci]) if ci < len(values) else 0.0
-            h = ph * v / ymax
+            h = _bar_px(v, ymax, ph)
             x = gx + si * bw
             parts.append(f'<rect class="bar" x="{x:.1f}" y="{top + ph - h:.1f}" width="{max(bw - 1.5, 1):.1f}" '
-                         f'height="{h:.1f}" fill="{PALETTE[si % len(PALETTE)]}"><title>{_esc(cat)} · {_esc(name)}: '
-                         f'{v:,.0f}</title></rect>')
+                         f'height="{h:.1f}" fill="{PALETTE[si % len(PALETTE)]}" data-value="{v:g}"><title>{_esc(cat)} · '
+                         f'{_esc(name)}: {format(v, value_format)}</title></rect>')
         if markers is not None and ci < len(markers):
             y = top + ph - ph * markers[ci] / ymax
             parts.append(f'<line x1="{gx - 3:.1f}" x2="{gx + bw * n_ser + 3:.1f}" y1="{y:.1f}" y2="{y:.1f}" '
@@ -138,8 +161,10 @@ def bar_chart(categories: Sequence[str], series: Sequence[tuple[str, Sequence[fl
 
 
 def stacked_hbar(categories: Sequence[str], series: Sequence[tuple[str, Sequence[float]]], *, title: str,
-                 width: int = 820, row: int = 22, css_class: str = "chart", total_suffix: str = "") -> str:
-    """Horizontal stacked bars, one row per category (e.g. duplicates removed: exact + near)."""
+                 width: int = 820, row: int = 22, css_class: str = "chart", total_suffix: str = "",
+                 value_format: str = ",.0f") -> str:
+    """Horizontal stacked bars, one row per category (e.g. duplicates removed: exact + near). A non-zero
+    segment is at least MIN_BAR_PX wide."""
     left, right, top = 58, 70, 32
     height = top + row * max(len(categories), 1) + 34
     pw = width - left - right
@@ -154,13 +179,14 @@ def stacked_hbar(categories: Sequence[str], series: Sequence[tuple[str, Sequence
         parts.append(f'<text x="{left - 6}" y="{y + row * 0.65:.1f}" class="ax" text-anchor="end">{_esc(cat)}</text>')
         for si, (name, values) in enumerate(series):
             v = float(values[ci])
-            w = pw * v / vmax
+            w = _bar_px(v, vmax, pw)
             if w > 0:
                 parts.append(f'<rect class="bar" x="{x:.1f}" y="{y + 3}" width="{w:.1f}" height="{row - 6}" '
-                             f'fill="{PALETTE[si % len(PALETTE)]}"><title>{_esc(cat)} · {_esc(name)}: {v:,.0f}'
-                             f'</title></rect>')
+                             f'fill="{PALETTE[si % len(PALETTE)]}" data-value="{v:g}"><title>{_esc(cat)} · {_esc(name)}: '
+                             f'{format(v, value_format)}</title></rect>')
             x += w
-        parts.append(f'<text x="{x + 5:.1f}" y="{y + row * 0.65:.1f}" class="ax">{totals[ci]:,.0f}{total_suffix}</text>')
+        parts.append(f'<text x="{x + 5:.1f}" y="{y + row * 0.65:.1f}" class="ax">{format(totals[ci], value_format)}'
+                     f'{total_suffix}</text>')
     parts.append(_legend([(n, PALETTE[i % len(PALETTE)]) for i, (n, _) in enumerate(series)], left, height - 8))
     parts.append("</svg>")
     return "".join(parts)
@@ -174,7 +200,7 @@ def box_plot(stats: Mapping[str, Mapping[str, float]], *, title: str, width: int
     height = top + row * max(len(langs), 1) + 40
     pw = width - left - right
     vmax = max([s["p95"] for s in stats.values()] + [s["mean"] for s in stats.values()] + [1.0])
-    ticks = _nice_ticks(vmax)
+    ticks = _nice_ticks(vmax, integer=True)  # lengths in tokens
     xmax = ticks[-1]
 
     def X(v: float) -> float:
@@ -186,7 +212,7 @@ def box_plot(stats: Mapping[str, Mapping[str, float]], *, title: str, width: int
     base = top + row * len(langs)
     for t in ticks:
         parts.append(f'<line x1="{X(t):.1f}" x2="{X(t):.1f}" y1="{top}" y2="{base}" class="grid"/>'
-                     f'<text x="{X(t):.1f}" y="{base + 15}" class="ax" text-anchor="middle">{_fmt(t)}</text>')
+                     f'<text x="{X(t):.1f}" y="{base + 15}" class="ax tick" text-anchor="middle">{_fmt(t)}</text>')
     parts.append(f'<text x="{left + pw / 2:.0f}" y="{base + 32}" class="ax" text-anchor="middle">{_esc(unit)} per '
                  f'example (whiskers 5th-95th percentile, box 25th-75th, line median, dot mean)</text>')
     for i, lang in enumerate(langs):
@@ -208,13 +234,16 @@ def box_plot(stats: Mapping[str, Mapping[str, float]], *, title: str, width: int
 
 
 def histogram(values: np.ndarray, *, title: str, xlabel: str, bins: int = 40, width: int = 820, height: int = 220,
-              css_class: str = "chart", color: str = PALETTE[2], xmax: float | None = None) -> str:
+              css_class: str = "chart", color: str = PALETTE[2], xmax: float | None = None,
+              integer_x: bool = False) -> str:
+    """Counts of ``values`` in ``bins`` equal bins from 0: whole-number count ticks, a non-zero bin at least
+    MIN_BAR_PX tall; ``integer_x``: the values are whole numbers (e.g. tokens), so are the x ticks."""
     values = np.asarray(values, dtype=np.float64)
     hi = xmax if xmax is not None else (float(values.max()) if values.size else 1.0)
     counts, edges = np.histogram(values, bins=bins, range=(0.0, max(hi, 1e-9)))
     left, right, top, bottom = 58, 12, 32, 40
     pw, ph = width - left - right, height - top - bottom
-    ticks = _nice_ticks(float(counts.max()) if counts.size else 1.0, 4)
+    ticks = _nice_ticks(float(counts.max()) if counts.size else 1.0, 4, integer=True)
     ymax = ticks[-1] or 1
     parts = [f'<svg class="{css_class}" role="img" aria-label="{_esc(title)}" xmlns="http://www.w3.org/2000/svg" '
              f'viewBox="0 0 {width} {height}" width="{width}" height="{height}">',
@@ -222,16 +251,19 @@ def histogram(values: np.ndarray, *, title: str, xlabel: str, bins: int = 40, wi
     for t in ticks:
         y = top + ph - ph * t / ymax
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
-                     f'<text x="{left - 6}" y="{y + 4:.1f}" class="ax" text-anchor="end">{_fmt(t)}</text>')
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" class="ax tick" text-anchor="end">{_fmt(t)}</text>')
     bw = pw / len(counts)
     for i, c in enumerate(counts):
-        h = ph * c / ymax
+        if c <= 0:
+            continue
+        h = _bar_px(float(c), ymax, ph)
         parts.append(f'<rect class="bar" x="{left + i * bw:.1f}" y="{top + ph - h:.1f}" width="{max(bw - 1, 0.5):.1f}" '
-                     f'height="{h:.1f}" fill="{color}"><title>{edges[i]:.3g}-{edges[i + 1]:.3g}: {int(c):,}</title></rect>')
-    for t in _nice_ticks(float(edges[-1]), 5):
+                     f'height="{h:.1f}" fill="{color}" data-value="{int(c)}"><title>{edges[i]:.3g}-{edges[i + 1]:.3g}: '
+                     f'{int(c):,}</title></rect>')
+    for t in _nice_ticks(float(edges[-1]), 5, integer=integer_x):
         if t <= edges[-1] * 1.0001:
             x = left + pw * t / edges[-1]
-            parts.append(f'<text x="{x:.1f}" y="{top + ph + 15}" class="ax" text-anchor="middle">{_fmt(t)}</text>')
+            parts.append(f'<text x="{x:.1f}" y="{top + ph + 15}" class="ax tick" text-anchor="middle">{_fmt(t)}</text>')
     parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" class="axis"/>'
                  f'<text x="{left + pw / 2:.0f}" y="{height - 6}" class="ax" text-anchor="middle">{_esc(xlabel)}</text>')
     parts.append("</svg>")
@@ -254,12 +286,13 @@ def line_chart(series: Mapping[str, Sequence[float]], *, title: str, xlabel: str
     for t in ticks:
         y = top + ph - ph * t / (ymax - lo or 1)
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
-                     f'<text x="{left - 6}" y="{y + 4:.1f}" class="ax" text-anchor="end">{_fmt(lo + t)}</text>')
-    for t in _nice_ticks(n, 6):
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" class="ax tick" text-anchor="end">{_fmt(lo + t)}</text>')
+    for t in _nice_ticks(n, 6, integer=True):  # the x axis counts points (e.g. steps)
         if t <= n:
             x = left + pw * t / max(n - 1, 1)
             if x <= left + pw + 0.5:
-                parts.append(f'<text x="{x:.1f}" y="{top + ph + 15}" class="ax" text-anchor="middle">{_fmt(t)}</text>')
+                parts.append(f'<text x="{x:.1f}" y="{top + ph + 15}" class="ax tick" text-anchor="middle">{_fmt(t)}'
+                             '</text>')
     for i, (name, values) in enumerate(series.items()):
         pts = " ".join(f"{left + pw * j / max(n - 1, 1):.1f},{top + ph - ph * (float(v) - lo) / (ymax - lo or 1):.1f}"
                        for j, v in enumerate(values) if math.isfinite(v))
@@ -282,6 +315,9 @@ body {{ font-family: {_FONT}; margin: 0; background: #f6f7f9; color: #1d2330; }}
 main {{ max-width: 880px; margin: 0 auto; padding: 24px 20px 60px; }}
 h1 {{ font-size: 26px; margin: 8px 0 2px; }}
 h2 {{ font-size: 18px; margin: 34px 0 8px; border-bottom: 1px solid #dde1e8; padding-bottom: 4px; }}
+h3 {{ font-size: 16px; margin: 26px 0 6px; }}
+section.build {{ margin-top: 40px; }}
+.sample .pad {{ color: #8a93a5; font-style: italic; }}
 p.sub {{ color: #5b6475; margin: 0 0 18px; font-size: 14px; word-break: break-all; }}
 .cards {{ display: grid; grid-template-columns: repeat(auto-fit, minmax(130px, 1fr)); gap: 10px; }}
 .card {{ background: #fff; border-radius: 10px; padding: 12px 14px; box-shadow: 0 1px 2px rgba(0,0,0,.06); }}
@@ -342,8 +378,40 @@ def _decoder(directory: str, tok_cfg: Mapping | None):
     return None
 
 
+def _segments(seq: Mapping) -> tuple[list[tuple[int, int]], int]:
+    """``([(start, length) of each example segment], padding tokens)`` of one packed row (a store row: its
+    ``seq_lens`` say where the examples are; the rest of the row is padding)."""
+    n = len(seq["input_ids"])
+    if "seq_lens" in seq:
+        lens = [int(x) for x in np.asarray(seq["seq_lens"])]
+    else:  # a row without its layout: examples start where position ids restart (padding cannot be told apart)
+        pos = np.asarray(seq["position_ids"]) if "position_ids" in seq else np.zeros(1, dtype=np.int64)
+        starts = [t for t in range(n) if pos[t] == 0] or [0]
+        lens = [b - a for a, b in zip(starts, starts[1:] + [n])]
+    out, start = [], 0
+    for length in lens:
+        out.append((start, length))
+        start += length
+    return out, max(n - start, 0)
+
+
+def _trained_runs(labels: np.ndarray, a: int, b: int) -> list[tuple[int, int, bool]]:
+    """``(start, end, trained)`` runs of tokens ``a..b`` (labels[t] != -100: token t is trained)."""
+    runs, run = [], a
+    for t in range(a + 1, b + 1):
+        if t == b or (labels[t] != -100) != (labels[run] != -100):
+            runs.append((run, t, bool(labels[run] != -100)))
+            run = t
+    return runs
+
+
+def _pad_marker(n: int) -> str:
+    return f"[{n:,} pad token{'s' if n != 1 else ''}]"
+
+
 def _samples_html(build_dir: str, tok_cfg: Mapping | None, n: int = 3, max_tokens: int = 400) -> str:
-    """A few packed sequences decoded, trained tokens highlighted (needs the tokenizer and the store)."""
+    """A few packed sequences decoded, trained tokens highlighted (needs the tokenizer and the store).
+    Each example is shown once; the padding after them is one "[N pad tokens]" marker."""
     hf = _decoder(build_dir, tok_cfg)  # a malformed tokenizer.json is an error, as in inspect
     try:
         if hf is None:
@@ -360,22 +428,30 @@ def _samples_html(build_dir: str, tok_cfg: Mapping | None, n: int = 3, max_token
         seq = store[i]
         ids = np.asarray(seq["input_ids"])
         labels = np.asarray(seq["labels"])
-        pos = np.asarray(seq["position_ids"]) if "position_ids" in seq else None
-        limit = min(len(ids), max_tokens)
-        # labels[t] != -100 marks a trained token t (packing masks each example's first token too)
-        trained = labels[:limit] != -100
-        pieces, start = [], 0
-        for t in range(1, limit + 1):
-            if t == limit or trained[t] != trained[start] or (pos is not None and pos[t] == 0):
-                text = hf.decode(ids[start:t].tolist(), skip_special_tokens=False)
-                if pos is not None and start > 0 and pos[start] == 0:
-                    pieces.append('<span class="hd">\n── next example ──\n</span>')
-                cls = ' class="t"' if trained[start] else ""
+        segments, padding = _segments(seq)
+        pieces, shown, left_out = [], 0, 0
+        for k, (a, length) in enumerate(segments):
+            if shown >= max_tokens:
+                left_out += 1
+                continue
+            b = a + min(length, max_tokens - shown)
+            head = f"example {k + 1} of {len(segments)}, " + (
+                f"{length:,} tokens" if b - a == length else f"first {b - a:,} of {length:,} tokens")
+            gap = "" if k == 0 else "\n"
+            pieces.append(f'<span class="hd">{gap}── {_esc(head)} ──\n</span>')
+            for ra, rb, trained in _trained_runs(labels, a, b):
+                text = hf.decode(ids[ra:rb].tolist(), skip_special_tokens=False)
+                cls = ' class="t"' if trained else ""
                 pieces.append(f"<span{cls}>{_esc(text)}</span>")
-                start = t
-        more = f" (first {limit} of {len(ids)} tokens)" if len(ids) > limit else ""
-        out.append(f'<div class="sample"><div class="hd">sequence {i}{more}; '
-                   f'<span class="t">highlighted</span> = trained tokens</div>{"".join(pieces)}</div>')
+            shown += b - a
+        if left_out:
+            pieces.append(f'<span class="hd">\n── {left_out} more example{"s" if left_out != 1 else ""} not shown ──</span>')
+        if padding:
+            pieces.append(f'<span class="pad">\n{_pad_marker(padding)}</span>')
+        ex = f"{len(segments)} example{'s' if len(segments) != 1 else ''}"
+        out.append(f'<div class="sample"><div class="hd">sequence {i}: {ex}, {len(ids) - padding:,} tokens, '
+                   f'{_pad_marker(padding) if padding else "no padding"}; <span class="t">highlighted</span> = trained '
+                   f'tokens</div>{"".join(pieces)}</div>')
     return "".join(out)
 
 
@@ -420,7 +496,9 @@ def load_build(build_dir: str) -> dict:
     return b
 
 
-def _render(build_dir: str, b: dict, extra_sections: str, title: str | None) -> str:
+def _build_sections(build_dir: str, b: dict, *, h: int = 2, with_extra: str = "") -> list[str]:
+    """The report sections of one build (headings at level ``h``): headline cards, ``with_extra`` (HTML),
+    then examples and tokens per language, the mixture, lengths, duplicates, packing, samples, stages."""
     st = b["stages"]
     cfg = b["config"]
     tb = st["tokens_by_lang"]
@@ -431,6 +509,9 @@ def _render(build_dir: str, b: dict, extra_sections: str, title: str | None) -> 
     pack = st["pack"]
     sections = []
 
+    def heading(text: str) -> str:
+        return f"<h{h}>{_esc(text)}</h{h}>"
+
     cards = "".join([
         _card(f"{b['examples']:,}", "examples packed"),
         _card(_fmt(b["tokens"]), "tokens"),
@@ -440,34 +521,33 @@ def _render(build_dir: str, b: dict, extra_sections: str, title: str | None) -> 
         _card(f"{st['read']['records']:,}", "records read"),
     ])
     sections.append(f'<div class="cards">{cards}</div>')
-    sections.append(extra_sections)
+    sections.append(with_extra)
 
-    sections.append("<h2>Examples and tokens per language</h2>")
+    sections.append(heading("Examples and tokens per language"))
     stage_series = [("read", [ex_read.get(l, 0) for l in langs]), ("after dedup", [ex_dedup.get(l, 0) for l in langs]),
                     ("in the mixture", [ex_mix.get(l, 0) for l in langs])]
-    sections.append(f'<figure>{bar_chart(langs, stage_series, title="Examples per language", ylabel="examples")}'
+    sections.append(f'<figure>{bar_chart(langs, stage_series, title="Examples per language", ylabel="examples", counts=True)}'
                     "<figcaption>As read (after language identification), after removing duplicates, and chosen by "
                     "the mixture recipe.</figcaption></figure>")
     tok_series = [(name, [tb[k].get(l, 0) for l in langs]) for name, k in
                   (("read", "read"), ("after dedup", "dedup"), ("in the mixture", "mix"))]
-    sections.append(f'<figure>{bar_chart(langs, tok_series, title="Tokens per language", ylabel="tokens")}'
+    sections.append(f'<figure>{bar_chart(langs, tok_series, title="Tokens per language", ylabel="tokens", counts=True)}'
                     "<figcaption>Tokens of the same examples with the chat template applied.</figcaption></figure>")
 
     mix = st["mix"]
     mix_langs = _lang_order(ex_mix, mix.get("target") or {})
     target = mix.get("target")
-    params = ", ".join(f"{k}={v!r}" for k, v in sorted(mix["params"].items()))
-    recipe_desc = f"{mix['recipe']}({params})" if params else mix["recipe"]
-    sections.append("<h2>The mixture</h2>")
+    recipe_desc = f"{mix['recipe']}({format_params(mix['params'])})" if mix["params"] else mix["recipe"]
+    sections.append(heading("The mixture"))
     if target:
         markers = [float(target.get(l, 0)) for l in mix_langs]
         chart = bar_chart(mix_langs, [("chosen", [ex_mix.get(l, 0) for l in mix_langs])], markers=markers,
-                          title=f"Mixture {recipe_desc} against its target", ylabel="examples")
+                          title=f"Mixture {recipe_desc} against its target", ylabel="examples", counts=True)
         caption = "Bars: examples the recipe chose; dashed lines: the recipe's target per language."
     else:
         pool = [ex_dedup.get(l, 0) for l in mix_langs]
         chart = bar_chart(mix_langs, [("available after dedup", pool), ("chosen", [ex_mix.get(l, 0) for l in mix_langs])],
-                          title=f"Mixture {recipe_desc}: chosen against available", ylabel="examples")
+                          title=f"Mixture {recipe_desc}: chosen against available", ylabel="examples", counts=True)
         caption = "What the recipe chose out of what was available after dedup."
     sections.append(f"<figure>{chart}<figcaption>{_esc(caption)} Seed {mix['seed']}.</figcaption></figure>")
     total_mix = max(sum(ex_mix.values()), 1)
@@ -480,7 +560,7 @@ def _render(build_dir: str, b: dict, extra_sections: str, title: str | None) -> 
     header = ["language", "examples", "share", "tokens"] + (["target"] if target else [])
     sections.append(_table(header, rows))
 
-    sections.append("<h2>Lengths</h2>")
+    sections.append(heading("Lengths"))
     if st.get("lengths"):
         sections.append(f'<figure>{box_plot(st["lengths"], title="Example length per language (mixture)")}</figure>')
     lengths_path = os.path.join(build_dir, "lengths.npy")
@@ -489,11 +569,11 @@ def _render(build_dir: str, b: dict, extra_sections: str, title: str | None) -> 
             lengths = np.load(lengths_path)
         except (OSError, ValueError, EOFError) as exc:
             raise ValueError(f"{lengths_path!r} is not a readable array ({exc}); rebuild the output") from None
-        sections.append(f'<figure>{histogram(lengths, title="Example lengths (all languages)", xlabel="tokens per example")}'
-                        f"<figcaption>{lengths.size:,} examples; sequence length {pack['seq_len']:,}; "
+        chart = histogram(lengths, title="Example lengths (all languages)", xlabel="tokens per example", integer_x=True)
+        sections.append(f"<figure>{chart}<figcaption>{lengths.size:,} examples; sequence length {pack['seq_len']:,}; "
                         f"{pack.get('overlong', 0):,} longer than it.</figcaption></figure>")
 
-    sections.append("<h2>Duplicates removed</h2>")
+    sections.append(heading("Duplicates removed"))
     ex_rm, near_rm = st["dedup"]["exact_removed"], st["dedup"]["near_removed"]
     dup_langs = _lang_order(ex_read)
     if sum(ex_rm.values()) + sum(near_rm.values()) > 0:
@@ -507,33 +587,102 @@ def _render(build_dir: str, b: dict, extra_sections: str, title: str | None) -> 
              f"{(ex_rm.get(l, 0) + near_rm.get(l, 0)) / max(ex_read.get(l, 0), 1):.1%}"] for l in dup_langs]
     sections.append(_table(["language", "read", "exact dups", "near dups", "removed"], rows))
 
-    sections.append("<h2>Packing</h2>")
+    sections.append(heading("Packing"))
     eff = float(b["efficiency"])
     pad = 1.0 - eff
     sections.append("<figure>" + stacked_hbar(
         ["slots"], [(f"real tokens {eff:.2%}", [eff * 100]), (f"padding {pad:.2%}", [pad * 100])], total_suffix="%",
+        value_format=".2f",
         title=f"Packing efficiency: {eff:.2%} of {pack['sequences']:,} x {pack['seq_len']:,} slots hold real tokens")
         + f"<figcaption>Strategy {_esc(pack['strategy'])}; {pack['sequences']:,} sequences against a lower bound of "
           f"{pack['lower_bound_sequences']:,} (total tokens / seq_len). Overlong examples: {pack.get('overlong', 0):,} "
           f"(truncated {pack.get('truncated', 0):,}, split {pack.get('split', 0):,}, dropped {pack.get('dropped', 0):,})."
           "</figcaption></figure>")
 
-    sections.append("<h2>Samples</h2>")
+    sections.append(heading("Samples"))
     sections.append(_samples_html(build_dir, cfg.get("tokenizer")))
 
-    sections.append("<h2>Stages</h2>")
+    sections.append(heading("Stages"))
     rows = []
-    for name in ("read", "langid", "tokenize", "dedup", "mix", "pack"):
+    from .pipeline import STAGES
+
+    for name in STAGES:
         s = st.get(name, {})
         rows.append([name, f"{s.get('seconds', 0):.2f} s"])
     sections.append(_table(["stage", "time when computed"], rows))
+    return sections
 
-    title = title or f"mlmix build report: {os.path.basename(b['output'].rstrip(os.sep))}"
+
+def _page(title: str, subtitle: str, sections: Sequence[str]) -> str:
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"generator\" content=\"mlmix {_version()}\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_esc(title)}</title>"
             f"<style>{_CSS}</style></head><body><main><h1>{_esc(title)}</h1>"
-            f"<p class=\"sub\">{_esc(b['output'])}</p>{''.join(sections)}</main></body></html>")
+            f"<p class=\"sub\">{_esc(subtitle)}</p>{''.join(sections)}</main></body></html>")
+
+
+def _render(build_dir: str, b: dict, extra_sections: str, title: str | None) -> str:
+    title = title or f"mlmix build report: {os.path.basename(b['output'].rstrip(os.sep))}"
+    return _page(title, b["output"], _build_sections(build_dir, b, with_extra=extra_sections))
+
+
+def format_params(params: Mapping) -> str:
+    """Recipe parameters as ``key=value, ...`` in their order (strings bare, lists in brackets), e.g.
+    ``n_multilingual=11, pivot=en``."""
+    def val(v) -> str:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, Mapping):
+            return "{" + ", ".join(f"{k}={val(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return str(v)
+
+    return ", ".join(f"{k}={val(v)}" for k, v in params.items())
+
+
+def render_comparison(build_dirs: Mapping[str, str | os.PathLike], *, extra_sections: str = "",
+                      title: str | None = None) -> str:
+    """One HTML page for several builds of the same data (e.g. the demo's mixtures): ``extra_sections``,
+    then the mixtures side by side (examples per language, one bar per build; a summary table), then
+    every build's own report sections, each under its name."""
+    if not build_dirs:
+        raise ValueError("build_dirs must name at least one build output, got none")
+    builds = {}
+    for name, d in build_dirs.items():
+        d = find_build_dir(d)
+        builds[name] = (d, load_build(d))
+    try:
+        mixes = {name: b["stages"]["mix"] for name, (_, b) in builds.items()}
+        langs = _lang_order(*(m["langs"] for m in mixes.values()))
+        sections = [extra_sections, "<h2>Mixtures</h2>"]
+        series = [(name, [mixes[name]["langs"].get(l, 0) for l in langs]) for name in builds]
+        sections.append(f'<figure>{bar_chart(langs, series, title="Examples per language in each mixture", ylabel="examples", counts=True)}'
+                        "<figcaption>Examples each mixture's recipe chose per language (after dedup).</figcaption></figure>")
+        rows = []
+        for name, (_, b) in builds.items():
+            m = mixes[name]
+            recipe = f"{m['recipe']}({format_params(m['params'])})" if m["params"] else m["recipe"]
+            rows.append([name, recipe, f"{b['examples']:,}", f"{b['tokens']:,}", f"{b['sequences']:,}",
+                         f"{b['efficiency']:.1%}", str(sum(1 for v in m["langs"].values() if v))])
+        sections.append(_table(["mixture", "recipe", "examples", "tokens", "sequences", "packing", "languages"], rows))
+        sections.append('<p class="note">Each mixture in detail: ' + ", ".join(
+            f'<a href="#mixture-{_esc(_anchor(name))}">{_esc(name)}</a>' for name in builds) + ".</p>")
+        for name, (d, b) in builds.items():
+            sections.append(f'<section class="build" id="mixture-{_esc(_anchor(name))}"><h2>Mixture {_esc(name)}</h2>'
+                            f'<p class="sub">{_esc(b["output"])}</p>')
+            sections.extend(_build_sections(d, b, h=3))
+            sections.append("</section>")
+    except (KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise ValueError(f"a build.json among {[d for d, _ in builds.values()]} lacks what the report needs "
+                         f"({type(exc).__name__}: {exc}); rebuild the outputs") from None
+    return _page(title or "mlmix report: " + ", ".join(builds), ", ".join(builds), sections)
+
+
+def _anchor(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
 
 
 def write_report(build_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> str:
@@ -559,23 +708,29 @@ def write_report(build_dir: str | os.PathLike, path: str | os.PathLike | None = 
 
 
 # ---- mlmix inspect -------------------------------------------------------------------------------
-def _decode_sample(hf, seq: Mapping, max_tokens: int) -> list[dict]:
-    """A packed sequence split into its examples, each as decoded text with trained spans in [[ ]]."""
+def _decode_sample(hf, seq: Mapping, max_tokens: int) -> dict:
+    """A packed sequence as its examples, each decoded with trained spans in [[ ]], and its padding.
+
+    Returns ``{"examples": [{"start", "tokens" (the example's length), "shown" (tokens decoded: at most
+    ``max_tokens`` over the whole sequence), "text"}], "not_shown" (examples past the limit), "padding"
+    (pad tokens after the examples)}``.
+    """
     ids = np.asarray(seq["input_ids"])
     labels = np.asarray(seq["labels"])
-    pos = np.asarray(seq["position_ids"]) if "position_ids" in seq else np.arange(len(ids))
-    n = min(len(ids), max_tokens)
-    starts = [t for t in range(n) if pos[t] == 0] or [0]
-    out = []
-    for a, b in zip(starts, starts[1:] + [n]):
-        text, run = [], a
-        for t in range(a + 1, b + 1):
-            if t == b or (labels[t] != -100) != (labels[run] != -100):
-                piece = hf.decode(ids[run:t].tolist(), skip_special_tokens=False)
-                text.append(f"[[{piece}]]" if labels[run] != -100 else piece)
-                run = t
-        out.append({"start": int(a), "tokens": int(b - a), "text": "".join(text)})
-    return out
+    segments, padding = _segments(seq)
+    examples, shown, not_shown = [], 0, 0
+    for a, length in segments:
+        if shown >= max_tokens:
+            not_shown += 1
+            continue
+        b = a + min(length, max_tokens - shown)
+        text = []
+        for ra, rb, trained in _trained_runs(labels, a, b):
+            piece = hf.decode(ids[ra:rb].tolist(), skip_special_tokens=False)
+            text.append(f"[[{piece}]]" if trained else piece)
+        examples.append({"start": int(a), "tokens": int(length), "shown": int(b - a), "text": "".join(text)})
+        shown += b - a
+    return {"examples": examples, "not_shown": not_shown, "padding": int(padding)}
 
 
 def _store_langs(store) -> dict[str, dict[str, int]]:
@@ -640,7 +795,7 @@ def inspect_store(path: str | os.PathLike, *, samples: int = 2, max_tokens: int 
     if hf is not None:
         picks = np.linspace(0, len(store) - 1, num=min(samples, len(store))).round().astype(int)
         for i in sorted(set(picks.tolist())):
-            info["samples"].append({"sequence": i, "examples": _decode_sample(hf, store[i], max_tokens)})
+            info["samples"].append({"sequence": i, **_decode_sample(hf, store[i], max_tokens)})
     return info
 
 
@@ -651,7 +806,8 @@ def format_inspection(info: Mapping, *, verbose: bool = False, quiet: bool = Fal
              f"examples   {info['examples']:,}, tokens {info['tokens']:,}"]
     if info["mixture"]:
         m = info["mixture"]
-        lines.append(f"mixture    {m['recipe']} {m['params'] or ''} seed {m['seed']}".replace("  ", " "))
+        params = f"({format_params(m['params'])})" if m["params"] else ""
+        lines.append(f"mixture    {m['recipe']}{params}, seed {m['seed']}")
     if info.get("tokenizer"):
         t = info["tokenizer"]
         lines.append(f"tokenizer  {t['num_ids']:,} ids, vocabulary sha256 {t['vocab_sha256'][:16]}")
@@ -667,8 +823,20 @@ def format_inspection(info: Mapping, *, verbose: bool = False, quiet: bool = Fal
         lines.append("(no samples: no tokenizer.json next to the store to decode them)")
     for s in info["samples"]:
         lines.append("")
-        lines.append(f"--- sequence {s['sequence']} (trained tokens in [[ ]]) ---")
-        for ex in s["examples"] if verbose else s["examples"][:2]:
-            lines.append(f"[example at {ex['start']}, {ex['tokens']} tokens]")
+        n_ex = len(s["examples"]) + s.get("not_shown", 0)
+        pad = s.get("padding", 0)
+        lines.append(f"--- sequence {s['sequence']}: {n_ex} example{'s' if n_ex != 1 else ''}"
+                     f"{', ' + _pad_marker(pad) if pad else ''} (trained tokens in [[ ]]) ---")
+        shown = s["examples"] if verbose else s["examples"][:2]
+        for ex in shown:
+            size = (f"{ex['tokens']:,} tokens" if ex.get("shown", ex["tokens"]) == ex["tokens"]
+                    else f"first {ex['shown']:,} of {ex['tokens']:,} tokens")
+            lines.append(f"[example at {ex['start']:,}, {size}]")
             lines.append(ex["text"])
+        for hidden, why in ((len(s["examples"]) - len(shown), "-v shows them"),
+                            (s.get("not_shown", 0), "past --max-tokens")):
+            if hidden:
+                lines.append(f"[{hidden} more example{'s' if hidden != 1 else ''} ({why})]")
+        if pad:
+            lines.append(_pad_marker(pad))
     return "\n".join(lines)
