@@ -557,6 +557,35 @@ def test_cli_end_to_end(model_a, model_b, hf_tok, tmp_path, capsys):
     assert "base_url" in capsys.readouterr().err
 
 
+def test_cli_without_a_judge_says_what_is_absent_and_template_key(model_a, hf_tok, tmp_path, capsys):
+    """A model whose tokenizer has no chat template: `template = "auto"` is an error naming the key, and
+    `template = "chatml"` evaluates it; no judge configured: the table and results say which columns are
+    absent and how to add them, and fill nothing in."""
+    plain = transformers.PreTrainedTokenizerFast(tokenizer_object=hf_tok.backend_tokenizer, eos_token="<|im_end|>",
+                                                 pad_token="<|endoftext|>")
+    assert not plain.chat_template
+    model_a.save_pretrained(tmp_path / "m")
+    plain.save_pretrained(tmp_path / "m")
+    cfg = {"data": {"source": "demo", "languages": ["en", "sw"], "max_per_language": 2},
+           "models": [{"name": "m", "path": str(tmp_path / "m")}],
+           "generate": {"max_new_tokens": 2}, "stats": {"bootstrap": 50}, "output": str(tmp_path / "out")}
+    (tmp_path / "eval.json").write_text(json.dumps(cfg))
+    assert main([str(tmp_path / "eval.json")]) == 1
+    assert 'no chat template; set template = "chatml" or "llama3"' in capsys.readouterr().err
+
+    cfg["models"][0]["template"] = "chatml"
+    (tmp_path / "eval.json").write_text(json.dumps(cfg))
+    assert main([str(tmp_path / "eval.json")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "== m" in out and "loss [95% CI]" in out
+    assert "not measured: judge: no [judge] in the config" in out and 'kind = "http"' in out
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "judge" not in res and "judge" in res["absent"]
+    assert not (tmp_path / "out" / "judge.svg").exists()
+    with pytest.raises(ValueError, match="models\\[0\\].template"):
+        load_config({"models": [{"name": "a", "path": "x", "template": "alpaca"}]})
+
+
 @pytest.mark.parametrize("patch,match", [
     ({"models": []}, "models"),
     ({"models": [{"name": "a"}]}, "path"),

@@ -59,7 +59,8 @@ def _fmt(v, spec: str) -> str:
 
 def format_table(results: Mapping) -> str:
     """A plain-text table: one row per language, per model its loss (ppl), fidelity and judge score, with
-    intervals and the counts that qualify them (invalid verdicts, empty responses, skipped records)."""
+    intervals and the counts that qualify them (invalid verdicts, empty responses, skipped records), then what
+    was not measured and how to add it (``results["absent"]``, e.g. the judge when none was given)."""
     langs = list(results.get("languages", []))
     models = list(results.get("models", []))
     lines: list[str] = []
@@ -85,7 +86,13 @@ def format_table(results: Mapping) -> str:
         lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
         lines.extend("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows)
         lines.append("")
-    return "\n".join(lines).rstrip() + "\n" if lines else "(no results)\n"
+    text = "\n".join(lines).rstrip() + "\n" if lines else "(no results)\n"
+    for what, why in (results.get("absent") or {}).items():
+        import textwrap
+
+        text += "\n" + textwrap.fill(f"not measured: {what}: {why}", width=110, subsequent_indent="  ",
+                                     break_on_hyphens=False, break_long_words=False) + "\n"
+    return text
 
 
 def _loss_cell(r: Optional[Mapping]) -> str:

@@ -28,7 +28,11 @@ DEFAULT_CONFIG: dict = {
     "dtype": "auto",
     "output": "mlmix-eval",
 }
-_MODEL_KEYS = {"name", "path", "tokenizer", "responses"}
+_MODEL_KEYS = {"name", "path", "tokenizer", "responses", "template"}
+_TEMPLATES = ("auto", "chatml", "llama3")
+_NO_JUDGE_API = ("no judge given, so the side-by-side columns (each model's score against the baseline per "
+                 "language, with its interval and wins/ties/losses) are absent; pass judge= (a callable, "
+                 "HTTPJudge or TransformersJudge) and baseline= to add them (docs/eval.md)")
 
 
 def _say(progress: Optional[Callable[[str], None]], text: str) -> None:
@@ -187,6 +191,11 @@ def evaluate(
         for attr in ("requests_sent", "cache_hits", "retries"):
             if hasattr(judge, attr):
                 results["judge"][attr] = getattr(judge, attr)
+    elif judge is None:
+        results["absent"] = {"judge": _NO_JUDGE_API}
+    elif baseline is None:
+        results["absent"] = {"judge": "a judge was given without baseline=, the model every other model is judged "
+                                      "against; pass baseline= (one of the models) to add the side-by-side columns"}
     return results
 
 
@@ -269,6 +278,9 @@ def load_config(config: Any) -> dict:
         if m.get("path") is None and m.get("responses") is None:
             raise ValueError(f"models[{i}] ({m['name']}): give path (a local transformers model directory) "
                              "and/or responses (a JSONL file of id, lang, response)")
+        if m.get("template", "auto") not in _TEMPLATES:
+            raise ValueError(f"models[{i}].template: expected one of {list(_TEMPLATES)} (auto: the tokenizer's own "
+                             f"chat template), got {m['template']!r}")
         for key in ("path", "tokenizer", "responses"):
             if m.get(key) is not None:
                 if not isinstance(m[key], str):
@@ -363,23 +375,51 @@ def _aligned_responses(path: str, records: Sequence[Mapping]) -> list[Optional[s
     return [by_key.get((r.get("lang"), str(r.get("id", i)))) for i, r in enumerate(records)]
 
 
-def _load_model(path: str, tokenizer_path: Optional[str], device: str, dtype: str):
+def _load_model(path: str, tokenizer_path: Optional[str], device: str, dtype: str,
+                template: Optional[str] = None, what: str = "models.path"):
+    """A local transformers model directory as ``(model, tokenizer)``; ``template`` ``"chatml"`` or
+    ``"llama3"`` gives the tokenizer that chat template, ``"auto"`` requires it to carry its own, None
+    leaves it as it is."""
     from .._deps import require
 
     transformers = require("transformers", "mlmix eval")
     import torch
 
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"models.path: {path!r} is not a local model directory")
+        raise FileNotFoundError(f"{what}: {path!r} is not a local model directory")
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype != "auto":
         kwargs["dtype"] = getattr(torch, dtype)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with _quiet_transformers(transformers):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer_path or path, local_files_only=True)
+    if template in ("chatml", "llama3"):
+        from .. import chat
+
+        tok.chat_template = chat.CHATML_TEMPLATE if template == "chatml" else chat.LLAMA3_TEMPLATE
+    elif template == "auto" and not getattr(tok, "chat_template", None):
+        raise ValueError(f"{what}: the tokenizer in {tokenizer_path or path!r} has no chat template; set template = "
+                         "\"chatml\" or \"llama3\" in its [[models]] table (the template the model was tuned with)")
     return model, tok
+
+
+class _quiet_transformers:
+    """Silence transformers' weight-loading progress bar (its own lines on stderr would interleave with
+    ours); restores the setting after."""
+
+    def __init__(self, transformers):
+        self.logging = transformers.utils.logging
+
+    def __enter__(self):
+        self.was = self.logging.is_progress_bar_enabled()
+        self.logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        if self.was:
+            self.logging.enable_progress_bar()
 
 
 def _make_judge(cfg: Mapping):
@@ -393,7 +433,7 @@ def _make_judge(cfg: Mapping):
                          max_retries=j["max_retries"], backoff=float(j["backoff"]), concurrency=j["concurrency"],
                          cache_dir=cache, max_tokens=j["max_tokens"], template=template)
     if j["kind"] == "transformers":
-        model, tok = _load_model(j["path"], None, cfg["device"], cfg["dtype"])
+        model, tok = _load_model(j["path"], None, cfg["device"], cfg["dtype"], what="judge.path")
         return TransformersJudge(model, tok, template=template, batch_size=j["batch_size"])
     return None
 
@@ -413,10 +453,11 @@ def run(config: Any, *, output: Optional[str] = None, progress: Optional[Callabl
     records = _records(cfg)
     langs = cfg["data"]["languages"]
     models, responses = {}, {}
-    for m in cfg["models"]:
+    for i, m in enumerate(cfg["models"]):
         if m.get("path"):
             _say(progress, f"loading {m['name']} from {m['path']}")
-            models[m["name"]] = _load_model(m["path"], m.get("tokenizer"), cfg["device"], cfg["dtype"])
+            models[m["name"]] = _load_model(m["path"], m.get("tokenizer"), cfg["device"], cfg["dtype"],
+                                            m.get("template", "auto"), f"models[{i}] ({m['name']}).path")
         else:
             models[m["name"]] = None
         if m.get("responses"):
@@ -434,6 +475,8 @@ def run(config: Any, *, output: Optional[str] = None, progress: Optional[Callabl
         baseline=cfg["judge"]["baseline"] if judge is not None else None, ci=cfg["judge"]["ci"],
         n_bootstrap=st["bootstrap"], alpha=st["alpha"], seed=st["seed"], batch_tokens=cfg["loss"]["batch_tokens"],
         max_length=cfg["loss"]["max_length"], fused=cfg["loss"]["fused"], progress=progress)
+    if "judge" in results.get("absent", {}):
+        results["absent"]["judge"] = _no_judge_config([m["name"] for m in cfg["models"]])
     out = claim_directory(cfg["output"], "eval")
     os.makedirs(os.path.join(out, "responses"), exist_ok=True)
     for name, rows in results.get("responses", {}).items():
@@ -451,6 +494,15 @@ def run(config: Any, *, output: Optional[str] = None, progress: Optional[Callabl
     with atomic_file(results["files"]["results"], "w") as f:
         f.write(to_json(results))
     return results
+
+
+def _no_judge_config(names: Sequence[str]) -> str:
+    base = names[0] if names else "MODEL"
+    return (f"no [judge] in the config, so the side-by-side columns are absent (each model's score against the "
+            f"baseline per language, with its interval and wins/ties/losses, and judge.svg). To add them, add "
+            f"[judge] with kind = \"http\", base_url (an OpenAI-compatible server, e.g. vLLM's "
+            f"http://127.0.0.1:8000/v1), model and baseline = \"{base}\", or kind = \"transformers\" with "
+            f"path = a local judge model; see docs/eval.md")
 
 
 def _safe(name: str) -> str:
@@ -501,7 +553,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_subparser(sub)
     args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        from ..cli import stdout_closed
+
+        return stdout_closed()
     except KeyboardInterrupt:
         print("mlmix eval: interrupted", file=sys.stderr)
         return 130
