@@ -493,7 +493,53 @@ def test_pinch_recipe_through_the_pipeline(tmp_path, tok_path, data_path):
     assert mixture.counts() == counts
 
 
-EXAMPLES = sorted(os.listdir(os.path.join(ROOT, "examples")))
+def test_pinch_on_own_data_defaults_to_its_languages(tmp_path, tok_path):
+    """A pinch on data in three languages (none of them all the study's 12) with the recipe's defaults: the
+    mixture's languages are the data's, the study's order first, and mixture.json records them."""
+    import mlmix
+
+    rows = [r for r in parallel_rows(4) if r["lang"] in ("en", "ru", "de")]
+    data = write_jsonl(str(tmp_path / "three.jsonl"), rows)
+    s = mlmix.build(_cfg(tmp_path, tok_path, data, mixture={"recipe": "pinch", "n_multilingual": 4},
+                         langid={"backend": "none"}), quiet=True)
+    assert s["langs"] == {"en": 20, "ru": 2, "de": 2}
+    mixture = mlmix.Mixture.load(os.path.join(s["output"], "mixture.json"))
+    assert mixture.params["languages"] == ["en", "ru", "de"]  # en, ru in the study's order; de after
+    s = mlmix.build(_cfg(tmp_path, tok_path, data, mixture={"recipe": "percent_mixture", "percent": 50},
+                         langid={"backend": "none"}), quiet=True)
+    assert sum(s["langs"].values()) == 24 and set(s["langs"]) == {"en", "ru", "de"}
+
+
+def test_build_log_progress_lines_when_not_a_terminal(tmp_path, tok_path, data_path):
+    """Not a terminal, not a notebook: progress comes as plain lines every log_every seconds, and the
+    tokenize summary gives the encoder's own rate with the tokenizer's loading apart."""
+    import io
+
+    import mlmix
+    from mlmix import pipeline
+
+    stream = io.StringIO()
+    log = pipeline.BuildLog(stream=stream, log_every=0.0)
+    assert log.mode == "lines" and not log.progress
+    mlmix.build(_cfg(tmp_path, tok_path, data_path), log=log, use_cache=False)
+    text = stream.getvalue()
+    assert "\r" not in text
+    import re
+
+    assert any(re.fullmatch(r"read +[\d,]+ rec, .*rec/s, \d+s", line) for line in text.splitlines()), text
+    assert any(re.fullmatch(r"tokenize [\d,]+/[\d,]+ rec \(\d+%\), .*tok/s encoding, \d+s", line)
+               for line in text.splitlines()), text
+    tok_line = next(line for line in text.splitlines() if line.startswith("tokenize") and "examples" in line)
+    assert "tok/s encoding" in tok_line
+    assert pipeline.BuildLog(stream=io.StringIO(), progress=False).mode == "none"
+    assert pipeline.BuildLog(stream=io.StringIO(), progress=True).mode == "bars"
+    assert pipeline.BuildLog(stream=io.StringIO(), quiet=True).mode == "none"
+    line = pipeline._tokenize_line({"examples": 2, "tokens": 2_000_000, "loss_tokens": 10, "seconds": 10.0,
+                                    "encode_seconds": 1.0, "load_seconds": 8.5})
+    assert "2.0M tok/s encoding; tokenizer loaded in 8.5s" in line
+
+
+EXAMPLES = sorted(n for n in os.listdir(os.path.join(ROOT, "examples")) if n.endswith((".toml", ".yaml", ".yml", ".json")))
 
 
 @pytest.mark.parametrize("name", [n for n in EXAMPLES if not n.startswith("eval")])

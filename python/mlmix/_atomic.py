@@ -159,6 +159,20 @@ def atomic_directory(path: str | os.PathLike, *, kind: str, overwrite: bool = Tr
         raise
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS says it (Linux); else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb", *, kind: str | None = None,
                 arg: str = "output") -> Iterator:
@@ -182,6 +196,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", *, kind: str | None =
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp made it 0600: give it a new file's usual mode
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(parent)

@@ -24,9 +24,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(info)
     else:
+        width = max((len(k) for k in info), default=0) + 2
         for k, v in info.items():
-            print(f"{k:>22}: {v}")
+            print(f"{k.replace('_', ' '):<{width}}{_human(v)}")
     return 0
+
+
+def _human(v) -> str:
+    """A build_info value as a person reads it: lists comma-separated, yes/no, "none" for nothing."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return ", ".join(_human(x) for x in v) or "none"
+    if isinstance(v, str):
+        v = " ".join(v.split())
+        return v.replace(",", ", ") if v.count(",") and " " not in v else (v or "none")
+    return "none" if v is None else str(v)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -81,6 +94,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def stdout_closed() -> int:
+    """The reader of stdout went away (``mlmix inspect --json | head``): stop quietly, as Unix tools do.
+
+    Further output goes to /dev/null so the interpreter's final flush cannot fail again; the exit status
+    is 141 (128 + SIGPIPE), what a shell reports for a tool that SIGPIPE ended."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (captured): nothing to redirect
+        pass
+    return 141
+
+
 def build_parser() -> argparse.ArgumentParser:
     import mlmix
 
@@ -108,14 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the demo's budget)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("build", help="run the pipeline a config describes: read, langid, tokenize, dedup, mix, pack",
+    from .cache import STAGE_NAMES  # the stages in the order mlmix.pipeline runs them
+
+    p = sub.add_parser("build", help=f"run the pipeline a config describes: {', '.join(STAGE_NAMES)}",
                        description="Read the sources, identify languages, tokenize with the chat template, remove "
                                    "duplicates, build the mixture and pack into a store, as CONFIG (TOML or YAML; "
-                                   "see docs/config.md) says. Stages are cached: a rerun redoes only what changed.")
+                                   "see docs/config.md) says, in that order "
+                                   f"({' -> '.join(STAGE_NAMES)}), then write the report. Stages are cached: a rerun "
+                                   "redoes only what changed.")
     common(p)
     p.add_argument("config", metavar="CONFIG", help="the build config (.toml, .yaml/.yml or .json)")
     p.add_argument("--no-cache", action="store_true", help="recompute every stage (the cache is refreshed)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: bars when stderr is a terminal)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress while stages run, only their summary lines (default: bars on a terminal or in a "
+                        "notebook, a progress line every 15 s in a log)")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="run the stages in this process, or on Ray Data (pip install 'mlmix[ray]'; same output, "
                         "no stage cache; see docs/ray.md) (default: %(default)s)")
@@ -158,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return rc
+    except BrokenPipeError:
+        return stdout_closed()
     except KeyboardInterrupt:
         print("mlmix: interrupted", file=sys.stderr)
         return 130
