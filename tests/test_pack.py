@@ -386,3 +386,12 @@ def test_stream_output_does_not_depend_on_chunking():
     list(packer.push(tokens[:5], mask[:5]))
     with pytest.raises(ValueError, match="loss_mask"):
         list(packer.push(tokens[5:10]))
+
+
+def test_plan_repr_is_a_summary_not_its_arrays():
+    lengths = np.random.default_rng(0).integers(1, 900, size=100_000)
+    plan = mlmix.pack(lengths, 1024, overlong="truncate")
+    text = repr(plan)
+    assert text == str(plan) and len(text) < 300 and "array" not in text
+    assert text.startswith("PackPlan(strategy='bfd', seq_len=1,024, examples=100,000, sequences=")
+    assert f"efficiency={plan.efficiency:.2%}" in text

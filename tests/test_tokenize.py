@@ -239,3 +239,10 @@ def test_decode_rejects_ids_outside_the_vocabulary(qwen_hf):
         tok.decode([-1])
     with pytest.raises(TypeError, match="ids must be integers"):
         tok.decode([1.5])
+
+
+def test_tokenizer_repr_says_what_it_is(qwen, qwen_hf):
+    tok = Tokenizer(qwen_hf, chat_template=chat.CHATML_TEMPLATE, eos_token="<|endoftext|>")
+    assert repr(tok) == (f"Tokenizer(vocab_size={tok.vocab_size:,}, impl={tok.impl!r}, chat_template=ChatML, "
+                         "bos_token=None, eos_token='<|endoftext|>')")
+    assert "chat_template=none" in repr(qwen)

@@ -118,7 +118,7 @@ def pack(lengths, seq_len: int, *, strategy: str = "bfd", overlong: str = "error
     return PackPlan(seq_len=seq_len, strategy=strategy, lengths=lens, **raw)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class PackPlan:
     """Which piece of which example goes where.
 
@@ -150,6 +150,14 @@ class PackPlan:
     tokens_dropped: int = 0
     tokens_packed: int = 0
     _row_tokens: np.ndarray | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        # the arrays hold one entry per example or segment: a summary, not millions of numbers
+        extra = "".join(f", {k}={getattr(self, k):,}" for k in ("num_truncated", "num_split", "num_dropped",
+                                                                 "tokens_dropped") if getattr(self, k))
+        return (f"PackPlan(strategy={self.strategy!r}, seq_len={self.seq_len:,}, examples={len(self.lengths):,}, "
+                f"sequences={self.num_sequences:,}, segments={self.num_segments:,}, tokens={self.tokens_packed:,}, "
+                f"efficiency={self.efficiency:.2%}, lower_bound={self.lower_bound:,}{extra})")
 
     @property
     def num_sequences(self) -> int:

@@ -159,6 +159,12 @@ class Tokenizer:
         self.__init__(state["backend"], chat_template=state["chat_template"], bos_token=state["bos_token"],
                       eos_token=state["eos_token"], impl=state.get("impl", "auto"))
 
+    def __repr__(self) -> str:
+        known = {_chat.CHATML_TEMPLATE: "ChatML", _chat.LLAMA3_TEMPLATE: "Llama-3"}
+        template = "none" if not self.chat_template else known.get(self.chat_template, "the model's own (Jinja)")
+        return (f"Tokenizer(vocab_size={self.vocab_size:,}, impl={self.impl!r}, chat_template={template}, "
+                f"bos_token={self.bos_token!r}, eos_token={self.eos_token!r})")
+
     # --- constructors ---------------------------------------------------------------------------
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, chat_template: Optional[str] = None,
