@@ -147,3 +147,98 @@ def test_demo_smoke(tmp_path, capsys):
     with open(res["report"], encoding="utf-8") as f:
         html = f.read()
     assert "Demo: English-only against the pinch" in html and html.count("<svg") >= 8
+    # every mixture is detailed, and the trained models load with transformers' own classes, offline
+    for name in ("english_only", "pinch", "p100"):
+        assert f'id="mixture-{name}"' in html
+    import transformers
+
+    for name, path in res["models"].items():
+        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        assert tok.chat_template and tok.eos_token == "<|im_end|>" and model.config.vocab_size == len(tok)
+    # one umask-derived mode for every file the demo wrote (the report was once 0600, the builds' 0644)
+    umask = os.umask(0)
+    os.umask(umask)
+    odd = {os.path.join(b, f): oct(os.stat(os.path.join(b, f)).st_mode & 0o777)
+           for b, _, fs in os.walk(out) for f in fs if os.stat(os.path.join(b, f)).st_mode & 0o777 != 0o666 & ~umask}
+    assert not odd
+
+
+def test_inspect_shows_padding_once_and_cut_examples_as_cut(tmp_path, capsys):
+    """An example cut by --max-tokens says so ("first 20 of 31 tokens"), the rows' padding is one marker,
+    never one "example" per pad token, and the mixture's parameters read as key=value."""
+    import mlmix
+
+    d = tmp_path
+    tok = train_tiny_bpe(str(d / "tokenizer.json"))
+    data = write_jsonl(str(d / "data.jsonl"), parallel_rows(1))
+    cfg = {"output": str(d / "out"), "sources": [{"path": data}], "tokenizer": {"path": tok, "template": "chatml"},
+           "mixture": {"recipe": "pinch", "n_multilingual": 3}, "pack": {"seq_len": 512}, "report": False}
+    mlmix.build(cfg, quiet=True)
+    store = mlmix.open(str(d / "out" / "store"))
+    first = int(store[0]["seq_lens"][0])
+    assert main(["inspect", str(d / "out"), "-n", "9", "--max-tokens", "20"]) == 0
+    out = capsys.readouterr().out
+    assert f"[example at 0, first 20 of {first} tokens]" in out
+    assert "mixture    pinch(n_multilingual=3), seed 0" in out
+    assert "<|endoftext|>" not in out and "1 tokens]" not in out
+    pads = [len(store[i]["input_ids"]) - int(store[i]["num_tokens"]) for i in range(len(store))]
+    for p in pads:
+        if p:
+            assert f"[{p:,} pad token{'s' if p != 1 else ''}]" in out
+    assert main(["inspect", str(d / "out"), "--json", "--max-tokens", "100000"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    for s in info["samples"]:
+        assert all(ex["shown"] == ex["tokens"] for ex in s["examples"]) and s["not_shown"] == 0
+        assert sum(ex["tokens"] for ex in s["examples"]) + s["padding"] == store.seq_len
+
+
+def test_info_is_human_readable(capsys):
+    import mlmix
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    backends = mlmix.build_info()["backends"]
+    assert f"backends               {', '.join(backends)}\n" in out or any(
+        line.split()[0] == "backends" and line.split(None, 1)[1] == ", ".join(backends) for line in out.splitlines())
+    assert "(" not in out and "[" not in out and "True" not in out and "False" not in out
+
+
+@pytest.mark.parametrize("args", [["info"], ["build", "--help"], ["inspect", "STORE", "--json"]])
+def test_closed_stdout_ends_quietly(built, args):
+    """`mlmix inspect --json | head -1`: the reader leaves early; mlmix stops without a traceback."""
+    args = [str(built) if a == "STORE" else a for a in args]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    code = "import sys; from mlmix.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    proc.stdout.close()  # the reader is gone before mlmix writes a byte
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    rc = proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+    assert rc in (0, 141)
+
+
+def test_stage_order_is_one_truth():
+    """README, `mlmix build --help` and docs/config.md state the order the pipeline runs its stages in."""
+    import re
+    from pathlib import Path
+
+    from mlmix.cache import STAGE_NAMES
+    from mlmix.cli import build_parser
+    from mlmix.pipeline import STAGES
+
+    assert tuple(STAGE_NAMES) == tuple(STAGES)
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    tour = " ".join(readme[readme.index("## A five-minute tour"):].split())
+    assert re.search(r"read, langid \(language id\), tokenize \([^)]*\), dedup, mix \([^)]*\), pack", tour)
+    helptext = " ".join(build_parser()._subparsers._group_actions[0].choices["build"].format_help().split())
+    assert "read -> langid -> tokenize -> dedup -> mix -> pack" in helptext
+    assert ", ".join(STAGES) in " ".join(build_parser().format_help().split())  # `mlmix --help`'s one-liner
+    config_md = " ".join((root / "docs" / "config.md").read_text(encoding="utf-8").split())
+    assert "read -> langid -> tokenize -> dedup -> mix -> pack" in config_md
+    assert "Stages run in the order " + ", ".join(STAGES) in config_md
+    pipeline_doc = (root / "python" / "mlmix" / "pipeline.py").read_text(encoding="utf-8").splitlines()[0]
+    assert "read -> langid -> tokenize -> dedup -> mix -> pack" in pipeline_doc

@@ -3,14 +3,18 @@
 1. Train a small byte-level BPE (HF ``tokenizers``' trainer, ChatML special tokens) on the training split,
    so the tiny model's embedding table stays small (Qwen's 151k vocabulary would dwarf it).
 2. Build three of the study's mixtures with ``mlmix.build`` (English-only, the pinch, P=100): read,
-   dedup, mix, tokenize with ChatML and loss masks, pack; print their per-language tables. The three
+   tokenize with ChatML and loss masks, dedup, mix, pack; print their per-language tables. The three
    builds share one stage cache, so reading and tokenizing happen once.
 3. Train the same tiny randomly initialised causal LM (transformers' Qwen2 architecture, about 1M
    parameters) on the CPU twice with the same budget, once on English-only and once on the pinch, reading
    the packed stores with mlmix's dataloader and computing the loss with mlmix's fused linear
    cross-entropy; print the loss as it falls.
 4. Compare held-out loss per language (the held-out split: sources neither model saw) and write the
-   report, with the loss curves and the per-language comparison, next to the stores.
+   report, with the loss curves, the per-language comparison and every mixture's build details.
+5. Save both trained models as transformers model directories (``OUT/models/english_only``,
+   ``OUT/models/pinch``: weights, config, and the tokenizer with its ChatML chat template), so that
+   ``mlmix eval examples/eval.toml`` can evaluate them (and ``AutoModelForCausalLM.from_pretrained``
+   load them).
 
 Seeded and deterministic: the same seed gives the same numbers on the same machine and thread count.
 """
@@ -39,6 +43,7 @@ MIXTURES = {
     "p100": {"recipe": "percent_mixture", "percent": 100},
 }
 TRAINED = ("english_only", "pinch")
+MODELS_DIR = "models"  # OUT/models/<mixture>: the trained models, as transformers directories
 
 
 def train_bpe(texts, vocab_size: int, path: str, seed: int = 0) -> str:
@@ -189,6 +194,34 @@ def train(store_path: str, vocab_size: int, steps: int, seed: int, say, name: st
     return model, losses
 
 
+def save_model(model, tokenizer_path: str, path: str) -> str:
+    """Save a trained tiny LM as a transformers model directory that ``AutoModelForCausalLM`` and
+    ``AutoTokenizer`` load offline: weights and config, and the tokenizer with ChatML as its chat template
+    (``<|im_end|>`` ends a turn and generation, ``<|endoftext|>`` pads). Returns ``path``."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    from .chat import CHATML_TEMPLATE
+    from .pipeline import _relax_modes
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer_path, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  chat_template=CHATML_TEMPLATE)
+    for cfg in (model.config, model.generation_config):
+        cfg.bos_token_id = None
+        cfg.eos_token_id = tok.eos_token_id
+        cfg.pad_token_id = tok.pad_token_id
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar would interleave with the demo's lines
+    try:
+        model.save_pretrained(path)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    tok.save_pretrained(path)
+    _relax_modes(path)  # safetensors writes 0600; the rest of the output follows the umask
+    return path
+
+
 def heldout_loss(model, tokenizer, records: list[Mapping], tcfg: Mapping) -> dict[str, float]:
     """Mean loss per trained token (nats) of each language's held-out examples."""
     import torch
@@ -234,12 +267,14 @@ def _demo_section(result: Mapping) -> str:
     parts = ["<h2>Demo: English-only against the pinch</h2>",
              f'<p class="note">The same tiny causal LM ({result["params"]:,} parameters, randomly initialised) '
              f'trained for {result["steps"]} steps of {BATCH_SIZE} x {SEQ_LEN} tokens on each mixture; '
-             f'data loaded with {_esc(result["loader"])}, loss by {_esc(result["loss"])}.</p>']
+             f'data loaded with {_esc(result["loader"])}, loss by {_esc(result["loss"])}. Seed {result["seed"]}: one '
+             'draw of the mixture, the initialisation and the batch order; <code>python examples/demo_seeds.py</code> '
+             'measures the spread over seeds.</p>']
     parts.append("<figure>" + line_chart(losses, title="Training loss", xlabel="step", ylabel="loss (nats/token)")
                  + "</figure>")
     series = [(name.replace("_", " "), [result["heldout"][name][l] for l in langs]) for name in TRAINED]
     parts.append("<figure>" + bar_chart(langs, series, title="Held-out loss per language (lower is better)",
-                                        ylabel="nats/token") + "</figure>")
+                                        ylabel="nats/token", value_format=".3f") + "</figure>")
     rows = [[l, f"{result['heldout']['english_only'][l]:.3f}", f"{result['heldout']['pinch'][l]:.3f}",
              f"{result['heldout']['pinch'][l] - result['heldout']['english_only'][l]:+.3f}"] for l in langs]
     parts.append(_table(["language", "English-only", "pinch", "difference"], rows))
@@ -315,6 +350,7 @@ def run(out: str, *, seed: int = 0, steps: int = DEFAULT_STEPS, quiet: bool = Fa
     for name in TRAINED:
         models[name], curves[name] = train(summaries[name]["store"], vocab_size, steps, seed, say, name)
     n_params = sum(p.numel() for p in models["pinch"].parameters())
+    saved = {name: save_model(models[name], tok_path, os.path.join(out, MODELS_DIR, name)) for name in TRAINED}
 
     say("\nheld-out loss per language (nats per trained token; lower is better):")
     results = {name: heldout_loss(models[name], tokenizer, heldout, tcfg) for name in TRAINED}
@@ -324,21 +360,23 @@ def run(out: str, *, seed: int = 0, steps: int = DEFAULT_STEPS, quiet: bool = Fa
         say(f"  {lang:<6}{a:>14.3f}{b:>10.3f}{b - a:>+10.3f}")
     better = [l for l in langs if results["pinch"][l] < results["english_only"][l]]
     others = [l for l in langs if l != "en"]
-    say(f"  the pinch ({N_PINCH} non-English examples of {summaries['pinch']['examples']}, one per language) lowers "
-        f"held-out loss in {sum(l in better for l in others)} of the {len(others)} other languages; English "
-        f"{results['pinch']['en'] - results['english_only']['en']:+.3f} (it has {N_PINCH} fewer English examples)")
+    say(f"  on seed {seed} the pinch ({N_PINCH} non-English examples of {summaries['pinch']['examples']}, one per "
+        f"language) lowers held-out loss in {sum(l in better for l in others)}\n  of the {len(others)} other "
+        f"languages and changes English by {results['pinch']['en'] - results['english_only']['en']:+.3f} (it has "
+        f"{N_PINCH} fewer English examples); one seed is\n  one draw: python examples/demo_seeds.py measures the "
+        "spread over seeds (README)")
 
     result = {
         "out": out, "seed": seed, "steps": steps, "params": n_params, "loader": loader_name, "loss": loss_name,
         "mixtures": {n: summaries[n]["langs"] for n in MIXTURES},
         "stores": {n: summaries[n]["store"] for n in MIXTURES},
-        "train_loss": curves, "heldout": results, "improved_languages": better,
+        "train_loss": curves, "heldout": results, "improved_languages": better, "models": saved,
     }
-    from .report import render_report
+    from .report import render_comparison
 
     report_path = os.path.join(out, "report.html")
-    html_text = render_report(summaries["pinch"]["output"], extra_sections=_demo_section(result),
-                              title="mlmix demo: a pinch of multilinguality")
+    html_text = render_comparison({n: summaries[n]["output"] for n in MIXTURES}, extra_sections=_demo_section(result),
+                                  title="mlmix demo: a pinch of multilinguality")
     from ._atomic import atomic_file
 
     with atomic_file(report_path, "wb") as f:
@@ -347,7 +385,9 @@ def run(out: str, *, seed: int = 0, steps: int = DEFAULT_STEPS, quiet: bool = Fa
     result["seconds"] = time.perf_counter() - t_start
     with atomic_file(os.path.join(out, "demo.json"), "wb") as f:
         f.write(json.dumps(result, indent=1).encode("utf-8"))
-    say(f"\nreport: {report_path}")
+    say(f"\nmodels: {', '.join(saved.values())}\n  (transformers model directories; examples/eval.toml evaluates "
+        "those of the default --out, mlmix-demo)")
+    say(f"report: {report_path}")
     say(f"done in {result['seconds']:.0f}s")
     return result
 
