@@ -25,7 +25,7 @@ import os
 from typing import Iterable
 
 __all__ = ["OutputError", "MARKER", "CACHEDIR_TAG", "kind_of", "check_target", "write_marker", "read_marker",
-           "is_within", "describe"]
+           "is_within", "describe", "file_sha256"]
 
 MARKER = ".mlmix-output"
 CACHEDIR_TAG = "CACHEDIR.TAG"
@@ -307,7 +307,8 @@ def check_build_targets(output: str, cache_dir: str, sources: Iterable, config_d
     check_target(cache_dir, "cache", arg="cache_dir")
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """The sha256 of a file's bytes (hex), read in 4 MiB chunks (the stage cache's entries use it too)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -335,7 +336,7 @@ def _sealable_files(directory: str, skip: tuple[str, ...]) -> list[str]:
 def seal(directory: str, kind: str, *, skip: tuple[str, ...] = ("store",), **fields) -> None:
     """Write ``directory``'s MARKER with the sha256 of every file in it (but those under ``skip``:
     the store checks its own files), so that a later run can tell a changed or missing file."""
-    files = {rel: _sha256(os.path.join(directory, rel)) for rel in _sealable_files(directory, skip)}
+    files = {rel: file_sha256(os.path.join(directory, rel)) for rel in _sealable_files(directory, skip)}
     write_marker(directory, kind, files=files, skip=list(skip), **fields)
 
 
@@ -356,7 +357,7 @@ def check_sealed(directory: str) -> list[str]:
             problems.append(f"{rel} was not written by mlmix")
         else:
             try:
-                ok = _sha256(os.path.join(directory, rel)) == want[rel]
+                ok = file_sha256(os.path.join(directory, rel)) == want[rel]
             except OSError as exc:
                 problems.append(f"{rel} cannot be read ({exc.strerror})")
                 continue

@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable
 
 from ._atomic import atomic_directory
+from ._outputs import file_sha256
 
 __all__ = ["StageCache", "stage_key", "STAGE_NAMES"]
 
@@ -32,14 +33,6 @@ def stage_key(*parts: Any) -> str:
     """A stable hex key for JSON-serialisable ``parts`` (dict keys sorted)."""
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files_under(root: str) -> list[str]:
@@ -83,7 +76,7 @@ class StageCache:
                 and meta.get("stage") == stage
                 and meta.get("key") == key
                 and sorted(meta["files"]) == _files_under(d)
-                and all(_file_sha256(os.path.join(d, rel)) == h for rel, h in meta["files"].items())
+                and all(file_sha256(os.path.join(d, rel)) == h for rel, h in meta["files"].items())
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             ok = False
@@ -102,7 +95,7 @@ class StageCache:
         d = self.path(stage, key)
         with atomic_directory(d, kind="cache-entry") as tmp:
             write(tmp)
-            files = {rel: _file_sha256(os.path.join(tmp, rel)) for rel in _files_under(tmp)}
+            files = {rel: file_sha256(os.path.join(tmp, rel)) for rel in _files_under(tmp)}
             with open(os.path.join(tmp, _ENTRY), "w", encoding="utf-8") as f:
                 json.dump({"format": _FORMAT, "stage": stage, "key": key, "created": time.time(), "files": files}, f)
         self._prune(stage, keep_key=key)
