@@ -199,5 +199,7 @@ def test_tokenize_stage_chunking_does_not_change_the_tokens(tmp_path, monkeypatc
         outs.append((stats, Ragged.load(str(out / "tokens")), Ragged.load(str(out / "loss_mask"))))
     (s0, t0, m0) = outs[0]
     assert len(t0) == len(texts) and s0["tokens"] == t0.values.size > 0
+    timings = ("encode_seconds", "load_seconds")  # how long each run took differs, not what it counted
     for s, t, m in outs[1:]:
-        assert s == s0 and t.equals(t0) and m.equals(m0)
+        assert {k: v for k, v in s.items() if k not in timings} == {k: v for k, v in s0.items() if k not in timings}
+        assert t.equals(t0) and m.equals(m0)

@@ -444,12 +444,13 @@ def run(config: Any, *, output: Optional[str] = None, progress: Optional[Callabl
     from .._atomic import atomic_file
     from .results import chart, to_json
 
-    from .._outputs import check_target, claim_directory
+    from .._outputs import claim_directory
 
     cfg = load_config(config)
     if output is not None:
         cfg["output"] = os.path.abspath(output)
-    check_target(cfg["output"], "eval")  # before the models run; claimed when the results are written
+    # claimed before anything runs: the judge's cache and the results go into it
+    cfg["output"] = claim_directory(cfg["output"], "eval")
     records = _records(cfg)
     langs = cfg["data"]["languages"]
     models, responses = {}, {}
