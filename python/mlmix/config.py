@@ -297,8 +297,29 @@ def validate_config(config: Mapping, *, base_dir: str | os.PathLike | None = Non
     if "tiktoken" in tok:
         tok["tiktoken"]["path"] = resolve(tok["tiktoken"]["path"])
     mix = cfg["mixture"]
+    params = [k for k in mix if k not in ("recipe", "seed")]
+    if params:  # checked here, not when the mix stage runs after hours of tokenization
+        accepted = _recipe_keys(mix["recipe"])
+        unknown = [k for k in params if k not in accepted]
+        if unknown:
+            raise ConfigError(f"mixture.{unknown[0]}: recipe {mix['recipe']!r} takes no such key; accepted keys here: "
+                              + (", ".join(["recipe", "seed", *accepted]) if accepted else "recipe (it takes no parameters)"))
     mix.setdefault("seed", cfg["seed"])
     return cfg
+
+
+def _recipe_keys(recipe: str) -> list[str]:
+    """The [mixture] keys a recipe takes: the keyword arguments of the function of that name in mlmix.recipes,
+    less ``rows`` and ``seed`` (the table's own keys) and the Python-only field names (a build's rows always
+    use ``id`` and ``lang``)."""
+    if recipe == "all":
+        return []
+    import inspect
+
+    from . import recipes
+
+    skip = {"rows", "seed", "id_field", "lang_field"}
+    return sorted(k for k in inspect.signature(getattr(recipes, recipe)).parameters if k not in skip)
 
 
 def load_config(config: str | os.PathLike | Mapping) -> dict:
