@@ -1086,7 +1086,8 @@ def _mlmix_forward(self, *args, labels=None, shift_labels=None, num_items_in_bat
                                     impl=opts.impl)
     if num_items_in_batch is not None:
         loss = loss / num_items_in_batch
-    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
+    # the backbone ran without a cache (above): there is none to return
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=None,
                                   hidden_states=getattr(outputs, "hidden_states", None),
                                   attentions=getattr(outputs, "attentions", None))
 
