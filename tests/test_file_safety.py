@@ -154,6 +154,22 @@ def test_an_output_written_before_markers_is_still_replaced(tmp_path, tokenizer,
     assert os.path.isfile(root / "runs" / "a" / _outputs.MARKER)
 
 
+def test_a_demo_output_written_before_markers_is_reused(tmp_path):
+    """`mlmix demo` reruns into the folder an older mlmix wrote (its demo.json), but not into a look-alike."""
+    old = tmp_path / "mlmix-demo"
+    old.mkdir()
+    (old / "demo.json").write_text(json.dumps({"seed": 0, "heldout": {"english_only": {"en": 4.0}}}))
+    (old / "report.html").write_text("<html></html>")
+    assert _outputs.kind_of(old) == "demo"
+    assert _outputs.claim_directory(old, "demo") == str(old)
+    assert _outputs.read_marker(str(old))["mlmix"] == "demo"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "demo.json").write_text('{"my": "notes"}')
+    with pytest.raises(_outputs.OutputError, match="not an mlmix demo output"):
+        _outputs.claim_directory(other, "demo")
+
+
 def test_python_writers_refuse_user_paths(tmp_path):
     user = tmp_path / "user"
     user.mkdir()

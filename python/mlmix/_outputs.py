@@ -90,6 +90,12 @@ def _is_legacy_build(directory: str) -> bool:
             and os.path.isdir(os.path.join(directory, "store")))
 
 
+def _is_legacy_demo(directory: str) -> bool:
+    """A demo output written before markers existed: its demo.json summary (held-out losses, seed)."""
+    d = _load_json(os.path.join(directory, "demo.json"))
+    return isinstance(d, dict) and isinstance(d.get("heldout"), dict) and "seed" in d
+
+
 def _is_cache_entry(directory: str) -> bool:
     e = _load_json(os.path.join(directory, "entry.json"))
     return isinstance(e, dict) and {"format", "stage", "key", "files"} <= set(e)
@@ -141,6 +147,8 @@ def kind_of(path: str | os.PathLike) -> str | None:
             return "cache-entry"
         if _is_legacy_build(path):
             return "build"
+        if _is_legacy_demo(path):
+            return "demo"
         if _is_ragged(path):
             return "ragged"
         if _is_cache(path):
