@@ -132,6 +132,11 @@ def _is_ragged(directory: str) -> bool:
     return names == {"values.npy", "offsets.npy"}
 
 
+# directory kinds recognised by their own files (no marker, or written before markers existed), in order
+_UNMARKED = (("store", _is_store), ("cache-entry", _is_cache_entry), ("build", _is_legacy_build),
+             ("demo", _is_legacy_demo), ("ragged", _is_ragged), ("cache", _is_cache))
+
+
 def kind_of(path: str | os.PathLike) -> str | None:
     """The kind of mlmix output at ``path`` (a key of the kinds above), or None if it is not one."""
     path = os.fspath(path)
@@ -141,19 +146,7 @@ def kind_of(path: str | os.PathLike) -> str | None:
         m = read_marker(path)
         if m is not None:
             return m["mlmix"]
-        if _is_store(path):
-            return "store"
-        if _is_cache_entry(path):
-            return "cache-entry"
-        if _is_legacy_build(path):
-            return "build"
-        if _is_legacy_demo(path):
-            return "demo"
-        if _is_ragged(path):
-            return "ragged"
-        if _is_cache(path):
-            return "cache"
-        return None
+        return next((kind for kind, recognise in _UNMARKED if recognise(path)), None)
     if os.path.isfile(path):
         head = _read_head(path)
         if _REPORT_TAG in head or any(t in head for t in _LEGACY_REPORT_TITLES):
