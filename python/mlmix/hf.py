@@ -50,11 +50,8 @@ class PackedRows:
                  verify: bool = True) -> None:
         from .store import open as open_store
 
-        p = os.fspath(path)
-        if os.path.isdir(os.path.join(p, "store")) and not os.path.isfile(os.path.join(p, "manifest.json")):
-            p = os.path.join(p, "store")  # a build output directory
-        self.path = p
-        self.store = open_store(p, verify=verify)
+        self.store = open_store(os.fspath(path), verify=verify)  # a build output directory opens its store/
+        self.path = self.store.path
         if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer))
                                        or vocab_size < 1):
             raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
