@@ -19,28 +19,20 @@ namespace {
 
 constexpr uint32_t kNone = 0xFFFFFFFFu;
 
-inline uint64_t mix64(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdULL;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ULL;
-  x ^= x >> 33;
-  return x;
-}
-
-// A hash of a short byte string, 8 bytes at a time.
+// A hash of a short byte string, 8 bytes at a time, for the vocabulary's probing tables (only slots
+// depend on it, never an output).
 inline uint64_t hash_bytes(const uint8_t* p, size_t n) {
-  uint64_t h = 0x9E3779B97F4A7C15ULL ^ (n * 0x100000001B3ULL);
+  uint64_t h = kSplitMix64Increment ^ (n * 0x100000001B3ULL);
   while (n >= 8) {
     uint64_t w;
     std::memcpy(&w, p, 8);
-    h = mix64(h ^ w) + 0x9E3779B97F4A7C15ULL;
+    h = splitmix64_mix(h ^ w) + kSplitMix64Increment;
     p += 8;
     n -= 8;
   }
   uint64_t w = 0;
   std::memcpy(&w, p, n);
-  return mix64(h ^ w ^ (uint64_t(n) << 59));
+  return splitmix64_mix(h ^ w ^ (uint64_t(n) << 59));
 }
 
 inline size_t table_capacity(size_t n) {
@@ -110,7 +102,7 @@ class MergeMap {
   }
   void insert(uint32_t a, uint32_t b, uint32_t rank, uint32_t merged) {
     const uint64_t key = (uint64_t(a) << 32) | b;
-    for (size_t k = mix64(key) & (cap_ - 1);; k = (k + 1) & (cap_ - 1)) {
+    for (size_t k = splitmix64_mix(key) & (cap_ - 1);; k = (k + 1) & (cap_ - 1)) {
       Slot& s = slots_[k];
       if (s.merged == kNone || s.key == key) {
         if (s.merged == kNone) ++size_;
@@ -122,7 +114,7 @@ class MergeMap {
   // Returns the rank (kNone if the pair does not merge) and sets `merged`.
   uint32_t find(uint32_t a, uint32_t b, uint32_t& merged) const {
     const uint64_t key = (uint64_t(a) << 32) | b;
-    for (size_t k = mix64(key) & (cap_ - 1);; k = (k + 1) & (cap_ - 1)) {
+    for (size_t k = splitmix64_mix(key) & (cap_ - 1);; k = (k + 1) & (cap_ - 1)) {
       const Slot& s = slots_[k];
       if (s.merged == kNone) return kNone;
       if (s.key == key) {

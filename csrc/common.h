@@ -1,4 +1,5 @@
-// Shared helpers of the plain C++ core: error checks and thread-count handling. No Python here.
+// Shared helpers of the plain C++ core: error checks, the one 64-bit mixer (splitmix64) and thread-count
+// handling. No Python here.
 #pragma once
 
 #include <cstdint>
@@ -35,6 +36,25 @@ struct TextView {
   int64_t len = 0;
   int width = 0;
 };
+
+// splitmix64 (Steele, Lea and Flood, "Fast splittable pseudorandom number generators", 2014): the core's
+// one seeded sequence and 64-bit finaliser. Packing's seeded permutation and sampling's per-item keys
+// are drawn from it; the Python side (mlmix.torch.data) reimplements the finaliser bit for bit.
+// The state is a Weyl sequence: each step adds the golden-ratio increment.
+inline constexpr uint64_t kSplitMix64Increment = 0x9E3779B97F4A7C15ull;
+
+// Advances the state by one step and returns the new state.
+inline constexpr uint64_t splitmix64_step(uint64_t& state) { return state += kSplitMix64Increment; }
+
+// The finaliser: a bijection of 64-bit words with full avalanche.
+inline constexpr uint64_t splitmix64_mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// The next output of the generator whose state is `state`.
+inline constexpr uint64_t splitmix64(uint64_t& state) { return splitmix64_mix(splitmix64_step(state)); }
 
 // Number of worker threads to use: `requested` if positive, else the hardware concurrency
 // (or MLMIX_NUM_THREADS when set).

@@ -85,6 +85,8 @@ constexpr uint64_t kMulC = 0xD6E8FEB86659FD93ull;
 
 inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
 
+// Dedup's finaliser. It is not splitmix64's (common.h): every exact hash, shingle hash, MinHash
+// permutation and band key that dedup has ever written was mixed with it, so it stays.
 inline uint64_t mix64(uint64_t x) {
   x ^= x >> 32;
   x *= kMulC;
@@ -94,10 +96,8 @@ inline uint64_t mix64(uint64_t x) {
   return x;
 }
 
-inline uint64_t splitmix_next(uint64_t& state) {
-  state += kMulA;
-  return mix64(state);
-}
+// The MinHash permutations' generator: splitmix64's state sequence through dedup's finaliser.
+inline uint64_t permutation_draw(uint64_t& state) { return mix64(splitmix64_step(state)); }
 
 // Streaming 128-bit hash of a code-point sequence: three 21-bit code points are packed into one
 // 64-bit word, which feeds two lanes with different multipliers and rotations.
@@ -1033,10 +1033,10 @@ void minhash_signatures(const TextSpan& texts, const MinHashOptions& opts, int n
   perm.b_odd.resize(P / 2 + 1);
   uint64_t state = mix64(opts.seed ^ 0x6A09E667F3BCC908ull);
   for (int k = 0; k < P; ++k) {
-    const uint64_t a = splitmix_next(state);
+    const uint64_t a = permutation_draw(state);
     perm.a_lo[k] = static_cast<uint32_t>(a);
     perm.a_hi[k] = static_cast<uint32_t>(a >> 32);
-    perm.b[k] = splitmix_next(state);
+    perm.b[k] = permutation_draw(state);
     (k % 2 == 0 ? perm.b_even : perm.b_odd)[k / 2] = perm.b[k];
   }
   ShingleSets* sets = out.shingle_sets;

@@ -17,14 +17,8 @@ struct Item {
   int32_t len;
 };
 
-uint64_t splitmix64(uint64_t& state) {
-  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-// Fisher-Yates permutation of [0, n) driven by splitmix64(seed): the same on every platform.
+// Fisher-Yates permutation of [0, n) driven by splitmix64 (common.h) seeded with `seed`: the same on every
+// platform.
 std::vector<int32_t> seeded_permutation(int64_t n, uint64_t seed) {
   std::vector<int32_t> perm(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) perm[i] = static_cast<int32_t>(i);

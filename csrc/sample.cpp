@@ -22,9 +22,10 @@ constexpr std::size_t kMinItemsPerThread = std::size_t{1} << 16;
 }  // namespace
 
 StratumSeed stratum_seed(uint64_t seed, uint64_t code) {
-  const uint64_t a = mix64(seed + 0x9e3779b97f4a7c15ULL);
-  const uint64_t b = mix64(a ^ mix64(code + 0x632be59bd9b4e019ULL));
-  return {mix64(b + 0x8cb92ba72f3d8dd7ULL), mix64(b ^ 0xd1b54a32d192ed03ULL)};
+  uint64_t state = seed;
+  const uint64_t a = splitmix64(state);  // the first output of the generator seeded with `seed`
+  const uint64_t b = splitmix64_mix(a ^ splitmix64_mix(code + 0x632be59bd9b4e019ULL));
+  return {splitmix64_mix(b + 0x8cb92ba72f3d8dd7ULL), splitmix64_mix(b ^ 0xd1b54a32d192ed03ULL)};
 }
 
 double exp_key(uint64_t h) {

@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "common.h"
+
 namespace mlmix::sample {
 
 // One candidate: its key, its hash (tie-break, distinct for distinct ids in a stratum) and its id.
@@ -36,13 +38,6 @@ struct EntryLess {
   bool operator()(const Entry& a, const Entry& b) const { return entry_less(a, b); }
 };
 
-// splitmix64's finalizer: a bijection of 64-bit words with full avalanche.
-inline uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
 // Per-stratum 128-bit key derived from the user seed and the stratum's stable code.
 struct StratumSeed {
   uint64_t a;
@@ -50,9 +45,9 @@ struct StratumSeed {
 };
 StratumSeed stratum_seed(uint64_t seed, uint64_t code);
 
-// Two keyed rounds of mix64: a bijection of `id`, so distinct ids never share a hash in a stratum.
+// Two keyed rounds of splitmix64's finaliser: a bijection of `id`, so distinct ids never share a hash in a stratum.
 inline uint64_t item_hash(StratumSeed s, uint64_t id) {
-  return mix64(mix64(id ^ s.a) ^ s.b);
+  return splitmix64_mix(splitmix64_mix(id ^ s.a) ^ s.b);
 }
 
 // Exp(1) variate from a hash: -log1p(-u) with u = h / 2^64 (full relative precision for the small
