@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 from ._deps import require
 
-__all__ = ["LanguageIdentifier", "identify"]
+__all__ = ["LanguageIdentifier", "identify", "known_languages"]
 
 # py3langid reads the first few KB well enough; longer texts only cost time
 _MAX_CHARS = 2000
@@ -24,6 +24,11 @@ def _full_model():
     from py3langid import langid
 
     return langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True)
+
+
+def known_languages() -> tuple[str, ...]:
+    """The language codes py3langid can return (the labels of its model, loaded on first use)."""
+    return tuple(_full_model().labels)
 
 
 class LanguageIdentifier:

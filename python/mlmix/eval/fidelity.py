@@ -21,8 +21,7 @@ from .stats import DEFAULT_ALPHA, check_ci_args, wilson_ci
 __all__ = ["language_fidelity"]
 
 # the pipeline's language identification (same model, settings and text limit), so both read a text alike
-from ..langid import LanguageIdentifier  # noqa: E402
-from ..langid import _full_model as _py3langid_model  # noqa: E402
+from ..langid import LanguageIdentifier, known_languages  # noqa: E402
 
 
 def language_fidelity(
@@ -64,7 +63,7 @@ def language_fidelity(
         rows.append((str(r.get("id", i)), lang, text if isinstance(text, str) else ""))
     order = list(dict.fromkeys(languages)) if languages is not None else list(dict.fromkeys(l for _, l, _ in rows))
 
-    known = set(_py3langid_model().labels)
+    known = set(known_languages())
     if isinstance(candidates, str):
         if candidates not in ("eval", "all"):
             raise ValueError(f"candidates must be 'eval', 'all' or a list of language codes, got {candidates!r}")
