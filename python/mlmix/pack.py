@@ -35,6 +35,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from ._checks import check_mask, check_pad, check_seed, check_seq_len, check_tokens
 from .ragged import Ragged
 
 __all__ = ["pack", "PackPlan", "StreamPacker", "STRATEGIES", "OVERLONG_POLICIES"]
@@ -48,15 +49,6 @@ def _core():
     from ._core_loader import core
 
     return core
-
-
-def _check_seq_len(seq_len) -> int:
-    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)):
-        raise TypeError(f"seq_len must be an int, got {type(seq_len).__name__} {seq_len!r}")
-    limit = int(_core().PACK_MAX_SEQ_LEN)
-    if not 2 <= int(seq_len) <= limit:
-        raise ValueError(f"seq_len must be in [2, {limit}], got {seq_len!r}")
-    return int(seq_len)
 
 
 def _as_lengths(lengths) -> np.ndarray:
@@ -79,16 +71,6 @@ def _as_lengths(lengths) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
-def _check_seed(seed) -> int | None:
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
-    if not 0 <= int(seed) < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed!r}")
-    return int(seed)
-
-
 def pack(lengths, seq_len: int, *, strategy: str = "bfd", overlong: str = "error", seed: int | None = None) -> "PackPlan":
     """Plan the packing of examples into rows of ``seq_len`` tokens.
 
@@ -103,7 +85,7 @@ def pack(lengths, seq_len: int, *, strategy: str = "bfd", overlong: str = "error
     Returns:
         A :class:`PackPlan`. Memory: about 16 bytes per piece plus 8 per example.
     """
-    seq_len = _check_seq_len(seq_len)
+    seq_len = check_seq_len(seq_len)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if overlong not in OVERLONG_POLICIES:
@@ -112,7 +94,7 @@ def pack(lengths, seq_len: int, *, strategy: str = "bfd", overlong: str = "error
         if overlong not in ("error", "split"):
             raise ValueError(f"strategy='bfd_split' always splits over-long examples; got overlong={overlong!r}")
         strategy, overlong = "bfd", "split"
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     lens = _as_lengths(lengths)
     raw = _core()._plan_pack(lens, seq_len, strategy, overlong, seed is not None, 0 if seed is None else seed)
     return PackPlan(seq_len=seq_len, strategy=strategy, lengths=lens, **raw)
@@ -201,6 +183,37 @@ class PackPlan:
             tokens_packed=int(sub_len.sum(dtype=np.int64)),
         )
 
+    def take(self, rows) -> "PackPlan":
+        """The plan of the given rows, in that order, over the same examples (``assignment`` re-made: the
+        example's row in the new plan, -1 for the examples that none of ``rows`` starts).
+
+        Args:
+            rows: 1-D integer array of row indices in [0, num_sequences).
+        """
+        rows = np.asarray(rows)
+        if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
+            raise TypeError(f"rows must be a 1-D integer array, got dtype {rows.dtype}, shape {rows.shape}")
+        n = self.num_sequences
+        lo, hi = (int(rows.min()), int(rows.max())) if rows.size else (0, -1)
+        if lo < 0 or hi >= n:
+            raise IndexError(f"rows must be in [0, {n}), got {lo if lo < 0 else hi}")
+        rows = rows.astype(np.int64, copy=False)
+        counts = np.diff(self.row_offsets)[rows]
+        row_offsets = np.zeros(rows.size + 1, dtype=np.int64)
+        np.cumsum(counts, out=row_offsets[1:])
+        seg = (np.repeat(self.row_offsets[rows] - row_offsets[:-1], counts)
+               + np.arange(int(row_offsets[-1]), dtype=np.int64))
+        seg_len = self.seg_len[seg]
+        assignment = np.full(self.lengths.shape[0], -1, dtype=np.int64)
+        seg_rows = np.repeat(np.arange(rows.size, dtype=np.int64), counts)
+        first = self.seg_start[seg] == 0
+        assignment[self.seg_example[seg][first]] = seg_rows[first]
+        return PackPlan(
+            seq_len=self.seq_len, strategy=self.strategy, lengths=self.lengths, seg_example=self.seg_example[seg],
+            seg_start=self.seg_start[seg], seg_len=seg_len, row_offsets=row_offsets, assignment=assignment,
+            tokens_packed=int(seg_len.sum(dtype=np.int64)),
+        )
+
     def cu_seqlens(self) -> np.ndarray:
         """int32 cumulative segment lengths over the flattened (num_sequences * seq_len) tokens.
 
@@ -242,14 +255,14 @@ class PackPlan:
             int64 (G,) example of each segment. num_tokens: int32 (S,) real tokens per row (attention
             mask = ``arange(L) < num_tokens[:, None]``).
         """
-        values, offsets, suffix = _check_tokens(tokens, "tokens")
+        values, offsets, suffix = check_tokens(tokens, "tokens")
         if offsets.shape[0] - 1 != self.lengths.shape[0] or not np.array_equal(np.diff(offsets), self.lengths):
             raise ValueError(
                 f"tokens must have the lengths the plan was made for ({self.lengths.shape[0]} examples); "
                 f"got {offsets.shape[0] - 1} examples with other lengths"
             )
-        mask = None if loss_mask is None else _check_mask(loss_mask, offsets)
-        pad = _check_pad(pad_id, values.dtype)
+        mask = None if loss_mask is None else check_mask(loss_mask, offsets)
+        pad = check_pad(pad_id, values.dtype)
         ids, labels, pos = getattr(_core(), f"_materialize_{suffix}")(
             values, offsets, mask, self.seg_example, self.seg_start, self.seg_len, self.row_offsets,
             self.seq_len, pad, int(threads),
@@ -276,49 +289,6 @@ class PackPlan:
         )
 
 
-_TOKEN_SUFFIX = {np.dtype(np.uint32): "u32", np.dtype(np.int32): "i32", np.dtype(np.int64): "i64"}
-
-
-def _check_tokens(tokens, name: str) -> tuple[np.ndarray, np.ndarray, str]:
-    if not isinstance(tokens, Ragged):
-        raise TypeError(f"{name} must be a mlmix.Ragged, got {type(tokens).__name__}")
-    values, offsets = tokens.values, tokens.offsets
-    suffix = _TOKEN_SUFFIX.get(values.dtype)
-    if suffix is None:
-        raise TypeError(f"{name}.values must be uint32, int32 or int64 token ids, got dtype {values.dtype}")
-    lo = int(offsets[0])
-    if lo != 0:  # a sliced Ragged: re-base so the kernel sees offsets from 0
-        values, offsets = values[lo : int(offsets[-1])], offsets - lo
-    if values.dtype.kind == "i" and values.size and int(values.min()) < 0:
-        raise ValueError(f"{name} must hold non-negative token ids, got {int(values.min())}")
-    return np.ascontiguousarray(values), np.ascontiguousarray(offsets, dtype=np.int64), suffix
-
-
-def _check_mask(loss_mask, offsets: np.ndarray) -> np.ndarray:
-    if not isinstance(loss_mask, Ragged):
-        raise TypeError(f"loss_mask must be a mlmix.Ragged or None, got {type(loss_mask).__name__}")
-    m_off = loss_mask.offsets - loss_mask.offsets[0]
-    if m_off.shape != offsets.shape or not np.array_equal(m_off, offsets):
-        raise ValueError("loss_mask must have the same lengths as tokens (one mask value per token)")
-    v = loss_mask.values[int(loss_mask.offsets[0]) : int(loss_mask.offsets[-1])]
-    if v.dtype == np.bool_:
-        v = v.view(np.uint8)
-    elif v.dtype.kind in "iu":
-        v = (v != 0).view(np.uint8) if v.dtype != np.uint8 else v
-    else:
-        raise TypeError(f"loss_mask values must be bool or integer, got dtype {v.dtype}")
-    return np.ascontiguousarray(v)
-
-
-def _check_pad(pad_id, dtype: np.dtype) -> int:
-    if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)):
-        raise TypeError(f"pad_id must be an int, got {type(pad_id).__name__} {pad_id!r}")
-    info = np.iinfo(dtype)
-    if not max(info.min, 0) <= int(pad_id) <= info.max:
-        raise ValueError(f"pad_id must be in [0, {info.max}] for {dtype} tokens, got {pad_id!r}")
-    return int(pad_id)
-
-
 class StreamPacker:
     """Pack an unbounded stream of examples with a bounded window of pending examples.
 
@@ -335,7 +305,7 @@ class StreamPacker:
 
     def __init__(self, seq_len: int, *, window: int = 65_536, strategy: str = "bfd", overlong: str = "error",
                  slack: int | None = None, seed: int | None = None) -> None:
-        self.seq_len = _check_seq_len(seq_len)
+        self.seq_len = check_seq_len(seq_len)
         if strategy not in ("bfd", "ffd", "bfd_split"):
             raise ValueError(f"strategy for streaming must be 'bfd', 'ffd' or 'bfd_split', got {strategy!r}")
         if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 2:
@@ -346,7 +316,7 @@ class StreamPacker:
             raise ValueError(f"strategy='bfd_split' always splits over-long examples; got overlong={overlong!r}")
         self.strategy, self.overlong, self.window = strategy, overlong, int(window)
         self.slack = max(self.seq_len // 100, 1) if slack is None else int(slack)
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         self._pending: list[tuple[Ragged, Ragged | None, np.ndarray]] = []
         self._pending_n = 0
         self._has_mask: bool | None = None
@@ -367,9 +337,9 @@ class StreamPacker:
         Windows hold exactly ``window`` examples whatever the chunk sizes, so the output depends only
         on the stream of examples (and the seed), not on how it was cut into chunks.
         """
-        _check_tokens(tokens, "tokens")
+        check_tokens(tokens, "tokens")
         if loss_mask is not None:
-            _check_mask(loss_mask, tokens.offsets - tokens.offsets[0])
+            check_mask(loss_mask, tokens.offsets - tokens.offsets[0])
         if self._has_mask is None:
             self._has_mask = loss_mask is not None
         elif self._has_mask != (loss_mask is not None):
@@ -423,28 +393,10 @@ class StreamPacker:
         out_rows = np.flatnonzero(keep)
         if out_rows.size == 0:
             return
-        sub = _select_rows(plan, out_rows)
+        sub = plan.take(out_rows)
         self.rows_emitted += sub.num_sequences
         self.tokens_emitted += sub.tokens_packed
         yield sub, tokens, mask, ids
-
-
-def _select_rows(plan: PackPlan, rows: np.ndarray) -> PackPlan:
-    """A plan of the given rows (in that order) over the same examples."""
-    counts = np.diff(plan.row_offsets)[rows]
-    row_offsets = np.zeros(rows.size + 1, dtype=np.int64)
-    np.cumsum(counts, out=row_offsets[1:])
-    seg = np.repeat(plan.row_offsets[rows] - row_offsets[:-1], counts) + np.arange(int(row_offsets[-1]), dtype=np.int64)
-    seg_len = plan.seg_len[seg]
-    assignment = np.full(plan.lengths.shape[0], -1, dtype=np.int64)
-    seg_rows = np.repeat(np.arange(rows.size, dtype=np.int64), counts)
-    first = plan.seg_start[seg] == 0
-    assignment[plan.seg_example[seg][first]] = seg_rows[first]
-    return PackPlan(
-        seq_len=plan.seq_len, strategy=plan.strategy, lengths=plan.lengths, seg_example=plan.seg_example[seg],
-        seg_start=plan.seg_start[seg], seg_len=seg_len, row_offsets=row_offsets, assignment=assignment,
-        tokens_packed=int(seg_len.sum(dtype=np.int64)),
-    )
 
 
 def pack_stream(chunks: Iterable[Ragged], seq_len: int, **kwargs) -> Iterator[tuple]:

@@ -22,7 +22,8 @@ from typing import NoReturn, Sequence
 import numpy as np
 
 from ._atomic import atomic_directory
-from .pack import StreamPacker, _check_mask, _check_pad, _check_seed, _check_seq_len, _check_tokens, pack
+from ._checks import check_mask, check_pad, check_seed, check_seq_len, check_shard_sequences, check_tokens, max_seq_len
+from .pack import StreamPacker, pack
 from .ragged import Ragged, drop_mapped_pages, is_mapped, take_spans
 
 __all__ = ["write_store", "open", "Store", "ShardedArray", "StoreError", "FORMAT", "VERSION"]
@@ -36,6 +37,9 @@ _ROW_BLOCK = 16_384  # fewest rows gathered and written at a time (most, from me
 _BLOCK_TOKENS = 1 << 22  # most tokens gathered at a time from memory-mapped inputs
 SHARD_TOKENS = 1 << 28  # default shard size: seq_len-token rows of 2**28 tokens (1 GiB of uint32 ids)
 SHARDED_ARRAYS = ("tokens", "loss_mask")  # the per-token arrays, split by rows into shard files
+# TEMPORARY (issue 23): ray_engine.py still calls store._check_shard_sequences; remove this alias once it calls
+# _checks.check_shard_sequences (or is replaced). Nothing else may use it.
+_check_shard_sequences = check_shard_sequences
 
 
 class StoreError(ValueError):
@@ -83,14 +87,6 @@ def shard_file(name: str, shard: int, num_shards: int) -> str:
 def shard_bounds(num_sequences: int, shard_sequences: int) -> list[int]:
     """Row boundaries of the shards: ``[0, s, 2s, ..., num_sequences]`` (one shard for an empty store)."""
     return list(range(0, num_sequences, shard_sequences)) + [num_sequences] if num_sequences else [0, 0]
-
-
-def _check_shard_sequences(shard_sequences, seq_len: int) -> int:
-    if shard_sequences is None:
-        return max(1, SHARD_TOKENS // seq_len)
-    if isinstance(shard_sequences, bool) or not isinstance(shard_sequences, (int, np.integer)) or shard_sequences < 1:
-        raise ValueError(f"shard_sequences must be an integer >= 1 (rows per shard) or None, got {shard_sequences!r}")
-    return int(shard_sequences)
 
 
 def _gf2_times(mat: list[int], vec: int) -> int:
@@ -212,9 +208,9 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
     vocab = _check_vocab_record(tokenizer, "tokenizer")
     if vocab is not None and isinstance(pad_id, (int, np.integer)) and not 0 <= pad_id < vocab["num_ids"]:
         raise ValueError(f"pad_id={pad_id} is outside the tokenizer's {vocab['num_ids']} ids [0, {vocab['num_ids']})")
-    seq_len = _check_seq_len(seq_len)
-    seed = _check_seed(seed)
-    shard_rows = _check_shard_sequences(shard_sequences, seq_len)
+    seq_len = check_seq_len(seq_len)
+    seed = check_seed(seed)
+    shard_rows = check_shard_sequences(shard_sequences, seq_len)
     streaming = not isinstance(tokens, Ragged)
     if streaming:
         if isinstance(tokens, (np.ndarray, list, tuple, str, bytes)) and not (
@@ -254,7 +250,7 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
                 return block
 
             def emit(plan, toks: Ragged, mask: Ragged | None, ex_ids: np.ndarray, lang_idx: np.ndarray | None) -> None:
-                values, offsets, _ = _check_tokens(toks, "tokens")
+                values, offsets, _ = check_tokens(toks, "tokens")
                 if state["dtype"] is None:
                     state["dtype"] = values.dtype
                     state["has_mask"] = mask is not None
@@ -276,7 +272,7 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
                     raise ValueError("loss_mask must be given for every chunk or for none")
                 if (lang_idx is not None) != ("seg_lang" in writers):
                     raise ValueError("langs must be given for every chunk or for none")
-                mvals = None if mask is None else _check_mask(mask, offsets)
+                mvals = None if mask is None else check_mask(mask, offsets)
                 mapped = is_mapped(values) or (mvals is not None and is_mapped(mvals))
                 if mapped:  # blocks of at most _BLOCK_TOKENS tokens: memory stays bounded for any input size
                     step = max(1, min(_ROW_BLOCK, _BLOCK_TOKENS // plan.seq_len))
@@ -318,7 +314,7 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
                     lang_idx = None
                 if loss_mask is not None and not isinstance(loss_mask, Ragged):
                     raise TypeError(f"loss_mask must be a Ragged (like tokens) or None, got {type(loss_mask).__name__}")
-                _check_pad(pad_id, _check_tokens(tokens, "tokens")[0].dtype)
+                check_pad(pad_id, check_tokens(tokens, "tokens")[0].dtype)
                 plan = pack(tokens, seq_len, strategy=strategy, overlong=overlong, seed=seed)
                 emit(plan, tokens, loss_mask, np.arange(len(tokens), dtype=np.int64), lang_idx)
                 state["examples"] = len(tokens)
@@ -348,7 +344,7 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
                             raise ValueError("langs has fewer chunks than tokens")
                         lang_all.append(_lang_table(lchunk, len(chunk), table))
                     if state["dtype"] is None:
-                        _check_pad(pad_id, _check_tokens(chunk, "tokens")[0].dtype)
+                        check_pad(pad_id, check_tokens(chunk, "tokens")[0].dtype)
                     emit_all(packer.push(chunk, mchunk))
                 emit_all(packer.flush())
                 state["examples"] = packer.examples_seen
@@ -540,9 +536,7 @@ def _check_manifest_fields(m: dict, where: str) -> None:
     for k in ("seq_len", "pad_id", "num_tokens", "num_examples", "num_sequences", "num_segments"):
         if not is_int(m.get(k)) or m[k] < 0:
             bad(k, "a non-negative integer", m.get(k))
-    from .pack import _core
-
-    limit = int(_core().PACK_MAX_SEQ_LEN)
+    limit = max_seq_len()
     if not 2 <= m["seq_len"] <= limit:
         bad("seq_len", f"in [2, {limit}]", m["seq_len"])
     if isinstance(m.get("efficiency"), bool) or not isinstance(m.get("efficiency"), (int, float)):
@@ -677,7 +671,7 @@ class _WatchedFile:
         self.key = _stat_key(st)
         self.racy = _is_racy(st.st_mtime_ns, time.time_ns())
         self.mapping = None  # the mmap.mmap (None for an empty file): its size() is the mapped file's
-        self.mapped_size = st.st_size  # bytes mapped; fixed, whatever key later says (see Store._watch_from)
+        self.mapped_size = st.st_size  # bytes mapped; fixed, whatever key later says (see Store.watch_from)
 
 
 class Store:
@@ -785,14 +779,14 @@ class Store:
                 raise ValueError(f"tokenizer: a fingerprint over {given['num_ids']} ids cannot be compared with the "
                                  f"store's over {have['num_ids']}; pass the tokenizer itself")
         else:
-            from .tokenize import _fingerprint_vocab, _vocab_of
+            from ._vocab import fingerprint_vocab, vocab_of
 
-            vocab = _vocab_of(tokenizer)
+            vocab = vocab_of(tokenizer)
             n = max(vocab, default=-1) + 1
             if n < have["num_ids"]:
                 raise ValueError(f"tokenizer: it has {n} ids, the tokenizer that wrote the store at {self.path!r} had "
                                  f"{have['num_ids']}: the store was tokenized for another model")
-            given = _fingerprint_vocab(vocab, have["num_ids"])
+            given = fingerprint_vocab(vocab, have["num_ids"])
         if given["vocab_sha256"] != have["vocab_sha256"]:
             raise ValueError(
                 f"tokenizer: its ids [0, {have['num_ids']}) stand for other tokens than those of the tokenizer "
@@ -920,15 +914,16 @@ class Store:
         w.key = _stat_key(st2)  # the same bytes (a touch, an identical copy): watch the file as it is now
         w.racy = _is_racy(st2.st_mtime_ns, now)
 
-    def _watch_state(self) -> dict[str, tuple]:
-        """What each file was when this store opened it (picklable), for :meth:`_watch_from`."""
+    def watch_state(self) -> dict[str, tuple]:
+        """What each file was when this store opened it (picklable, opaque), for :meth:`watch_from` in
+        another process that re-opens the same store (a loader's worker)."""
         return {name: (w.key, w.racy) for name, w in self._watched.items()}
 
-    def _watch_from(self, state: dict[str, tuple], verify: bool) -> None:
-        """Check against another Store's view of the same files (``state``, its :meth:`_watch_state`)
+    def watch_from(self, state: dict[str, tuple], verify: bool) -> None:
+        """Check against another Store's view of the same files (``state``, its :meth:`watch_state`)
         instead of what they were when this one mapped them, now and on every later read: a loader
         worker re-opens the store without checksums and still finds a file changed since the loader
-        opened it."""
+        opened it. ``verify`` replaces this store's own (see the class docstring)."""
         self.verify = bool(verify)
         for name, (key, racy) in state.items():
             w = self._watched.get(name)

@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from .._deps import require
-from ..pack import _TOKEN_SUFFIX, StreamPacker, _check_mask, _check_seed, _check_seq_len, _core, _select_rows
+from .._checks import TOKEN_SUFFIX, check_mask, check_seed, check_seq_len, max_seq_len
+from ..pack import StreamPacker
 from ..ragged import Ragged
 from ..store import Store, StoreError
 
@@ -327,10 +328,12 @@ class _BatchBuilder:
             np.cumsum(n_seg, out=kernel_rows[1:])
         else:
             kernel_rows = np.array([0, seg_len.shape[0]], dtype=np.int64)
-        suffix = _TOKEN_SUFFIX.get(values.dtype)
+        suffix = TOKEN_SUFFIX.get(values.dtype)
         if suffix is None:
             raise TypeError(f"store tokens must be uint32, int32 or int64, got {values.dtype}")
-        ids_k, labels_k, pos_k = getattr(_core(), f"_materialize_{suffix}")(
+        from .._core_loader import core
+
+        ids_k, labels_k, pos_k = getattr(core, f"_materialize_{suffix}")(
             values, row_start, mvals, seg_row, seg_in_row, seg_len.astype(np.int32), kernel_rows,
             L if padded else max(total, 2), self.pad_id, 1)
         shape = (b, L) if padded else (1, total)
@@ -393,7 +396,7 @@ def _check_layout(layout, languages, attention_mask) -> None:
 
 
 def _check_flat_size(layout: str, batch_size: int, seq_len: int) -> None:
-    limit = int(_core().PACK_MAX_SEQ_LEN)
+    limit = max_seq_len()
     if layout == "flat" and batch_size * seq_len > limit:
         raise ValueError(f"layout='flat' holds at most {limit} tokens per batch; batch_size x seq_len = "
                          f"{batch_size} x {seq_len} is more (use fewer rows per batch or layout='padded')")
@@ -408,7 +411,7 @@ class _BatchStream(IterableDataset):
                      attention_mask, vocab_size=None) -> None:
         self.batch_size = _check_positive_int(batch_size, "batch_size")
         self.vocab_size = None if vocab_size is None else _check_positive_int(vocab_size, "vocab_size")
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         if self.seed is None:
             raise TypeError("seed must be an int (it fixes the order of every epoch), got None")
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
@@ -601,7 +604,7 @@ class PackedDataset(_BatchStream):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         if self._store is not None:
-            state["_watch"] = self._store._watch_state()
+            state["_watch"] = self._store.watch_state()
         state["_store"] = None
         state["_rows_cache"] = None
         state["_order_cache"] = None
@@ -619,7 +622,7 @@ class PackedDataset(_BatchStream):
                     raise StoreError(f"the store at {self.path!r} changed after the dataset was created: its "
                                      "manifest.json describes other data (rows, seq_len or array checksums differ)")
                 if self._watch is not None:  # a file changed since the dataset opened it raises here
-                    store._watch_from(self._watch, self.verify)
+                    store.watch_from(self._watch, self.verify)
                 self._store = store
             a = self._store.array
             names = self._store.manifest["arrays"]
@@ -770,7 +773,7 @@ class PackedIterableDataset(_BatchStream):
                     f"chunks (it is read once per epoch and per worker); got a one-shot {type(source).__name__}"
                 )
         self.source = source
-        self.seq_len = _check_seq_len(seq_len)
+        self.seq_len = check_seq_len(seq_len)
         StreamPacker(self.seq_len, window=window, strategy=strategy, overlong=overlong)  # validates the settings
         _check_flat_size(layout, self.batch_size, self.seq_len)
         self.window, self.strategy, self.overlong = int(window), strategy, overlong
@@ -818,7 +821,7 @@ class PackedIterableDataset(_BatchStream):
             keep = (glob >= start) & (((glob - start) // g) % nw == wid)
             if not keep.any():
                 return
-            sub = _select_rows(plan, perm[keep])
+            sub = plan.take(perm[keep])
             values, offsets = toks.values, toks.offsets
             row_offsets = np.zeros(sub.num_sequences + 1, dtype=np.int64)
             np.cumsum(sub.row_tokens, out=row_offsets[1:])
@@ -827,7 +830,7 @@ class PackedIterableDataset(_BatchStream):
                 if len(lang_of_example) > 1:
                     lang_of_example[:] = [np.concatenate(lang_of_example)]
                 seg_lang = lang_of_example[0][ids[sub.seg_example]]
-            mask_bytes = None if mask is None else sub.gather(_check_mask(mask, offsets), offsets)
+            mask_bytes = None if mask is None else sub.gather(check_mask(mask, offsets), offsets)
             pending.append(_Rows(sub.gather(values, offsets), mask_bytes, row_offsets, sub.row_offsets, sub.seg_len,
                                  seg_lang))
 
