@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-__all__ = ["FORMATS", "ROLES", "Fields", "RecordError", "normalize_record", "detect_format"]
+__all__ = ["FORMATS", "ROLES", "Fields", "RecordError", "BadRecord", "normalize_record", "detect_format", "parse_turns"]
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_response", "text")
 ROLES = ("system", "user", "assistant")
@@ -77,8 +77,10 @@ class RecordError(ValueError):
         self.reason = reason
 
 
-class _Bad(Exception):
-    """Internal: a record is bad; ``kind`` is a short category (counted when skipping), ``reason`` the detail."""
+class BadRecord(Exception):
+    """A record is bad, before its position is known: ``kind`` is a short category (counted when skipping),
+    ``reason`` the detail. What :func:`normalize_record` and :func:`detect_format` raise; a caller that knows
+    the record's index turns it into a :class:`RecordError`."""
 
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)
@@ -93,18 +95,18 @@ def _text(value: Any, where: str) -> str:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as exc:
-                raise _Bad("invalid_utf8", f"{where} is not valid Unicode ({exc.reason} at character {exc.start})") from None
+                raise BadRecord("invalid_utf8", f"{where} is not valid Unicode ({exc.reason} at character {exc.start})") from None
         return value
     if isinstance(value, (bytes, bytearray)):
         try:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise _Bad("invalid_utf8", f"{where} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-    raise _Bad("non_string_content", f"{where} must be a string, got {type(value).__name__}")
+            raise BadRecord("invalid_utf8", f"{where} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    raise BadRecord("non_string_content", f"{where} must be a string, got {type(value).__name__}")
 
 
 def detect_format(record: Mapping, fields: Fields) -> str:
-    """The shape of one record (see the module docstring), or raise ``_Bad``."""
+    """The shape of one record (see the module docstring), or raise ``BadRecord``."""
     if fields.messages in record:
         return "messages"
     if fields.conversations in record:
@@ -116,57 +118,60 @@ def detect_format(record: Mapping, fields: Fields) -> str:
     if fields.text in record:
         return "text"
     keys = sorted(map(str, record))[:8]
-    raise _Bad("unknown_format", f"cannot tell the record's format from its keys {keys}")
+    raise BadRecord("unknown_format", f"cannot tell the record's format from its keys {keys}")
 
 
-def _chat(turns, fields: Fields, role_key: str, content_key: str, role_map: Optional[dict], where: str):
+def parse_turns(turns, fields: Fields, role_key: str, content_key: str, role_map: Optional[dict], where: str):
+    """A conversation (a list of ``{role_key: ..., content_key: ...}`` dicts) -> list of (role, content);
+    ``role_map`` maps the record's speaker names to :data:`ROLES` (None: they must be ROLES already), ``where``
+    names the conversation in messages. Raises :class:`BadRecord`."""
     if not isinstance(turns, (list, tuple)):
-        raise _Bad("not_a_conversation", f"{where} must be a list of messages, got {type(turns).__name__}")
+        raise BadRecord("not_a_conversation", f"{where} must be a list of messages, got {type(turns).__name__}")
     if not turns:
-        raise _Bad("empty_conversation", f"{where} is an empty conversation")
+        raise BadRecord("empty_conversation", f"{where} is an empty conversation")
     out = []
     for j, m in enumerate(turns):
         if not isinstance(m, Mapping):
-            raise _Bad("not_a_conversation", f"{where}[{j}] must be a dict, got {type(m).__name__}")
+            raise BadRecord("not_a_conversation", f"{where}[{j}] must be a dict, got {type(m).__name__}")
         if role_key not in m:
-            raise _Bad("missing_field", f"{where}[{j}] has no {role_key!r}")
+            raise BadRecord("missing_field", f"{where}[{j}] has no {role_key!r}")
         role = m[role_key]
         if role_map is not None:
             role = role_map.get(role) if isinstance(role, str) else None
         if role not in ROLES:
             accepted = sorted(role_map) if role_map is not None else list(ROLES)
-            raise _Bad("unknown_role", f"{where}[{j}] has unknown role {m[role_key]!r}; accepted roles are {accepted}")
+            raise BadRecord("unknown_role", f"{where}[{j}] has unknown role {m[role_key]!r}; accepted roles are {accepted}")
         if content_key not in m:
-            raise _Bad("missing_field", f"{where}[{j}] has no {content_key!r}")
+            raise BadRecord("missing_field", f"{where}[{j}] has no {content_key!r}")
         out.append((role, _text(m[content_key], f"{where}[{j}].{content_key}")))
     return out
 
 
 def normalize_record(record: Any, fmt: str, fields: Fields):
     """One record -> ``(kind, payload, lang, source)``; kind is ``"chat"`` (payload: list of (role, content))
-    or ``"text"`` (payload: str). Raises ``_Bad`` with the reason."""
+    or ``"text"`` (payload: str). Raises ``BadRecord`` with the reason."""
     if not isinstance(record, Mapping):
-        raise _Bad("not_a_dict", f"a record must be a dict, got {type(record).__name__}")
+        raise BadRecord("not_a_dict", f"a record must be a dict, got {type(record).__name__}")
     if fmt == "auto":
         fmt = detect_format(record, fields)
     lang = record.get(fields.lang)
     source = record.get(fields.source)
     if lang is not None and not isinstance(lang, str):
-        raise _Bad("bad_metadata", f"{fields.lang!r} must be a string or absent, got {type(lang).__name__}")
+        raise BadRecord("bad_metadata", f"{fields.lang!r} must be a string or absent, got {type(lang).__name__}")
     if source is not None and not isinstance(source, (str, int)):
-        raise _Bad("bad_metadata", f"{fields.source!r} must be a string, an int or absent, got {type(source).__name__}")
+        raise BadRecord("bad_metadata", f"{fields.source!r} must be a string, an int or absent, got {type(source).__name__}")
 
     def need(key):
         if key not in record:
-            raise _Bad("missing_field", f"{fmt} record has no {key!r}")
+            raise BadRecord("missing_field", f"{fmt} record has no {key!r}")
         return _text(record[key], key)
 
     if fmt == "messages":
-        conv = _chat(record[fields.messages] if fields.messages in record else None, fields, fields.role,
+        conv = parse_turns(record[fields.messages] if fields.messages in record else None, fields, fields.role,
                      fields.content, None, fields.messages)
         return "chat", conv, lang, source
     if fmt == "sharegpt":
-        conv = _chat(record.get(fields.conversations), fields, fields.sharegpt_role, fields.sharegpt_content,
+        conv = parse_turns(record.get(fields.conversations), fields, fields.sharegpt_role, fields.sharegpt_content,
                      _SHAREGPT_ROLES, fields.conversations)
         return "chat", conv, lang, source
     if fmt == "text":
@@ -186,7 +191,7 @@ def normalize_record(record: Any, fmt: str, fields: Fields):
     if fmt == "prompt_response":
         key = next((r for r in fields.response if r in record), None)
         if key is None:
-            raise _Bad("missing_field", f"prompt_response record has none of {list(fields.response)}")
+            raise BadRecord("missing_field", f"prompt_response record has none of {list(fields.response)}")
         conv += [("user", need(fields.prompt)), ("assistant", _text(record[key], key))]
         return "chat", conv, lang, source
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")

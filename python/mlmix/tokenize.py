@@ -12,7 +12,6 @@ token). See :mod:`mlmix.chat` for which tokens a chat mask trains and why the fa
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 import json
 import os
@@ -25,12 +24,12 @@ import numpy as np
 
 from . import chat as _chat
 from ._deps import require
-from .formats import FORMATS, Fields, RecordError, _Bad, normalize_record
-from .formats import _chat as _parse_turns
+from ._vocab import fingerprint_vocab, vocab_of
+from .formats import FORMATS, BadRecord, Fields, RecordError, normalize_record, parse_turns
 from .ragged import Ragged
 
-__all__ = ["Tokenizer", "Encoded", "EncodeStats", "RecordError", "vocab_fingerprint", "TRAIN_ON", "TRAIN_GLUE",
-           "TRUNCATION", "ON_ERROR"]
+__all__ = ["Tokenizer", "Encoded", "EncodeStats", "RecordError", "vocab_fingerprint", "forget_native_encoder",
+           "TRAIN_ON", "TRAIN_GLUE", "TRUNCATION", "ON_ERROR"]
 
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
 TRAIN_GLUE = _chat.TRAIN_GLUE
@@ -416,11 +415,11 @@ class Tokenizer:
                     kind, payload, lang, source = normalize_record(rec, fmt, fields)
                 if kind == "chat":
                     if need_assistant and not any(r == "assistant" for r, _ in payload):
-                        raise _Bad("no_assistant_turn", f"conversation has no assistant turn to train on "
+                        raise BadRecord("no_assistant_turn", f"conversation has no assistant turn to train on "
                                    f"(train_on={train_on!r})")
                 elif not payload:
-                    raise _Bad("empty_text", "text is empty")
-            except _Bad as bad:
+                    raise BadRecord("empty_text", "text is empty")
+            except BadRecord as bad:
                 if on_error == "raise":
                     raise _record_error(i, rec, bad.kind, bad.reason) from None
                 stats.skipped[bad.kind] += 1
@@ -661,7 +660,7 @@ class Tokenizer:
         for k, conv in enumerate(convs):
             try:
                 text, sp = t.render_with_spans(conv, train_on, train_glue)
-            except _Bad as bad:
+            except BadRecord as bad:
                 if on_error == "raise":
                     raise _record_error(chat_idx[k], records[chat_idx[k]], bad.kind, bad.reason) from None
                 stats.skipped[bad.kind] += 1
@@ -736,10 +735,10 @@ class _JinjaTemplate:
             if spans is None:
                 spans = self._located_spans(text, conv, turns)
             return text, _merge_spans(_with_glue(text, spans, train_glue))
-        except _Bad:
+        except BadRecord:
             raise
         except Exception as exc:  # the template rejected this conversation (raise_exception, bad roles...)
-            raise _Bad("template_error", f"the chat template failed: {exc}") from None
+            raise BadRecord("template_error", f"the chat template failed: {exc}") from None
 
     @property
     def append_only(self) -> bool:
@@ -796,7 +795,7 @@ class _JinjaTemplate:
             if found is None and j not in wanted:
                 continue  # an untrained message the template rewrote: search on from the same place
             if found is None:
-                raise _Bad("template_error", f"cannot find message {j}'s content followed by an end-of-turn token "
+                raise BadRecord("template_error", f"cannot find message {j}'s content followed by an end-of-turn token "
                            "in the rendered chat (the template rewrites it); add {% generation %} blocks to the "
                            "template to mark the trained text")
             if j in wanted:
@@ -828,44 +827,7 @@ def vocab_fingerprint(tokenizer, num_ids: Optional[int] = None) -> dict:
     if num_ids is not None and (isinstance(num_ids, bool) or not isinstance(num_ids, (int, np.integer))
                                 or num_ids < 0):
         raise ValueError(f"num_ids must be a non-negative integer or None, got {num_ids!r}")
-    return _fingerprint_vocab(_vocab_of(tokenizer), num_ids)
-
-
-def _fingerprint_vocab(by_id: dict, num_ids: Optional[int]) -> dict:
-    n = max(by_id, default=-1) + 1 if num_ids is None else int(num_ids)
-    table = [[i, by_id[i]] for i in sorted(by_id) if i < n]
-    text = json.dumps(table, ensure_ascii=False, separators=(",", ":"))
-    return {"num_ids": n, "vocab_sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()}
-
-
-def _vocab_of(tokenizer) -> dict:
-    """A tokenizer's ``{id: token}`` table (see vocab_fingerprint for what ``tokenizer`` may be)."""
-    if isinstance(tokenizer, (str, os.PathLike)):
-        path = os.fspath(tokenizer)
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer: {os.fspath(tokenizer)!r} is neither a tokenizer.json nor a "
-                                    "directory holding one")
-        tokenizers = require("tokenizers", "vocab_fingerprint")
-        try:
-            tokenizer = tokenizers.Tokenizer.from_file(path)
-        except Exception as exc:  # the Rust loader's own message says what is wrong with the file
-            raise ValueError(f"tokenizer: {path!r} is not a readable tokenizer.json: {exc}") from None
-    if isinstance(tokenizer, Tokenizer):
-        tokenizer = tokenizer.backend
-    get_vocab = getattr(tokenizer, "get_vocab", None)
-    vocab = get_vocab() if callable(get_vocab) else None
-    if not isinstance(vocab, dict):
-        raise TypeError("tokenizer must be an mlmix.Tokenizer, a tokenizers.Tokenizer, a transformers tokenizer or "
-                        f"a path to a tokenizer.json, got {type(tokenizer).__name__}")
-    by_id: dict[int, str] = {}
-    for token, i in vocab.items():
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 or not isinstance(token, str):
-            raise ValueError(f"tokenizer: its vocabulary maps {token!r} to {i!r}; expected str tokens and ids >= 0")
-        if by_id.setdefault(int(i), token) != token:
-            raise ValueError(f"tokenizer: ids must be unique, id {int(i)} is both {by_id[int(i)]!r} and {token!r}")
-    return by_id
+    return fingerprint_vocab(vocab_of(tokenizer), num_ids)
 
 
 def _with_glue(text: str, spans, train_glue: str):
@@ -903,8 +865,8 @@ _DEFAULT_FIELDS = Fields()
 
 
 def _normalize_conversation(conv):
-    """A list of {"role", "content"} -> list of (role, content), or raise _Bad."""
-    return _parse_turns(conv, _DEFAULT_FIELDS, "role", "content", None, "conversation")
+    """A list of {"role", "content"} -> list of (role, content), or raise BadRecord."""
+    return parse_turns(conv, _DEFAULT_FIELDS, "role", "content", None, "conversation")
 
 
 def _tok_str(tok) -> Optional[str]:
@@ -963,6 +925,18 @@ def _native_encoder(backend, native_cls):
     while len(_NATIVE_CACHE) > _NATIVE_CACHE_SIZE:
         _NATIVE_CACHE.popitem(last=False)
     return native
+
+
+def forget_native_encoder(tokenizer) -> None:
+    """Forget the native encoder cached for ``tokenizer``'s backend (about 200 MB for Qwen's vocabulary), so
+    that it is freed with the last Tokenizer that uses it instead of kept for a later one: for a caller that
+    loaded a tokenizer for one job and is done with it. A later Tokenizer over the same backend rebuilds it.
+    ``tokenizer``: an mlmix Tokenizer (or anything with a ``backend``); for anything else, a no-op."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is not None:
+        hit = _NATIVE_CACHE.get(id(backend))
+        if hit is not None and hit[0] is backend:
+            del _NATIVE_CACHE[id(backend)]
 
 
 def _raise_bad_text(texts, exc, base: int = 0) -> None:
