@@ -5,6 +5,7 @@
 
 #include <memory>
 
+#include "bind_convert.h"
 #include "bindings.h"
 #include "bpe.h"
 #include "common.h"
@@ -13,13 +14,6 @@ namespace py = pybind11;
 
 namespace mlmix::bind {
 namespace {
-
-template <typename T>
-py::array_t<T> vector_to_array(std::vector<T>&& v) {
-  auto* owned = new std::vector<T>(std::move(v));
-  py::capsule owner(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
-  return py::array_t<T>({static_cast<py::ssize_t>(owned->size())}, {static_cast<py::ssize_t>(sizeof(T))}, owned->data(), owner);
-}
 
 template <typename T>
 std::vector<T> array_to_vector(const py::array& a, const char* name) {
@@ -67,22 +61,8 @@ class PyEncoder {
 
   py::tuple encode_batch(const py::sequence& texts, bool add_special_tokens, bool split_special_tokens, int num_threads) {
     MLMIX_CHECK(num_threads >= 0, "num_threads must be >= 0 (0: all cores), got " << num_threads);
-    // A tuple holds a reference to every string for as long as the GIL is released.
-    py::tuple held = py::reinterpret_steal<py::tuple>(PySequence_Tuple(texts.ptr()));
-    if (!held) throw py::error_already_set();
-    std::vector<bpe::TextView> views(held.size());
-    for (size_t i = 0; i < held.size(); ++i) {
-      PyObject* o = PyTuple_GET_ITEM(held.ptr(), static_cast<Py_ssize_t>(i));
-      if (!PyUnicode_Check(o)) {
-        throw py::type_error("texts[" + std::to_string(i) + "] must be a str, got " +
-                             std::string(Py_TYPE(o)->tp_name));
-      }
-#if PY_VERSION_HEX < 0x030C0000
-      if (PyUnicode_READY(o) != 0) throw py::error_already_set();
-#endif
-      views[i] = bpe::TextView{PyUnicode_DATA(o), static_cast<int64_t>(PyUnicode_GET_LENGTH(o)),
-                               static_cast<int>(PyUnicode_KIND(o))};
-    }
+    // Held (and read in place) for as long as the GIL is released.
+    const HeldDocuments docs(texts, Documents::kStr);
     bpe::EncodeOptions options;
     options.add_special_tokens = add_special_tokens;
     options.split_special_tokens = split_special_tokens;
@@ -90,7 +70,7 @@ class PyEncoder {
     bpe::EncodeResult result;
     {
       py::gil_scoped_release release;
-      result = encoder_->encode_batch(views, options);
+      result = encoder_->encode_batch(docs.views(), options);
     }
     return py::make_tuple(vector_to_array(std::move(result.values)), vector_to_array(std::move(result.offsets)),
                           vector_to_array(std::move(result.unencoded)));

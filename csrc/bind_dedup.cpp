@@ -4,6 +4,7 @@
 
 #include <optional>
 
+#include "bind_convert.h"
 #include "bindings.h"
 #include "common.h"
 #include "dedup.h"
@@ -22,26 +23,25 @@ using U64 = py::array_t<uint64_t, py::array::c_style>;
 using F64 = py::array_t<double, py::array::c_style>;
 
 // The documents of a call, checked before the GIL goes. Either one UTF-8 buffer (`data`, uint8) with
-// count + 1 int64 `offsets`, or (`offsets` None) a sequence of str / bytes read in place: a str's code
-// units as Python stores them (Latin-1, UCS-2 or UCS-4), bytes as UTF-8 -- nothing is encoded or copied.
-// A tuple holds a reference to every document while the GIL is released; bytearray and memoryview
-// documents, which could change meanwhile, are copied to bytes first.
+// count + 1 int64 `offsets`, or (`offsets` None) a sequence of str / bytes read in place
+// (bind_convert.h's HeldDocuments: a str's code units as Python stores them, bytes as UTF-8).
 class Texts {
  public:
   Texts(const py::object& data, const py::object& offsets) {
     if (offsets.is_none()) {
-      from_sequence(data);
+      docs_.emplace(data, Documents::kStrOrBytes);
+      span_ = TextSpan{nullptr, nullptr, docs_->size(), docs_->views().data()};
+      check_texts(span_);
       return;
     }
-    buffer_ = py::cast<Bytes>(data);
-    offsets_ = py::cast<I64>(offsets);
-    MLMIX_CHECK(buffer_.ndim() == 1, "data must be 1-D uint8, got " << buffer_.ndim() << " dimensions");
-    MLMIX_CHECK(offsets_.ndim() == 1 && offsets_.shape(0) >= 1,
-                "offsets must be 1-D int64 with count + 1 >= 1 entries");
-    span_ = TextSpan{buffer_.data(), offsets_.data(), offsets_.shape(0) - 1};
+    int64_t n_data = 0, n_offsets = 0;
+    const uint8_t* bytes = checked_1d<uint8_t>(as_array(data, "data"), "data", &n_data);
+    const int64_t* offs = checked_1d<int64_t>(as_array(offsets, "offsets"), "offsets", &n_offsets);
+    MLMIX_CHECK(n_offsets >= 1, "offsets must be 1-D int64 with count + 1 >= 1 entries");
+    span_ = TextSpan{bytes, offs, n_offsets - 1};
     check_texts(span_);
-    MLMIX_CHECK(span_.count == 0 || offsets_.data()[span_.count] <= buffer_.shape(0),
-                "offsets[-1] = " << offsets_.data()[span_.count] << " exceeds the data size " << buffer_.shape(0));
+    MLMIX_CHECK(span_.count == 0 || offs[span_.count] <= n_data,
+                "offsets[-1] = " << offs[span_.count] << " exceeds the data size " << n_data);
   }
   Texts(const Texts&) = delete;
   Texts& operator=(const Texts&) = delete;
@@ -49,43 +49,13 @@ class Texts {
   const TextSpan& span() const { return span_; }
 
  private:
-  void from_sequence(const py::object& data) {
-    if (PyUnicode_Check(data.ptr()) || PyBytes_Check(data.ptr()))
-      throw py::value_error(std::string("texts must be a sequence of documents, not a single ") + Py_TYPE(data.ptr())->tp_name);
-    held_ = py::reinterpret_steal<py::tuple>(PySequence_Tuple(data.ptr()));
-    if (!held_) throw py::error_already_set();
-    const auto n = static_cast<int64_t>(PyTuple_GET_SIZE(held_.ptr()));
-    views_.resize(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) {
-      PyObject* o = PyTuple_GET_ITEM(held_.ptr(), static_cast<Py_ssize_t>(i));
-      if (PyUnicode_Check(o)) {
-#if PY_VERSION_HEX < 0x030C0000
-        if (PyUnicode_READY(o) != 0) throw py::error_already_set();
-#endif
-        views_[i] = TextView{PyUnicode_DATA(o), static_cast<int64_t>(PyUnicode_GET_LENGTH(o)),
-                             static_cast<int>(PyUnicode_KIND(o))};
-        continue;
-      }
-      if (!PyBytes_Check(o)) {
-        if (o == Py_None)
-          throw py::value_error("texts[" + std::to_string(i) + "] is None; documents must be str or UTF-8 bytes");
-        if (!PyByteArray_Check(o) && !PyMemoryView_Check(o))
-          throw py::value_error("texts[" + std::to_string(i) + "] must be str or UTF-8 bytes, got " + Py_TYPE(o)->tp_name);
-        o = PyBytes_FromObject(o);
-        if (!o) throw py::error_already_set();
-        copies_.append(py::reinterpret_steal<py::object>(o));
-      }
-      views_[i] = TextView{PyBytes_AS_STRING(o), static_cast<int64_t>(PyBytes_GET_SIZE(o)), 0};
-    }
-    span_ = TextSpan{nullptr, nullptr, n, views_.data()};
-    check_texts(span_);
+  static py::array as_array(const py::object& a, const char* name) {
+    if (!py::isinstance<py::array>(a))
+      throw py::type_error(std::string(name) + " must be a numpy array, got " + Py_TYPE(a.ptr())->tp_name);
+    return py::reinterpret_borrow<py::array>(a);
   }
 
-  Bytes buffer_;
-  I64 offsets_;
-  py::tuple held_;
-  py::list copies_;
-  std::vector<TextView> views_;
+  std::optional<HeldDocuments> docs_;
   TextSpan span_;
 };
 
@@ -99,13 +69,6 @@ MinHashOptions minhash_options(int num_perm, int ngram, int mode, uint64_t seed,
   MLMIX_CHECK(mode >= 0 && mode <= 2, "shingle mode must be 0 (auto), 1 (word) or 2 (char), got " << mode);
   return MinHashOptions{num_perm, ngram, static_cast<ShingleMode>(mode), seed,
                         normalize_options(strip_marks, errors)};
-}
-
-template <class T>
-py::array_t<T> vector_to_array(std::vector<T>&& v) {
-  auto* owned = new std::vector<T>(std::move(v));
-  py::capsule free_when_done(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
-  return py::array_t<T>({static_cast<py::ssize_t>(owned->size())}, owned->data(), free_when_done);
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include "bind_convert.h"
 #include "bindings.h"
 #include "pack.h"
 
@@ -10,33 +11,6 @@ namespace py = pybind11;
 
 namespace mlmix::bind {
 namespace {
-
-// The data pointer of a 1-D C-contiguous array of exactly dtype T; TypeError/ValueError name `name`.
-template <typename T>
-const T* checked_1d(const py::array& a, const char* name, int64_t* size) {
-  const py::dtype want = py::dtype::of<T>();
-  // compare by kind and width: numpy has several type objects for one C type (e.g. 'l' and 'q')
-  if (a.dtype().kind() != want.kind() || a.dtype().itemsize() != want.itemsize() || a.dtype().byteorder() == '>') {
-    throw py::type_error(std::string(name) + " must have dtype " + std::string(py::str(want)) +
-                         ", got " + std::string(py::str(a.dtype())));
-  }
-  if (a.ndim() != 1) {
-    throw py::value_error(std::string(name) + " must be 1-D, got " + std::to_string(a.ndim()) + " dimensions");
-  }
-  if (!(a.flags() & py::array::c_style)) {
-    throw py::value_error(std::string(name) + " must be C-contiguous (use numpy.ascontiguousarray)");
-  }
-  *size = a.shape(0);
-  return static_cast<const T*>(a.data());
-}
-
-// Hands a vector's buffer to numpy without copying; the capsule frees it with the array.
-template <typename T>
-py::array_t<T> to_numpy(std::vector<T>&& v) {
-  auto* heap = new std::vector<T>(std::move(v));
-  py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<T>*>(p); });
-  return py::array_t<T>({static_cast<py::ssize_t>(heap->size())}, {sizeof(T)}, heap->data(), owner);
-}
 
 PackStrategy parse_strategy(const std::string& s) {
   if (s == "bfd") return PackStrategy::kBestFitDecreasing;
@@ -158,48 +132,6 @@ py::array gather(const py::array& values, const py::array& offsets, const py::ar
 }
 
 template <typename T>
-py::tuple store_rows(const py::array& tokens, const py::object& mask, const py::array& row_offsets,
-                     const py::array& seg_offsets, const py::array& seg_lens, const py::array& rows, int64_t seq_len,
-                     T pad_id, int threads) {
-  CompactRows store{};
-  int64_t n_rows1 = 0, n_seg_rows1 = 0, batch = 0;
-  const T* tok = checked_1d<T>(tokens, "tokens", &store.num_tokens);
-  store.row_offsets = checked_1d<int64_t>(row_offsets, "row_offsets", &n_rows1);
-  store.seg_offsets = checked_1d<int64_t>(seg_offsets, "seg_offsets", &n_seg_rows1);
-  store.seg_lens = checked_1d<int32_t>(seg_lens, "seg_lens", &store.num_segments);
-  const int64_t* rows_p = checked_1d<int64_t>(rows, "rows", &batch);
-  if (n_rows1 < 1 || n_seg_rows1 != n_rows1) {
-    throw py::value_error("row_offsets and seg_offsets must both have num_rows + 1 >= 1 entries, got " +
-                          std::to_string(n_rows1) + " and " + std::to_string(n_seg_rows1));
-  }
-  store.num_rows = n_rows1 - 1;
-  const uint8_t* m = nullptr;
-  if (!mask.is_none()) {
-    int64_t n_mask = 0;
-    m = checked_1d<uint8_t>(py::cast<py::array>(mask), "loss_mask", &n_mask);
-    if (n_mask != store.num_tokens) {
-      throw py::value_error("loss_mask must have one entry per token: " + std::to_string(store.num_tokens) +
-                            ", got " + std::to_string(n_mask));
-    }
-  }
-  if (seq_len < 2 || seq_len > kMaxSeqLen) {
-    throw py::value_error("seq_len must be in [2, " + std::to_string(kMaxSeqLen) + "], got " + std::to_string(seq_len));
-  }
-  py::array_t<T> ids({batch, seq_len});
-  py::array_t<int64_t> labels({batch, seq_len});
-  py::array_t<int32_t> pos({batch, seq_len});
-  T* ids_p = ids.mutable_data();
-  int64_t* lab_p = labels.mutable_data();
-  int32_t* pos_p = pos.mutable_data();
-  {
-    py::gil_scoped_release release;
-    check_compact_rows(store, rows_p, batch, seq_len);
-    materialize_compact_rows<T>(tok, m, store, rows_p, batch, seq_len, pad_id, ids_p, lab_p, pos_p, threads);
-  }
-  return py::make_tuple(ids, labels, pos);
-}
-
-template <typename T>
 void def_typed(py::module_& m, const char* suffix) {
   m.def((std::string("_materialize_") + suffix).c_str(), &materialize<T>, py::arg("values"), py::arg("offsets"),
         py::arg("loss_mask"), py::arg("seg_example"), py::arg("seg_start"), py::arg("seg_len"),
@@ -208,10 +140,6 @@ void def_typed(py::module_& m, const char* suffix) {
   m.def((std::string("_gather_") + suffix).c_str(), &gather<T>, py::arg("values"), py::arg("offsets"),
         py::arg("seg_example"), py::arg("seg_start"), py::arg("seg_len"), py::arg("row_offsets"),
         "The real tokens of a plan's rows, in packed order, without padding.");
-  m.def((std::string("_store_rows_") + suffix).c_str(), &store_rows<T>, py::arg("tokens"), py::arg("loss_mask"),
-        py::arg("row_offsets"), py::arg("seg_offsets"), py::arg("seg_lens"), py::arg("rows"), py::arg("seq_len"),
-        py::arg("pad_id"), py::arg("threads") = 1,
-        "Padded rows (input_ids, labels int64, position_ids int32) of a packed store's compact rows.");
 }
 
 }  // namespace
@@ -232,11 +160,11 @@ void bind_pack(py::module_& m) {
           plan = plan_pack(len, n, seq_len, strat, pol, shuffle, seed);
         }
         py::dict out;
-        out["seg_example"] = to_numpy(std::move(plan.seg_example));
-        out["seg_start"] = to_numpy(std::move(plan.seg_start));
-        out["seg_len"] = to_numpy(std::move(plan.seg_len));
-        out["row_offsets"] = to_numpy(std::move(plan.row_offsets));
-        out["assignment"] = to_numpy(std::move(plan.assignment));
+        out["seg_example"] = vector_to_array(std::move(plan.seg_example));
+        out["seg_start"] = vector_to_array(std::move(plan.seg_start));
+        out["seg_len"] = vector_to_array(std::move(plan.seg_len));
+        out["row_offsets"] = vector_to_array(std::move(plan.row_offsets));
+        out["assignment"] = vector_to_array(std::move(plan.assignment));
         out["num_truncated"] = plan.num_truncated;
         out["num_split"] = plan.num_split;
         out["num_dropped"] = plan.num_dropped;

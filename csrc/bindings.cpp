@@ -3,6 +3,8 @@
 
 #include <pybind11/stl.h>
 
+#include "bind_convert.h"
+
 namespace py = pybind11;
 
 PYBIND11_MODULE(_core, m) {
@@ -26,6 +28,10 @@ PYBIND11_MODULE(_core, m) {
   info["sanitizers"] = "";
 #endif
   m.attr("BUILD_INFO") = info;
+
+  // A document of the wrong type (bind_convert.h): a TypeError, and a ValueError as dedup raised before.
+  py::register_exception<mlmix::bind::DocumentTypeError>(
+      m, "DocumentTypeError", py::make_tuple(py::handle(PyExc_TypeError), py::handle(PyExc_ValueError)));
 
   mlmix::bind::bind_pack(m);
   mlmix::bind::bind_store(m);

@@ -3,9 +3,9 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
-#include <thread>
 
 #include "common.h"
+#include "row_fill.h"
 
 namespace mlmix {
 namespace {
@@ -286,48 +286,11 @@ void check_segments(const int64_t* offsets, int64_t n_examples, const SegmentVie
   }
 }
 
-namespace {
-
-// Copy one segment of `len` tokens from src into a row at offset t, with its labels and positions.
-template <typename T>
-inline void fill_segment(const T* src, const uint8_t* mask_src, int32_t len, T* ids, int64_t* lab, int32_t* pos) {
-  if (len > 0) std::memcpy(ids, src, sizeof(T) * static_cast<size_t>(len));  // src may be null when len = 0
-  for (int32_t j = 0; j < len; ++j) {
-    pos[j] = j;
-    bool keep = mask_src == nullptr || mask_src[j] != 0;
-    lab[j] = keep ? static_cast<int64_t>(src[j]) : -100;
-  }
-  // nothing may predict across a segment boundary
-  if (len > 0) lab[0] = -100;
-}
-
-template <typename T>
-inline void pad_row(int64_t t, int64_t seq_len, T pad_id, T* ids, int64_t* lab, int32_t* pos) {
-  std::fill(ids + t, ids + seq_len, pad_id);
-  std::fill(lab + t, lab + seq_len, int64_t{-100});
-  std::fill(pos + t, pos + seq_len, 0);
-}
-
-// Run fill(begin, end) over [0, n) split into contiguous ranges among up to `threads` workers.
-template <typename F>
-void parallel_rows(int64_t n, int threads, F fill) {
-  int64_t workers = std::min<int64_t>(resolve_threads(threads), std::max<int64_t>(n / 16, 1));
-  if (workers <= 1) {
-    fill(int64_t{0}, n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (int64_t w = 0; w < workers; ++w) pool.emplace_back(fill, n * w / workers, n * (w + 1) / workers);
-  for (auto& th : pool) th.join();
-}
-
-}  // namespace
-
 template <typename T>
 void materialize_rows(const T* values, const int64_t* offsets, const uint8_t* mask, const SegmentView& segs,
                       int64_t seq_len, T pad_id, T* input_ids, int64_t* labels, int32_t* position_ids,
                       int threads) {
-  parallel_rows(segs.num_rows, threads, [&](int64_t row_begin, int64_t row_end) {
+  rows::parallel_rows(segs.num_rows, threads, [&](int64_t row_begin, int64_t row_end) {
     for (int64_t r = row_begin; r < row_end; ++r) {
       T* ids = input_ids + r * seq_len;
       int64_t* lab = labels + r * seq_len;
@@ -336,53 +299,10 @@ void materialize_rows(const T* values, const int64_t* offsets, const uint8_t* ma
       for (int64_t s = segs.row_offsets[r]; s < segs.row_offsets[r + 1]; ++s) {
         const int64_t src = offsets[segs.seg_example[s]] + segs.seg_start[s];
         const int32_t len = segs.seg_len[s];
-        fill_segment(values + src, mask ? mask + src : nullptr, len, ids + t, lab + t, pos + t);
+        rows::fill_segment(values + src, mask ? mask + src : nullptr, len, ids + t, lab + t, pos + t);
         t += len;
       }
-      pad_row(t, seq_len, pad_id, ids, lab, pos);
-    }
-  });
-}
-
-void check_compact_rows(const CompactRows& store, const int64_t* rows, int64_t batch, int64_t seq_len) {
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t r = rows[b];
-    MLMIX_CHECK_INDEX(r >= 0 && r < store.num_rows, "row " << r << " is out of range for " << store.num_rows << " rows");
-    const int64_t t0 = store.row_offsets[r], t1 = store.row_offsets[r + 1];
-    const int64_t s0 = store.seg_offsets[r], s1 = store.seg_offsets[r + 1];
-    MLMIX_CHECK(0 <= t0 && t0 <= t1 && t1 <= store.num_tokens && t1 - t0 <= seq_len,
-                "store row " << r << " has token range [" << t0 << ", " << t1 << "), invalid for " << store.num_tokens
-                             << " tokens and seq_len " << seq_len);
-    MLMIX_CHECK(0 <= s0 && s0 <= s1 && s1 <= store.num_segments,
-                "store row " << r << " has segment range [" << s0 << ", " << s1 << "), invalid");
-    int64_t sum = 0;
-    for (int64_t s = s0; s < s1; ++s) {
-      MLMIX_CHECK(store.seg_lens[s] >= 0, "store segment " << s << " has negative length");
-      sum += store.seg_lens[s];
-    }
-    MLMIX_CHECK(sum == t1 - t0, "store row " << r << ": segments hold " << sum << " tokens, the row " << t1 - t0);
-  }
-}
-
-template <typename T>
-void materialize_compact_rows(const T* tokens, const uint8_t* mask, const CompactRows& store, const int64_t* rows,
-                              int64_t batch, int64_t seq_len, T pad_id, T* input_ids, int64_t* labels,
-                              int32_t* position_ids, int threads) {
-  parallel_rows(batch, threads, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t r = rows[b];
-      T* ids = input_ids + b * seq_len;
-      int64_t* lab = labels + b * seq_len;
-      int32_t* pos = position_ids + b * seq_len;
-      int64_t src = store.row_offsets[r];
-      int64_t t = 0;
-      for (int64_t s = store.seg_offsets[r]; s < store.seg_offsets[r + 1]; ++s) {
-        const int32_t len = store.seg_lens[s];
-        fill_segment(tokens + src, mask ? mask + src : nullptr, len, ids + t, lab + t, pos + t);
-        src += len;
-        t += len;
-      }
-      pad_row(t, seq_len, pad_id, ids, lab, pos);
+      rows::pad_row(t, seq_len, pad_id, ids, lab, pos);
     }
   });
 }
@@ -401,8 +321,6 @@ void gather_segments(const T* values, const int64_t* offsets, const SegmentView&
 #define MLMIX_PACK_INSTANTIATE(T)                                                                              \
   template void materialize_rows<T>(const T*, const int64_t*, const uint8_t*, const SegmentView&, int64_t, T, \
                                     T*, int64_t*, int32_t*, int);                                             \
-  template void materialize_compact_rows<T>(const T*, const uint8_t*, const CompactRows&, const int64_t*,      \
-                                            int64_t, int64_t, T, T*, int64_t*, int32_t*, int);                \
   template void gather_segments<T>(const T*, const int64_t*, const SegmentView&, T*);
 
 MLMIX_PACK_INSTANTIATE(uint32_t)

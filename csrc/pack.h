@@ -60,30 +60,9 @@ void materialize_rows(const T* values, const int64_t* offsets, const uint8_t* ma
                       int threads);
 
 // Copy the real tokens of rows, segment after segment, into `out` (no padding): the packed order
-// the store keeps on disk. Works for any element type (tokens, uint8 masks). Call check_segments first.
+// the store keeps on disk (store.h reads it back). Works for any element type (tokens, uint8 masks).
+// Call check_segments first.
 template <typename T>
 void gather_segments(const T* values, const int64_t* offsets, const SegmentView& segs, T* out);
-
-// A packed store's compact rows (docs/store-format.md): row r holds tokens [row_offsets[r],
-// row_offsets[r + 1]) split into segments seg_lens[seg_offsets[r] .. seg_offsets[r + 1]).
-struct CompactRows {
-  const int64_t* row_offsets;  // num_rows + 1
-  const int64_t* seg_offsets;  // num_rows + 1
-  const int32_t* seg_lens;     // num_segments
-  int64_t num_rows;
-  int64_t num_segments;
-  int64_t num_tokens;
-};
-
-// Checks that the selected rows are in range and consistent (segments sum to the row's tokens, at most
-// seq_len); reads only those rows, so a batch costs O(batch), not O(store).
-void check_compact_rows(const CompactRows& store, const int64_t* rows, int64_t batch, int64_t seq_len);
-
-// Fill batch x seq_len rows (as materialize_rows) from the compact rows `rows` of a store.
-// Call check_compact_rows first.
-template <typename T>
-void materialize_compact_rows(const T* tokens, const uint8_t* mask, const CompactRows& store, const int64_t* rows,
-                              int64_t batch, int64_t seq_len, T pad_id, T* input_ids, int64_t* labels,
-                              int32_t* position_ids, int threads);
 
 }  // namespace mlmix

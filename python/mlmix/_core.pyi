@@ -7,7 +7,9 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['BPE_UNICODE_VERSION', 'BUILD_INFO', 'DEDUP_UNICODE_VERSION', 'PACK_MAX_SEQ_LEN', 'cuda_device_count', 'lce_grad_block', 'lce_lse_block']
+__all__: list[str] = ['BPE_UNICODE_VERSION', 'BUILD_INFO', 'DEDUP_UNICODE_VERSION', 'DocumentTypeError', 'PACK_MAX_SEQ_LEN', 'cuda_device_count', 'lce_grad_block', 'lce_lse_block']
+class DocumentTypeError(TypeError, ValueError):
+    pass
 class _StratifiedReservoir:
     def __init__(self, seed: typing.SupportsInt | typing.SupportsIndex, codes: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], capacities: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
         ...

@@ -1,4 +1,4 @@
-// libFuzzer target: the store's row reader (csrc/pack.h check_compact_rows / materialize_compact_rows),
+// libFuzzer target: the store's row reader (csrc/store.h check_compact_rows / materialize_compact_rows),
 // which the Python store hands memory-mapped arrays read from disk. Arbitrary row and segment offsets,
 // segment lengths and requested rows: check_compact_rows must refuse every inconsistent request (an
 // exception), and whatever it accepts must be read without a memory error.
@@ -9,7 +9,7 @@
 #include <stdexcept>
 #include <vector>
 
-#include "pack.h"
+#include "store.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FuzzedDataProvider in(data, size);
