@@ -187,6 +187,17 @@ def test_return_lse_and_module():
     assert rel_err(got, reference(h, w, y, bias=b, reduction="sum", label_smoothing=0.1)) < 1e-5
 
 
+def test_public_names_are_the_same_objects_wherever_they_are_imported_from():
+    import mlmix.torch
+    from mlmix.torch import loss as loss_mod
+
+    assert set(loss_mod.__all__) == {"linear_cross_entropy", "LinearCrossEntropy", "patch_causal_lm"}
+    for name in loss_mod.__all__:
+        assert getattr(mlmix.torch, name) is getattr(loss_mod, name)
+    assert (linear_cross_entropy, LinearCrossEntropy, patch_causal_lm) == (
+        loss_mod.linear_cross_entropy, loss_mod.LinearCrossEntropy, loss_mod.patch_causal_lm)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_ignored_gives_zero_and_zero_grads(reduction):
     h, w, b, y, _ = make_inputs((2, 5), 8, 11, bias=True, ignore_frac=1.0)
