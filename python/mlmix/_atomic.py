@@ -204,3 +204,19 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", *, kind: str | None =
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def relax_modes(root: str | os.PathLike) -> None:
+    """Give the tree at ``root`` the modes of files and directories created under the process umask.
+
+    Files written through a temporary (``mkstemp`` 0600, ``mkdtemp`` 0700), or by libraries that choose their own
+    modes (safetensors writes 0600), would otherwise keep them: ``root`` and every directory under it become
+    ``0o777 & ~umask``, every file ``0o666 & ~umask``.
+    """
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for base, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(base, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(base, f), 0o666 & ~mask)

@@ -201,8 +201,8 @@ def save_model(model, tokenizer_path: str, path: str) -> str:
     from transformers import PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
+    from ._atomic import relax_modes
     from .chat import CHATML_TEMPLATE
-    from .pipeline import _relax_modes
 
     tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer_path, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   chat_template=CHATML_TEMPLATE)
@@ -218,7 +218,7 @@ def save_model(model, tokenizer_path: str, path: str) -> str:
         if bars:
             hf_logging.enable_progress_bar()
     tok.save_pretrained(path)
-    _relax_modes(path)  # safetensors writes 0600; the rest of the output follows the umask
+    relax_modes(path)  # safetensors writes 0600; the rest of the output follows the umask
     return path
 
 
@@ -260,14 +260,14 @@ def heldout_loss(model, tokenizer, records: list[Mapping], tcfg: Mapping) -> dic
 
 # ---- report additions ----------------------------------------------------------------------------
 def _demo_section(result: Mapping) -> str:
-    from .report import _esc, _table, bar_chart, line_chart
+    from .report import bar_chart, esc, html_table, line_chart
 
     langs = list(result["heldout"]["english_only"])
     losses = {name: result["train_loss"][name] for name in TRAINED}
     parts = ["<h2>Demo: English-only against the pinch</h2>",
              f'<p class="note">The same tiny causal LM ({result["params"]:,} parameters, randomly initialised) '
              f'trained for {result["steps"]} steps of {BATCH_SIZE} x {SEQ_LEN} tokens on each mixture; '
-             f'data loaded with {_esc(result["loader"])}, loss by {_esc(result["loss"])}. Seed {result["seed"]}: one '
+             f'data loaded with {esc(result["loader"])}, loss by {esc(result["loss"])}. Seed {result["seed"]}: one '
              'draw of the mixture, the initialisation and the batch order; <code>python examples/demo_seeds.py</code> '
              'measures the spread over seeds.</p>']
     parts.append("<figure>" + line_chart(losses, title="Training loss", xlabel="step", ylabel="loss (nats/token)")
@@ -277,7 +277,7 @@ def _demo_section(result: Mapping) -> str:
                                         ylabel="nats/token", value_format=".3f") + "</figure>")
     rows = [[l, f"{result['heldout']['english_only'][l]:.3f}", f"{result['heldout']['pinch'][l]:.3f}",
              f"{result['heldout']['pinch'][l] - result['heldout']['english_only'][l]:+.3f}"] for l in langs]
-    parts.append(_table(["language", "English-only", "pinch", "difference"], rows))
+    parts.append(html_table(["language", "English-only", "pinch", "difference"], rows))
     return "".join(parts)
 
 

@@ -50,7 +50,8 @@ def find_build_dir(path: str | os.PathLike) -> str:
 
 
 # ---- SVG primitives ------------------------------------------------------------------------------
-def _esc(s) -> str:
+def esc(s) -> str:
+    """``str(s)`` escaped for HTML text and attribute values."""
     return html.escape(str(s), quote=True)
 
 
@@ -101,7 +102,7 @@ def _legend(items: Sequence[tuple[str, str]], x: float, y: float) -> str:
     out = []
     for name, color in items:
         out.append(f'<rect x="{x:.1f}" y="{y - 9:.1f}" width="11" height="11" rx="2" fill="{color}"/>'
-                   f'<text x="{x + 15:.1f}" y="{y:.1f}" class="lg">{_esc(name)}</text>')
+                   f'<text x="{x + 15:.1f}" y="{y:.1f}" class="lg">{esc(name)}</text>')
         x += 22 + 7.2 * len(name)
     return "".join(out)
 
@@ -122,17 +123,17 @@ def bar_chart(categories: Sequence[str], series: Sequence[tuple[str, Sequence[fl
     n_cat, n_ser = max(len(categories), 1), max(len(series), 1)
     group = pw / n_cat
     bw = min(group * 0.8 / n_ser, 38)
-    parts = [f'<svg class="{css_class}" role="img" aria-label="{_esc(title)}" xmlns="http://www.w3.org/2000/svg" '
+    parts = [f'<svg class="{css_class}" role="img" aria-label="{esc(title)}" xmlns="http://www.w3.org/2000/svg" '
              f'viewBox="0 0 {width} {height}" width="{width}" height="{height}">',
-             f'<title>{_esc(title)}</title>',
-             f'<text x="{left}" y="18" class="tt">{_esc(title)}</text>']
+             f'<title>{esc(title)}</title>',
+             f'<text x="{left}" y="18" class="tt">{esc(title)}</text>']
     for t in ticks:
         y = top + ph - ph * t / ymax
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
                      f'<text x="{left - 6}" y="{y + 4:.1f}" class="ax tick" text-anchor="end">{_fmt(t)}</text>')
     if ylabel:
         parts.append(f'<text transform="translate(13,{top + ph / 2:.0f}) rotate(-90)" class="ax" '
-                     f'text-anchor="middle">{_esc(ylabel)}</text>')
+                     f'text-anchor="middle">{esc(ylabel)}</text>')
     for ci, cat in enumerate(categories):
         gx = left + ci * group + (group - bw * n_ser) / 2
         for si, (name, values) in enumerate(series):
@@ -140,21 +141,21 @@ def bar_chart(categories: Sequence[str], series: Sequence[tuple[str, Sequence[fl
             h = _bar_px(v, ymax, ph)
             x = gx + si * bw
             parts.append(f'<rect class="bar" x="{x:.1f}" y="{top + ph - h:.1f}" width="{max(bw - 1.5, 1):.1f}" '
-                         f'height="{h:.1f}" fill="{PALETTE[si % len(PALETTE)]}" data-value="{v:g}"><title>{_esc(cat)} · '
-                         f'{_esc(name)}: {format(v, value_format)}</title></rect>')
+                         f'height="{h:.1f}" fill="{PALETTE[si % len(PALETTE)]}" data-value="{v:g}"><title>{esc(cat)} · '
+                         f'{esc(name)}: {format(v, value_format)}</title></rect>')
         if markers is not None and ci < len(markers):
             y = top + ph - ph * markers[ci] / ymax
             parts.append(f'<line x1="{gx - 3:.1f}" x2="{gx + bw * n_ser + 3:.1f}" y1="{y:.1f}" y2="{y:.1f}" '
-                         f'class="marker"><title>{_esc(cat)} · {marker_label}: {markers[ci]:,.1f}</title></line>')
+                         f'class="marker"><title>{esc(cat)} · {marker_label}: {markers[ci]:,.1f}</title></line>')
         parts.append(f'<text x="{left + ci * group + group / 2:.1f}" y="{top + ph + 16}" class="ax" '
-                     f'text-anchor="middle">{_esc(cat)}</text>')
+                     f'text-anchor="middle">{esc(cat)}</text>')
     parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" class="axis"/>')
     legend = [(name, PALETTE[i % len(PALETTE)]) for i, (name, _) in enumerate(series)]
     lg = _legend(legend, left, height - 8)
     if markers is not None:
         lx = left + sum(22 + 7.2 * len(n) for n, _ in legend)
         lg += (f'<line x1="{lx:.1f}" x2="{lx + 14:.1f}" y1="{height - 12}" y2="{height - 12}" class="marker"/>'
-               f'<text x="{lx + 18:.1f}" y="{height - 8}" class="lg">{_esc(marker_label)}</text>')
+               f'<text x="{lx + 18:.1f}" y="{height - 8}" class="lg">{esc(marker_label)}</text>')
     parts.append(lg)
     parts.append("</svg>")
     return "".join(parts)
@@ -170,19 +171,19 @@ def stacked_hbar(categories: Sequence[str], series: Sequence[tuple[str, Sequence
     pw = width - left - right
     totals = [sum(float(v[i]) for _, v in series) for i in range(len(categories))]
     vmax = max(totals + [1e-9])
-    parts = [f'<svg class="{css_class}" role="img" aria-label="{_esc(title)}" xmlns="http://www.w3.org/2000/svg" '
+    parts = [f'<svg class="{css_class}" role="img" aria-label="{esc(title)}" xmlns="http://www.w3.org/2000/svg" '
              f'viewBox="0 0 {width} {height}" width="{width}" height="{height}">',
-             f'<title>{_esc(title)}</title><text x="{left}" y="18" class="tt">{_esc(title)}</text>']
+             f'<title>{esc(title)}</title><text x="{left}" y="18" class="tt">{esc(title)}</text>']
     for ci, cat in enumerate(categories):
         y = top + ci * row
         x = left
-        parts.append(f'<text x="{left - 6}" y="{y + row * 0.65:.1f}" class="ax" text-anchor="end">{_esc(cat)}</text>')
+        parts.append(f'<text x="{left - 6}" y="{y + row * 0.65:.1f}" class="ax" text-anchor="end">{esc(cat)}</text>')
         for si, (name, values) in enumerate(series):
             v = float(values[ci])
             w = _bar_px(v, vmax, pw)
             if w > 0:
                 parts.append(f'<rect class="bar" x="{x:.1f}" y="{y + 3}" width="{w:.1f}" height="{row - 6}" '
-                             f'fill="{PALETTE[si % len(PALETTE)]}" data-value="{v:g}"><title>{_esc(cat)} · {_esc(name)}: '
+                             f'fill="{PALETTE[si % len(PALETTE)]}" data-value="{v:g}"><title>{esc(cat)} · {esc(name)}: '
                              f'{format(v, value_format)}</title></rect>')
             x += w
         parts.append(f'<text x="{x + 5:.1f}" y="{y + row * 0.65:.1f}" class="ax">{format(totals[ci], value_format)}'
@@ -206,14 +207,14 @@ def box_plot(stats: Mapping[str, Mapping[str, float]], *, title: str, width: int
     def X(v: float) -> float:
         return left + pw * v / xmax
 
-    parts = [f'<svg class="{css_class}" role="img" aria-label="{_esc(title)}" xmlns="http://www.w3.org/2000/svg" '
+    parts = [f'<svg class="{css_class}" role="img" aria-label="{esc(title)}" xmlns="http://www.w3.org/2000/svg" '
              f'viewBox="0 0 {width} {height}" width="{width}" height="{height}">',
-             f'<title>{_esc(title)}</title><text x="{left}" y="18" class="tt">{_esc(title)}</text>']
+             f'<title>{esc(title)}</title><text x="{left}" y="18" class="tt">{esc(title)}</text>']
     base = top + row * len(langs)
     for t in ticks:
         parts.append(f'<line x1="{X(t):.1f}" x2="{X(t):.1f}" y1="{top}" y2="{base}" class="grid"/>'
                      f'<text x="{X(t):.1f}" y="{base + 15}" class="ax tick" text-anchor="middle">{_fmt(t)}</text>')
-    parts.append(f'<text x="{left + pw / 2:.0f}" y="{base + 32}" class="ax" text-anchor="middle">{_esc(unit)} per '
+    parts.append(f'<text x="{left + pw / 2:.0f}" y="{base + 32}" class="ax" text-anchor="middle">{esc(unit)} per '
                  f'example (whiskers 5th-95th percentile, box 25th-75th, line median, dot mean)</text>')
     for i, lang in enumerate(langs):
         s = stats[lang]
@@ -221,8 +222,8 @@ def box_plot(stats: Mapping[str, Mapping[str, float]], *, title: str, width: int
         color = PALETTE[i % len(PALETTE)]
         tip = (f"{lang}: n={s['n']:,} mean={s['mean']:.0f} p5={s['p5']:.0f} p25={s['p25']:.0f} "
                f"median={s['p50']:.0f} p75={s['p75']:.0f} p95={s['p95']:.0f} max={s['max']:,}")
-        parts.append(f'<g class="box"><title>{_esc(tip)}</title>'
-                     f'<text x="{left - 6}" y="{y + 4:.1f}" class="ax" text-anchor="end">{_esc(lang)}</text>'
+        parts.append(f'<g class="box"><title>{esc(tip)}</title>'
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" class="ax" text-anchor="end">{esc(lang)}</text>'
                      f'<line x1="{X(s["p5"]):.1f}" x2="{X(s["p95"]):.1f}" y1="{y:.1f}" y2="{y:.1f}" stroke="{color}"/>'
                      f'<rect x="{X(s["p25"]):.1f}" y="{y - row * 0.3:.1f}" width="{max(X(s["p75"]) - X(s["p25"]), 1):.1f}" '
                      f'height="{row * 0.6:.1f}" fill="{color}" fill-opacity="0.35" stroke="{color}"/>'
@@ -245,9 +246,9 @@ def histogram(values: np.ndarray, *, title: str, xlabel: str, bins: int = 40, wi
     pw, ph = width - left - right, height - top - bottom
     ticks = _nice_ticks(float(counts.max()) if counts.size else 1.0, 4, integer=True)
     ymax = ticks[-1] or 1
-    parts = [f'<svg class="{css_class}" role="img" aria-label="{_esc(title)}" xmlns="http://www.w3.org/2000/svg" '
+    parts = [f'<svg class="{css_class}" role="img" aria-label="{esc(title)}" xmlns="http://www.w3.org/2000/svg" '
              f'viewBox="0 0 {width} {height}" width="{width}" height="{height}">',
-             f'<title>{_esc(title)}</title><text x="{left}" y="18" class="tt">{_esc(title)}</text>']
+             f'<title>{esc(title)}</title><text x="{left}" y="18" class="tt">{esc(title)}</text>']
     for t in ticks:
         y = top + ph - ph * t / ymax
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
@@ -265,7 +266,7 @@ def histogram(values: np.ndarray, *, title: str, xlabel: str, bins: int = 40, wi
             x = left + pw * t / edges[-1]
             parts.append(f'<text x="{x:.1f}" y="{top + ph + 15}" class="ax tick" text-anchor="middle">{_fmt(t)}</text>')
     parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" class="axis"/>'
-                 f'<text x="{left + pw / 2:.0f}" y="{height - 6}" class="ax" text-anchor="middle">{_esc(xlabel)}</text>')
+                 f'<text x="{left + pw / 2:.0f}" y="{height - 6}" class="ax" text-anchor="middle">{esc(xlabel)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -280,9 +281,9 @@ def line_chart(series: Mapping[str, Sequence[float]], *, title: str, xlabel: str
     ticks = _nice_ticks(hi - lo)
     ymax = lo + ticks[-1]
     n = max((len(v) for v in series.values()), default=1)
-    parts = [f'<svg class="{css_class}" role="img" aria-label="{_esc(title)}" xmlns="http://www.w3.org/2000/svg" '
+    parts = [f'<svg class="{css_class}" role="img" aria-label="{esc(title)}" xmlns="http://www.w3.org/2000/svg" '
              f'viewBox="0 0 {width} {height}" width="{width}" height="{height}">',
-             f'<title>{_esc(title)}</title><text x="{left}" y="18" class="tt">{_esc(title)}</text>']
+             f'<title>{esc(title)}</title><text x="{left}" y="18" class="tt">{esc(title)}</text>']
     for t in ticks:
         y = top + ph - ph * t / (ymax - lo or 1)
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
@@ -297,13 +298,13 @@ def line_chart(series: Mapping[str, Sequence[float]], *, title: str, xlabel: str
         pts = " ".join(f"{left + pw * j / max(n - 1, 1):.1f},{top + ph - ph * (float(v) - lo) / (ymax - lo or 1):.1f}"
                        for j, v in enumerate(values) if math.isfinite(v))
         parts.append(f'<polyline class="line" fill="none" stroke="{PALETTE[i % len(PALETTE)]}" stroke-width="2" '
-                     f'points="{pts}"><title>{_esc(name)}</title></polyline>')
+                     f'points="{pts}"><title>{esc(name)}</title></polyline>')
     parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" class="axis"/>')
     if xlabel:
-        parts.append(f'<text x="{left + pw / 2:.0f}" y="{top + ph + 32}" class="ax" text-anchor="middle">{_esc(xlabel)}</text>')
+        parts.append(f'<text x="{left + pw / 2:.0f}" y="{top + ph + 32}" class="ax" text-anchor="middle">{esc(xlabel)}</text>')
     if ylabel:
         parts.append(f'<text transform="translate(13,{top + ph / 2:.0f}) rotate(-90)" class="ax" '
-                     f'text-anchor="middle">{_esc(ylabel)}</text>')
+                     f'text-anchor="middle">{esc(ylabel)}</text>')
     parts.append(_legend([(n_, PALETTE[i % len(PALETTE)]) for i, n_ in enumerate(series)], left, height - 6))
     parts.append("</svg>")
     return "".join(parts)
@@ -341,12 +342,13 @@ th:first-child, td:first-child {{ text-align: left; }} th {{ background: #eef1f6
 
 
 def _card(value: str, label: str) -> str:
-    return f'<div class="card"><div class="v">{_esc(value)}</div><div class="k">{_esc(label)}</div></div>'
+    return f'<div class="card"><div class="v">{esc(value)}</div><div class="k">{esc(label)}</div></div>'
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+def html_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """An HTML table (styled by the report's CSS) of ``rows`` under ``header``, every cell escaped."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -420,7 +422,7 @@ def _samples_html(build_dir: str, tok_cfg: Mapping | None, n: int = 3, max_token
 
         store = open_store(os.path.join(build_dir, "store"))
     except Exception as exc:  # a report without samples beats no report
-        return f'<p class="note">Samples unavailable: {_esc(exc)}</p>'
+        return f'<p class="note">Samples unavailable: {esc(exc)}</p>'
     out = []
     count = len(store)
     picks = sorted({0, count // 2, count - 1})[:n] if count else []
@@ -438,11 +440,11 @@ def _samples_html(build_dir: str, tok_cfg: Mapping | None, n: int = 3, max_token
             head = f"example {k + 1} of {len(segments)}, " + (
                 f"{length:,} tokens" if b - a == length else f"first {b - a:,} of {length:,} tokens")
             gap = "" if k == 0 else "\n"
-            pieces.append(f'<span class="hd">{gap}── {_esc(head)} ──\n</span>')
+            pieces.append(f'<span class="hd">{gap}── {esc(head)} ──\n</span>')
             for ra, rb, trained in _trained_runs(labels, a, b):
                 text = hf.decode(ids[ra:rb].tolist(), skip_special_tokens=False)
                 cls = ' class="t"' if trained else ""
-                pieces.append(f"<span{cls}>{_esc(text)}</span>")
+                pieces.append(f"<span{cls}>{esc(text)}</span>")
             shown += b - a
         if left_out:
             pieces.append(f'<span class="hd">\n── {left_out} more example{"s" if left_out != 1 else ""} not shown ──</span>')
@@ -510,7 +512,7 @@ def _build_sections(build_dir: str, b: dict, *, h: int = 2, with_extra: str = ""
     sections = []
 
     def heading(text: str) -> str:
-        return f"<h{h}>{_esc(text)}</h{h}>"
+        return f"<h{h}>{esc(text)}</h{h}>"
 
     cards = "".join([
         _card(f"{b['examples']:,}", "examples packed"),
@@ -549,7 +551,7 @@ def _build_sections(build_dir: str, b: dict, *, h: int = 2, with_extra: str = ""
         chart = bar_chart(mix_langs, [("available after dedup", pool), ("chosen", [ex_mix.get(l, 0) for l in mix_langs])],
                           title=f"Mixture {recipe_desc}: chosen against available", ylabel="examples", counts=True)
         caption = "What the recipe chose out of what was available after dedup."
-    sections.append(f"<figure>{chart}<figcaption>{_esc(caption)} Seed {mix['seed']}.</figcaption></figure>")
+    sections.append(f"<figure>{chart}<figcaption>{esc(caption)} Seed {mix['seed']}.</figcaption></figure>")
     total_mix = max(sum(ex_mix.values()), 1)
     rows = []
     for l in mix_langs:
@@ -558,7 +560,7 @@ def _build_sections(build_dir: str, b: dict, *, h: int = 2, with_extra: str = ""
             row.append(f"{target.get(l, 0):,}")
         rows.append(row)
     header = ["language", "examples", "share", "tokens"] + (["target"] if target else [])
-    sections.append(_table(header, rows))
+    sections.append(html_table(header, rows))
 
     sections.append(heading("Lengths"))
     if st.get("lengths"):
@@ -585,7 +587,7 @@ def _build_sections(build_dir: str, b: dict, *, h: int = 2, with_extra: str = ""
         sections.append(f'<p class="note">No duplicates found ({what} dedup, scope {dcfg["scope"]}).</p>')
     rows = [[l, f"{ex_read.get(l, 0):,}", f"{ex_rm.get(l, 0):,}", f"{near_rm.get(l, 0):,}",
              f"{(ex_rm.get(l, 0) + near_rm.get(l, 0)) / max(ex_read.get(l, 0), 1):.1%}"] for l in dup_langs]
-    sections.append(_table(["language", "read", "exact dups", "near dups", "removed"], rows))
+    sections.append(html_table(["language", "read", "exact dups", "near dups", "removed"], rows))
 
     sections.append(heading("Packing"))
     eff = float(b["efficiency"])
@@ -594,7 +596,7 @@ def _build_sections(build_dir: str, b: dict, *, h: int = 2, with_extra: str = ""
         ["slots"], [(f"real tokens {eff:.2%}", [eff * 100]), (f"padding {pad:.2%}", [pad * 100])], total_suffix="%",
         value_format=".2f",
         title=f"Packing efficiency: {eff:.2%} of {pack['sequences']:,} x {pack['seq_len']:,} slots hold real tokens")
-        + f"<figcaption>Strategy {_esc(pack['strategy'])}; {pack['sequences']:,} sequences against a lower bound of "
+        + f"<figcaption>Strategy {esc(pack['strategy'])}; {pack['sequences']:,} sequences against a lower bound of "
           f"{pack['lower_bound_sequences']:,} (total tokens / seq_len). Overlong examples: {pack.get('overlong', 0):,} "
           f"(truncated {pack.get('truncated', 0):,}, split {pack.get('split', 0):,}, dropped {pack.get('dropped', 0):,})."
           "</figcaption></figure>")
@@ -609,16 +611,16 @@ def _build_sections(build_dir: str, b: dict, *, h: int = 2, with_extra: str = ""
     for name in STAGES:
         s = st.get(name, {})
         rows.append([name, f"{s.get('seconds', 0):.2f} s"])
-    sections.append(_table(["stage", "time when computed"], rows))
+    sections.append(html_table(["stage", "time when computed"], rows))
     return sections
 
 
 def _page(title: str, subtitle: str, sections: Sequence[str]) -> str:
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"generator\" content=\"mlmix {_version()}\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_esc(title)}</title>"
-            f"<style>{_CSS}</style></head><body><main><h1>{_esc(title)}</h1>"
-            f"<p class=\"sub\">{_esc(subtitle)}</p>{''.join(sections)}</main></body></html>")
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(title)}</title>"
+            f"<style>{_CSS}</style></head><body><main><h1>{esc(title)}</h1>"
+            f"<p class=\"sub\">{esc(subtitle)}</p>{''.join(sections)}</main></body></html>")
 
 
 def _render(build_dir: str, b: dict, extra_sections: str, title: str | None) -> str:
@@ -667,12 +669,12 @@ def render_comparison(build_dirs: Mapping[str, str | os.PathLike], *, extra_sect
             recipe = f"{m['recipe']}({format_params(m['params'])})" if m["params"] else m["recipe"]
             rows.append([name, recipe, f"{b['examples']:,}", f"{b['tokens']:,}", f"{b['sequences']:,}",
                          f"{b['efficiency']:.1%}", str(sum(1 for v in m["langs"].values() if v))])
-        sections.append(_table(["mixture", "recipe", "examples", "tokens", "sequences", "packing", "languages"], rows))
+        sections.append(html_table(["mixture", "recipe", "examples", "tokens", "sequences", "packing", "languages"], rows))
         sections.append('<p class="note">Each mixture in detail: ' + ", ".join(
-            f'<a href="#mixture-{_esc(_anchor(name))}">{_esc(name)}</a>' for name in builds) + ".</p>")
+            f'<a href="#mixture-{esc(_anchor(name))}">{esc(name)}</a>' for name in builds) + ".</p>")
         for name, (d, b) in builds.items():
-            sections.append(f'<section class="build" id="mixture-{_esc(_anchor(name))}"><h2>Mixture {_esc(name)}</h2>'
-                            f'<p class="sub">{_esc(b["output"])}</p>')
+            sections.append(f'<section class="build" id="mixture-{esc(_anchor(name))}"><h2>Mixture {esc(name)}</h2>'
+                            f'<p class="sub">{esc(b["output"])}</p>')
             sections.extend(_build_sections(d, b, h=3))
             sections.append("</section>")
     except (KeyError, TypeError, IndexError, AttributeError) as exc:
