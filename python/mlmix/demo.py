@@ -106,22 +106,29 @@ def _block_causal_mask(position_ids):
     return mask[:, None]
 
 
-def _loss_fn():
-    """mlmix's fused linear cross-entropy, or a plain materialised one (and say so) if it is missing."""
+def _fused_loss():
+    """mlmix's fused linear cross-entropy, or None if this install lacks it."""
     try:
         from .torch import linear_cross_entropy
-
-        return linear_cross_entropy, "mlmix.torch.linear_cross_entropy (fused)"
     except (ImportError, AttributeError):
-        import torch.nn.functional as F
+        return None
+    return linear_cross_entropy
 
-        def plain(hidden, weight, labels, *, shift=False, reduction="mean", ignore_index=-100):
-            if shift:
-                hidden, labels = hidden[..., :-1, :], labels[..., 1:]
-            logits = hidden.reshape(-1, hidden.shape[-1]).float() @ weight.float().T
-            return F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)
 
-        return plain, "torch cross-entropy (mlmix.torch.linear_cross_entropy is not available in this install)"
+def _loss_fn():
+    """mlmix's fused linear cross-entropy, or a plain materialised one (and say so) if it is missing."""
+    fused = _fused_loss()
+    if fused is not None:
+        return fused, "mlmix.torch.linear_cross_entropy (fused)"
+    import torch.nn.functional as F
+
+    def plain(hidden, weight, labels, *, shift=False, reduction="mean", ignore_index=-100):
+        if shift:
+            hidden, labels = hidden[..., :-1, :], labels[..., 1:]
+        logits = hidden.reshape(-1, hidden.shape[-1]).float() @ weight.float().T
+        return F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)
+
+    return plain, "torch cross-entropy (mlmix.torch.linear_cross_entropy is not available in this install)"
 
 
 def _batches(store_path: str, seed: int) -> tuple[Iterator[dict], str]:
@@ -222,40 +229,21 @@ def save_model(model, tokenizer_path: str, path: str) -> str:
     return path
 
 
-def heldout_loss(model, tokenizer, records: list[Mapping], tcfg: Mapping) -> dict[str, float]:
-    """Mean loss per trained token (nats) of each language's held-out examples."""
-    import torch
+def heldout_loss(model, tokenizer, records: list[Mapping], *, template: str = "chatml",
+                 seed: int = 0) -> dict[str, float]:
+    """Mean loss per trained token (nats) of each language's held-out examples, in order of first appearance.
 
-    from .pipeline import encode_records
+    Scored by :func:`mlmix.eval.heldout_loss` (the assistant's answer and end-of-turn token, as trained), with the
+    examples cut to the demo's sequence length at the end of the response, as in training.
+    """
+    from .eval.loss import encode_eval_set
+    from .eval.loss import heldout_loss as eval_heldout_loss
 
-    loss_fn, _ = _loss_fn()
-    model.eval()
-    by_lang: dict[str, list[Mapping]] = {}
-    for r in records:
-        by_lang.setdefault(r["lang"], []).append(r)
-    out = {}
-    with torch.no_grad():
-        for lang, recs in by_lang.items():
-            canon = [{"id": r["id"], "lang": lang, "messages": [{"role": "user", "content": r["instruction"]},
-                                                                {"role": "assistant", "content": r["response"]}]}
-                     for r in recs]
-            toks, masks, _ = encode_records(tokenizer, canon, tcfg)
-            # one right-padded batch per language: with causal attention no real token sees the padding,
-            # and padded positions carry label -100, so no attention mask is needed
-            width = min(int(toks.lengths.max()), SEQ_LEN)
-            ids = torch.zeros((len(toks), width), dtype=torch.long)
-            labels = torch.full((len(toks), width), -100, dtype=torch.long)
-            for i in range(len(toks)):
-                t = torch.from_numpy(np.asarray(toks[i][:width], dtype=np.int64))
-                m = torch.from_numpy(np.asarray(masks[i][:width]).astype(bool))
-                ids[i, : t.shape[0]] = t
-                labels[i, : t.shape[0]] = torch.where(m, t, torch.full_like(t, -100))
-            pos = torch.arange(width).expand(len(toks), width)
-            hidden = model.model(input_ids=ids, position_ids=pos).last_hidden_state
-            total = float(loss_fn(hidden, model.lm_head.weight, labels, shift=True, reduction="sum"))
-            count = int((labels[:, 1:] != -100).sum())
-            out[lang] = total / max(count, 1)
-    return out
+    langs = list(dict.fromkeys(r["lang"] for r in records))
+    evalset = encode_eval_set(records, tokenizer, languages=langs, template=template, max_length=SEQ_LEN,
+                              truncation="truncate_response_right")
+    scores = eval_heldout_loss(model, evalset, seed=seed, fused="auto" if _fused_loss() is not None else "never")
+    return {lang: scores["languages"][lang]["loss"] for lang in langs}
 
 
 # ---- report additions ----------------------------------------------------------------------------
@@ -353,7 +341,8 @@ def run(out: str, *, seed: int = 0, steps: int = DEFAULT_STEPS, quiet: bool = Fa
     saved = {name: save_model(models[name], tok_path, os.path.join(out, MODELS_DIR, name)) for name in TRAINED}
 
     say("\nheld-out loss per language (nats per trained token; lower is better):")
-    results = {name: heldout_loss(models[name], tokenizer, heldout, tcfg) for name in TRAINED}
+    results = {name: heldout_loss(models[name], tokenizer, heldout, template=tcfg["template"], seed=seed)
+               for name in TRAINED}
     say(f"  {'lang':<6}{'English-only':>14}{'pinch':>10}{'change':>10}")
     for lang in langs:
         a, b = results["english_only"][lang], results["pinch"][lang]
