@@ -122,7 +122,8 @@ inline TextView str_view(PyObject* s) {
 #if PY_VERSION_HEX < 0x030C0000
   if (PyUnicode_READY(s) != 0) throw py::error_already_set();
 #endif
-  return TextView{PyUnicode_DATA(s), static_cast<int64_t>(PyUnicode_GET_LENGTH(s)), static_cast<int>(PyUnicode_KIND(s))};
+  return TextView{PyUnicode_DATA(s), static_cast<int64_t>(PyUnicode_GET_LENGTH(s)),
+                  static_cast<int>(PyUnicode_KIND(s))};
 }
 
 // The documents of a Python sequence (any iterable but a single str or bytes), read in place: nothing is

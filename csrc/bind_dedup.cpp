@@ -71,6 +71,27 @@ MinHashOptions minhash_options(int num_perm, int ngram, int mode, uint64_t seed,
                         normalize_options(strip_marks, errors)};
 }
 
+// A (m, 2) int64 array of document-id pairs, copied into DocPairs.
+std::vector<DocPair> pairs_from_array(const py::array& a, const char* name) {
+  int64_t m = 0, cols = 0;
+  const int64_t* p = checked_2d<int64_t>(a, name, &m, &cols);
+  if (cols != 2) throw py::value_error(std::string(name) + " must have shape (m, 2), got (" + std::to_string(m) +
+                                       ", " + std::to_string(cols) + ")");
+  std::vector<DocPair> pairs(static_cast<size_t>(m));
+  for (int64_t k = 0; k < m; ++k) pairs[k] = {p[2 * k], p[2 * k + 1]};
+  return pairs;
+}
+
+// DocPairs as a (m, 2) int64 array, without a copy.
+py::array_t<int64_t> pairs_to_array(std::vector<DocPair>&& pairs) {
+  static_assert(sizeof(DocPair) == 2 * sizeof(int64_t), "DocPair must be two packed int64");
+  auto* owned = new std::vector<DocPair>(std::move(pairs));
+  py::capsule owner(owned, [](void* p) { delete static_cast<std::vector<DocPair>*>(p); });
+  const auto m = static_cast<py::ssize_t>(owned->size());
+  const auto row = static_cast<py::ssize_t>(sizeof(DocPair)), item = static_cast<py::ssize_t>(sizeof(int64_t));
+  return py::array_t<int64_t>({m, py::ssize_t{2}}, {row, item}, reinterpret_cast<const int64_t*>(owned->data()), owner);
+}
+
 }  // namespace
 
 void bind_dedup(py::module_& m) {
@@ -225,6 +246,135 @@ void bind_dedup(py::module_& m) {
         return py::make_tuple(p.bands, p.rows);
       },
       py::arg("threshold"), py::arg("num_perm"), py::arg("fp_weight"), py::arg("fn_weight"));
+
+  // --- the clustering phases, each alone (dedup.h) ---------------------------------------------
+
+  m.def(
+      "_dedup_exact_pairs",
+      [](const py::array& hashes, std::optional<py::array> groups, std::optional<py::array> docs) {
+        int64_t n = 0, cols = 0;
+        const uint64_t* h = checked_2d<uint64_t>(hashes, "hashes", &n, &cols);
+        if (cols != 2)
+          throw py::value_error("hashes must have shape (n, 2), got (" + std::to_string(n) + ", " +
+                                std::to_string(cols) + ")");
+        const int64_t* g = groups ? checked_optional_1d<int64_t>(*groups, "groups", n) : nullptr;
+        const int64_t* ids = docs ? checked_optional_1d<int64_t>(*docs, "docs", n) : nullptr;
+        std::vector<DocPair> pairs;
+        {
+          py::gil_scoped_release release;
+          const DocIndex distinct(ids, n, "docs");  // repeated ids are an error naming them
+          pairs = exact_pairs(h, g, ids, n);
+        }
+        return pairs_to_array(std::move(pairs));
+      },
+      py::arg("hashes"), py::arg("groups"), py::arg("docs"),
+      "(m, 2) int64 pairs of documents with equal (group, hash): see mlmix.dedup.exact_pairs.");
+
+  m.def(
+      "_dedup_band_keys",
+      [](const py::array& signatures, int bands, int rows, std::optional<py::array> groups, int num_threads) {
+        int64_t n = 0, num_perm = 0;
+        const uint32_t* sig = checked_2d<uint32_t>(signatures, "signatures", &n, &num_perm);
+        MLMIX_CHECK(num_perm >= 1 && num_perm <= 4096, "signatures must have 1..4096 columns, got " << num_perm);
+        MLMIX_CHECK(bands >= 1 && rows >= 1 && static_cast<int64_t>(bands) * rows == num_perm,
+                    "bands * rows must equal the signature width " << num_perm << ", got bands=" << bands
+                                                                   << " rows=" << rows);
+        const uint64_t* g = groups ? checked_optional_1d<uint64_t>(*groups, "groups", n) : nullptr;
+        py::array_t<uint64_t> keys({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(bands)});
+        py::array_t<bool> has_keys({static_cast<py::ssize_t>(n)});
+        uint64_t* k = keys.mutable_data();
+        auto* hk = reinterpret_cast<uint8_t*>(has_keys.mutable_data());
+        {
+          py::gil_scoped_release release;
+          band_keys(sig, n, static_cast<int>(num_perm), LshParams{bands, rows}, g, num_threads, k, hk);
+        }
+        return py::make_tuple(keys, has_keys);
+      },
+      py::arg("signatures"), py::arg("bands"), py::arg("rows"), py::arg("groups"), py::arg("num_threads"),
+      "(keys (n, bands) uint64, has_keys (n,) bool): see mlmix.dedup.band_keys.");
+
+  m.def(
+      "_dedup_bucket_pairs",
+      [](const py::array& keys, const py::array& docs, std::optional<py::array> groups) {
+        int64_t m = 0, n_docs = 0;
+        const uint64_t* k = checked_1d<uint64_t>(keys, "keys", &m);
+        const int64_t* d = checked_1d<int64_t>(docs, "docs", &n_docs);
+        if (n_docs != m)
+          throw py::value_error("keys and docs must have one length (one row each), got " + std::to_string(m) +
+                                " and " + std::to_string(n_docs));
+        const uint64_t* g = groups ? checked_optional_1d<uint64_t>(*groups, "groups", m) : nullptr;
+        std::vector<DocPair> pairs;
+        {
+          py::gil_scoped_release release;
+          pairs = candidate_pairs(k, d, g, m);
+        }
+        return pairs_to_array(std::move(pairs));
+      },
+      py::arg("keys"), py::arg("docs"), py::arg("groups"),
+      "(m, 2) int64 candidate pairs of LSH buckets, sorted and unique: see mlmix.dedup.bucket_pairs.");
+
+  m.def(
+      "_dedup_verify_pairs",
+      [](const py::array& pairs, std::optional<py::array> docs, std::optional<py::array> signatures,
+         std::optional<py::array> set_values, std::optional<py::array> set_offsets, int num_threads) {
+        const std::vector<DocPair> p = pairs_from_array(pairs, "pairs");
+        MLMIX_CHECK(signatures.has_value() != (set_values.has_value() || set_offsets.has_value()),
+                    "give either signatures or the shingle sets (values and offsets), not both or neither");
+        MLMIX_CHECK(set_values.has_value() == set_offsets.has_value(), "shingle sets need both values and offsets");
+        int64_t n = 0, num_perm = 0, n_values = 0;
+        const uint32_t* sig = nullptr;
+        const uint64_t* values = nullptr;
+        const int64_t* offsets = nullptr;
+        if (signatures) {
+          sig = checked_2d<uint32_t>(*signatures, "signatures", &n, &num_perm);
+          MLMIX_CHECK(num_perm >= 1, "signatures must have at least one column, got " << num_perm);
+        } else {
+          values = checked_1d<uint64_t>(*set_values, "shingle_sets values", &n_values);
+          int64_t n_offsets = 0;
+          offsets = checked_1d<int64_t>(*set_offsets, "shingle_sets offsets", &n_offsets);
+          MLMIX_CHECK(n_offsets >= 1, "shingle_sets offsets must have n + 1 >= 1 entries, got " << n_offsets);
+          n = n_offsets - 1;
+        }
+        const int64_t* ids = docs ? checked_optional_1d<int64_t>(*docs, "docs", n) : nullptr;
+        py::array_t<double> similarity({static_cast<py::ssize_t>(p.size())});
+        double* out = similarity.mutable_data();
+        {
+          py::gil_scoped_release release;
+          const DocIndex index(ids, n, "docs");
+          if (sig) {
+            verify_pairs_by_signatures(p.data(), static_cast<int64_t>(p.size()), index, sig, static_cast<int>(num_perm),
+                                       num_threads, out);
+          } else {
+            check_sets(values, n_values, offsets, n, "shingle_sets");
+            verify_pairs_by_sets(p.data(), static_cast<int64_t>(p.size()), index, values, offsets, num_threads, out);
+          }
+        }
+        return similarity;
+      },
+      py::arg("pairs"), py::arg("docs"), py::arg("signatures"), py::arg("set_values"), py::arg("set_offsets"),
+      py::arg("num_threads"), "(m,) float64 similarity of each pair: see mlmix.dedup.verify_pairs.");
+
+  m.def(
+      "_dedup_connected_components",
+      [](std::optional<py::array> docs, int64_t count, const py::array& pairs, std::optional<py::array> scores) {
+        const std::vector<DocPair> p = pairs_from_array(pairs, "pairs");
+        const int64_t* ids = nullptr;
+        if (docs) {
+          ids = checked_1d<int64_t>(*docs, "docs", &count);
+        } else {
+          MLMIX_CHECK(count >= 0, "the number of documents must be >= 0, got " << count);
+        }
+        const double* sc = scores ? checked_optional_1d<double>(*scores, "scores", count) : nullptr;
+        std::vector<int64_t> kept;
+        {
+          py::gil_scoped_release release;
+          const DocIndex index(ids, count, "docs");
+          kept = connected_components(index, p.data(), static_cast<int64_t>(p.size()), sc);
+        }
+        return vector_to_array(std::move(kept));
+      },
+      py::arg("docs"), py::arg("count"), py::arg("pairs"), py::arg("scores"),
+      "(n,) int64: the kept document id of each document's component: see mlmix.dedup.connected_components.");
 
   m.def(
       "_dedup_cluster",

@@ -869,7 +869,7 @@ void minhash_block(const Permutations& perm, const uint32_t* keys, size_t n_keys
 template <class T, class Key>
 void bucket_sort(std::vector<T>& v, std::vector<T>& scratch, std::vector<uint32_t>& starts, Key&& key) {
   const size_t n = v.size();
-  if (n < 64) {
+  if (n < 64 || n >= std::numeric_limits<uint32_t>::max()) {  // (starts counts in 32 bits)
     std::sort(v.begin(), v.end());
     return;
   }
@@ -934,10 +934,49 @@ struct DisjointSets {
   std::vector<int64_t> parent;
 };
 
-// Buckets larger than this get a linear number of candidate pairs (each member with the bucket's
-// first member and its predecessor) instead of all pairs, so that a popular band value cannot
-// make the candidate list quadratic.
-constexpr int64_t kMaxBucketAllPairs = 128;
+// bucket_pairs with the sort's scratch buffers passed in (reused across the bands of a thread).
+void bucket_pairs_with(std::vector<KeyedDoc>& rows, std::vector<KeyedDoc>& scratch, std::vector<uint32_t>& starts,
+                       std::vector<DocPair>& out) {
+  bucket_sort(rows, scratch, starts, [](const KeyedDoc& k) { return k.first; });
+  rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+  size_t start = 0;
+  while (start < rows.size()) {
+    size_t stop = start + 1;
+    while (stop < rows.size() && rows[stop].first == rows[start].first) ++stop;
+    const int64_t size = static_cast<int64_t>(stop - start);
+    if (size <= kMaxBucketAllPairs) {
+      for (size_t x = start; x < stop; ++x)
+        for (size_t y = x + 1; y < stop; ++y) out.emplace_back(rows[x].second, rows[y].second);
+    } else {
+      for (size_t y = start + 1; y < stop; ++y) {
+        out.emplace_back(rows[start].second, rows[y].second);
+        if (y - 1 > start) out.emplace_back(rows[y - 1].second, rows[y].second);
+      }
+    }
+    start = stop;
+  }
+}
+
+// Checks that both documents of every pair are in the index.
+void check_pair_ids(const DocPair* pairs, int64_t count, const DocIndex& index, const char* what) {
+  for (int64_t k = 0; k < count; ++k) {
+    for (const int64_t id : {pairs[k].first, pairs[k].second}) {
+      MLMIX_CHECK(index.row(id) >= 0, what << "[" << k << "] = (" << pairs[k].first << ", " << pairs[k].second
+                                           << ") names document " << id << ", which is not one of the "
+                                           << index.count() << " documents given");
+    }
+  }
+}
+
+// similarity[k] = sim(row of pairs[k].first, row of pairs[k].second), in parallel.
+template <class Similarity>
+void verify_rows(const DocPair* pairs, int64_t count, const DocIndex& index, const char* what, int num_threads,
+                 Similarity&& sim, double* similarity) {
+  check_pair_ids(pairs, count, index, what);
+  parallel_chunks(count, num_threads, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) similarity[k] = sim(index.row(pairs[k].first), index.row(pairs[k].second));
+  });
+}
 
 }  // namespace
 
@@ -1179,66 +1218,253 @@ LshParams optimal_lsh_params(double threshold, int num_perm, double fp_weight, d
   return best;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Clustering phases
+
+std::vector<DocPair> exact_pairs(const uint64_t* hashes, const int64_t* groups, const int64_t* ids, int64_t count) {
+  auto group_of = [&](int64_t i) -> int64_t { return groups ? groups[i] : 0; };
+  auto id_of = [&](int64_t i) -> int64_t { return ids ? ids[i] : i; };
+  std::vector<int64_t> order(static_cast<size_t>(count));
+  std::iota(order.begin(), order.end(), 0);
+  auto key_less = [&](int64_t x, int64_t y) {
+    const int64_t gx = group_of(x), gy = group_of(y);
+    if (gx != gy) return gx < gy;
+    if (hashes[2 * x] != hashes[2 * y]) return hashes[2 * x] < hashes[2 * y];
+    if (hashes[2 * x + 1] != hashes[2 * y + 1]) return hashes[2 * x + 1] < hashes[2 * y + 1];
+    return id_of(x) < id_of(y);
+  };
+  std::sort(order.begin(), order.end(), key_less);
+  std::vector<DocPair> pairs;
+  for (int64_t k = 1; k < count; ++k) {
+    const int64_t x = order[k - 1], y = order[k];
+    if (group_of(x) == group_of(y) && hashes[2 * x] == hashes[2 * y] && hashes[2 * x + 1] == hashes[2 * y + 1])
+      pairs.emplace_back(id_of(x), id_of(y));
+  }
+  return pairs;
+}
+
+bool has_shingles(const uint32_t* signature, int num_perm) {
+  for (int k = 0; k < num_perm; ++k)
+    if (signature[k] != std::numeric_limits<uint32_t>::max()) return true;
+  return false;
+}
+
+uint64_t band_key(const uint32_t* signature, int band, int rows, uint64_t group) {
+  const uint32_t* s = signature + static_cast<int64_t>(band) * rows;
+  uint64_t h = mix64(static_cast<uint64_t>(band) * kMulB ^ group);
+  for (int r = 0; r < rows; r += 2) {
+    const uint64_t w = r + 1 < rows ? (static_cast<uint64_t>(s[r + 1]) << 32) | s[r] : s[r];
+    h = mix64(h ^ (w * kMulA));
+  }
+  return h;
+}
+
+namespace {
+void check_lsh(const LshParams& lsh, int num_perm) {
+  MLMIX_CHECK(num_perm >= 1, "signatures must have at least one column, got " << num_perm);
+  MLMIX_CHECK(lsh.bands >= 1 && lsh.rows >= 1 && static_cast<int64_t>(lsh.bands) * lsh.rows <= num_perm,
+              "bands x rows must fit in num_perm = " << num_perm << ", got " << lsh.bands << " x " << lsh.rows);
+}
+}  // namespace
+
+void band_keys(const uint32_t* signatures, int64_t count, int num_perm, const LshParams& lsh,
+               const uint64_t* groups, int num_threads, uint64_t* keys, uint8_t* has_keys) {
+  check_lsh(lsh, num_perm);
+  const int bands = lsh.bands;
+  parallel_chunks(count, num_threads, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint32_t* row = signatures + i * num_perm;
+      uint64_t* out = keys + i * bands;
+      const bool keyed = has_shingles(row, num_perm);
+      has_keys[i] = keyed ? 1 : 0;
+      for (int b = 0; b < bands; ++b) out[b] = keyed ? band_key(row, b, lsh.rows, groups ? groups[i] : 0) : 0;
+    }
+  });
+}
+
+void bucket_pairs(std::vector<KeyedDoc>& rows, std::vector<DocPair>& out) {
+  std::vector<KeyedDoc> scratch;
+  std::vector<uint32_t> starts;
+  bucket_pairs_with(rows, scratch, starts, out);
+}
+
+void sort_unique_pairs(std::vector<DocPair>& pairs) {
+  std::sort(pairs.begin(), pairs.end());
+  pairs.erase(std::unique(pairs.begin(), pairs.end()), pairs.end());
+}
+
+std::vector<DocPair> candidate_pairs(const uint64_t* keys, const int64_t* ids, const uint64_t* groups, int64_t count) {
+  std::vector<KeyedDoc> rows(static_cast<size_t>(count));
+  for (int64_t k = 0; k < count; ++k) rows[k] = {keys[k], ids[k]};
+  std::vector<DocPair> pairs;
+  bucket_pairs(rows, pairs);
+  std::vector<KeyedDoc>().swap(rows);
+  sort_unique_pairs(pairs);
+  if (groups) {
+    // Each document's group, from its rows; then pairs across groups go.
+    std::vector<std::pair<int64_t, uint64_t>> group_of(static_cast<size_t>(count));
+    for (int64_t k = 0; k < count; ++k) group_of[k] = {ids[k], groups[k]};
+    std::sort(group_of.begin(), group_of.end());
+    group_of.erase(std::unique(group_of.begin(), group_of.end()), group_of.end());
+    for (size_t k = 1; k < group_of.size(); ++k)
+      MLMIX_CHECK(group_of[k].first != group_of[k - 1].first,
+                  "document " << group_of[k].first << " has rows of two groups, " << group_of[k - 1].second
+                              << " and " << group_of[k].second << "; a document belongs to one group");
+    auto group = [&](int64_t id) {
+      return std::lower_bound(group_of.begin(), group_of.end(), std::pair<int64_t, uint64_t>{id, 0})->second;
+    };
+    auto across = [&](const DocPair& p) { return group(p.first) != group(p.second); };
+    pairs.erase(std::remove_if(pairs.begin(), pairs.end(), across), pairs.end());
+  }
+  return pairs;
+}
+
+double jaccard(const uint64_t* x, int64_t nx, const uint64_t* y, int64_t ny) {
+  int64_t i = 0, j = 0, common = 0;
+  // Branch-free merge: the comparisons of random hashes are unpredictable.
+  while (i < nx && j < ny) {
+    const uint64_t a = x[i], b = y[j];
+    common += a == b;
+    i += a <= b;
+    j += b <= a;
+  }
+  const int64_t uni = nx + ny - common;
+  return uni == 0 ? 0.0 : static_cast<double>(common) / static_cast<double>(uni);
+}
+
+double signature_agreement(const uint32_t* x, const uint32_t* y, int num_perm) {
+  int equal = 0;
+  for (int q = 0; q < num_perm; ++q) equal += x[q] == y[q];
+  return static_cast<double>(equal) / num_perm;
+}
+
+DocIndex::DocIndex(const int64_t* ids, int64_t count, const char* what) : ids_(ids), count_(count) {
+  MLMIX_CHECK(count >= 0, what << ": negative count " << count);
+  if (!ids) return;
+  sorted_.resize(static_cast<size_t>(count));
+  for (int64_t r = 0; r < count; ++r) sorted_[r] = {ids[r], r};
+  std::sort(sorted_.begin(), sorted_.end());
+  for (size_t k = 1; k < sorted_.size(); ++k)
+    MLMIX_CHECK(sorted_[k].first != sorted_[k - 1].first,
+                what << " must be distinct document ids: " << sorted_[k].first << " is at " << sorted_[k - 1].second
+                     << " and at " << sorted_[k].second);
+}
+
+int64_t DocIndex::row(int64_t id) const {
+  if (!ids_) return id >= 0 && id < count_ ? id : -1;
+  const auto it = std::lower_bound(sorted_.begin(), sorted_.end(), std::pair<int64_t, int64_t>{id, INT64_MIN});
+  return it != sorted_.end() && it->first == id ? it->second : -1;
+}
+
+std::vector<int64_t> DocIndex::rows_by_id() const {
+  std::vector<int64_t> rows(static_cast<size_t>(count_));
+  if (!ids_) {
+    std::iota(rows.begin(), rows.end(), 0);
+  } else {
+    for (int64_t k = 0; k < count_; ++k) rows[k] = sorted_[k].second;
+  }
+  return rows;
+}
+
+void check_sets(const uint64_t* values, int64_t n_values, const int64_t* offsets, int64_t count, const char* what) {
+  MLMIX_CHECK(count >= 0, what << ": negative count " << count);
+  MLMIX_CHECK(offsets[0] == 0, what << " offsets[0] must be 0, got " << offsets[0]);
+  for (int64_t r = 0; r < count; ++r) {
+    MLMIX_CHECK(offsets[r + 1] >= offsets[r] && offsets[r + 1] <= n_values,
+                what << " offsets must be non-decreasing and at most " << n_values << " (the number of values), got "
+                     << "offsets[" << r << "] = " << offsets[r] << ", offsets[" << r + 1 << "] = " << offsets[r + 1]);
+    for (int64_t k = offsets[r] + 1; k < offsets[r + 1]; ++k)
+      MLMIX_CHECK(values[k - 1] < values[k], what << " row " << r << " is not sorted strictly ascending at value "
+                                                  << k - offsets[r] << " (sets hold sorted unique hashes, as "
+                                                  << "shingle_sets gives them)");
+  }
+  MLMIX_CHECK(offsets[count] == n_values,
+              what << " offsets[-1] must equal the number of values " << n_values << ", got " << offsets[count]);
+}
+
+void verify_pairs_by_sets(const DocPair* pairs, int64_t count, const DocIndex& index, const uint64_t* values,
+                          const int64_t* offsets, int num_threads, double* similarity, const char* what) {
+  verify_rows(pairs, count, index, what, num_threads,
+              [&](int64_t x, int64_t y) {
+                return jaccard(values + offsets[x], offsets[x + 1] - offsets[x], values + offsets[y],
+                               offsets[y + 1] - offsets[y]);
+              },
+              similarity);
+}
+
+void verify_pairs_by_signatures(const DocPair* pairs, int64_t count, const DocIndex& index,
+                                const uint32_t* signatures, int num_perm, int num_threads, double* similarity,
+                                const char* what) {
+  MLMIX_CHECK(num_perm >= 1, "signatures must have at least one column, got " << num_perm);
+  verify_rows(pairs, count, index, what, num_threads,
+              [&](int64_t x, int64_t y) {
+                return signature_agreement(signatures + x * num_perm, signatures + y * num_perm, num_perm);
+              },
+              similarity);
+}
+
+std::vector<int64_t> connected_components(const DocIndex& index, const DocPair* pairs, int64_t count,
+                                          const double* scores, const char* what) {
+  check_pair_ids(pairs, count, index, what);
+  const int64_t n = index.count();
+  // Union-find over the ranks of the ids (rank order = id order), so that the union by lower index
+  // makes each root the smallest id of its component. Without ids, rank = row = id.
+  const bool identity = index.identity();
+  std::vector<int64_t> row_at, rank_of;  // rank -> row, row -> rank
+  if (!identity) {
+    row_at = index.rows_by_id();
+    rank_of.resize(static_cast<size_t>(n));
+    for (int64_t k = 0; k < n; ++k) rank_of[row_at[k]] = k;
+  }
+  auto row_of_rank = [&](int64_t k) { return identity ? k : row_at[k]; };
+  auto rank_of_id = [&](int64_t id) { return identity ? id : rank_of[index.row(id)]; };
+  DisjointSets sets(n);
+  for (int64_t k = 0; k < count; ++k) sets.unite(rank_of_id(pairs[k].first), rank_of_id(pairs[k].second));
+  // Kept per component: the highest score, ties to the smallest id (the first met in rank order).
+  std::vector<int64_t> best(static_cast<size_t>(n), -1);
+  for (int64_t k = 0; k < n; ++k) {
+    int64_t& b = best[sets.find(k)];
+    if (b < 0 || (scores && scores[row_of_rank(k)] > scores[row_of_rank(b)])) b = k;
+  }
+  std::vector<int64_t> kept(static_cast<size_t>(n));
+  for (int64_t k = 0; k < n; ++k) kept[row_of_rank(k)] = index.id(row_of_rank(best[sets.find(k)]));
+  return kept;
+}
+
 ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& opts) {
   const int64_t n = in.count;
   const int P = in.num_perm;
   MLMIX_CHECK(opts.threshold > 0.0 && opts.threshold <= 1.0,
               "threshold must be in (0, 1], got " << opts.threshold);
-  MLMIX_CHECK(opts.lsh.bands >= 1 && opts.lsh.rows >= 1 &&
-                  static_cast<int64_t>(opts.lsh.bands) * opts.lsh.rows <= P,
-              "bands x rows must fit in num_perm = " << P << ", got " << opts.lsh.bands << " x "
-                                                     << opts.lsh.rows);
+  check_lsh(opts.lsh, P);
   const bool given_sets = in.shingle_sets != nullptr && in.shingle_sets->count() == n;
   const bool exact_verify = opts.verify && (given_sets || (in.texts != nullptr && in.minhash != nullptr));
   auto group_of = [&](int64_t i) -> int64_t { return in.groups ? in.groups[i] : 0; };
+  const DocIndex index(nullptr, n);  // the documents are 0..n-1
 
   ClusterResult result;
-  DisjointSets sets(n);
+  std::vector<DocPair> edges;  // exact pairs, then the verified candidates
 
   // 1. Documents with equal (group, exact hash) are duplicates; only the first of each goes on.
   std::vector<uint8_t> is_rep(n, 1);
   if (in.hashes) {
-    std::vector<int64_t> order(n);
-    std::iota(order.begin(), order.end(), 0);
-    auto key_less = [&](int64_t x, int64_t y) {
-      const int64_t gx = group_of(x), gy = group_of(y);
-      if (gx != gy) return gx < gy;
-      if (in.hashes[2 * x] != in.hashes[2 * y]) return in.hashes[2 * x] < in.hashes[2 * y];
-      if (in.hashes[2 * x + 1] != in.hashes[2 * y + 1])
-        return in.hashes[2 * x + 1] < in.hashes[2 * y + 1];
-      return x < y;
-    };
-    std::sort(order.begin(), order.end(), key_less);
-    for (int64_t k = 1; k < n; ++k) {
-      const int64_t x = order[k - 1], y = order[k];
-      if (group_of(x) == group_of(y) && in.hashes[2 * x] == in.hashes[2 * y] &&
-          in.hashes[2 * x + 1] == in.hashes[2 * y + 1]) {
-        sets.unite(x, y);
-        is_rep[y] = 0;  // x < y within a run of equal keys
-        ++result.exact_merged;
-        result.pair_first.push_back(x);
-        result.pair_second.push_back(y);
-        result.pair_similarity.push_back(1.0);
-      }
-    }
+    edges = exact_pairs(in.hashes, in.groups, nullptr, n);
+    for (const DocPair& p : edges) is_rep[p.second] = 0;  // first < second within a run of equal keys
+    result.exact_merged = static_cast<int64_t>(edges.size());
+    result.pair_similarity.assign(edges.size(), 1.0);
   }
 
   // Documents without shingles have all-max signatures: exact merging only.
   std::vector<int64_t> lsh_docs;
-  for (int64_t i = 0; i < n; ++i) {
-    if (!is_rep[i]) continue;
-    const uint32_t* s = in.signatures + i * P;
-    bool empty = true;
-    for (int k = 0; k < P && empty; ++k) empty = s[k] == std::numeric_limits<uint32_t>::max();
-    if (!empty) lsh_docs.push_back(i);
-  }
+  for (int64_t i = 0; i < n; ++i)
+    if (is_rep[i] && has_shingles(in.signatures + i * P, P)) lsh_docs.push_back(i);
 
-  // 2. LSH: per band, sort (band hash, doc) and pair the documents of each bucket.
+  // 2. LSH: per band, the (band key, doc) rows of the documents, bucketed and paired.
   const int bands = opts.lsh.bands, rows = opts.lsh.rows;
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> band_pairs(bands);
-  // Band hashes are computed a few bands at a time, document by document, so that each
+  std::vector<std::vector<DocPair>> band_pairs(bands);
+  // Band keys are computed a few bands at a time, document by document, so that each
   // signature row is read in long runs (band by band, every row would be a cache miss);
-  // then each band of the group is sorted and paired on its own thread.
+  // then each band of the group is bucketed on its own thread.
   const size_t m = lsh_docs.size();
   const int group = std::max(1, std::min(bands, 32 / rows));
   std::vector<uint64_t> band_hash(static_cast<size_t>(group) * m);
@@ -1247,86 +1473,45 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
     parallel_chunks(static_cast<int64_t>(m), opts.num_threads, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const int64_t doc = lsh_docs[k];
-        for (int j = 0; j < in_group; ++j) {
-          const int band = first_band + j;
-          const uint32_t* s = in.signatures + doc * P + static_cast<int64_t>(band) * rows;
-          uint64_t h = mix64(static_cast<uint64_t>(band) * kMulB ^ static_cast<uint64_t>(group_of(doc)));
-          for (int r = 0; r < rows; r += 2) {
-            const uint64_t w = r + 1 < rows ? (static_cast<uint64_t>(s[r + 1]) << 32) | s[r] : s[r];
-            h = mix64(h ^ (w * kMulA));
-          }
-          band_hash[static_cast<size_t>(j) * m + k] = h;
-        }
+        for (int j = 0; j < in_group; ++j)
+          band_hash[static_cast<size_t>(j) * m + k] =
+              band_key(in.signatures + doc * P, first_band + j, rows, static_cast<uint64_t>(group_of(doc)));
       }
     });
     parallel_chunks(in_group, opts.num_threads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<std::pair<uint64_t, int64_t>> keys(m), scratch;
+      std::vector<KeyedDoc> keys(m), scratch;
       std::vector<uint32_t> starts;
       for (int64_t j = begin; j < end; ++j) {
+        keys.resize(m);
         for (size_t k = 0; k < m; ++k) keys[k] = {band_hash[j * m + k], lsh_docs[k]};
-        bucket_sort(keys, scratch, starts, [](const std::pair<uint64_t, int64_t>& k) { return k.first; });
-        auto& pairs = band_pairs[first_band + j];
-        size_t start = 0;
-        while (start < keys.size()) {
-          size_t stop = start + 1;
-          while (stop < keys.size() && keys[stop].first == keys[start].first) ++stop;
-          const int64_t size = static_cast<int64_t>(stop - start);
-          if (size <= kMaxBucketAllPairs) {
-            for (size_t x = start; x < stop; ++x)
-              for (size_t y = x + 1; y < stop; ++y) pairs.emplace_back(keys[x].second, keys[y].second);
-          } else {
-            for (size_t y = start + 1; y < stop; ++y) {
-              pairs.emplace_back(keys[start].second, keys[y].second);
-              if (y - 1 > start) pairs.emplace_back(keys[y - 1].second, keys[y].second);
-            }
-          }
-          start = stop;
-        }
+        bucket_pairs_with(keys, scratch, starts, band_pairs[first_band + j]);
       }
     });
   }
   std::vector<uint64_t>().swap(band_hash);
-  std::vector<std::pair<int64_t, int64_t>> candidates;
+  std::vector<DocPair> candidates;
   for (auto& p : band_pairs) {
     candidates.insert(candidates.end(), p.begin(), p.end());
-    std::vector<std::pair<int64_t, int64_t>>().swap(p);
+    std::vector<DocPair>().swap(p);
   }
-  std::sort(candidates.begin(), candidates.end());
-  candidates.erase(std::unique(candidates.begin(), candidates.end()), candidates.end());
-  // Band hashes include the group, but a 64-bit collision must still not join two groups.
+  sort_unique_pairs(candidates);
+  // Band keys include the group, but a 64-bit collision must still not join two groups.
   candidates.erase(std::remove_if(candidates.begin(), candidates.end(),
-                                  [&](const auto& c) { return group_of(c.first) != group_of(c.second); }),
+                                  [&](const DocPair& c) { return group_of(c.first) != group_of(c.second); }),
                    candidates.end());
   result.candidate_pairs = static_cast<int64_t>(candidates.size());
 
   // 3. Verification, in parallel; the edges are then applied in candidate order.
   std::vector<double> similarity(candidates.size(), 1.0);
+  const auto n_candidates = static_cast<int64_t>(candidates.size());
   if (opts.verify) {
-    auto jaccard_of = [](const uint64_t* x, size_t nx, const uint64_t* y, size_t ny) {
-      size_t i = 0, j = 0, common = 0;
-      // Branch-free merge: the comparisons of random hashes are unpredictable.
-      while (i < nx && j < ny) {
-        const uint64_t a = x[i], b = y[j];
-        common += a == b;
-        i += a <= b;
-        j += b <= a;
-      }
-      const size_t uni = nx + ny - common;
-      return uni == 0 ? 0.0 : static_cast<double>(common) / static_cast<double>(uni);
-    };
-    auto jaccard = [&](const std::vector<uint64_t>& x, const std::vector<uint64_t>& y) {
-      return jaccard_of(x.data(), x.size(), y.data(), y.size());
-    };
     if (given_sets) {
-      parallel_chunks(static_cast<int64_t>(candidates.size()), opts.num_threads, 256,
-                      [&](int64_t begin, int64_t end) {
-                        const ShingleSets& sets_in = *in.shingle_sets;
-                        for (int64_t k = begin; k < end; ++k) {
-                          const int64_t x = candidates[k].first, y = candidates[k].second;
-                          similarity[k] = jaccard_of(sets_in.data(x), static_cast<size_t>(sets_in.size(x)),
-                                                     sets_in.data(y), static_cast<size_t>(sets_in.size(y)));
-                        }
-                      });
+      const ShingleSets& sets_in = *in.shingle_sets;
+      verify_rows(candidates.data(), n_candidates, index, "candidates", opts.num_threads,
+                  [&](int64_t x, int64_t y) {
+                    return jaccard(sets_in.data(x), sets_in.size(x), sets_in.data(y), sets_in.size(y));
+                  },
+                  similarity.data());
     } else if (exact_verify) {
       // Candidates are verified in blocks, so that only the shingle sets of one block's documents
       // are held at a time (candidates are sorted by their first document, which keeps a block's
@@ -1353,43 +1538,36 @@ ClusterResult cluster_signatures(const ClusterInputs& in, const ClusterOptions& 
         auto set_of = [&](int64_t doc) -> const std::vector<uint64_t>& {
           return shingles[std::lower_bound(involved.begin(), involved.end(), doc) - involved.begin()];
         };
-        parallel_chunks(static_cast<int64_t>(block_end - block), opts.num_threads, 256,
-                        [&](int64_t begin, int64_t end) {
-                          for (int64_t k = block + begin; k < static_cast<int64_t>(block) + end; ++k) {
-                            similarity[k] = jaccard(set_of(candidates[k].first), set_of(candidates[k].second));
-                          }
-                        });
+        verify_rows(candidates.data() + block, static_cast<int64_t>(block_end - block), index, "candidates",
+                    opts.num_threads,
+                    [&](int64_t x, int64_t y) {
+                      const std::vector<uint64_t>& a = set_of(x);
+                      const std::vector<uint64_t>& b = set_of(y);
+                      return jaccard(a.data(), static_cast<int64_t>(a.size()), b.data(),
+                                     static_cast<int64_t>(b.size()));
+                    },
+                    similarity.data() + block);
       }
     } else {
-      parallel_chunks(static_cast<int64_t>(candidates.size()), opts.num_threads, 256,
-                      [&](int64_t begin, int64_t end) {
-                        for (int64_t k = begin; k < end; ++k) {
-                          const uint32_t* x = in.signatures + candidates[k].first * P;
-                          const uint32_t* y = in.signatures + candidates[k].second * P;
-                          int equal = 0;
-                          for (int q = 0; q < P; ++q) equal += x[q] == y[q];
-                          similarity[k] = static_cast<double>(equal) / P;
-                        }
-                      });
+      verify_pairs_by_signatures(candidates.data(), n_candidates, index, in.signatures, P, opts.num_threads,
+                                 similarity.data(), "candidates");
     }
   }
   for (size_t k = 0; k < candidates.size(); ++k) {
     if (opts.verify && !(similarity[k] >= opts.threshold)) continue;
-    sets.unite(candidates[k].first, candidates[k].second);
-    result.pair_first.push_back(candidates[k].first);
-    result.pair_second.push_back(candidates[k].second);
+    edges.push_back(candidates[k]);
     result.pair_similarity.push_back(similarity[k]);
   }
+  std::vector<DocPair>().swap(candidates);
 
-  // 4. Keep per cluster: the highest score, ties to the lowest index.
-  std::vector<int64_t> best(n, -1);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t root = sets.find(i);
-    int64_t& b = best[root];
-    if (b < 0 || (in.scores && in.scores[i] > in.scores[b])) b = i;
+  // 4. Connected components of the edges; each keeps its highest score, ties to the lowest index.
+  result.cluster = connected_components(index, edges.data(), static_cast<int64_t>(edges.size()), in.scores, "edges");
+  result.pair_first.reserve(edges.size());
+  result.pair_second.reserve(edges.size());
+  for (const DocPair& e : edges) {
+    result.pair_first.push_back(e.first);
+    result.pair_second.push_back(e.second);
   }
-  result.cluster.resize(n);
-  for (int64_t i = 0; i < n; ++i) result.cluster[i] = best[sets.find(i)];
   return result;
 }
 

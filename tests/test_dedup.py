@@ -859,3 +859,339 @@ def test_documents_outlive_a_mutated_list():
         stop.set()
         t.join()
     np.testing.assert_array_equal(got, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# The clustering phases, each alone, and their composition
+
+
+def ref_bucket_pairs(keys, docs, groups=None):
+    """Plain reference of bucket_pairs: buckets of equal key, members by id, all pairs up to 128
+    members, else each member with the first and with its predecessor; sorted, unique, one group."""
+    buckets: dict = {}
+    for k, d in zip(keys.tolist(), docs.tolist()):
+        buckets.setdefault(k, set()).add(d)
+    group_of = {} if groups is None else dict(zip(docs.tolist(), groups.tolist()))
+    pairs = set()
+    for members in buckets.values():
+        m = sorted(members)
+        if len(m) <= 128:
+            pairs.update(itertools.combinations(m, 2))
+        else:
+            for y in range(1, len(m)):
+                pairs.add((m[0], m[y]))
+                if y > 1:
+                    pairs.add((m[y - 1], m[y]))
+    if groups is not None:
+        pairs = {(a, b) for a, b in pairs if group_of[a] == group_of[b]}
+    return np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+
+
+def ref_components(ids, pairs, scores=None):
+    """Kept id per document: connected components, highest score, ties to the smallest id."""
+    parent = {i: i for i in ids}
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    score = dict(zip(ids, scores)) if scores is not None else {i: 0.0 for i in ids}
+    best: dict = {}
+    for i in sorted(ids):
+        r = find(i)
+        if r not in best or score[i] > score[best[r]]:
+            best[r] = i
+    return np.array([best[find(i)] for i in ids], dtype=np.int64)
+
+
+def compose(sig, hashes, *, bands, rows, ids, groups=None, scores=None, verify=True, threshold=0.8,
+            sets=None, split=None, shuffle_seed=0):
+    """cluster_signatures from the Python-level phases: band keys computed in two halves (rows
+    [0, split) and [split, n)), their rows bucketed together in a shuffled order."""
+    n = len(ids)
+    split = n // 2 if split is None else split
+    exact = dedup.exact_pairs(hashes, groups=groups, docs=ids) if hashes is not None else np.zeros((0, 2), np.int64)
+    # lsh_params may leave trailing columns unused: LSH reads the first bands * rows.
+    parts = [dedup.band_keys(sig[lo:hi, :bands * rows], bands=bands, rows=rows,
+                             groups=None if groups is None else groups[lo:hi])
+             for lo, hi in ((0, split), (split, n))]
+    keys = np.vstack([p[0] for p in parts])
+    has_keys = np.concatenate([p[1] for p in parts])
+    lsh = has_keys & ~np.isin(ids, exact[:, 1])
+    row_keys = keys[lsh].ravel()
+    row_docs = np.repeat(ids[lsh], bands)
+    row_groups = None if groups is None else np.repeat(groups[lsh], bands)
+    order = np.random.default_rng(shuffle_seed).permutation(row_keys.size)
+    cand = dedup.bucket_pairs(row_keys[order], row_docs[order],
+                              groups=None if row_groups is None else row_groups[order])
+    if verify:
+        if sets is not None:
+            sim, ok = dedup.verify_pairs(cand, threshold=threshold, shingle_sets=sets, docs=ids)
+        else:
+            sim, ok = dedup.verify_pairs(cand, threshold=threshold, signatures=sig, docs=ids)
+    else:
+        sim, ok = np.ones(len(cand)), np.ones(len(cand), bool)
+    pairs = np.vstack([exact, cand[ok]])
+    similarity = np.concatenate([np.ones(len(exact)), sim[ok]])
+    return dedup.connected_components(ids, pairs, scores=scores), pairs, similarity
+
+
+def _same_result(r, ids, kept, pairs, similarity):
+    np.testing.assert_array_equal(kept, ids[r.cluster])
+    np.testing.assert_array_equal(kept == ids, r.keep)
+    # The same duplicate edges, in the same order (exact pairs first, then the kept candidates).
+    np.testing.assert_array_equal(pairs, ids[r.pairs])
+    np.testing.assert_array_equal(similarity, r.similarity)
+
+
+def _phase_corpus():
+    texts, langs = make_corpus(seed=29, bases_per_lang=3, variants=4)
+    rng = random.Random(29)
+    extra = [t for _, a, b in REAL_PAIRS for t in (a, b)]
+    extra_langs = [lang for lang, _, _ in REAL_PAIRS for _ in (0, 1)]
+    dups = [texts[rng.randrange(len(texts))] for _ in range(12)]  # exact copies, some across languages
+    dup_langs = [rng.choice(["en", "ru", "zh"]) for _ in dups]
+    empty = ["", "  ", "...", "!!"]  # no shingles: exact duplicates of one another only
+    texts = texts + extra + [d.upper() + " ." for d in dups] + dups + empty + list(SAMPLES.values())
+    langs = langs + extra_langs + dup_langs + dup_langs + ["en", "en", "ru", "en"] + list(SAMPLES)
+    order = rng.sample(range(len(texts)), len(texts))
+    return [texts[i] for i in order], [langs[i] for i in order]
+
+
+@pytest.mark.parametrize("scope, keep, threshold", [
+    ("lang", "first", 0.8), ("global", "first", 0.7), ("lang", "longest", 0.6), ("global", "scores", 0.8),
+])
+def test_phases_compose_to_near_duplicates(scope, keep, threshold):
+    texts, langs = _phase_corpus()
+    n = len(texts)
+    r = dedup.near_duplicates(texts, langs=langs, scope=scope, threshold=threshold,
+                              keep=np.random.default_rng(3).random(n) if keep == "scores" else keep)
+    ids = np.arange(n, dtype=np.int64) * (1 << 40) + 12345  # increasing, far from 0..n-1
+    index = {lang: k for k, lang in enumerate(dict.fromkeys(langs))}
+    groups = np.array([index[lang] for lang in langs], np.int64) if scope == "lang" else None
+    scores = {"first": None, "longest": np.array([len(t.encode()) for t in texts], float),
+              "scores": np.random.default_rng(3).random(n)}[keep]
+    num_perm, bands, rows = 128, r.info["bands"], r.info["rows"]
+    sig = dedup.minhash_signatures(texts, num_perm=num_perm)
+    kept, pairs, similarity = compose(sig, dedup.exact_hashes(texts), bands=bands, rows=rows, ids=ids,
+                                      groups=groups, scores=scores, threshold=threshold,
+                                      sets=dedup.shingle_sets(texts), split=n // 3)
+    assert r.num_removed > 20 and r.info["candidate_pairs"] > len(r.pairs) - r.info["exact_merged"]
+    _same_result(r, ids, kept, pairs, similarity)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_phases_compose_to_cluster_signatures_on_random_signatures(verify, seed):
+    # Few distinct signature values: large buckets (star + chain past 128 members), exact duplicates,
+    # rows without shingles, groups, and ids that are neither 0..n-1 nor in order of the rows.
+    rng = np.random.default_rng(seed)
+    n, num_perm, bands = 700, 16, 8
+    sig = rng.integers(0, 3, size=(n, num_perm)).astype(np.uint32)
+    sig[: n // 2] = sig[rng.integers(0, 20, n // 2)]  # many equal rows, hence buckets over 128 members
+    sig[rng.random(n) < 0.05] = np.iinfo(np.uint32).max
+    hashes = rng.integers(0, 2**63, size=(n, 2)).astype(np.uint64)
+    hashes[rng.random(n) < 0.2] = hashes[0]
+    langs = [str(g) for g in rng.integers(0, 3, n)]
+    index = {lang: k for k, lang in enumerate(dict.fromkeys(langs))}  # cluster_signatures' group codes
+    groups = np.array([index[lang] for lang in langs], np.int64)
+    scores = rng.integers(0, 4, n).astype(np.float64)  # ties
+    ids = rng.permutation(n).astype(np.int64) * 1_000_003 - 500_000_000
+    for hs, gr, sc in ((hashes, groups, scores), (None, None, None), (hashes, None, None)):
+        r = dedup.cluster_signatures(sig, hashes=hs, langs=None if gr is None else langs, bands=bands,
+                                     threshold=0.5, verify=verify,
+                                     keep="first" if sc is None else sc)
+        assert r.info["candidate_pairs"] > 128 * 4
+        # cluster_signatures numbers documents by row: the ids must order like the rows for its ties.
+        order = np.sort(ids)
+        kept, pairs, similarity = compose(sig, hs, bands=bands, rows=num_perm // bands, ids=order, groups=gr,
+                                          scores=sc, verify=verify, threshold=0.5, shuffle_seed=seed)
+        _same_result(r, order, kept, pairs, similarity)
+        # Ids in another order than the rows: the same as cluster_signatures of the rows sorted by id
+        # (which members a large bucket pairs, and which exact duplicate goes on, follow the id order).
+        by_id = np.argsort(ids)
+        r2 = dedup.cluster_signatures(sig[by_id], hashes=None if hs is None else hs[by_id],
+                                      langs=None if gr is None else [langs[i] for i in by_id], bands=bands,
+                                      threshold=0.5, verify=verify, keep="first" if sc is None else sc[by_id])
+        index2 = {lang: k for k, lang in enumerate(dict.fromkeys(langs[i] for i in by_id))}
+        gr2 = None if gr is None else np.array([index2[lang] for lang in langs], np.int64)
+        kept2, pairs2, similarity2 = compose(sig, hs, bands=bands, rows=num_perm // bands, ids=ids, groups=gr2,
+                                             scores=sc, verify=verify, threshold=0.5, split=123)
+        np.testing.assert_array_equal(kept2[by_id], ids[by_id][r2.cluster])
+        np.testing.assert_array_equal(pairs2, ids[by_id][r2.pairs])
+        np.testing.assert_array_equal(similarity2, r2.similarity)
+
+
+def test_band_keys_depend_only_on_the_row_band_and_group():
+    texts, _ = make_corpus(seed=31, bases_per_lang=2, variants=2)
+    texts = texts + ["", "..."]
+    sig = dedup.minhash_signatures(texts, num_perm=64)
+    keys, has = dedup.band_keys(sig, bands=16, rows=4)
+    assert keys.shape == (len(texts), 16) and keys.dtype == np.uint64 and has.dtype == bool
+    assert has[:-2].all() and not has[-2:].any() and not keys[-2:].any()
+    perm = np.random.default_rng(0).permutation(len(texts))
+    np.testing.assert_array_equal(dedup.band_keys(sig[perm], bands=16, rows=4)[0], keys[perm])
+    parts = [dedup.band_keys(sig[k:k + 7], bands=16, rows=4, num_threads=t)[0] for t, k in
+             zip(itertools.cycle([1, 3]), range(0, len(texts), 7))]
+    np.testing.assert_array_equal(np.vstack(parts), keys)
+    # The group is hashed in: equal rows of different groups share no key; group 0 is no group.
+    twice = np.vstack([sig[:5], sig[:5]])
+    g = np.array([0] * 5 + [7] * 5, np.uint64)
+    k2, _ = dedup.band_keys(twice, bands=16, rows=4, groups=g)
+    np.testing.assert_array_equal(k2[:5], keys[:5])
+    assert not np.isin(k2[5:], k2[:5]).any()
+    # Signed group codes are their two's-complement bits.
+    np.testing.assert_array_equal(dedup.band_keys(sig[:3], bands=16, rows=4, groups=np.array([-1, 2, 3]))[0],
+                                  dedup.band_keys(sig[:3], bands=16, rows=4,
+                                                  groups=np.array([2**64 - 1, 2, 3], np.uint64))[0])
+    # Other band shapes read other columns: one band of all 64 values.
+    k64, _ = dedup.band_keys(sig, bands=1, rows=64)
+    assert k64.shape == (len(texts), 1) and len(np.unique(k64[:-2])) == len(np.unique(sig[:-2], axis=0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(-3, 300)), max_size=400), st.booleans(),
+       st.integers(0, 2**32 - 1))
+def test_bucket_pairs_match_reference(rows, with_groups, seed):
+    rng = np.random.default_rng(seed)
+    keys = np.array([k for k, _ in rows], np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    docs = np.array([d for _, d in rows], np.int64) * (1 << 40)
+    groups = (docs // (1 << 40)) % 3 if with_groups else None  # a function of the document
+    got = dedup.bucket_pairs(keys, docs, groups=groups)
+    np.testing.assert_array_equal(got, ref_bucket_pairs(keys, docs, groups))
+    perm = rng.permutation(len(rows))
+    np.testing.assert_array_equal(dedup.bucket_pairs(keys[perm], docs[perm],
+                                                     groups=None if groups is None else groups[perm]), got)
+
+
+def test_bucket_pairs_large_buckets_stay_linear():
+    docs = np.arange(1000, dtype=np.int64)[::-1] * 3
+    keys = np.zeros(1000, np.uint64)
+    pairs = dedup.bucket_pairs(keys, docs)
+    assert len(pairs) == 2 * 999 - 1
+    np.testing.assert_array_equal(pairs, ref_bucket_pairs(keys, docs))
+    small = dedup.bucket_pairs(keys[:128], docs[:128])
+    assert len(small) == 128 * 127 // 2
+    assert dedup.bucket_pairs(np.zeros(0, np.uint64), np.zeros(0, np.int64)).shape == (0, 2)
+
+
+def test_verify_pairs_match_reference():
+    texts, _ = make_corpus(seed=37, bases_per_lang=2, variants=3)
+    texts = texts + [""]
+    sets = dedup.shingle_sets(texts)
+    sig = dedup.minhash_signatures(texts, num_perm=64)
+    rng = np.random.default_rng(5)
+    n = len(texts)
+    pairs = np.vstack([rng.integers(0, n, (200, 2)), [[0, 1], [n - 1, 0], [n - 1, n - 1]]])
+    sim, ok = dedup.verify_pairs(pairs, threshold=0.5, shingle_sets=sets)
+    rows = [sets.values[sets.offsets[i]:sets.offsets[i + 1]] for i in range(n)]
+    for (i, j), s in zip(pairs.tolist(), sim.tolist()):
+        inter = np.intersect1d(rows[i], rows[j]).size
+        union = rows[i].size + rows[j].size - inter
+        assert s == (inter / union if union else 0.0)
+    np.testing.assert_array_equal(ok, sim >= 0.5)
+    sim_sig, ok_sig = dedup.verify_pairs(pairs, threshold=0.5, signatures=sig)
+    np.testing.assert_array_equal(sim_sig, [np.mean(sig[i] == sig[j]) for i, j in pairs])
+    # Ids, and the (values, offsets) form of the sets.
+    ids = np.arange(n, dtype=np.int64)[::-1] * 11 - 7
+    got, _ = dedup.verify_pairs(ids[::-1][pairs], threshold=0.5, shingle_sets=(sets.values, sets.offsets),
+                                docs=ids[::-1], num_threads=3)
+    np.testing.assert_array_equal(got, sim)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 60), st.integers(0, 80), st.booleans(), st.integers(0, 2**32 - 1))
+def test_connected_components_match_reference(n, m, with_scores, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(2**62, size=n, replace=False).astype(np.int64) - 2**61
+    pairs = ids[rng.integers(0, n, (m, 2))] if n else np.zeros((0, 2), np.int64)
+    scores = rng.integers(0, 3, n).astype(float) if with_scores else None
+    got = dedup.connected_components(ids, pairs, scores=scores)
+    np.testing.assert_array_equal(got, ref_components(ids.tolist(), pairs.tolist(),
+                                                      None if scores is None else scores.tolist()))
+    if n:
+        dense = dedup.connected_components(n, rng.integers(0, n, (m, 2)))
+        assert dense.dtype == np.int64 and (dense <= np.arange(n)).all()
+
+
+def test_exact_pairs_chain_runs_of_equal_hashes():
+    texts = ["a b c", "x", "A B C!", "a b c", "x", "y", "", "..."]
+    hashes = dedup.exact_hashes(texts)
+    pairs = dedup.exact_pairs(hashes)
+    assert sorted(pairs.tolist()) == [[0, 2], [1, 4], [2, 3], [6, 7]]  # runs chained in id order
+    np.testing.assert_array_equal(pairs, dedup.cluster_hashes(hashes).pairs)  # in its order
+    ids = np.array([50, 40, 30, 20, 10, 0, -10, -20])
+    pairs = dedup.exact_pairs(hashes, docs=ids)
+    assert sorted(pairs.tolist()) == [[-20, -10], [10, 40], [20, 30], [30, 50]]
+    grouped = dedup.exact_pairs(hashes, groups=np.array([0, 0, 1, 0, 1, 0, 0, 0]))
+    assert sorted(grouped.tolist()) == [[0, 3], [6, 7]]
+
+
+def test_phases_bad_input():
+    sig = np.zeros((4, 8), np.uint32)
+    pairs = np.array([[0, 1]])
+    cases = [
+        (lambda: dedup.band_keys(sig, bands=3, rows=2), r"bands \* rows must equal the signature width 8"),
+        (lambda: dedup.band_keys(sig.astype(np.int64), bands=4, rows=2), "signatures must be a"),
+        (lambda: dedup.band_keys(sig, bands=4, rows=2, groups=[1, 2]),
+         r"groups must be None or an integer array of shape \(4,\)"),
+        (lambda: dedup.band_keys(sig, bands=0, rows=8), "bands must be an integer"),
+        (lambda: dedup.bucket_pairs(np.zeros(3, np.int64), np.zeros(3, np.int64)), "keys must be a 1-D uint64"),
+        (lambda: dedup.bucket_pairs(np.zeros(3, np.uint64), np.zeros(2, np.int64)),
+         r"docs must have one id per key \(3\)"),
+        (lambda: dedup.bucket_pairs(np.zeros(3, np.uint64), np.zeros(3)), "docs must be a 1-D integer array"),
+        (lambda: dedup.bucket_pairs(np.zeros(2, np.uint64), np.array([1, 1]), groups=np.array([0, 1])),
+         "document 1 has rows of two groups"),
+        (lambda: dedup.verify_pairs(pairs, signatures=sig, docs=[0, 2, 3, 4]),
+         r"pairs\[0\] = \(0, 1\) names document 1"),
+        (lambda: dedup.verify_pairs(np.array([[0, 9]]), signatures=sig),
+         r"names document 9, which is not one of the 4"),
+        (lambda: dedup.verify_pairs(pairs, signatures=sig, docs=[0, 1, 1, 2]),
+         "docs must be distinct document ids: 1"),
+        (lambda: dedup.verify_pairs(pairs), "exactly one of signatures= or shingle_sets=, got neither"),
+        (lambda: dedup.verify_pairs(pairs, signatures=sig, shingle_sets=(np.zeros(0, np.uint64), [0, 0])),
+         "got both"),
+        (lambda: dedup.verify_pairs(pairs, shingle_sets=(np.array([3, 2], np.uint64), [0, 2, 2])),
+         "shingle_sets row 0 is not sorted strictly ascending"),
+        (lambda: dedup.verify_pairs(pairs, shingle_sets=(np.array([3], np.uint64), [0, 2, 2])),
+         "shingle_sets offsets must be non-decreasing and at most 1"),
+        (lambda: dedup.verify_pairs(pairs, shingle_sets=[1, 2]), "shingle_sets must be a Ragged"),
+        (lambda: dedup.verify_pairs(pairs, threshold=0, signatures=sig), "threshold must be a number in"),
+        (lambda: dedup.verify_pairs(np.array([0, 1]), signatures=sig),
+         r"pairs must be an integer array of shape \(m, 2\)"),
+        (lambda: dedup.connected_components(3, np.array([[0, 3]])), r"pairs\[0\] = \(0, 3\) names document 3"),
+        (lambda: dedup.connected_components(-1, pairs), "docs must be a number of documents >= 0"),
+        (lambda: dedup.connected_components([5, 5], pairs), "docs must be distinct document ids: 5"),
+        (lambda: dedup.connected_components(2, pairs, scores=[1.0, np.nan]), "scores must be finite"),
+        (lambda: dedup.connected_components(2, pairs, scores=[1.0]), "scores must be 2 finite numbers"),
+        (lambda: dedup.connected_components(np.array([2**63], np.uint64), pairs), "docs must hold int64 values"),
+        (lambda: dedup.exact_pairs(np.zeros((3, 2), np.int64)), "hashes must be a"),
+        (lambda: dedup.exact_pairs(np.zeros((3, 2), np.uint64), docs=[1, 2]),
+         r"docs must have one id per document \(3\)"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_keep_scores_as_an_array():
+    # keep= may be a numpy array of scores (comparing it with "longest" once raised "truth value ... ambiguous").
+    texts = ["abc", "ABC!!", "Abc.", "other"]
+    scores = np.array([0.0, 1.0, 5.0, 0.0])
+    assert dedup.near_duplicates(texts, keep=scores).cluster.tolist() == [2, 2, 2, 3]
+    assert dedup.exact_duplicates(texts, keep=scores).cluster.tolist() == [2, 2, 2, 3]
+
+
+def test_document_type_error_is_a_type_and_a_value_error():
+    # One rule for str/bytes documents in every binding (csrc/bind_convert.h).
+    for exc in (TypeError, ValueError):
+        with pytest.raises(exc, match=r"texts\[1\] must be str or UTF-8 bytes, got float"):
+            dedup.exact_hashes(["a", 1.5])
+    assert issubclass(core.DocumentTypeError, TypeError) and issubclass(core.DocumentTypeError, ValueError)
+    with pytest.raises(core.DocumentTypeError, match="not a single bytes"):
+        core._dedup_exact_hashes(b"one document", None, False, 0, 1)

@@ -39,13 +39,29 @@ class _BpeEncoder:
     @property
     def vocab_size(self) -> int:
         ...
+def _dedup_band_keys(signatures: numpy.ndarray, bands: typing.SupportsInt | typing.SupportsIndex, rows: typing.SupportsInt | typing.SupportsIndex, groups: numpy.ndarray | None, num_threads: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.uint64], numpy.typing.NDArray[numpy.bool]]:
+    """
+    (keys (n, bands) uint64, has_keys (n,) bool): see mlmix.dedup.band_keys.
+    """
+def _dedup_bucket_pairs(keys: numpy.ndarray, docs: numpy.ndarray, groups: numpy.ndarray | None) -> numpy.typing.NDArray[numpy.int64]:
+    """
+    (m, 2) int64 candidate pairs of LSH buckets, sorted and unique: see mlmix.dedup.bucket_pairs.
+    """
 def _dedup_cluster(signatures: typing.Annotated[numpy.typing.ArrayLike, numpy.uint32], hashes: typing.Annotated[numpy.typing.ArrayLike, numpy.uint64] | None, groups: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None, scores: typing.Annotated[numpy.typing.ArrayLike, numpy.float64] | None, threshold: typing.SupportsFloat | typing.SupportsIndex, bands: typing.SupportsInt | typing.SupportsIndex, rows: typing.SupportsInt | typing.SupportsIndex, verify: bool, num_threads: typing.SupportsInt | typing.SupportsIndex) -> dict:
     """
     LSH + signature-agreement verification + union-find; returns a dict of int64 cluster, pair arrays and counts.
     """
+def _dedup_connected_components(docs: numpy.ndarray | None, count: typing.SupportsInt | typing.SupportsIndex, pairs: numpy.ndarray, scores: numpy.ndarray | None) -> numpy.typing.NDArray[numpy.int64]:
+    """
+    (n,) int64: the kept document id of each document's component: see mlmix.dedup.connected_components.
+    """
 def _dedup_exact_hashes(data: typing.Any, offsets: typing.Any, strip_marks: bool, errors: typing.SupportsInt | typing.SupportsIndex, num_threads: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.uint64]:
     """
     (n, 2) uint64 hash of each normalised document.
+    """
+def _dedup_exact_pairs(hashes: numpy.ndarray, groups: numpy.ndarray | None, docs: numpy.ndarray | None) -> numpy.typing.NDArray[numpy.int64]:
+    """
+    (m, 2) int64 pairs of documents with equal (group, hash): see mlmix.dedup.exact_pairs.
     """
 def _dedup_lsh_params(threshold: typing.SupportsFloat | typing.SupportsIndex, num_perm: typing.SupportsInt | typing.SupportsIndex, fp_weight: typing.SupportsFloat | typing.SupportsIndex, fn_weight: typing.SupportsFloat | typing.SupportsIndex) -> tuple[int, int]:
     ...
@@ -68,6 +84,10 @@ def _dedup_shingle_sets(data: typing.Any, offsets: typing.Any, ngram: typing.Sup
 def _dedup_utf8_sizes(data: typing.Any, offsets: typing.Any) -> numpy.typing.NDArray[numpy.int64]:
     """
     (n,) int64: each document's size in bytes as UTF-8.
+    """
+def _dedup_verify_pairs(pairs: numpy.ndarray, docs: numpy.ndarray | None, signatures: numpy.ndarray | None, set_values: numpy.ndarray | None, set_offsets: numpy.ndarray | None, num_threads: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float64]:
+    """
+    (m,) float64 similarity of each pair: see mlmix.dedup.verify_pairs.
     """
 def _gather_i32(values: numpy.ndarray, offsets: numpy.ndarray, seg_example: numpy.ndarray, seg_start: numpy.ndarray, seg_len: numpy.ndarray, row_offsets: numpy.ndarray) -> numpy.ndarray:
     """

@@ -26,6 +26,13 @@ without nulls through its buffers):
    than ``ngram`` has one shingle made of all of them. LSH banding (bands x rows chosen from the
    threshold, see :func:`lsh_params`), candidate pairs verified by exact Jaccard of the shingle
    sets (``verify=True``), union-find clustering, and a keep rule per cluster.
+4. **The clustering phases, each alone**: :func:`near_duplicates` and :func:`cluster_signatures` are the
+   composition (in C++) of phases that can also be called one by one, on blocks of documents computed
+   in different processes: :func:`exact_pairs`, :func:`band_keys`, :func:`bucket_pairs`,
+   :func:`verify_pairs` and :func:`connected_components`. Documents are named by any distinct int64
+   ids, and what a phase computes for a document depends only on its own data (signature row, hash,
+   group), never on its position or batch; composing the phases over the same documents gives exactly
+   the clusters of :func:`cluster_signatures` (see its docstring for the recipe).
 
 Invalid UTF-8 (``bytes`` input, or lone surrogates inside ``str``) follows ``errors``: ``"replace"``
 substitutes U+FFFD (Python's rule for ``bytes.decode``), ``"strict"`` raises ValueError naming the
@@ -71,6 +78,11 @@ __all__ = [
     "cluster_hashes",
     "lsh_params",
     "shingle_sets",
+    "exact_pairs",
+    "band_keys",
+    "bucket_pairs",
+    "verify_pairs",
+    "connected_components",
 ]
 
 UNICODE_VERSION: str = core.DEDUP_UNICODE_VERSION
@@ -243,6 +255,10 @@ def _groups(langs: Any, n: int, scope: str) -> tuple[np.ndarray | None, list, np
     return (index if scope == "lang" else None), names, index
 
 
+def _is_longest(keep: Any) -> bool:
+    return isinstance(keep, str) and keep == "longest"  # keep may be an array of scores
+
+
 def _scores(keep: Any, n: int, lengths: Any) -> np.ndarray | None:
     if isinstance(keep, str):
         _check_choice("keep", keep, ("first", "longest"))
@@ -312,7 +328,7 @@ def exact_duplicates(texts: Sequence[str] | Any, *, langs: Sequence[str] | None 
     data, offsets = _prepare(texts)
     n = _count(data, offsets)
     groups, names, index = _groups(langs, n, scope)
-    scores = _scores(keep, n, core._dedup_utf8_sizes(data, offsets) if keep == "longest" else None)
+    scores = _scores(keep, n, core._dedup_utf8_sizes(data, offsets) if _is_longest(keep) else None)
     hashes = core._dedup_exact_hashes(data, offsets, strip_accents, errors_code, num_threads)
     return _cluster_exact(hashes, groups, scores, names, index, scope, num_threads)
 
@@ -420,7 +436,7 @@ def near_duplicates(texts: Sequence[str] | Any, *, threshold: float = 0.8, num_p
     data, offsets = _prepare(texts)
     n = _count(data, offsets)
     groups, names, index = _groups(langs, n, scope)
-    scores = _scores(keep, n, core._dedup_utf8_sizes(data, offsets) if keep == "longest" else None)
+    scores = _scores(keep, n, core._dedup_utf8_sizes(data, offsets) if _is_longest(keep) else None)
     raw = core._dedup_near(data, offsets, num_perm, ngram, mode, seed, strip_accents, errors_code, groups, scores,
                            threshold, band_count, rows, verify, _SHINGLE_SET_BUDGET, num_threads)
     info = {"bands": band_count, "rows": rows, "threshold": threshold, "num_perm": num_perm,
@@ -439,6 +455,21 @@ def cluster_signatures(signatures: np.ndarray, *, threshold: float = 0.8, bands:
     uint64 from :func:`exact_hashes`, merged first (and the only way documents without shingles
     are merged). verify: keep a candidate pair only when the fraction of equal signature entries
     is >= threshold (the texts are not available here). keep="longest" needs ``lengths``.
+
+    It is the composition of the clustering phases, which an executor can run apart (``ids`` the
+    documents' ids, increasing with the rows; ``g`` their group codes or None; ``scores`` as ``keep``
+    gives them; ``b, r`` the bands and rows in ``result.info``)::
+
+        exact = exact_pairs(hashes, groups=g, docs=ids)           # skip without hashes
+        keys, has_keys = band_keys(signatures[:, :b * r], bands=b, rows=r, groups=g)
+        lsh = has_keys & ~np.isin(ids, exact[:, 1])               # not a later exact duplicate
+        cand = bucket_pairs(keys[lsh].ravel(), np.repeat(ids[lsh], b),
+                            groups=None if g is None else np.repeat(g[lsh], b))
+        sim, ok = verify_pairs(cand, threshold=t, signatures=signatures, docs=ids)  # if verify
+        kept = connected_components(ids, np.vstack([exact, cand[ok]]), scores=scores)
+
+    ``kept == ids`` is ``result.keep`` and ``kept`` is ``result.cluster`` in ids. near_duplicates
+    verifies by the exact Jaccard of :func:`shingle_sets` (``shingle_sets=`` instead of ``signatures=``).
     """
     sig = np.asarray(signatures)
     if sig.ndim != 2 or sig.dtype != np.uint32 or not 1 <= sig.shape[1] <= 4096:
@@ -464,6 +495,210 @@ def cluster_signatures(signatures: np.ndarray, *, threshold: float = 0.8, bands:
                               _check_threads(num_threads))
     info = {"bands": band_count, "rows": rows, "threshold": threshold, "num_perm": num_perm, "scope": scope}
     return _result(raw, names, index, info)
+
+
+# --------------------------------------------------------------------------------------------
+# The clustering phases, each alone
+
+
+def _array(name: str, value: Any, what: str) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except Exception as e:  # noqa: BLE001 - numpy raises many types for odd objects
+        raise ValueError(f"{name} must be {what}, got {type(value).__name__} ({e})") from None
+
+
+def _ids(name: str, value: Any, shape: tuple | None = None) -> np.ndarray:
+    """An integer array as C-contiguous int64 (every value must fit), of the given shape (None: 1-D)."""
+    what = "a 1-D integer array" if shape is None else \
+        f"an integer array of shape ({', '.join('m' if d is None else str(d) for d in shape)})"
+    a = _array(name, value, what)
+    if a.dtype.kind not in "iu" or (a.ndim != 1 if shape is None else a.ndim != len(shape)) or any(
+            want is not None and got != want for want, got in zip(shape or (), a.shape)):
+        raise ValueError(f"{name} must be {what}, got dtype {a.dtype} shape {a.shape}")
+    if a.dtype == np.uint64 and a.size and int(a.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} must hold int64 values, got {int(a.max())}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _group_codes(name: str, value: Any, n: int) -> np.ndarray | None:
+    """(n,) uint64 group codes: unsigned values as they are, signed ones by their 64-bit two's complement
+    bits (so that cluster_signatures' int64 group indices give the same codes)."""
+    if value is None:
+        return None
+    a = _array(name, value, f"None or an integer array of shape ({n},)")
+    if a.dtype.kind not in "iu" or a.shape != (n,):
+        raise ValueError(f"{name} must be None or an integer array of shape ({n},), "
+                         f"got dtype {a.dtype} shape {a.shape}")
+    return np.ascontiguousarray(a.astype(np.int64).view(np.uint64) if a.dtype.kind == "i" else a.astype(np.uint64))
+
+
+def _pairs(value: Any) -> np.ndarray:
+    return _ids("pairs", value, (None, 2))
+
+
+def _signatures(value: Any, name: str = "signatures") -> np.ndarray:
+    sig = _array(name, value, "a (n, num_perm) uint32 array")
+    if sig.ndim != 2 or sig.dtype != np.uint32 or not 1 <= sig.shape[1] <= 4096:
+        raise ValueError(f"{name} must be a (n, num_perm) uint32 array with 1 <= num_perm <= 4096, "
+                         f"got dtype {sig.dtype} shape {sig.shape}")
+    return np.ascontiguousarray(sig)
+
+
+def _docs(value: Any, n: int) -> np.ndarray | None:
+    if value is None:
+        return None
+    docs = _ids("docs", value)
+    if docs.shape != (n,):
+        raise ValueError(f"docs must have one id per document ({n}), got shape {docs.shape}")
+    return docs
+
+
+def exact_pairs(hashes: np.ndarray, *, groups: np.ndarray | None = None,
+                docs: np.ndarray | None = None) -> np.ndarray:
+    """Exact-duplicate pairs: documents with equal (group, 128-bit hash).
+
+    hashes: (n, 2) uint64 from :func:`exact_hashes`. groups: optional (n,) integer group codes
+    (documents of different groups are never duplicates; as in :func:`band_keys`). docs: optional
+    (n,) distinct int64 document ids (default ``0..n-1``).
+
+    Returns (m, 2) int64 id pairs ``(a, b)``, ``a < b``: within each run of documents with equal
+    (group, hash), ordered by id, every document after the first is paired with the one before it
+    (a chain), so ``pairs[:, 1]`` are exactly the documents that duplicate an earlier one. Pairs come
+    in the order :func:`cluster_signatures` reports them (by group, hash, id), not sorted.
+    """
+    h = _array("hashes", hashes, "a (n, 2) uint64 array")
+    if h.ndim != 2 or h.shape[1:] != (2,) or h.dtype != np.uint64:
+        raise ValueError(f"hashes must be a (n, 2) uint64 array, got dtype {h.dtype} shape {h.shape}")
+    n = h.shape[0]
+    g = _group_codes("groups", groups, n)
+    return core._dedup_exact_pairs(np.ascontiguousarray(h), None if g is None else g.view(np.int64),
+                                   _docs(docs, n))
+
+
+def band_keys(signatures: np.ndarray, *, bands: int, rows: int, groups: np.ndarray | None = None,
+              num_threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """LSH band keys: one 64-bit key per (document, band).
+
+    signatures: (n, bands * rows) uint32 from :func:`minhash_signatures` (where :func:`lsh_params`
+    leaves columns unused, pass the first ``bands * rows``: LSH reads no others). groups: optional
+    (n,) integer group codes, e.g. a stable hash of each document's language when deduplicating per
+    language; unsigned values are taken as they are, signed ones by their two's-complement bits.
+    Documents of different groups get different keys (the code is hashed in; :func:`bucket_pairs`
+    with ``groups=`` drops even a 64-bit collision).
+
+    Returns ``(keys, has_keys)``: keys (n, bands) uint64, ``keys[i, b]`` a hash of the band index ``b``,
+    the values ``signatures[i, b * rows:(b + 1) * rows]`` and the group code -- nothing else, so keys
+    computed in separate blocks or processes can be bucketed together; has_keys (n,) bool, False for a
+    document without shingles (an all-0xFFFFFFFF signature), whose keys are 0 and must not be bucketed
+    (such documents are only ever exact duplicates).
+    """
+    sig = _signatures(signatures)
+    n, num_perm = sig.shape
+    bands = _check_int("bands", bands, 1, num_perm)
+    rows = _check_int("rows", rows, 1, num_perm)
+    if bands * rows != num_perm:
+        raise ValueError(f"bands * rows must equal the signature width {num_perm}, got bands={bands} rows={rows}")
+    g = _group_codes("groups", groups, n)
+    return tuple(core._dedup_band_keys(sig, bands, rows, g, _check_threads(num_threads)))
+
+
+def bucket_pairs(keys: np.ndarray, docs: np.ndarray, *, groups: np.ndarray | None = None) -> np.ndarray:
+    """Candidate pairs of LSH buckets, from (key, document id) rows in any order.
+
+    keys: (m,) uint64 band keys (:func:`band_keys`, rows of documents with ``has_keys`` only); docs:
+    (m,) int64 the document id of each row (any int64, e.g. ``block << 40 | index``); the rows may
+    come from any number of bands, blocks and processes, in any order. Rows of equal key form a
+    bucket (a repeated (key, doc) row counts once), whose members are ordered by id. A bucket of up to
+    128 members gives all its pairs; a larger one each member with the first and with its
+    predecessor, so that a popular band value cannot make the candidates quadratic. groups: optional
+    (m,) integer group code of each row's document; pairs whose documents' groups differ are dropped
+    (a document with rows of two groups is a ValueError).
+
+    Returns (p, 2) int64 pairs ``(a, b)``, ``a < b``, sorted and unique.
+    """
+    k = _array("keys", keys, "a 1-D uint64 array")
+    if k.ndim != 1 or k.dtype != np.uint64:
+        raise ValueError(f"keys must be a 1-D uint64 array, got dtype {k.dtype} shape {k.shape}")
+    d = _ids("docs", docs)
+    if d.shape != k.shape:
+        raise ValueError(f"docs must have one id per key ({k.shape[0]}), got shape {d.shape}")
+    return core._dedup_bucket_pairs(np.ascontiguousarray(k), d, _group_codes("groups", groups, k.shape[0]))
+
+
+def verify_pairs(pairs: np.ndarray, *, threshold: float = 0.8, signatures: np.ndarray | None = None,
+                 shingle_sets: Ragged | tuple | None = None, docs: np.ndarray | None = None,
+                 num_threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The similarity of each candidate pair and whether it is a duplicate, as the clustering decides.
+
+    pairs: (m, 2) integer document ids. Give either ``shingle_sets`` -- a :class:`~mlmix.Ragged` (or a
+    ``(values, offsets)`` pair) of n sorted unique uint64 rows, as :func:`shingle_sets` returns them --
+    for the exact Jaccard similarity (what :func:`near_duplicates` verifies), or ``signatures`` (n,
+    num_perm) uint32 for the fraction of equal entries (what :func:`cluster_signatures` verifies).
+    docs: optional (n,) distinct int64 ids of those n rows (default ``0..n-1``); every id in ``pairs``
+    must be one of them.
+
+    Returns ``(similarity, passed)``: (m,) float64, and (m,) bool ``similarity >= threshold``. (The
+    clustering without verification keeps every candidate, with similarity 1.0.)
+    """
+    threshold = _check_threshold(threshold)
+    p = _pairs(pairs)
+    if (signatures is None) == (shingle_sets is None):
+        raise ValueError("verify_pairs needs exactly one of signatures= or shingle_sets=, got "
+                         + ("both" if signatures is not None else "neither"))
+    if signatures is not None:
+        sig = _signatures(signatures)
+        similarity = core._dedup_verify_pairs(p, _docs(docs, sig.shape[0]), sig, None, None,
+                                              _check_threads(num_threads))
+    else:
+        if isinstance(shingle_sets, Ragged):
+            values, offsets = shingle_sets.values, shingle_sets.offsets
+        elif isinstance(shingle_sets, tuple) and len(shingle_sets) == 2:
+            values, offsets = shingle_sets
+        else:
+            raise ValueError(f"shingle_sets must be a Ragged or a (values, offsets) tuple, got "
+                             f"{type(shingle_sets).__name__}")
+        values = _array("shingle_sets values", values, "a 1-D uint64 array")
+        if values.ndim != 1 or values.dtype != np.uint64:
+            raise ValueError(f"shingle_sets values must be a 1-D uint64 array, got dtype {values.dtype} "
+                             f"shape {values.shape}")
+        offsets = _ids("shingle_sets offsets", offsets)
+        if offsets.size < 1:
+            raise ValueError("shingle_sets offsets must have n + 1 >= 1 entries, got 0")
+        similarity = core._dedup_verify_pairs(p, _docs(docs, offsets.size - 1), None, np.ascontiguousarray(values),
+                                              offsets, _check_threads(num_threads))
+    return similarity, similarity >= threshold
+
+
+def connected_components(docs: int | np.ndarray, pairs: np.ndarray, *,
+                         scores: np.ndarray | None = None) -> np.ndarray:
+    """The document kept for each document's cluster: union-find over the duplicate pairs.
+
+    docs: the number of documents n (ids ``0..n-1``) or an (n,) array of distinct int64 ids. pairs:
+    (m, 2) integer ids of duplicate documents (exact and verified pairs). scores: optional (n,)
+    finite floats, one per document: each cluster keeps its highest score (``keep="longest"`` is the
+    lengths), ties -- and all documents without scores -- to the smallest id (``keep="first"``).
+
+    Returns (n,) int64: for each document (in the order of ``docs``), the id of the document its
+    cluster keeps; the kept documents are those equal to their own id.
+    """
+    if isinstance(docs, numbers.Integral) and not isinstance(docs, bool):
+        if docs < 0:
+            raise ValueError(f"docs must be a number of documents >= 0 or an array of ids, got {docs!r}")
+        ids, n = None, int(docs)
+    else:
+        ids = _ids("docs", docs)
+        n = ids.shape[0]
+    p = _pairs(pairs)
+    sc = None
+    if scores is not None:
+        sc = _array("scores", scores, f"an array of {n} finite floats")
+        if sc.shape != (n,) or sc.dtype.kind not in "iuf":
+            raise ValueError(f"scores must be {n} finite numbers, got dtype {sc.dtype} shape {sc.shape}")
+        sc = np.ascontiguousarray(sc, dtype=np.float64)
+        if not np.all(np.isfinite(sc)):
+            raise ValueError("scores must be finite (no NaN or inf)")
+    return core._dedup_connected_components(ids, n, p, sc)
 
 
 def _shingle_set(text: str, *, ngram: int = 5, shingle: str = "auto", strip_accents: bool = False,
