@@ -227,7 +227,7 @@ def test_stage_order_is_one_truth():
 
     from mlmix.cache import STAGE_NAMES
     from mlmix.cli import build_parser
-    from mlmix.pipeline import STAGES
+    from mlmix.engine import STAGES
 
     assert tuple(STAGE_NAMES) == tuple(STAGES)
     root = Path(__file__).resolve().parents[1]
@@ -240,5 +240,5 @@ def test_stage_order_is_one_truth():
     config_md = " ".join((root / "docs" / "config.md").read_text(encoding="utf-8").split())
     assert "read -> langid -> tokenize -> dedup -> mix -> pack" in config_md
     assert "Stages run in the order " + ", ".join(STAGES) in config_md
-    pipeline_doc = (root / "python" / "mlmix" / "pipeline.py").read_text(encoding="utf-8").splitlines()[0]
-    assert "read -> langid -> tokenize -> dedup -> mix -> pack" in pipeline_doc
+    engine_doc = (root / "python" / "mlmix" / "engine" / "__init__.py").read_text(encoding="utf-8").splitlines()[0]
+    assert "read -> langid -> tokenize -> dedup -> mix -> pack" in engine_doc

@@ -223,10 +223,10 @@ def test_sigkill_mlmix_build_at_random_moments(tmp_path):
 
 _KILL_BEFORE_MODES = """
 import os, signal, sys
-import mlmix.pipeline as pipeline
+import mlmix._atomic
 from mlmix.cli import main
 # SIGKILL where the build gives its files their usual modes (before the output's rename)
-pipeline._relax_modes = lambda root: os.kill(os.getpid(), signal.SIGKILL)
+mlmix._atomic.relax_modes = lambda root: os.kill(os.getpid(), signal.SIGKILL)
 sys.exit(main(["build", sys.argv[1], "--quiet"]))
 """
 

@@ -131,11 +131,11 @@ def test_dead_worker_of_the_on_the_fly_dataset(store):
 
 _BUILD = """
 import json, os, signal, sys
-import mlmix.pipeline as pipeline
+import mlmix.engine.local as local
 from mlmix.cli import main
 
 stage, how, cfg_path = sys.argv[1], sys.argv[2], sys.argv[3]
-real = getattr(pipeline, "_stage_" + stage)
+real = getattr(local, "run_" + stage)
 
 def failing(*args, **kwargs):
     if how == "raise":
@@ -144,7 +144,7 @@ def failing(*args, **kwargs):
         raise OSError(28, "No space left on device (injected)")
     os.kill(os.getpid(), signal.SIGKILL)
 
-setattr(pipeline, "_stage_" + stage, failing)
+setattr(local, "run_" + stage, failing)
 sys.exit(main(["build", cfg_path, "--quiet"]))
 """
 

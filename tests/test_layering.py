@@ -23,13 +23,6 @@ import textwrap
 
 PKG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "python", "mlmix")
 
-# TEMPORARY: modules that other engineers are rewriting right now (issue 23). Remove each one from this set as
-# soon as it passes; the test below fails when a listed module is clean or gone, so the set only shrinks.
-TEMPORARY_ALLOWLIST = {
-    "python/mlmix/pipeline.py",
-    "python/mlmix/ray_engine.py",
-}
-
 HEAVY = {"torch", "transformers", "tokenizers", "ray"}
 # where a module-level import of a HEAVY package is allowed (relative to python/mlmix, "/"-separated)
 HEAVY_ALLOWED_DIRS = ("torch/",)
@@ -265,16 +258,8 @@ def check_package(pkg_dir: str = PKG_DIR) -> dict[str, list[str]]:
 def test_no_module_reaches_into_another_or_imports_heavy_packages_eagerly():
     found = check_package()
     assert len(found) > 30, f"the checker found too few modules under {PKG_DIR}: {sorted(found)}"
-    bad = [v for path, vs in found.items() if path not in TEMPORARY_ALLOWLIST for v in vs]
+    bad = [v for vs in found.values() for v in vs]
     assert not bad, "layering violations (see tests/test_layering.py for the rules):\n" + "\n".join(bad)
-
-
-def test_temporary_allowlist_only_holds_modules_that_still_need_it():
-    found = check_package()
-    missing = sorted(p for p in TEMPORARY_ALLOWLIST if p not in found)
-    clean = sorted(p for p in TEMPORARY_ALLOWLIST if p in found and not found[p])
-    assert not missing, f"TEMPORARY_ALLOWLIST names modules that do not exist: {missing}"
-    assert not clean, f"these modules pass now: remove them from TEMPORARY_ALLOWLIST: {clean}"
 
 
 # --- the checker itself: it must catch what it is meant to catch ------------------------------------------------

@@ -516,10 +516,11 @@ def test_build_log_progress_lines_when_not_a_terminal(tmp_path, tok_path, data_p
     import io
 
     import mlmix
-    from mlmix import pipeline
+    from mlmix.engine import BuildLog
+    from mlmix.engine.stages import tokenize
 
     stream = io.StringIO()
-    log = pipeline.BuildLog(stream=stream, log_every=0.0)
+    log = BuildLog(stream=stream, log_every=0.0)
     assert log.mode == "lines" and not log.progress
     mlmix.build(_cfg(tmp_path, tok_path, data_path), log=log, use_cache=False)
     text = stream.getvalue()
@@ -531,11 +532,11 @@ def test_build_log_progress_lines_when_not_a_terminal(tmp_path, tok_path, data_p
                for line in text.splitlines()), text
     tok_line = next(line for line in text.splitlines() if line.startswith("tokenize") and "examples" in line)
     assert "tok/s encoding" in tok_line
-    assert pipeline.BuildLog(stream=io.StringIO(), progress=False).mode == "none"
-    assert pipeline.BuildLog(stream=io.StringIO(), progress=True).mode == "bars"
-    assert pipeline.BuildLog(stream=io.StringIO(), quiet=True).mode == "none"
-    line = pipeline._tokenize_line({"examples": 2, "tokens": 2_000_000, "loss_tokens": 10, "seconds": 10.0,
-                                    "encode_seconds": 1.0, "load_seconds": 8.5})
+    assert BuildLog(stream=io.StringIO(), progress=False).mode == "none"
+    assert BuildLog(stream=io.StringIO(), progress=True).mode == "bars"
+    assert BuildLog(stream=io.StringIO(), quiet=True).mode == "none"
+    line = tokenize.summary({"examples": 2, "tokens": 2_000_000, "loss_tokens": 10, "seconds": 10.0,
+                             "encode_seconds": 1.0, "load_seconds": 8.5})
     assert "2.0M tok/s encoding; tokenizer loaded in 8.5s" in line
 
 

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 import mlmix.ragged as ragged_mod
 import mlmix.store as store_mod
-from mlmix import dedup, pipeline
+from mlmix import dedup
+from mlmix.engine import BuildLog, local
 from mlmix.ragged import Ragged, RaggedWriter, is_mapped, take_spans
 from mlmix.store import write_store
 
@@ -118,10 +119,11 @@ def test_dedup_stage_equals_whole_corpus_dedup(tmp_path, monkeypatch, scope):
     alive = rng.random(len(texts)) < 0.9
     cfg = {"cache_dir": str(tmp_path / "cache"), "seed": 4,
            "dedup": {"exact": True, "near": True, "scope": scope, "threshold": 0.7, "num_perm": 64, "ngram": 2}}
-    monkeypatch.setattr(pipeline, "_DEDUP_CHUNK", 7)
+    monkeypatch.setattr(local, "CHUNK", 7)
     out = tmp_path / "out"
     out.mkdir()
-    stats = pipeline._stage_dedup(cfg, path, langs, alive, str(out), pipeline.BuildLog(quiet=True))
+    uids = np.arange(len(texts), dtype=np.int64)  # one source: uid = position
+    stats = local.run_dedup(cfg, path, langs, alive, uids, str(out), BuildLog(quiet=True))
     got = np.load(out / "keep.npy")
 
     # the reference: every alive text at once, as the stage did before it streamed
@@ -138,7 +140,7 @@ def test_dedup_stage_equals_whole_corpus_dedup(tmp_path, monkeypatch, scope):
     assert np.array_equal(got, want)
     assert stats["kept"] == int(want.sum())
     assert sum(stats["near_removed"].values()) > 0 and sum(stats["exact_removed"].values()) > 0
-    assert [e for e in os.listdir(cfg["cache_dir"]) if e.startswith(".scratch")] == []
+    assert not os.path.isdir(cfg["cache_dir"]) or [e for e in os.listdir(cfg["cache_dir"]) if e.startswith(".scratch")] == []
 
 
 @pytest.mark.parametrize("override", [False, True])
@@ -151,10 +153,10 @@ def test_langid_stage_in_chunks_equals_identify_over_all(tmp_path, monkeypatch, 
     langs = [None, "es", None, None, None, "it", None]
     path = _records(tmp_path, texts, langs)  # "lang": null where missing
     lcfg = {"backend": "py3langid", "threshold": 0.6, "unknown": "und", "override": override, "drop_unknown": True}
-    monkeypatch.setattr(pipeline, "_LANGID_CHUNK", 2)
+    monkeypatch.setattr(local, "CHUNK", 2)
     out = tmp_path / "out"
     out.mkdir()
-    stats = pipeline._stage_langid({"langid": lcfg}, path, str(out), pipeline.BuildLog(quiet=True))
+    stats = local.run_langid({"langid": lcfg}, path, str(out), BuildLog(quiet=True))
     got = json.loads((out / "langs.json").read_text())
 
     todo = [i for i, lang in enumerate(langs) if override or lang is None]
@@ -178,7 +180,7 @@ def test_stale_scratch_directories_are_removed(tmp_path):
     (cache / f".scratch-{dead_pid}-abc").mkdir(parents=True)
     (cache / f".scratch-{os.getpid()}-def").mkdir()
     (cache / ".scratch-notapid").mkdir()
-    pipeline._remove_stale_scratch(str(cache))
+    local.remove_stale_scratch(str(cache))
     assert sorted(os.listdir(cache)) == sorted([f".scratch-{os.getpid()}-def", ".scratch-notapid"])
 
 
@@ -191,11 +193,11 @@ def test_tokenize_stage_chunking_does_not_change_the_tokens(tmp_path, monkeypatc
                        "tokenizer": {"name": "qwen", "template": "chatml"}})
     outs = []
     for chunk, size in ((4096, 16 << 20), (3, 16 << 20), (4096, 100)):  # by count, by size
-        monkeypatch.setattr(pipeline, "_TOKENIZE_CHUNK", chunk)
-        monkeypatch.setattr(pipeline, "_CHUNK_BYTES", size)
+        monkeypatch.setattr(local, "CHUNK", chunk)
+        monkeypatch.setattr(local, "CHUNK_BYTES", size)
         out = tmp_path / f"t{chunk}-{size}"
         out.mkdir()
-        stats = pipeline._stage_tokenize(cfg, path, len(texts), str(out), pipeline.BuildLog(quiet=True))
+        stats = local.run_tokenize(cfg, path, len(texts), str(out), BuildLog(quiet=True))
         outs.append((stats, Ragged.load(str(out / "tokens")), Ragged.load(str(out / "loss_mask"))))
     (s0, t0, m0) = outs[0]
     assert len(t0) == len(texts) and s0["tokens"] == t0.values.size > 0

@@ -1,5 +1,6 @@
-"""The Ray engine: same output as the single-machine pipeline, byte for byte; a killed actor is retried;
-bad addresses and a missing extra give clear errors. One local Ray (2 CPUs) for the whole module."""
+"""The Ray executor: the same output as the local executor, byte for byte and stage by stage, with 1
+and 2 workers on either; a killed actor is retried; bad addresses and a missing extra give clear errors.
+One local Ray (2 CPUs) for the whole module."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="the Ray engine needs the optional extra mlmix[ray]")
 
 import mlmix
-from mlmix.ray_engine import build_ray, connect
+from mlmix.engine.ray import build_ray, connect
 from pipeline_data import base_config, parallel_rows, train_tiny_bpe, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,6 +96,69 @@ def test_same_mixture_and_store_as_single_machine_despite_a_killed_actor(tmp_pat
     assert sb["pack"]["shards"] == mlmix.open(b["store"]).num_shards > 1
 
 
+def _variant_config(root: str, tok_path: str, data_path: str) -> dict:
+    """py3langid for records without a language, exact + near dedup, the pinch recipe, shards of 16 rows:
+    every stage has work, and the same paths for every variant (build.json holds the config)."""
+    return {"output": os.path.join(root, "out"), "cache_dir": os.path.join(root, "cache"), "seed": 5,
+            "sources": [{"path": DEMO, "where": {"split": "train"}}, {"path": data_path}],
+            "dedup": {"exact": True, "near": True, "threshold": 0.8, "scope": "language"},
+            "mixture": {"recipe": "pinch", "n_multilingual": 11, "pivot": "en"},
+            "tokenizer": {"path": tok_path, "template": "chatml"},
+            "pack": {"seq_len": 512, "overlong": "truncate", "shard_sequences": 16}, "report": False}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tok_path, data_path):
+    """The local executor with one worker; its output moved aside so that each variant writes the same path."""
+    root = str(tmp_path_factory.mktemp("variants"))
+    cfg = _variant_config(root, tok_path, data_path)
+    mlmix.build(cfg, quiet=True, use_cache=False)
+    os.rename(cfg["output"], os.path.join(root, "reference"))
+    return root, os.path.join(root, "reference")
+
+
+@pytest.mark.parametrize("engine, workers", [("local", 2), ("ray", 1), ("ray", 2)])
+def test_every_stage_the_same_on_both_executors_with_1_and_2_workers(local_ray, tok_path, data_path, reference,
+                                                                      engine, workers):
+    """Against the local executor with 1 worker: each stage's statistics (records per source, languages
+    given and identified, tokens, exact and near removals per language, LSH candidate and verified pairs,
+    mixture targets, packing), then build.json byte for byte apart from "engine", and every file of the
+    output (store, mixture, lengths, languages, tokenizer)."""
+    import json
+
+    root, ref = reference
+    cfg = _variant_config(root, tok_path, data_path)
+    if engine == "local":
+        mlmix.build(cfg, quiet=True, use_cache=False, workers=workers)
+    else:
+        mlmix.build(cfg, engine="ray", quiet=True, concurrency=workers)
+    got = os.path.join(root, f"{engine}-{workers}")
+    os.rename(cfg["output"], got)
+    with open(os.path.join(ref, "build.json"), encoding="utf-8") as f:
+        want_text = f.read()
+    with open(os.path.join(got, "build.json"), encoding="utf-8") as f:
+        got_text = f.read()
+    want, have = json.loads(want_text), json.loads(got_text)
+    for stage in ("read", "langid", "tokenize", "dedup", "mix", "pack", "tokens_by_lang", "lengths"):
+        assert have["stages"][stage] == want["stages"][stage], stage
+    assert want["stages"]["dedup"]["lsh"]["verified_pairs"] > 0 and want["stages"]["langid"]["identified"] > 0
+    assert want["engine"] == "local" and have["engine"] == engine
+    assert got_text.replace(f'"engine": "{engine}"', '"engine": "local"') == want_text
+
+    def files(d: str) -> dict:
+        out = {}
+        for base, _, names in os.walk(d):
+            for n in names:
+                if n not in ("build.json", "timings.json", ".mlmix-output"):
+                    with open(os.path.join(base, n), "rb") as f:
+                        out[os.path.relpath(os.path.join(base, n), d)] = f.read()
+        return out
+
+    a, b = files(ref), files(got)
+    assert sorted(a) == sorted(b) and "store/tokens-00001.bin" in a
+    assert [k for k in a if a[k] != b[k]] == []
+
+
 def test_bad_arguments_are_clear(tmp_path, local_ray, tok_path, data_path, monkeypatch):
     cfg = base_config(str(tmp_path), tok_path, data_path)
     with pytest.raises(ValueError, match=r"address must be 'host:port'.*got 'not an address'"):
@@ -112,7 +176,7 @@ def test_bad_arguments_are_clear(tmp_path, local_ray, tok_path, data_path, monke
 def test_unreachable_cluster_gives_a_clear_error(tmp_path):
     """In a fresh process (the module's Ray is already initialised here)."""
     code = (
-        "from mlmix.ray_engine import connect, RayEngineError\n"
+        "from mlmix.engine.ray import connect, RayEngineError\n"
         "try:\n    connect('127.0.0.1:9')\n"
         "except RayEngineError as e:\n    print('ERR', e)\n"
     )
@@ -167,9 +231,8 @@ def test_mixture_from_block_reservoirs_equals_the_recipe_on_rows():
     import json
 
     import numpy as np
-    import pyarrow as pa
     from mlmix import recipes
-    from mlmix.ray_engine import _block_reservoirs, _merge_prefixes, _merge_summaries, _prefix_plan, _summarize_sources
+    from mlmix.engine.stages import mix
 
     rng = np.random.default_rng(4)
     langs = ["en", "de", "sw", "fi", "ar"]
@@ -179,10 +242,8 @@ def test_mixture_from_block_reservoirs_equals_the_recipe_on_rows():
         sid = f"s{i}" if "sw" in have else int(rng.integers(-2**62, 2**62))
         sources.append((json.dumps(sid), len(have), have[::-1]))
         rows += [{"id": sid, "lang": lang, "tokens": int(rng.integers(1, 500))} for lang in have]
-    table = pa.table({"sid": [s[0] for s in sources], "count()": [s[1] for s in sources],
-                      "unique(lang)": [s[2] for s in sources]})
-    blocks = [table.slice(lo, 70) for lo in range(0, table.num_rows, 70)]
-    summary = _merge_summaries(_summarize_sources(b) for b in blocks)
+    blocks = [sources[lo:lo + 70] for lo in range(0, len(sources), 70)]
+    summary = mix.merge(mix.summarize([s[0] for s in b], [s[1] for s in b], [s[2] for s in b]) for b in blocks)
     assert not summary["dups"] and not summary["bad"]
     tokens: dict = {}
     for r in rows:
@@ -190,9 +251,10 @@ def test_mixture_from_block_reservoirs_equals_the_recipe_on_rows():
     integer_groups = []
 
     def prefixes(active, quotas, seed):
-        plan = _prefix_plan(summary["groups"], active, quotas, seed)
+        plan = mix.prefix_plan(summary["groups"], active, quotas, seed)
         integer_groups.extend(plan["integer"])
-        return _merge_prefixes([_block_reservoirs(b, plan) for b in blocks], plan, list(quotas))
+        return mix.merge_prefixes([mix.reservoirs([s[0] for s in b], [s[2] for s in b], plan) for b in blocks], plan,
+                                  list(quotas))
 
     corpus = recipes.GroupedCorpus({g: c[0] for g, c in summary["groups"].items()}, tokens, prefixes)
     calls = [("pinch", dict(n_multilingual=30, pivot="en", languages=langs)),
@@ -213,8 +275,7 @@ def test_mixture_from_block_reservoirs_equals_the_recipe_on_rows():
 
 
 def test_mixture_errors_match_the_single_machine_engine(tmp_path, local_ray, tok_path):
-    """A (source id, language) given twice: the error of mlmix.build (the Ray one names records by
-    source:index)."""
+    """A (source id, language) given twice: the same error from both executors."""
     rows = [{"id": i, "lang": lang, "instruction": f"Question {i} in {lang}?", "response": f"Answer {i} {lang}."}
             for i in range(6) for lang in ("en", "de")]
     rows.append(dict(rows[2], response="Another answer, same id and language."))
@@ -224,6 +285,6 @@ def test_mixture_errors_match_the_single_machine_engine(tmp_path, local_ray, tok
                       dedup={"exact": False, "near": False}, langid={"backend": "none"})
     with pytest.raises(ValueError, match=r"source id '1' appears twice in language 'en' \(records 2 and 12\)"):
         mlmix.build(dict(cfg, cache_dir=str(tmp_path / "cache")), quiet=True, use_cache=False)
-    with pytest.raises(ValueError, match=r"source id '1' appears twice in language 'en' \(records 0:2 and 0:12\)"):
+    with pytest.raises(ValueError, match=r"source id '1' appears twice in language 'en' \(records 2 and 12\)"):
         build_ray(cfg, quiet=True, concurrency=1)
     assert not os.path.exists(cfg["output"])

@@ -48,18 +48,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return n
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
-    from .pipeline import build
+    from .engine import build
 
     progress = False if args.no_progress else None
-    if args.engine == "ray":
-        from .ray_engine import build_ray
-
-        summary = build_ray(args.config, address=args.address, num_cpus=args.num_cpus,
-                            quiet=args.quiet or args.json, verbose=args.verbose, progress=progress)
-    else:
-        summary = build(args.config, quiet=args.quiet or args.json, verbose=args.verbose, progress=progress,
-                        use_cache=not args.no_cache)
+    summary = build(args.config, engine=args.engine, workers=args.workers, address=args.address,
+                    num_cpus=args.num_cpus, quiet=args.quiet or args.json, verbose=args.verbose, progress=progress,
+                    use_cache=not args.no_cache)
     if args.json:
         summary = {k: v for k, v in summary.items() if k != "config"}
         _print_json(summary)
@@ -135,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the demo's budget)")
     p.set_defaults(func=_cmd_demo)
 
-    from .cache import STAGE_NAMES  # the stages in the order mlmix.pipeline runs them
+    from .cache import STAGE_NAMES  # the stages in the order mlmix.engine runs them
 
     p = sub.add_parser("build", help=f"run the pipeline a config describes: {', '.join(STAGE_NAMES)}",
                        description="Read the sources, identify languages, tokenize with the chat template, remove "
@@ -150,8 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress while stages run, only their summary lines (default: bars on a terminal or in a "
                         "notebook, a progress line every 15 s in a log)")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="run the stages in this process, or on Ray Data (pip install 'mlmix[ray]'; same output, "
-                        "no stage cache; see docs/ray.md) (default: %(default)s)")
+                   help="run the stages on this machine (with the stage cache), or on Ray Data (pip install "
+                        "'mlmix[ray]'; same output, no stage cache; see docs/ray.md) (default: %(default)s)")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="with --engine local: processes that run the stages' per-block work (langid, tokenize, "
+                        "dedup keys); same output for any number (default: %(default)s)")
     p.add_argument("--address", default=None,
                    help="with --engine ray: the cluster (host:port, ray://host:port or auto); default RAY_ADDRESS, "
                         "else a local cluster")

@@ -279,7 +279,7 @@ def run(out: str, *, seed: int = 0, steps: int = DEFAULT_STEPS, quiet: bool = Fa
     import torch
 
     from . import data
-    from .pipeline import build, load_tokenizer
+    from .engine import build, load_tokenizer
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")

@@ -458,7 +458,7 @@ def _samples_html(build_dir: str, tok_cfg: Mapping | None, n: int = 3, max_token
 
 
 def render_report(build_dir: str | os.PathLike, *, extra_sections: str = "", title: str | None = None) -> str:
-    """The HTML report of a build output directory (see :mod:`mlmix.pipeline`), as a string.
+    """The HTML report of a build output directory (see :mod:`mlmix.engine.stages.write`), as a string.
 
     ``extra_sections`` is HTML placed after the headline figures (the demo adds its training results).
     """
@@ -606,13 +606,25 @@ def _build_sections(build_dir: str, b: dict, *, h: int = 2, with_extra: str = ""
 
     sections.append(heading("Stages"))
     rows = []
-    from .pipeline import STAGES
+    from .engine import STAGES
 
+    timings = _timings(build_dir)
     for name in STAGES:
-        s = st.get(name, {})
+        # seconds when the stage was computed: timings.json; outputs written before it hold them in build.json
+        s = timings.get(name) or st.get(name, {})
         rows.append([name, f"{s.get('seconds', 0):.2f} s"])
     sections.append(html_table(["stage", "time when computed"], rows))
     return sections
+
+
+def _timings(build_dir: str) -> dict:
+    """The output's timings.json ({} when absent or unreadable: the timings are only informative)."""
+    try:
+        with open(os.path.join(build_dir, "timings.json"), encoding="utf-8") as f:
+            t = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return t if isinstance(t, dict) else {}
 
 
 def _page(title: str, subtitle: str, sections: Sequence[str]) -> str:

@@ -37,9 +37,6 @@ _ROW_BLOCK = 16_384  # fewest rows gathered and written at a time (most, from me
 _BLOCK_TOKENS = 1 << 22  # most tokens gathered at a time from memory-mapped inputs
 SHARD_TOKENS = 1 << 28  # default shard size: seq_len-token rows of 2**28 tokens (1 GiB of uint32 ids)
 SHARDED_ARRAYS = ("tokens", "loss_mask")  # the per-token arrays, split by rows into shard files
-# TEMPORARY (issue 23): ray_engine.py still calls store._check_shard_sequences; remove this alias once it calls
-# _checks.check_shard_sequences (or is replaced). Nothing else may use it.
-_check_shard_sequences = check_shard_sequences
 
 
 class StoreError(ValueError):

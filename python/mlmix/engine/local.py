@@ -1,0 +1,486 @@
+"""The local executor: the stages of :mod:`mlmix.engine.stages` over chunks of records, on this
+machine's cores, with the stage cache.
+
+It holds no stage logic: for each stage it reads the previous stage's cached output in chunks, hands
+each chunk to the stage's per-block function (in this process, or with ``workers > 1`` in a pool of
+worker processes, results taken back in order), combines the blocks' counts with the stage's ``merge``
+and ``finish``, and caches what the stage produced under its key (:mod:`mlmix.cache`), so a rerun
+redoes only the stages downstream of a change.
+
+Memory is bounded whatever the input size (docs/memory.md): records are read and written one chunk at
+a time, tokens and loss masks are appended to files chunk by chunk and memory-mapped afterwards, and
+packing gathers tokens one shard at a time. What stays in memory is a few arrays with one entry per
+record (language, flags, length, uid; for near dedup its band keys).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from ..cache import StageCache
+from ..ragged import Ragged, RaggedWriter
+from .log import BuildLog, peak_rss_mb, rate
+from .stages import dedup as s_dedup
+from .stages import langid as s_langid
+from .stages import mix as s_mix
+from .stages import pack as s_pack
+from .stages import read as s_read
+from .stages import tokenize as s_tok
+from .stages import write as s_write
+
+CHUNK = 4096  # records per block ...
+CHUNK_BYTES = 16 << 20  # ... or fewer, once they hold this much JSON (bounds memory for long records)
+
+
+# ---- blocks of records ---------------------------------------------------------------------------
+def iter_lines(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        yield from f
+
+
+def chunks(lines: Iterable[bytes], size: int | None = None, nbytes: int | None = None) -> Iterator[list[bytes]]:
+    """Lines in blocks of at most ``size`` lines or about ``nbytes`` bytes (whichever comes first)."""
+    size = size or CHUNK
+    nbytes = nbytes or CHUNK_BYTES
+    block: list[bytes] = []
+    held = 0
+    for line in lines:
+        block.append(line)
+        held += len(line)
+        if len(block) >= size or held >= nbytes:
+            yield block
+            block, held = [], 0
+    if block:
+        yield block
+
+
+def parse(lines: list[bytes]) -> list[dict]:
+    return [json.loads(line) for line in lines]
+
+
+_WORKER: dict[str, Any] = {}  # per worker process: what its initializer loaded
+
+
+def _init_labeler(lcfg: Mapping) -> None:
+    _WORKER["labeler"] = s_langid.Labeler(lcfg)
+
+
+def _label(lines: list[bytes]) -> dict:
+    return _WORKER["labeler"](parse(lines))
+
+
+def _init_encoder(tcfg: Mapping) -> None:
+    _WORKER["tokenizer"] = s_tok.load_tokenizer(tcfg)
+    _WORKER["tcfg"] = dict(tcfg)
+
+
+def _encode(lines: list[bytes]) -> tuple:
+    t0 = time.perf_counter()
+    tokens, masks, stats = s_tok.encode_records(_WORKER["tokenizer"], parse(lines), _WORKER["tcfg"])
+    return tokens, masks, stats, time.perf_counter() - t0
+
+
+def _init_keys(dd: Mapping) -> None:
+    _WORKER["dd"] = dict(dd)
+
+
+def _keys(args: tuple) -> dict:
+    lines, langs = args
+    from ..readers import record_text
+
+    return s_dedup.keys([record_text(r) for r in parse(lines)], langs, _WORKER["dd"])
+
+
+def ordered_map(fn: Callable, init: Callable, initargs: tuple, items: Iterable, workers: int) -> Iterator:
+    """``fn`` over ``items`` in order: in this process, or in ``workers`` processes (each ran ``init``),
+    with at most ``2 * workers`` items in flight."""
+    if workers <= 1:
+        init(*initargs)
+        try:
+            for item in items:
+                yield fn(item)
+        finally:
+            _WORKER.clear()
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    from collections import deque
+
+    # fork on Linux: a script that calls mlmix.build without an ``if __name__ == "__main__"`` guard still
+    # works (spawn and forkserver import the caller's main module again); the workers load their own
+    # models in ``init``, after the fork
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=init, initargs=initargs) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# ---- the stages, run locally ---------------------------------------------------------------------
+def run_read(cfg: dict, out: str, log: BuildLog) -> dict:
+    counts = None
+    with open(os.path.join(out, "records.jsonl"), "w", encoding="utf-8") as f, log.bar("read") as bar:
+        for i, src in enumerate(cfg["sources"]):
+            uids, given, kinds = [], [], []
+            for uid, rec in s_read.records(i, src):
+                f.write(json.dumps(rec, ensure_ascii=False))
+                f.write("\n")
+                uids.append(uid)
+                given.append(rec["lang"])
+                kinds.append("text" in rec)
+                bar.update()
+                if len(uids) >= CHUNK:
+                    counts = s_read.merge(counts, s_read.count(np.array(uids), given, kinds))
+                    uids, given, kinds = [], [], []
+            counts = s_read.merge(counts, s_read.count(np.array(uids, dtype=np.int64), given, kinds))
+    return s_read.finish(counts, cfg["sources"])
+
+
+def run_langid(cfg: dict, records_path: str, out: str, log: BuildLog, workers: int = 1) -> dict:
+    lcfg = cfg["langid"]
+    langs: list[str] = []
+    alive: list[np.ndarray] = []
+    counts = None
+    with log.bar("langid") as bar:
+        for block in ordered_map(_label, _init_labeler, (lcfg,), chunks(iter_lines(records_path)), workers):
+            langs += [sys.intern(x) for x in block["lang"]]
+            alive.append(block["alive"])
+            counts = s_langid.merge(counts, s_langid.count(block))
+            bar.update(len(block["lang"]))
+    s_write.write_json(os.path.join(out, "langs.json"), langs)
+    np.save(os.path.join(out, "keep.npy"), np.concatenate(alive) if alive else np.zeros(0, bool))
+    return s_langid.finish(counts, lcfg)
+
+
+def run_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log: BuildLog, workers: int = 1) -> dict:
+    """Tokens and loss masks of every record, streamed to ``out/tokens`` and ``out/loss_mask`` block by
+    block (memory: a few blocks of records and their encodings, plus 8 bytes of length per record)."""
+    tcfg = cfg["tokenizer"]
+    t_load = time.perf_counter()
+    tokenizer = s_tok.load_tokenizer(tcfg)
+    load_seconds = time.perf_counter() - t_load
+    counts = None
+    encode_seconds = 0.0  # in the encoder only: the rate people compare tokenizers by
+    with log.bar("tokenize", total=n_records) as bar, \
+            RaggedWriter(os.path.join(out, "tokens"), np.uint32) as tok_out, \
+            RaggedWriter(os.path.join(out, "loss_mask"), np.uint8) as mask_out:
+        if workers <= 1:  # the tokenizer loaded above encodes
+            init, initargs = (lambda: _WORKER.update(tokenizer=tokenizer, tcfg=dict(tcfg))), ()
+        else:
+            init, initargs = _init_encoder, (tcfg,)
+        for t, m, st, sec in ordered_map(_encode, init, initargs, chunks(iter_lines(records_path)), workers):
+            encode_seconds += sec
+            tok_out.append(t)
+            mask_out.append(m)
+            counts = s_tok.merge(counts, s_tok.count(t, m, st))
+            bar.set_postfix_str(rate(counts["tokens"], encode_seconds, "tok").lstrip(", ") + " encoding")
+            bar.update(len(t))
+    if "name" not in tcfg:  # a bundled tokenizer is found again by its name (saves writing ~7 MB)
+        s_tok.save_tokenizer(tokenizer, os.path.join(out, "tokenizer.json"))
+    stats = s_tok.finish(counts, tokenizer)
+    s_tok.forget(tokenizer)
+    return dict(stats, load_seconds=load_seconds, encode_seconds=encode_seconds)
+
+
+def run_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarray, uids: np.ndarray, out: str,
+              log: BuildLog, workers: int = 1) -> dict:
+    """Exact then near duplicates among the ``alive`` records (:mod:`mlmix.engine.stages.dedup`)."""
+    dcfg = cfg["dedup"]
+    keep = alive.copy()
+    result = s_dedup.nothing()
+    if dcfg["exact"] or dcfg["near"]:
+        dd = s_dedup.params(cfg)
+        idx = np.flatnonzero(alive)
+
+        def alive_blocks() -> Iterator[tuple[list[bytes], list[str]]]:
+            it = iter(enumerate(iter_lines(records_path)))
+            want = iter(idx.tolist())
+            nxt = next(want, None)
+            block: list[bytes] = []
+            bl: list[str] = []
+            held = 0
+            for k, line in it:
+                if k != nxt:
+                    continue
+                block.append(line)
+                bl.append(langs[k])
+                held += len(line)
+                nxt = next(want, None)
+                if len(block) >= CHUNK or held >= CHUNK_BYTES:
+                    yield block, bl
+                    block, bl, held = [], [], 0
+                if nxt is None:
+                    break
+            if block:
+                yield block, bl
+
+        with log.bar("dedup", total=idx.size) as bar:
+            parts = []
+            for part in ordered_map(_keys, _init_keys, (dd,), alive_blocks(), workers):
+                parts.append(part)
+                bar.update(len(part["h"]))
+        sub_uids = uids[idx]
+        sub_langs = [langs[i] for i in idx]
+        blocks = s_dedup.concat(parts, sub_uids)
+        del parts
+
+        def shingles(wanted: np.ndarray):
+            """Shingle sets of the records whose uid is in ``wanted`` (a second pass over the texts)."""
+            from ..readers import record_text
+
+            pos = set(np.searchsorted(uids, wanted).tolist())
+            texts, got = [], []
+            for k, line in enumerate(iter_lines(records_path)):
+                if k in pos:
+                    texts.append(record_text(json.loads(line)))
+                    got.append(uids[k])
+            return np.asarray(got, dtype=np.int64), s_dedup.shingle_sets(texts, dd)
+
+        result = s_dedup.resolve(blocks, sub_langs, dd, shingles)
+        keep[idx[np.isin(sub_uids, result["removed"])]] = False
+    np.save(os.path.join(out, "keep.npy"), keep)
+    return s_dedup.finish(result, s_write.by_lang([langs[i] for i in np.flatnonzero(keep)]))
+
+
+def run_mix(cfg: dict, records_path: str, langs: list[str], keep: np.ndarray, lengths: np.ndarray, uids: np.ndarray,
+            out: str, log: BuildLog) -> dict:
+    mcfg = cfg["mixture"]
+    s_mix.check(mcfg)
+    idx = np.flatnonzero(keep)
+    mixture = None
+    if mcfg["recipe"] == "all":
+        selected = idx
+    else:
+        # the groupby by source id, in memory: {id as JSON: [records, {languages}]}
+        sid_of = np.empty(len(langs), dtype=object)
+        for k, line in enumerate(iter_lines(records_path)):
+            if keep[k]:
+                sid_of[k] = json.dumps(json.loads(line).get("id"))
+        by_sid: dict[str, list] = {}
+        for i in idx.tolist():
+            e = by_sid.setdefault(sid_of[i], [0, set()])
+            e[0] += 1
+            e[1].add(langs[i])
+        sids = list(by_sid)
+        langsets = [by_sid[s][1] for s in sids]
+        blocks = [slice(lo, lo + CHUNK) for lo in range(0, len(sids), CHUNK)]
+        summary = s_mix.merge(s_mix.summarize(sids[b], [by_sid[s][0] for s in sids[b]], langsets[b]) for b in blocks)
+        if summary["dups"]:
+            dup = set(summary["dups"])
+            rows = [i for i in idx.tolist() if sid_of[i] in dup]
+            n_src = len(cfg["sources"])
+            s_mix.duplicate_error(uids[rows], [sid_of[i] for i in rows], [langs[i] for i in rows],
+                                  lambda u: s_read.uid_name(u, n_src))
+        s_mix.check_ids(summary)
+        lang_tokens = s_write.by_lang([langs[i] for i in idx], lengths[idx])
+
+        def prefixes(plan: Mapping) -> dict:
+            return s_mix.merge_prefixes((s_mix.reservoirs(sids[b], langsets[b], plan) for b in blocks), plan,
+                                        [frozenset(g) for g in plan["groups"]])
+
+        mixture = s_mix.run_recipe(mcfg, summary, lang_tokens, prefixes)
+        want = s_mix.selected_keys(mixture)
+        selected = np.array([i for i in idx.tolist() if (sid_of[i], langs[i]) in want], dtype=np.int64)
+        if len(selected) != len(mixture.rows):
+            raise RuntimeError(f"mixture: {len(mixture.rows)} rows were selected but {len(selected)} records found")
+        mixture.save(os.path.join(out, "mixture.json"))
+    np.save(os.path.join(out, "selected.npy"), selected.astype(np.int64))
+    return s_mix.stats(mcfg, [langs[i] for i in selected], mixture)
+
+
+def run_pack(cfg: dict, tokens: Ragged, masks: Ragged, selected: np.ndarray, langs: list[str], tok_stats: Mapping,
+             out_store: str, workers: int = 1) -> dict:
+    """The store of the selected examples: the plan, then each shard from its examples' tokens."""
+    from .._atomic import atomic_directory
+
+    lengths = tokens.lengths[selected]
+    pol, n_over = s_pack.policy(cfg["pack"], lengths)
+    plan = s_pack.plan(cfg["pack"], lengths, pol, cfg["seed"])
+    per, bounds, shard_examples = s_pack.shards(cfg["pack"], plan)
+    with atomic_directory(out_store, kind="store", arg="output") as tmp:
+        specs = [s_pack.write_shard(tmp, k, plan, bounds, ex, selected[ex], tokens.values, tokens.offsets,
+                                    masks.values) for k, ex in enumerate(shard_examples)]
+        return s_pack.write_index(tmp, cfg, plan, specs, langs, tok_stats["pad_id"], per, tok_stats["vocab"], pol,
+                                  n_over)
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+def cached_stage(cache: StageCache, log: BuildLog, name: str, key: str, run: Callable[[str], dict],
+                 summary: Callable[[dict], str], timings: dict) -> tuple[str, dict]:
+    t0 = time.perf_counter()
+    d = cache.load(name, key)
+    cached = d is not None
+    if not cached:
+        def write(tmp: str) -> None:
+            stats = run(tmp)
+            stats["seconds"] = time.perf_counter() - t0
+            s_write.write_json(os.path.join(tmp, "stats.json"), stats)
+
+        d = cache.save(name, key, write)
+    stats = s_write.read_json(os.path.join(d, "stats.json"))
+    seconds = time.perf_counter() - t0
+    timings[name] = {"seconds": seconds, "cached": cached, "peak_rss_mb": peak_rss_mb()}
+    log.stage(name, summary(stats), seconds, cached)
+    log.detail(f"cache {d}")
+    _log_peak(log, timings[name])
+    return d, stats
+
+
+def _log_peak(log: BuildLog, timing: Mapping) -> None:
+    if timing.get("peak_rss_mb") is not None:
+        log.detail(f"peak memory so far {timing['peak_rss_mb']:,.0f} MB")
+
+
+def load_ragged(path: str) -> Ragged:
+    """A cached Ragged: values memory-mapped, offsets in memory (8 bytes per record)."""
+    return Ragged(np.load(os.path.join(path, "values.npy"), mmap_mode="r"), np.load(os.path.join(path, "offsets.npy")))
+
+
+def run(cfg: dict, log: BuildLog, *, use_cache: bool = True, workers: int = 1) -> dict:
+    """Run the build a loaded, checked config describes; return its summary."""
+    from .._atomic import atomic_directory
+
+    cache = StageCache(cfg["cache_dir"], enabled=True)
+    remove_stale_scratch(cfg["cache_dir"])
+    if not use_cache:
+        cache.enabled = False
+    t_start = time.perf_counter()
+    timings: dict = {}
+
+    k_read = s_read.key(cfg)
+    d_read, st_read = cached_stage(cache, log, "read", k_read, lambda tmp: run_read(cfg, tmp, log), s_read.summary,
+                                   timings)
+    records_path = os.path.join(d_read, "records.jsonl")
+    uids = s_read.uids_of([s["records"] for s in st_read["sources"]])
+
+    k_lid = s_langid.key(k_read, cfg["langid"])
+    d_lid, st_lid = cached_stage(cache, log, "langid", k_lid,
+                                 lambda tmp: run_langid(cfg, records_path, tmp, log, workers), s_langid.summary, timings)
+    # one shared str per language code, not one per record (json makes a new str for every entry)
+    langs: list[str] = [sys.intern(lang) for lang in s_write.read_json(os.path.join(d_lid, "langs.json"))]
+    alive = np.load(os.path.join(d_lid, "keep.npy"))
+
+    tcfg = cfg["tokenizer"]
+    k_tok = s_tok.key(k_read, tcfg)
+    d_tok, st_tok = cached_stage(cache, log, "tokenize", k_tok,
+                                 lambda tmp: run_tokenize(cfg, records_path, st_read["records"], tmp, log, workers),
+                                 s_tok.summary, timings)
+    tokens_all = load_ragged(os.path.join(d_tok, "tokens"))
+    masks_all = load_ragged(os.path.join(d_tok, "loss_mask"))
+    lengths_all = tokens_all.lengths
+    alive = alive & (lengths_all > 0)  # records the tokenizer's truncation policy dropped are empty
+
+    k_dd = s_dedup.key(k_lid, k_tok if "max_length" in tcfg else None, cfg["dedup"], cfg["seed"])
+    d_dd, st_dd = cached_stage(cache, log, "dedup", k_dd,
+                               lambda tmp: run_dedup(cfg, records_path, langs, alive, uids, tmp, log, workers),
+                               s_dedup.summary, timings)
+    keep = np.load(os.path.join(d_dd, "keep.npy"))
+
+    k_mix = s_mix.key(k_dd, k_tok, cfg["mixture"])
+    d_mix, st_mix = cached_stage(cache, log, "mix", k_mix,
+                                 lambda tmp: run_mix(cfg, records_path, langs, keep, lengths_all, uids, tmp, log),
+                                 s_mix.summary, timings)
+    selected = np.load(os.path.join(d_mix, "selected.npy"))
+
+    # pack + write (the output directory itself is the cache of this stage)
+    k_pack = s_pack.key(k_mix, k_tok, cfg["pack"], cfg["seed"])
+    out = cfg["output"]
+    summary = s_write.load_existing(out, k_pack, log) if use_cache else None
+    t0 = time.perf_counter()
+    if summary is not None:
+        s_write.sync_report(out, cfg["report"], k_pack, summary.get("engine", "local"))
+        timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": True, "peak_rss_mb": peak_rss_mb()}
+        log.stage("pack", s_pack.summary(summary["stages"]["pack"]), 0.0, True)
+    else:
+        sel_langs = [langs[i] for i in selected]
+        stages = {"read": st_read, "langid": st_lid, "tokenize": st_tok, "dedup": st_dd, "mix": st_mix,
+                  "tokens_by_lang": {
+                      "read": s_write.by_lang(langs, lengths_all),
+                      "dedup": s_write.by_lang([langs[i] for i in np.flatnonzero(keep)], lengths_all[keep]),
+                      "mix": s_write.by_lang(sel_langs, lengths_all[selected])},
+                  "lengths": s_write.length_summary(lengths_all[selected], sel_langs)}
+        with atomic_directory(out, kind="build") as tmp:
+            st_pack = run_pack(cfg, tokens_all, masks_all, selected, sel_langs, st_tok, os.path.join(tmp, "store"),
+                               workers)
+            st_pack["seconds"] = time.perf_counter() - t0
+            stages["pack"] = st_pack
+            timings["pack"] = {"seconds": time.perf_counter() - t0, "cached": False, "peak_rss_mb": peak_rss_mb()}
+            summary = s_write.summary_of(cfg, k_pack, stages, "local")
+            mixture_path = os.path.join(d_mix, "mixture.json")
+            tok_path = os.path.join(d_tok, "tokenizer.json")
+            mixture = None
+            if os.path.isfile(mixture_path):
+                from ..recipes import Mixture
+
+                mixture = Mixture.load(mixture_path)
+            s_write.assemble(tmp, summary, stage_timings(timings, {"read": st_read, "langid": st_lid,
+                                                                   "tokenize": st_tok, "dedup": st_dd,
+                                                                   "mix": st_mix, "pack": st_pack}),
+                             lengths_all[selected], sel_langs, mixture=mixture,
+                             tokenizer_json=tok_path if os.path.isfile(tok_path) else None)
+        log.stage("pack", s_pack.summary(st_pack), timings["pack"]["seconds"], False)
+        _log_peak(log, timings["pack"])
+        log.detail(f"output {out} (key {k_pack})")
+    for entry in cache.discarded:
+        log.line(f"warning: cache entry {entry} was corrupt and has been recomputed")
+    summary = dict(summary)
+    summary["timings"] = timings
+    summary["seconds"] = time.perf_counter() - t_start
+    summary["cache_discarded"] = list(cache.discarded)
+    return summary
+
+
+def stage_timings(timings: Mapping, stats: Mapping[str, Mapping]) -> dict:
+    """timings.json: per stage, the seconds it took when it was computed (from its statistics) and in
+    this run, and the peak memory."""
+    out = {}
+    for name, t in timings.items():
+        s = stats.get(name, {})
+        out[name] = dict(t, **{k: s[k] for k in s_write.TIMING_KEYS if k in s})
+    return out
+
+
+_SCRATCH = ".scratch-"  # + pid + "-" + random: scratch directories in cache_dir (dot: the cache ignores them)
+
+
+def remove_stale_scratch(cache_dir: str) -> None:
+    """Remove scratch directories left by builds that were killed (their process no longer exists)."""
+    try:
+        names = os.listdir(cache_dir)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_SCRATCH):
+            continue
+        try:
+            pid = int(name[len(_SCRATCH):].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+        except (ValueError, OSError):  # not ours, or a live process we may not signal: leave it
+            pass
+
+
+@contextlib.contextmanager
+def scratch_dir(cache_dir: str) -> Iterator[str]:
+    """A temporary directory next to the cache (same filesystem, out of /tmp's RAM disk), removed after."""
+    os.makedirs(cache_dir, exist_ok=True)
+    d = tempfile.mkdtemp(prefix=f"{_SCRATCH}{os.getpid()}-", dir=cache_dir)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

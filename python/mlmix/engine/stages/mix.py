@@ -1,0 +1,218 @@
+"""Stage ``mix``: the mixture recipe over the (source id, language) rows that survived dedup.
+
+Recipe ``all`` keeps every surviving record. The other recipes (an exact max-flow assignment of sources
+to languages) run over counts, never over one row per record (:class:`mlmix.recipes.GroupedCorpus`):
+
+1. Records are grouped by source id (a groupby: a dict in one process, a shuffle on Ray) into one row
+   per source: its id (as JSON), its number of records and its languages.
+2. Each block of those rows is :func:`summarize`\\ d: its sources counted per language set; the
+   summaries :func:`merge` exactly. The recipe computes its targets and per-group quotas from them and
+   the tokens per language.
+3. Each availability group's chosen sources are the first k in a seeded hash order, i.e. a bottom-k:
+   each block keeps its bottom-k per group (:func:`reservoirs`: a ``StratifiedReservoir`` for integer
+   ids, the recipe's hashed key for string ids) and :func:`merge_prefixes` merges them exactly, so only
+   k ids per group and block travel.
+4. The selected (source id, language) pairs are picked out of the records.
+
+Both executors run exactly these functions; they differ only in how the rows reach them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import pickle
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ...cache import stage_key
+from ..log import fmt_langs
+
+VERSION = 1
+
+
+def key(k_dedup: str, k_tok: str, mcfg: Mapping) -> str:
+    return stage_key("mix", VERSION, k_dedup, k_tok, mcfg)
+
+
+def recipe_params(mcfg: Mapping) -> dict:
+    return {k: v for k, v in mcfg.items() if k not in ("recipe", "seed")}
+
+
+def check(mcfg: Mapping) -> None:
+    if mcfg["recipe"] == "all" and recipe_params(mcfg):
+        raise ValueError(f"mixture: recipe 'all' takes no parameters, got {sorted(recipe_params(mcfg))}")
+
+
+def _is_int_id(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def summarize(sids: Sequence[str], counts: Sequence[int], langsets: Sequence[Iterable[str]]) -> dict:
+    """One block of per-source rows (id as JSON, records, languages) counted per language set.
+
+    ``groups``: {sorted language tuple: [sources, of which integer ids]}; ``dups``: ids with a language
+    twice; ``bad``/``big``: ids that are not int/str, or ints outside int64."""
+    groups: dict[tuple, list[int]] = {}
+    dups, bad, big = [], [], []
+    for sid, n, langs in zip(sids, counts, langsets):
+        key_ = tuple(sorted(langs))
+        if n != len(key_):
+            dups.append(sid)
+        x = json.loads(sid)
+        is_int = _is_int_id(x)
+        if not is_int and not isinstance(x, str):
+            bad.append(x)
+        elif is_int and not -(1 << 63) <= x < (1 << 63):
+            big.append(x)
+        c = groups.setdefault(key_, [0, 0])
+        c[0] += 1
+        c[1] += is_int
+    return {"groups": groups, "dups": dups, "bad": bad, "big": big}
+
+
+def merge(parts: Iterable[Mapping]) -> dict:
+    out: dict = {"groups": {}, "dups": [], "bad": [], "big": []}
+    for p in parts:
+        for key_, (n, n_int) in p["groups"].items():
+            c = out["groups"].setdefault(key_, [0, 0])
+            c[0] += n
+            c[1] += n_int
+        for k in ("dups", "bad", "big"):
+            out[k] += p[k]
+    return out
+
+
+def check_ids(summary: Mapping) -> None:
+    if summary["bad"]:
+        raise ValueError(f"mixture: source id {summary['bad'][0]!r} is neither an int nor a string; recipes need "
+                         "int or str source ids (set the sources' id_field), or use recipe 'all'")
+    if summary["big"]:
+        raise ValueError(f"mixture: source id {summary['big'][0]!r} is not in [-2**63, 2**63); the mixture needs "
+                         "64-bit signed integer (or string) ids")
+
+
+def duplicate_error(uids: np.ndarray, sids: Sequence[str], langs: Sequence[str], name: Callable[[int], str]) -> None:
+    """Raise the error for the first record (in uid order) whose (source id, language) an earlier record
+    has, given the records of the duplicated source ids."""
+    first: dict = {}
+    for k in np.argsort(np.asarray(uids, dtype=np.int64), kind="stable").tolist():
+        sid, lang, uid = sids[k], langs[k], int(uids[k])
+        if (sid, lang) in first:
+            raise ValueError(
+                f"mixture: source id {json.loads(sid)!r} appears twice in language {lang!r} (records "
+                f"{name(first[(sid, lang)])} and {name(uid)}); recipes need one example per "
+                "(source id, language): set the sources' id_field to an id shared only by translations, "
+                "or use recipe 'all'")
+        first[(sid, lang)] = uid
+    raise RuntimeError("mixture: a duplicate (source id, language) was counted but not found (a lost block?)")
+
+
+def prefix_plan(summary_groups: Mapping, active: list, quotas: Mapping, seed: int) -> dict:
+    """What each block needs: the active languages, the groups (in ``quotas`` order) with their quotas,
+    and whether each group's ids are all integers (then the recipe orders it by reservoir keys)."""
+    act = frozenset(active)
+    n_int: Counter = Counter()
+    n_all: Counter = Counter()
+    for key_, (n, k_int) in summary_groups.items():
+        g = frozenset(key_) & act
+        n_all[g] += n
+        n_int[g] += k_int
+    return {"active": sorted(act), "groups": [sorted(g) for g in quotas], "quotas": list(quotas.values()),
+            "integer": [n_int[g] == n_all[g] for g in quotas], "seed": seed}
+
+
+def reservoirs(sids: Sequence[str], langsets: Sequence[Iterable[str]], plan: Mapping) -> dict[int, bytes]:
+    """Each availability group's bottom-k sources of one block, by the recipe's seeded key:
+    {group index: pickled reservoir (integer ids) or sorted id list}."""
+    act = frozenset(plan["active"])
+    index = {frozenset(g): gi for gi, g in enumerate(plan["groups"])}
+    ids_of: dict[int, list] = {}
+    for sid, langs in zip(sids, langsets):
+        gi = index.get(frozenset(langs) & act)
+        if gi is not None:
+            ids_of.setdefault(gi, []).append(json.loads(sid))
+    return {gi: pickle.dumps(_reservoir(ids, plan, gi)) for gi, ids in ids_of.items()}
+
+
+def _reservoir(ids: list, plan: Mapping, gi: int):
+    from ... import recipes
+    from ...sample import StratifiedReservoir
+
+    k, seed = plan["quotas"][gi], plan["seed"]
+    if plan["integer"][gi]:
+        r = StratifiedReservoir({recipes.ASSIGN_STRATUM: k}, seed=seed)
+        r.add(np.full(len(ids), recipes.ASSIGN_STRATUM, dtype=np.uint64), np.array(ids, dtype=np.int64))
+        return r
+    return heapq.nsmallest(k, ids, key=lambda x: recipes.assign_order_key(seed, x))
+
+
+def _merge_reservoir(acc, part, plan: Mapping, gi: int):
+    from ... import recipes
+
+    if acc is None:
+        return part
+    if plan["integer"][gi]:
+        return acc.merge(part)
+    seed = plan["seed"]
+    return heapq.nsmallest(plan["quotas"][gi], acc + part, key=lambda x: recipes.assign_order_key(seed, x))
+
+
+def merge_prefixes(parts: Iterable[Mapping[int, bytes]], plan: Mapping, order: list) -> dict:
+    """Merge the blocks' reservoirs into each group's ordered prefix ({group: [ids]})."""
+    from ... import recipes
+
+    merged: dict[int, Any] = {}
+    for part in parts:
+        for gi, raw in part.items():
+            merged[gi] = _merge_reservoir(merged.get(gi), pickle.loads(raw), plan, gi)
+    out = {}
+    for gi, g in enumerate(order):
+        got = merged.get(gi)
+        if got is None:
+            out[g] = []
+        elif plan["integer"][gi]:
+            out[g] = got.result()[recipes.ASSIGN_STRATUM].tolist()
+        else:
+            out[g] = list(got)
+    return out
+
+
+def run_recipe(mcfg: Mapping, summary: Mapping, lang_tokens: Mapping[str, int],
+               prefixes: Callable[[Mapping], dict]):
+    """The recipe's Mixture over counts. ``prefixes(plan)`` returns the merged group prefixes of a
+    :func:`prefix_plan` (the executor runs :func:`reservoirs` over its blocks and :func:`merge_prefixes`)."""
+    from ... import recipes
+
+    groups = {g: c[0] for g, c in summary["groups"].items()}
+
+    def group_prefixes(active: list, quotas: dict, seed: int) -> dict:
+        plan = prefix_plan(summary["groups"], active, quotas, seed)
+        return prefixes(plan)
+
+    corpus = recipes.GroupedCorpus(groups, dict(lang_tokens), group_prefixes)
+    recipe = getattr(recipes, mcfg["recipe"])
+    try:
+        return recipe(corpus, seed=mcfg["seed"], **recipe_params(mcfg))
+    except TypeError as exc:
+        raise ValueError(f"mixture: bad parameters for recipe {mcfg['recipe']!r}: {exc}") from exc
+
+
+def selected_keys(mixture) -> set[tuple[str, str]]:
+    """The (source id as JSON, language) pairs a mixture selected."""
+    return {(json.dumps(sid), str(lang)) for sid, lang in mixture.rows}
+
+
+def stats(mcfg: Mapping, sel_langs: Sequence[str], mixture) -> dict:
+    from .write import by_lang
+
+    target = {str(k): int(v) for k, v in mixture.targets.items()} if mixture is not None else None
+    return {"recipe": mcfg["recipe"], "params": recipe_params(mcfg), "seed": mcfg["seed"],
+            "examples": len(sel_langs), "langs": by_lang(sel_langs), "target": target or None}
+
+
+def summary(s: Mapping) -> str:
+    return f"recipe {s['recipe']}: {s['examples']:,} examples {fmt_langs(s['langs'])}"

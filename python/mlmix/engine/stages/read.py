@@ -1,0 +1,80 @@
+"""Stage ``read``: every source into canonical records (:mod:`mlmix.readers`).
+
+A record's identity across the build is its ``uid = source index << 40 | position in the source``
+(int64). It sorts like the order in which one process reads the sources, so "the first seen" means the
+same thing whichever executor ran the stage and however the records were split into blocks.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from ... import readers
+from ...cache import stage_key
+from ..log import rate
+
+VERSION = 2
+UID_SHIFT = 40  # 2**40 records per source, 2**23 sources
+
+
+def key(cfg: Mapping) -> str:
+    """What a source reads is its settings and its files' fingerprints; where this build writes is not part of it."""
+    fingerprints = [readers.source_fingerprint(s, cfg["fingerprint"]) for s in cfg["sources"]]
+    return stage_key("read", VERSION, [{k: v for k, v in s.items() if k != "exclude"} for s in cfg["sources"]],
+                     fingerprints)
+
+
+def source_name(src: Mapping) -> str:
+    return src.get("name") or src["path"]
+
+
+def records(index: int, src: Mapping) -> Iterator[tuple[int, dict]]:
+    """(uid, canonical record) of source ``index``, in the source's order."""
+    base = index << UID_SHIFT
+    for pos, rec in enumerate(readers.iter_source(src)):
+        yield base | pos, rec
+
+
+def uids_of(per_source: Sequence[int]) -> np.ndarray:
+    """The uids of every record, in order, from the number of records of each source."""
+    parts = [(np.int64(i) << UID_SHIFT) + np.arange(n, dtype=np.int64) for i, n in enumerate(per_source)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def uid_name(uid: int, num_sources: int) -> str:
+    """How errors name a record: its position (one source), else ``source:position``."""
+    src, pos = int(uid) >> UID_SHIFT, int(uid) & ((1 << UID_SHIFT) - 1)
+    return str(pos) if num_sources == 1 else f"{src}:{pos}"
+
+
+def count(uids: np.ndarray, given: Sequence[str | None], kinds: Sequence[bool]) -> dict:
+    """The counts of one block of records (``kinds``: True for a text record, False for a chat)."""
+    return {"per_source": Counter((np.asarray(uids, dtype=np.int64) >> UID_SHIFT).tolist()),
+            "given": Counter(g or "?" for g in given),
+            "kinds": Counter("text" if k else "chat" for k in kinds)}
+
+
+def merge(a: dict | None, b: dict) -> dict:
+    if a is None:
+        return {k: Counter(v) for k, v in b.items()}
+    for k, v in b.items():
+        a[k].update(v)
+    return a
+
+
+def finish(counts: dict | None, sources: Sequence[Mapping]) -> dict:
+    """The stage statistics; a source that gave no record is an error naming it."""
+    counts = counts or {"per_source": Counter(), "given": Counter(), "kinds": Counter()}
+    for i, src in enumerate(sources):
+        if counts["per_source"].get(i, 0) == 0:
+            raise ValueError(f"sources[{i}] ({source_name(src)}): no records were read")
+    per = [{"source": source_name(s), "records": int(counts["per_source"][i])} for i, s in enumerate(sources)]
+    return {"records": sum(p["records"] for p in per), "sources": per,
+            "langs": dict(sorted(counts["given"].items())), "kinds": dict(counts["kinds"])}
+
+
+def summary(s: Mapping) -> str:
+    return f"{s['records']:,} records from {len(s['sources'])} source(s)" + rate(s["records"], s.get("seconds", 0), "rec")
