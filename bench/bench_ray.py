@@ -1,19 +1,20 @@
-"""The pipeline on Ray Data with 1 and 2 workers against the single-machine engine (``mlmix.build``), on the
-same config and data: JSONL chat data -> langid off (languages given) -> exact + near dedup -> Qwen
+"""The build on the Ray executor with 1 and 2 workers against the local executor with 1 and 2 workers
+(``mlmix.build(engine=..., workers=...)``), on the same config and data: JSONL chat data -> langid off (languages given) -> exact + near dedup -> Qwen
 tokenization with ChatML loss masks -> recipe ``temperature`` (alpha 0.3, half of the records: the Ray
 engine samples it by per-block reservoirs) -> packed store (seq_len 2048) in shards of 2**20 tokens
 (512 rows; the default 2**28 would give one shard at these sizes), written by one Ray task per shard.
 
 Each variant runs in its own process (imports, Ray start-up and the tokenizer load included), and every
-Ray variant starts its own local cluster with ``num_cpus`` = the worker count. The single-machine engine
-runs with a cold cache. The stores are checked equal byte for byte after the runs.
+Ray variant starts its own local cluster with ``num_cpus`` = the worker count. The local executor runs
+with a cold cache. Beside the wall time, each variant reports its driver's peak RSS (the process that
+called ``mlmix.build``; Ray's workers and object store are other processes). The outputs are checked
+equal byte for byte after the runs (store, mixture, and build.json apart from its "engine").
 
     pytest bench/bench_ray.py                      # ~4 MB of multilingual chat JSONL (quick)
     MLMIX_BENCH_FULL=1 pytest bench/bench_ray.py   # ~40 MB
-    python bench/bench_ray.py [--mb 4]             # prints a table
+    python bench/bench_ray.py [--mb 24]            # prints a table
 
-The per-stage seconds in ``extra_info`` (single-machine ``timings``) are what docs/ray.md's capacity
-plan scales from.
+The per-stage seconds in ``extra_info`` are what docs/ray.md's capacity plan scales from.
 """
 
 from __future__ import annotations
@@ -35,20 +36,20 @@ FULL = os.environ.get("MLMIX_BENCH_FULL") == "1"
 DEFAULT_MB = 40 if FULL else 4
 
 _CHILD = r"""
-import json, sys, time
+import json, resource, sys, time
 import mlmix
 cfg, engine, workers = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 import mlmix.store
 mlmix.store.SHARD_TOKENS = 1 << 20  # several shards at benchmark sizes
 t = time.perf_counter()
-if engine == "single":
-    s = mlmix.build(cfg, quiet=True, use_cache=False)
+if engine == "local":
+    s = mlmix.build(cfg, quiet=True, use_cache=False, workers=workers)
 else:
-    from mlmix.ray_engine import build_ray
-    s = build_ray(cfg, quiet=True, num_cpus=workers, concurrency=workers)
+    s = mlmix.build(cfg, engine="ray", quiet=True, num_cpus=workers, concurrency=workers)
 wall = time.perf_counter() - t
-print(json.dumps({"wall": wall, "records": s["stages"]["read"]["records"] if "read" in s["stages"] else None,
-                  "tokens": s["tokens"], "timings": s["timings"]}))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+print(json.dumps({"wall": wall, "records": s["stages"]["read"]["records"], "tokens": s["tokens"],
+                  "timings": s["timings"], "driver_peak_rss_mb": rss}))
 """
 
 
@@ -59,6 +60,9 @@ def _config(tmp: str, data: str, name: str, records: int) -> dict:
             "mixture": {"recipe": "temperature", "alpha": 0.3, "total": records // 2, "on_shortfall": "take_all"},
             "tokenizer": {"name": "qwen", "template": "chatml"}, "pack": {"seq_len": 2048, "overlong": "truncate"},
             "report": False}
+
+
+VARIANTS = (("local", 1), ("local", 2), ("ray", 1), ("ray", 2))
 
 
 def run_variant(tmp: str, data: str, engine: str, workers: int, records: int) -> dict:
@@ -75,12 +79,18 @@ def run_variant(tmp: str, data: str, engine: str, workers: int, records: int) ->
     return res
 
 
-def _store_bytes(out: str) -> dict:
-    """Every file of the packed store (shards included) and the mixture manifest."""
+def _output_bytes(out: str) -> dict:
+    """Every file of the packed store (shards included), the mixture manifest, and build.json without its
+    "engine" and output path (each variant writes its own output)."""
     files = {}
     for p in sorted(glob.glob(os.path.join(out, "store", "*")) + glob.glob(os.path.join(out, "mixture.json"))):
         with open(p, "rb") as f:
             files[os.path.basename(p)] = f.read()
+    with open(os.path.join(out, "build.json"), encoding="utf-8") as f:
+        b = json.load(f)
+    for k in ("engine", "output", "store", "config"):
+        b.pop(k)
+    files["build.json"] = json.dumps(b, sort_keys=True)
     return files
 
 
@@ -93,11 +103,11 @@ def run_all(mb: float) -> dict:
     info = make_data(data, mb)
     results = {"data": info}
     try:
-        for engine, workers in (("single", 1), ("ray", 1), ("ray", 2)):
+        for engine, workers in VARIANTS:
             results[f"{engine}-{workers}"] = run_variant(tmp, data, engine, workers, info["records"])
-        results["identical"] = all(_store_bytes(results[k]["output"]) == _store_bytes(results["single-1"]["output"])
-                                   for k in ("ray-1", "ray-2"))
-        results["shards"] = len(glob.glob(os.path.join(results["single-1"]["output"], "store", "tokens*.bin")))
+        ref = _output_bytes(results["local-1"]["output"])
+        results["identical"] = all(_output_bytes(results[f"{e}-{w}"]["output"]) == ref for e, w in VARIANTS)
+        results["shards"] = len(glob.glob(os.path.join(results["local-1"]["output"], "store", "tokens*.bin")))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return results
@@ -108,15 +118,15 @@ def results():
     return run_all(DEFAULT_MB)
 
 
-@pytest.mark.parametrize("variant", ["single-1", "ray-1", "ray-2"])
+@pytest.mark.parametrize("variant", [f"{e}-{w}" for e, w in VARIANTS])
 def test_throughput(benchmark, results, variant):
     r = results[variant]
     n = results["data"]["records"]
     benchmark.pedantic(lambda: time.sleep(0), rounds=1, iterations=1)  # the run itself happened in a child
     benchmark.extra_info.update({
         "records": n, "mb": results["data"]["bytes"] / 1e6, "wall_s": r["wall"], "records_per_s": n / r["wall"],
-        "vs_single": results["single-1"]["wall"] / r["wall"], "stage_seconds": {k: v["seconds"] for k, v in
-                                                                                r["timings"].items()},
+        "vs_local_1": results["local-1"]["wall"] / r["wall"], "driver_peak_rss_mb": r["driver_peak_rss_mb"],
+        "stage_seconds": {k: v["seconds"] for k, v in r["timings"].items()},
         "identical_store": results["identical"], "shards": results["shards"]})
     assert results["identical"]
 
@@ -125,13 +135,14 @@ def main() -> None:
     mb = float(sys.argv[sys.argv.index("--mb") + 1]) if "--mb" in sys.argv else DEFAULT_MB
     res = run_all(mb)
     n = res["data"]["records"]
-    print(f"{n:,} records, {res['data']['bytes'] / 1e6:.1f} MB; mixture and store ({res['shards']} shards) "
+    print(f"{n:,} records, {res['data']['bytes'] / 1e6:.1f} MB; outputs ({res['shards']} shards) "
           f"identical: {res['identical']}")
-    print(f"{'variant':<10} {'wall s':>8} {'rec/s':>9} {'x single':>9}  stages (s)")
-    for k in ("single-1", "ray-1", "ray-2"):
-        r = res[k]
+    print(f"{'variant':<10} {'wall s':>8} {'rec/s':>9} {'x local-1':>9} {'driver MB':>10}  stages (s)")
+    for e, w in VARIANTS:
+        r = res[f"{e}-{w}"]
         stages = " ".join(f"{s}={v['seconds']:.1f}" for s, v in r["timings"].items())
-        print(f"{k:<10} {r['wall']:>8.1f} {n / r['wall']:>9.0f} {res['single-1']['wall'] / r['wall']:>9.2f}  {stages}")
+        print(f"{e}-{w:<4} {r['wall']:>8.1f} {n / r['wall']:>9.0f} {res['local-1']['wall'] / r['wall']:>9.2f} "
+              f"{r['driver_peak_rss_mb']:>10.0f}  {stages}")
 
 
 if __name__ == "__main__":
