@@ -101,6 +101,14 @@ def _keys(args: tuple) -> dict:
     return s_dedup.keys([record_text(r) for r in parse(lines)], langs, _WORKER["dd"])
 
 
+def _init_worker(threads: int, init: Callable, initargs: tuple) -> None:
+    """A worker process: the native kernels' threads shared out among the workers (each kernel would
+    otherwise start one thread per core in every worker), then the stage's own initializer."""
+    os.environ["MLMIX_NUM_THREADS"] = str(threads)
+    os.environ["RAYON_NUM_THREADS"] = str(threads)  # the HF tokenizers backend, where it encodes
+    init(*initargs)
+
+
 def ordered_map(fn: Callable, init: Callable, initargs: tuple, items: Iterable, workers: int) -> Iterator:
     """``fn`` over ``items`` in order: in this process, or in ``workers`` processes (each ran ``init``),
     with at most ``2 * workers`` items in flight."""
@@ -120,7 +128,9 @@ def ordered_map(fn: Callable, init: Callable, initargs: tuple, items: Iterable, 
     # works (spawn and forkserver import the caller's main module again); the workers load their own
     # models in ``init``, after the fork
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=init, initargs=initargs) as pool:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                initargs=(threads, init, initargs)) as pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.submit(fn, item))

@@ -160,9 +160,12 @@ class _Prepare:
         alive = lab["alive"] & (lengths > 0)
         counts = {"read": s_read.count(uid, [r["lang"] for r in records], ["text" in r for r in records]),
                   "langid": s_langid.count(lab), "tokenize": s_tok.count(tokens, masks, st),
-                  "read_tokens": Counter()}
-        for lang, n in zip(lab["lang"], lengths.tolist()):
+                  "read_tokens": Counter(), "alive_langs": Counter(), "alive_tokens": Counter()}
+        for lang, n, a in zip(lab["lang"], lengths.tolist(), alive.tolist()):
             counts["read_tokens"][lang] += n
+            if a:
+                counts["alive_langs"][lang] += 1
+                counts["alive_tokens"][lang] += n
         table = table.append_column("lang", pa.array(lab["lang"], type=pa.string()))
         table = table.append_column("alive", pa.array(alive))
         offsets = pa.array(tokens.offsets, type=pa.int64())
@@ -362,10 +365,14 @@ def _dedup(ds, dd: Mapping | None, partitions: int) -> dict:
             uids, sets = _gather_sets(sets_ds)
             gone_near, info["verified_pairs"] = s_dedup.near_removed(pairs, uids, sets, dd)
     removed = np.union1d(gone, gone_near).astype(np.int64)
-    got = _rows_with_keys(alive, {"uid": removed}, ["uid", "lang"])  # the removed records' languages
+    got = _rows_with_keys(alive, {"uid": removed}, ["uid", "lang", "ntok"])  # the removed records' languages
     lang = dict(zip(got["uid"].tolist(), got["lang"].tolist()))
+    removed_tokens = Counter()
+    for lg, n in zip(got["lang"].tolist(), got["ntok"].tolist()):
+        removed_tokens[lg] += int(n)
     return {"removed": removed, "exact_removed": Counter(lang[u] for u in gone.tolist()),
-            "near_removed": Counter(lang[u] for u in gone_near.tolist()), "lsh": info, "alive": alive}
+            "near_removed": Counter(lang[u] for u in gone_near.tolist()), "lsh": info, "alive": alive,
+            "removed_tokens": removed_tokens}
 
 
 def _alive(table):
@@ -519,6 +526,8 @@ def _run(cfg: dict, log: BuildLog, concurrency: int, fault_marker: str | None) -
                                                "fault_marker": fault_marker}).materialize()
     c_read = c_lid = c_tok = None
     read_tokens: Counter = Counter()
+    alive_langs: Counter = Counter()
+    alive_tokens: Counter = Counter()
     for t in ds.select_columns(["counts"]).iter_batches(batch_format="pyarrow", batch_size=None):
         for raw in t.column("counts").to_pylist():
             if raw is not None:
@@ -527,6 +536,8 @@ def _run(cfg: dict, log: BuildLog, concurrency: int, fault_marker: str | None) -
                 c_lid = s_langid.merge(c_lid, c["langid"])
                 c_tok = s_tok.merge(c_tok, c["tokenize"])
                 read_tokens.update(c["read_tokens"])
+                alive_langs.update(c["alive_langs"])
+                alive_tokens.update(c["alive_tokens"])
     stats["read"] = s_read.finish(c_read, sources)
     done("read", t0, stats["read"], s_read.summary)
     stats["langid"] = s_langid.finish(c_lid, cfg["langid"])
@@ -540,16 +551,10 @@ def _run(cfg: dict, log: BuildLog, concurrency: int, fault_marker: str | None) -
     partitions = 2 * concurrency  # shuffle partitions of the groupby stages
     res = _dedup(ds, dd, partitions)
     kept = _drop(res["alive"].select_columns(["uid", "sid", "lang", "ntok"]), res["removed"]).materialize()
-    from ray.data.aggregate import Count, Sum
-
-    kept_langs: dict[str, int] = {}
-    kept_tokens: dict[str, int] = {}
-    if kept.count():
-        got = _collect(kept.groupby("lang", num_partitions=partitions).aggregate(Count(), Sum("ntok")),
-                       ["lang", "count()", "sum(ntok)"])
-        for i in sorted(range(len(got["lang"])), key=lambda i: got["lang"][i]):
-            kept_langs[str(got["lang"][i])] = int(got["count()"][i])
-            kept_tokens[str(got["lang"][i])] = int(got["sum(ntok)"][i])
+    # records and tokens per language kept: the alive ones counted per block, less what dedup removed
+    kept_langs = alive_langs - res["exact_removed"] - res["near_removed"]
+    kept_tokens = {k: v for k, v in sorted((alive_tokens - res.get("removed_tokens", Counter())).items())
+                   if k in kept_langs}
     stats["dedup"] = s_dedup.finish(res, kept_langs)
     done("dedup", t0, stats["dedup"], s_dedup.summary)
 
