@@ -97,6 +97,20 @@ def test_build_json_summary_and_quiet(config_path, built, capsys):
         assert f"\n{stage} " in "\n" + captured.err
 
 
+def test_build_workers(config_path, built, tmp_path, capsys):
+    """--workers N runs the per-block work on N processes: the same store; a bad N is a usage error naming it."""
+    with pytest.raises(SystemExit) as exc:
+        main(["build", str(config_path), "--workers", "0"])
+    assert exc.value.code == 2
+    assert "--workers: expected an integer >= 1, got '0'" in capsys.readouterr().err
+    cfg = config_path.read_text().replace('output = "out"', f'output = "{tmp_path / "out2"}"')
+    other = config_path.parent / "build-workers.toml"
+    other.write_text(cfg)
+    assert main(["build", str(other), "--workers", "2", "--no-cache", "--quiet"]) == 0
+    for name in os.listdir(built / "store"):
+        assert (tmp_path / "out2" / "store" / name).read_bytes() == (built / "store" / name).read_bytes(), name
+
+
 def test_inspect(built, capsys):
     assert main(["inspect", str(built), "--json", "-n", "2"]) == 0
     info = json.loads(capsys.readouterr().out)

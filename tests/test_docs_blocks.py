@@ -54,7 +54,7 @@ NOT_RUN = {
     ("loss.md", "AutoModelForCausalLM.from_pretrained(...)"):
         "loads a pretrained model (a hub name or local weights; the page says so); tests/test_loss_trl.py "
         "runs the same patch_causal_lm + SFTTrainer calls on tiny models",
-    ("ray.md", 'build_ray("examples/pinch.toml")'):
+    ("ray.md", 'mlmix.build("examples/pinch.toml", engine="ray")'):
         "starts a local Ray cluster and builds examples/pinch.toml: about 50 s on 2 cores, past this file's "
         "budget; tests/test_readme_tour.py runs the same build (mlmix build examples/pinch.toml --engine ray) "
         "and tests/test_ray.py the engine",

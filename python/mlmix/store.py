@@ -142,12 +142,24 @@ def write_shard(directory: str, shard: int, num_shards: int, plan, values: np.nd
     writers = {"tokens": _ArrayWriter(directory, "tokens", values.dtype, shard_file("tokens", shard, num_shards))}
     if mask_values is not None:
         writers["loss_mask"] = _ArrayWriter(directory, "loss_mask", np.uint8, shard_file("loss_mask", shard, num_shards))
+    mapped = is_mapped(values) or (mask_values is not None and is_mapped(mask_values))
+    # from memory-mapped inputs (the local executor passes every example's tokens, mapped), blocks of at
+    # most _BLOCK_TOKENS tokens whose examples are copied in by take_spans, which releases the pages it
+    # read every few hundred examples: memory stays bounded for any input size
+    step = max(1, min(_ROW_BLOCK, _BLOCK_TOKENS // plan.seq_len)) if mapped else _ROW_BLOCK
     try:
-        for lo in range(0, plan.num_sequences, _ROW_BLOCK):
-            block = plan.rows(lo, min(plan.num_sequences, lo + _ROW_BLOCK))
-            writers["tokens"].append(block.gather(values, offsets))
-            if mask_values is not None:
-                writers["loss_mask"].append(block.gather(mask_values, offsets))
+        for lo in range(0, plan.num_sequences, step):
+            block = plan.rows(lo, min(plan.num_sequences, lo + step))
+            if mapped:  # a block's examples are spread over the file: copy them in, releasing pages as it goes
+                need = np.unique(block.seg_example)
+                local = dataclasses.replace(block, seg_example=np.searchsorted(need, block.seg_example))
+                writers["tokens"].append(local.gather(*take_spans(values, offsets, need)))
+                if mask_values is not None:
+                    writers["loss_mask"].append(local.gather(*take_spans(mask_values, offsets, need)))
+            else:
+                writers["tokens"].append(block.gather(values, offsets))
+                if mask_values is not None:
+                    writers["loss_mask"].append(block.gather(mask_values, offsets))
         return {name: w.close() for name, w in writers.items()}
     finally:
         for w in writers.values():

@@ -32,6 +32,7 @@ import logging
 import os
 import pickle
 import re
+import sys
 import time
 import warnings
 from collections import Counter
@@ -430,7 +431,7 @@ def _mix(cfg: dict, kept, lang_tokens: Mapping[str, int], partitions: int):
         if len(got["uid"]) != len(want):
             raise RuntimeError(f"mixture: {len(want)} rows were selected but {len(got['uid'])} records found")
     order = np.argsort(got["uid"], kind="stable")
-    sel = {"uid": got["uid"][order].astype(np.int64), "lang": [str(x) for x in got["lang"][order].tolist()],
+    sel = {"uid": got["uid"][order].astype(np.int64), "lang": [sys.intern(str(x)) for x in got["lang"][order].tolist()],
            "ntok": got["ntok"][order].astype(np.int64)}
     return sel, mixture
 
