@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+import mlmix
 from mlmix.cli import main
 from pipeline_data import parallel_rows, train_tiny_bpe, write_jsonl
 
@@ -103,6 +104,18 @@ def test_build_workers(config_path, built, tmp_path, capsys):
         main(["build", str(config_path), "--workers", "0"])
     assert exc.value.code == 2
     assert "--workers: expected an integer >= 1, got '0'" in capsys.readouterr().err
+    assert main(["build", str(config_path), "--workers", "2", "--engine", "ray"]) == 1
+    assert "--workers only applies with --engine local" in capsys.readouterr().err
+    assert main(["build", str(config_path), "--num-cpus", "2"]) == 1
+    assert "--num-cpus only applies with --engine ray" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"workers=2: only the local executor takes it"):
+        mlmix.build(str(config_path), engine="ray", workers=2)
+    with pytest.raises(ValueError, match=r"concurrency=2: only the Ray executor takes these"):
+        mlmix.build(str(config_path), concurrency=2)
+    with pytest.raises(ValueError, match=r"workers must be an integer >= 1 .*got 0"):
+        mlmix.build(str(config_path), workers=0)
+    with pytest.raises(ValueError, match=r"engine must be 'local' or 'ray', got 'spark'"):
+        mlmix.build(str(config_path), engine="spark")
     cfg = config_path.read_text().replace('output = "out"', f'output = "{tmp_path / "out2"}"')
     other = config_path.parent / "build-workers.toml"
     other.write_text(cfg)

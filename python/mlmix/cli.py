@@ -62,9 +62,17 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from .engine import build
 
     progress = False if args.no_progress else None
-    summary = build(args.config, engine=args.engine, workers=args.workers, address=args.address,
-                    num_cpus=args.num_cpus, quiet=args.quiet or args.json, verbose=args.verbose, progress=progress,
-                    use_cache=not args.no_cache)
+    if args.engine == "local":
+        bad = [flag for flag, v in (("--address", args.address), ("--num-cpus", args.num_cpus)) if v is not None]
+        if bad:
+            raise ValueError(f"{' and '.join(bad)} only appl{'ies' if len(bad) == 1 else 'y'} with --engine ray")
+        kwargs = {"workers": args.workers}
+    else:
+        if args.workers is not None:
+            raise ValueError("--workers only applies with --engine local (on Ray, --num-cpus sizes a local cluster)")
+        kwargs = {"address": args.address, "num_cpus": args.num_cpus}
+    summary = build(args.config, engine=args.engine, quiet=args.quiet or args.json, verbose=args.verbose,
+                    progress=progress, use_cache=not args.no_cache, **kwargs)
     if args.json:
         summary = {k: v for k, v in summary.items() if k != "config"}
         _print_json(summary)
@@ -157,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="run the stages on this machine (with the stage cache), or on Ray Data (pip install "
                         "'mlmix[ray]'; same output, no stage cache; see docs/ray.md) (default: %(default)s)")
-    p.add_argument("--workers", type=_positive_int, default=1,
+    p.add_argument("--workers", type=_positive_int, default=None,
                    help="with --engine local: processes that run the stages' per-block work (langid, tokenize, "
-                        "dedup keys); same output for any number (default: %(default)s)")
+                        "dedup keys); same output for any number (default: 1)")
     p.add_argument("--address", default=None,
                    help="with --engine ray: the cluster (host:port, ray://host:port or auto); default RAY_ADDRESS, "
                         "else a local cluster")

@@ -61,6 +61,15 @@ def build(config: str | os.PathLike | Mapping, *, engine: str = "local", workers
 
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if engine == "local":
+        given = [f"{k}={v!r}" for k, v in (("address", address), ("num_cpus", num_cpus), ("concurrency", concurrency))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only the Ray executor takes these; pass engine='ray' "
+                             "(the local executor takes workers=)")
+    elif workers is not None:
+        raise ValueError(f"workers={workers!r}: only the local executor takes it; the Ray executor's parallelism "
+                         "is concurrency= (actors) and the cluster's CPUs")
     workers = _check_workers(workers)
     cfg = load_config(config)
     config_dir = None if isinstance(config, Mapping) else os.path.dirname(os.path.abspath(os.fspath(config)))
