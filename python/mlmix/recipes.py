@@ -798,14 +798,14 @@ def unimax(
 
 
 # ---------------------------------------------------------------------------------------------------
-# a corpus known by counts (the Ray engine's)
+# a corpus known by counts (the build's mix stage, on either executor)
 class GroupedCorpus(_Corpus):
     """A parallel corpus given by counts, for recipes run where the rows do not fit one process.
 
     Pass it as a recipe's ``rows``: the recipe computes its targets and the exact assignment from
     ``groups`` alone, then asks ``prefixes`` for the first ``k`` sources of each availability group in
     the seeded order (the bottom-k of a keyed hash: per-block reservoirs merged exactly give them, see
-    mlmix.ray_engine). The Mixture equals the one the rows themselves give.
+    mlmix.engine.stages.mix). The Mixture equals the one the rows themselves give.
 
     Args:
         groups: ``{languages: number of sources}``, where ``languages`` (any iterable of codes) is the
