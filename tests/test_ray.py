@@ -15,6 +15,7 @@ ray = pytest.importorskip("ray", reason="the Ray engine needs the optional extra
 
 import mlmix
 from mlmix.engine.ray import build_ray, connect
+from mlmix.engine.stages import pack as s_pack
 from pipeline_data import base_config, parallel_rows, train_tiny_bpe, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +97,9 @@ def test_same_mixture_and_store_as_single_machine_despite_a_killed_actor(tmp_pat
     assert sb["pack"]["shards"] == mlmix.open(b["store"]).num_shards > 1
 
 
+GROUP_TOKENS = 4096  # examples planned in groups of this many tokens: several groups, planned in parallel
+
+
 def _variant_config(root: str, tok_path: str, data_path: str) -> dict:
     """py3langid for records without a language, exact + near dedup, the pinch recipe, shards of 16 rows:
     every stage has work, and the same paths for every variant (build.json holds the config)."""
@@ -112,22 +116,29 @@ def reference(tmp_path_factory, tok_path, data_path):
     """The local executor with one worker; its output moved aside so that each variant writes the same path."""
     root = str(tmp_path_factory.mktemp("variants"))
     cfg = _variant_config(root, tok_path, data_path)
-    mlmix.build(cfg, quiet=True, use_cache=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(s_pack, "GROUP_TOKENS", GROUP_TOKENS)
+        mlmix.build(cfg, quiet=True, use_cache=False)
     os.rename(cfg["output"], os.path.join(root, "reference"))
     return root, os.path.join(root, "reference")
 
 
 @pytest.mark.parametrize("engine, workers", [("local", 2), ("ray", 1), ("ray", 2)])
 def test_every_stage_the_same_on_both_executors_with_1_and_2_workers(local_ray, tok_path, data_path, reference,
-                                                                      engine, workers):
-    """Against the local executor with 1 worker: each stage's statistics (records per source, languages
+                                                                      engine, workers, monkeypatch):
+    """Against the local executor with 1 worker (its plan in groups of 4,096 tokens, so that planning runs
+    in several tasks or processes too): each stage's statistics (records per source, languages
     given and identified, tokens, exact and near removals per language, LSH candidate and verified pairs,
     mixture targets, packing), then build.json byte for byte apart from "engine", and every file of the
     output (store, mixture, lengths, languages, tokenizer)."""
     import json
 
+    import numpy as np
+
     root, ref = reference
     cfg = _variant_config(root, tok_path, data_path)
+    monkeypatch.setattr(s_pack, "GROUP_TOKENS", GROUP_TOKENS)
+    assert len(s_pack.groups(np.load(os.path.join(ref, "lengths.npy")))) - 1 > 3  # several plan groups
     if engine == "local":
         mlmix.build(cfg, quiet=True, use_cache=False, workers=workers)
     else:

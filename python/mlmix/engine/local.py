@@ -109,6 +109,16 @@ def _init_worker(threads: int, init: Callable, initargs: tuple) -> None:
     init(*initargs)
 
 
+def _init_planner(pcfg: Mapping, pol: str, seed) -> None:
+    _WORKER["plan"] = (dict(pcfg), pol, seed)
+
+
+def _plan_group(item: tuple) -> Any:
+    g, lengths = item
+    pcfg, pol, seed = _WORKER["plan"]
+    return s_pack.plan_group(pcfg, lengths, pol, seed, g)
+
+
 def ordered_map(fn: Callable, init: Callable, initargs: tuple, items: Iterable, workers: int) -> Iterator:
     """``fn`` over ``items`` in order: in this process, or in ``workers`` processes (each ran ``init``),
     with at most ``2 * workers`` items in flight."""
@@ -319,7 +329,11 @@ def run_pack(cfg: dict, tokens: Ragged, masks: Ragged, selected: np.ndarray, lan
 
     lengths = tokens.lengths[selected]
     pol, n_over = s_pack.policy(cfg["pack"], lengths)
-    plan = s_pack.plan(cfg["pack"], lengths, pol, cfg["seed"])
+    gb = s_pack.groups(lengths)
+    parts = [(g, lengths[gb[g]:gb[g + 1]]) for g in range(len(gb) - 1)]
+    plans = list(ordered_map(_plan_group, _init_planner, (cfg["pack"], pol, cfg["seed"]), parts,
+                             min(workers, len(parts))))
+    plan = s_pack.concat(plans, gb)
     per, bounds, shard_examples = s_pack.shards(cfg["pack"], plan)
     with atomic_directory(out_store, kind="store", arg="output") as tmp:
         specs = [s_pack.write_shard(tmp, k, plan, bounds, ex, selected[ex], tokens.values, tokens.offsets,

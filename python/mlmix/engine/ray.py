@@ -13,10 +13,10 @@ It holds no stage logic; it decides only how blocks of records reach each stage'
   are verified on shingle sets computed on the workers for the candidates only.
 - ``mix``: ``groupby(sid).aggregate(Count, Unique(lang))`` gives one row per source; each block is
   summarised and its per-group bottom-k reservoirs kept (``map_batches``), merged on the driver.
-- ``pack``: the plan on the driver from the selected lengths; each selected record's tokens are tagged
-  with the shard(s) they land in and shuffled by shard (``groupby(shard).map_groups``): one task per
-  shard writes its files into the output's temporary directory (which the workers must share); the
-  driver writes the index arrays and the manifest.
+- ``pack``: each group of selected examples planned in a task, the plans joined on the driver; each
+  selected record's tokens are tagged with the shard(s) they land in and shuffled by shard
+  (``groupby(shard).map_groups``): one task per shard writes its files into the output's temporary
+  directory (which the workers must share); the driver writes the index arrays and the manifest.
 
 What runs on the driver, and what bounds it, is in docs/ray.md. A worker process that dies is retried
 by Ray; every stage is deterministic, so a retried block is the same block.
@@ -441,7 +441,11 @@ def _pack(cfg: dict, ds, sel: Mapping, tok_stats: Mapping, out_store: str) -> di
     ray = require("ray", "the Ray engine")
     lengths = sel["ntok"]
     pol, n_over = s_pack.policy(cfg["pack"], lengths)
-    plan = s_pack.plan(cfg["pack"], lengths, pol, cfg["seed"])
+    gb = s_pack.groups(lengths)  # each group of examples planned in its own task
+    plan_task = ray.remote(num_cpus=1)(s_pack.plan_group)
+    plans = ray.get([plan_task.remote(cfg["pack"], lengths[gb[g]:gb[g + 1]], pol, cfg["seed"], g)
+                     for g in range(len(gb) - 1)])
+    plan = s_pack.concat(plans, gb)
     per, bounds, shard_examples = s_pack.shards(cfg["pack"], plan)
     n = len(shard_examples)
     pair_ex = np.concatenate(shard_examples)

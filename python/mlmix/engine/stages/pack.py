@@ -1,6 +1,7 @@
 """Stage ``pack``: the selected examples packed into ``seq_len`` rows and written as a store.
 
-The plan is made from the selected lengths alone (:func:`plan`); the rows are cut into shards of
+The plan is made from the selected lengths alone: consecutive groups of examples (:func:`groups`) are
+planned on their own (:func:`plan_group`, in parallel) and joined (:func:`concat`); the rows are cut into shards of
 ``pack.shard_sequences`` rows (:func:`shards`), and each shard's files are written from the tokens of
 only the examples it holds (:func:`write_shard`), then the index arrays and the one manifest
 (:func:`write_index`). The local executor writes the shards one after another (or on several cores),
@@ -40,11 +41,61 @@ def policy(pcfg: Mapping, lengths: np.ndarray) -> tuple[str, int]:
     return pol, n_over
 
 
-def plan(pcfg: Mapping, lengths: np.ndarray, pol: str, seed):
-    """The packing plan of the selected examples (a :class:`mlmix.PackPlan`)."""
+# selected tokens planned together: the examples, in uid order, are cut into consecutive groups of about this
+# many tokens, each planned on its own (in parallel), and the groups' rows follow one another. A group of
+# 2**28 tokens is ~131k rows of 2048: packing it alone leaves at most a row's slack more than one plan over
+# everything (tests/test_pack_groups.py measures the difference)
+GROUP_TOKENS = 1 << 28
+
+
+def groups(lengths: np.ndarray) -> np.ndarray:
+    """Bounds ``[0, b1, ..., n]`` of the example groups planned together (group g: examples [b[g], b[g+1]))."""
+    n = len(lengths)
+    csum = np.cumsum(np.asarray(lengths, dtype=np.int64))
+    total = int(csum[-1]) if n else 0
+    cuts = np.searchsorted(csum, np.arange(GROUP_TOKENS, total, GROUP_TOKENS, dtype=np.int64), side="left") + 1
+    return np.unique(np.concatenate([[0], cuts[cuts < n], [n]])).astype(np.int64)
+
+
+def group_seed(seed, g: int):
+    """Group g's planning seed: the build's seed for the first group (so a build of one group packs as
+    ``write_store`` does), a keyed hash of (seed, g) for the others; None stays None (input order)."""
+    if seed is None or g == 0:
+        return seed
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(f"{int(seed)}:{g}".encode(), digest_size=8, person=b"mlmix-pk").digest(),
+                          "little")
+
+
+def plan_group(pcfg: Mapping, lengths: np.ndarray, pol: str, seed, g: int):
+    """The plan of one group of examples (a :class:`mlmix.PackPlan`, example indices local to the group)."""
     from ...pack import pack
 
-    return pack(lengths, pcfg["seq_len"], strategy=pcfg["strategy"], overlong=pol, seed=seed)
+    return pack(np.asarray(lengths, dtype=np.int64), pcfg["seq_len"], strategy=pcfg["strategy"], overlong=pol,
+                seed=group_seed(seed, g))
+
+
+def concat(plans: Sequence, bounds: np.ndarray):
+    """The groups' plans as one: rows and segments end to end, example indices shifted by each group's start."""
+    from ...pack import PackPlan
+
+    if len(plans) == 1:
+        return plans[0]
+    seg_base = np.cumsum([0] + [p.num_segments for p in plans])
+    row_base = np.cumsum([0] + [p.num_sequences for p in plans])
+    row_offsets = [np.zeros(1, np.int64)] + [p.row_offsets[1:] + seg_base[k] for k, p in enumerate(plans)]
+    assignment = [np.where(p.assignment >= 0, p.assignment + row_base[k], p.assignment) for k, p in enumerate(plans)]
+    first = plans[0]
+    return PackPlan(
+        seq_len=first.seq_len, strategy=first.strategy, lengths=np.concatenate([p.lengths for p in plans]),
+        seg_example=np.concatenate([p.seg_example + bounds[k] for k, p in enumerate(plans)]),
+        seg_start=np.concatenate([p.seg_start for p in plans]), seg_len=np.concatenate([p.seg_len for p in plans]),
+        row_offsets=np.concatenate(row_offsets).astype(np.int64),
+        assignment=np.concatenate(assignment).astype(first.assignment.dtype),
+        num_truncated=sum(p.num_truncated for p in plans), num_split=sum(p.num_split for p in plans),
+        num_dropped=sum(p.num_dropped for p in plans), tokens_dropped=sum(p.tokens_dropped for p in plans),
+        tokens_packed=sum(p.tokens_packed for p in plans))
 
 
 def shards(pcfg: Mapping, the_plan) -> tuple[int, np.ndarray, list[np.ndarray]]:
