@@ -574,3 +574,18 @@ def test_example_pinch_builds_with_qwen(tmp_path):
     assert store.vocab_fingerprint["num_ids"] == mlmix.Tokenizer.qwen().vocab_size
     with pytest.raises(ValueError, match="stand for other tokens than those of the tokenizer that wrote the store"):
         store.check_tokenizer(mlmix.Tokenizer.qwen("qwen3_6"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_record_dropped_by_langid_is_a_clear_error(tmp_path, tok_path, workers):
+    """No language given, none identified (backend "none"), unknown ones dropped: dedup has nothing to do
+    and the build stops at pack, naming why, with 1 or 2 workers."""
+    import mlmix
+
+    rows = [{"id": i, "instruction": f"Question {i}?", "response": f"Answer {i}."} for i in range(5)]
+    path = write_jsonl(str(tmp_path / "nolang.jsonl"), rows)
+    cfg = _cfg(tmp_path, tok_path, path, langid={"backend": "none", "drop_unknown": True},
+               dedup={"exact": True, "near": True})
+    with pytest.raises(ValueError, match="pack: no examples are left to pack"):
+        mlmix.build(cfg, quiet=True, workers=workers)
+    assert not os.path.exists(cfg["output"])

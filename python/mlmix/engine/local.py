@@ -222,9 +222,9 @@ def run_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarray,
     dcfg = cfg["dedup"]
     keep = alive.copy()
     result = s_dedup.nothing()
-    if dcfg["exact"] or dcfg["near"]:
+    idx = np.flatnonzero(alive)
+    if (dcfg["exact"] or dcfg["near"]) and idx.size:
         dd = s_dedup.params(cfg)
-        idx = np.flatnonzero(alive)
 
         def alive_blocks() -> Iterator[tuple[list[bytes], list[str]]]:
             it = iter(enumerate(iter_lines(records_path)))
