@@ -299,3 +299,13 @@ def test_mixture_errors_match_the_single_machine_engine(tmp_path, local_ray, tok
     with pytest.raises(ValueError, match=r"source id '1' appears twice in language 'en' \(records 2 and 12\)"):
         build_ray(cfg, quiet=True, concurrency=1)
     assert not os.path.exists(cfg["output"])
+
+
+def test_every_record_dropped_is_the_same_clear_error_on_ray(tmp_path, local_ray, tok_path):
+    rows = [{"id": i, "instruction": f"Question {i}?", "response": f"Answer {i}."} for i in range(5)]
+    path = write_jsonl(str(tmp_path / "nolang.jsonl"), rows)
+    cfg = base_config(str(tmp_path), tok_path, path, langid={"backend": "none", "drop_unknown": True},
+                      dedup={"exact": True, "near": True})
+    with pytest.raises(ValueError, match="pack: no examples are left to pack"):
+        mlmix.build(cfg, engine="ray", quiet=True, concurrency=1)
+    assert not os.path.exists(cfg["output"])
