@@ -1,7 +1,8 @@
 """The build on the Ray executor with 1 and 2 workers against the local executor with 1 and 2 workers
-(``mlmix.build(engine=..., workers=...)``), on the same config and data: JSONL chat data -> langid off (languages given) -> exact + near dedup -> Qwen
-tokenization with ChatML loss masks -> recipe ``temperature`` (alpha 0.3, half of the records: the Ray
-engine samples it by per-block reservoirs) -> packed store (seq_len 2048) in shards of 2**20 tokens
+(``mlmix.build(engine=..., workers=...)``), on the same config and data: JSONL chat data -> langid off
+(languages given) -> exact + near dedup -> Qwen tokenization with ChatML loss masks -> recipe
+``temperature`` (alpha 0.3, half of the records, sampled by per-block reservoirs merged exactly on either
+executor) -> packed store (seq_len 2048) in shards of 2**20 tokens
 (512 rows; the default 2**28 would give one shard at these sizes), written by one Ray task per shard.
 
 Each variant runs in its own process (imports, Ray start-up and the tokenizer load included), and every
