@@ -211,7 +211,9 @@ def _shingle_block(batch: dict, wanted: np.ndarray, dd: Mapping):
     hit = (pos < len(wanted)) & (wanted[np.minimum(pos, len(wanted) - 1)] == batch["uid"])
     sets = s_dedup.shingle_sets([readers.record_text(json.loads(r)) for r in batch["rec"][hit].tolist()], dd)
     return pa.table({"uid": pa.array(np.asarray(batch["uid"][hit], dtype=np.int64)),
-                     "shingles": pa.LargeListArray.from_arrays(pa.array(sets.offsets), pa.array(sets.values))})
+                     "shingles": pa.LargeListArray.from_arrays(pa.array(sets.offsets), pa.array(sets.values)),
+                     "lang": pa.array([str(x) for x in batch["lang"][hit].tolist()], type=pa.string()),
+                     "ntok": pa.array(np.asarray(batch["ntok"][hit], dtype=np.int64))})
 
 
 def _summarize_block(batch: dict):
@@ -343,9 +345,11 @@ def _dedup(ds, dd: Mapping | None, partitions: int) -> dict:
     cols = ["uid", "sid", "lang", "ntok", "scope", "h0", "h1"] + (["bands"] if dd["near"] else [])
     alive = alive.select_columns(cols + ["rec"]).materialize()
     gone = np.zeros(0, np.int64)
+    who: dict = {}  # uid -> (language, tokens) of the records that may be removed
     if dd["exact"]:
         multi = _multi_keys(alive, ["scope", "h0", "h1"], partitions)
-        rows = _rows_with_keys(alive, multi, ["uid", "scope", "h0", "h1"])
+        rows = _rows_with_keys(alive, multi, ["uid", "scope", "h0", "h1", "lang", "ntok"])
+        who.update(zip(rows["uid"].tolist(), zip(rows["lang"].tolist(), rows["ntok"].tolist())))
         if len(rows["uid"]):
             gone = s_dedup.exact_removed(rows["uid"].astype(np.int64), rows["scope"].astype(np.uint64),
                                          np.stack([rows["h0"], rows["h1"]], axis=1).astype(np.uint64))
@@ -361,18 +365,18 @@ def _dedup(ds, dd: Mapping | None, partitions: int) -> dict:
         info = {"bands": dd["bands"], "rows": dd["rows"], "candidate_pairs": int(len(pairs)), "verified_pairs": 0}
         if len(pairs):
             wanted = np.unique(pairs)
-            sets_ds = alive.select_columns(["uid", "rec"]).map_batches(
+            sets_ds = alive.select_columns(["uid", "rec", "lang", "ntok"]).map_batches(
                 _shingle_block, batch_size=_BATCH, batch_format="numpy", fn_kwargs={"wanted": wanted, "dd": dd})
-            uids, sets = _gather_sets(sets_ds)
+            uids, sets, langs, ntok = _gather_sets(sets_ds)
+            who.update(zip(uids.tolist(), zip(langs, ntok.tolist())))
             gone_near, info["verified_pairs"] = s_dedup.near_removed(pairs, uids, sets, dd)
     removed = np.union1d(gone, gone_near).astype(np.int64)
-    got = _rows_with_keys(alive, {"uid": removed}, ["uid", "lang", "ntok"])  # the removed records' languages
-    lang = dict(zip(got["uid"].tolist(), got["lang"].tolist()))
-    removed_tokens = Counter()
-    for lg, n in zip(got["lang"].tolist(), got["ntok"].tolist()):
+    removed_tokens: Counter = Counter()
+    for u in removed.tolist():
+        lg, n = who[u]
         removed_tokens[lg] += int(n)
-    return {"removed": removed, "exact_removed": Counter(lang[u] for u in gone.tolist()),
-            "near_removed": Counter(lang[u] for u in gone_near.tolist()), "lsh": info, "alive": alive,
+    return {"removed": removed, "exact_removed": Counter(who[u][0] for u in gone.tolist()),
+            "near_removed": Counter(who[u][0] for u in gone_near.tolist()), "lsh": info, "alive": alive,
             "removed_tokens": removed_tokens}
 
 
@@ -382,20 +386,22 @@ def _alive(table):
 
 
 def _gather_sets(sets_ds):
-    """(uids, shingle sets) of the candidate documents, in uid order, on the driver."""
+    """(uids, shingle sets, languages, token counts) of the candidate documents, in uid order, on the driver."""
     from ..ragged import Ragged
 
-    uids, parts = [], []
+    uids, parts, langs, ntok = [], [], [], []
     for table in sets_ds.iter_batches(batch_format="pyarrow", batch_size=None):
         col = table.column("shingles").combine_chunks()
         offsets = np.asarray(col.offsets, dtype=np.int64)
         values = np.asarray(col.values, dtype=np.uint64)[offsets[0]:offsets[-1]]
         uids.append(table.column("uid").to_numpy())
         parts.append(Ragged(values, offsets - offsets[0]))
+        langs += table.column("lang").to_pylist()
+        ntok.append(table.column("ntok").to_numpy())
     uid = np.concatenate(uids).astype(np.int64)
     order = np.argsort(uid, kind="stable")
     sets = Ragged.concat(parts).take(order)
-    return uid[order], sets
+    return uid[order], sets, [langs[i] for i in order.tolist()], np.concatenate(ntok)[order]
 
 
 def _mix(cfg: dict, kept, lang_tokens: Mapping[str, int], partitions: int):
