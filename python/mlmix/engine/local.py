@@ -65,7 +65,14 @@ def chunks(lines: Iterable[bytes], size: int | None = None, nbytes: int | None =
 
 
 def parse(lines: list[bytes]) -> list[dict]:
-    return [json.loads(line) for line in lines]
+    """The records of a block of JSON lines; the lines are released as they are parsed (the block's list
+    is emptied), so a block is never held as bytes and as records at once."""
+    out = []
+    for i, line in enumerate(lines):
+        out.append(json.loads(line))
+        lines[i] = None
+    lines.clear()
+    return out
 
 
 _WORKER: dict[str, Any] = {}  # per worker process: what its initializer loaded
@@ -76,7 +83,7 @@ def _init_labeler(lcfg: Mapping) -> None:
 
 
 def _label(lines: list[bytes]) -> dict:
-    return _WORKER["labeler"](parse(lines))
+    return _WORKER["labeler"](json.loads(line) for line in lines)  # one record at a time
 
 
 def _init_encoder(tcfg: Mapping) -> None:
@@ -98,7 +105,7 @@ def _keys(args: tuple) -> dict:
     lines, langs = args
     from ..readers import record_text
 
-    return s_dedup.keys([record_text(r) for r in parse(lines)], langs, _WORKER["dd"])
+    return s_dedup.keys([record_text(json.loads(line)) for line in lines], langs, _WORKER["dd"])
 
 
 def _init_worker(threads: int, init: Callable, initargs: tuple) -> None:
@@ -209,6 +216,7 @@ def run_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log: Bu
             counts = s_tok.merge(counts, s_tok.count(t, m, st))
             bar.set_postfix_str(rate(counts["tokens"], encode_seconds, "tok").lstrip(", ") + " encoding")
             bar.update(len(t))
+            del t, m  # not held while the next block encodes
     if "name" not in tcfg:  # a bundled tokenizer is found again by its name (saves writing ~7 MB)
         s_tok.save_tokenizer(tokenizer, os.path.join(out, "tokenizer.json"))
     stats = s_tok.finish(counts, tokenizer)

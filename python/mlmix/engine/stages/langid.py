@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -31,14 +31,16 @@ class Labeler:
 
             self.lid = LanguageIdentifier(self.lcfg.get("languages"))
 
-    def __call__(self, records: Sequence[Mapping], on_item=None) -> dict:
-        """``lang`` (list of interned codes), ``todo``/``identified``/``alive`` (bool arrays) of a block."""
+    def __call__(self, records: Iterable[Mapping], on_item=None) -> dict:
+        """``lang`` (list of interned codes), ``todo``/``identified``/``alive`` (bool arrays) of a block
+        (``records`` may be a generator: each record is read once)."""
         c = self.lcfg
-        langs, todo = [], np.zeros(len(records), dtype=bool)
-        for i, rec in enumerate(records):
+        langs, todo_list = [], []
+        for rec in records:
             given = rec["lang"]
-            todo[i] = c["override"] or given is None
-            if todo[i] and self.lid is not None:
+            todo = bool(c["override"] or given is None)
+            todo_list.append(todo)
+            if todo and self.lid is not None:
                 lang, p = self.lid.classify(readers.record_text(rec))
                 lang = lang if lang and p >= c["threshold"] else c["unknown"]
                 if on_item is not None:
@@ -46,7 +48,8 @@ class Labeler:
             else:
                 lang = given if given is not None else c["unknown"]
             langs.append(sys.intern(lang))
-        alive = np.ones(len(records), dtype=bool)
+        todo = np.array(todo_list, dtype=bool)
+        alive = np.ones(len(langs), dtype=bool)
         if c["drop_unknown"]:
             alive = np.fromiter((lang != c["unknown"] for lang in langs), dtype=bool, count=len(langs))
         return {"lang": langs, "todo": todo, "identified": todo & (self.lid is not None), "alive": alive}
