@@ -6,20 +6,14 @@
 #include <vector>
 
 #include "bpe.h"
+#include "check.h"
 
 using mlmix::bpe::Config;
 using mlmix::bpe::EncodeOptions;
 using mlmix::bpe::Encoder;
 using mlmix::bpe::TextView;
 
-static int failures = 0;
-#define EXPECT(cond)                                                    \
-  do {                                                                  \
-    if (!(cond)) {                                                      \
-      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                       \
-    }                                                                   \
-  } while (0)
+using mlmix_test::failures;
 
 // 256 byte tokens (id = byte) plus "ab" (256), "abc" (257), "bc" (258), with merges ranked b+c < a+b < ab+c.
 static Config tiny_config() {

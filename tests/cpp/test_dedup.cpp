@@ -10,30 +10,14 @@
 #include <vector>
 
 #include "dedup.h"
+#include "check.h"
 
 namespace {
 
-int failures = 0;
-
-#define EXPECT(cond)                                                 \
-  do {                                                               \
-    if (!(cond)) {                                                   \
-      std::fprintf(stderr, "%s:%d: EXPECT(%s)\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                    \
-    }                                                                \
-  } while (0)
+using mlmix_test::failures;
+using mlmix_test::throws_invalid;
 
 using namespace mlmix::dedup;
-
-template <class F>
-bool throws_invalid(F&& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument&) {
-    return true;
-  }
-  return false;
-}
 
 constexpr uint32_t kEmpty = std::numeric_limits<uint32_t>::max();
 

@@ -6,18 +6,11 @@
 #include <vector>
 
 #include "pack.h"
+#include "check.h"
 
 namespace {
 
-int failures = 0;
-
-#define EXPECT(cond)                                                 \
-  do {                                                               \
-    if (!(cond)) {                                                   \
-      std::fprintf(stderr, "%s:%d: EXPECT(%s)\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                    \
-    }                                                                \
-  } while (0)
+using mlmix_test::failures;
 
 using mlmix::OverlongPolicy;
 using mlmix::PackStrategy;

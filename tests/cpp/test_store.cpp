@@ -8,28 +8,12 @@
 
 #include "pack.h"
 #include "store.h"
+#include "check.h"
 
 namespace {
 
-int failures = 0;
-
-#define EXPECT(cond)                                                 \
-  do {                                                               \
-    if (!(cond)) {                                                   \
-      std::fprintf(stderr, "%s:%d: EXPECT(%s)\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                    \
-    }                                                                \
-  } while (0)
-
-template <class F>
-bool throws_invalid(F&& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument&) {
-    return true;
-  }
-  return false;
-}
+using mlmix_test::failures;
+using mlmix_test::throws_invalid;
 
 // A plan's rows written compactly (gather_segments, as the store writes them) and read back with
 // materialize_compact_rows equal materialize_rows of the plan, in any row order and thread count.

@@ -15,12 +15,10 @@ record (language, flags, length, uid; for near dedup its band keys).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -486,7 +484,7 @@ def stage_timings(timings: Mapping, stats: Mapping[str, Mapping]) -> dict:
     return out
 
 
-_SCRATCH = ".scratch-"  # + pid + "-" + random: scratch directories in cache_dir (dot: the cache ignores them)
+_SCRATCH = ".scratch-"  # + pid + "-" + random: scratch directories earlier versions made in cache_dir
 
 
 def remove_stale_scratch(cache_dir: str) -> None:
@@ -505,14 +503,3 @@ def remove_stale_scratch(cache_dir: str) -> None:
             shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
         except (ValueError, OSError):  # not ours, or a live process we may not signal: leave it
             pass
-
-
-@contextlib.contextmanager
-def scratch_dir(cache_dir: str) -> Iterator[str]:
-    """A temporary directory next to the cache (same filesystem, out of /tmp's RAM disk), removed after."""
-    os.makedirs(cache_dir, exist_ok=True)
-    d = tempfile.mkdtemp(prefix=f"{_SCRATCH}{os.getpid()}-", dir=cache_dir)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)

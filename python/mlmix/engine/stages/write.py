@@ -74,8 +74,9 @@ def without_timings(stats: Mapping) -> dict:
 def summary_of(cfg: Mapping, key: str, stages: Mapping[str, Mapping], engine: str) -> dict:
     """The build's summary, as build.json holds it: nothing in it depends on the executor but ``engine``."""
     out = cfg["output"]
-    stages = {name: (without_timings(s) if name in ("read", "langid", "tokenize", "dedup", "mix", "pack") else s)
-              for name, s in stages.items()}
+    from . import STAGES
+
+    stages = {name: (without_timings(s) if name in STAGES else s) for name, s in stages.items()}
     p = stages["pack"]
     return {"format": BUILD_FORMAT, "engine": engine, "key": key, "config": dict(cfg), "stages": stages,
             "output": out, "store": os.path.join(out, "store"), "examples": p["examples"], "tokens": p["tokens"],
