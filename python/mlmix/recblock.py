@@ -1,0 +1,208 @@
+"""``RecordBlock``: canonical records (:mod:`mlmix.readers`) as columns, the build's currency between stages.
+
+A canonical record is ``{"id": str, "lang": str | None, "where": str}`` plus either ``"text": str`` or
+``"messages": [{"role": str, "content": str}, ...]``. A block of ``n`` of them is held as flat numpy
+arrays, so the C++ core reads a whole block without a Python object per record and a stage cache is
+written and read back without parsing text:
+
+=================  ========================  ===========================================================
+column             dtype, length             meaning
+=================  ========================  ===========================================================
+``kind``           uint8, n                  0 = text record, 1 = chat record
+``id``             strings, n                the record's id
+``lang``           strings, n                its language code ("" where ``has_lang`` is 0)
+``has_lang``       uint8, n                  1 where the record gives a language, 0 for None
+``where``          strings, n                where it was read (``path:line`` or ``path[row]``)
+``turn_offsets``   int64, n + 1              record i owns turns ``turn_offsets[i]:turn_offsets[i+1]``
+``role``           strings, one per turn     a chat turn's role; ``""`` for a text record's one turn
+``content``        strings, one per turn     a chat turn's content, or a text record's text
+=================  ========================  ===========================================================
+
+A column of strings is two arrays, ``<name>_values`` (uint8, UTF-8 bytes) and ``<name>_offsets``
+(int64, count + 1), as in :class:`mlmix.ragged.Ragged`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["RecordBlock", "STRING_COLUMNS", "TEXT", "CHAT"]
+
+TEXT, CHAT = 0, 1
+STRING_COLUMNS = ("id", "lang", "where", "role", "content")
+_ARRAYS = ("kind", "has_lang", "turn_offsets") + tuple(
+    f"{c}_{part}" for c in STRING_COLUMNS for part in ("values", "offsets"))
+
+
+def _strings(items: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    encoded = [s.encode("utf-8") for s in items]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    if encoded:
+        np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), np.uint8).copy(), offsets
+
+
+def _decode(values: np.ndarray, offsets: np.ndarray) -> list[str]:
+    raw = values.tobytes() if len(values) else b""
+    off = offsets.tolist()
+    return [raw[off[i]:off[i + 1]].decode("utf-8") for i in range(len(off) - 1)]
+
+
+class RecordBlock:
+    """``n`` canonical records as columns (see the module docstring). Build one with :meth:`from_records`
+    (from dicts) or from the C++ JSON lines reader; read it back with :meth:`to_records`."""
+
+    __slots__ = _ARRAYS
+
+    def __init__(self, **arrays: np.ndarray) -> None:
+        missing = [a for a in _ARRAYS if a not in arrays]
+        extra = sorted(set(arrays) - set(_ARRAYS))
+        if missing or extra:
+            raise TypeError(f"RecordBlock needs the arrays {list(_ARRAYS)}; missing {missing}, unexpected {extra}")
+        for name in _ARRAYS:
+            dtype = np.int64 if name.endswith("offsets") else np.uint8
+            setattr(self, name, np.ascontiguousarray(np.asarray(arrays[name]), dtype=dtype))
+
+    # --- building -------------------------------------------------------------------------------
+    @classmethod
+    def from_records(cls, records: Iterable[Mapping[str, Any]]) -> "RecordBlock":
+        """Columns of canonical records (dicts as :func:`mlmix.readers.to_record` makes them)."""
+        kind, ids, langs, has_lang, wheres, roles, contents = [], [], [], [], [], [], []
+        turn_offsets = [0]
+        for rec in records:
+            ids.append(rec["id"])
+            lang = rec.get("lang")
+            has_lang.append(lang is not None)
+            langs.append(lang or "")
+            wheres.append(rec.get("where") or "")
+            if "text" in rec:
+                kind.append(TEXT)
+                roles.append("")
+                contents.append(rec["text"])
+            else:
+                kind.append(CHAT)
+                for m in rec["messages"]:
+                    roles.append(m["role"])
+                    contents.append(m["content"])
+            turn_offsets.append(len(contents))
+        cols: dict[str, np.ndarray] = {"kind": np.asarray(kind, np.uint8), "has_lang": np.asarray(has_lang, np.uint8),
+                                       "turn_offsets": np.asarray(turn_offsets, np.int64)}
+        for name, items in (("id", ids), ("lang", langs), ("where", wheres), ("role", roles), ("content", contents)):
+            cols[f"{name}_values"], cols[f"{name}_offsets"] = _strings(items)
+        return cls(**cols)
+
+    @classmethod
+    def empty(cls) -> "RecordBlock":
+        return cls.from_records([])
+
+    @classmethod
+    def concat(cls, blocks: Sequence["RecordBlock"]) -> "RecordBlock":
+        blocks = list(blocks)
+        if not blocks:
+            return cls.empty()
+        if len(blocks) == 1:
+            return blocks[0]
+        cols = {"kind": np.concatenate([b.kind for b in blocks]),
+                "has_lang": np.concatenate([b.has_lang for b in blocks]),
+                "turn_offsets": _join_offsets([b.turn_offsets for b in blocks])}
+        for c in STRING_COLUMNS:
+            cols[f"{c}_values"] = np.concatenate([getattr(b, f"{c}_values") for b in blocks])
+            cols[f"{c}_offsets"] = _join_offsets([getattr(b, f"{c}_offsets") for b in blocks])
+        return cls(**cols)
+
+    # --- reading --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def strings(self, column: str) -> list[str]:
+        """A string column as Python str (one per record, or one per turn for ``role``/``content``)."""
+        if column not in STRING_COLUMNS:
+            raise ValueError(f"column must be one of {STRING_COLUMNS}, got {column!r}")
+        return _decode(getattr(self, f"{column}_values"), getattr(self, f"{column}_offsets"))
+
+    def langs(self) -> list[str | None]:
+        return [lang if has else None for lang, has in zip(self.strings("lang"), self.has_lang.tolist())]
+
+    def to_records(self) -> list[dict]:
+        """The canonical records back as dicts (equal to those :meth:`from_records` was given)."""
+        ids, langs, wheres = self.strings("id"), self.langs(), self.strings("where")
+        roles, contents = self.strings("role"), self.strings("content")
+        to = self.turn_offsets.tolist()
+        out = []
+        for i, k in enumerate(self.kind.tolist()):
+            rec: dict = {"id": ids[i], "lang": langs[i], "where": wheres[i]}
+            if k == TEXT:
+                rec["text"] = contents[to[i]]
+            else:
+                rec["messages"] = [{"role": roles[t], "content": contents[t]} for t in range(to[i], to[i + 1])]
+            out.append(rec)
+        return out
+
+    def texts(self) -> list[str]:
+        """Each record's text for language identification and dedup (:func:`mlmix.readers.record_text`)."""
+        roles, contents = self.strings("role"), self.strings("content")
+        to = self.turn_offsets.tolist()
+        out = []
+        for i, k in enumerate(self.kind.tolist()):
+            if k == TEXT:
+                out.append(contents[to[i]])
+            else:
+                out.append("\n".join(contents[t] for t in range(to[i], to[i + 1]) if roles[t] != "system"))
+        return out
+
+    def take(self, index) -> "RecordBlock":
+        """The records at ``index`` (ints, in the order given)."""
+        idx = np.asarray(index, dtype=np.int64)
+        t_lo, t_hi = self.turn_offsets[idx], self.turn_offsets[idx + 1]
+        turns = np.concatenate([np.arange(a, b) for a, b in zip(t_lo.tolist(), t_hi.tolist())]) \
+            if len(idx) else np.zeros(0, np.int64)
+        turn_offsets = np.zeros(len(idx) + 1, np.int64)
+        np.cumsum(t_hi - t_lo, out=turn_offsets[1:])
+        cols = {"kind": self.kind[idx], "has_lang": self.has_lang[idx], "turn_offsets": turn_offsets}
+        for c in STRING_COLUMNS:
+            rows = turns.astype(np.int64) if c in ("role", "content") else idx
+            cols[f"{c}_values"], cols[f"{c}_offsets"] = _take_strings(
+                getattr(self, f"{c}_values"), getattr(self, f"{c}_offsets"), rows)
+        return RecordBlock(**cols)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in _ARRAYS}
+
+    def equals(self, other: "RecordBlock") -> bool:
+        return all(np.array_equal(getattr(self, a), getattr(other, a)) for a in _ARRAYS)
+
+    def __repr__(self) -> str:
+        return f"RecordBlock({len(self)} records, {len(self.role_offsets) - 1} turns, {len(self.content_values):,} bytes)"
+
+    # --- files ----------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """One ``.npz`` file (uncompressed) holding every column."""
+        with open(path, "wb") as f:
+            np.savez(f, **self.arrays())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RecordBlock":
+        with np.load(path) as z:
+            return cls(**{a: z[a] for a in _ARRAYS})
+
+
+def _join_offsets(parts: Sequence[np.ndarray]) -> np.ndarray:
+    out = [np.zeros(1, np.int64)]
+    base = 0
+    for p in parts:
+        out.append(p[1:] + base)
+        base += int(p[-1])
+    return np.concatenate(out)
+
+
+def _take_strings(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = offsets[rows], offsets[rows + 1]
+    lens = hi - lo
+    out_off = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lens, out=out_off[1:])
+    gather = np.repeat(lo - out_off[:-1], lens) + np.arange(int(out_off[-1]), dtype=np.int64)
+    return values[gather], out_off
