@@ -83,9 +83,7 @@ def make_data(path: str, target_mb: float, seed: int = 0) -> dict:
 
 
 # ---- the variants (each run in a child process) ----------------------------------------------------
-def run_mlmix(data: str, out: str) -> dict:
-    import mlmix
-
+def _mlmix_config(data: str, out: str, full: bool) -> dict:
     cfg = {
         "output": os.path.join(out, "store_out"),
         "cache_dir": os.path.join(out, "cache"),
@@ -96,8 +94,59 @@ def run_mlmix(data: str, out: str) -> dict:
         "pack": {"seq_len": SEQ_LEN, "strategy": "bfd", "overlong": "truncate"},
         "report": False,
     }
-    s = mlmix.build(cfg, quiet=True)
-    return {"examples": s["examples"], "tokens": s["tokens"], "sequences": s["sequences"], "efficiency": s["efficiency"]}
+    if full:  # every record's language identified, exact + near dedup, a recipe
+        cfg["langid"] = {"override": True}
+        cfg["dedup"] = {"exact": True, "near": True}
+        cfg["mixture"] = {"recipe": "temperature", "alpha": 0.3}
+    return cfg
+
+
+def _build(data: str, out: str, full: bool) -> dict:
+    import mlmix
+
+    s = mlmix.build(_mlmix_config(data, out, full), quiet=True)
+    return {"examples": s["examples"], "tokens": s["tokens"], "sequences": s["sequences"],
+            "efficiency": s["efficiency"], "work_seconds": s["seconds"], "text_bytes": text_bytes(data)}
+
+
+def run_mlmix(data: str, out: str) -> dict:
+    """``mlmix build``: recipe ``all``, no langid, no dedup."""
+    return _build(data, out, False)
+
+
+def run_mlmix_full(data: str, out: str) -> dict:
+    """``mlmix build`` with language identification on every record, exact + near dedup and a recipe."""
+    return _build(data, out, True)
+
+
+def contents(data: str) -> list[str]:
+    """The texts the tokenizer sees: every message's content."""
+    out = []
+    with open(data, encoding="utf-8") as f:
+        for line in f:
+            out += [m["content"] for m in json.loads(line)["messages"]]
+    return out
+
+
+def text_bytes(data: str) -> int:
+    return sum(len(t.encode("utf-8")) for t in contents(data))
+
+
+def run_encode(data: str, out: str) -> dict:
+    """The native encoder alone on the same texts (no JSON, no chat template, no masks, no packing): the
+    rate the whole build is measured against."""
+    import mlmix
+
+    texts = contents(data)
+    tok = mlmix.Tokenizer.qwen("qwen")
+    tok.encode_batch(texts[:64])  # warm: the thread pool and piece caches
+    t0 = time.perf_counter()
+    n_tokens = 0
+    for lo in range(0, len(texts), 65536):
+        n_tokens += len(tok.encode_batch(texts[lo:lo + 65536]).values)
+    seconds = time.perf_counter() - t0
+    return {"examples": len(texts), "tokens": n_tokens, "sequences": 0, "efficiency": 0.0, "work_seconds": seconds,
+            "text_bytes": sum(len(t.encode("utf-8")) for t in texts)}
 
 
 def run_hf(data: str, out: str) -> dict:
@@ -108,6 +157,7 @@ def run_hf(data: str, out: str) -> dict:
     from mlmix._tiktoken import qwen_tokenizer
 
     datasets.disable_progress_bars()
+    t0 = time.perf_counter()
     tok = PreTrainedTokenizerFast(tokenizer_object=qwen_tokenizer("qwen"), eos_token="<|im_end|>",
                                   pad_token="<|endoftext|>")
     tok.chat_template = CHATML_GENERATION
@@ -123,19 +173,23 @@ def run_hf(data: str, out: str) -> dict:
     packed.save_to_disk(os.path.join(out, "hf_packed"))
     n_tokens = sum(len(x) for x in ds["input_ids"])
     return {"examples": len(ds), "tokens": n_tokens, "sequences": len(packed),
-            "efficiency": n_tokens / (len(packed) * SEQ_LEN)}
+            "efficiency": n_tokens / (len(packed) * SEQ_LEN), "work_seconds": time.perf_counter() - t0,
+            "text_bytes": text_bytes(data)}
 
 
-VARIANTS = {"mlmix": run_mlmix, "hf": run_hf}
+VARIANTS = {"mlmix": run_mlmix, "mlmix_full": run_mlmix_full, "encode": run_encode, "hf": run_hf}
 
 
-def measure(variant: str, data: str) -> dict:
-    """Run one variant in a fresh process; its wall time (imports included) and peak RSS."""
+def measure(variant: str, data: str, cores: int | None = None) -> dict:
+    """Run one variant in a fresh process (on its first ``cores`` cores, when given); its wall time
+    (imports included) and peak RSS."""
     with tempfile.TemporaryDirectory(prefix=f"bench_pipeline_{variant}_") as out:
         env = dict(os.environ, MLMIX_BENCH_CHILD="1")
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", variant, data, out],
-                              capture_output=True, text=True, env=env)
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, data, out]
+        if cores:
+            cmd.append(str(cores))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"{variant} failed:\n{proc.stderr[-4000:]}")
@@ -195,7 +249,53 @@ def test_pipeline_end_to_end(benchmark, data_dir, results, size_mb, variant):
               f"{s1:g} MB ({growth:+.2f} MB per MB of input)")
 
 
-def _child(variant: str, data: str, out: str) -> None:
+KERNEL_SIZE_MB = 50.0 if FULL else 8.0
+
+
+def _rate(res: dict) -> float:
+    """MB/s of the texts the tokenizer sees, over the variant's own work (imports and process start apart)."""
+    return res["text_bytes"] / 1e6 / res["work_seconds"]
+
+
+@pytest.mark.parametrize("variant", ["encode", "mlmix", "mlmix_full", "hf"])
+def test_build_against_its_encoder(benchmark, data_dir, results, variant):
+    """The whole build (JSON lines to packed store) against the native encoder alone on the same texts:
+    the goals are >= 0.6x (recipe all) and >= 0.4x (langid, exact + near dedup, a recipe); the HF stack
+    (datasets + apply_chat_template + TRL packing) on the same data for comparison."""
+    dataset = _dataset(data_dir, KERNEL_SIZE_MB)
+    res = benchmark.pedantic(measure, args=(variant, dataset["path"]), rounds=1, iterations=1)
+    results[("kernel", variant)] = res
+    benchmark.extra_info.update({"variant": variant, "text_mb": round(res["text_bytes"] / 1e6, 1),
+                                 "work_seconds": round(res["work_seconds"], 2), "mb_per_s": round(_rate(res), 2),
+                                 "peak_rss_mb": round(res["peak_rss_mb"], 1), "tokens": res["tokens"]})
+    enc = results.get(("kernel", "encode"))
+    if enc and variant != "encode":
+        benchmark.extra_info["ratio_vs_encode_batch"] = round(_rate(res) / _rate(enc), 3)
+        print(f"\n{variant}: {_rate(res):.1f} MB/s, {_rate(res) / _rate(enc):.2f}x the native encode_batch "
+              f"({_rate(enc):.1f} MB/s) on the same {res['text_bytes'] / 1e6:.0f} MB of text")
+
+
+@pytest.mark.parametrize("cores", [1, 2])
+def test_parallel_efficiency(benchmark, data_dir, results, cores):
+    """The build (recipe all) on 1 and on 2 cores (CPU affinity): efficiency = t1 / (2 * t2), goal >= 0.8."""
+    if len(os.sched_getaffinity(0)) < cores:
+        pytest.skip(f"this machine lets the process use {len(os.sched_getaffinity(0))} core(s)")
+    dataset = _dataset(data_dir, KERNEL_SIZE_MB)
+    res = benchmark.pedantic(measure, args=("mlmix", dataset["path"], cores), rounds=1, iterations=1)
+    results[("cores", cores)] = res
+    benchmark.extra_info.update({"cores": cores, "work_seconds": round(res["work_seconds"], 2),
+                                 "mb_per_s": round(_rate(res), 2)})
+    one, two = results.get(("cores", 1)), results.get(("cores", 2))
+    if one and two:
+        eff = one["work_seconds"] / (2 * two["work_seconds"])
+        benchmark.extra_info["parallel_efficiency"] = round(eff, 3)
+        print(f"\nbuild on 1 core {one['work_seconds']:.1f} s, on 2 cores {two['work_seconds']:.1f} s: "
+              f"parallel efficiency {eff:.2f}")
+
+
+def _child(variant: str, data: str, out: str, cores: str | None = None) -> None:
+    if cores:  # before anything starts a thread: the kernels size their pools from the affinity
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: int(cores)])
     res = VARIANTS[variant](data, out)
     ru = resource.getrusage(resource.RUSAGE_SELF)
     res["peak_rss_mb"] = ru.ru_maxrss / 1024
@@ -206,15 +306,34 @@ def _child(variant: str, data: str, out: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _child(*sys.argv[2:5])
+        _child(*sys.argv[2:6])
         sys.exit(0)
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, action="append", help="input size in MB, repeatable (default: %s)"
                     % " ".join(f"{m:g}" for m in SIZES_MB))
-    ap.add_argument("--only", choices=("hf", "mlmix"), help="run one variant only")
+    ap.add_argument("--only", choices=tuple(VARIANTS), help="run one variant only")
+    ap.add_argument("--kernel", action="store_true",
+                    help="the build against the native encoder on the same texts, and on 1 vs 2 cores")
     args = ap.parse_args()
+    if args.kernel:
+        for mb in args.mb or (KERNEL_SIZE_MB,):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "chat.jsonl")
+                info = make_data(path, mb)
+                rows = {v: measure(v, path) for v in ("encode", "mlmix", "mlmix_full", "hf")}
+                rows["mlmix 1 core"] = measure("mlmix", path, 1)
+                rows["mlmix 2 cores"] = measure("mlmix", path, 2)
+            enc = _rate(rows["encode"])
+            print(f"{info['bytes'] / 1e6:.1f} MB of JSON lines, {rows['encode']['text_bytes'] / 1e6:.1f} MB of text, "
+                  f"{info['records']:,} conversations; uptime load {os.getloadavg()[0]:.1f}", flush=True)
+            for v, r in rows.items():
+                print(f"  {v:<14} {r['work_seconds']:7.2f} s  {_rate(r):7.1f} MB/s  {_rate(r) / enc:5.2f}x encode_batch  "
+                      f"peak {r['peak_rss_mb']:5.0f} MB", flush=True)
+            eff = rows["mlmix 1 core"]["work_seconds"] / (2 * rows["mlmix 2 cores"]["work_seconds"])
+            print(f"  parallel efficiency 1 -> 2 cores: {eff:.2f}", flush=True)
+        sys.exit(0)
     variants = (args.only,) if args.only else ("hf", "mlmix")
     for mb in args.mb or SIZES_MB:
         with tempfile.TemporaryDirectory() as tmp:

@@ -56,8 +56,8 @@ inline constexpr uint64_t splitmix64_mix(uint64_t z) {
 // The next output of the generator whose state is `state`.
 inline constexpr uint64_t splitmix64(uint64_t& state) { return splitmix64_mix(splitmix64_step(state)); }
 
-// Number of worker threads to use: `requested` if positive, else the hardware concurrency
-// (or MLMIX_NUM_THREADS when set).
+// Number of worker threads to use: `requested` if positive, else MLMIX_NUM_THREADS when set, else the
+// number of cores this process may run on (its CPU affinity: taskset, cpusets).
 int resolve_threads(int requested);
 
 }  // namespace mlmix

@@ -92,16 +92,21 @@ def test_store_from_memory_mapped_tokens_is_byte_identical(tmp_path, monkeypatch
         assert (tmp_path / "mem" / name).read_bytes() == (tmp_path / "mapped" / name).read_bytes(), name
 
 
-def _records(tmp_path, texts, langs):
-    path = str(tmp_path / "records.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-        for i, (t, lang) in enumerate(zip(texts, langs)):
-            f.write(json.dumps({"id": str(i), "lang": lang, "text": t}, ensure_ascii=False) + "\n")
-    return path
+def _records(tmp_path, texts, langs, chunk=4096, name="read"):
+    """The read stage's cache of text records, in blocks of ``chunk`` records."""
+    from mlmix.recblock import RecordBlock
+
+    recs = [{"id": str(i), "lang": lang, "where": f"f:{i + 1}", "text": t}
+            for i, (t, lang) in enumerate(zip(texts, langs))]
+    out = tmp_path / name
+    out.mkdir()
+    local.write_blocks(str(out), ((0, RecordBlock.from_records(recs[i:i + chunk]))
+                                  for i in range(0, len(recs), chunk)))
+    return str(out / local.RECORDS)
 
 
 @pytest.mark.parametrize("scope", ["language", "global"])
-def test_dedup_stage_equals_whole_corpus_dedup(tmp_path, monkeypatch, scope):
+def test_dedup_stage_equals_whole_corpus_dedup(tmp_path, scope):
     rng = np.random.default_rng(1)
     words = ["alpha", "beta", "gamma", "delta", "épsilon", "ζήτα", "эта", "θήτα", "iota", "каппа", "lambda", "mu"]
     base = [" ".join(rng.choice(words, size=int(rng.integers(3, 30)))) for _ in range(60)]
@@ -115,11 +120,10 @@ def test_dedup_stage_equals_whole_corpus_dedup(tmp_path, monkeypatch, scope):
         texts.append(t)
         langs.append(("en", "ru", "el")[int(rng.integers(0, 3))])
     texts[5] = ""  # a document without shingles
-    path = _records(tmp_path, texts, langs)
+    path = _records(tmp_path, texts, langs, chunk=7)
     alive = rng.random(len(texts)) < 0.9
     cfg = {"cache_dir": str(tmp_path / "cache"), "seed": 4,
            "dedup": {"exact": True, "near": True, "scope": scope, "threshold": 0.7, "num_perm": 64, "ngram": 2}}
-    monkeypatch.setattr(local, "CHUNK", 7)
     out = tmp_path / "out"
     out.mkdir()
     uids = np.arange(len(texts), dtype=np.int64)  # one source: uid = position
@@ -144,16 +148,15 @@ def test_dedup_stage_equals_whole_corpus_dedup(tmp_path, monkeypatch, scope):
 
 
 @pytest.mark.parametrize("override", [False, True])
-def test_langid_stage_in_chunks_equals_identify_over_all(tmp_path, monkeypatch, override):
+def test_langid_stage_in_chunks_equals_identify_over_all(tmp_path, override):
     from mlmix.langid import identify
 
     texts = ["The weather is lovely today and we walk in the park.", "Hoy hace buen tiempo y paseamos por el parque.",
              "Tänään on kaunis sää ja kävelemme puistossa.", "Сегодня прекрасная погода, и мы гуляем в парке.",
              "x", "Oggi il tempo è bello e passeggiamo nel parco.", ""]
     langs = [None, "es", None, None, None, "it", None]
-    path = _records(tmp_path, texts, langs)  # "lang": null where missing
+    path = _records(tmp_path, texts, langs, chunk=2)  # "lang": null where missing
     lcfg = {"backend": "py3langid", "threshold": 0.6, "unknown": "und", "override": override, "drop_unknown": True}
-    monkeypatch.setattr(local, "CHUNK", 2)
     out = tmp_path / "out"
     out.mkdir()
     stats = local.run_langid({"langid": lcfg}, path, str(out), BuildLog(quiet=True))
@@ -184,18 +187,16 @@ def test_stale_scratch_directories_are_removed(tmp_path):
     assert sorted(os.listdir(cache)) == sorted([f".scratch-{os.getpid()}-def", ".scratch-notapid"])
 
 
-def test_tokenize_stage_chunking_does_not_change_the_tokens(tmp_path, monkeypatch):
+def test_tokenize_stage_chunking_does_not_change_the_tokens(tmp_path):
     from mlmix.config import load_config
 
     texts = [f"Record {i}: " + "word " * (i % 17) for i in range(40)]
-    path = _records(tmp_path, texts, ["en"] * len(texts))
-    cfg = load_config({"output": str(tmp_path / "o"), "sources": [{"path": path}],
+    cfg = load_config({"output": str(tmp_path / "o"), "sources": [{"path": str(tmp_path)}],
                        "tokenizer": {"name": "qwen", "template": "chatml"}})
     outs = []
-    for chunk, size in ((4096, 16 << 20), (3, 16 << 20), (4096, 100)):  # by count, by size
-        monkeypatch.setattr(local, "CHUNK", chunk)
-        monkeypatch.setattr(local, "CHUNK_BYTES", size)
-        out = tmp_path / f"t{chunk}-{size}"
+    for chunk in (4096, 3, 1):
+        path = _records(tmp_path, texts, ["en"] * len(texts), chunk=chunk, name=f"read{chunk}")
+        out = tmp_path / f"t{chunk}"
         out.mkdir()
         stats = local.run_tokenize(cfg, path, len(texts), str(out), BuildLog(quiet=True))
         outs.append((stats, Ragged.load(str(out / "tokens")), Ragged.load(str(out / "loss_mask"))))

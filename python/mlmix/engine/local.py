@@ -27,6 +27,7 @@ import numpy as np
 
 from ..cache import StageCache
 from ..ragged import Ragged, RaggedWriter
+from ..recblock import RecordBlock
 from .log import BuildLog, peak_rss_mb, rate
 from .stages import dedup as s_dedup
 from .stages import langid as s_langid
@@ -36,41 +37,37 @@ from .stages import read as s_read
 from .stages import tokenize as s_tok
 from .stages import write as s_write
 
-CHUNK = 4096  # records per block ...
-CHUNK_BYTES = 16 << 20  # ... or fewer, once they hold this much JSON (bounds memory for long records)
+CHUNK = 16384  # records per block at most (the reader cuts blocks at ~16 MB of input too)
 
 
 # ---- blocks of records ---------------------------------------------------------------------------
-def iter_lines(path: str) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        yield from f
+RECORDS = "records"  # the read stage's output: RecordBlock files, in order, and their index
 
 
-def chunks(lines: Iterable[bytes], size: int | None = None, nbytes: int | None = None) -> Iterator[list[bytes]]:
-    """Lines in blocks of at most ``size`` lines or about ``nbytes`` bytes (whichever comes first)."""
-    size = size or CHUNK
-    nbytes = nbytes or CHUNK_BYTES
-    block: list[bytes] = []
-    held = 0
-    for line in lines:
-        block.append(line)
-        held += len(line)
-        if len(block) >= size or held >= nbytes:
-            yield block
-            block, held = [], 0
-    if block:
-        yield block
+def write_blocks(out: str, blocks: Iterable[tuple[int, RecordBlock]]) -> list[list[int]]:
+    """Save (source index, RecordBlock) pairs as the read stage's cache; returns the index written."""
+    d = os.path.join(out, RECORDS)
+    os.makedirs(d, exist_ok=True)
+    index = []
+    for k, (src, block) in enumerate(blocks):
+        block.save(os.path.join(d, f"{k:06d}.npz"))
+        index.append([int(src), len(block)])
+    s_write.write_json(os.path.join(d, "index.json"), index)
+    return index
 
 
-def parse(lines: list[bytes]) -> list[dict]:
-    """The records of a block of JSON lines; the lines are released as they are parsed (the block's list
-    is emptied), so a block is never held as bytes and as records at once."""
-    out = []
-    for i, line in enumerate(lines):
-        out.append(json.loads(line))
-        lines[i] = None
-    lines.clear()
+def block_paths(records_dir: str) -> list[tuple[str, int, int]]:
+    """(path, first record, records) of each cached block, in order."""
+    index = s_write.read_json(os.path.join(records_dir, "index.json"))
+    out, first = [], 0
+    for k, (_, n) in enumerate(index):
+        out.append((os.path.join(records_dir, f"{k:06d}.npz"), first, n))
+        first += n
     return out
+
+
+def load_block(path: str) -> RecordBlock:
+    return RecordBlock.load(path)
 
 
 _WORKER: dict[str, Any] = {}  # per worker process: what its initializer loaded
@@ -80,8 +77,13 @@ def _init_labeler(lcfg: Mapping) -> None:
     _WORKER["labeler"] = s_langid.Labeler(lcfg)
 
 
-def _label(lines: list[bytes]) -> dict:
-    return _WORKER["labeler"](json.loads(line) for line in lines)  # one record at a time
+def _label(item: tuple) -> dict:
+    path = item[0]
+    block = load_block(path)
+    lab = _WORKER["labeler"]
+    if hasattr(lab, "label_block"):
+        return lab.label_block(block)
+    return lab(block.to_records())
 
 
 def _init_encoder(tcfg: Mapping) -> None:
@@ -89,9 +91,10 @@ def _init_encoder(tcfg: Mapping) -> None:
     _WORKER["tcfg"] = dict(tcfg)
 
 
-def _encode(lines: list[bytes]) -> tuple:
+def _encode(item: tuple) -> tuple:
+    block = load_block(item[0])
     t0 = time.perf_counter()
-    tokens, masks, stats = s_tok.encode_records(_WORKER["tokenizer"], parse(lines), _WORKER["tcfg"])
+    tokens, masks, stats = s_tok.encode_block(_WORKER["tokenizer"], block, _WORKER["tcfg"])
     return tokens, masks, stats, time.perf_counter() - t0
 
 
@@ -100,10 +103,11 @@ def _init_keys(dd: Mapping) -> None:
 
 
 def _keys(args: tuple) -> dict:
-    lines, langs = args
-    from ..readers import record_text
-
-    return s_dedup.keys([record_text(json.loads(line)) for line in lines], langs, _WORKER["dd"])
+    path, rows, langs = args
+    block = load_block(path)
+    if len(rows) != len(block):
+        block = block.take(rows)
+    return s_dedup.keys(block.texts(), langs, _WORKER["dd"])
 
 
 def _init_worker(threads: int, init: Callable, initargs: tuple) -> None:
@@ -122,6 +126,14 @@ def _plan_group(item: tuple) -> Any:
     g, lengths = item
     pcfg, pol, seed = _WORKER["plan"]
     return s_pack.plan_group(pcfg, lengths, pol, seed, g)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, as the C++ kernels count them)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def ordered_map(fn: Callable, init: Callable, initargs: tuple, items: Iterable, workers: int) -> Iterator:
@@ -143,7 +155,7 @@ def ordered_map(fn: Callable, init: Callable, initargs: tuple, items: Iterable, 
     # works (spawn and forkserver import the caller's main module again); the workers load their own
     # models in ``init``, after the fork
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, usable_cores() // workers)
     with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                 initargs=(threads, init, initargs)) as pool:
         pending: deque = deque()
@@ -157,31 +169,29 @@ def ordered_map(fn: Callable, init: Callable, initargs: tuple, items: Iterable, 
 
 # ---- the stages, run locally ---------------------------------------------------------------------
 def run_read(cfg: dict, out: str, log: BuildLog) -> dict:
+    """Every source into RecordBlock files (``out/records``): the C++ reader's columns, never JSON again."""
     counts = None
-    with open(os.path.join(out, "records.jsonl"), "w", encoding="utf-8") as f, log.bar("read") as bar:
-        for i, src in enumerate(cfg["sources"]):
-            uids, given, kinds = [], [], []
-            for uid, rec in s_read.records(i, src):
-                f.write(json.dumps(rec, ensure_ascii=False))
-                f.write("\n")
-                uids.append(uid)
-                given.append(rec["lang"])
-                kinds.append("text" in rec)
-                bar.update()
-                if len(uids) >= CHUNK:
-                    counts = s_read.merge(counts, s_read.count(np.array(uids), given, kinds))
-                    uids, given, kinds = [], [], []
-            counts = s_read.merge(counts, s_read.count(np.array(uids, dtype=np.int64), given, kinds))
+
+    def blocks() -> Iterator[tuple[int, RecordBlock]]:
+        nonlocal counts
+        with log.bar("read") as bar:
+            for i, src in enumerate(cfg["sources"]):
+                for uids, block in s_read.blocks(i, src, CHUNK):
+                    counts = s_read.merge(counts, s_read.count_block(uids, block))
+                    bar.update(len(block))
+                    yield i, block
+
+    write_blocks(out, blocks())
     return s_read.finish(counts, cfg["sources"])
 
 
-def run_langid(cfg: dict, records_path: str, out: str, log: BuildLog, workers: int = 1) -> dict:
+def run_langid(cfg: dict, records_dir: str, out: str, log: BuildLog, workers: int = 1) -> dict:
     lcfg = cfg["langid"]
     langs: list[str] = []
     alive: list[np.ndarray] = []
     counts = None
     with log.bar("langid") as bar:
-        for block in ordered_map(_label, _init_labeler, (lcfg,), chunks(iter_lines(records_path)), workers):
+        for block in ordered_map(_label, _init_labeler, (lcfg,), block_paths(records_dir), workers):
             langs += [sys.intern(x) for x in block["lang"]]
             alive.append(block["alive"])
             counts = s_langid.merge(counts, s_langid.count(block))
@@ -191,7 +201,7 @@ def run_langid(cfg: dict, records_path: str, out: str, log: BuildLog, workers: i
     return s_langid.finish(counts, lcfg)
 
 
-def run_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log: BuildLog, workers: int = 1) -> dict:
+def run_tokenize(cfg: dict, records_dir: str, n_records: int, out: str, log: BuildLog, workers: int = 1) -> dict:
     """Tokens and loss masks of every record, streamed to ``out/tokens`` and ``out/loss_mask`` block by
     block (memory: a few blocks of records and their encodings, plus 8 bytes of length per record)."""
     tcfg = cfg["tokenizer"]
@@ -207,7 +217,7 @@ def run_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log: Bu
             init, initargs = (lambda: _WORKER.update(tokenizer=tokenizer, tcfg=dict(tcfg))), ()
         else:
             init, initargs = _init_encoder, (tcfg,)
-        for t, m, st, sec in ordered_map(_encode, init, initargs, chunks(iter_lines(records_path)), workers):
+        for t, m, st, sec in ordered_map(_encode, init, initargs, block_paths(records_dir), workers):
             encode_seconds += sec
             tok_out.append(t)
             mask_out.append(m)
@@ -222,7 +232,7 @@ def run_tokenize(cfg: dict, records_path: str, n_records: int, out: str, log: Bu
     return dict(stats, load_seconds=load_seconds, encode_seconds=encode_seconds)
 
 
-def run_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarray, uids: np.ndarray, out: str,
+def run_dedup(cfg: dict, records_dir: str, langs: list[str], alive: np.ndarray, uids: np.ndarray, out: str,
               log: BuildLog, workers: int = 1) -> dict:
     """Exact then near duplicates among the ``alive`` records (:mod:`mlmix.engine.stages.dedup`)."""
     dcfg = cfg["dedup"]
@@ -231,28 +241,13 @@ def run_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarray,
     idx = np.flatnonzero(alive)
     if (dcfg["exact"] or dcfg["near"]) and idx.size:
         dd = s_dedup.params(cfg)
+        paths = block_paths(records_dir)
 
-        def alive_blocks() -> Iterator[tuple[list[bytes], list[str]]]:
-            it = iter(enumerate(iter_lines(records_path)))
-            want = iter(idx.tolist())
-            nxt = next(want, None)
-            block: list[bytes] = []
-            bl: list[str] = []
-            held = 0
-            for k, line in it:
-                if k != nxt:
-                    continue
-                block.append(line)
-                bl.append(langs[k])
-                held += len(line)
-                nxt = next(want, None)
-                if len(block) >= CHUNK or held >= CHUNK_BYTES:
-                    yield block, bl
-                    block, bl, held = [], [], 0
-                if nxt is None:
-                    break
-            if block:
-                yield block, bl
+        def alive_blocks() -> Iterator[tuple[str, np.ndarray, list[str]]]:
+            for path, first, n in paths:
+                rows = np.flatnonzero(alive[first:first + n])
+                if rows.size:
+                    yield path, rows, [langs[first + r] for r in rows.tolist()]
 
         with log.bar("dedup", total=idx.size) as bar:
             parts = []
@@ -266,15 +261,15 @@ def run_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarray,
 
         def shingles(wanted: np.ndarray):
             """Shingle sets of the records whose uid is in ``wanted`` (a second pass over the texts)."""
-            from ..readers import record_text
-
-            pos = set(np.searchsorted(uids, wanted).tolist())
+            pos = np.unique(np.searchsorted(uids, wanted))
             texts, got = [], []
-            for k, line in enumerate(iter_lines(records_path)):
-                if k in pos:
-                    texts.append(record_text(json.loads(line)))
-                    got.append(uids[k])
-            return np.asarray(got, dtype=np.int64), s_dedup.shingle_sets(texts, dd)
+            for path, first, n in paths:
+                rows = pos[(pos >= first) & (pos < first + n)] - first
+                if rows.size:
+                    texts += load_block(path).take(rows).texts()
+                    got.append(uids[first + rows])
+            got_uids = np.concatenate(got) if got else np.zeros(0, np.int64)
+            return got_uids, s_dedup.shingle_sets(texts, dd)
 
         result = s_dedup.resolve(blocks, sub_langs, dd, shingles)
         keep[idx[np.isin(sub_uids, result["removed"])]] = False
@@ -282,7 +277,7 @@ def run_dedup(cfg: dict, records_path: str, langs: list[str], alive: np.ndarray,
     return s_dedup.finish(result, s_write.by_lang([langs[i] for i in np.flatnonzero(keep)]))
 
 
-def run_mix(cfg: dict, records_path: str, langs: list[str], keep: np.ndarray, lengths: np.ndarray, uids: np.ndarray,
+def run_mix(cfg: dict, records_dir: str, langs: list[str], keep: np.ndarray, lengths: np.ndarray, uids: np.ndarray,
             out: str, log: BuildLog) -> dict:
     mcfg = cfg["mixture"]
     s_mix.check(mcfg)
@@ -293,9 +288,11 @@ def run_mix(cfg: dict, records_path: str, langs: list[str], keep: np.ndarray, le
     else:
         # the groupby by source id, in memory: {id as JSON: [records, {languages}]}
         sid_of = np.empty(len(langs), dtype=object)
-        for k, line in enumerate(iter_lines(records_path)):
-            if keep[k]:
-                sid_of[k] = json.dumps(json.loads(line).get("id"))
+        for path, first, n in block_paths(records_dir):
+            rows = np.flatnonzero(keep[first:first + n])
+            if rows.size:
+                ids = load_block(path).take(rows).strings("id")
+                sid_of[first + rows] = [json.dumps(i) for i in ids]
         by_sid: dict[str, list] = {}
         for i in idx.tolist():
             e = by_sid.setdefault(sid_of[i], [0, set()])
@@ -394,7 +391,7 @@ def run(cfg: dict, log: BuildLog, *, use_cache: bool = True, workers: int = 1) -
     k_read = s_read.key(cfg)
     d_read, st_read = cached_stage(cache, log, "read", k_read, lambda tmp: run_read(cfg, tmp, log), s_read.summary,
                                    timings)
-    records_path = os.path.join(d_read, "records.jsonl")
+    records_path = os.path.join(d_read, RECORDS)
     uids = s_read.uids_of([s["records"] for s in st_read["sources"]])
 
     k_lid = s_langid.key(k_read, cfg["langid"])

@@ -44,6 +44,7 @@ import numpy as np
 from .. import readers
 from .._atomic import atomic_directory
 from .._deps import require
+from ..recblock import RecordBlock
 from .log import BuildLog, peak_rss_mb
 from .stages import dedup as s_dedup
 from .stages import langid as s_langid
@@ -154,9 +155,10 @@ class _Prepare:
                 os.close(fd)
                 os._exit(1)
         records = [json.loads(r) for r in table.column("rec").to_pylist()]
+        block = RecordBlock.from_records(records)
         uid = table.column("uid").to_numpy()
-        lab = self.labeler(records)
-        tokens, masks, st = s_tok.encode_records(self.tokenizer, records, self.tcfg)
+        lab = self.labeler.label_block(block) if hasattr(self.labeler, "label_block") else self.labeler(records)
+        tokens, masks, st = s_tok.encode_block(self.tokenizer, block, self.tcfg)
         lengths = tokens.lengths
         alive = lab["alive"] & (lengths > 0)
         counts = {"read": s_read.count(uid, [r["lang"] for r in records], ["text" in r for r in records]),
@@ -174,7 +176,7 @@ class _Prepare:
         table = table.append_column("mask", pa.LargeListArray.from_arrays(offsets, pa.array(masks.values)))
         table = table.append_column("ntok", pa.array(lengths, type=pa.int64()))
         if self.dd is not None:
-            k = s_dedup.keys([readers.record_text(r) for r in records], lab["lang"], self.dd)
+            k = s_dedup.keys(block.texts(), lab["lang"], self.dd)
             table = table.append_column("scope", pa.array(k["scope"]))
             table = table.append_column("h0", pa.array(k["h"][:, 0]))
             table = table.append_column("h1", pa.array(k["h"][:, 1]))

@@ -62,18 +62,34 @@ def fingerprint(tcfg: Mapping) -> list:
 def encode_records(tokenizer, records: Sequence[Mapping], tcfg: Mapping) -> tuple[Ragged, Ragged, dict]:
     """Tokens (uint32) and loss masks (uint8) of canonical records, one per record in order, and the
     encoder's counts. A record the truncation policy drops comes back empty (length 0)."""
-    enc = tokenizer.encode_records(
-        list(records), format="auto", template=tcfg["template"], train_on=tcfg["train_on"],
-        max_length=tcfg.get("max_length"), truncation=tcfg["truncation"] if "max_length" in tcfg else None,
-        on_error="raise", train_glue=tcfg.get("train_glue", "none"))
+    enc = tokenizer.encode_records(list(records), format="auto", on_error="raise", **_options(tcfg))
+    return _per_record(enc, len(records))
+
+
+def encode_block(tokenizer, block, tcfg: Mapping) -> tuple[Ragged, Ragged, dict]:
+    """:func:`encode_records` of a :class:`mlmix.recblock.RecordBlock`: the whole block in the C++ core
+    (chat assembly, BPE, masks) where the tokenizer and template allow, with the same result."""
+    encode = getattr(tokenizer, "encode_block", None)
+    if encode is None:
+        return encode_records(tokenizer, block.to_records(), tcfg)
+    return _per_record(encode(block, **_options(tcfg)), len(block))
+
+
+def _options(tcfg: Mapping) -> dict:
+    return {"template": tcfg["template"], "train_on": tcfg["train_on"], "max_length": tcfg.get("max_length"),
+            "truncation": tcfg["truncation"] if "max_length" in tcfg else None,
+            "train_glue": tcfg.get("train_glue", "none")}
+
+
+def _per_record(enc, n: int) -> tuple[Ragged, Ragged, dict]:
     st = enc.stats
     stats = {"truncated": int(st.truncated), "dropped_too_long": int(st.dropped_too_long),
              "tokens_removed": int(st.tokens_removed)}
     tokens, masks = enc.tokens.astype(np.uint32), enc.loss_mask.astype(np.uint8)
-    if len(tokens) == len(records):
+    if len(tokens) == n:
         return tokens, masks, stats
     # scatter around the records the policy dropped: they become empty examples, excluded downstream
-    lengths = np.zeros(len(records), dtype=np.int64)
+    lengths = np.zeros(n, dtype=np.int64)
     lengths[np.asarray(enc.index, dtype=np.int64)] = tokens.lengths
     return (Ragged.from_lengths(tokens.values, lengths), Ragged.from_lengths(masks.values, lengths), stats)
 
