@@ -52,7 +52,24 @@ void set_fields(RecordOptions& opt, const py::dict& fields) {
   if (opt.field_content && opt.field_content->empty()) opt.field_content.reset();
 }
 
-py::dict records_from_jsonl(const py::bytes& data, int64_t first_line, const std::string& records,
+// A caller's bytes-like object (bytes, bytearray, memoryview), held as a buffer for the call: a bytearray
+// cannot be resized meanwhile.
+class HeldBuffer {
+ public:
+  explicit HeldBuffer(const py::object& obj) {
+    if (PyObject_GetBuffer(obj.ptr(), &view_, PyBUF_SIMPLE) != 0) throw py::error_already_set();
+  }
+  ~HeldBuffer() { PyBuffer_Release(&view_); }
+  HeldBuffer(const HeldBuffer&) = delete;
+  HeldBuffer& operator=(const HeldBuffer&) = delete;
+  const uint8_t* data() const { return static_cast<const uint8_t*>(view_.buf); }
+  size_t size() const { return static_cast<size_t>(view_.len); }
+
+ private:
+  Py_buffer view_{};
+};
+
+py::dict records_from_jsonl(const py::object& data, int64_t first_line, const std::string& records,
                             const py::dict& fields, const py::dict& roles, const std::string& id_field,
                             const py::object& lang_field, const py::object& lang, const std::string& id_prefix,
                             const std::string& where_prefix, int max_depth, int num_threads) {
@@ -73,13 +90,11 @@ py::dict records_from_jsonl(const py::bytes& data, int64_t first_line, const std
   opt.max_depth = max_depth;
   opt.num_threads = num_threads;
 
-  char* buf = nullptr;
-  Py_ssize_t size = 0;
-  if (PyBytes_AsStringAndSize(data.ptr(), &buf, &size) != 0) throw py::error_already_set();
+  const HeldBuffer buf(data);
   RecordColumns cols;
   {
     py::gil_scoped_release release;
-    cols = read_json_lines(reinterpret_cast<const uint8_t*>(buf), static_cast<size_t>(size), first_line, opt);
+    cols = read_json_lines(buf.data(), buf.size(), first_line, opt);
   }
   py::dict out;
   out["kind"] = vector_to_array(std::move(cols.kind));
@@ -94,6 +109,7 @@ py::dict records_from_jsonl(const py::bytes& data, int64_t first_line, const std
   out["handback_line"] = vector_to_array(std::move(cols.handback_line));
   out["handback_begin"] = vector_to_array(std::move(cols.handback_begin));
   out["handback_end"] = vector_to_array(std::move(cols.handback_end));
+  out["lines"] = cols.lines;
   return out;
 }
 
@@ -128,8 +144,9 @@ void bind_records(py::module_& m) {
   m.def("_records_from_jsonl", &records_from_jsonl, py::arg("data"), py::arg("first_line"), py::arg("records"),
         py::arg("fields"), py::arg("roles"), py::arg("id_field"), py::arg("lang_field"), py::arg("lang"),
         py::arg("id_prefix"), py::arg("where_prefix"), py::arg("max_depth") = kMaxDepth, py::arg("num_threads") = 0,
-        "RecordBlock columns (dict of arrays, plus 'line' per record and the hand-backs 'handback_line', "
-        "'handback_begin', 'handback_end') of whole JSON lines: see mlmix.readers.iter_blocks.");
+        "RecordBlock columns (dict of arrays, plus 'line' per record, the hand-backs 'handback_line', "
+        "'handback_begin', 'handback_end' and the number of 'lines' read) of whole JSON lines (a bytes-like "
+        "object that must not change during the call): see mlmix.readers.iter_blocks.");
   m.def("_record_texts", &record_texts_py, py::arg("kind"), py::arg("turn_offsets"), py::arg("role_values"),
         py::arg("role_offsets"), py::arg("content_values"), py::arg("content_offsets"), py::arg("num_threads") = 0,
         "(values uint8, offsets int64): each record's text: see mlmix.recblock.RecordBlock.text_column.");

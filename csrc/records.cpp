@@ -82,7 +82,6 @@ namespace {
 
 // What Python's str.strip() removes, among ASCII characters (str.isspace): \t \n \v \f \r, \x1c-\x1f, space.
 inline bool python_space(uint8_t c) { return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20); }
-inline bool json_space(uint8_t c) { return c == ' ' || c == '\n' || c == '\r' || c == '\t'; }
 
 inline bool all_python_space(const uint8_t* s, size_t n) {
   for (size_t i = 0; i < n; ++i)
@@ -90,25 +89,28 @@ inline bool all_python_space(const uint8_t* s, size_t n) {
   return true;
 }
 
-inline int hex_value(uint8_t c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
+// Each byte's value as a hex digit, or -1.
+struct HexTable {
+  int8_t v[256];
+  constexpr HexTable() : v() {
+    for (int c = 0; c < 256; ++c) {
+      v[c] = static_cast<int8_t>(c >= '0' && c <= '9' ? c - '0'
+                                 : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                                 : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                                        : -1);
+    }
+  }
+};
+constexpr HexTable kHex;
 
 // The four hex digits at s (s + 4 <= end checked by the caller), or -1.
 inline int32_t hex4(const uint8_t* s) {
-  int32_t v = 0;
-  for (int k = 0; k < 4; ++k) {
-    const int h = hex_value(s[k]);
-    if (h < 0) return -1;
-    v = v * 16 + h;
-  }
-  return v;
+  const int32_t a = kHex.v[s[0]], b = kHex.v[s[1]], c = kHex.v[s[2]], d = kHex.v[s[3]];
+  if ((a | b | c | d) < 0) return -1;
+  return (a << 12) | (b << 8) | (c << 4) | d;
 }
 
-// The first '"', '\\' or control character (< 0x20) in [p, end), or end.
+// The first '"', '\\', control character (< 0x20) or non-ASCII byte (>= 0x80) in [p, end), or end.
 inline const uint8_t* find_string_special(const uint8_t* p, const uint8_t* end) {
 #if defined(__SSE2__)
   const __m128i quote = _mm_set1_epi8('"');
@@ -118,31 +120,52 @@ inline const uint8_t* find_string_special(const uint8_t* p, const uint8_t* end) 
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     const __m128i hit = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash)),
                                      _mm_cmpeq_epi8(_mm_max_epu8(v, ctl), ctl));
-    const int mask = _mm_movemask_epi8(hit);
+    const int mask = _mm_movemask_epi8(hit) | _mm_movemask_epi8(v);
     if (mask != 0) return p + __builtin_ctz(static_cast<unsigned>(mask));
     p += 16;
   }
 #endif
-  while (p < end && *p != '"' && *p != '\\' && *p >= 0x20) ++p;
+  while (p < end && *p != '"' && *p != '\\' && *p >= 0x20 && *p < 0x80) ++p;
   return p;
 }
 
-inline void append_utf8(std::string& out, uint32_t cp) {
-  if (cp < 0x80) {
-    out.push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out.push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out.push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out.push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+// The length of the UTF-8 sequence at p (*p >= 0x80) that Python's strict decoder accepts, or 0.
+inline size_t utf8_sequence(const uint8_t* p, const uint8_t* end) {
+  const uint8_t c = p[0];
+  const size_t room = static_cast<size_t>(end - p);
+  if (c < 0xC2) return 0;
+  if (c < 0xE0) return room >= 2 && (p[1] & 0xC0) == 0x80 ? 2 : 0;
+  if (c < 0xF0) {
+    if (room < 3 || (p[1] & 0xC0) != 0x80 || (p[2] & 0xC0) != 0x80) return 0;
+    if ((c == 0xE0 && p[1] < 0xA0) || (c == 0xED && p[1] >= 0xA0)) return 0;  // overlong, surrogate
+    return 3;
   }
+  if (c < 0xF5) {
+    if (room < 4 || (p[1] & 0xC0) != 0x80 || (p[2] & 0xC0) != 0x80 || (p[3] & 0xC0) != 0x80) return 0;
+    if ((c == 0xF0 && p[1] < 0x90) || (c == 0xF4 && p[1] >= 0x90)) return 0;  // overlong, past U+10FFFF
+    return 4;
+  }
+  return 0;
+}
+
+// Writes code point cp (not a surrogate) as UTF-8 at w; returns the end.
+inline uint8_t* put_utf8(uint8_t* w, uint32_t cp) {
+  if (cp < 0x80) {
+    *w++ = static_cast<uint8_t>(cp);
+  } else if (cp < 0x800) {
+    *w++ = static_cast<uint8_t>(0xC0 | (cp >> 6));
+    *w++ = static_cast<uint8_t>(0x80 | (cp & 0x3F));
+  } else if (cp < 0x10000) {
+    *w++ = static_cast<uint8_t>(0xE0 | (cp >> 12));
+    *w++ = static_cast<uint8_t>(0x80 | ((cp >> 6) & 0x3F));
+    *w++ = static_cast<uint8_t>(0x80 | (cp & 0x3F));
+  } else {
+    *w++ = static_cast<uint8_t>(0xF0 | (cp >> 18));
+    *w++ = static_cast<uint8_t>(0x80 | ((cp >> 12) & 0x3F));
+    *w++ = static_cast<uint8_t>(0x80 | ((cp >> 6) & 0x3F));
+    *w++ = static_cast<uint8_t>(0x80 | (cp & 0x3F));
+  }
+  return w;
 }
 
 inline void append_bytes(std::vector<uint8_t>& out, const void* p, size_t n) {
@@ -190,26 +213,38 @@ constexpr size_t kMaxIntDigits = 640;  // the smallest limit sys.set_int_max_str
 
 class LineParser {
  public:
-  // True when the line is one JSON value by RFC 8259 (with JSON whitespace around it) that Python's json reads
-  // the same way: no NaN / Infinity, no lone surrogate escapes, no int past kMaxIntDigits digits, no deeper
-  // nesting than max_depth.
-  bool parse(const uint8_t* line, size_t n, int max_depth) {
+  // Parses the line starting at `line`, which ends after its first "\n" or at `end`: true when it is valid
+  // UTF-8 and one JSON value by RFC 8259 (with JSON whitespace around it) that Python's json reads the same way
+  // (no NaN / Infinity, no lone surrogate escapes, no int past kMaxIntDigits digits, no deeper nesting than
+  // max_depth). Then line_end() is where the line ends (after its "\n"). A line holds no "\n" but its last
+  // byte, so the parser takes "\n" for the line's end, never for whitespace inside the value; and UTF-8 is
+  // checked inside strings only, since a byte >= 0x80 anywhere else fails the parse.
+  bool parse(const uint8_t* line, const uint8_t* end, int max_depth) {
     base_ = line;
     p_ = line;
-    end_ = line + n;
+    end_ = end;
     max_depth_ = max_depth;
     nodes_.clear();
+    if (static_cast<size_t>(end - line) >= (size_t{1} << 32) - 2) return false;  // node indices are 32-bit
     if (!value(0)) return false;
     skip_space();
-    return p_ == end_;
+    if (p_ == end_) {
+      line_end_ = p_;
+      return true;
+    }
+    if (*p_ != '\n') return false;
+    line_end_ = p_ + 1;
+    return true;
   }
+
+  const uint8_t* line_end() const { return line_end_; }
 
   const Node& node(uint32_t i) const { return nodes_[i]; }
   const uint8_t* base() const { return base_; }
 
  private:
-  void skip_space() {
-    while (p_ < end_ && json_space(*p_)) ++p_;
+  void skip_space() {  // JSON whitespace but "\n", which ends the line
+    while (p_ < end_ && (*p_ == ' ' || *p_ == '\t' || *p_ == '\r')) ++p_;
   }
 
   uint32_t push(bool keep) {
@@ -335,6 +370,14 @@ class LineParser {
       p_ = find_string_special(p_, end_);
       if (p_ >= end_) return false;
       const uint8_t c = *p_;
+      if (c >= 0x80) {
+        do {
+          const size_t n = utf8_sequence(p_, end_);
+          if (n == 0) return false;
+          p_ += n;
+        } while (p_ < end_ && *p_ >= 0x80);
+        continue;
+      }
       if (c == '"') break;
       if (c < 0x20) return false;  // Python's json (strict) refuses raw control characters
       escaped = true;
@@ -370,46 +413,80 @@ class LineParser {
   }
 
   const uint8_t* base_ = nullptr;
+  const uint8_t* line_end_ = nullptr;
   const uint8_t* p_ = nullptr;
   const uint8_t* end_ = nullptr;
   int max_depth_ = kMaxDepth;
   std::vector<Node> nodes_;
 };
 
-// The decoded value of a string node that LineParser accepted (escapes valid, surrogates paired).
-void decode_string(const uint8_t* base, const Node& nd, std::string& out) {
+// Writes the decoded value of a string node that LineParser accepted (escapes valid, surrogates paired) to dst,
+// which has room for the raw bytes (decoding never lengthens a string); returns its length.
+size_t decode_string_to(const uint8_t* base, const Node& nd, uint8_t* dst) {
   const uint8_t* p = base + nd.begin;
   const uint8_t* end = base + nd.end;
-  if (!nd.escaped) {
-    out.append(reinterpret_cast<const char*>(p), static_cast<size_t>(end - p));
-    return;
-  }
+  uint8_t* w = dst;
   while (p < end) {
-    const uint8_t* bs = static_cast<const uint8_t*>(std::memchr(p, '\\', static_cast<size_t>(end - p)));
-    if (bs == nullptr) bs = end;
-    out.append(reinterpret_cast<const char*>(p), static_cast<size_t>(bs - p));
-    if (bs == end) break;
-    p = bs + 1;
-    switch (*p) {
-      case 'b': out.push_back('\b'); ++p; break;
-      case 'f': out.push_back('\f'); ++p; break;
-      case 'n': out.push_back('\n'); ++p; break;
-      case 'r': out.push_back('\r'); ++p; break;
-      case 't': out.push_back('\t'); ++p; break;
-      case 'u': {
-        uint32_t cp = static_cast<uint32_t>(hex4(p + 1));
-        p += 5;
-        if (cp >= 0xD800 && cp <= 0xDBFF) {
-          const uint32_t lo = static_cast<uint32_t>(hex4(p + 2));
-          cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-          p += 6;
-        }
-        append_utf8(out, cp);
+    // copy up to the next backslash; escapes are often dense (ensure_ascii's \uXXXX), so no memchr per run
+    const uint8_t* bs = p;
+#if defined(__SSE2__)
+    // 16 bytes at a time; storing all 16 is safe: w - dst <= p - (base + nd.begin) and p + 16 <= end
+    const __m128i backslash = _mm_set1_epi8('\\');
+    while (bs + 16 <= end) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bs));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(w + (bs - p)), v);
+      const int mask = _mm_movemask_epi8(_mm_cmpeq_epi8(v, backslash));
+      if (mask != 0) {
+        bs += __builtin_ctz(static_cast<unsigned>(mask));
         break;
       }
-      default: out.push_back(static_cast<char>(*p)); ++p; break;  // " \ /
+      bs += 16;
+    }
+    if (bs + 16 > end) {
+      const uint8_t* q = bs;
+      while (q < end && *q != '\\') ++q;
+      std::memcpy(w + (bs - p), bs, static_cast<size_t>(q - bs));
+      bs = q;
+    }
+#else
+    while (bs < end && *bs != '\\') ++bs;
+    std::memcpy(w, p, static_cast<size_t>(bs - p));
+#endif
+    w += bs - p;
+    if (bs >= end) break;
+    p = bs + 1;
+    switch (*p) {
+      case 'b': *w++ = '\b'; ++p; break;
+      case 'f': *w++ = '\f'; ++p; break;
+      case 'n': *w++ = '\n'; ++p; break;
+      case 'r': *w++ = '\r'; ++p; break;
+      case 't': *w++ = '\t'; ++p; break;
+      case 'u': {
+        // the parser checked the escape; the bounds are checked again all the same (a caller's buffer that
+        // changed during the call must not make this read past the string)
+        if (end - p < 5) return static_cast<size_t>(w - dst);
+        int32_t cp = hex4(p + 1);
+        p += 5;
+        if (cp >= 0xD800 && cp <= 0xDBFF && end - p >= 6) {
+          const int32_t lo = hex4(p + 2);
+          if (lo >= 0xDC00 && lo <= 0xDFFF) {
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+            p += 6;
+          }
+        }
+        w = put_utf8(w, cp < 0 ? 0xFFFD : static_cast<uint32_t>(cp));
+        break;
+      }
+      default: *w++ = *p++; break;  // " \ /
     }
   }
+  return static_cast<size_t>(w - dst);
+}
+
+void decode_string(const uint8_t* base, const Node& nd, std::string& out) {
+  const size_t at = out.size();
+  out.resize(at + (nd.end - nd.begin));
+  out.resize(at + decode_string_to(base, nd, reinterpret_cast<uint8_t*>(out.data()) + at));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -490,11 +567,15 @@ class RecordMaker {
  public:
   RecordMaker(const RecordOptions& options, const RoleMap& roles) : opt_(options), roles_(roles) {}
 
-  // Reads one line into `out`: a record (true), a blank line (true, nothing written) or a line to hand back
-  // (false, nothing written).
-  bool line(const uint8_t* s, size_t n, int64_t lineno, RecordColumns& out) {
-    if (!valid_utf8(s, n)) return false;
-    if (!parser_.parse(s, n, opt_.max_depth)) return all_python_space(s, n);
+  // Reads the line at s (it ends after its first "\n", else at `end`) into `out`: a record (true), a blank line
+  // (true, nothing written) or a line to hand back (false, nothing written). *line_end: where the line ends.
+  bool line(const uint8_t* s, const uint8_t* end, int64_t lineno, RecordColumns& out, const uint8_t** line_end) {
+    if (!parser_.parse(s, end, opt_.max_depth)) {
+      const void* nl = std::memchr(s, '\n', static_cast<size_t>(end - s));
+      *line_end = nl ? static_cast<const uint8_t*>(nl) + 1 : end;
+      return all_python_space(s, static_cast<size_t>(*line_end - s));
+    }
+    *line_end = parser_.line_end();
     if (parser_.node(0).type != kObject) return false;
     row_.load(parser_, 0);
     if (!plan()) return false;
@@ -667,9 +748,10 @@ class RecordMaker {
       append_bytes(out, parser_.base() + nd.begin, nd.end - nd.begin);
       return;
     }
-    scratch_.clear();
-    decode_string(parser_.base(), nd, scratch_);
-    append_bytes(out, scratch_);
+    const size_t at = out.size();
+    out.resize(at + (nd.end - nd.begin));  // decoding never lengthens a string
+    const size_t n = decode_string_to(parser_.base(), nd, out.data() + at);
+    out.resize(at + n);
   }
 
   void write(int64_t lineno, RecordColumns& out) {
@@ -724,12 +806,16 @@ class RecordMaker {
 void read_range(const uint8_t* data, size_t begin, size_t end, int64_t first_line, const RecordOptions& options,
                 const RoleMap& roles, RecordColumns& out) {
   RecordMaker maker(options, roles);
+  // the columns never outgrow the bytes read (content) or a line's worth per record (the rest): reserving
+  // address space up front saves the copies of growing
+  out.content.values.reserve(end - begin);
   int64_t lineno = first_line;
   size_t pos = begin;
   while (pos < end) {
-    const uint8_t* nl = static_cast<const uint8_t*>(std::memchr(data + pos, '\n', end - pos));
-    const size_t stop = nl ? static_cast<size_t>(nl - data) + 1 : end;
-    if (!maker.line(data + pos, stop - pos, lineno, out)) {
+    const uint8_t* line_end = nullptr;
+    const bool kept = maker.line(data + pos, data + end, lineno, out, &line_end);
+    const size_t stop = static_cast<size_t>(line_end - data);
+    if (!kept) {
       out.handback_line.push_back(lineno);
       out.handback_begin.push_back(static_cast<int64_t>(pos));
       out.handback_end.push_back(static_cast<int64_t>(stop));
@@ -737,6 +823,7 @@ void read_range(const uint8_t* data, size_t begin, size_t end, int64_t first_lin
     ++lineno;
     pos = stop;
   }
+  out.lines += lineno - first_line;
 }
 
 template <class F>
@@ -840,6 +927,7 @@ RecordColumns read_json_lines(const uint8_t* data, size_t size, int64_t first_li
   out.content.values.resize(static_cast<size_t>(total.content));
   out.content.offsets.resize(total.turns + 1);
   for (const RecordColumns& p : parts) {
+    out.lines += p.lines;
     out.handback_line.insert(out.handback_line.end(), p.handback_line.begin(), p.handback_line.end());
     out.handback_begin.insert(out.handback_begin.end(), p.handback_begin.begin(), p.handback_begin.end());
     out.handback_end.insert(out.handback_end.end(), p.handback_end.begin(), p.handback_end.end());

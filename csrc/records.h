@@ -68,6 +68,7 @@ struct RecordColumns {
   std::vector<int64_t> line;  // each record's line number
   // The lines handed back, in order: line number and byte range [begin, end) in the buffer (with its "\n").
   std::vector<int64_t> handback_line, handback_begin, handback_end;
+  int64_t lines = 0;  // lines read (blank and handed back ones included)
   size_t size() const { return kind.size(); }
 };
 

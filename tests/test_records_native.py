@@ -274,7 +274,8 @@ def test_hypothesis_rows_python_accepts_are_native(rows, kw, seed):
         settings_ = readers._native_settings(src)
         got = core._records_from_jsonl(line, 1, id_prefix=readers.fallback_id(src, "f.jsonl", 0)[:-1],
                                        where_prefix="f.jsonl:", **settings_)
-        got.pop("line"), got.pop("handback_line"), got.pop("handback_begin"), got.pop("handback_end")
+        for k in ("line", "lines", "handback_line", "handback_begin", "handback_end"):
+            got.pop(k)
         assert RecordBlock(**got).equals(want), (line, RecordBlock(**got).to_records(), rec)
 
 
@@ -584,3 +585,14 @@ def test_records_from_jsonl_argument_checks():
         core._records_from_jsonl(b"", 1, "auto", {"text": 3}, {}, "id", "lang", None, "", "")
     out = core._records_from_jsonl(b"", 1, "auto", {}, {}, "id", "lang", None, "", "")
     assert len(out["kind"]) == 0 and out["turn_offsets"].tolist() == [0]
+
+
+def test_records_from_jsonl_takes_bytes_like_and_counts_lines():
+    data = GOOD + b"\n  \n{bad\n" + GOOD.rstrip(b"\n")
+    args = ("auto", {}, {"user": "user", "assistant": "assistant"}, "id", "lang", None, "x:", "f:")
+    outs = [core._records_from_jsonl(d, 5, *args) for d in (data, bytearray(data), memoryview(data))]
+    for o in outs:
+        assert o["lines"] == 5 and o["line"].tolist() == [5, 9] and o["handback_line"].tolist() == [8]
+        assert np.array_equal(o["content_values"], outs[0]["content_values"])
+    with pytest.raises(TypeError):
+        core._records_from_jsonl("text", 1, *args)

@@ -619,13 +619,17 @@ def iter_blocks(src: Mapping, block_bytes: int = 16 << 20, *, num_threads: int =
 
         reader = _NativeFile(src, path, settings, num_threads)
         stop = False
-        for first, buf in _line_buffers(path, block_bytes):
+        first = 1  # the number of the buffer's first line
+        for buf in _line_buffers(path, block_bytes):
             if limit is not None and count >= limit:  # the limit is reached: is there a row after it?
-                if reader.has_row(first, buf):
+                found, nlines = reader.has_row(first, buf)
+                if found:
                     stop = True
                     break
+                first += nlines
                 continue
-            block, more = reader.block(first, buf, None if limit is None else limit - count, held)
+            block, more, nlines = reader.block(first, buf, None if limit is None else limit - count, held)
+            first += nlines
             count += len(block)
             if len(block) and not held.failed:
                 yield block
@@ -726,52 +730,58 @@ def _encodes(rec: dict) -> bool:
         return False
 
 
-def _line_buffers(path: str, block_bytes: int) -> Iterator[tuple[int, bytes]]:
-    """(number of the first line, whole lines) of a JSON lines file, about ``block_bytes`` at a time (more where
-    one line is longer); the last line may lack its newline. A damaged compressed stream raises as
-    :func:`_read_lines` does, after the lines read whole before the damage have been given."""
+def _line_buffers(path: str, block_bytes: int) -> Iterator[bytes | memoryview]:
+    """Whole lines of a JSON lines file, about ``block_bytes`` at a time (more where one line is longer); the last
+    line may lack its newline. A plain file is read into one buffer, reused: each piece is a memoryview of it,
+    released when the next piece is asked for. A damaged compressed stream raises as :func:`_read_lines` does,
+    after the lines read whole before the damage have been given."""
     if not path.lower().endswith((".gz", ".zst")):
-        with open(path, "rb") as f:
-            first, parts = 1, []
+        with open(path, "rb", buffering=0) as f:
+            buf = bytearray(block_bytes)
+            have = 0  # bytes of an unfinished line at the front of buf
             while True:
-                chunk = f.read(block_bytes)
-                if not chunk:
-                    break
-                cut = chunk.rfind(b"\n") + 1
+                if have == len(buf):  # a line longer than the buffer
+                    buf.extend(bytes(len(buf)))
+                with memoryview(buf) as whole, whole[have:] as room:
+                    n = f.readinto(room)
+                if not n:
+                    if have:
+                        with memoryview(buf) as whole, whole[:have] as piece:
+                            yield piece
+                    return
+                total = have + n
+                cut = buf.rfind(b"\n", 0, total) + 1
                 if cut == 0:
-                    parts.append(chunk)
+                    have = total
                     continue
-                buf = b"".join([*parts, chunk[:cut]]) if parts else chunk[:cut]
-                yield first, buf
-                first += buf.count(b"\n")
-                parts = [chunk[cut:]] if cut < len(chunk) else []
-            if parts:
-                yield first, b"".join(parts)
-        return
+                with memoryview(buf) as whole, whole[:cut] as piece:
+                    yield piece
+                buf[:total - cut] = buf[cut:total]
+                have = total - cut
     # Compressed: line by line, as _read_lines reads, so that damage is found after the same lines.
     errors = _decompress_errors(path)
-    first, offset, parts, size = 1, 0, [], 0
+    lines, offset, parts, size = 0, 0, [], 0  # lines and bytes given before parts
     try:
         with _open_binary(path) as f:
             for raw in f:
                 parts.append(raw)
                 size += len(raw)
                 if size >= block_bytes:
-                    yield first, b"".join(parts)
-                    first, offset, parts, size = first + len(parts), offset + size, [], 0
+                    yield b"".join(parts)
+                    lines, offset, parts, size = lines + len(parts), offset + size, [], 0
     except errors as exc:
-        damage = _damaged(path, first - 1 + len(parts), offset + size, exc)
+        damage = _damaged(path, lines + len(parts), offset + size, exc)
     else:
         if parts:
-            yield first, b"".join(parts)
+            yield b"".join(parts)
         return
     if parts:
-        yield first, b"".join(parts)
+        yield b"".join(parts)
     raise damage
 
 
-def _split_lines(first: int, buf: bytes) -> Iterator[tuple[int, bytes]]:
-    lines = buf.split(b"\n")
+def _split_lines(first: int, buf: bytes | memoryview) -> Iterator[tuple[int, bytes]]:
+    lines = bytes(buf).split(b"\n")
     last = lines.pop()
     for i, line in enumerate(lines):
         yield first + i, line + b"\n"
@@ -798,22 +808,26 @@ class _NativeFile:
         self.src, self.path = src, path
         self.args = dict(settings, id_prefix=fid[:-1], where_prefix=f"{path}:", num_threads=num_threads)
 
-    def has_row(self, first: int, buf: bytes) -> bool:
-        """Whether these lines hold a row (the Python path's checks run on the lines up to it)."""
+    def has_row(self, first: int, buf: bytes | memoryview) -> tuple[bool, int]:
+        """(whether these lines hold a row, the number of lines); the Python path's checks run on the lines up
+        to the row."""
+        n = 0
         for lineno, raw in _split_lines(first, buf):
             if _jsonl_row(self.path, lineno, raw) is not None:
-                return True
-        return False
+                return True, n + 1
+            n += 1
+        return False, n
 
-    def block(self, first: int, buf: bytes, room: int | None, held: _HeldBack):
-        """(the block of these lines' records, at most ``room`` of them, whether a row follows the last one
-        taken when ``room`` cut it short)."""
+    def block(self, first: int, buf: bytes | memoryview, room: int | None, held: _HeldBack):
+        """(the block of these lines' records, at most ``room`` of them; whether a row follows the last one
+        taken when ``room`` cut it short; the number of lines)."""
         import numpy as np
 
         from ._core_loader import core
         from .recblock import RecordBlock
 
         cols = core._records_from_jsonl(buf, first, max_depth=_python_depth_room(), **self.args)
+        nlines = cols.pop("lines")
         lines = cols.pop("line")
         hb = (cols.pop("handback_line").tolist(), cols.pop("handback_begin").tolist(), cols.pop("handback_end").tolist())
         block = RecordBlock(**cols)
@@ -825,7 +839,7 @@ class _NativeFile:
             if room is not None and before > room:
                 more = True
                 break
-            row = _jsonl_row(self.path, lineno, buf[begin:end])
+            row = _jsonl_row(self.path, lineno, bytes(buf[begin:end]))
             if row is None:
                 continue
             if room is not None and before == room:
@@ -839,11 +853,11 @@ class _NativeFile:
         if py_recs:
             py_block = held.encode(py_recs)
             if py_block is None:  # held back: the source fails at its end; the counts still matter for the limit
-                return _Count(keep), more
+                return _Count(keep), more, nlines
             block = _interleave(block, lines, py_block, np.asarray(py_lines, np.int64))
         if keep < len(block):
             block = _slice(block, 0, keep)
-        return block, more
+        return block, more, nlines
 
 
 class _Count:

@@ -142,6 +142,7 @@ void test_lines_and_blanks() {
   EXPECT(r.line == (std::vector<int64_t>{40, 45, 46}));
   EXPECT(str(r.where, 2) == "f.jsonl:46" && str(r.id, 1) == "src:45");
   EXPECT(r.handback_line == std::vector<int64_t>{44});
+  EXPECT(r.lines == 7);
   EXPECT(r.handback_begin.size() == 1 && text.substr(r.handback_begin[0], r.handback_end[0] - r.handback_begin[0]) == "{bad}\n");
   EXPECT(read("", default_options()).size() == 0);
 }
