@@ -214,6 +214,50 @@ void test_record_texts() {
   EXPECT(throws_invalid([&] { record_texts(in); }));
 }
 
+// Random byte edits of valid lines: whatever comes out is consistent (offsets in range, each line a record, a
+// hand-back or blank, in order) and, under tools/sanitize.sh's ASan build, nothing reads out of bounds.
+void test_mutations() {
+  const std::string seeds[] = {
+      "{\"id\": 3, \"lang\": \"cs\", \"messages\": [{\"role\": \"user\", \"content\": \"Ahoj \\ud83d\\ude00\"}, "
+      "{\"role\": \"assistant\", \"content\": \"\xc4\x8cau\"}]}\n",
+      "{\"conversations\": [{\"from\": \"human\", \"value\": \"\xe4\xbd\xa0\"}, {\"from\": \"gpt\", \"value\": \"x\\n\"}], "
+      "\"system\": \"s\"}\n",
+      "{\"instruction\": \"i\", \"input\": \"x\", \"output\": \"o\", \"id\": \"a\\\\b\"}\n",
+      "{\"text\": \"plain \\\"text\\\"\", \"lang\": null, \"meta\": [1, 2.5e-3, {\"k\": [true, false]}]}\n",
+  };
+  const char specials[] = "{}[]\",:\\ \n\t\r0123456789-+.eEtrufalsnu\x80\xc3\xe4\xf0\xff\xed";
+  std::mt19937_64 rng(11);
+  RecordOptions opt = default_options();
+  for (int trial = 0; trial < 20000; ++trial) {
+    std::string text;
+    const int lines = 1 + static_cast<int>(rng() % 4);
+    for (int l = 0; l < lines; ++l) {
+      std::string line = seeds[rng() % 4];
+      for (int e = 0, edits = 1 + static_cast<int>(rng() % 3); e < edits; ++e) {
+        const size_t k = rng() % (line.size() + 1);
+        switch (rng() % 4) {
+          case 0: if (k < line.size()) line[k] = specials[rng() % (sizeof(specials) - 1)]; break;
+          case 1: if (k < line.size()) line.erase(k, 1); break;
+          case 2: line.insert(k, 1, specials[rng() % (sizeof(specials) - 1)]); break;
+          default: line.resize(k); break;
+        }
+      }
+      text += line;
+    }
+    opt.num_threads = 1 + static_cast<int>(rng() % 2);
+    const RecordColumns r = read(text, opt, 1);
+    bool ok = r.kind.size() == r.line.size() && r.turn_offsets.size() == r.size() + 1 &&
+              r.id.size() == r.size() && r.where.size() == r.size() && r.role.size() == r.content.size() &&
+              static_cast<size_t>(r.turn_offsets.back()) == r.role.size();
+    for (size_t i = 0; ok && i < r.handback_line.size(); ++i)
+      ok = r.handback_begin[i] < r.handback_end[i] && r.handback_end[i] <= static_cast<int64_t>(text.size());
+    for (size_t i = 1; ok && i < r.content.offsets.size(); ++i) ok = r.content.offsets[i] >= r.content.offsets[i - 1];
+    ok = ok && static_cast<int64_t>(r.size() + r.handback_line.size()) <= r.lines;
+    EXPECT(ok);
+    if (!ok) return;
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -223,6 +267,7 @@ int main() {
   test_threads();
   test_utf8();
   test_record_texts();
+  test_mutations();
   if (failures) {
     std::fprintf(stderr, "test_records: %d failure(s)\n", failures);
     return 1;
