@@ -737,7 +737,8 @@ def _line_buffers(path: str, block_bytes: int) -> Iterator[bytes | memoryview]:
     after the lines read whole before the damage have been given."""
     if not path.lower().endswith((".gz", ".zst")):
         with open(path, "rb", buffering=0) as f:
-            buf = bytearray(block_bytes)
+            # no bigger than the file (many small files must not each cost a block), grown for a longer line
+            buf = bytearray(max(1, min(block_bytes, os.fstat(f.fileno()).st_size + 1)))
             have = 0  # bytes of an unfinished line at the front of buf
             while True:
                 if have == len(buf):  # a line longer than the buffer
