@@ -852,7 +852,8 @@ constexpr size_t kMinBytesPerThread = 1 << 18;
 RecordColumns read_json_lines(const uint8_t* data, size_t size, int64_t first_line, const RecordOptions& options) {
   MLMIX_CHECK(options.max_depth >= 1 && options.max_depth <= kMaxDepth,
               "max_depth must be in [1, " << kMaxDepth << "], got " << options.max_depth);
-  MLMIX_CHECK(first_line >= 0, "first_line must be >= 0, got " << first_line);
+  MLMIX_CHECK(first_line >= 0 && static_cast<uint64_t>(first_line) < (uint64_t{1} << 62) - size,
+              "first_line must be in [0, 2**62 - len(data)), got " << first_line);
   RoleMap roles;
   for (const auto& [from, to] : options.roles) roles[from] = to;  // later entries win, as in a dict merge
 
