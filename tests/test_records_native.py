@@ -596,3 +596,27 @@ def test_records_from_jsonl_takes_bytes_like_and_counts_lines():
         assert np.array_equal(o["content_values"], outs[0]["content_values"])
     with pytest.raises(TypeError):
         core._records_from_jsonl("text", 1, *args)
+
+
+def test_path_that_is_not_valid_unicode(tmp_path):
+    """A file name that is not UTF-8 (a lone surrogate in Python): the Python path reads it, and from_records
+    fails on its where / id exactly as for list(iter_source(...))."""
+    d = os.fsencode(tmp_path / "d")
+    os.mkdir(d)
+    with open(os.path.join(d, b"\xff.jsonl"), "wb") as f:
+        f.write(GOOD * 3)
+    kind, err = assert_same(make_src(os.fsdecode(d)))
+    assert kind == "error" and err[0] is UnicodeEncodeError
+
+
+@pytest.mark.parametrize("fields", [{"role": "", "content": ""}, {"role": "speaker"}, {"content": "text"},
+                                    {"messages": ""}, {"messages": "turns", "system": "sys"}])
+def test_messages_field_mappings(tmp_path, fields):
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+            {"turns": [{"speaker": "human", "text": "q"}, {"speaker": "gpt", "text": "a"}], "sys": "s"},
+            {"": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            {"turns": [{"speaker": "human", "text": "q", "role": "gpt", "content": "c"}]}]
+    for i, r in enumerate(rows):
+        path = write_lines(tmp_path / f"m{i}.jsonl", [json.dumps(r).encode() + b"\n"])
+        assert_same(make_src(path, fields=fields))
