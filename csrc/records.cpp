@@ -225,7 +225,6 @@ class LineParser {
     end_ = end;
     max_depth_ = max_depth;
     nodes_.clear();
-    if (static_cast<size_t>(end - line) >= (size_t{1} << 32) - 2) return false;  // node indices are 32-bit
     if (!value(0)) return false;
     skip_space();
     if (p_ == end_) {
@@ -290,7 +289,7 @@ class LineParser {
               ++p_;
             }
             if (!value(level + 1)) return false;
-            ++count;
+            if (++count == UINT32_MAX) return false;  // counts and node indices are 32-bit
             skip_space();
             if (p_ >= end_) return false;
             if (*p_ == ',') {
