@@ -25,9 +25,12 @@ import os
 import re
 import sys
 import zlib
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from ._deps import require
+
+if TYPE_CHECKING:
+    from .recblock import RecordBlock
 
 __all__ = ["expand_paths", "iter_raw", "iter_source", "iter_blocks", "to_record", "fallback_id", "record_text", "source_fingerprint"]
 
@@ -558,7 +561,7 @@ def iter_source(src: Mapping, on_row: Callable[[], None] | None = None) -> Itera
 _RECORD_FORMATS = ("auto", "messages", "alpaca", "prompt_response", "text")
 
 
-def iter_blocks(src: Mapping, block_bytes: int = 16 << 20, *, num_threads: int = 0) -> Iterator["RecordBlock"]:
+def iter_blocks(src: Mapping, block_bytes: int = 16 << 20, *, num_threads: int = 0) -> Iterator[RecordBlock]:
     """The records of one source as :class:`~mlmix.recblock.RecordBlock` columns, a block at a time.
 
     Exactly ``RecordBlock.from_records(list(iter_source(src)))`` cut into blocks: the same records in the same
@@ -570,8 +573,6 @@ def iter_blocks(src: Mapping, block_bytes: int = 16 << 20, *, num_threads: int =
     the Python path raise) go through the Python path. A source with a ``where`` filter, and Parquet,
     ``datasets`` and hub sources, are read by :func:`iter_source` and put into blocks.
     """
-    from .recblock import RecordBlock
-
     if block_bytes < 1:
         raise ValueError(f"block_bytes must be >= 1, got {block_bytes}")
     held = _HeldBack()
