@@ -380,29 +380,31 @@ class LineParser {
       if (c == '"') break;
       if (c < 0x20) return false;  // Python's json (strict) refuses raw control characters
       escaped = true;
-      ++p_;
-      if (p_ >= end_) return false;
-      switch (*p_) {
-        case '"': case '\\': case '/': case 'b': case 'f': case 'n': case 'r': case 't':
-          ++p_;
-          break;
-        case 'u': {
-          if (end_ - p_ < 5) return false;
-          const int32_t cp = hex4(p_ + 1);
-          if (cp < 0) return false;
-          p_ += 5;
-          if (cp >= 0xDC00 && cp <= 0xDFFF) return false;  // a lone low surrogate
-          if (cp >= 0xD800 && cp <= 0xDBFF) {  // needs a low surrogate right after it
-            if (end_ - p_ < 6 || p_[0] != '\\' || p_[1] != 'u') return false;
-            const int32_t lo = hex4(p_ + 2);
-            if (lo < 0xDC00 || lo > 0xDFFF) return false;
-            p_ += 6;
+      do {  // escapes often come in runs (ensure_ascii's \uXXXX): no search between them
+        ++p_;
+        if (p_ >= end_) return false;
+        switch (*p_) {
+          case '"': case '\\': case '/': case 'b': case 'f': case 'n': case 'r': case 't':
+            ++p_;
+            break;
+          case 'u': {
+            if (end_ - p_ < 5) return false;
+            const int32_t cp = hex4(p_ + 1);
+            if (cp < 0) return false;
+            p_ += 5;
+            if (cp >= 0xDC00 && cp <= 0xDFFF) return false;  // a lone low surrogate
+            if (cp >= 0xD800 && cp <= 0xDBFF) {  // needs a low surrogate right after it
+              if (end_ - p_ < 6 || p_[0] != '\\' || p_[1] != 'u') return false;
+              const int32_t lo = hex4(p_ + 2);
+              if (lo < 0xDC00 || lo > 0xDFFF) return false;
+              p_ += 6;
+            }
+            break;
           }
-          break;
+          default:
+            return false;
         }
-        default:
-          return false;
-      }
+      } while (p_ < end_ && *p_ == '\\');
     }
     const size_t end = static_cast<size_t>(p_ - base_);
     ++p_;
@@ -426,34 +428,38 @@ size_t decode_string_to(const uint8_t* base, const Node& nd, uint8_t* dst) {
   const uint8_t* end = base + nd.end;
   uint8_t* w = dst;
   while (p < end) {
-    // copy up to the next backslash; escapes are often dense (ensure_ascii's \uXXXX), so no memchr per run
-    const uint8_t* bs = p;
+    if (*p != '\\') {
+      // copy up to the next backslash; escapes are often dense (ensure_ascii's \uXXXX), so no memchr per run
+      const uint8_t* bs = p;
 #if defined(__SSE2__)
-    // 16 bytes at a time; storing all 16 is safe: w - dst <= p - (base + nd.begin) and p + 16 <= end
-    const __m128i backslash = _mm_set1_epi8('\\');
-    while (bs + 16 <= end) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bs));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(w + (bs - p)), v);
-      const int mask = _mm_movemask_epi8(_mm_cmpeq_epi8(v, backslash));
-      if (mask != 0) {
-        bs += __builtin_ctz(static_cast<unsigned>(mask));
-        break;
+      // 16 bytes at a time; storing all 16 is safe: w - dst <= p - (base + nd.begin) and bs + 16 <= end
+      const __m128i backslash = _mm_set1_epi8('\\');
+      while (bs + 16 <= end) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bs));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(w + (bs - p)), v);
+        const int mask = _mm_movemask_epi8(_mm_cmpeq_epi8(v, backslash));
+        if (mask != 0) {
+          bs += __builtin_ctz(static_cast<unsigned>(mask));
+          break;
+        }
+        bs += 16;
       }
-      bs += 16;
-    }
-    if (bs + 16 > end) {
-      const uint8_t* q = bs;
-      while (q < end && *q != '\\') ++q;
-      std::memcpy(w + (bs - p), bs, static_cast<size_t>(q - bs));
-      bs = q;
-    }
+      if (bs + 16 > end) {
+        const uint8_t* q = bs;
+        while (q < end && *q != '\\') ++q;
+        std::memcpy(w + (bs - p), bs, static_cast<size_t>(q - bs));
+        bs = q;
+      }
 #else
-    while (bs < end && *bs != '\\') ++bs;
-    std::memcpy(w, p, static_cast<size_t>(bs - p));
+      while (bs < end && *bs != '\\') ++bs;
+      std::memcpy(w, p, static_cast<size_t>(bs - p));
 #endif
-    w += bs - p;
-    if (bs >= end) break;
-    p = bs + 1;
+      w += bs - p;
+      p = bs;
+      if (p >= end) break;
+    }
+    ++p;  // the backslash
+    if (p >= end) break;
     switch (*p) {
       case 'b': *w++ = '\b'; ++p; break;
       case 'f': *w++ = '\f'; ++p; break;
