@@ -121,6 +121,14 @@ def _plan_pack(lengths: numpy.ndarray, seq_len: typing.SupportsInt | typing.Supp
     """
     Plan a packing from int64 lengths; see mlmix.pack.
     """
+def _record_texts(kind: numpy.ndarray, turn_offsets: numpy.ndarray, role_values: numpy.ndarray, role_offsets: numpy.ndarray, content_values: numpy.ndarray, content_offsets: numpy.ndarray, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple:
+    """
+    (values uint8, offsets int64): each record's text: see mlmix.recblock.RecordBlock.text_column.
+    """
+def _records_from_jsonl(data: typing.Any, first_line: typing.SupportsInt | typing.SupportsIndex, records: str, fields: dict, roles: dict, id_field: str, lang_field: typing.Any, lang: typing.Any, id_prefix: str, where_prefix: str, max_depth: typing.SupportsInt | typing.SupportsIndex = 512, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> dict:
+    """
+    RecordBlock columns (dict of arrays, plus 'line' per record, the hand-backs 'handback_line', 'handback_begin', 'handback_end' and the number of 'lines' read) of whole JSON lines (a bytes-like object that must not change during the call): see mlmix.readers.iter_blocks.
+    """
 def _sample_exp_key(hash: typing.SupportsInt | typing.SupportsIndex) -> float:
     ...
 def _sample_hash_ids(seed: typing.SupportsInt | typing.SupportsIndex, code: typing.SupportsInt | typing.SupportsIndex, ids: numpy.ndarray) -> numpy.typing.NDArray[numpy.uint64]:

@@ -25,11 +25,14 @@ import os
 import re
 import sys
 import zlib
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from ._deps import require
 
-__all__ = ["expand_paths", "iter_raw", "iter_source", "to_record", "fallback_id", "record_text", "source_fingerprint"]
+if TYPE_CHECKING:
+    from .recblock import RecordBlock
+
+__all__ = ["expand_paths", "iter_raw", "iter_source", "iter_blocks", "to_record", "fallback_id", "record_text", "source_fingerprint"]
 
 _DEFAULT_ROLES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "user": "user",
                   "assistant": "assistant", "system": "system", "tool": "tool"}
@@ -266,21 +269,28 @@ def _parse_line(path: str, lineno: int, line: str, ends_line: bool) -> Any:
         raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}){cut}") from None
 
 
+def _jsonl_row(path: str, lineno: int, raw: bytes) -> dict | None:
+    """The object of one raw line of a JSON lines file (None for a blank line), or ValueError naming it."""
+    # Lines are read as bytes and decoded one by one, so that invalid UTF-8 is reported with its line.
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}:{lineno}: not valid UTF-8 at byte {exc.start} of the line "
+                         f"({exc.reason}: {raw[exc.start:exc.start + 4]!r})") from None
+    if not line.strip():
+        return None
+    obj = _parse_line(path, lineno, line, raw.endswith(b"\n"))
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+    return obj
+
+
 def _iter_jsonl(path: str) -> Iterator[tuple[int, str, dict]]:
     """(line number, location, object) of each non-blank line of a JSON lines file."""
-    # Lines are read as bytes and decoded one by one, so that invalid UTF-8 is reported with its line.
     for lineno, raw in _read_lines(path):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not valid UTF-8 at byte {exc.start} of the line "
-                             f"({exc.reason}: {raw[exc.start:exc.start + 4]!r})") from None
-        if not line.strip():
-            continue
-        obj = _parse_line(path, lineno, line, raw.endswith(b"\n"))
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
-        yield lineno, f"{path}:{lineno}", obj
+        obj = _jsonl_row(path, lineno, raw)
+        if obj is not None:
+            yield lineno, f"{path}:{lineno}", obj
 
 
 def _iter_table_rows(table, where: str) -> Iterator[tuple[int, str, dict]]:
@@ -370,20 +380,27 @@ def _iter_located(src: Mapping) -> Iterator[tuple[str, int, str, dict]]:
             yield src["path"], pos, where, row
         return
     for path in expand_paths(src):
-        kind = fmt if fmt != "auto" else _kind_of(path)
-        if kind == "jsonl":
-            rows = _iter_jsonl(path)
-        elif kind == "parquet":
-            rows = _iter_parquet(path)
-        elif kind == "hf-disk":
-            rows = _iter_hf_disk(path, src.get("split"))
-        else:
-            raise ValueError(
-                f"{path}: cannot tell the format from the name; set the source's format to one of "
-                "'jsonl', 'parquet', 'hf-disk' (accepted extensions: .jsonl/.json/.ndjson[.gz|.zst], .parquet)"
-            )
-        for pos, where, row in rows:
+        for pos, where, row in _iter_file(src, path, _file_kind(src, path)):
             yield path, pos, where, row
+
+
+def _file_kind(src: Mapping, path: str) -> str:
+    """How one of a source's files is read: 'jsonl', 'parquet' or 'hf-disk' (ValueError otherwise)."""
+    kind = src["format"] if src["format"] != "auto" else _kind_of(path)
+    if kind not in ("jsonl", "parquet", "hf-disk"):
+        raise ValueError(
+            f"{path}: cannot tell the format from the name; set the source's format to one of "
+            "'jsonl', 'parquet', 'hf-disk' (accepted extensions: .jsonl/.json/.ndjson[.gz|.zst], .parquet)"
+        )
+    return kind
+
+
+def _iter_file(src: Mapping, path: str, kind: str) -> Iterator[tuple[int, str, dict]]:
+    if kind == "jsonl":
+        return _iter_jsonl(path)
+    if kind == "parquet":
+        return _iter_parquet(path)
+    return _iter_hf_disk(path, src.get("split"))
 
 
 def iter_raw(src: Mapping) -> Iterator[tuple[str, dict]]:
@@ -537,6 +554,356 @@ def iter_source(src: Mapping, on_row: Callable[[], None] | None = None) -> Itera
             break
         yield to_record(row, src, where, pos, file)
         n += 1
+
+
+# ---- the native reader: JSON lines straight into RecordBlock columns ----------------------------------------------
+
+_RECORD_FORMATS = ("auto", "messages", "alpaca", "prompt_response", "text")
+
+
+def iter_blocks(src: Mapping, block_bytes: int = 16 << 20, *, num_threads: int = 0) -> Iterator[RecordBlock]:
+    """The records of one source as :class:`~mlmix.recblock.RecordBlock` columns, a block at a time.
+
+    Exactly ``RecordBlock.from_records(list(iter_source(src)))`` cut into blocks: the same records in the same
+    order, and the same errors with the same messages (an error is raised where that list would stop, and a
+    block is only yielded once its records are known to be good). JSON lines files (plain, ``.gz``, ``.zst``;
+    decompressed here) are read ``block_bytes`` of whole lines at a time by the C++ reader on ``num_threads``
+    threads (0: ``MLMIX_NUM_THREADS``, else every core), with no Python object per record; the few lines it
+    does not take on (anything where its result could differ from Python's, including every line that makes
+    the Python path raise) go through the Python path. A source with a ``where`` filter, and Parquet,
+    ``datasets`` and hub sources, are read by :func:`iter_source` and put into blocks.
+    """
+    if block_bytes < 1:
+        raise ValueError(f"block_bytes must be >= 1, got {block_bytes}")
+    held = _HeldBack()
+    settings = _native_settings(src)
+    if settings is None or src["format"] == "hub" or src["where"]:
+        for recs in _record_batches(iter_source(src), block_bytes):
+            block = held.encode(recs)
+            if block is not None and not held.failed:
+                yield block
+        held.raise_if_failed()
+        return
+
+    limit = src.get("limit")
+    count = 0  # records so far
+    for path in expand_paths(src):
+        kind = _file_kind(src, path)
+        if kind != "jsonl" or not _encodable(path):
+            rows = _iter_file(src, path, kind)
+            if limit is not None and count >= limit:
+                if next(rows, None) is not None:
+                    break
+                continue
+            recs: list[dict] = []
+            size = 0
+            stop = False
+            for pos, where, row in rows:
+                if limit is not None and count >= limit:
+                    stop = True
+                    break
+                recs.append(to_record(row, src, where, pos, path))
+                count += 1
+                size += _record_size(recs[-1])
+                if size >= block_bytes:
+                    block = held.encode(recs)
+                    if block is not None and not held.failed:
+                        yield block
+                    recs, size = [], 0
+            if recs:
+                block = held.encode(recs)
+                if block is not None and not held.failed:
+                    yield block
+            if stop:
+                break
+            continue
+
+        reader = _NativeFile(src, path, settings, num_threads)
+        stop = False
+        first = 1  # the number of the buffer's first line
+        for buf in _line_buffers(path, block_bytes):
+            if limit is not None and count >= limit:  # the limit is reached: is there a row after it?
+                found, nlines = reader.has_row(first, buf)
+                if found:
+                    stop = True
+                    break
+                first += nlines
+                continue
+            block, more, nlines = reader.block(first, buf, None if limit is None else limit - count, held)
+            first += nlines
+            count += len(block)
+            if len(block) and not held.failed:
+                yield block
+            if more:  # the limit is reached and a row follows it
+                stop = True
+                break
+        if stop:
+            break
+    held.raise_if_failed()
+
+
+def _native_settings(src: Mapping) -> dict | None:
+    """The per-source arguments of the C++ reader, or None where the Python path must read the source (settings
+    to_record would read another way, or strings that are not valid Unicode)."""
+    try:
+        fields, roles = src["fields"], {**_DEFAULT_ROLES, **src["roles"]}
+        records, id_field = src["records"], src["id_field"]
+        if "lang" in src:
+            lang_field, lang = None, src["lang"]
+            if lang is not None and not isinstance(lang, str):
+                return None
+        else:
+            lang_field, lang = src["lang_field"], None
+            if not isinstance(lang_field, str):
+                return None
+    except (KeyError, TypeError, AttributeError):
+        return None
+    strings = [id_field, lang, lang_field, *fields.keys(), *fields.values(), *roles.keys(), *roles.values()]
+    if (records not in _RECORD_FORMATS or not isinstance(fields, Mapping)
+            or not all(s is None or isinstance(s, str) for s in strings) or not all(map(_encodable, strings))):
+        return None
+    return {"records": records, "fields": dict(fields), "roles": roles, "id_field": id_field,
+            "lang_field": lang_field, "lang": lang}
+
+
+def _encodable(s: str | None) -> bool:
+    try:
+        s is None or s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _record_size(rec: Mapping) -> int:
+    if "text" in rec:
+        return len(rec["text"]) + 64
+    return sum(len(m["content"]) for m in rec["messages"]) + 64
+
+
+def _record_batches(records: Iterator[dict], block_bytes: int) -> Iterator[list[dict]]:
+    recs: list[dict] = []
+    size = 0
+    for rec in records:
+        recs.append(rec)
+        size += _record_size(rec)
+        if size >= block_bytes:
+            yield recs
+            recs, size = [], 0
+    if recs:
+        yield recs
+
+
+class _HeldBack:
+    """RecordBlock.from_records of Python-made records, with its failure (a string that UTF-8 cannot encode, such
+    as a lone surrogate) held back to the end: ``from_records(list(iter_source(src)))`` raises it only after
+    every read and record error. The failing records are kept, so that the error raised at the end is the one
+    from_records of all the records raises (the first bad id, else lang, where, role, content)."""
+
+    def __init__(self) -> None:
+        self.failed = False
+        self._bad: list[dict] = []
+
+    def encode(self, recs: list[dict]):
+        from .recblock import RecordBlock
+
+        try:
+            return RecordBlock.from_records(recs)
+        except Exception:
+            self.failed = True
+            self._bad.extend(r for r in recs if not _encodes(r))
+            return None
+
+    def raise_if_failed(self) -> None:
+        from .recblock import RecordBlock
+
+        if self.failed:
+            RecordBlock.from_records(self._bad)  # raises
+            raise AssertionError("records that failed to encode encoded on their own")  # pragma: no cover
+
+
+def _encodes(rec: dict) -> bool:
+    from .recblock import RecordBlock
+
+    try:
+        RecordBlock.from_records([rec])
+        return True
+    except Exception:
+        return False
+
+
+def _line_buffers(path: str, block_bytes: int) -> Iterator[bytes | memoryview]:
+    """Whole lines of a JSON lines file, about ``block_bytes`` at a time (more where one line is longer); the last
+    line may lack its newline. A plain file is read into one buffer, reused: each piece is a memoryview of it,
+    released when the next piece is asked for. A damaged compressed stream raises as :func:`_read_lines` does,
+    after the lines read whole before the damage have been given."""
+    if not path.lower().endswith((".gz", ".zst")):
+        with open(path, "rb", buffering=0) as f:
+            # no bigger than the file (many small files must not each cost a block), grown for a longer line
+            buf = bytearray(max(1, min(block_bytes, os.fstat(f.fileno()).st_size + 1)))
+            have = 0  # bytes of an unfinished line at the front of buf
+            while True:
+                if have == len(buf):  # a line longer than the buffer
+                    buf.extend(bytes(len(buf)))
+                with memoryview(buf) as whole, whole[have:] as room:
+                    n = f.readinto(room)
+                if not n:
+                    if have:
+                        with memoryview(buf) as whole, whole[:have] as piece:
+                            yield piece
+                    return
+                total = have + n
+                cut = buf.rfind(b"\n", 0, total) + 1
+                if cut == 0:
+                    have = total
+                    continue
+                with memoryview(buf) as whole, whole[:cut] as piece:
+                    yield piece
+                buf[:total - cut] = buf[cut:total]
+                have = total - cut
+    # Compressed: line by line, as _read_lines reads, so that damage is found after the same lines.
+    errors = _decompress_errors(path)
+    lines, offset, parts, size = 0, 0, [], 0  # lines and bytes given before parts
+    try:
+        with _open_binary(path) as f:
+            for raw in f:
+                parts.append(raw)
+                size += len(raw)
+                if size >= block_bytes:
+                    yield b"".join(parts)
+                    lines, offset, parts, size = lines + len(parts), offset + size, [], 0
+    except errors as exc:
+        damage = _damaged(path, lines + len(parts), offset + size, exc)
+    else:
+        if parts:
+            yield b"".join(parts)
+        return
+    if parts:
+        yield b"".join(parts)
+    raise damage
+
+
+def _split_lines(first: int, buf: bytes | memoryview) -> Iterator[tuple[int, bytes]]:
+    lines = bytes(buf).split(b"\n")
+    last = lines.pop()
+    for i, line in enumerate(lines):
+        yield first + i, line + b"\n"
+    if last:
+        yield first + len(lines), last
+
+
+def _python_depth_room() -> int:
+    """The deepest nesting the C++ reader takes on: 512 (as _parse_line), less where Python's recursion limit
+    would stop json.loads first (those lines go to the Python path, which says so)."""
+    depth, f = 0, sys._getframe()
+    while f is not None:
+        depth, f = depth + 1, f.f_back
+    return max(1, min(_MAX_JSON_DEPTH, sys.getrecursionlimit() - depth - 64))
+
+
+class _NativeFile:
+    """The C++ reader on the buffers of one JSON lines file, with the lines it hands back read by the Python path."""
+
+    def __init__(self, src: Mapping, path: str, settings: dict, num_threads: int) -> None:
+        fid = fallback_id(src, path, 0)
+        if not fid.endswith(":0"):  # pragma: no cover - fallback_id's form is <...>:<index>
+            raise AssertionError(f"unexpected fallback id form {fid!r}")
+        self.src, self.path = src, path
+        self.args = dict(settings, id_prefix=fid[:-1], where_prefix=f"{path}:", num_threads=num_threads)
+
+    def has_row(self, first: int, buf: bytes | memoryview) -> tuple[bool, int]:
+        """(whether these lines hold a row, the number of lines); the Python path's checks run on the lines up
+        to the row."""
+        n = 0
+        for lineno, raw in _split_lines(first, buf):
+            if _jsonl_row(self.path, lineno, raw) is not None:
+                return True, n + 1
+            n += 1
+        return False, n
+
+    def block(self, first: int, buf: bytes | memoryview, room: int | None, held: _HeldBack):
+        """(the block of these lines' records, at most ``room`` of them; whether a row follows the last one
+        taken when ``room`` cut it short; the number of lines)."""
+        import numpy as np
+
+        from ._core_loader import core
+        from .recblock import RecordBlock
+
+        cols = core._records_from_jsonl(buf, first, max_depth=_python_depth_room(), **self.args)
+        nlines = cols.pop("lines")
+        lines = cols.pop("line")
+        hb = (cols.pop("handback_line").tolist(), cols.pop("handback_begin").tolist(), cols.pop("handback_end").tolist())
+        block = RecordBlock(**cols)
+        py_recs: list[dict] = []
+        py_lines: list[int] = []
+        more = False
+        for lineno, begin, end in zip(*hb):
+            before = int(np.searchsorted(lines, lineno)) + len(py_recs)  # records on earlier lines
+            if room is not None and before > room:
+                more = True
+                break
+            row = _jsonl_row(self.path, lineno, bytes(buf[begin:end]))
+            if row is None:
+                continue
+            if room is not None and before == room:
+                more = True
+                break
+            py_recs.append(to_record(row, self.src, f"{self.path}:{lineno}", lineno, self.path))
+            py_lines.append(lineno)
+        if room is not None and len(lines) + len(py_recs) > room:
+            more = True
+        keep = len(lines) + len(py_recs) if room is None else min(room, len(lines) + len(py_recs))
+        if py_recs:
+            py_block = held.encode(py_recs)
+            if py_block is None:  # held back: the source fails at its end; the counts still matter for the limit
+                return _Count(keep), more, nlines
+            block = _interleave(block, lines, py_block, np.asarray(py_lines, np.int64))
+        if keep < len(block):
+            block = _slice(block, 0, keep)
+        return block, more, nlines
+
+
+class _Count:
+    """Stands for a block that is never yielded (its source will fail): only its length counts."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _slice(block, lo: int, hi: int):
+    """Records lo:hi of a block, without a Python step per record."""
+    from .recblock import STRING_COLUMNS, RecordBlock
+
+    t0, t1 = int(block.turn_offsets[lo]), int(block.turn_offsets[hi])
+    cols = {"kind": block.kind[lo:hi], "has_lang": block.has_lang[lo:hi],
+            "turn_offsets": block.turn_offsets[lo:hi + 1] - t0}
+    for c in STRING_COLUMNS:
+        a, b = (t0, t1) if c in ("role", "content") else (lo, hi)
+        offs = getattr(block, f"{c}_offsets")[a:b + 1]
+        cols[f"{c}_values"] = getattr(block, f"{c}_values")[int(offs[0]):int(offs[-1])]
+        cols[f"{c}_offsets"] = offs - offs[0]
+    return RecordBlock(**cols)
+
+
+def _interleave(native, native_lines, py_block, py_lines):
+    """The records of two blocks in line order (each block's records are in line order already)."""
+    import numpy as np
+
+    from .recblock import RecordBlock
+
+    at = np.searchsorted(native_lines, py_lines)  # native records before each Python one
+    pieces = []
+    prev = 0
+    for j, a in enumerate(at.tolist()):
+        if a > prev:
+            pieces.append(_slice(native, prev, a))
+        pieces.append(_slice(py_block, j, j + 1))
+        prev = a
+    if prev < len(native):
+        pieces.append(_slice(native, prev, len(native)))
+    return RecordBlock.concat(pieces)
 
 
 def record_text(rec: Mapping) -> str:

@@ -1,0 +1,153 @@
+"""Reading chat JSON lines into canonical records: the C++ reader (readers.iter_blocks) against the Python path.
+
+    pytest bench/bench_read.py                      # quick: ~8 MB of JSON lines
+    MLMIX_BENCH_FULL=1 pytest bench/bench_read.py   # ~50 MB
+    MLMIX_BENCH_MB=100 pytest bench/bench_read.py   # any size
+
+The data is the bundled demo data (python/mlmix/data/demo, 12 languages, alpaca-style rows) turned into every
+records format the readers know (messages, ShareGPT conversations with a system prompt, alpaca with an input,
+prompt/response, text) and perturbed (sentences shuffled and repeated, ids, languages, escaped and raw Unicode),
+so that rows differ in length and shape. Variants, all producing the same records of the same file:
+
+  python_iter_source       list(readers.iter_source(src)): json.loads + to_record per line (dicts)
+  python_to_block          RecordBlock.from_records(list(iter_source(src))): the same, as columns
+  mlmix_iter_blocks[N]     RecordBlock columns from readers.iter_blocks(src, num_threads=N), N = 1, 2
+
+Each reports MB/s (bytes of the file) in extra_info and the ratio to python_iter_source;
+test_summary_interleaved runs every variant once per round, in turn, and prints the best of the rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+import pytest
+
+MB = float(os.environ.get("MLMIX_BENCH_MB", "50" if os.environ.get("MLMIX_BENCH_FULL") else "8"))
+DEMO = os.path.join(os.path.dirname(__file__), os.pardir, "python", "mlmix", "data", "demo")
+
+
+def _demo_rows() -> list[dict]:
+    rows = []
+    for name in sorted(os.listdir(DEMO)):
+        if name.endswith(".jsonl"):
+            with open(os.path.join(DEMO, name), encoding="utf-8") as f:
+                rows.extend(json.loads(line) for line in f if line.strip())
+    return rows
+
+
+def _perturb(text: str, rnd: random.Random) -> str:
+    parts = [p for p in text.replace("\n", " \n ").split(". ") if p]
+    rnd.shuffle(parts)
+    out = ". ".join(parts * rnd.randint(1, 4))
+    if rnd.random() < 0.3:
+        out += f" ({rnd.randint(0, 10 ** 6)})"
+    return out
+
+
+def make_jsonl(path: str, total_mb: float, seed: int = 0) -> int:
+    """Writes about total_mb of chat JSON lines made from the demo rows; returns the file's size in bytes."""
+    rnd = random.Random(seed)
+    rows = _demo_rows()
+    size, target, i = 0, int(total_mb * 1e6), 0
+    with open(path, "wb") as f:
+        while size < target:
+            r = rnd.choice(rows)
+            q, a, lang = _perturb(r["instruction"], rnd), _perturb(r["response"], rnd), r.get("lang")
+            shape = i % 5
+            if shape == 0:
+                row = {"id": f"m{i}", "lang": lang, "messages": [
+                    {"role": "user", "content": q}, {"role": "assistant", "content": a},
+                    {"role": "user", "content": _perturb(q, rnd)}, {"role": "assistant", "content": _perturb(a, rnd)}]}
+            elif shape == 1:
+                row = {"id": i, "system": "You are a helpful assistant.", "conversations": [
+                    {"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+            elif shape == 2:
+                row = {"instruction": q, "input": rnd.choice(["", _perturb(a, rnd)[:200]]), "output": a, "lang": lang}
+            elif shape == 3:
+                row = {"id": f"p{i}", "prompt": q, "response": a, "lang": lang, "meta": {"split": r.get("split"), "n": i}}
+            else:
+                row = {"text": q + "\n\n" + a, "lang": lang}
+            line = json.dumps(row, ensure_ascii=rnd.random() < 0.25).encode() + b"\n"
+            f.write(line)
+            size += len(line)
+            i += 1
+    return size
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from mlmix.config import validate_config
+
+    path = str(tmp_path_factory.mktemp("read") / "chat.jsonl")
+    nbytes = make_jsonl(path, MB)
+    cfg = {"output": "o", "tokenizer": {"name": "qwen"}, "sources": [{"path": path}]}
+    return {"src": validate_config(cfg)["sources"][0], "bytes": nbytes}
+
+
+def _variants(src):
+    from mlmix import readers
+    from mlmix.recblock import RecordBlock
+
+    def blocks(threads):
+        return lambda: RecordBlock.concat(list(readers.iter_blocks(src, num_threads=threads)))
+
+    return {
+        "python_iter_source": lambda: list(readers.iter_source(src)),
+        "python_to_block": lambda: RecordBlock.from_records(list(readers.iter_source(src))),
+        "mlmix_iter_blocks[1]": blocks(1),
+        "mlmix_iter_blocks[2]": blocks(2),
+    }
+
+
+RESULTS: dict[str, float] = {}
+
+
+def _record(benchmark, name, nbytes):
+    secs = benchmark.stats.stats.min
+    mbs = nbytes / 1e6 / secs
+    RESULTS[name] = mbs
+    benchmark.extra_info.update({"MB": round(nbytes / 1e6, 2), "MB/s": round(mbs, 2), "cores": os.cpu_count()})
+    if "python_iter_source" in RESULTS and name != "python_iter_source":
+        benchmark.extra_info["x_python_iter_source"] = round(mbs / RESULTS["python_iter_source"], 3)
+
+
+@pytest.mark.parametrize("name", ["python_iter_source", "python_to_block", "mlmix_iter_blocks[1]",
+                                  "mlmix_iter_blocks[2]"])
+def test_read(benchmark, data, name):
+    fn = _variants(data["src"])[name]
+    out = benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=0)
+    assert len(out) > 0
+    _record(benchmark, name, data["bytes"])
+
+
+def test_summary_interleaved(data, capsys):
+    """Every variant once per round, in turn (load from other processes hits all alike); best of the rounds.
+    Also checks that the variants agree."""
+    from mlmix.recblock import RecordBlock
+
+    variants = _variants(data["src"])
+    ref = RecordBlock.from_records(variants["python_iter_source"]())
+    for name in ("mlmix_iter_blocks[1]", "mlmix_iter_blocks[2]"):
+        assert variants[name]().equals(ref), name
+    rounds = int(os.environ.get("MLMIX_BENCH_ROUNDS", "3"))
+    wall = {name: float("inf") for name in variants}
+    cpu = dict(wall)
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[name] = min(wall[name], time.perf_counter() - w0)
+            cpu[name] = min(cpu[name], time.process_time() - c0)
+    mb = data["bytes"] / 1e6
+    with capsys.disabled():
+        print(f"\n{mb:.1f} MB of chat JSON lines ({len(ref)} records), {os.cpu_count()} cores, best of {rounds} "
+              "interleaved rounds; MB/s of the file by wall clock and per CPU-second; ratios to python_iter_source")
+        base_w, base_c = mb / wall["python_iter_source"], mb / cpu["python_iter_source"]
+        for name in variants:
+            w, c = mb / wall[name], mb / cpu[name]
+            print(f"  {name:24s} wall {w:8.2f} MB/s {w / base_w:6.2f}x   cpu {c:8.2f} MB/s {c / base_c:6.2f}x")
+    assert all(v > 0 for v in wall.values())

@@ -1,0 +1,155 @@
+// pybind11 layer for the records reader (csrc/records.h): converts a source's settings, releases the GIL, calls
+// the reader, hands the columns to numpy without copying.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "bind_convert.h"
+#include "bindings.h"
+#include "common.h"
+#include "records.h"
+
+namespace py = pybind11;
+
+namespace mlmix::bind {
+namespace {
+
+using namespace mlmix::records;
+
+RecordFormat format_of(const std::string& name) {
+  if (name == "auto") return RecordFormat::kAuto;
+  if (name == "messages") return RecordFormat::kMessages;
+  if (name == "alpaca") return RecordFormat::kAlpaca;
+  if (name == "prompt_response") return RecordFormat::kPromptResponse;
+  if (name == "text") return RecordFormat::kText;
+  throw py::value_error("records must be one of 'auto', 'messages', 'alpaca', 'prompt_response', 'text'; got '" +
+                        name + "'");
+}
+
+std::string str_of(py::handle h, const std::string& what) {
+  if (!PyUnicode_Check(h.ptr())) throw py::type_error(what + " must be a str, got " + Py_TYPE(h.ptr())->tp_name);
+  return h.cast<std::string>();  // UnicodeEncodeError for a lone surrogate
+}
+
+void set_fields(RecordOptions& opt, const py::dict& fields) {
+  struct Slot {
+    const char* name;
+    std::optional<std::string> RecordOptions::*member;
+  };
+  static const Slot slots[] = {
+      {"messages", &RecordOptions::field_messages}, {"role", &RecordOptions::field_role},
+      {"content", &RecordOptions::field_content},   {"system", &RecordOptions::field_system},
+      {"instruction", &RecordOptions::field_instruction}, {"input", &RecordOptions::field_input},
+      {"output", &RecordOptions::field_output},     {"prompt", &RecordOptions::field_prompt},
+      {"response", &RecordOptions::field_response}, {"text", &RecordOptions::field_text},
+  };
+  for (const Slot& s : slots) {
+    if (fields.contains(s.name)) opt.*(s.member) = str_of(fields[s.name], std::string("fields['") + s.name + "']");
+  }
+  // to_record reads role and content with fields.get(...) or a default: an empty name means the default
+  if (opt.field_role && opt.field_role->empty()) opt.field_role.reset();
+  if (opt.field_content && opt.field_content->empty()) opt.field_content.reset();
+}
+
+// A caller's bytes-like object (bytes, bytearray, memoryview), held as a buffer for the call: a bytearray
+// cannot be resized meanwhile.
+class HeldBuffer {
+ public:
+  explicit HeldBuffer(const py::object& obj) {
+    if (PyObject_GetBuffer(obj.ptr(), &view_, PyBUF_SIMPLE) != 0) throw py::error_already_set();
+  }
+  ~HeldBuffer() { PyBuffer_Release(&view_); }
+  HeldBuffer(const HeldBuffer&) = delete;
+  HeldBuffer& operator=(const HeldBuffer&) = delete;
+  const uint8_t* data() const { return static_cast<const uint8_t*>(view_.buf); }
+  size_t size() const { return static_cast<size_t>(view_.len); }
+
+ private:
+  Py_buffer view_{};
+};
+
+py::dict records_from_jsonl(const py::object& data, int64_t first_line, const std::string& records,
+                            const py::dict& fields, const py::dict& roles, const std::string& id_field,
+                            const py::object& lang_field, const py::object& lang, const std::string& id_prefix,
+                            const std::string& where_prefix, int max_depth, int num_threads) {
+  RecordOptions opt;
+  opt.format = format_of(records);
+  set_fields(opt, fields);
+  for (auto item : roles) opt.roles.emplace_back(str_of(item.first, "a role"), str_of(item.second, "a role's mapping"));
+  opt.id_field = id_field;
+  if (lang_field.is_none()) {
+    opt.lang_from_field = false;
+    if (!lang.is_none()) opt.lang = str_of(lang, "lang");
+  } else {
+    MLMIX_CHECK(lang.is_none(), "give lang_field or lang, not both");
+    opt.lang_field = str_of(lang_field, "lang_field");
+  }
+  opt.id_prefix = id_prefix;
+  opt.where_prefix = where_prefix;
+  opt.max_depth = max_depth;
+  opt.num_threads = num_threads;
+
+  const HeldBuffer buf(data);
+  RecordColumns cols;
+  {
+    py::gil_scoped_release release;
+    cols = read_json_lines(buf.data(), buf.size(), first_line, opt);
+  }
+  py::dict out;
+  out["kind"] = vector_to_array(std::move(cols.kind));
+  out["has_lang"] = vector_to_array(std::move(cols.has_lang));
+  out["turn_offsets"] = vector_to_array(std::move(cols.turn_offsets));
+  for (auto [name, col] : {std::pair<const char*, StringColumn*>{"id", &cols.id}, {"lang", &cols.lang},
+                           {"where", &cols.where}, {"role", &cols.role}, {"content", &cols.content}}) {
+    out[py::str(std::string(name) + "_values")] = vector_to_array(std::move(col->values));
+    out[py::str(std::string(name) + "_offsets")] = vector_to_array(std::move(col->offsets));
+  }
+  out["line"] = vector_to_array(std::move(cols.line));
+  out["handback_line"] = vector_to_array(std::move(cols.handback_line));
+  out["handback_begin"] = vector_to_array(std::move(cols.handback_begin));
+  out["handback_end"] = vector_to_array(std::move(cols.handback_end));
+  out["lines"] = cols.lines;
+  return out;
+}
+
+py::tuple record_texts_py(const py::array& kind, const py::array& turn_offsets, const py::array& role_values,
+                          const py::array& role_offsets, const py::array& content_values,
+                          const py::array& content_offsets, int num_threads) {
+  RecordTextsInput in;
+  int64_t n_turn_offsets = 0, n_role_offsets = 0, n_content_offsets = 0;
+  in.kind = checked_1d<uint8_t>(kind, "kind", &in.count);
+  in.turn_offsets = checked_1d<int64_t>(turn_offsets, "turn_offsets", &n_turn_offsets);
+  in.role_values = checked_1d<uint8_t>(role_values, "role_values", &in.role_bytes);
+  in.role_offsets = checked_1d<int64_t>(role_offsets, "role_offsets", &n_role_offsets);
+  in.content_values = checked_1d<uint8_t>(content_values, "content_values", &in.content_bytes);
+  in.content_offsets = checked_1d<int64_t>(content_offsets, "content_offsets", &n_content_offsets);
+  MLMIX_CHECK(n_turn_offsets == in.count + 1, "turn_offsets must have len(kind) + 1 = " << in.count + 1
+                                                  << " entries, got " << n_turn_offsets);
+  MLMIX_CHECK(n_role_offsets >= 1, "role_offsets must have at least one entry");
+  MLMIX_CHECK(n_content_offsets == n_role_offsets, "role_offsets and content_offsets must have the same length, got "
+                                                       << n_role_offsets << " and " << n_content_offsets);
+  in.turns = n_role_offsets - 1;
+  StringColumn texts;
+  {
+    py::gil_scoped_release release;
+    texts = record_texts(in, num_threads);
+  }
+  return py::make_tuple(vector_to_array(std::move(texts.values)), vector_to_array(std::move(texts.offsets)));
+}
+
+}  // namespace
+
+void bind_records(py::module_& m) {
+  m.def("_records_from_jsonl", &records_from_jsonl, py::arg("data"), py::arg("first_line"), py::arg("records"),
+        py::arg("fields"), py::arg("roles"), py::arg("id_field"), py::arg("lang_field"), py::arg("lang"),
+        py::arg("id_prefix"), py::arg("where_prefix"), py::arg("max_depth") = kMaxDepth, py::arg("num_threads") = 0,
+        "RecordBlock columns (dict of arrays, plus 'line' per record, the hand-backs 'handback_line', "
+        "'handback_begin', 'handback_end' and the number of 'lines' read) of whole JSON lines (a bytes-like "
+        "object that must not change during the call): see mlmix.readers.iter_blocks.");
+  m.def("_record_texts", &record_texts_py, py::arg("kind"), py::arg("turn_offsets"), py::arg("role_values"),
+        py::arg("role_offsets"), py::arg("content_values"), py::arg("content_offsets"), py::arg("num_threads") = 0,
+        "(values uint8, offsets int64): each record's text: see mlmix.recblock.RecordBlock.text_column.");
+}
+
+}  // namespace mlmix::bind

@@ -1,0 +1,100 @@
+// Canonical records (python/mlmix/readers.py's to_record) read from JSON lines straight into the columns of
+// mlmix.recblock.RecordBlock, without a Python object per record. No Python here.
+//
+// The reader is a second implementation of `to_record(json.loads(line), ...)`, so it only keeps a line when it
+// is sure to give exactly what the Python path gives: anything else (invalid UTF-8, JSON that Python's json
+// accepts but RFC 8259 does not, such as NaN, lone surrogate escapes, ids that are not strings or ints, any
+// row that makes to_record raise, ...) is "handed back": the reader reports the line's number and byte range
+// and the caller runs the Python path on it, which raises the error Python raises, with its message.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace mlmix::records {
+
+// A source's `records` setting.
+enum class RecordFormat : uint8_t { kAuto, kMessages, kAlpaca, kPromptResponse, kText };
+
+// RecordBlock's kind column.
+inline constexpr uint8_t kText = 0;
+inline constexpr uint8_t kChat = 1;
+
+// The nesting the reader handles itself: readers.py refuses lines nested deeper than 512 levels.
+inline constexpr int kMaxDepth = 512;
+
+// How a source's rows become records (to_record's `src`), with Python's defaults.
+struct RecordOptions {
+  RecordFormat format = RecordFormat::kAuto;
+  // src["fields"]: canonical field -> the row's field name; absent keys are nullopt.
+  std::optional<std::string> field_messages, field_role, field_content, field_system, field_instruction,
+      field_input, field_output, field_prompt, field_response, field_text;
+  // {**_DEFAULT_ROLES, **src["roles"]}: a message's role as written -> the canonical role.
+  std::vector<std::pair<std::string, std::string>> roles;
+  std::string id_field = "id";
+  // Where the language comes from: the row's field `lang_field` (lang_from_field), else the fixed `lang`
+  // (src["lang"]; nullopt for None).
+  bool lang_from_field = true;
+  std::string lang_field = "lang";
+  std::optional<std::string> lang;
+  // A row without an id gets id_prefix + its line number (readers.fallback_id); every record's `where` is
+  // where_prefix + its line number ("path:" for "path:17").
+  std::string id_prefix;
+  std::string where_prefix;
+  // Lines nested deeper than this are handed back (at most kMaxDepth; the caller lowers it where Python's
+  // recursion limit would stop json.loads first).
+  int max_depth = kMaxDepth;
+  // Worker threads: 0 = resolve_threads(0) (MLMIX_NUM_THREADS, else the hardware's). The output does not
+  // depend on it.
+  int num_threads = 0;
+};
+
+// A column of strings: UTF-8 bytes and count + 1 offsets (the first 0).
+struct StringColumn {
+  std::vector<uint8_t> values;
+  std::vector<int64_t> offsets{0};
+  size_t size() const { return offsets.size() - 1; }
+};
+
+// RecordBlock's columns for the lines the reader kept, in line order, plus the lines it handed back.
+struct RecordColumns {
+  std::vector<uint8_t> kind;
+  std::vector<uint8_t> has_lang;
+  std::vector<int64_t> turn_offsets{0};
+  StringColumn id, lang, where, role, content;
+  std::vector<int64_t> line;  // each record's line number
+  // The lines handed back, in order: line number and byte range [begin, end) in the buffer (with its "\n").
+  std::vector<int64_t> handback_line, handback_begin, handback_end;
+  int64_t lines = 0;  // lines read (blank and handed back ones included)
+  size_t size() const { return kind.size(); }
+};
+
+// Reads `size` bytes of whole JSON lines (split at "\n" only, as Python's binary line iteration does; the last
+// line may lack its "\n"); the first line has number `first_line`. Blank lines (only whitespace that Python's
+// str.strip() removes, ASCII) give nothing; every other line gives one record or is handed back.
+RecordColumns read_json_lines(const uint8_t* data, size_t size, int64_t first_line, const RecordOptions& options);
+
+// The text of each record of a RecordBlock (readers.record_text): a text record's one turn, a chat record's
+// non-system contents joined by "\n". Throws std::invalid_argument on inconsistent columns.
+struct RecordTextsInput {
+  int64_t count = 0;  // records
+  const uint8_t* kind = nullptr;
+  const int64_t* turn_offsets = nullptr;  // count + 1
+  int64_t turns = 0;
+  const uint8_t* role_values = nullptr;
+  int64_t role_bytes = 0;
+  const int64_t* role_offsets = nullptr;  // turns + 1
+  const uint8_t* content_values = nullptr;
+  int64_t content_bytes = 0;
+  const int64_t* content_offsets = nullptr;  // turns + 1
+};
+StringColumn record_texts(const RecordTextsInput& in, int num_threads = 0);
+
+// True when [data, data + size) is UTF-8 that Python's strict decoder accepts (no overlongs, surrogates or
+// code points past U+10FFFF).
+bool valid_utf8(const uint8_t* data, size_t size);
+
+}  // namespace mlmix::records
