@@ -9,4 +9,5 @@ void bind_sample(pybind11::module_& m);
 void bind_dedup(pybind11::module_& m);
 void bind_bpe(pybind11::module_& m);
 void bind_loss(pybind11::module_& m);
+void bind_langid(pybind11::module_& m);
 }  // namespace mlmix::bind
