@@ -29,15 +29,20 @@ class LangidModel {
   LangidModel(const py::object& nextmove, const py::object& state_row, const py::object& state_feature,
               const py::object& ptc, double ptc_unit, const py::object& pc, const py::object& log1p, const py::object& flags,
               const py::object& ccc, const py::object& pairs)
-      : held_(py::make_tuple(nextmove, state_row, state_feature, ptc, pc, log1p, flags, ccc, pairs)) {
+      : held_(py::make_tuple(state_row, state_feature, pc, log1p, flags, ccc, pairs)) {
     int64_t n = 0, rows = 0, cols = 0;
-    m_.nextmove = checked_1d<uint32_t>(need_array(nextmove, "nextmove"), "nextmove", &n);
+    // the two large tables are copied (langid.h LargeBuffer); the caller may drop its arrays
+    const uint32_t* nm = checked_1d<uint32_t>(need_array(nextmove, "nextmove"), "nextmove", &n);
     MLMIX_CHECK(n % 256 == 0, "nextmove must hold 256 entries per row, got " << n);
+    nextmove_.emplace(nm, static_cast<size_t>(n) * sizeof(uint32_t));
+    m_.nextmove = static_cast<const uint32_t*>(nextmove_->data());
     m_.num_rows = n / 256;
     m_.state_row = checked_1d<uint32_t>(need_array(state_row, "state_row"), "state_row", &m_.num_states);
     m_.state_feature = checked_1d<int32_t>(need_array(state_feature, "state_feature"), "state_feature", &n);
     MLMIX_CHECK(n == m_.num_states, "state_feature must have one entry per state (" << m_.num_states << "), got " << n);
-    m_.ptc = checked_2d<int16_t>(need_array(ptc, "ptc"), "ptc", &rows, &cols);
+    const int16_t* table = checked_2d<int16_t>(need_array(ptc, "ptc"), "ptc", &rows, &cols);
+    ptc_.emplace(table, static_cast<size_t>(rows * cols) * sizeof(int16_t));
+    m_.ptc = static_cast<const int16_t*>(ptc_->data());
     m_.ptc_unit = ptc_unit;
     m_.num_features = rows;
     m_.num_columns = cols;
@@ -97,6 +102,7 @@ class LangidModel {
 
  private:
   py::tuple held_;
+  std::optional<LargeBuffer> nextmove_, ptc_;
   Model m_;
   TextRules r_;
 };
@@ -112,7 +118,7 @@ void bind_langid(py::module_& m) {
            py::arg("nextmove"), py::arg("state_row"), py::arg("state_feature"), py::arg("ptc"), py::arg("ptc_unit"),
            py::arg("pc"),
            py::arg("log1p"), py::arg("flags"), py::arg("ccc"), py::arg("pairs"),
-           "py3langid's arrays (borrowed, checked once; ptc in fixed point: value = ptc * ptc_unit) and the "
+           "py3langid's arrays (nextmove and ptc copied, the rest borrowed; checked once; ptc in fixed point: value = ptc * ptc_unit) and the "
            "Unicode facts of text preparation.")
       .def("classify", &LangidModel::classify, py::arg("texts"), py::arg("offsets"), py::arg("columns"),
            py::arg("labels"), py::arg("max_chars"), py::arg("prepared"), py::arg("num_threads"),

@@ -10,6 +10,10 @@
 #include <mutex>
 #include <thread>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace mlmix::langid {
 namespace {
 
@@ -130,6 +134,15 @@ class Prep {
 
   // One code point of the cut, in order.
   void add(uint32_t cp) {
+    if (cp < 0x80) {  // ASCII: a starter, NFC, composes with nothing
+      any_upper_ |= cp - 'A' < 26;
+      any_lower_ |= cp - 'a' < 26;
+      starter_ = cp;
+      has_starter_ = true;
+      since_starter_ = 0;
+      last_ccc_ = 0;
+      return;
+    }
     uint8_t f = 0, c = 0;
     if (cp < static_cast<uint64_t>(r_.size)) {
       f = r_.flags[cp];
@@ -173,8 +186,16 @@ class Prep {
 // ---------------------------------------------------------------------------------------------
 // Scoring
 
+// Texts are classified a chunk at a time: each is prepared (its bytes found), then the DFA walks of
+// kLanes texts are interleaved (one byte of each in turn: the walks are chains of dependent loads
+// into a table of tens of MB, so one walk at a time waits on memory at every byte), then each text's
+// features are scored.
+constexpr int64_t kChunk = 32;
+constexpr int kLanes = 8;
+
 struct Scratch {
-  std::vector<uint8_t> bytes;
+  std::vector<uint8_t> bytes[kChunk];    // a text's UTF-8 (str input only)
+  std::vector<int32_t> features[kChunk];  // the features its DFA walk emitted, in order
   std::vector<int32_t> counts;     // per feature, all 0 between texts
   std::vector<int32_t> touched;    // the features seen, in order of first occurrence
   std::vector<int32_t> group_of;   // per count value: its group in the current block, -1 if none
@@ -184,26 +205,69 @@ struct Scratch {
 };
 
 // Adds the fixed-point row to an int32 accumulator (no overflow: see kBlock).
-inline void add_row(int32_t* __restrict a, const int16_t* __restrict row, int64_t n) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void add_row(int32_t* __restrict a, const int16_t* __restrict row, int64_t n) {
   for (int64_t c = 0; c < n; ++c) a[c] += row[c];
+}
+
+// Rows are fetched kAhead features ahead of their use: each is a few cache lines at a random place in a
+// table of tens of MB.
+constexpr size_t kAhead = 6;
+inline void prefetch_row(const int16_t* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(int16_t)); b += 64) __builtin_prefetch(p + b);
 }
 
 // Features summed in int32 before their group is folded into the double scores: 65536 rows of
 // |value| <= 32768 cannot overflow.
 constexpr size_t kBlock = 1 << 16;
 
-// Label and probability of py3langid's bytes `p[0..n)`.
-void score_bytes(const Model& m, const Selection& sel, const uint8_t* p, int64_t n, Scratch& s, int32_t& label,
-                 double& prob) {
+// The DFA walks of texts `p[j][0..n[j])`, j < count, interleaved kLanes at a time; text j's features
+// (in order of emission) into out[j].
+void walk(const Model& m, int64_t count, const uint8_t* const* p, const int64_t* n, std::vector<int32_t>* out) {
+  int64_t doc[kLanes], pos[kLanes];
+  uint32_t state[kLanes];
+  int active = 0;
+  int64_t next = 0;
+  auto refill = [&](int j) {
+    while (next < count && n[next] == 0) out[next++].clear();
+    if (next >= count) return false;
+    doc[j] = next;
+    pos[j] = 0;
+    state[j] = 0;
+    out[next].clear();
+    ++next;
+    return true;
+  };
+  int lanes = 0;
+  while (lanes < kLanes && refill(lanes)) ++lanes;
+  active = lanes;
+  while (active > 0) {
+    for (int j = 0; j < lanes; ++j) {
+      if (doc[j] < 0) continue;
+      const int64_t d = doc[j];
+      const uint32_t st = m.nextmove[(static_cast<uint64_t>(m.state_row[state[j]]) << 8) | p[d][pos[j]]];
+      state[j] = st;
+      const int32_t f = m.state_feature[st];
+      if (f >= 0) out[d].push_back(f);
+      if (++pos[j] == n[d] && !refill(j)) {
+        doc[j] = -1;
+        --active;
+      }
+    }
+  }
+}
+
+// Label and probability of a text of `n` bytes whose DFA walk emitted `features`.
+void score_features(const Model& m, const Selection& sel, const std::vector<int32_t>& features, int64_t n,
+                    Scratch& s, int32_t& label, double& prob) {
   const int64_t C = m.num_columns;
   if (s.counts.empty()) s.counts.assign(static_cast<size_t>(m.num_features), 0);
   s.touched.clear();
-  uint32_t state = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    state = m.nextmove[(static_cast<uint64_t>(m.state_row[state]) << 8) | p[i]];
-    const int32_t f = m.state_feature[state];
-    if (f >= 0 && s.counts[f]++ == 0) s.touched.push_back(f);
-  }
+  for (const int32_t f : features)
+    if (s.counts[f]++ == 0) s.touched.push_back(f);
   const size_t k = sel.columns.size();
   s.prob.assign(k, 0.0);
   if (!s.touched.empty()) {
@@ -213,6 +277,7 @@ void score_bytes(const Model& m, const Selection& sel, const uint8_t* p, int64_t
       const size_t b1 = std::min(s.touched.size(), b0 + kBlock);
       s.group_count.clear();
       for (size_t t = b0; t < b1; ++t) {
+        if (t + kAhead < b1) prefetch_row(m.ptc + static_cast<int64_t>(s.touched[t + kAhead]) * C, C);
         const int32_t f = s.touched[t];
         const int32_t count = s.counts[f];
         if (static_cast<size_t>(count) >= s.group_of.size()) s.group_of.resize(static_cast<size_t>(count) + 1, -1);
@@ -261,11 +326,14 @@ void score_bytes(const Model& m, const Selection& sel, const uint8_t* p, int64_t
   prob = s.acc[best];
 }
 
-void classify_one(const Model& m, const Selection& sel, const TextRules& rules, const TextView& doc,
-                  int64_t index, const Options& opts, Scratch& s, int32_t& label, double& prob) {
+// The bytes py3langid would classify for `doc` into (*bytes, *size) (pointing into `doc` or into `buf`),
+// and true; or false with the final label (kEmpty, kNeedsPrep).
+bool prepare(const TextRules& rules, const TextView& doc, int64_t index, const Options& opts,
+             std::vector<uint8_t>& buf, const uint8_t** out_bytes, int64_t* out_size, int32_t& label, double& prob) {
   if (opts.prepared) {
-    score_bytes(m, sel, static_cast<const uint8_t*>(doc.data), doc.len, s, label, prob);
-    return;
+    *out_bytes = static_cast<const uint8_t*>(doc.data);
+    *out_size = doc.len;
+    return true;
   }
   Prep prep(rules);
   bool content = false;  // a code point that is not whitespace
@@ -300,7 +368,7 @@ void classify_one(const Model& m, const Selection& sel, const TextRules& rules, 
     bytes = p;
   } else {
     const int64_t cut = std::min(doc.len, opts.max_chars);
-    s.bytes.clear();
+    buf.clear();
     auto at = [&](int64_t i) -> uint32_t {
       if (doc.width == 1) return static_cast<const uint8_t*>(doc.data)[i];
       if (doc.width == 2) return static_cast<const uint16_t*>(doc.data)[i];
@@ -310,26 +378,56 @@ void classify_one(const Model& m, const Selection& sel, const TextRules& rules, 
       const uint32_t cp = at(i);
       prep.add(cp);
       content = content || !prep.space(cp);
-      append_utf8(s.bytes, cp);
+      append_utf8(buf, cp);
     }
     for (int64_t i = cut; i < doc.len && !content; ++i) content = !prep.space(at(i));
-    bytes = s.bytes.data();
-    cut_bytes = static_cast<int64_t>(s.bytes.size());
+    bytes = buf.data();
+    cut_bytes = static_cast<int64_t>(buf.size());
   }
-  if (!content) {
-    label = kEmpty;
+  if (!content || prep.needs_prep()) {
+    label = content ? kNeedsPrep : kEmpty;
     prob = 0.0;
-    return;
+    return false;
   }
-  if (prep.needs_prep()) {
-    label = kNeedsPrep;
-    prob = 0.0;
-    return;
-  }
-  score_bytes(m, sel, bytes, cut_bytes, s, label, prob);
+  *out_bytes = bytes;
+  *out_size = cut_bytes;
+  return true;
 }
 
 }  // namespace
+
+LargeBuffer::LargeBuffer(const void* src, size_t bytes) {
+  constexpr size_t kHuge = size_t{1} << 21;
+#if defined(__linux__)
+  if (bytes >= kHuge) {
+    mapped_ = (bytes + 2 * kHuge - 1) / kHuge * kHuge;
+    void* p = mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p != MAP_FAILED) {
+      base_ = p;
+      const auto addr = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(uintptr_t{kHuge} - 1);
+      data_ = reinterpret_cast<void*>(addr);
+#ifdef MADV_HUGEPAGE
+      madvise(data_, mapped_ - (addr - reinterpret_cast<uintptr_t>(p)), MADV_HUGEPAGE);  // advice only
+#endif
+    }
+  }
+#endif
+  if (!data_) {
+    data_ = ::operator new(bytes > 0 ? bytes : 1);
+    mapped_ = 0;
+  }
+  if (bytes > 0) std::memcpy(data_, src, bytes);
+}
+
+LargeBuffer::~LargeBuffer() {
+#if defined(__linux__)
+  if (base_) {
+    munmap(base_, mapped_);
+    return;
+  }
+#endif
+  ::operator delete(data_);
+}
 
 void check_model(const Model& m) {
   MLMIX_CHECK(m.num_rows >= 1 && m.num_states >= 1, "langid model: needs at least one DFA row and state");
@@ -387,12 +485,17 @@ void classify(const Model& m, const Selection& sel, const TextRules& rules, cons
               const Options& opts, int32_t* label, double* prob) {
   MLMIX_CHECK(opts.max_chars >= 1, "max_chars must be >= 1, got " << opts.max_chars);
   MLMIX_CHECK(!sel.columns.empty() && sel.columns.size() == sel.label.size(), "langid: empty or inconsistent selection");
-  for_chunks<Scratch>(texts.count, opts.num_threads, 8, [&](Scratch& s, int64_t begin, int64_t end) {
+  for_chunks<Scratch>(texts.count, opts.num_threads, kChunk, [&](Scratch& s, int64_t begin, int64_t end) {
+    const uint8_t* bytes[kChunk];
+    int64_t size[kChunk], which[kChunk];
+    int64_t k = 0;
     for (int64_t i = begin; i < end; ++i) {
       const TextView doc = texts.doc(i);
       MLMIX_CHECK(!opts.prepared || doc.width == 0, "texts[" << i << "]: prepared texts must be UTF-8 bytes");
-      classify_one(m, sel, rules, doc, i, opts, s, label[i], prob[i]);
+      if (prepare(rules, doc, i, opts, s.bytes[k], &bytes[k], &size[k], label[i], prob[i])) which[k++] = i;
     }
+    walk(m, k, bytes, size, s.features);
+    for (int64_t j = 0; j < k; ++j) score_features(m, sel, s.features[j], size[j], s, label[which[j]], prob[which[j]]);
   });
 }
 

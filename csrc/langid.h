@@ -51,6 +51,23 @@ struct TextRules {
   int64_t num_pairs = 0;
 };
 
+// A copy of a large table, 2 MiB aligned and backed by transparent huge pages where the OS allows
+// (Linux, THP "madvise" or "always"): the DFA and the ptc rows are read at random places in tables of
+// tens of MB, and with 4 KiB pages nearly every read would also miss the TLB.
+class LargeBuffer {
+ public:
+  LargeBuffer(const void* src, size_t bytes);
+  ~LargeBuffer();
+  LargeBuffer(const LargeBuffer&) = delete;
+  LargeBuffer& operator=(const LargeBuffer&) = delete;
+  const void* data() const { return data_; }
+
+ private:
+  void* base_ = nullptr;
+  size_t mapped_ = 0;
+  void* data_ = nullptr;
+};
+
 // The model, borrowed: py3langid's arrays.
 struct Model {
   // DFA: state s moves on byte b to nextmove[(state_row[s] << 8) | b]; entering s emits feature

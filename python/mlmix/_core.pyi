@@ -26,7 +26,7 @@ class _StratifiedReservoir:
 class _LangidModel:
     def __init__(self, nextmove: typing.Any, state_row: typing.Any, state_feature: typing.Any, ptc: typing.Any, ptc_unit: typing.SupportsFloat | typing.SupportsIndex, pc: typing.Any, log1p: typing.Any, flags: typing.Any, ccc: typing.Any, pairs: typing.Any) -> None:
         """
-        py3langid's arrays (borrowed, checked once; ptc in fixed point: value = ptc * ptc_unit) and the Unicode facts of text preparation.
+        py3langid's arrays (nextmove and ptc copied, the rest borrowed; checked once; ptc in fixed point: value = ptc * ptc_unit) and the Unicode facts of text preparation.
         """
     def classify(self, texts: typing.Any, offsets: typing.Any, columns: typing.Any, labels: typing.Any, max_chars: typing.SupportsInt | typing.SupportsIndex, prepared: bool, num_threads: typing.SupportsInt | typing.SupportsIndex) -> tuple:
         """
