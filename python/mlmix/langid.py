@@ -133,13 +133,17 @@ def _fixed_point(ptc: np.ndarray) -> tuple[np.ndarray, float]:
     if not exponents.size or (exponents == 0x1F).any():
         raise ValueError("langid model: the ptc table is empty or holds inf / nan")
     e_min = int(np.maximum(exponents, 1).min()) - 15  # subnormals share the smallest normal exponent
+    del exponents
     unit = 2.0 ** (e_min - 10)
-    fixed = ptc.astype(np.float64) / unit
-    if np.abs(fixed).max() > 32767:
-        raise ValueError("langid model: the ptc table's range is too wide for the native backend's int16 table")
-    out = np.ascontiguousarray(fixed.astype(np.int16))
-    if not np.array_equal(out.astype(np.float64) * unit, ptc.astype(np.float64)):  # pragma: no cover - arithmetic
-        raise ValueError("langid model: the ptc table is not exact in fixed point")
+    out = np.empty(ptc.shape, np.int16)
+    step = 4096  # rows at a time: the float32 temporaries stay small (the table is ~28 MB of halves)
+    for r in range(0, ptc.shape[0], step):
+        fixed = ptc[r:r + step].astype(np.float32) * np.float32(1.0 / unit)  # exact: a power of two
+        if np.abs(fixed).max() > 32767:
+            raise ValueError("langid model: the ptc table's range is too wide for the native backend's int16 table")
+        out[r:r + step] = fixed
+        if not np.array_equal(out[r:r + step], fixed):  # pragma: no cover - exact by construction
+            raise ValueError("langid model: the ptc table is not exact in fixed point")
     return out, unit
 
 
