@@ -252,7 +252,10 @@ void walk(const Model& m, int64_t count, const uint8_t* const* p, const int64_t*
       state[j] = st;
       const int32_t f = m.state_feature[st];
       if (f >= 0) out[d].push_back(f);
-      if (++pos[j] == n[d] && !refill(j)) {
+      if (++pos[j] < n[d]) {
+        // the lane's next transition is known now: fetch it while the other lanes step
+        __builtin_prefetch(m.nextmove + ((static_cast<uint64_t>(m.state_row[st]) << 8) | p[d][pos[j]]));
+      } else if (!refill(j)) {
         doc[j] = -1;
         --active;
       }
