@@ -192,6 +192,7 @@ class LanguageIdentifier:
             if backend == "py3langid":
                 self._model.set_languages(list(languages))
         self._columns, self._labels, self.labels = _selection(classes, languages or None)
+        self._names = np.array(list(self.labels) + [""], dtype=object)  # label index -> code; -1 (empty) -> ""
 
     def classify(self, text: str) -> tuple[str, float]:
         if self.backend == "py3langid":
@@ -212,8 +213,7 @@ class LanguageIdentifier:
             pairs = [self.classify(t) for t in texts]
             return [p[0] for p in pairs], np.array([p[1] for p in pairs], np.float64)
         labels, probs = self._native_labels(texts)
-        names = self.labels
-        return [names[i] if i >= 0 else "" for i in labels.tolist()], probs
+        return self._names[labels].tolist(), probs
 
     def _native_labels(self, texts) -> tuple[np.ndarray, np.ndarray]:
         """The core's label indices (-1: empty) and probabilities; texts the core cannot prepare alone
