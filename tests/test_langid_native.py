@@ -316,3 +316,29 @@ def test_config_default_backend_is_native():
 
     backend = SCHEMA["keys"]["langid"]["keys"]["backend"]
     assert backend["default"] == "native" and set(backend["enum"]) == {"native", "py3langid", "none"}
+
+
+# --- soundness of the native "no preparation needed" decision ------------------------------------
+
+_TRICKY = "".join(sorted({chr(c) for c in (0x41, 0x61, 0x45, 0x65, 0x55, 0x75, 0x3A3, 0x3C3, 0x1100, 0x1161, 0x11A8,
+                                          0xAC00, 0xAC01, 0x0915, 0x093C, 0x0928, 0x09C7, 0x09BE, 0x0B47, 0x0B3E,
+                                          0x0BC6, 0x0BBE, 0x0CBF, 0x0CD5, 0x0D46, 0x0D3E, 0x1025, 0x102E, 0x0300,
+                                          0x0301, 0x0308, 0x0316, 0x0327, 0x0328, 0x0340, 0x0344, 0x212B, 0x0958,
+                                          0x1E0A, 0x1E0C, 0x0307, 0x0323, 0x01C5, 0x2126, 0x0020, 0x05B4, 0x05B7,
+                                          0x0E38, 0x0E48, 0x0F71, 0x0F72, 0x0F80, 0xD800)}))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.text(alphabet=_TRICKY, min_size=1, max_size=12), min_size=1, max_size=20))
+def test_native_preparation_is_sound(native, texts):
+    """Where the core classifies a text itself, py3langid's _encode would only have encoded it (NFC already,
+    not all upper case); every other text is handed back for preparation and still ends up exact."""
+    from mlmix._core_loader import core
+    import unicodedata
+
+    labels, _ = native._native.classify(texts, None, native._columns, native._labels, 2000, False, 1)
+    for t, lab in zip(texts, labels.tolist()):
+        if lab >= 0:
+            assert unicodedata.normalize("NFC", t) == t and not t.isupper(), ascii(t)
+        elif lab == core.LANGID_EMPTY:
+            assert not t.strip()
