@@ -301,7 +301,7 @@ def test_labeler_block_call_equals_per_record(override):
     for backend in ("native", "py3langid"):
         lab = Labeler(dict(lcfg, backend=backend))
         out[backend] = lab(iter(records))
-        for form in (texts, _utf8(texts)):
+        for form in (texts, tuple(texts), _utf8(texts)):
             block = lab.label_texts(given, form)
             assert block["lang"] == out[backend]["lang"]
             for k in ("todo", "identified", "alive"):

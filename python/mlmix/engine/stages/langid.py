@@ -55,7 +55,7 @@ class Labeler:
         langs = [g if g is not None else c["unknown"] for g in given]
         if self.lid is not None and todo.any():
             idx = np.flatnonzero(todo)
-            if isinstance(texts, tuple):
+            if isinstance(texts, tuple) and len(texts) == 2 and all(isinstance(a, np.ndarray) for a in texts):
                 values, offsets = texts
                 starts, ends = offsets[idx], offsets[idx + 1]
                 sub_off = np.zeros(len(idx) + 1, np.int64)
