@@ -139,6 +139,7 @@ class Prep {
       any_lower_ |= cp - 'a' < 26;
       starter_ = cp;
       has_starter_ = true;
+      starter_decomposes_ = false;
       since_starter_ = 0;
       last_ccc_ = 0;
       return;
@@ -152,10 +153,16 @@ class Prep {
     any_lower_ |= (f & kLowerOrTitle) != 0;
     if (f & kNfcNo) unsure_ = true;
     if (c != 0 && last_ccc_ > c) unsure_ = true;  // not in canonical order
-    if ((f & kNfcMaybe) && has_starter_ && (since_starter_ > 0 || composes(starter_, cp))) unsure_ = true;
+    // a "maybe" is decided only right after a starter without a decomposition that it does not compose
+    // with (then NFC leaves the pair alone); anything else goes to py3langid's _encode
+    if ((f & kNfcMaybe) &&
+        ((f & kDecomposable) ||
+         (has_starter_ && (since_starter_ > 0 || starter_decomposes_ || composes(starter_, cp)))))
+      unsure_ = true;
     if (c == 0) {
       starter_ = cp;
       has_starter_ = true;
+      starter_decomposes_ = (f & kDecomposable) != 0;
       since_starter_ = 0;
     } else {
       ++since_starter_;
@@ -177,7 +184,7 @@ class Prep {
   }
 
   const TextRules& r_;
-  bool any_upper_ = false, any_lower_ = false, unsure_ = false, has_starter_ = false;
+  bool any_upper_ = false, any_lower_ = false, unsure_ = false, has_starter_ = false, starter_decomposes_ = false;
   uint8_t last_ccc_ = 0;
   uint32_t starter_ = 0;
   int64_t since_starter_ = 0;

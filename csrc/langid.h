@@ -10,7 +10,9 @@
 //   4. the DFA's feature counts, then scores log1p(count) . ptc + pc (pc left out when there is no
 //      feature), times 1 / sqrt(bytes), softmax, columns sharing a label summed, argmax.
 // Step 3 is done natively only where it changes nothing (the cut is not all upper case, and is NFC
-// by the quick check of UAX #15 with a conservative treatment of "maybe"); any other text is reported
+// by the quick check of UAX #15, where a "maybe" counts only right after a starter that neither has a
+// decomposition nor composes with it: after reordering, a composite's own marks could otherwise let
+// the mark compose, as in U+1E0A U+0323 -> U+1E0C U+0307); any other text is reported
 // with label kNeedsPrep, and the caller prepares its bytes with py3langid's own _encode and
 // classifies them with `prepared` set (steps 3 and 4 only, no checks).
 //
@@ -39,6 +41,7 @@ inline constexpr uint8_t kUpper = 2;       // ch.isupper()
 inline constexpr uint8_t kLowerOrTitle = 4;  // lower or title case: such a char makes str.isupper() False
 inline constexpr uint8_t kNfcNo = 8;       // NFC_Quick_Check = No (NFC of the char alone differs)
 inline constexpr uint8_t kNfcMaybe = 16;   // the second char of some primary composite
+inline constexpr uint8_t kDecomposable = 32;  // has a canonical decomposition (Hangul syllables aside)
 
 // The Unicode facts of text preparation, borrowed. flags and ccc have `size` entries (code points
 // at or above `size` count as flags 0, ccc 0); pairs are sorted keys (first << 21) | second of the

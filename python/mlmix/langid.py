@@ -65,7 +65,8 @@ def known_languages() -> tuple[str, ...]:
 def _text_rules() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What the native text preparation needs to know of Unicode, from this Python's own unicodedata
     and str methods (so it agrees with py3langid's _encode, which uses them): per code point a flag byte
-    (csrc/langid.h: isspace, isupper, lower or title case, NFC quick check No / Maybe) and its canonical
+    (csrc/langid.h: isspace, isupper, lower or title case, NFC quick check No / Maybe, has a canonical
+    decomposition) and its canonical
     combining class, and the sorted canonical composition pairs ``(first << 21) | second``."""
     n = 0x110000
     flags = np.zeros(n, np.uint8)
@@ -86,6 +87,7 @@ def _text_rules() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             ccc[cp] = c
         d = decomposition(ch)
         if d and d[0] != "<":  # a canonical decomposition
+            f |= 32
             if normalize("NFC", ch) != ch:
                 f |= 8
             parts = d.split()

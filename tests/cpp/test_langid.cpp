@@ -49,7 +49,8 @@ struct Tiny {
     flags[0x301] = kNfcMaybe;
     ccc[0x301] = 230;
     ccc[0x316] = 220;
-    flags[0x340] = kNfcNo;
+    flags[0x340] = kNfcNo | kDecomposable;
+    flags[0x3AC] = kLowerOrTitle | kDecomposable;  // a composite starter (alpha with tonos)
     ccc[0x340] = 230;
     m = Model{nextmove.data(), 1, state_row.data(), state_feature.data(), 4, ptc.data(), 0.25, pc.data(), 2, 2,
               log1p.data(), static_cast<int64_t>(log1p.size())};
@@ -112,7 +113,7 @@ void test_scores() {
 void test_strip_cut_and_preparation() {
   const Tiny t;
   const Out o = run(t, {"", " \t\n", "\xc2\x85 ", " a ", "AB", "Ab", "e\xcc\x81", "x\xcc\x81", "x\xcc\x81\xcc\x81",
-                        "\xcd\x80", "x\xcc\x96\xcc\x81", "x\xcc\x81\xcc\x96", "\xcc\x81", "A1"});
+                        "\xcd\x80", "x\xcc\x96\xcc\x81", "x\xcc\x81\xcc\x96", "\xcc\x81", "A1", "\xce\xac\xcc\x81"});
   EXPECT(o.label[0] == kEmpty && o.label[1] == kEmpty && o.label[2] == kEmpty && o.prob[0] == 0.0);
   EXPECT(o.label[3] == 0);
   EXPECT(o.label[4] == kNeedsPrep);   // all upper case: py3langid lower-cases it
@@ -125,6 +126,7 @@ void test_strip_cut_and_preparation() {
   EXPECT(o.label[11] == kNeedsPrep);  // marks out of canonical order
   EXPECT(o.label[12] >= 0);           // a mark with no starter before it
   EXPECT(o.label[13] == kNeedsPrep);
+  EXPECT(o.label[14] == kNeedsPrep);  // a maybe after a composite starter: reordering could let it compose
 
   Options cut;
   cut.max_chars = 2;
