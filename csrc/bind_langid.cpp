@@ -27,7 +27,8 @@ py::array need_array(const py::object& a, const char* name) {
 class LangidModel {
  public:
   LangidModel(const py::object& nextmove, const py::object& state_row, const py::object& state_feature,
-              const py::object& ptc, double ptc_unit, const py::object& pc, const py::object& log1p, const py::object& flags,
+              const py::object& ptc, double ptc_unit, const py::object& pc, const py::object& log1p,
+              const py::object& flags,
               const py::object& ccc, const py::object& pairs)
       : held_(py::make_tuple(state_row, state_feature, pc, log1p, flags, ccc, pairs)) {
     int64_t n = 0, rows = 0, cols = 0;
@@ -118,7 +119,8 @@ void bind_langid(py::module_& m) {
            py::arg("nextmove"), py::arg("state_row"), py::arg("state_feature"), py::arg("ptc"), py::arg("ptc_unit"),
            py::arg("pc"),
            py::arg("log1p"), py::arg("flags"), py::arg("ccc"), py::arg("pairs"),
-           "py3langid's arrays (nextmove and ptc copied, the rest borrowed; checked once; ptc in fixed point: value = ptc * ptc_unit) and the "
+           "py3langid's arrays (nextmove and ptc copied, the rest borrowed; checked once; ptc in fixed "
+           "point: value = ptc * ptc_unit) and the "
            "Unicode facts of text preparation.")
       .def("classify", &LangidModel::classify, py::arg("texts"), py::arg("offsets"), py::arg("columns"),
            py::arg("labels"), py::arg("max_chars"), py::arg("prepared"), py::arg("num_threads"),

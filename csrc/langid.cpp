@@ -445,10 +445,12 @@ void check_model(const Model& m) {
   MLMIX_CHECK(m.log1p_size >= 1, "langid model: log1p table is empty");
   for (int64_t i = 0; i < m.num_rows * 256; ++i)
     MLMIX_CHECK(m.nextmove[i] < static_cast<uint64_t>(m.num_states),
-                "langid model: nextmove[" << i << "] = " << m.nextmove[i] << " is not a state (< " << m.num_states << ")");
+                "langid model: nextmove[" << i << "] = " << m.nextmove[i] << " is not a state (< " << m.num_states
+                                          << ")");
   for (int64_t s = 0; s < m.num_states; ++s) {
     MLMIX_CHECK(m.state_row[s] < static_cast<uint64_t>(m.num_rows),
-                "langid model: state_row[" << s << "] = " << m.state_row[s] << " is not a row (< " << m.num_rows << ")");
+                "langid model: state_row[" << s << "] = " << m.state_row[s] << " is not a row (< " << m.num_rows
+                                           << ")");
     MLMIX_CHECK(m.state_feature[s] >= -1 && m.state_feature[s] < m.num_features,
                 "langid model: state_feature[" << s << "] = " << m.state_feature[s] << " is not -1 or a feature (< "
                                                << m.num_features << ")");
@@ -494,7 +496,8 @@ void check_offsets(const int64_t* offsets, int64_t count, int64_t data_size) {
 void classify(const Model& m, const Selection& sel, const TextRules& rules, const Texts& texts,
               const Options& opts, int32_t* label, double* prob) {
   MLMIX_CHECK(opts.max_chars >= 1, "max_chars must be >= 1, got " << opts.max_chars);
-  MLMIX_CHECK(!sel.columns.empty() && sel.columns.size() == sel.label.size(), "langid: empty or inconsistent selection");
+  MLMIX_CHECK(!sel.columns.empty() && sel.columns.size() == sel.label.size(),
+              "langid: empty or inconsistent selection");
   for_chunks<Scratch>(texts.count, opts.num_threads, kChunk, [&](Scratch& s, int64_t begin, int64_t end) {
     const uint8_t* bytes[kChunk];
     int64_t size[kChunk], which[kChunk];

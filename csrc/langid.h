@@ -14,14 +14,15 @@
 // decomposition nor composes with it: after reordering, a composite's own marks could otherwise let
 // the mark compose, as in U+1E0A U+0323 -> U+1E0C U+0307); any other text is reported
 // with label kNeedsPrep, and the caller prepares its bytes with py3langid's own _encode and
-// classifies them with `prepared` set (steps 3 and 4 only, no checks).
+// classifies them with `prepared` set (step 4 only, no checks).
 //
 // Arithmetic: a text's features are grouped by their count; within a group the fixed-point ptc rows
-// are summed exactly in int32, and each group's sum times log1p(count) (float32) is exact in double
-// (24 + 27 significant bits); the few groups are summed in double in a fixed order. So a text's
-// scores are its exact naive Bayes scores to ~1e-15 relative whatever the thread count or CPU. py3langid sums the same
-// products in float32 through the BLAS (the order depends on OpenBLAS's kernel for the CPU), so its
-// probabilities carry ~1e-7..1e-5 relative rounding noise that a correct sum cannot reproduce.
+// are summed exactly in int32, and each group's sum times log1p(count) (float32) is a product of at
+// most 24 + 29 significant bits for py3langid's model (|ptc| <= 7680 units, <= 65536 rows a block),
+// exact in double; the few groups are summed in double in a fixed order. So a text's scores are its
+// exact naive Bayes scores to ~1e-15 relative, whatever the thread count or CPU. py3langid sums the
+// same products in float32 through the BLAS (in the order of OpenBLAS's kernel for the CPU), so its
+// probabilities carry ~1e-7..2e-4 relative rounding that a correct sum cannot reproduce.
 #pragma once
 
 #include <cstdint>

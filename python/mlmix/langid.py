@@ -242,7 +242,8 @@ class LanguageIdentifier:
                 off = texts[1]
                 chosen = [raw[off[i]:off[i + 1]].decode("utf-8") for i in todo.tolist()]
             else:
-                chosen = [t if isinstance(t, str) else bytes(t).decode("utf-8") for t in (texts[i] for i in todo.tolist())]
+                chosen = [t if isinstance(t, str) else bytes(t).decode("utf-8")
+                          for t in (texts[i] for i in todo.tolist())]
             prepared = [encode(t[:_MAX_CHARS]) for t in chosen]
             lab2, prob2 = self._native.classify(prepared, None, self._columns, self._labels, _MAX_CHARS, True,
                                                 self.num_threads)
