@@ -343,3 +343,15 @@ def test_native_preparation_is_sound(native, texts):
             assert unicodedata.normalize("NFC", t) == t and not t.isupper(), ascii(t)
         elif lab == core.LANGID_EMPTY:
             assert not t.strip()
+
+
+def test_labeler_keeps_only_what_is_read():
+    from mlmix.engine.stages.langid import Labeler
+
+    texts = ["Сегодня прекрасная погода. " * 200 + "The weather is lovely. " * 200, " " * 2500 + "hello there",
+             " " * 2500, "short text here"]
+    records = [{"id": str(i), "lang": None, "where": "t", "text": t} for i, t in enumerate(texts)]
+    lab = Labeler({"backend": "native", "threshold": 0.0, "unknown": "und", "override": False,
+                   "drop_unknown": False})
+    want = [lang or "und" for lang in LanguageIdentifier().classify_batch(texts)[0]]
+    assert lab(records)["lang"] == want

@@ -21,6 +21,12 @@ def key(k_read: str, lcfg: Mapping) -> str:
     return stage_key("langid", VERSION, k_read, lcfg)
 
 
+def _head(text: str, n: int = 2000) -> str:
+    """What the classifier reads of a text (its first ``n`` code points), unless those are all whitespace:
+    then the whole text, since an empty-after-strip text is judged on all of it. Same label, less held."""
+    return text if len(text) <= n or not text[:n].strip() else text[:n]
+
+
 class Labeler:
     """Labels blocks of records; the language model is loaded once per Labeler (per process or actor).
     The native backend classifies a block's texts in one batch call (threads, GIL released)."""
@@ -42,7 +48,8 @@ class Labeler:
         for rec in records:
             lang = rec["lang"]
             given.append(lang)
-            texts.append(readers.record_text(rec) if self.lid is not None and (override or lang is None) else None)
+            texts.append(_head(readers.record_text(rec)) if self.lid is not None and (override or lang is None)
+                         else None)
         return self.label_texts(given, texts, on_item=on_item)
 
     def label_texts(self, given: Sequence[str | None], texts, on_item=None) -> dict:
