@@ -40,4 +40,5 @@ PYBIND11_MODULE(_core, m) {
   mlmix::bind::bind_bpe(m);
   mlmix::bind::bind_loss(m);
   mlmix::bind::bind_records(m);
+  mlmix::bind::bind_langid(m);
 }

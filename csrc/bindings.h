@@ -10,4 +10,5 @@ void bind_dedup(pybind11::module_& m);
 void bind_bpe(pybind11::module_& m);
 void bind_loss(pybind11::module_& m);
 void bind_records(pybind11::module_& m);
+void bind_langid(pybind11::module_& m);
 }  // namespace mlmix::bind

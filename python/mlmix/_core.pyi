@@ -7,7 +7,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['BPE_UNICODE_VERSION', 'BUILD_INFO', 'DEDUP_UNICODE_VERSION', 'DocumentTypeError', 'PACK_MAX_SEQ_LEN', 'cuda_device_count', 'lce_grad_block', 'lce_lse_block']
+__all__: list[str] = ['BPE_UNICODE_VERSION', 'BUILD_INFO', 'DEDUP_UNICODE_VERSION', 'DocumentTypeError', 'LANGID_EMPTY', 'LANGID_NEEDS_PREP', 'PACK_MAX_SEQ_LEN', 'cuda_device_count', 'lce_grad_block', 'lce_lse_block']
 class DocumentTypeError(TypeError, ValueError):
     pass
 class _StratifiedReservoir:
@@ -22,6 +22,21 @@ class _StratifiedReservoir:
     def sample(self, stratum: typing.SupportsInt | typing.SupportsIndex) -> tuple:
         ...
     def seen(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+class _LangidModel:
+    def __init__(self, nextmove: typing.Any, state_row: typing.Any, state_feature: typing.Any, ptc: typing.Any, ptc_unit: typing.SupportsFloat | typing.SupportsIndex, pc: typing.Any, log1p: typing.Any, flags: typing.Any, ccc: typing.Any, pairs: typing.Any) -> None:
+        """
+        py3langid's arrays (nextmove and ptc copied, the rest borrowed; checked once; ptc in fixed point: value = ptc * ptc_unit) and the Unicode facts of text preparation.
+        """
+    def classify(self, texts: typing.Any, offsets: typing.Any, columns: typing.Any, labels: typing.Any, max_chars: typing.SupportsInt | typing.SupportsIndex, prepared: bool, num_threads: typing.SupportsInt | typing.SupportsIndex) -> tuple:
+        """
+        (labels int32, probs float64) of texts: a sequence of str / UTF-8 bytes (offsets None) or UTF-8 values (uint8) with int64 offsets. Label -1: empty after strip; -2: prepare with py3langid's _encode and classify again with prepared=True.
+        """
+    @property
+    def num_columns(self) -> int:
+        ...
+    @property
+    def num_features(self) -> int:
         ...
 class _BpeEncoder:
     """
@@ -162,4 +177,6 @@ def lce_lse_block(logits: typing.SupportsInt | typing.SupportsIndex, logits_dtyp
 BPE_UNICODE_VERSION: str = '16.0.0'
 BUILD_INFO: dict = {'version': '0.1.0', 'compiler': 'GNU 12.2.0', 'cxx_flags': ' -O3 -DNDEBUG', 'build_type': 'Release', 'backends': ('cpu', 'cuda'), 'cuda_architectures': '80,90', 'sanitizers': ''}
 DEDUP_UNICODE_VERSION: str = '14.0.0'
+LANGID_EMPTY: int = -1
+LANGID_NEEDS_PREP: int = -2
 PACK_MAX_SEQ_LEN: int = 16777216

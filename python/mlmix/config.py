@@ -90,7 +90,7 @@ SCHEMA = {
             "type": "dict",
             "default": {},
             "keys": {
-                "backend": {"type": "str", "enum": ["py3langid", "none"], "default": "py3langid"},
+                "backend": {"type": "str", "enum": ["native", "py3langid", "none"], "default": "native"},
                 "threshold": {"type": "float", "min": 0.0, "max": 1.0, "default": 0.5},
                 "unknown": {"type": "str", "default": "unknown"},
                 "drop_unknown": {"type": "bool", "default": False},

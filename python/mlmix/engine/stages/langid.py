@@ -1,11 +1,12 @@
-"""Stage ``langid``: a language code for every record: its own, or py3langid's where it has none (or
-always, with ``override``); below the threshold, ``unknown`` (dropped with ``drop_unknown``)."""
+"""Stage ``langid``: a language code for every record: its own, or py3langid's model's where it has none
+(or always, with ``override``); below the threshold, ``unknown`` (dropped with ``drop_unknown``). The
+``native`` backend (the C++ port) and ``py3langid`` give the same labels."""
 
 from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -20,38 +21,65 @@ def key(k_read: str, lcfg: Mapping) -> str:
     return stage_key("langid", VERSION, k_read, lcfg)
 
 
+def _head(text: str, n: int = 2000) -> str:
+    """What the classifier reads of a text (its first ``n`` code points), unless those are all whitespace:
+    then the whole text, since an empty-after-strip text is judged on all of it. Same label, less held."""
+    return text if len(text) <= n or not text[:n].strip() else text[:n]
+
+
 class Labeler:
-    """Labels blocks of records; the py3langid model is loaded once per Labeler (per process or actor)."""
+    """Labels blocks of records; the language model is loaded once per Labeler (per process or actor).
+    The native backend classifies a block's texts in one batch call (threads, GIL released)."""
 
     def __init__(self, lcfg: Mapping) -> None:
         self.lcfg = dict(lcfg)
         self.lid = None
-        if self.lcfg["backend"] == "py3langid":
+        if self.lcfg["backend"] in ("native", "py3langid"):
             from ...langid import LanguageIdentifier
 
-            self.lid = LanguageIdentifier(self.lcfg.get("languages"))
+            self.lid = LanguageIdentifier(self.lcfg.get("languages"), backend=self.lcfg["backend"])
 
     def __call__(self, records: Iterable[Mapping], on_item=None) -> dict:
         """``lang`` (list of interned codes), ``todo``/``identified``/``alive`` (bool arrays) of a block
-        (``records`` may be a generator: each record is read once)."""
-        c = self.lcfg
-        langs, todo_list = [], []
+        (``records`` may be a generator: each record is read once; only the texts to identify are kept)."""
+        override = self.lcfg["override"]
+        given: list[str | None] = []
+        texts: list[str | None] = []
         for rec in records:
-            given = rec["lang"]
-            todo = bool(c["override"] or given is None)
-            todo_list.append(todo)
-            if todo and self.lid is not None:
-                lang, p = self.lid.classify(readers.record_text(rec))
-                lang = lang if lang and p >= c["threshold"] else c["unknown"]
+            lang = rec["lang"]
+            given.append(lang)
+            texts.append(_head(readers.record_text(rec)) if self.lid is not None and (override or lang is None)
+                         else None)
+        return self.label_texts(given, texts, on_item=on_item)
+
+    def label_texts(self, given: Sequence[str | None], texts, on_item=None) -> dict:
+        """As ``__call__`` for a block given as columns: each record's own language (None where it has
+        none) and its text, a list (None is fine where no text is needed) or UTF-8 ``(values, offsets)``.
+        The records that need a language are classified in ONE batch call."""
+        c = self.lcfg
+        n = len(given)
+        todo = np.fromiter((bool(c["override"] or g is None) for g in given), dtype=bool, count=n)
+        langs = [g if g is not None else c["unknown"] for g in given]
+        if self.lid is not None and todo.any():
+            idx = np.flatnonzero(todo)
+            if isinstance(texts, tuple) and len(texts) == 2 and all(isinstance(a, np.ndarray) for a in texts):
+                values, offsets = texts
+                starts, ends = offsets[idx], offsets[idx + 1]
+                sub_off = np.zeros(len(idx) + 1, np.int64)
+                np.cumsum(ends - starts, out=sub_off[1:])
+                sub_val = (np.concatenate([values[a:b] for a, b in zip(starts.tolist(), ends.tolist())])
+                           if len(idx) else np.zeros(0, np.uint8))
+                got, probs = self.lid.classify_batch((np.ascontiguousarray(sub_val, np.uint8), sub_off))
+            else:
+                got, probs = self.lid.classify_batch([texts[i] for i in idx.tolist()])
+            for i, lang, p in zip(idx.tolist(), got, probs.tolist()):
+                langs[i] = lang if lang and p >= c["threshold"] else c["unknown"]
                 if on_item is not None:
                     on_item()
-            else:
-                lang = given if given is not None else c["unknown"]
-            langs.append(sys.intern(lang))
-        todo = np.array(todo_list, dtype=bool)
-        alive = np.ones(len(langs), dtype=bool)
+        langs = [sys.intern(x) for x in langs]
+        alive = np.ones(n, dtype=bool)
         if c["drop_unknown"]:
-            alive = np.fromiter((lang != c["unknown"] for lang in langs), dtype=bool, count=len(langs))
+            alive = np.fromiter((lang != c["unknown"] for lang in langs), dtype=bool, count=n)
         return {"lang": langs, "todo": todo, "identified": todo & (self.lid is not None), "alive": alive}
 
 
