@@ -79,11 +79,7 @@ def _init_labeler(lcfg: Mapping) -> None:
 
 def _label(item: tuple) -> dict:
     path = item[0]
-    block = load_block(path)
-    lab = _WORKER["labeler"]
-    if hasattr(lab, "label_block"):
-        return lab.label_block(block)
-    return lab(block.to_records())
+    return _WORKER["labeler"].label_block(load_block(path))
 
 
 def _init_encoder(tcfg: Mapping) -> None:

@@ -157,7 +157,7 @@ class _Prepare:
         records = [json.loads(r) for r in table.column("rec").to_pylist()]
         block = RecordBlock.from_records(records)
         uid = table.column("uid").to_numpy()
-        lab = self.labeler.label_block(block) if hasattr(self.labeler, "label_block") else self.labeler(records)
+        lab = self.labeler.label_block(block)
         tokens, masks, st = s_tok.encode_block(self.tokenizer, block, self.tcfg)
         lengths = tokens.lengths
         alive = lab["alive"] & (lengths > 0)

@@ -52,6 +52,13 @@ class Labeler:
                          else None)
         return self.label_texts(given, texts, on_item=on_item)
 
+    def label_block(self, block) -> dict:
+        """As ``__call__`` for a :class:`mlmix.recblock.RecordBlock`: its texts are joined in C++ and
+        classified in one batch call, without a Python object per record."""
+        given = block.langs()
+        needs = self.lid is not None and (self.lcfg["override"] or any(g is None for g in given))
+        return self.label_texts(given, block.text_column() if needs else [None] * len(given))
+
     def label_texts(self, given: Sequence[str | None], texts, on_item=None) -> dict:
         """As ``__call__`` for a block given as columns: each record's own language (None where it has
         none) and its text, a list (None is fine where no text is needed) or UTF-8 ``(values, offsets)``.
@@ -64,12 +71,16 @@ class Labeler:
             idx = np.flatnonzero(todo)
             if isinstance(texts, tuple) and len(texts) == 2 and all(isinstance(a, np.ndarray) for a in texts):
                 values, offsets = texts
-                starts, ends = offsets[idx], offsets[idx + 1]
-                sub_off = np.zeros(len(idx) + 1, np.int64)
-                np.cumsum(ends - starts, out=sub_off[1:])
-                sub_val = (np.concatenate([values[a:b] for a, b in zip(starts.tolist(), ends.tolist())])
-                           if len(idx) else np.zeros(0, np.uint8))
-                got, probs = self.lid.classify_batch((np.ascontiguousarray(sub_val, np.uint8), sub_off))
+                if len(idx) == n:
+                    sub_val, sub_off = values, offsets
+                else:  # the texts at idx, gathered without a Python step per record
+                    starts, ends = offsets[idx], offsets[idx + 1]
+                    sub_off = np.zeros(len(idx) + 1, np.int64)
+                    np.cumsum(ends - starts, out=sub_off[1:])
+                    sub_val = values[np.repeat(starts - sub_off[:-1], ends - starts)
+                                     + np.arange(int(sub_off[-1]), dtype=np.int64)]
+                got, probs = self.lid.classify_batch((np.ascontiguousarray(sub_val, np.uint8),
+                                                      np.ascontiguousarray(sub_off, np.int64)))
             else:
                 got, probs = self.lid.classify_batch([texts[i] for i in idx.tolist()])
             for i, lang, p in zip(idx.tolist(), got, probs.tolist()):
