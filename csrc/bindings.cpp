@@ -39,4 +39,5 @@ PYBIND11_MODULE(_core, m) {
   mlmix::bind::bind_dedup(m);
   mlmix::bind::bind_bpe(m);
   mlmix::bind::bind_loss(m);
+  mlmix::bind::bind_chat(m);
 }

@@ -127,12 +127,13 @@ class Tokenizer:
             raise ValueError(f"impl must be 'auto', 'native' or 'hf', got {impl!r}")
         self._hf = backend
         self._native = None
+        self._facts: Optional[_VocabFacts] = None  # byte lengths of the ids, with the native encoder
         self.impl_reason = "impl='hf' was asked for"
         if impl != "hf":
             from .bpe import NativeBPE, Unsupported
 
             try:
-                self._native = _native_encoder(backend, NativeBPE)
+                self._native, self._facts = _native_encoder(backend, NativeBPE)
                 self.impl_reason = "supported by the native encoder"
             except Unsupported as exc:
                 if impl == "native":
@@ -387,20 +388,109 @@ class Tokenizer:
             base += len(chunk)
             yield enc
 
+    def encode_block(self, block, *, template="auto", train_on: str = "all_assistant", train_glue: str = "none",
+                     max_length: Optional[int] = None, truncation: Optional[str] = None, on_error: str = "raise",
+                     add_eos: bool = True) -> Encoded:
+        """Encode a :class:`mlmix.recblock.RecordBlock` -> :class:`Encoded`, equal to
+        ``encode_records(block.to_records(), template=..., ...)`` (same tokens, masks, index, stats and errors).
+
+        With the native encoder and a template that resolves to ChatML or Llama-3's fast renderer, the whole
+        block is assembled in C++ (csrc/chat.h): every record's pieces, one parallel encode of all their texts,
+        tokens and masks per record, the GIL released; nothing per record in Python. A block holding a record
+        that :meth:`encode_records` would reject (empty text, a conversation without turns or, unless
+        ``train_on="all"``, without an assistant turn, an unknown role, invalid UTF-8) goes through
+        :meth:`encode_records` instead, which raises or skips it as it always does; so do other templates and
+        the HF encoder. Arguments as in :meth:`encode_records`.
+        """
+        from .recblock import RecordBlock
+
+        if not isinstance(block, RecordBlock):
+            raise TypeError(f"block must be a mlmix.recblock.RecordBlock, got {type(block).__name__}")
+        _check_encode_args(train_on, train_glue, on_error, max_length, truncation)
+        kw = dict(template=template, train_on=train_on, train_glue=train_glue, max_length=max_length,
+                  truncation=truncation, on_error=on_error, add_eos=add_eos)
+        got = self._encode_block_native(block, template, train_on, train_glue, add_eos)
+        if got is None:
+            return self.encode_records(block.to_records(), **kw)
+        tokens, mask, langs = got
+        stats = EncodeStats(records=len(block))
+        index = np.arange(len(block), dtype=np.int64)
+        if max_length is not None:
+            tokens, mask, keep = _truncate(tokens, mask, int(max_length), truncation, stats)
+            index = index[keep]
+        stats.encoded = len(tokens)
+        stats.tokens = int(len(tokens.values))
+        stats.trained_tokens = int(np.count_nonzero(mask.values))
+        lang = langs if len(index) == len(block) else [langs[i] for i in index.tolist()]
+        return Encoded(tokens, mask, index, lang, [None] * len(index), stats)
+
+    def _encode_block_native(self, block, template, train_on, train_glue, add_eos):
+        """(tokens, mask, langs) from the C++ block encoder, or None where the Python path must run."""
+        if self._native is None:
+            return None
+        from ._core_loader import core
+
+        # to_records() decodes every string column: any that does not decode is left to it
+        for col in ("id", "where"):
+            if core._chat_first_invalid_utf8(getattr(block, f"{col}_values"), getattr(block, f"{col}_offsets")) != -1:
+                return None
+        try:
+            langs = block.langs()
+        except (UnicodeDecodeError, IndexError):
+            return None
+        slots = [()] * _SLOTS
+        style, default_system, has_bos, header = 0, None, False, ""
+        if np.any(block.kind != 0):
+            try:
+                t = self._template(template)
+            except Exception:  # encode_records raises it (or first the error of a bad record)
+                return None
+            if type(t) is _chat.ChatML:
+                default_system = t.default_system
+                for slot, piece in ((_S_IM_START, "<|im_start|>"), (_S_IM_END, "<|im_end|>"), (_S_NEWLINE, "\n")):
+                    slots[slot] = self._fixed_piece(piece)
+            elif type(t) is _chat.Llama3:
+                style, has_bos = 1, bool(t.bos_token)
+                pieces = [(_S_START_HEADER, "<|start_header_id|>"), (_S_END_HEADER, "<|end_header_id|>"),
+                          (_S_EOT, "<|eot_id|>"), (_S_SYSTEM, "system"), (_S_USER, "user"), (_S_ASSISTANT, "assistant")]
+                if has_bos:
+                    pieces.append((_S_BOS, t.bos_token))
+                for slot, piece in pieces:
+                    slots[slot] = self._fixed_piece(piece)
+            else:
+                return None
+            header = t.untrained_header(train_glue)
+            if not header.isascii():
+                return None
+        header_ids = np.asarray(self._fixed_piece(header) if header else (), np.uint32)
+        if add_eos and self.eos_token:
+            eos = self.token_to_id(self.eos_token)
+            if eos is not None:
+                slots[_S_EOS] = (eos,)
+        facts = self._facts
+        token_bytes = facts.token_bytes if facts is not None and facts.bytes_exact else None
+
+        def reencode(texts):
+            r = self._native.encode_batch(texts, add_special_tokens=False)
+            return np.ascontiguousarray(r.values, np.uint32), np.ascontiguousarray(r.offsets, np.int64)
+
+        def count_header(texts):
+            return [self._header_tokens(text, len(header)) for text in texts]
+
+        out = core._chat_encode_block(
+            self._native._encoder, block.kind, block.turn_offsets, block.role_values, block.role_offsets,
+            block.content_values, block.content_offsets, style, default_system, has_bos,
+            [np.asarray(ids, np.uint32) for ids in slots], header, header_ids, TRAIN_ON.index(train_on),
+            TRAIN_GLUE.index(train_glue), token_bytes, reencode, count_header, 0)
+        if out[0] != "ok":
+            return None
+        _, values, mask, offsets = out
+        return Ragged(values, offsets, validate=False), Ragged(mask, offsets, validate=False), langs
+
     # --- internals ------------------------------------------------------------------------------
     def _encode(self, records, fmt, fields, template, train_on, train_glue, max_length, truncation, on_error,
                 add_eos):
-        _check_choice("train_on", train_on, TRAIN_ON)
-        _check_choice("train_glue", train_glue, TRAIN_GLUE)
-        _check_choice("on_error", on_error, ON_ERROR)
-        if max_length is not None:
-            if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1:
-                raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-            if truncation is None:
-                raise ValueError(f"max_length={max_length} needs an explicit truncation policy, one of {TRUNCATION}")
-            _check_choice("truncation", truncation, TRUNCATION)
-        elif truncation is not None:
-            _check_choice("truncation", truncation, TRUNCATION)
+        _check_encode_args(train_on, train_glue, on_error, max_length, truncation)
         records = records if isinstance(records, list) else list(records)
         stats = EncodeStats(records=len(records))
         chat_idx, chat_convs, text_idx, text_docs = [], [], [], []
@@ -619,7 +709,9 @@ class Tokenizer:
             ok = (ln >= h) & np.all(values[cols] == header[None, :], axis=1) if h else np.ones(len(split), bool)
             head_len[ok] = h
             for j in np.flatnonzero(~ok):  # a token straddles header and content: use character offsets
-                head_len[j] = self._header_tokens(texts[src_a[split[j]]], len(head_text))
+                k = int(src_a[split[j]])
+                head_len[j] = self._header_tokens(texts[k], len(head_text),
+                                                  runs.values[runs.offsets[k]:runs.offsets[k + 1]])
 
         # rows: one per piece, two per assistant run (header untrained, rest trained)
         nrep = 1 + (code_a == _chat.SPLIT).astype(np.int64)
@@ -649,8 +741,16 @@ class Tokenizer:
         offsets = out_off[row_bounds]
         return Ragged(tokens, offsets, validate=False), Ragged(mask, offsets, validate=False)
 
-    def _header_tokens(self, text: str, header_chars: int) -> int:
-        """Tokens of ``text`` lying wholly inside its first ``header_chars`` characters."""
+    def _header_tokens(self, text: str, header_chars: int, ids=None) -> int:
+        """Tokens of ``text`` lying wholly inside its first ``header_chars`` characters (an ASCII header).
+
+        With ``ids`` (the text's tokens) and a vocabulary whose token byte lengths spell offsets exactly
+        (:class:`_VocabFacts`), counted from byte lengths, as the block encoder does; else from HF's offsets."""
+        facts = self._facts
+        if ids is not None and facts is not None and facts.bytes_exact and text[:header_chars].isascii() \
+                and (not len(ids) or int(np.max(ids)) < len(facts.token_bytes)):
+            ends = np.cumsum(facts.token_bytes[np.asarray(ids, np.int64)], dtype=np.int64)
+            return int(np.searchsorted(ends, header_chars, side="right"))
         enc = self._hf.encode(text, add_special_tokens=False)
         return sum(1 for _, end in enc.offsets if end <= header_chars)
 
@@ -894,6 +994,10 @@ def _read_config(directory: str):
     return template, bos, eos
 
 
+# the fixed-piece slots of the block encoder (csrc/chat.h Slot)
+(_S_IM_START, _S_IM_END, _S_NEWLINE, _S_BOS, _S_START_HEADER, _S_END_HEADER, _S_EOT, _S_SYSTEM, _S_USER, _S_ASSISTANT,
+ _S_EOS, _SLOTS) = range(12)
+
 # texts per backend call when a batch is large enough to pipeline encoding and id extraction
 _PIPELINE_CHUNK = 2048
 
@@ -914,17 +1018,71 @@ _NATIVE_CACHE: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
 _NATIVE_CACHE_SIZE = 4
 
 
+@dataclass
+class _VocabFacts:
+    """What the block encoder needs from the vocabulary: each id's length in bytes (added tokens included), and
+    whether token byte lengths locate offsets exactly (no added token widened over whitespace by lstrip/rstrip,
+    no prefix space, no trimmed offsets, no normalizer), so that the tokens wholly inside a text's ASCII start
+    are counted without HF offsets."""
+
+    token_bytes: np.ndarray
+    bytes_exact: bool
+
+
+def _vocab_facts(d: dict) -> _VocabFacts:
+    vocab = (d.get("model") or {}).get("vocab") or {}
+    added = d.get("added_tokens") or []
+    n = max([int(i) for i in vocab.values()] + [int(t["id"]) for t in added] + [-1]) + 1
+    lengths = np.zeros(n, np.uint32)
+    if vocab:
+        # a byte-level token string spells one character per byte
+        lengths[np.fromiter(vocab.values(), np.int64, len(vocab))] = np.fromiter(map(len, vocab), np.uint32, len(vocab))
+    for t in added:
+        lengths[int(t["id"])] = len(t["content"].encode("utf-8"))
+
+    def anywhere(node, key) -> bool:
+        if isinstance(node, dict):
+            return bool(node.get(key)) or any(anywhere(v, key) for v in node.values())
+        if isinstance(node, list):
+            return any(anywhere(v, key) for v in node)
+        return False
+
+    exact = (d.get("normalizer") is None and not anywhere(d.get("pre_tokenizer"), "add_prefix_space")
+             and not anywhere(d.get("post_processor"), "trim_offsets")
+             and not any(t.get("lstrip") or t.get("rstrip") for t in added))
+    return _VocabFacts(lengths, exact)
+
+
 def _native_encoder(backend, native_cls):
+    """(native encoder, vocabulary facts) for ``backend``, from one parse of its JSON (cached)."""
     key = id(backend)
     hit = _NATIVE_CACHE.get(key)
     if hit is not None and hit[0] is backend:
         _NATIVE_CACHE.move_to_end(key)
-        return hit[1]
-    native = native_cls.from_hf(backend)
-    _NATIVE_CACHE[key] = (backend, native)
+        return hit[1], hit[2]
+    d = json.loads(backend.to_str())
+    native = native_cls.from_tokenizer_json(d)
+    if isinstance(getattr(native, "_reference", None), str):
+        native._reference = backend  # NFC's reference encoder: the backend at hand, not a second copy of it
+    facts = _vocab_facts(d)
+    del d
+    _release_freed_memory()
+    _NATIVE_CACHE[key] = (backend, native, facts)
     while len(_NATIVE_CACHE) > _NATIVE_CACHE_SIZE:
         _NATIVE_CACHE.popitem(last=False)
-    return native
+    return native, facts
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap freed by parsing a tokenizer (the JSON of a 248k vocabulary: ~150 MB of Python objects,
+    and the transient buffers of the native build) back to the OS: glibc keeps it mapped otherwise, and the
+    process's RSS stays ~160 MB higher than what it uses. A no-op off glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def forget_native_encoder(tokenizer) -> None:
@@ -1008,6 +1166,20 @@ def _truncate(tokens: Ragged, mask: Ragged, max_length: int, policy: str, stats:
     gather = np.repeat(lo - offsets[:-1], new_len) + np.arange(int(offsets[-1]), dtype=np.int64)
     return (Ragged(tokens.values[gather], offsets, validate=False),
             Ragged(mask.values[gather], offsets, validate=False), keep)
+
+
+def _check_encode_args(train_on, train_glue, on_error, max_length, truncation) -> None:
+    _check_choice("train_on", train_on, TRAIN_ON)
+    _check_choice("train_glue", train_glue, TRAIN_GLUE)
+    _check_choice("on_error", on_error, ON_ERROR)
+    if max_length is not None:
+        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1:
+            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+        if truncation is None:
+            raise ValueError(f"max_length={max_length} needs an explicit truncation policy, one of {TRUNCATION}")
+        _check_choice("truncation", truncation, TRUNCATION)
+    elif truncation is not None:
+        _check_choice("truncation", truncation, TRUNCATION)
 
 
 def _check_chunk(chunk_size) -> None:
