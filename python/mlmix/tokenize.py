@@ -1123,7 +1123,12 @@ def _append_token(r: Ragged, token: int) -> Ragged:
 
 
 def _truncate(tokens: Ragged, mask: Ragged, max_length: int, policy: str, stats: EncodeStats):
-    """Apply the truncation policy; returns (tokens, mask, keep) with ``keep`` a bool array over sequences."""
+    """Apply the truncation policy; returns (tokens, mask, keep) with ``keep`` a bool array over sequences.
+
+    ``drop`` removes every sequence over ``max_length``; ``truncate_response_right`` keeps its first
+    ``max_length`` tokens unless none of them is trained while some later token is; ``truncate_prompt_left``
+    keeps its last ``max_length`` tokens unless that cuts into its last run of trained tokens (a sequence
+    trained on every token or none is always cut). Vectorised over the sequences that are too long."""
     lengths = tokens.lengths
     over = np.flatnonzero(lengths > max_length)
     keep = np.ones(len(tokens), bool)
@@ -1131,34 +1136,37 @@ def _truncate(tokens: Ragged, mask: Ragged, max_length: int, policy: str, stats:
         return tokens, mask, keep
     lo = tokens.offsets[:-1].copy()
     hi = tokens.offsets[1:].copy()
-    for i in over:
-        a, b = int(lo[i]), int(hi[i])
-        n = b - a
-        m = mask.values[a:b]
-        if policy == "drop":
-            keep[i] = False
-        elif policy == "truncate_response_right":
-            if m[:max_length].any() or not m.any():
-                hi[i] = a + max_length
-            else:
-                keep[i] = False
-        else:  # truncate_prompt_left: never cut into the last trained span, unless everything is trained
+    a, b = lo[over], hi[over]
+    n = b - a
+    if policy == "drop":
+        ok = np.zeros(len(over), bool)
+    else:
+        trained = np.zeros(len(mask.values) + 1, np.int64)
+        np.cumsum(mask.values != 0, out=trained[1:])
+        total = trained[b] - trained[a]
+        if policy == "truncate_response_right":
+            ok = (trained[a + max_length] - trained[a] > 0) | (total == 0)
+            hi[over[ok]] = a[ok] + max_length
+        else:  # truncate_prompt_left: never cut into the last trained run, unless everything is trained
             cut = n - max_length
-            trained = np.flatnonzero(m)
-            if len(trained) and len(trained) < n:
-                last = trained[-1]
-                run_start = last
-                while run_start > 0 and m[run_start - 1]:
-                    run_start -= 1
-                if cut > run_start:
-                    keep[i] = False
-            if keep[i]:
-                lo[i] = a + cut
-        if keep[i]:
-            stats.truncated += 1
-            stats.tokens_removed += n - int(hi[i] - lo[i])
-        else:
-            stats.dropped_too_long += 1
+            ok = np.ones(len(over), bool)
+            part = np.flatnonzero((total > 0) & (total < n))
+            if len(part):
+                seg = np.zeros(len(part) + 1, np.int64)
+                np.cumsum(n[part], out=seg[1:])
+                rel = np.arange(int(seg[-1]), dtype=np.int64) - np.repeat(seg[:-1], n[part])
+                pos = np.repeat(a[part], n[part]) + rel
+                on = mask.values[pos] != 0
+                before = np.zeros(len(pos), bool)
+                inner = rel > 0
+                before[inner] = mask.values[pos[inner] - 1] != 0
+                run_start = np.maximum.reduceat(np.where(on & ~before, rel, -1), seg[:-1])
+                ok[part] = cut[part] <= run_start
+            lo[over[ok]] = a[ok] + cut[ok]
+    keep[over[~ok]] = False
+    stats.truncated += int(np.count_nonzero(ok))
+    stats.tokens_removed += int((n[ok] - max_length).sum())
+    stats.dropped_too_long += int(np.count_nonzero(~ok))
     lo, hi = lo[keep], hi[keep]
     new_len = hi - lo
     offsets = np.zeros(len(new_len) + 1, np.int64)
