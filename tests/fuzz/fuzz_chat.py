@@ -18,7 +18,7 @@ with atheris.instrument_imports(include=["mlmix"]):
     import mlmix.tokenize
 
 TOK = mlmix.Tokenizer.qwen("qwen")  # native encoder, ChatML
-ROLES = [b"user", b"assistant", b"system", b"", b"tool", b"assistant "]
+ROLES = [b"user", b"assistant", b"system"] * 4 + [b"", b"tool", b"assistant "]
 TEMPLATES = ["auto", "llama3", mlmix.chat.ChatML("You are a helpful assistant."), mlmix.chat.Llama3(bos_token="")]
 SPECIALS = [b"<|im_start|>", b"<|im_end|>", b"<|endoftext|>", b"assistant\n", b"\n\n", b" \n", b"\xed\xa0\x80"]
 
@@ -39,6 +39,8 @@ def _block(fdp: atheris.FuzzedDataProvider):
         for _ in range(turns):
             roles.append(fdp.PickValueInList(ROLES) if kind else b"")
             raw = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 24))
+            if fdp.ConsumeIntInRange(0, 7):  # mostly valid UTF-8, so that most blocks get past decoding
+                raw = raw.decode("utf-8", "replace").encode("utf-8")
             if fdp.ConsumeBool():
                 raw = fdp.PickValueInList(SPECIALS) + raw
             contents.append(raw)
