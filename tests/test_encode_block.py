@@ -350,3 +350,25 @@ def test_resident_memory_of_the_qwen36_tokenizer():
     if out[1] != "native":
         pytest.skip("no native encoder")
     assert int(out[0]) < 100, f"Tokenizer.qwen('qwen3_6') added {out[0]} MB of RSS"
+
+
+@settings(max_examples=300, deadline=None)
+@given(items=st.lists(st.one_of(st.binary(max_size=12), st.text(max_size=6).map(lambda t: t.encode("utf-8", "surrogatepass")),
+                                st.sampled_from([b"\xed\xa0\x80", b"\xed\x9f\xbf", b"\xf4\x90\x80\x80", b"\xf4\x8f\xbf\xbf",
+                                                 b"\xe0\x80\xaf", b"\xe0\xa0\x80", b"\xc0\xaf", b"\xc2\x80", b"\xf0\x8f\xbf\xbf",
+                                                 b"\xf0\x90\x80\x80", b"abcdefgh\xc3", b"\xe2\x82"])), max_size=6))
+def test_utf8_check_agrees_with_python(items):
+    """The C++ UTF-8 check (which decides the fallback) accepts exactly what Python's strict decoder does."""
+    from mlmix._core_loader import core
+
+    values = np.frombuffer(b"".join(items), np.uint8).copy()
+    offsets = np.zeros(len(items) + 1, np.int64)
+    np.cumsum([len(x) for x in items], out=offsets[1:])
+    want = -1
+    for i, x in enumerate(items):
+        try:
+            x.decode("utf-8")
+        except UnicodeDecodeError:
+            want = i
+            break
+    assert core._chat_first_invalid_utf8(values, offsets) == want
