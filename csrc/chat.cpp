@@ -5,6 +5,7 @@
 #include <cstring>
 #include <exception>
 #include <thread>
+#include <type_traits>
 
 #include "common.h"
 
@@ -382,7 +383,7 @@ Plan plan(const Block& b, const Spec& spec) {
           if (t == t0 && spec.has_bos) fixed(kBos, all_on ? kTrained : kUntrained);
           const uint8_t head = all_on ? kTrained : kUntrained;
           fixed(kStartHeader, head);
-          fixed(static_cast<Slot>(kRoleSystem + r), head);
+          fixed(static_cast<Slot>(static_cast<int>(kRoleSystem) + static_cast<int>(r)), head);
           fixed(kEndHeader, head);
           int64_t len = 0, a = 0, z = 0;
           const uint8_t* c = content_at(t, &len);
@@ -424,7 +425,10 @@ std::vector<TextView> widen(const Plan& plan, int threads, std::vector<uint32_t>
       width[t] = lead_max < 0xC4 ? 1 : lead_max < 0xF0 ? 2 : 4;
     }
   });
-  for (int64_t t = 0; t < n; ++t) start[t + 1] = start[t] + (units[t] * width[t] + 3) / 4;
+  for (int64_t t = 0; t < n; ++t) {
+    const bool ascii = units[t] == plan.text_offsets[t + 1] - plan.text_offsets[t];  // read in place
+    start[t + 1] = start[t] + (ascii ? 0 : (units[t] * width[t] + 3) / 4);
+  }
   store.assign(static_cast<size_t>(start[n]), 0);
   std::vector<TextView> views(static_cast<size_t>(n));
   parallel_ranges(n, threads, [&](int64_t lo, int64_t hi) {
@@ -432,18 +436,28 @@ std::vector<TextView> widen(const Plan& plan, int threads, std::vector<uint32_t>
       const uint8_t* p = bytes + plan.text_offsets[t];
       const int64_t len = plan.text_offsets[t + 1] - plan.text_offsets[t];
       void* dst = store.data() + start[t];
+      if (units[t] == len) {  // ASCII: the UTF-8 bytes are the Latin-1 units already
+        views[t] = TextView{p, len, 1};
+        continue;
+      }
       int64_t k = 0;
-      for (int64_t i = 0; i < len;) {
-        int l = 0;
-        const uint32_t c = decode_at(p + i, &l);
-        i += l;
-        if (width[t] == 1) {
-          static_cast<uint8_t*>(dst)[k++] = static_cast<uint8_t>(c);
-        } else if (width[t] == 2) {
-          static_cast<uint16_t*>(dst)[k++] = static_cast<uint16_t>(c);
-        } else {
-          static_cast<uint32_t*>(dst)[k++] = c;
+      auto put = [&](auto* out) {
+        for (int64_t i = 0; i < len;) {
+          if (p[i] < 0x80) {
+            out[k++] = p[i++];
+            continue;
+          }
+          int l = 0;
+          out[k++] = static_cast<std::remove_pointer_t<decltype(out)>>(decode_at(p + i, &l));
+          i += l;
         }
+      };
+      if (width[t] == 1) {
+        put(static_cast<uint8_t*>(dst));
+      } else if (width[t] == 2) {
+        put(static_cast<uint16_t*>(dst));
+      } else {
+        put(static_cast<uint32_t*>(dst));
       }
       views[t] = TextView{dst, units[t], width[t]};
     }
@@ -562,11 +576,11 @@ Output assemble(const Plan& plan, const bpe::EncodeResult& enc, const Spec& spec
         std::copy(src, src + len, tok);
         if (pc.code == kSplit) {
           const int64_t head = std::min<int64_t>(std::max<int64_t>(head_counts[p], 0), len);
-          std::fill(msk, msk + head, uint8_t{0});
-          std::fill(msk + head, msk + len, uint8_t{1});
+          std::memset(msk, 0, static_cast<size_t>(head));
+          std::memset(msk + head, 1, static_cast<size_t>(len - head));
         } else {
           const uint8_t m = pc.code == kTrained || (pc.code == kGlue && glue) ? 1 : 0;
-          std::fill(msk, msk + len, m);
+          std::memset(msk, m, static_cast<size_t>(len));
         }
         tok += len;
         msk += len;
