@@ -174,14 +174,6 @@ int64_t first_invalid_utf8(const uint8_t* values, int64_t n_values, const int64_
   return -1;
 }
 
-std::vector<TextView> Plan::views() const {
-  std::vector<TextView> out(static_cast<size_t>(n_texts()));
-  for (int64_t t = 0; t < n_texts(); ++t) {
-    out[t] = TextView{arena.data() + text_offsets[t], text_offsets[t + 1] - text_offsets[t], 0};
-  }
-  return out;
-}
-
 Plan plan(const Block& b, const Spec& spec) {
   Plan out;
   const int threads = resolve_threads(spec.num_threads);
