@@ -12,6 +12,10 @@ Variants, all producing the token ids of the same documents in one run:
   mlmix_encode_chat     the same texts as user/assistant conversations -> tokens + loss masks (ChatML fast path)
   trl_style_chat        transformers apply_chat_template(return_assistant_tokens_mask=True) per conversation,
                         on a slice of the data (the usual way to get assistant masks), for reference
+  test_encode_block     chat records built from the bundled demo set (MLMIX_BENCH_BLOCK_MB, default 4; 40 with
+                        MLMIX_BENCH_FULL) as a RecordBlock, native Qwen3.6 encoder, interleaved rounds:
+                        encode_block (C++ assembly) vs encode_records (records as dicts) vs NativeBPE.encode_batch
+                        of the message contents alone, MB/s of content bytes and the ratio to the last
 Each reports MB/s (UTF-8 bytes of document text) and tokens/s in extra_info, and the ratio to
 hf_encode_batch_fast. Another encoder backend is one more entry in ENCODERS.
 """
@@ -235,4 +239,80 @@ def test_summary_interleaved(data, capsys):
             w, c = nbytes / 1e6 / wall[name], nbytes / 1e6 / cpu[name]
             wb, cb = variants[base][1] / 1e6 / wall[base], variants[base][1] / 1e6 / cpu[base]
             print(f"  {name:38s} wall {w:7.2f} MB/s {w / wb:5.2f}x   cpu {c:7.2f} MB/s {c / cb:5.2f}x")
+    assert all(v > 0 for v in wall.values())
+
+
+BLOCK_MB = float(os.environ.get("MLMIX_BENCH_BLOCK_MB", "40" if os.environ.get("MLMIX_BENCH_FULL") else "4"))
+
+
+def demo_chat_records(total_mb: float, seed: int = 0) -> list[dict]:
+    """Canonical records (as mlmix.readers makes them) from the demo set: 1-3 user/assistant exchanges, a
+    system turn in some, answers with their sentences shuffled and sometimes led by whitespace (the header
+    straddle), and one text record in ten."""
+    from mlmix.data import demo_records
+
+    rng = random.Random(seed)
+    pairs = [(r["instruction"], r["response"], r["lang"]) for r in demo_records()]
+    out, size, target = [], 0, int(total_mb * 1e6)
+
+    def shuffled(text):
+        parts = text.split(". ")
+        rng.shuffle(parts)
+        return ". ".join(parts)
+
+    while size < target:
+        q, a, lang = rng.choice(pairs)
+        rec = {"id": f"r{len(out)}", "lang": lang, "where": f"demo:{len(out)}"}
+        if rng.random() < 0.1:
+            rec["text"] = shuffled(a)
+            size += len(rec["text"].encode())
+        else:
+            msgs = [{"role": "system", "content": "Answer in the user's language."}] if rng.random() < 0.4 else []
+            for _ in range(rng.randint(1, 3)):
+                q, a, _ = rng.choice(pairs)
+                msgs.append({"role": "user", "content": q})
+                msgs.append({"role": "assistant", "content": rng.choice(["", "", "", "\n", " "]) + shuffled(a)})
+            rec["messages"] = msgs
+            size += sum(len(m["content"].encode()) for m in msgs)
+        out.append(rec)
+    return out
+
+
+def test_encode_block(capsys):
+    """encode_block vs encode_records vs the native encoder on the contents alone, interleaved rounds."""
+    from mlmix.recblock import RecordBlock
+    from mlmix.tokenize import Tokenizer
+
+    records = demo_chat_records(BLOCK_MB)
+    block = RecordBlock.from_records(records)
+    contents = block.strings("content")
+    nbytes = len(block.content_values)
+    tok = Tokenizer.qwen("qwen3_6")
+    assert tok.impl == "native"
+    a, b = tok.encode_block(block), tok.encode_records(records)
+    assert a.tokens.equals(b.tokens) and a.loss_mask.equals(b.loss_mask)
+    variants = {
+        "native encode_batch[contents]": lambda: tok._native.encode_batch(contents, add_special_tokens=False),
+        "encode_records": lambda: tok.encode_records(records),
+        "encode_records[block.to_records()]": lambda: tok.encode_records(block.to_records()),
+        "encode_block": lambda: tok.encode_block(block),
+    }
+    rounds = int(os.environ.get("MLMIX_BENCH_ROUNDS", "3"))
+    wall = {name: float("inf") for name in variants}
+    cpu = dict(wall)
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[name] = min(wall[name], time.perf_counter() - w0)
+            cpu[name] = min(cpu[name], time.process_time() - c0)
+    base = "native encode_batch[contents]"
+    with capsys.disabled():
+        print(f"\n{nbytes / 1e6:.1f} MB of message contents in {len(block)} records ({len(contents)} turns), "
+              f"Qwen3.6 BPE (native), {os.cpu_count()} cores, best of {rounds} interleaved rounds; MB/s of content "
+              "bytes by wall clock and per CPU-second (all threads), ratio to the native encoder on the contents alone")
+        for name in variants:
+            w, c = nbytes / 1e6 / wall[name], nbytes / 1e6 / cpu[name]
+            print(f"  {name:38s} wall {w:7.2f} MB/s {wall[base] / wall[name]:5.2f}x   "
+                  f"cpu {c:7.2f} MB/s {cpu[base] / cpu[name]:5.2f}x")
     assert all(v > 0 for v in wall.values())

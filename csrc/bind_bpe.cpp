@@ -78,12 +78,15 @@ class PyEncoder {
 
   size_t vocab_size() const { return encoder_->vocab_size(); }
   size_t num_merges() const { return encoder_->num_merges(); }
+  const bpe::Encoder& encoder() const { return *encoder_; }
 
  private:
   std::unique_ptr<bpe::Encoder> encoder_;
 };
 
 }  // namespace
+
+const bpe::Encoder& bpe_encoder_of(py::handle encoder) { return py::cast<const PyEncoder&>(encoder).encoder(); }
 
 void bind_bpe(py::module_& m) {
   py::class_<PyEncoder>(m, "_BpeEncoder", "Byte-level BPE encoder (private; use mlmix.bpe.NativeBPE)")

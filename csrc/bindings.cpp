@@ -41,4 +41,5 @@ PYBIND11_MODULE(_core, m) {
   mlmix::bind::bind_loss(m);
   mlmix::bind::bind_records(m);
   mlmix::bind::bind_langid(m);
+  mlmix::bind::bind_chat(m);
 }

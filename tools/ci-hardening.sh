@@ -5,7 +5,8 @@
 #      fuzz, store corruption/crash tests, the loader and its resume test); any sanitizer report fails.
 #   2. every fuzz target for MLMIX_FUZZ_SECONDS (default 60) seconds: the libFuzzer targets over the C++
 #      core (tests/fuzz/cpp, needs clang) after replaying their seed corpora and regression inputs, and
-#      the atheris targets for the Python layers (store manifest parsing, HF tokenizer path); without
+#      the atheris targets for the Python layers (store manifest parsing, HF tokenizer path, the block chat
+#      encoder against encode_records); without
 #      clang, the atheris target of every kernel instead. Any crash, sanitizer report or failed
 #      property check fails the job.
 #
@@ -34,7 +35,7 @@ if [ "$what" = all ] || [ "$what" = sanitize ]; then
   step "ASan+UBSan: C++ tests and Python subset" tools/sanitize.sh \
     tests/test_pack.py tests/test_store.py tests/test_sample.py tests/test_dedup.py tests/test_bpe.py \
     tests/test_ragged.py tests/test_tokenize.py tests/test_bindings_fuzz.py tests/test_hardening_store.py \
-    tests/test_hardening_atomic.py tests/test_loader.py tests/test_resume.py
+    tests/test_hardening_atomic.py tests/test_loader.py tests/test_resume.py tests/test_encode_block.py
 fi
 
 if [ "$what" = all ] || [ "$what" = fuzz ]; then
@@ -43,10 +44,10 @@ if [ "$what" = all ] || [ "$what" = fuzz ]; then
       step "libFuzzer $t: seed corpus and regressions" tests/fuzz/cpp/run.sh "$t" 0
       step "libFuzzer $t: ${seconds} s" tests/fuzz/cpp/run.sh "$t" "$seconds"
     done
-    atheris_targets=(store tokenize)
+    atheris_targets=(store tokenize chat)
   else
     echo "clang++ not found: fuzzing the kernels with atheris instead (apt-get install -y clang for libFuzzer)"
-    atheris_targets=(pack store sample dedup tokenize bpe)
+    atheris_targets=(pack store sample dedup tokenize bpe chat)
   fi
   if python3 -c "import atheris" 2>/dev/null; then
     for t in "${atheris_targets[@]}"; do

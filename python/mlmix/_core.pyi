@@ -54,6 +54,14 @@ class _BpeEncoder:
     @property
     def vocab_size(self) -> int:
         ...
+def _chat_encode_block(encoder: typing.Any, kind: numpy.ndarray, turn_offsets: numpy.ndarray, role_values: numpy.ndarray, role_offsets: numpy.ndarray, content_values: numpy.ndarray, content_offsets: numpy.ndarray, style: typing.SupportsInt | typing.SupportsIndex, default_system: typing.Any, has_bos: bool, fixed: collections.abc.Sequence[numpy.ndarray], header: str, header_ids: numpy.ndarray, train_on: typing.SupportsInt | typing.SupportsIndex, train_glue: typing.SupportsInt | typing.SupportsIndex, token_bytes: typing.Any, reencode: typing.Any, count_header: typing.Any, num_threads: typing.SupportsInt | typing.SupportsIndex) -> tuple:
+    """
+    Chat/text records of a RecordBlock -> ('ok', tokens uint32, mask uint8, offsets int64) or ('reject', reason, record) (private; use Tokenizer.encode_block)
+    """
+def _chat_first_invalid_utf8(values: numpy.ndarray, offsets: numpy.ndarray) -> int:
+    """
+    index of the first string that is not valid UTF-8; -1 none, -2 malformed offsets (private)
+    """
 def _dedup_band_keys(signatures: numpy.ndarray, bands: typing.SupportsInt | typing.SupportsIndex, rows: typing.SupportsInt | typing.SupportsIndex, groups: numpy.ndarray | None, num_threads: typing.SupportsInt | typing.SupportsIndex) -> tuple[numpy.typing.NDArray[numpy.uint64], numpy.typing.NDArray[numpy.bool]]:
     """
     (keys (n, bands) uint64, has_keys (n,) bool): see mlmix.dedup.band_keys.

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 from ._deps import require
 
-__all__ = ["tiktoken_to_hf", "qwen_spec", "qwen_tokenizer", "cache_dir", "QWEN_MODELS"]
+__all__ = ["tiktoken_to_hf", "tiktoken_to_hf_file", "qwen_spec", "qwen_tokenizer", "cache_dir", "QWEN_MODELS"]
 
 QWEN_MODELS = ("qwen", "qwen3_6")
 
@@ -50,6 +50,37 @@ def tiktoken_to_hf(path: str | os.PathLike, pattern: str, special_tokens=None):
         special_tokens: {token: id} (or (token, id) pairs), ids after the ranks.
     """
     tokenizers = require("tokenizers", "tiktoken conversion")
+    cached = _cached_path(path, pattern, special_tokens)
+    if os.path.isfile(cached):
+        try:
+            return tokenizers.Tokenizer.from_file(cached)
+        except Exception:  # a corrupt cache entry is rebuilt, never trusted
+            pass
+    return _convert(path, pattern, special_tokens, cached)
+
+
+def tiktoken_to_hf_file(path: str | os.PathLike, pattern: str, special_tokens=None) -> str:
+    """The cached tokenizer.json of :func:`tiktoken_to_hf`'s conversion (converted first if absent), for a
+    caller that reads the JSON itself (mlmix.Tokenizer builds its native encoder from it and the HF backend
+    only on need)."""
+    cached = _cached_path(path, pattern, special_tokens)
+    if not _looks_whole(cached):
+        _convert(path, pattern, special_tokens, cached)
+    return cached
+
+
+def _looks_whole(path: str) -> bool:
+    """Whether a cache entry exists and ends as a JSON object does (entries are written atomically)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-64, os.SEEK_END)
+            return f.read().rstrip().endswith(b"}")
+    except OSError:
+        return False
+
+
+def _cached_path(path, pattern: str, special_tokens) -> str:
+    require("tokenizers", "tiktoken conversion")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: tiktoken rank file {path!r} does not exist")
@@ -60,16 +91,15 @@ def tiktoken_to_hf(path: str | os.PathLike, pattern: str, special_tokens=None):
             h.update(chunk)
     h.update(pattern.encode())
     h.update(json.dumps(specials).encode())
-    cached = os.path.join(cache_dir(), "tokenizers", h.hexdigest()[:32] + ".json")
-    if os.path.isfile(cached):
-        try:
-            return tokenizers.Tokenizer.from_file(cached)
-        except Exception:  # a corrupt cache entry is rebuilt, never trusted
-            pass
+    return os.path.join(cache_dir(), "tokenizers", h.hexdigest()[:32] + ".json")
+
+
+def _convert(path, pattern: str, special_tokens, cached: str):
     require("tiktoken", "tiktoken conversion")
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    tok = TikTokenConverter(vocab_file=path, pattern=pattern).converted()
+    specials = _special_list(special_tokens)
+    tok = TikTokenConverter(vocab_file=os.fspath(path), pattern=pattern).converted()
     if specials:
         vocab_size = tok.get_vocab_size(with_added_tokens=False)
         expected = list(range(vocab_size, vocab_size + len(specials)))
