@@ -77,21 +77,39 @@ class ByteVocab {
     }
   }
 
-  // The index of the token with these bytes (kNone if none); `h` is hash_bytes(p, len).
-  uint32_t find(const uint8_t* p, size_t len, uint64_t h) const {
+  // The index of the token with these bytes (kNone if none); `h` is hash_bytes(p, len). `self` tells
+  // whether the token was marked by mark_self().
+  uint32_t find(const uint8_t* p, size_t len, uint64_t h, bool& self) const {
     for (size_t k = h & (cap_ - 1);; k = (k + 1) & (cap_ - 1)) {
       const uint64_t s = slots_[k];
       if (s == kEmpty) return kNone;
-      if (matches(s, p, len, h)) return static_cast<uint32_t>(s);
+      if (matches(s, p, len, h)) {
+        self = (s & kSelfBit) != 0;
+        return static_cast<uint32_t>(s);
+      }
     }
   }
-  uint32_t find(const uint8_t* p, size_t len) const { return find(p, len, hash_bytes(p, len)); }
+  uint32_t find(const uint8_t* p, size_t len) const {
+    bool self;
+    return find(p, len, hash_bytes(p, len), self);
+  }
+  // Marks the tokens whose index has marked[index] set (the slot keeps the mark beside its hash tag).
+  void mark_self(const std::vector<uint8_t>& marked) {
+    for (uint64_t& s : slots_) {
+      if (s != kEmpty && marked[static_cast<uint32_t>(s)]) s |= kSelfBit;
+    }
+  }
+  const uint8_t* bytes(uint32_t index, size_t& len) const {
+    len = starts_[index + 1] - starts_[index];
+    return reinterpret_cast<const uint8_t*>(pool_.data()) + starts_[index];
+  }
   uint32_t id(uint32_t index) const { return ids_[index]; }
   size_t size() const { return ids_.size(); }
 
  private:
   static constexpr uint64_t kEmpty = ~uint64_t{0};  // an index is below kNone, so no real slot is all ones
-  static constexpr uint64_t kTagMask = ~uint64_t{0} << 32;
+  static constexpr uint64_t kSelfBit = uint64_t{1} << 32;
+  static constexpr uint64_t kTagMask = ~uint64_t{0} << 33;
 
   bool matches(uint64_t s, const uint8_t* p, size_t len, uint64_t h) const {
     if ((s ^ h) & kTagMask) return false;
@@ -474,10 +492,7 @@ struct Encoder::Impl {
   MergeMap merges;
   // merges of two single bytes, dense: every piece starts with these lookups, so keep them off the big table
   std::vector<uint32_t> byte_pair_rank;
-  // by vocabulary index: whether merging the token's own bytes gives back that one token (kSelfYes), found
-  // the first time the token is met as a whole piece; a yes lets a later piece skip merging altogether
-  static constexpr uint8_t kSelfUnknown = 0, kSelfYes = 1, kSelfNo = 2;
-  mutable std::unique_ptr<std::atomic<uint8_t>[]> self_merges;
+
   std::vector<AddedToken> added;
   AddedTrie trie_raw, trie_normalized;  // normalized=false tokens, normalized=true tokens
   std::vector<uint32_t> prefix_ids, suffix_ids;
@@ -498,8 +513,7 @@ struct Encoder::Impl {
                                       << ": a byte-level BPE needs all 256 (unknown bytes are not supported)");
       byte_id[b] = vocab.id(index);
     }
-    self_merges = std::make_unique<std::atomic<uint8_t>[]>(n);
-    for (size_t i = 0; i < n; ++i) self_merges[i].store(kSelfUnknown, std::memory_order_relaxed);
+
     // Token bytes by id, to find each merge's result.
     std::vector<std::pair<int64_t, int64_t>> span_of_id;
     for (size_t i = 0; i < n; ++i) {
@@ -531,41 +545,64 @@ struct Encoder::Impl {
     }
     prefix_ids = cfg.prefix_ids;
     suffix_ids = cfg.suffix_ids;
+    if (!ignore_merges) mark_self_merging(n);
+  }
+
+  // Marks in the vocabulary the tokens whose own bytes merge back into that one token: a piece that is such
+  // a token then costs one lookup instead of a merge per byte. (Not every token does: a merge of lower rank
+  // can take its bytes apart first.) Each token is merged once, on all cores: ~0.1 s per 100k tokens.
+  void mark_self_merging(size_t n) {
+    std::vector<uint8_t> marked(n, 0);
+    const size_t threads = std::max<size_t>(1, std::min<size_t>(static_cast<size_t>(resolve_threads(0)), (n + 4095) / 4096));
+    auto work = [&](size_t t) {
+      auto ts = std::make_unique<ThreadState>();
+      std::vector<uint32_t> out;
+      for (size_t i = t; i < n; i += threads) {
+        size_t len;
+        const uint8_t* p = vocab.bytes(static_cast<uint32_t>(i), len);
+        if (len < 2) {
+          marked[i] = 1;
+          continue;
+        }
+        out.clear();
+        if (len <= 96) merge_small(p, len, *ts, out);
+        else merge_heap(p, len, out);
+        marked[i] = out.size() == 1 && out[0] == vocab.id(static_cast<uint32_t>(i));
+      }
+    };
+    std::vector<std::thread> pool;
+    for (size_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
+    work(0);
+    for (auto& th : pool) th.join();
+    vocab.mark_self(marked);
   }
 
   // --- step 3: one piece (UTF-8 bytes) -> ids ---------------------------------------------------
-  void encode_piece(const uint8_t* p, size_t len, ThreadState& ts, std::vector<uint32_t>& out) const {
+  // `h` is hash_bytes(p, len) (unused for a single byte).
+  void encode_piece(const uint8_t* p, size_t len, uint64_t h, ThreadState& ts, std::vector<uint32_t>& out) const {
     if (len == 1) {
       out.push_back(byte_id[p[0]]);
       return;
     }
-    const uint64_t h = hash_bytes(p, len);
     // The worker's small cache first: frequent pieces then never touch the large tables.
     size_t n_cached;
     if (const uint32_t* ids = ts.cache.find(p, len, h, n_cached)) {
       out.insert(out.end(), ids, ids + n_cached);
       return;
     }
-    // A piece that is itself a token: one lookup instead of merging, when merging is known to give it back
+    // A piece that is itself a token: one lookup instead of merging, when merging its bytes gives it back
     // (always with ignore_merges).
-    const uint32_t index = vocab.find(p, len, h);
-    uint8_t self = kSelfNo;
-    if (index != kNone) {
-      self = ignore_merges ? kSelfYes : self_merges[index].load(std::memory_order_relaxed);
-      if (self == kSelfYes) {
-        const uint32_t id = vocab.id(index);
-        out.push_back(id);
-        ts.cache.put(p, len, h, &id, 1);
-        return;
-      }
+    bool self = false;
+    const uint32_t index = vocab.find(p, len, h, self);
+    if (index != kNone && (self || ignore_merges)) {
+      const uint32_t id = vocab.id(index);
+      out.push_back(id);
+      ts.cache.put(p, len, h, &id, 1);
+      return;
     }
     const size_t first = out.size();
     if (len <= 96) merge_small(p, len, ts, out);
     else merge_heap(p, len, out);
-    if (self == kSelfUnknown) {  // any thread may find this first: all store the same answer
-      const bool same = out.size() - first == 1 && out[first] == vocab.id(index);
-      self_merges[index].store(same ? kSelfYes : kSelfNo, std::memory_order_relaxed);
-    }
     ts.cache.put(p, len, h, out.data() + first, out.size() - first);
   }
 
@@ -669,7 +706,8 @@ struct Encoder::Impl {
       if (piece.size() < 4 * len) piece.resize(4 * len);
       uint8_t* end = piece.data();
       for (size_t k = i; k < i + len; ++k) end = put_utf8(end, s[k]);
-      encode_piece(piece.data(), static_cast<size_t>(end - piece.data()), ts, out);
+      const auto bytes = static_cast<size_t>(end - piece.data());
+      encode_piece(piece.data(), bytes, bytes > 1 ? hash_bytes(piece.data(), bytes) : 0, ts, out);
       i += len;
     }
   }
