@@ -286,8 +286,8 @@ inline constexpr auto kPrefixMasks = [] {
 // A fixed-size cache of piece -> ids, one per worker: memory stays bounded however many distinct pieces a
 // batch has. Most pieces are short words of a few tokens: they go to 2-way sets of 32-byte entries (key up to
 // 16 bytes stored zero-padded, up to 3 ids), a set per cache line, so a lookup reads one line and compares two
-// words per entry. Other pieces (a CJK or Devanagari run up to 48 bytes, up to 19 ids) get direct-mapped
-// two-line entries with their tags apart. 65,536 + 8,192 entries, 3.1 MB per worker.
+// words per entry. Other pieces (a CJK or Devanagari run up to 48 bytes, up to 19 ids) get two-line entries in
+// 2-way sets (neighbouring slots) with their tags apart. 65,536 + 8,192 entries, 3.1 MB per worker.
 class PieceCache {
  public:
   static constexpr size_t kSets = size_t{1} << 15, kShortKey = 16, kShortIds = 3;
@@ -310,13 +310,16 @@ class PieceCache {
       }
     }
     if (len > kLongKey) return nullptr;
-    const size_t k = h & (kLongSlots - 1);
-    const uint64_t t = long_tags_[k];
-    if (((t ^ h) & ~uint64_t{0xFFFF}) != 0 || (t & 0xFF) != len) return nullptr;
-    const LongEntry& e = long_[k];
-    if (std::memcmp(e.key, p, len) != 0) return nullptr;
-    n_ids = (t >> 8) & 0xFF;
-    return e.ids;
+    const size_t k0 = h & (kLongSlots - 1);
+    for (const size_t k : {k0, k0 ^ 1}) {  // a 2-way set: two neighbouring slots, their tags in one line
+      const uint64_t t = long_tags_[k];
+      if (((t ^ h) & ~uint64_t{0xFFFF}) != 0 || (t & 0xFF) != len) continue;
+      const LongEntry& e = long_[k];
+      if (std::memcmp(e.key, p, len) != 0) continue;
+      n_ids = (t >> 8) & 0xFF;
+      return e.ids;
+    }
+    return nullptr;
   }
   void put(const uint8_t* p, size_t len, uint64_t h, const uint32_t* ids, size_t n_ids) {
     if (len <= kShortKey && n_ids <= kShortIds) {
@@ -327,7 +330,8 @@ class PieceCache {
       e.meta = static_cast<uint32_t>(len | (n_ids << kIdsShift));
       std::memcpy(e.ids, ids, n_ids * sizeof(uint32_t));
     } else if (len <= kLongKey && n_ids <= kLongIds) {
-      const size_t k = h & (kLongSlots - 1);
+      const size_t k0 = h & (kLongSlots - 1);
+      const size_t k = long_tags_[k0] == 0 ? k0 : k0 ^ 1;  // the slot of this hash when free, else its neighbour
       long_tags_[k] = (h & ~uint64_t{0xFFFF}) | (n_ids << 8) | len;
       std::memcpy(long_[k].key, p, len);
       std::memcpy(long_[k].ids, ids, n_ids * sizeof(uint32_t));
