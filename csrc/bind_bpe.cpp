@@ -40,7 +40,7 @@ class PyEncoder {
             const std::vector<std::string>& merges_right,
             const std::vector<std::tuple<std::string, uint32_t, bool, bool, bool, bool>>& added,
             const py::array& prefix_ids, const py::array& suffix_ids) {
-    MLMIX_CHECK(pre_tokenizer >= 0 && pre_tokenizer <= 3, "pre_tokenizer must be 0..3, got " << pre_tokenizer);
+    MLMIX_CHECK(pre_tokenizer >= 0 && pre_tokenizer <= 5, "pre_tokenizer must be 0..5, got " << pre_tokenizer);
     bpe::Config cfg;
     cfg.pre_tokenizer = static_cast<bpe::PreTokenizer>(pre_tokenizer);
     cfg.add_prefix_space = add_prefix_space;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <bit>
 #include <cstring>
 #include <exception>
 #include <memory>
@@ -41,97 +42,176 @@ inline size_t table_capacity(size_t n) {
   return cap;
 }
 
-// Token bytes -> id, open addressing with linear probing; strings live in one pool.
+// Token bytes -> vocabulary index, open addressing with linear probing over 8-byte slots (hash tag, index):
+// the strings live in one pool, found by index, so the probed table stays small (4 MB for 248k tokens).
 class ByteVocab {
  public:
   void build(const std::string& bytes, const std::vector<int64_t>& offsets, const std::vector<uint32_t>& ids) {
     const size_t n = ids.size();
+    MLMIX_CHECK(bytes.size() < (size_t{1} << 32) && n < kNone, "the vocabulary is too large (" << bytes.size() << " bytes, " << n << " tokens)");
     pool_ = bytes;
+    ids_ = ids;
+    starts_.assign(n + 1, 0);
     cap_ = table_capacity(n);
-    slots_.assign(cap_, Slot{});
+    slots_.assign(cap_, kEmpty);
     for (size_t i = 0; i < n; ++i) {
       const int64_t lo = offsets[i], hi = offsets[i + 1];
       MLMIX_CHECK(lo >= 0 && hi >= lo && hi <= static_cast<int64_t>(pool_.size()),
                   "vocab offsets are inconsistent at token " << i);
       MLMIX_CHECK(hi > lo, "vocab token " << i << " (id " << ids[i] << ") is empty");
+      starts_[i] = static_cast<uint32_t>(lo);
+      starts_[i + 1] = static_cast<uint32_t>(hi);
       const auto* p = reinterpret_cast<const uint8_t*>(pool_.data()) + lo;
       const size_t len = static_cast<size_t>(hi - lo);
       const uint64_t h = hash_bytes(p, len);
-      size_t k = h & (cap_ - 1);
-      for (;; k = (k + 1) & (cap_ - 1)) {
-        Slot& s = slots_[k];
-        if (s.id == kNone) {
-          s = Slot{h, static_cast<uint64_t>(lo), static_cast<uint32_t>(len), ids[i]};
+      for (size_t k = h & (cap_ - 1);; k = (k + 1) & (cap_ - 1)) {
+        if (slots_[k] == kEmpty) {
+          slots_[k] = (h & kTagMask) | i;
           break;
         }
-        if (s.hash == h && s.len == len && std::memcmp(pool_.data() + s.offset, p, len) == 0) {
-          s.id = ids[i];  // a duplicate string keeps the last id, as a JSON object would
+        if (matches(slots_[k], p, len, h)) {
+          slots_[k] = (h & kTagMask) | i;  // a duplicate string keeps the last id, as a JSON object would
           break;
         }
       }
     }
   }
 
-  uint32_t find(const uint8_t* p, size_t len, uint64_t h) const {
+  // The index of the token with these bytes (kNone if none); `h` is hash_bytes(p, len). `self` tells
+  // whether the token was marked by mark_self().
+  uint32_t find(const uint8_t* p, size_t len, uint64_t h, bool& self) const {
     for (size_t k = h & (cap_ - 1);; k = (k + 1) & (cap_ - 1)) {
-      const Slot& s = slots_[k];
-      if (s.id == kNone) return kNone;
-      if (s.hash == h && s.len == len && std::memcmp(pool_.data() + s.offset, p, len) == 0) return s.id;
+      const uint64_t s = slots_[k];
+      if (s == kEmpty) return kNone;
+      if (matches(s, p, len, h)) {
+        self = (s & kSelfBit) != 0;
+        return static_cast<uint32_t>(s);
+      }
     }
   }
-  uint32_t find(const uint8_t* p, size_t len) const { return find(p, len, hash_bytes(p, len)); }
+  uint32_t find(const uint8_t* p, size_t len) const {
+    bool self;
+    return find(p, len, hash_bytes(p, len), self);
+  }
+  // Marks the tokens whose index has marked[index] set (the slot keeps the mark beside its hash tag).
+  void mark_self(const std::vector<uint8_t>& marked) {
+    for (uint64_t& s : slots_) {
+      if (s != kEmpty && marked[static_cast<uint32_t>(s)]) s |= kSelfBit;
+    }
+  }
+  const uint8_t* bytes(uint32_t index, size_t& len) const {
+    len = starts_[index + 1] - starts_[index];
+    return reinterpret_cast<const uint8_t*>(pool_.data()) + starts_[index];
+  }
+  uint32_t id(uint32_t index) const { return ids_[index]; }
+  size_t size() const { return ids_.size(); }
 
  private:
-  struct Slot {
-    uint64_t hash = 0;
-    uint64_t offset = 0;
-    uint32_t len = 0;
-    uint32_t id = kNone;
-  };
+  static constexpr uint64_t kEmpty = ~uint64_t{0};  // an index is below kNone, so no real slot is all ones
+  static constexpr uint64_t kSelfBit = uint64_t{1} << 32;
+  static constexpr uint64_t kTagMask = ~uint64_t{0} << 33;
+
+  bool matches(uint64_t s, const uint8_t* p, size_t len, uint64_t h) const {
+    if ((s ^ h) & kTagMask) return false;
+    const auto i = static_cast<uint32_t>(s);
+    return starts_[i + 1] - starts_[i] == len && std::memcmp(pool_.data() + starts_[i], p, len) == 0;
+  }
+
   std::string pool_;
-  std::vector<Slot> slots_;
+  std::vector<uint32_t> starts_;  // token i is pool_[starts_[i], starts_[i + 1])
+  std::vector<uint32_t> ids_;
+  std::vector<uint64_t> slots_;
   size_t cap_ = 0;
 };
 
-// (left id, right id) -> (rank, merged id).
+// (left id, right id) -> rank, and rank -> merged id. Each slot is one uint64 packing the pair and its rank
+// when the three fit in 63 bits (ids below 2^21 and ranks below 2^21 always do): half the size of a
+// (key, rank, merged) slot, which matters because merging is mostly waiting for these lookups.
 class MergeMap {
  public:
-  void reserve(size_t n) {
+  void reserve(size_t n, uint32_t max_id) {
+    id_bits_ = std::max(1, static_cast<int>(std::bit_width(max_id)));
+    rank_bits_ = std::max(1, static_cast<int>(std::bit_width(n)));
+    compact_ = 2 * id_bits_ + rank_bits_ <= 63;
     cap_ = table_capacity(n);
-    slots_.assign(cap_, Slot{});
+    shift_ = 64 - std::countr_zero(cap_);
+    if (compact_) slots_.assign(cap_, kEmpty);
+    else wide_.assign(cap_, Wide{});
+    merged_.assign(n, kNone);
   }
   void insert(uint32_t a, uint32_t b, uint32_t rank, uint32_t merged) {
+    merged_[rank] = merged;
     const uint64_t key = (uint64_t(a) << 32) | b;
-    for (size_t k = splitmix64_mix(key) & (cap_ - 1);; k = (k + 1) & (cap_ - 1)) {
-      Slot& s = slots_[k];
-      if (s.merged == kNone || s.key == key) {
-        if (s.merged == kNone) ++size_;
-        s = Slot{key, rank, merged};  // a repeated pair keeps its last rank, as HF's HashMap collect does
+    if (compact_) {
+      const uint64_t packed = ((uint64_t(a) << id_bits_ | b) << rank_bits_) | rank;
+      for (size_t k = slot_of(key);; k = (k + 1) & (cap_ - 1)) {
+        uint64_t& s = slots_[k];
+        if (s == kEmpty || (s >> rank_bits_) == (packed >> rank_bits_)) {
+          if (s == kEmpty) ++size_;
+          s = packed;  // a repeated pair keeps its last rank, as HF's HashMap collect does
+          return;
+        }
+      }
+    }
+    for (size_t k = slot_of(key);; k = (k + 1) & (cap_ - 1)) {
+      Wide& s = wide_[k];
+      if (s.rank == kNone || s.key == key) {
+        if (s.rank == kNone) ++size_;
+        s = Wide{key, rank};
         return;
       }
     }
   }
-  // Returns the rank (kNone if the pair does not merge) and sets `merged`.
-  uint32_t find(uint32_t a, uint32_t b, uint32_t& merged) const {
+  // The rank of the merge of (a, b), kNone if the pair does not merge.
+  uint32_t rank(uint32_t a, uint32_t b) const {
     const uint64_t key = (uint64_t(a) << 32) | b;
-    for (size_t k = splitmix64_mix(key) & (cap_ - 1);; k = (k + 1) & (cap_ - 1)) {
-      const Slot& s = slots_[k];
-      if (s.merged == kNone) return kNone;
-      if (s.key == key) {
-        merged = s.merged;
-        return s.rank;
+    if (compact_) {
+      const uint64_t want = uint64_t(a) << id_bits_ | b;
+      for (size_t k = slot_of(key);; k = (k + 1) & (cap_ - 1)) {
+        const uint64_t s = slots_[k];
+        if (s == kEmpty) return kNone;
+        if ((s >> rank_bits_) == want) return static_cast<uint32_t>(s & ((uint64_t{1} << rank_bits_) - 1));
       }
     }
+    for (size_t k = slot_of(key);; k = (k + 1) & (cap_ - 1)) {
+      const Wide& s = wide_[k];
+      if (s.rank == kNone) return kNone;
+      if (s.key == key) return s.rank;
+    }
   }
+  // The same through a worker's cache of recent lookups (kPairCacheSize packed slots, all ones when empty):
+  // the pairs a text needs are few next to the table, and their slots are scattered over it.
+  static constexpr int kPairCacheBits = 14;
+  static constexpr size_t kPairCacheSize = size_t{1} << kPairCacheBits;
+  uint32_t rank(uint32_t a, uint32_t b, uint64_t* cache) const {
+    if (!compact_) return rank(a, b);
+    const uint64_t key = uint64_t(a) << id_bits_ | b;
+    const uint64_t none = (uint64_t{1} << rank_bits_) - 1;  // above every rank, as ranks are below the count
+    uint64_t& e = cache[(key * kSplitMix64Increment) >> (64 - kPairCacheBits)];
+    if ((e >> rank_bits_) == key) {  // never true of an empty entry: a key has fewer bits than all ones
+      const uint64_t r = e & none;
+      return r == none ? kNone : static_cast<uint32_t>(r);
+    }
+    const uint32_t r = rank(a, b);
+    e = (key << rank_bits_) | (r == kNone ? none : r);
+    return r;
+  }
+  uint32_t merged(uint32_t rank) const { return merged_[rank]; }
   size_t size() const { return size_; }
 
  private:
-  struct Slot {
+  static constexpr uint64_t kEmpty = ~uint64_t{0};  // real slots use at most 63 bits
+  struct Wide {
     uint64_t key = 0;
     uint32_t rank = kNone;
-    uint32_t merged = kNone;
   };
-  std::vector<Slot> slots_;
+  size_t slot_of(uint64_t key) const { return static_cast<size_t>((key * kSplitMix64Increment) >> shift_); }
+
+  bool compact_ = true;
+  int id_bits_ = 1, rank_bits_ = 1, shift_ = 60;
+  std::vector<uint64_t> slots_;
+  std::vector<Wide> wide_;
+  std::vector<uint32_t> merged_;  // by rank
   size_t cap_ = 0;
   size_t size_ = 0;
 };
@@ -192,42 +272,97 @@ class AddedTrie {
   bool first_astral_ = false;
 };
 
-// A fixed-size, direct-mapped cache of piece -> ids, one per thread: memory stays bounded however
-// many distinct pieces a batch has.
+// kPrefixMasks[k]: a word whose first k bytes in memory are 0xFF and the others 0, whatever the byte order.
+inline constexpr auto kPrefixMasks = [] {
+  std::array<uint64_t, 9> m{};
+  for (size_t k = 0; k <= 8; ++k) {
+    std::array<uint8_t, 8> b{};
+    for (size_t i = 0; i < k; ++i) b[i] = 0xFF;
+    m[k] = std::bit_cast<uint64_t>(b);
+  }
+  return m;
+}();
+
+// A fixed-size cache of piece -> ids, one per worker: memory stays bounded however many distinct pieces a
+// batch has. Most pieces are short words of a few tokens: they go to 2-way sets of 32-byte entries (key up to
+// 16 bytes stored zero-padded, up to 3 ids), a set per cache line, so a lookup reads one line and compares two
+// words per entry. Other pieces (a CJK or Devanagari run up to 48 bytes, up to 19 ids) get two-line entries in
+// 2-way sets (neighbouring slots) with their tags apart. 65,536 + 8,192 entries, 3.1 MB per worker.
 class PieceCache {
  public:
-  // 8192 slots of 152 bytes: 1.2 MB per thread. Keys up to 48 bytes cover a CJK or Devanagari word.
-  static constexpr size_t kSlots = 1 << 13;
-  static constexpr size_t kMaxKey = 48;
-  static constexpr size_t kMaxIds = 24;
+  static constexpr size_t kSets = size_t{1} << 15, kShortKey = 16, kShortIds = 3;
+  static constexpr size_t kLongSlots = size_t{1} << 13, kLongKey = 48, kLongIds = 19;
+  // find() and put() may read up to kShortKey bytes at p whatever `len` (the caller's buffer has that slack)
+  static constexpr size_t kReadSlack = kShortKey;
 
-  PieceCache() : slots_(kSlots) {}
+  PieceCache() : sets_(kSets), long_tags_(kLongSlots, 0), long_(kLongSlots) {}
+
   const uint32_t* find(const uint8_t* p, size_t len, uint64_t h, size_t& n_ids) const {
-    if (len > kMaxKey) return nullptr;
-    const Slot& s = slots_[h & (kSlots - 1)];
-    if (s.key_len != len || s.hash != h || std::memcmp(s.key, p, len) != 0) return nullptr;
-    n_ids = s.n_ids;
-    return s.ids;
+    if (len <= kShortKey) {
+      uint64_t w0, w1;
+      words(p, len, w0, w1);
+      const Set& set = sets_[h & (kSets - 1)];
+      for (const ShortEntry& e : set.e) {
+        if ((e.meta & kLenMask) == len && e.k0 == w0 && e.k1 == w1) {
+          n_ids = e.meta >> kIdsShift;
+          return e.ids;
+        }
+      }
+    }
+    if (len > kLongKey) return nullptr;
+    const size_t k0 = h & (kLongSlots - 1);
+    for (const size_t k : {k0, k0 ^ 1}) {  // a 2-way set: two neighbouring slots, their tags in one line
+      const uint64_t t = long_tags_[k];
+      if (((t ^ h) & ~uint64_t{0xFFFF}) != 0 || (t & 0xFF) != len) continue;
+      const LongEntry& e = long_[k];
+      if (std::memcmp(e.key, p, len) != 0) continue;
+      n_ids = (t >> 8) & 0xFF;
+      return e.ids;
+    }
+    return nullptr;
   }
   void put(const uint8_t* p, size_t len, uint64_t h, const uint32_t* ids, size_t n_ids) {
-    if (len > kMaxKey || n_ids > kMaxIds) return;
-    Slot& s = slots_[h & (kSlots - 1)];
-    s.hash = h;
-    s.key_len = static_cast<uint8_t>(len);
-    s.n_ids = static_cast<uint8_t>(n_ids);
-    std::memcpy(s.key, p, len);
-    std::memcpy(s.ids, ids, n_ids * sizeof(uint32_t));
+    if (len <= kShortKey && n_ids <= kShortIds) {
+      Set& set = sets_[h & (kSets - 1)];
+      set.e[1] = set.e[0];  // the older entry of the set goes
+      ShortEntry& e = set.e[0];
+      words(p, len, e.k0, e.k1);
+      e.meta = static_cast<uint32_t>(len | (n_ids << kIdsShift));
+      std::memcpy(e.ids, ids, n_ids * sizeof(uint32_t));
+    } else if (len <= kLongKey && n_ids <= kLongIds) {
+      const size_t k0 = h & (kLongSlots - 1);
+      const size_t k = long_tags_[k0] == 0 ? k0 : k0 ^ 1;  // the slot of this hash when free, else its neighbour
+      long_tags_[k] = (h & ~uint64_t{0xFFFF}) | (n_ids << 8) | len;
+      std::memcpy(long_[k].key, p, len);
+      std::memcpy(long_[k].ids, ids, n_ids * sizeof(uint32_t));
+    }
   }
 
  private:
-  struct Slot {
-    uint64_t hash = 0;
-    uint8_t key_len = 0xFF;  // never a real length: empty slot
-    uint8_t n_ids = 0;
-    uint8_t key[kMaxKey];
-    uint32_t ids[kMaxIds];
+  static constexpr uint32_t kLenMask = 0x1F, kIdsShift = 5;  // meta: length (0: empty) | id count << 5
+  // the first `len` (<= 16) bytes at p as two words, zero-padded
+  static void words(const uint8_t* p, size_t len, uint64_t& w0, uint64_t& w1) {
+    std::memcpy(&w0, p, 8);
+    std::memcpy(&w1, p + 8, 8);
+    w0 &= kPrefixMasks[std::min<size_t>(len, 8)];
+    w1 &= kPrefixMasks[len > 8 ? len - 8 : 0];
+  }
+  struct ShortEntry {
+    uint64_t k0 = 0, k1 = 0;
+    uint32_t meta = 0;
+    uint32_t ids[kShortIds];
   };
-  std::vector<Slot> slots_;
+  struct alignas(64) Set {
+    ShortEntry e[2];
+  };
+  struct alignas(64) LongEntry {
+    uint8_t key[kLongKey];
+    uint32_t ids[kLongIds + 1];
+  };
+  static_assert(sizeof(ShortEntry) == 32 && sizeof(Set) == 64 && sizeof(LongEntry) == 128);
+  std::vector<Set> sets_;
+  std::vector<uint64_t> long_tags_;
+  std::vector<LongEntry> long_;
 };
 
 struct Segment {
@@ -238,43 +373,50 @@ struct Segment {
 struct ThreadState {
   PieceCache cache;
   std::vector<uint8_t> piece_utf8;
-  std::vector<uint32_t> sym, sym_rank, sym_merged;
+  std::vector<uint32_t> sym, sym_rank;
   std::vector<char32_t> decoded, prefixed;
   std::vector<Segment> seg_a, seg_b;
+  std::vector<uint32_t> out;  // the ids of the work unit being encoded
+  std::vector<uint64_t> pair_cache = std::vector<uint64_t>(MergeMap::kPairCacheSize, ~uint64_t{0});
 
   // Buffers grown past 1 MB by a huge document are released when a call ends (the state outlives the call).
   void trim() {
     auto shrink = [](auto& v) {
       if (v.capacity() * sizeof(v[0]) > (size_t{1} << 20)) std::remove_reference_t<decltype(v)>().swap(v);
     };
-    shrink(piece_utf8); shrink(sym); shrink(sym_rank); shrink(sym_merged);
-    shrink(decoded); shrink(prefixed); shrink(seg_a); shrink(seg_b);
+    shrink(piece_utf8); shrink(sym); shrink(sym_rank);
+    shrink(decoded); shrink(prefixed); shrink(seg_a); shrink(seg_b); shrink(out);
   }
 };
 
-// The calling thread's ThreadState for encoder `owner`, kept between calls: a single-document call (the
-// common case for chat encoding) then neither allocates nor clears the 1.2 MB piece cache again. The thread
-// keeps the states of the last kHeldStates encoders it used (most recent first), so alternating between a
-// few tokenizers does not rebuild the cache on every call; states never cross vocabularies.
-constexpr size_t kHeldStates = 4;
+// Worker states (piece cache and scratch buffers) belong to the encoder and are lent to whichever thread
+// encodes: a call's helper threads are new threads, so states kept per thread (thread_local) started every
+// helper with a cold cache and a fresh 1 MB allocation. The pool keeps at most kHeldStates between calls.
+constexpr size_t kHeldStates = 16;
 
-ThreadState& thread_state(uint64_t owner) {
-  struct Held {
-    uint64_t owner = 0;
-    std::unique_ptr<ThreadState> state;
-  };
-  thread_local std::array<Held, kHeldStates> held;
-  for (size_t k = 0; k < kHeldStates; ++k) {
-    if (held[k].state && held[k].owner == owner) {
-      std::rotate(held.begin(), held.begin() + k, held.begin() + k + 1);
-      return *held[0].state;
+class StatePool {
+ public:
+  std::unique_ptr<ThreadState> acquire() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!idle_.empty()) {
+        auto s = std::move(idle_.back());  // the most recently used: its cache is the warmest
+        idle_.pop_back();
+        return s;
+      }
     }
+    return std::make_unique<ThreadState>();
   }
-  std::rotate(held.begin(), held.end() - 1, held.end());  // the least recently used one is replaced
-  held[0].state = std::make_unique<ThreadState>();
-  held[0].owner = owner;
-  return *held[0].state;
-}
+  void release(std::unique_ptr<ThreadState> s) {
+    s->trim();
+    std::lock_guard<std::mutex> lock(mu_);
+    if (idle_.size() < kHeldStates) idle_.push_back(std::move(s));
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::unique_ptr<ThreadState>> idle_;
+};
 
 // Writes the UTF-8 form of code point c at p (room for 4 bytes) and returns the end.
 inline uint8_t* put_utf8(uint8_t* p, uint32_t c) {
@@ -376,18 +518,13 @@ struct Encoder::Impl {
   uint32_t byte_id[256];
   MergeMap merges;
   // merges of two single bytes, dense: every piece starts with these lookups, so keep them off the big table
-  std::vector<uint32_t> byte_pair_rank, byte_pair_merged;
+  std::vector<uint32_t> byte_pair_rank;
+
   std::vector<AddedToken> added;
   AddedTrie trie_raw, trie_normalized;  // normalized=false tokens, normalized=true tokens
   std::vector<uint32_t> prefix_ids, suffix_ids;
-  // Unique for the life of the process (never reused, unlike an address): names the encoder whose pieces a
-  // thread's cached ThreadState holds.
-  const uint64_t id = next_id();
-
-  static uint64_t next_id() {
-    static std::atomic<uint64_t> counter{0};
-    return ++counter;
-  }
+  // worker states (piece caches), lent to the threads of each call
+  mutable StatePool states;
 
   explicit Impl(const Config& cfg)
       : pre_tokenizer(cfg.pre_tokenizer), add_prefix_space(cfg.add_prefix_space), ignore_merges(cfg.ignore_merges), nfc(cfg.nfc) {
@@ -398,10 +535,12 @@ struct Encoder::Impl {
     vocab_size = n;
     for (int b = 0; b < 256; ++b) {
       const auto byte = static_cast<uint8_t>(b);
-      byte_id[b] = vocab.find(&byte, 1);
-      MLMIX_CHECK(byte_id[b] != kNone, "the vocabulary has no token for byte " << b
-                                           << ": a byte-level BPE needs all 256 (unknown bytes are not supported)");
+      const uint32_t index = vocab.find(&byte, 1);
+      MLMIX_CHECK(index != kNone, "the vocabulary has no token for byte " << b
+                                      << ": a byte-level BPE needs all 256 (unknown bytes are not supported)");
+      byte_id[b] = vocab.id(index);
     }
+
     // Token bytes by id, to find each merge's result.
     std::vector<std::pair<int64_t, int64_t>> span_of_id;
     for (size_t i = 0; i < n; ++i) {
@@ -410,7 +549,7 @@ struct Encoder::Impl {
       span_of_id[id] = {cfg.vocab_offsets[i], cfg.vocab_offsets[i + 1]};
     }
     MLMIX_CHECK(cfg.merges_left.size() == cfg.merges_right.size(), "merges_left and merges_right differ in length");
-    merges.reserve(cfg.merges_left.size());
+    merges.reserve(cfg.merges_left.size(), span_of_id.empty() ? 0 : static_cast<uint32_t>(span_of_id.size() - 1));
     std::string joined;
     for (size_t r = 0; r < cfg.merges_left.size(); ++r) {
       const uint32_t a = cfg.merges_left[r], b = cfg.merges_right[r];
@@ -420,16 +559,11 @@ struct Encoder::Impl {
       joined.append(cfg.vocab_bytes, span_of_id[b].first, span_of_id[b].second - span_of_id[b].first);
       const uint32_t merged = vocab.find(reinterpret_cast<const uint8_t*>(joined.data()), joined.size());
       MLMIX_CHECK(merged != kNone, "merge " << r << " (" << a << ", " << b << ") makes a token that is not in the vocabulary");
-      merges.insert(a, b, static_cast<uint32_t>(r), merged);
+      merges.insert(a, b, static_cast<uint32_t>(r), vocab.id(merged));
     }
     byte_pair_rank.assign(256 * 256, kNone);
-    byte_pair_merged.assign(256 * 256, kNone);
     for (int a = 0; a < 256; ++a) {
-      for (int b = 0; b < 256; ++b) {
-        uint32_t m = kNone;
-        byte_pair_rank[a * 256 + b] = merges.find(byte_id[a], byte_id[b], m);
-        byte_pair_merged[a * 256 + b] = m;
-      }
+      for (int b = 0; b < 256; ++b) byte_pair_rank[a * 256 + b] = merges.rank(byte_id[a], byte_id[b]);
     }
     added = cfg.added_tokens;
     for (size_t i = 0; i < added.size(); ++i) {
@@ -438,30 +572,62 @@ struct Encoder::Impl {
     }
     prefix_ids = cfg.prefix_ids;
     suffix_ids = cfg.suffix_ids;
+    if (!ignore_merges) mark_self_merging(n);
+  }
+
+  // Marks in the vocabulary the tokens whose own bytes merge back into that one token: a piece that is such
+  // a token then costs one lookup instead of a merge per byte. (Not every token does: a merge of lower rank
+  // can take its bytes apart first.) Each token is merged once, on all cores: ~0.1 s per 100k tokens.
+  void mark_self_merging(size_t n) {
+    std::vector<uint8_t> marked(n, 0);
+    const size_t threads = std::max<size_t>(1, std::min<size_t>(static_cast<size_t>(resolve_threads(0)), (n + 4095) / 4096));
+    auto work = [&](size_t t) {
+      auto ts = std::make_unique<ThreadState>();
+      std::vector<uint32_t> out;
+      for (size_t i = t; i < n; i += threads) {
+        size_t len;
+        const uint8_t* p = vocab.bytes(static_cast<uint32_t>(i), len);
+        if (len < 2) {
+          marked[i] = 1;
+          continue;
+        }
+        out.clear();
+        if (len <= 96) merge_small(p, len, *ts, out);
+        else merge_heap(p, len, out);
+        marked[i] = out.size() == 1 && out[0] == vocab.id(static_cast<uint32_t>(i));
+      }
+    };
+    std::vector<std::thread> pool;
+    for (size_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
+    work(0);
+    for (auto& th : pool) th.join();
+    vocab.mark_self(marked);
   }
 
   // --- step 3: one piece (UTF-8 bytes) -> ids ---------------------------------------------------
-  void encode_piece(const uint8_t* p, size_t len, ThreadState& ts, std::vector<uint32_t>& out) const {
+  // `h` is hash_bytes(p, len) (unused for a single byte).
+  void encode_piece(const uint8_t* p, size_t len, uint64_t h, ThreadState& ts, std::vector<uint32_t>& out) const {
     if (len == 1) {
       out.push_back(byte_id[p[0]]);
       return;
     }
-    const uint64_t h = hash_bytes(p, len);
-    // The small per-thread cache first: frequent pieces then never touch the large vocabulary table.
+    // The worker's small cache first: frequent pieces then never touch the large tables.
     size_t n_cached;
     if (const uint32_t* ids = ts.cache.find(p, len, h, n_cached)) {
       out.insert(out.end(), ids, ids + n_cached);
       return;
     }
-    const size_t first = out.size();
-    if (ignore_merges) {
-      const uint32_t id = vocab.find(p, len, h);
-      if (id != kNone) {
-        out.push_back(id);
-        ts.cache.put(p, len, h, &id, 1);
-        return;
-      }
+    // A piece that is itself a token: one lookup instead of merging, when merging its bytes gives it back
+    // (always with ignore_merges).
+    bool self = false;
+    const uint32_t index = vocab.find(p, len, h, self);
+    if (index != kNone && (self || ignore_merges)) {
+      const uint32_t id = vocab.id(index);
+      out.push_back(id);
+      ts.cache.put(p, len, h, &id, 1);
+      return;
     }
+    const size_t first = out.size();
     if (len <= 96) merge_small(p, len, ts, out);
     else merge_heap(p, len, out);
     ts.cache.put(p, len, h, out.data() + first, out.size() - first);
@@ -471,36 +637,33 @@ struct Encoder::Impl {
   void merge_small(const uint8_t* p, size_t len, ThreadState& ts, std::vector<uint32_t>& out) const {
     auto& sym = ts.sym;
     auto& rank = ts.sym_rank;
-    auto& merged = ts.sym_merged;
-    sym.resize(len);
-    rank.resize(len);
-    merged.resize(len);
+    if (sym.size() < len) {
+      sym.resize(len);
+      rank.resize(len);
+    }
     for (size_t i = 0; i < len; ++i) sym[i] = byte_id[p[i]];
     size_t n = len;
-    for (size_t i = 0; i + 1 < n; ++i) {
-      const size_t pair = size_t(p[i]) * 256 + p[i + 1];
-      rank[i] = byte_pair_rank[pair];
-      merged[i] = byte_pair_merged[pair];
-    }
+    for (size_t i = 0; i + 1 < n; ++i) rank[i] = byte_pair_rank[size_t(p[i]) * 256 + p[i + 1]];
+    rank[n - 1] = kNone;
     while (n > 1) {
       size_t best = 0;
-      uint32_t best_rank = kNone;
-      for (size_t i = 0; i + 1 < n; ++i) {
+      uint32_t best_rank = rank[0];
+      for (size_t i = 1; i + 1 < n; ++i) {
         if (rank[i] < best_rank) {
           best_rank = rank[i];
           best = i;
         }
       }
       if (best_rank == kNone) break;
-      sym[best] = merged[best];
+      sym[best] = merges.merged(best_rank);
       for (size_t i = best + 1; i + 1 < n; ++i) {
         sym[i] = sym[i + 1];
         rank[i] = rank[i + 1];
-        merged[i] = merged[i + 1];
       }
       --n;
-      if (best + 1 < n) rank[best] = merges.find(sym[best], sym[best + 1], merged[best]);
-      if (best > 0) rank[best - 1] = merges.find(sym[best - 1], sym[best], merged[best - 1]);
+      uint64_t* pairs = ts.pair_cache.data();
+      if (best + 1 < n) rank[best] = merges.rank(sym[best], sym[best + 1], pairs);
+      if (best > 0) rank[best - 1] = merges.rank(sym[best - 1], sym[best], pairs);
     }
     out.insert(out.end(), sym.begin(), sym.begin() + static_cast<std::ptrdiff_t>(n));
   }
@@ -523,36 +686,30 @@ struct Encoder::Impl {
       sym[i] = Sym{byte_id[p[i]], static_cast<int64_t>(i) - 1, i + 1 < len ? static_cast<int64_t>(i + 1) : -1, true};
     }
     std::priority_queue<Cand, std::vector<Cand>, std::greater<Cand>> heap;
-    for (size_t i = 0; i + 1 < len; ++i) {
-      uint32_t m;
-      const uint32_t r = merges.find(sym[i].id, sym[i + 1].id, m);
-      if (r != kNone) heap.push(Cand{r, i, m});
-    }
+    auto push = [&](uint32_t a, uint32_t b, uint64_t pos) {
+      const uint32_t r = merges.rank(a, b);
+      if (r != kNone) heap.push(Cand{r, pos, merges.merged(r)});
+    };
+    for (size_t i = 0; i + 1 < len; ++i) push(sym[i].id, sym[i + 1].id, i);
     while (!heap.empty()) {
       const Cand top = heap.top();
       heap.pop();
       Sym& left = sym[top.pos];
       if (!left.alive || left.next < 0) continue;
       Sym& right = sym[static_cast<size_t>(left.next)];
-      uint32_t m;
       // a stale entry: the pair at this position has changed since it was pushed
-      if (merges.find(left.id, right.id, m) == kNone || m != top.merged) continue;
-      left.id = m;
+      const uint32_t r = merges.rank(left.id, right.id);
+      if (r == kNone || merges.merged(r) != top.merged) continue;
+      left.id = top.merged;
       right.alive = false;
       left.next = right.next;
       if (right.next >= 0) sym[static_cast<size_t>(right.next)].prev = static_cast<int64_t>(top.pos);
-      if (left.prev >= 0) {
-        const Sym& before = sym[static_cast<size_t>(left.prev)];
-        const uint32_t r = merges.find(before.id, left.id, m);
-        if (r != kNone) heap.push(Cand{r, static_cast<uint64_t>(left.prev), m});
-      }
-      if (left.next >= 0) {
-        const uint32_t r = merges.find(left.id, sym[static_cast<size_t>(left.next)].id, m);
-        if (r != kNone) heap.push(Cand{r, top.pos, m});
-      }
+      if (left.prev >= 0) push(sym[static_cast<size_t>(left.prev)].id, left.id, static_cast<uint64_t>(left.prev));
+      if (left.next >= 0) push(left.id, sym[static_cast<size_t>(left.next)].id, top.pos);
     }
     for (int64_t i = 0; i >= 0; i = sym[static_cast<size_t>(i)].next) out.push_back(sym[static_cast<size_t>(i)].id);
   }
+
 
   // --- step 2: a text segment -> pieces -> ids ------------------------------------------------------
   template <typename CU>
@@ -573,10 +730,11 @@ struct Encoder::Impl {
     auto& piece = ts.piece_utf8;
     for (size_t i = 0; i < n;) {
       const size_t len = next_piece(pre_tokenizer, s, i, n);
-      if (piece.size() < 4 * len) piece.resize(4 * len);
+      if (piece.size() < 4 * len + PieceCache::kReadSlack) piece.resize(4 * len + PieceCache::kReadSlack);
       uint8_t* end = piece.data();
       for (size_t k = i; k < i + len; ++k) end = put_utf8(end, s[k]);
-      encode_piece(piece.data(), static_cast<size_t>(end - piece.data()), ts, out);
+      const auto bytes = static_cast<size_t>(end - piece.data());
+      encode_piece(piece.data(), bytes, bytes > 1 ? hash_bytes(piece.data(), bytes) : 0, ts, out);
       i += len;
     }
   }
@@ -764,17 +922,21 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
   std::string error_msg;
 
   auto worker = [&]() {
-    ThreadState& ts = thread_state(impl.id);
-    struct TrimOnExit {
-      ThreadState& ts;
-      ~TrimOnExit() { ts.trim(); }
-    } trim_on_exit{ts};
+    struct Lent {  // this worker's state, given back (trimmed) to the encoder's pool however the worker ends
+      StatePool& pool;
+      std::unique_ptr<ThreadState> state;
+      ~Lent() { pool.release(std::move(state)); }
+    } lent{impl.states, impl.states.acquire()};
+    ThreadState& ts = *lent.state;
     for (;;) {
       const size_t c = next_chunk.fetch_add(1);
       // No early exit on another thread's error: the smallest bad index is then the one reported, whatever
       // the thread count.
       if (c >= n_chunks) return;
-      auto& out = chunk_ids[c];
+      // Ids go to the worker's own buffer first: growing chunk_ids[c] in place would write its size into a
+      // cache line shared with the neighbouring chunks' vectors, which other workers are growing (false sharing).
+      auto& out = ts.out;
+      out.clear();
       for (size_t d = chunk_begin[c]; d < chunk_begin[c + 1]; ++d) {
         const TextView& doc = docs[d];
         const size_t before = out.size();
@@ -828,6 +990,7 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
         if (options.add_special_tokens) out.insert(out.end(), impl.suffix_ids.begin(), impl.suffix_ids.end());
         doc_len[d] = static_cast<int64_t>(out.size() - before);
       }
+      chunk_ids[c].assign(out.begin(), out.end());
     }
   };
 

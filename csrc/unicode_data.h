@@ -14,9 +14,11 @@ inline constexpr uint8_t kMark = 4;
 inline constexpr uint8_t kWhitespace = 8;
 inline constexpr uint8_t kNfcNotYes = 16;
 inline constexpr uint8_t kNonStarter = 32;
+inline constexpr uint8_t kUpper = 64;  // Lu, Lt
+inline constexpr uint8_t kLower = 128;  // Ll
 
 extern const uint16_t kStage1[4352];
-extern const uint8_t kStage2[36352];
+extern const uint8_t kStage2[36864];
 extern const uint16_t kCccStage1[4352];
 extern const uint8_t kCccStage2[17408];
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from mlmix import Ragged  # noqa: E402
-from mlmix.bpe import PATTERNS, NativeBPE, Unsupported, supported  # noqa: E402
+from mlmix.bpe import PATTERN_ALIASES, PATTERNS, NativeBPE, Unsupported, supported  # noqa: E402
 
 LLAMA3 = next(p for p, (_, name) in PATTERNS.items() if name == "llama3")
 
@@ -405,3 +405,106 @@ def test_nfc_normalizer(nfc_pair):
 def test_nfc_random(nfc_pair, texts):
     hf, nb = nfc_pair
     _check([("nfc", hf, nb)], texts)
+
+
+# --- OpenAI-style patterns: tiktoken's spellings of cl100k, o200k and r50k ----------------------------------------
+CL100K = next(p for p, (_, name) in PATTERNS.items() if name == "cl100k-onig")
+O200K = next(p for p, (_, name) in PATTERNS.items() if name == "o200k")
+R50K = next(p for p, s in PATTERN_ALIASES.items() if p.startswith("'(?:"))
+_CASES = [
+    "helloWorld HELLOworld Hello's THEY'RE o'clock McDonald's iPhone XMLHttpRequest ǅemal ǈ ʰa ˆb",
+    "1234567 12 1,234,567.891 ٣٤٥٦٧ x1y22z333w4444 ½¼ 2026-12-06",
+    "path/to/file.txt a/b //x ?!/\n/ ./\r\n/ end/",
+    "a\u0301B\u0301 \u0301x \u0301\u0302 Ω\u0301mega ΣΊΣΥΦΟΣ σίσυφος İstanbul ǲ",
+    "x'ſ 'S 'ſt it's IT'S we'Ve 'll's''s",
+]
+
+
+@pytest.fixture(scope="session")
+def openai_pairs(trained_hf):
+    """cl100k's and o200k's regexes over Qwen's ranks (converted as mlmix._tiktoken does), r50k's over the small
+    trained model; each with NativeBPE built from it."""
+    from mlmix._tiktoken import qwen_spec, tiktoken_to_hf
+
+    path, _, specials = qwen_spec("qwen")
+    out = [(name, tiktoken_to_hf(path, pat, specials)) for name, pat in (("cl100k", CL100K), ("o200k", O200K))]
+    d = json.loads(trained_hf.to_str())
+    d["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": R50K}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ],
+    }
+    out.append(("r50k", tokenizers.Tokenizer.from_str(json.dumps(d))))
+    return [(name, hf, NativeBPE.from_hf(hf)) for name, hf in out]
+
+
+def test_openai_patterns_are_native(openai_pairs):
+    assert [nb.pattern for _, _, nb in openai_pairs] == ["cl100k-onig", "o200k", "gpt2"]
+
+
+def test_openai_patterns_match_hf(openai_pairs):
+    _check(openai_pairs, list(SAMPLES.values()) + TRICKY + _CASES)
+    _check(openai_pairs, [" ".join(SAMPLES.values()) + " ".join(_CASES)], add_special_tokens=False)
+
+
+def test_openai_patterns_unicode_blocks(openai_pairs):
+    """Each code point of a sample of blocks between upper- and lower-case letters, digits, apostrophes, slashes."""
+    rng = random.Random(2)
+    blocks = {0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x09, 0x10, 0x1E, 0x1F, 0x20, 0x21, 0x2C, 0x30, 0xA6, 0xFF, 0x105, 0x16D, 0x1E9}
+    blocks |= {rng.randrange(0x1100) for _ in range(4)}
+    texts = []
+    for b in sorted(blocks):
+        chars = [chr(c) for c in range(b * 256, b * 256 + 256) if not 0xD800 <= c <= 0xDFFF]
+        texts.append("".join(f"a{c}B{c}c1{c}{c} {c}'s{c}/\n{c}\tD{c}e{c}{c}'T" for c in chars))
+    for name, hf, nb in openai_pairs[:2]:
+        expected = [e.ids for e in hf.encode_batch(texts)]
+        for t, g, e in zip(texts, nb.encode_batch(texts), expected):
+            assert g.tolist() == e, f"{name}: block starting U+{ord(t[1]):04X}"
+
+
+_cased = st.sampled_from(list("aAbBzZsStTlLdDmMſ'’/ 1234567890") + ["ǅ", "ʰ", "ǈ", "\u0301", "ΣΊ", "σί", "İ", "ß", "ﬆ", "\u212a"])
+_openai_text = st.lists(st.one_of(_cased, _piece), max_size=40).map("".join)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(_openai_text, min_size=1, max_size=6))
+def test_openai_patterns_random_match_hf(openai_pairs, texts):
+    _check(openai_pairs, texts)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(st.text(st.characters(exclude_categories=["Cs"]), max_size=60), min_size=1, max_size=4))
+def test_openai_patterns_random_unicode_match_hf(openai_pairs, texts):
+    _check(openai_pairs, texts)
+
+
+def test_openai_patterns_against_tiktoken(openai_pairs):
+    """tiktoken with the same regex and ranks gives the same ids as NativeBPE (and HF) for o200k and cl100k.
+
+    One reading differs, invisibly with these ranks: HF's Oniguruma takes cl100k's `\\p{N}{1,3}+` as a repeated
+    group (a whole digit run is one piece), tiktoken as a possessive {1,3} (runs cut into threes). Qwen's ranks have
+    single-digit tokens only, so the ids agree; with cl100k's own ranks they would differ on 4+ digit runs, and
+    NativeBPE follows HF, its reference."""
+    tiktoken = pytest.importorskip("tiktoken")
+    from tiktoken.load import load_tiktoken_bpe
+
+    from mlmix._tiktoken import qwen_spec
+
+    path, _, _ = qwen_spec("qwen")
+    ranks = load_tiktoken_bpe(path)
+    texts = list(SAMPLES.values()) + TRICKY[:10] + _CASES
+    try:
+        from mlmix.data import demo_records
+
+        texts += [r["instruction"] + "\n" + r["response"] for r in demo_records()[:300]]
+    except ImportError:
+        pass
+    for name, pattern in (("cl100k", CL100K), ("o200k", O200K)):
+        enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+        hf, nb = next((hf, nb) for n, hf, nb in openai_pairs if n == name)
+        for t, g in zip(texts, nb.encode_batch(texts, add_special_tokens=False)):
+            assert g.tolist() == enc.encode_ordinary(t), f"{name}: {t!r}"
+        pieces = [p for p, _ in hf.pre_tokenizer.pre_tokenize_str("12345")]
+        assert pieces == (["12345"] if name == "cl100k" else ["123", "45"]), pieces

@@ -15,6 +15,8 @@ Classes (one bit each, per code point):
   NFC_NOT_YES  NFC_Quick_Check is No (NFC changes the character alone) or Maybe (it can combine with what
       precedes: a non-first character of a primary composite, Hangul V and T jamo)
   NONSTARTER   canonical combining class != 0 (the class itself is in a second table, for the NFC quick check)
+  UPPER   general category Lu or Lt    -> o200k's upper class [\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]
+  LOWER   general category Ll          -> o200k's lower class [\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]
 
 Layout: a two-stage table. ``stage1[cp >> 8]`` is the index of a 256-entry block in ``stage2``; identical
 blocks are stored once.
@@ -28,7 +30,7 @@ import os
 import sys
 
 UNICODE_VERSION = "16.0.0"
-BIT_L, BIT_N, BIT_M, BIT_WS, BIT_NFC_NOT_YES, BIT_NONSTARTER = 1, 2, 4, 8, 16, 32
+BIT_L, BIT_N, BIT_M, BIT_WS, BIT_NFC_NOT_YES, BIT_NONSTARTER, BIT_UPPER, BIT_LOWER = 1, 2, 4, 8, 16, 32, 64, 128
 MAX_CP = 0x110000
 BLOCK = 256
 
@@ -50,6 +52,10 @@ def classes(ud) -> bytearray:
         bits = 0
         if cat[0] == "L":
             bits |= BIT_L
+            if cat in ("Lu", "Lt"):
+                bits |= BIT_UPPER
+            elif cat == "Ll":
+                bits |= BIT_LOWER
         elif cat[0] == "N":
             bits |= BIT_N
         elif cat[0] == "M":
@@ -117,6 +123,8 @@ inline constexpr uint8_t kMark = {BIT_M};
 inline constexpr uint8_t kWhitespace = {BIT_WS};
 inline constexpr uint8_t kNfcNotYes = {BIT_NFC_NOT_YES};
 inline constexpr uint8_t kNonStarter = {BIT_NONSTARTER};
+inline constexpr uint8_t kUpper = {BIT_UPPER};  // Lu, Lt
+inline constexpr uint8_t kLower = {BIT_LOWER};  // Ll
 
 extern const uint16_t kStage1[{len(stage1)}];
 extern const uint8_t kStage2[{len(stage2) * BLOCK}];

@@ -31,7 +31,7 @@ import numpy as np
 
 from .ragged import Ragged
 
-__all__ = ["NativeBPE", "Unsupported", "supported", "PATTERNS"]
+__all__ = ["NativeBPE", "Unsupported", "supported", "PATTERNS", "PATTERN_ALIASES"]
 
 # Pre-tokenizer regexes with a native scanner (csrc/pretokenize.h) -> (scanner id, family name).
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -49,6 +49,33 @@ PATTERNS: dict[str, tuple[int, str]] = {
         3,
         "qwen3.5",
     ),
+    # cl100k_base as tiktoken spells it. HF's Oniguruma reads `\p{N}{1,3}+` as (?:\p{N}{1,3})+ (in its Ruby syntax
+    # only ?+ *+ ++ are possessive), so whole digit runs are one piece: scanner 4 reproduces that, HF's ids.
+    # (tiktoken cuts digit runs into threes; the Llama-3 spelling above is that grammar.)
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""": (
+        4,
+        "cl100k-onig",
+    ),
+    # o200k_base (and o200k_harmony): case-aware words with their contractions, \p{N}{1,3}, '/' after punctuation
+    "|".join(
+        [
+            r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""\p{N}{1,3}""",
+            r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+            r"""\s*[\r\n]+""",
+            r"""\s+(?!\S)""",
+            r"""\s+""",
+        ]
+    ): (5, "o200k"),
+}
+# Other spellings of the same grammars (same matches, so the same scanner; the name is the family's).
+PATTERN_ALIASES: dict[str, int] = {
+    # r50k/p50k/gpt2 as tiktoken spells them: possessive runs, \s++$ (a trailing run is one piece either way) and a
+    # last \s where GPT-2 has \s+ (reached only by a single space before a non-space: one character either way)
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""": 0,
+    # GPT-2's with bracketed classes (tiktoken's comment)
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?[\p{L}]+| ?[\p{N}]+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""": 0,
 }
 
 
@@ -75,6 +102,13 @@ def _load_json(tokenizer_json) -> dict:
     )
 
 
+def _scanner_of(regex: str) -> int | None:
+    """The native scanner id for a pre-tokenizer regex (a recognised spelling), or None."""
+    if regex in PATTERNS:
+        return PATTERNS[regex][0]
+    return PATTERN_ALIASES.get(regex)
+
+
 def _parse_pre_tokenizer(pt) -> tuple[int, bool]:
     """-> (scanner id, add_prefix_space) or raise Unsupported."""
     if pt is None:
@@ -90,7 +124,8 @@ def _parse_pre_tokenizer(pt) -> tuple[int, bool]:
             if "Regex" not in pattern:
                 raise Unsupported(f"Split pattern {pattern!r} is a plain string, not one of the recognised regexes")
             regex = pattern["Regex"]
-            if regex not in PATTERNS:
+            scanner = _scanner_of(regex)
+            if scanner is None:
                 raise Unsupported(f"Split regex {regex!r} has no native scanner (recognised: {sorted(n for _, n in PATTERNS.values())})")
             if split.get("behavior") != "Isolated" or split.get("invert", False):
                 raise Unsupported(
@@ -101,7 +136,7 @@ def _parse_pre_tokenizer(pt) -> tuple[int, bool]:
                     "a ByteLevel after Split must have use_regex=false and add_prefix_space=false, got "
                     f"use_regex={bl.get('use_regex', True)!r}, add_prefix_space={bl.get('add_prefix_space', False)!r}"
                 )
-            return PATTERNS[regex][0], False
+            return scanner, False
         raise Unsupported(f"pre_tokenizer Sequence of {[p.get('type') for p in items]}: only [Split, ByteLevel] or [ByteLevel]")
     if kind == "ByteLevel":
         if not pt.get("use_regex", True):
@@ -274,15 +309,15 @@ class NativeBPE:
     @classmethod
     def from_tiktoken(cls, path, pattern: str, special_tokens=None) -> "NativeBPE":
         """From a tiktoken rank file, with the same ids as :func:`mlmix._tiktoken.tiktoken_to_hf` gives HF."""
-        if pattern not in PATTERNS:
-            raise Unsupported(f"pattern has no native scanner; recognised: {list(PATTERNS)}, got {pattern!r}")
+        if _scanner_of(pattern) is None:
+            raise Unsupported(f"pattern has no native scanner; recognised: {list(PATTERNS) + list(PATTERN_ALIASES)}, got {pattern!r}")
         from ._tiktoken import tiktoken_to_hf
 
         return cls.from_hf(tiktoken_to_hf(path, pattern, special_tokens))
 
     @property
     def pattern(self) -> str:
-        """The pre-tokenizer family: 'gpt2', 'llama3', 'qwen2' or 'qwen3.5'."""
+        """The pre-tokenizer family: 'gpt2', 'llama3', 'qwen2', 'qwen3.5', 'cl100k-onig' or 'o200k'."""
         return self._pattern
 
     @property
