@@ -408,6 +408,35 @@ def test_vocab_fingerprint_agrees_across_tokenizer_objects(qwen_hf, tmp_path):
         vocab_fingerprint(tmp_path / "bad")
 
 
+def test_vocab_fingerprint_of_a_tokenizer_not_loaded_into_hf(qwen_hf, tmp_path, monkeypatch):
+    """A Tokenizer from a file holds no HF backend until it needs one: its fingerprint is read from the
+    tokenizer.json (and remembered per file) and equals the one HF's table gives, added tokens included."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from mlmix.tokenize import vocab_fingerprint
+
+    monkeypatch.setenv("MLMIX_CACHE", str(tmp_path / "cache"))
+    qwen_hf = Tokenizer.from_str(qwen_hf.to_str())  # a copy: the fixture is shared
+    qwen_hf.add_tokens([AddedToken("<extra_a>"), AddedToken("<extra_b>", special=True)])
+    qwen_hf.save(str(tmp_path / "tokenizer.json"))
+    want = vocab_fingerprint(qwen_hf)
+    for num_ids in (None, 1000):
+        tok = mlmix.Tokenizer.from_file(tmp_path / "tokenizer.json")
+        got = vocab_fingerprint(tok, num_ids)
+        assert tok._hf_backend is None  # the HF backend was not built to answer
+        assert got == (want if num_ids is None else vocab_fingerprint(qwen_hf, num_ids))
+    memos = list((tmp_path / "cache" / "fingerprints").iterdir())
+    assert len(memos) == 2
+    for m in memos:  # a damaged memo is computed again, never trusted
+        m.write_text("{broken")
+    assert vocab_fingerprint(mlmix.Tokenizer.from_file(tmp_path / "tokenizer.json")) == want
+    # the file changes: its fingerprint follows (the memo is keyed by size and mtime)
+    qwen_hf.add_tokens([AddedToken("<extra_c>")])
+    qwen_hf.save(str(tmp_path / "tokenizer.json"))
+    os.utime(tmp_path / "tokenizer.json", ns=(1, 1))
+    assert vocab_fingerprint(mlmix.Tokenizer.from_file(tmp_path / "tokenizer.json")) == vocab_fingerprint(qwen_hf)
+
+
 def test_store_records_and_checks_its_tokenizer(tmp_path):
     pytest.importorskip("tokenizers")
     from mlmix.store import _manifest_bytes

@@ -957,7 +957,45 @@ def vocab_fingerprint(tokenizer, num_ids: Optional[int] = None) -> dict:
     if num_ids is not None and (isinstance(num_ids, bool) or not isinstance(num_ids, (int, np.integer))
                                 or num_ids < 0):
         raise ValueError(f"num_ids must be a non-negative integer or None, got {num_ids!r}")
+    if isinstance(tokenizer, Tokenizer) and tokenizer._hf_backend is None and tokenizer._source is not None:
+        return _source_fingerprint(tokenizer._source, num_ids)
     return fingerprint_vocab(vocab_of(tokenizer), num_ids)
+
+
+def _source_fingerprint(source: "_BackendSource", num_ids: Optional[int]) -> dict:
+    """vocab_fingerprint of a tokenizer not yet loaded into HF: its id -> token table read from its
+    tokenizer.json (the table HF's get_vocab gives: the model's vocabulary, then the added tokens), without
+    building the HF backend; remembered on disk per source file (path, size, mtime) or text (its SHA-256),
+    since a 248k vocabulary takes ~1 s to hash and every build of it asks."""
+    import hashlib
+
+    from ._atomic import atomic_file
+    from ._tiktoken import cache_dir
+
+    memo = os.path.join(cache_dir(), "fingerprints",
+                        hashlib.sha256(json.dumps([list(source.key), num_ids]).encode()).hexdigest()[:32] + ".json")
+    try:
+        with open(memo, encoding="utf-8") as f:
+            got = json.load(f)
+        if isinstance(got, dict) and set(got) == {"num_ids", "vocab_sha256"}:
+            return got
+    except (OSError, ValueError):
+        pass  # absent or damaged: computed again
+    d = source.load_json()
+    by_id: dict[int, str] = {}
+    for token, i in ((d.get("model") or {}).get("vocab") or {}).items():
+        by_id.setdefault(int(i), token)
+    for t in d.get("added_tokens") or []:
+        by_id[int(t["id"])] = t["content"]
+    del d
+    out = fingerprint_vocab(by_id, num_ids)
+    try:
+        os.makedirs(os.path.dirname(memo), exist_ok=True)
+        with atomic_file(memo, "w") as f:
+            json.dump(out, f)
+    except OSError:  # a read-only cache directory: just not remembered
+        pass
+    return out
 
 
 def _with_glue(text: str, spans, train_glue: str):
