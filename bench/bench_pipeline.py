@@ -97,7 +97,7 @@ def _mlmix_config(data: str, out: str, full: bool) -> dict:
     if full:  # every record's language identified, exact + near dedup, a recipe
         cfg["langid"] = {"override": True}
         cfg["dedup"] = {"exact": True, "near": True}
-        cfg["mixture"] = {"recipe": "temperature", "alpha": 0.3}
+        cfg["mixture"] = {"recipe": "temperature", "alpha": 0.3, "on_shortfall": "take_all"}
     return cfg
 
 

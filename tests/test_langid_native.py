@@ -355,3 +355,24 @@ def test_labeler_keeps_only_what_is_read():
                    "drop_unknown": False})
     want = [lang or "und" for lang in LanguageIdentifier().classify_batch(texts)[0]]
     assert lab(records)["lang"] == want
+
+
+def test_prepared_model_is_read_back_from_the_cache(tmp_path, monkeypatch):
+    """The model arrays prepared once (py3langid's file decompressed, every code point's rules) are written
+    to the mlmix cache and read back equal; a damaged entry is prepared again, never trusted."""
+    import os
+
+    from mlmix import langid as ml
+
+    monkeypatch.setenv("MLMIX_CACHE", str(tmp_path))
+    fresh, classes = ml._prepared_model()  # prepared and written
+    (entry,) = (tmp_path / "langid").iterdir()
+    assert sorted(os.listdir(entry)) == sorted([k + ".npy" for k in ml._PREPARED] + ["classes.json"])
+    again, classes2 = ml._prepared_model()  # read back, memory-mapped
+    assert classes2 == classes and isinstance(again["ptc"], np.memmap)
+    for k in ml._PREPARED:
+        assert np.array_equal(np.asarray(fresh[k]), np.asarray(again[k])), k
+    (entry / "ptc.npy").write_bytes(b"not an array")
+    third, _ = ml._prepared_model()
+    assert np.array_equal(np.asarray(third["ptc"]), np.asarray(fresh["ptc"]))
+    assert np.array_equal(np.load(entry / "ptc.npy"), np.asarray(fresh["ptc"]))  # and rewritten

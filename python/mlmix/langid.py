@@ -107,24 +107,81 @@ def _text_rules() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @functools.lru_cache(maxsize=1)
 def _native_model():
     """(the core's model, the class of each column), from py3langid's model file (its own loader)."""
-    langid = _py3langid()
-    from py3langid import modelio
-
     from ._core_loader import core
 
-    ptc, pc, classes, nextmove, state_row, out = modelio.load_model(langid.MODEL_DIR / langid.MODEL_FILE)
+    arrays, classes = _prepared_model()
+    model = core._LangidModel(
+        arrays["nextmove"], arrays["state_row"], arrays["output"], arrays["ptc"], float(arrays["unit"][0]),
+        arrays["pc"], arrays["log1p"], arrays["flags"], arrays["ccc"], arrays["pairs"])
+    return model, classes
+
+
+_PREPARED_VERSION = 1  # what _prepare_model writes; a change of it prepares the model again
+_PREPARED = ("nextmove", "state_row", "output", "ptc", "unit", "pc", "log1p", "flags", "ccc", "pairs")
+
+
+def _prepared_model() -> tuple[dict, tuple[str, ...]]:
+    """The arrays the core's model is built from, prepared from py3langid's model file and this Python's
+    Unicode database (~2.5 s: decompressing the model, a pass over every code point) once, then read back
+    from the mlmix cache (keyed by the model file's path, size and mtime, the Unicode version and the
+    format), memory-mapped: the core copies what it keeps."""
+    import hashlib
+    import json
+    import os
+
+    from ._tiktoken import cache_dir
+
+    langid = _py3langid()
+    path = os.path.join(str(langid.MODEL_DIR), str(langid.MODEL_FILE))
+    st = os.stat(path)
+    ident = json.dumps([_PREPARED_VERSION, os.path.abspath(path), st.st_size, st.st_mtime_ns,
+                        unicodedata.unidata_version])
+    d = os.path.join(cache_dir(), "langid", hashlib.sha256(ident.encode()).hexdigest()[:32])
+    try:
+        with open(os.path.join(d, "classes.json"), encoding="utf-8") as f:
+            classes = tuple(json.load(f))
+        arrays = {k: np.load(os.path.join(d, k + ".npy"), mmap_mode="r") for k in _PREPARED}
+        return arrays, classes
+    except (OSError, ValueError):  # absent or damaged: prepared again
+        pass
+    arrays, classes = _prepare_model(path)
+    import shutil
+    import tempfile
+
+    tmp = None
+    try:  # written beside, then renamed into place: a reader never sees half a model
+        os.makedirs(os.path.dirname(d), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(d))
+        for k, a in arrays.items():
+            np.save(os.path.join(tmp, k + ".npy"), a)
+        with open(os.path.join(tmp, "classes.json"), "w", encoding="utf-8") as f:
+            json.dump(list(classes), f)
+        shutil.rmtree(d, ignore_errors=True)  # a damaged entry
+        os.rename(tmp, d)
+        tmp = None
+    except OSError:  # a read-only cache directory, or another process just wrote it: not remembered here
+        pass
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return arrays, classes
+
+
+def _prepare_model(path) -> tuple[dict, tuple[str, ...]]:
+    from py3langid import modelio
+
+    ptc, pc, classes, nextmove, state_row, out = modelio.load_model(path)
     ptc, unit = _fixed_point(np.asarray(ptc))
     nm = np.frombuffer(nextmove, dtype=f"u{nextmove.itemsize}")
     rows = np.frombuffer(state_row, dtype=f"u{state_row.itemsize}")
     flags, ccc, pairs = _text_rules()
-    model = core._LangidModel(
-        nm if nm.dtype == np.uint32 else nm.astype(np.uint32),
-        rows if rows.dtype == np.uint32 else rows.astype(np.uint32),
-        np.asarray(out, np.int32), ptc, unit, np.ascontiguousarray(pc, np.float32),
-        # the exact float32 log1p py3langid multiplies by (numpy's, for every possible count)
-        np.log1p(np.arange(_LOG1P_SIZE, dtype=np.float32)),
-        flags, ccc, pairs)
-    return model, tuple(str(c) for c in classes)
+    arrays = {"nextmove": nm.astype(np.uint32), "state_row": rows.astype(np.uint32),
+              "output": np.asarray(out, np.int32), "ptc": ptc, "unit": np.array([unit], np.float64),
+              "pc": np.ascontiguousarray(pc, np.float32),
+              # the exact float32 log1p py3langid multiplies by (numpy's, for every possible count)
+              "log1p": np.log1p(np.arange(_LOG1P_SIZE, dtype=np.float32)),
+              "flags": flags, "ccc": ccc, "pairs": pairs}
+    return arrays, tuple(str(c) for c in classes)
 
 
 def _fixed_point(ptc: np.ndarray) -> tuple[np.ndarray, float]:
