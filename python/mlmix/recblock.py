@@ -166,10 +166,10 @@ class RecordBlock:
         """The records at ``index`` (ints, in the order given)."""
         idx = np.asarray(index, dtype=np.int64)
         t_lo, t_hi = self.turn_offsets[idx], self.turn_offsets[idx + 1]
-        turns = np.concatenate([np.arange(a, b) for a, b in zip(t_lo.tolist(), t_hi.tolist())]) \
-            if len(idx) else np.zeros(0, np.int64)
         turn_offsets = np.zeros(len(idx) + 1, np.int64)
         np.cumsum(t_hi - t_lo, out=turn_offsets[1:])
+        # the turns of each record in order, without a Python step per record
+        turns = np.repeat(t_lo - turn_offsets[:-1], t_hi - t_lo) + np.arange(int(turn_offsets[-1]), dtype=np.int64)
         cols = {"kind": self.kind[idx], "has_lang": self.has_lang[idx], "turn_offsets": turn_offsets}
         for c in STRING_COLUMNS:
             rows = turns.astype(np.int64) if c in ("role", "content") else idx
