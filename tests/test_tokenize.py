@@ -246,3 +246,27 @@ def test_tokenizer_repr_says_what_it_is(qwen, qwen_hf):
     assert repr(tok) == (f"Tokenizer(vocab_size={tok.vocab_size:,}, impl={tok.impl!r}, chat_template=ChatML, "
                          "bos_token=None, eos_token='<|endoftext|>')")
     assert "chat_template=none" in repr(qwen)
+
+
+def test_native_encoder_kept_on_disk_gives_the_same_ids(tmp_path, monkeypatch, qwen_hf):
+    """A tokenizer file's parsed native spec is kept in the mlmix cache (keyed by the file's path, size and
+    mtime): a later process builds the encoder from it, with the same ids; a damaged entry is parsed again."""
+    from mlmix import tokenize as mt
+
+    monkeypatch.setenv("MLMIX_CACHE", str(tmp_path / "cache"))
+    qwen_hf.save(str(tmp_path / "tokenizer.json"))
+    texts = ["Hello world, привет мир 你好 🌍", "  spaces\n\nand <|im_end|> specials", "12345 numbers"]
+    want = [list(e.ids) for e in qwen_hf.encode_batch(texts, add_special_tokens=False)]
+
+    def fresh_ids():
+        mt._NATIVE_CACHE.clear()  # as a new process would start
+        tok = mt.Tokenizer.from_file(tmp_path / "tokenizer.json")
+        assert tok.impl == "native"
+        return tok.encode_batch(texts).to_lists()
+
+    assert fresh_ids() == want  # parsed, and kept
+    (kept,) = (tmp_path / "cache" / "native").iterdir()
+    assert fresh_ids() == want  # from the kept spec
+    kept.write_bytes(b"\x80\x05damaged")
+    assert fresh_ids() == want  # parsed again
+    assert kept.read_bytes() != b"\x80\x05damaged"  # and kept again

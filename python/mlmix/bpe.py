@@ -247,6 +247,12 @@ def _parse(d: dict) -> dict[str, Any]:
     )
 
 
+def spec_of(d: dict) -> dict[str, Any]:
+    """A parsed tokenizer.json -> the native encoder's arguments (plain lists and scalars, picklable), or
+    raise :class:`Unsupported`."""
+    return _parse(d)
+
+
 def supported(tokenizer_json) -> tuple[bool, str]:
     """Whether :class:`NativeBPE` reproduces this tokenizer, and if not, why.
 
@@ -291,6 +297,15 @@ class NativeBPE:
         # With an NFC normalizer, documents that the NFC quick check cannot prove normalized are encoded by HF
         # tokenizers itself (a tokenizers.Tokenizer, or the JSON text to build one on first need).
         self._reference = reference if spec["nfc"] else None
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "NativeBPE":
+        """From :func:`spec_of`'s result (for a caller that keeps specs, e.g. on disk). A spec with an NFC
+        normalizer needs the tokenizer itself as the reference encoder: use the other constructors."""
+        if spec.get("nfc"):
+            raise ValueError("spec: an NFC tokenizer's encoder needs its reference tokenizer; build it with "
+                             "from_tokenizer_json or from_hf")
+        return cls(spec)
 
     @classmethod
     def from_tokenizer_json(cls, path_or_json_str) -> "NativeBPE":
