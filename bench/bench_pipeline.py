@@ -106,7 +106,7 @@ def _build(data: str, out: str, full: bool) -> dict:
 
     s = mlmix.build(_mlmix_config(data, out, full), quiet=True)
     return {"examples": s["examples"], "tokens": s["tokens"], "sequences": s["sequences"],
-            "efficiency": s["efficiency"], "work_seconds": s["seconds"], "text_bytes": text_bytes(data)}
+            "efficiency": s["efficiency"], "work_seconds": s["seconds"]}
 
 
 def run_mlmix(data: str, out: str) -> dict:
@@ -128,8 +128,14 @@ def contents(data: str) -> list[str]:
     return out
 
 
+_TEXT_BYTES: dict[str, int] = {}
+
+
 def text_bytes(data: str) -> int:
-    return sum(len(t.encode("utf-8")) for t in contents(data))
+    """Bytes of the texts the tokenizer sees (computed in the parent: a child's peak memory stays its own)."""
+    if data not in _TEXT_BYTES:
+        _TEXT_BYTES[data] = sum(len(t.encode("utf-8")) for t in contents(data))
+    return _TEXT_BYTES[data]
 
 
 def run_encode(data: str, out: str) -> dict:
@@ -145,8 +151,7 @@ def run_encode(data: str, out: str) -> dict:
     for lo in range(0, len(texts), 65536):
         n_tokens += len(tok.encode_batch(texts[lo:lo + 65536]).values)
     seconds = time.perf_counter() - t0
-    return {"examples": len(texts), "tokens": n_tokens, "sequences": 0, "efficiency": 0.0, "work_seconds": seconds,
-            "text_bytes": sum(len(t.encode("utf-8")) for t in texts)}
+    return {"examples": len(texts), "tokens": n_tokens, "sequences": 0, "efficiency": 0.0, "work_seconds": seconds}
 
 
 def run_hf(data: str, out: str) -> dict:
@@ -173,8 +178,7 @@ def run_hf(data: str, out: str) -> dict:
     packed.save_to_disk(os.path.join(out, "hf_packed"))
     n_tokens = sum(len(x) for x in ds["input_ids"])
     return {"examples": len(ds), "tokens": n_tokens, "sequences": len(packed),
-            "efficiency": n_tokens / (len(packed) * SEQ_LEN), "work_seconds": time.perf_counter() - t0,
-            "text_bytes": text_bytes(data)}
+            "efficiency": n_tokens / (len(packed) * SEQ_LEN), "work_seconds": time.perf_counter() - t0}
 
 
 VARIANTS = {"mlmix": run_mlmix, "mlmix_full": run_mlmix_full, "encode": run_encode, "hf": run_hf}
@@ -195,6 +199,7 @@ def measure(variant: str, data: str, cores: int | None = None) -> dict:
             raise RuntimeError(f"{variant} failed:\n{proc.stderr[-4000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
     res["seconds"] = seconds
+    res["text_bytes"] = text_bytes(data)
     return res
 
 
