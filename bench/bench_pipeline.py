@@ -133,8 +133,12 @@ _TEXT_BYTES: dict[str, int] = {}
 
 def text_bytes(data: str) -> int:
     """Bytes of the texts the tokenizer sees (computed in the parent: a child's peak memory stays its own)."""
-    if data not in _TEXT_BYTES:
-        _TEXT_BYTES[data] = sum(len(t.encode("utf-8")) for t in contents(data))
+    if data not in _TEXT_BYTES:  # streamed: the parent stays small (see _peak_mb)
+        n = 0
+        with open(data, encoding="utf-8") as f:
+            for line in f:
+                n += sum(len(m["content"].encode("utf-8")) for m in json.loads(line)["messages"])
+        _TEXT_BYTES[data] = n
     return _TEXT_BYTES[data]
 
 
@@ -298,12 +302,25 @@ def test_parallel_efficiency(benchmark, data_dir, results, cores):
               f"parallel efficiency {eff:.2f}")
 
 
+def _peak_mb(ru) -> float:
+    """This process's own peak RSS: VmHWM (a new address space's, reset by exec). ``ru_maxrss`` survives exec
+    on Linux, so a child forked from a parent that had grown reports the parent's size when that is larger."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return ru.ru_maxrss / 1024
+
+
 def _child(variant: str, data: str, out: str, cores: str | None = None) -> None:
     if cores:  # before anything starts a thread: the kernels size their pools from the affinity
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: int(cores)])
     res = VARIANTS[variant](data, out)
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    res["peak_rss_mb"] = ru.ru_maxrss / 1024
+    res["peak_rss_mb"] = _peak_mb(ru)
     # CPU seconds (all threads): a steadier figure than wall time on a shared machine
     res["cpu_s"] = ru.ru_utime + ru.ru_stime
     print(json.dumps(res))
