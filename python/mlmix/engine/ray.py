@@ -176,7 +176,7 @@ class _Prepare:
         table = table.append_column("mask", pa.LargeListArray.from_arrays(offsets, pa.array(masks.values)))
         table = table.append_column("ntok", pa.array(lengths, type=pa.int64()))
         if self.dd is not None:
-            k = s_dedup.keys(block.texts(), lab["lang"], self.dd)
+            k = s_dedup.keys(block.texts(), lab["lang"], self.dd, num_threads=1)  # one CPU per actor
             table = table.append_column("scope", pa.array(k["scope"]))
             table = table.append_column("h0", pa.array(k["h"][:, 0]))
             table = table.append_column("h1", pa.array(k["h"][:, 1]))
@@ -211,7 +211,8 @@ def _shingle_block(batch: dict, wanted: np.ndarray, dd: Mapping):
 
     pos = np.searchsorted(wanted, batch["uid"])
     hit = (pos < len(wanted)) & (wanted[np.minimum(pos, len(wanted) - 1)] == batch["uid"])
-    sets = s_dedup.shingle_sets([readers.record_text(json.loads(r)) for r in batch["rec"][hit].tolist()], dd)
+    sets = s_dedup.shingle_sets([readers.record_text(json.loads(r)) for r in batch["rec"][hit].tolist()], dd,
+                                num_threads=1)
     return pa.table({"uid": pa.array(np.asarray(batch["uid"][hit], dtype=np.int64)),
                      "shingles": pa.LargeListArray.from_arrays(pa.array(sets.offsets), pa.array(sets.values)),
                      "lang": pa.array([str(x) for x in batch["lang"][hit].tolist()], type=pa.string()),
