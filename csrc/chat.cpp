@@ -8,35 +8,17 @@
 #include <type_traits>
 
 #include "common.h"
+#include "parallel.h"
 
 namespace mlmix::chat {
 namespace {
 
-// Runs f(lo, hi) over `threads` contiguous ranges of [0, n) (the calling thread takes the first one).
+// Runs f(lo, hi) over [0, n) on `threads` threads, in ranges of at least 1024 items (parallel.h: the
+// error of the lowest range is the one rethrown).
 template <typename F>
 void parallel_ranges(int64_t n, int threads, F&& f) {
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, (n + 1023) / 1024)));
-  if (threads <= 1) {
-    f(int64_t{0}, n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  std::vector<std::exception_ptr> errors(static_cast<size_t>(threads));
-  auto run = [&](int t) {
-    const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
-    try {
-      f(lo, hi);
-    } catch (...) {
-      errors[static_cast<size_t>(t)] = std::current_exception();
-    }
-  };
-  pool.reserve(static_cast<size_t>(threads - 1));
-  for (int t = 1; t < threads; ++t) pool.emplace_back(run, t);
-  run(0);
-  for (auto& th : pool) th.join();
-  for (auto& e : errors) {
-    if (e) std::rethrow_exception(e);
-  }
+  const int64_t t = std::max(1, threads);
+  parallel_chunks(n, threads, std::max<int64_t>(1024, (n + t - 1) / t), f);
 }
 
 // Python's str.isspace() (Unicode White_Space plus U+001C..U+001F), which str.strip() removes.

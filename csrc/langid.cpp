@@ -1,6 +1,8 @@
 // Native py3langid (see langid.h for what is computed and why the sums are done in double).
 #include "langid.h"
 
+#include "parallel.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -16,47 +18,6 @@
 
 namespace mlmix::langid {
 namespace {
-
-// ---------------------------------------------------------------------------------------------
-// Threads: texts go out in chunks by an atomic counter, each result lands at its text's index, and
-// of the errors thrown the one of the lowest chunk is rethrown (within a chunk texts run in order,
-// so that is the lowest failing text): nothing depends on the number of threads.
-template <class State, class F>
-void for_chunks(int64_t n, int num_threads, int64_t grain, F&& body) {
-  if (n <= 0) return;
-  const int64_t chunks = (n + grain - 1) / grain;
-  const int threads = static_cast<int>(std::min<int64_t>(resolve_threads(num_threads), chunks));
-  std::atomic<int64_t> next{0};
-  std::mutex mu;
-  std::exception_ptr error;
-  int64_t error_chunk = std::numeric_limits<int64_t>::max();
-  auto work = [&] {
-    State state;
-    for (;;) {
-      const int64_t c = next.fetch_add(1);
-      if (c >= chunks) return;
-      try {
-        body(state, c * grain, std::min(n, (c + 1) * grain));
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(mu);
-        if (c < error_chunk) {
-          error_chunk = c;
-          error = std::current_exception();
-        }
-      }
-    }
-  };
-  if (threads <= 1) {
-    work();
-  } else {
-    std::vector<std::thread> pool;
-    pool.reserve(static_cast<size_t>(threads - 1));
-    for (int t = 1; t < threads; ++t) pool.emplace_back(work);
-    work();
-    for (auto& th : pool) th.join();
-  }
-  if (error) std::rethrow_exception(error);
-}
 
 // ---------------------------------------------------------------------------------------------
 // UTF-8
@@ -498,7 +459,7 @@ void classify(const Model& m, const Selection& sel, const TextRules& rules, cons
   MLMIX_CHECK(opts.max_chars >= 1, "max_chars must be >= 1, got " << opts.max_chars);
   MLMIX_CHECK(!sel.columns.empty() && sel.columns.size() == sel.label.size(),
               "langid: empty or inconsistent selection");
-  for_chunks<Scratch>(texts.count, opts.num_threads, kChunk, [&](Scratch& s, int64_t begin, int64_t end) {
+  parallel_chunks_with<Scratch>(texts.count, opts.num_threads, kChunk, [&](Scratch& s, int64_t begin, int64_t end) {
     const uint8_t* bytes[kChunk];
     int64_t size[kChunk], which[kChunk];
     int64_t k = 0;
