@@ -138,6 +138,20 @@ py::tuple record_texts_py(const py::array& kind, const py::array& turn_offsets, 
   return py::make_tuple(vector_to_array(std::move(texts.values)), vector_to_array(std::move(texts.offsets)));
 }
 
+py::tuple take_strings_py(const py::array& values, const py::array& offsets, const py::array& rows) {
+  int64_t value_bytes = 0, n_offsets = 0, n_rows = 0;
+  const uint8_t* v = checked_1d<uint8_t>(values, "values", &value_bytes);
+  const int64_t* o = checked_1d<int64_t>(offsets, "offsets", &n_offsets);
+  const int64_t* r = checked_1d<int64_t>(rows, "rows", &n_rows);
+  MLMIX_CHECK(n_offsets >= 1, "offsets must have at least one entry");
+  StringColumn out;
+  {
+    py::gil_scoped_release release;
+    out = take_strings(v, value_bytes, o, n_offsets - 1, r, n_rows);
+  }
+  return py::make_tuple(vector_to_array(std::move(out.values)), vector_to_array(std::move(out.offsets)));
+}
+
 }  // namespace
 
 void bind_records(py::module_& m) {
@@ -150,6 +164,8 @@ void bind_records(py::module_& m) {
   m.def("_record_texts", &record_texts_py, py::arg("kind"), py::arg("turn_offsets"), py::arg("role_values"),
         py::arg("role_offsets"), py::arg("content_values"), py::arg("content_offsets"), py::arg("num_threads") = 0,
         "(values uint8, offsets int64): each record's text: see mlmix.recblock.RecordBlock.text_column.");
+  m.def("_take_strings", &take_strings_py, py::arg("values"), py::arg("offsets"), py::arg("rows"),
+        "(values uint8, offsets int64): the strings at rows of a string column: see mlmix.recblock.RecordBlock.take.");
 }
 
 }  // namespace mlmix::bind

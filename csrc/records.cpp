@@ -973,6 +973,27 @@ constexpr std::string_view kSystemRole = "system";
 
 }  // namespace
 
+StringColumn take_strings(const uint8_t* values, int64_t value_bytes, const int64_t* offsets, int64_t count,
+                          const int64_t* rows, int64_t n_rows) {
+  MLMIX_CHECK(count >= 0 && n_rows >= 0 && value_bytes >= 0, "negative size");
+  check_offsets(offsets, count, value_bytes, "offsets", "the size of values");
+  StringColumn out;
+  out.offsets.resize(static_cast<size_t>(n_rows) + 1);
+  out.offsets[0] = 0;
+  for (int64_t j = 0; j < n_rows; ++j) {
+    const int64_t r = rows[j];
+    MLMIX_CHECK(r >= 0 && r < count, "rows[" << j << "] = " << r << " is out of range [0, " << count << ")");
+    out.offsets[static_cast<size_t>(j) + 1] = out.offsets[static_cast<size_t>(j)] + (offsets[r + 1] - offsets[r]);
+  }
+  out.values.resize(static_cast<size_t>(out.offsets.back()));
+  for (int64_t j = 0; j < n_rows; ++j) {
+    const int64_t r = rows[j], n = offsets[r + 1] - offsets[r];
+    if (n > 0) std::memcpy(out.values.data() + out.offsets[static_cast<size_t>(j)], values + offsets[r],
+                           static_cast<size_t>(n));
+  }
+  return out;
+}
+
 StringColumn record_texts(const RecordTextsInput& in, int num_threads) {
   MLMIX_CHECK(in.count >= 0 && in.turns >= 0, "negative count");
   check_offsets(in.turn_offsets, in.count, in.turns, "turn_offsets", "the number of turns");

@@ -42,3 +42,23 @@ def test_empty_block_and_bad_construction():
         RecordBlock(has_lang=np.zeros(0))
     with pytest.raises(ValueError, match="column must be one of"):
         empty.strings("nope")
+
+
+def test_take_rejects_rows_out_of_range_and_bad_offsets():
+    block = RecordBlock.from_records([{"id": "a", "text": "x"}, {"id": "b", "text": "yz"}])
+    assert block.take([1, 1, 0]).texts() == ["yz", "yz", "x"]
+    for bad in ([2], [-1], [0, 5]):
+        with pytest.raises(ValueError, match=r"index must hold record numbers in \[0, 2\), got (2|-1|5)"):
+            block.take(bad)
+    from mlmix._core_loader import core
+
+    values = np.frombuffer(b"abcdef", np.uint8)
+    assert [bytes(v) for v in [core._take_strings(values, np.array([0, 2, 6]), np.array([1, 0]))[0]]] == [b"cdefab"]
+    with pytest.raises(ValueError, match=r"rows\[0\] = 3 is out of range \[0, 2\)"):
+        core._take_strings(values, np.array([0, 2, 6]), np.array([3]))
+    with pytest.raises(ValueError, match="offsets must not decrease"):
+        core._take_strings(values, np.array([0, 4, 2]), np.array([0]))
+    with pytest.raises(ValueError, match="exceeds the size of values"):
+        core._take_strings(values, np.array([0, 2, 9]), np.array([1]))
+    with pytest.raises(ValueError, match="offsets must have at least one entry"):
+        core._take_strings(values, np.zeros(0, np.int64), np.zeros(0, np.int64))

@@ -23,21 +23,6 @@ class _StratifiedReservoir:
         ...
     def seen(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> int:
         ...
-class _LangidModel:
-    def __init__(self, nextmove: typing.Any, state_row: typing.Any, state_feature: typing.Any, ptc: typing.Any, ptc_unit: typing.SupportsFloat | typing.SupportsIndex, pc: typing.Any, log1p: typing.Any, flags: typing.Any, ccc: typing.Any, pairs: typing.Any) -> None:
-        """
-        py3langid's arrays (nextmove and ptc copied, the rest borrowed; checked once; ptc in fixed point: value = ptc * ptc_unit) and the Unicode facts of text preparation.
-        """
-    def classify(self, texts: typing.Any, offsets: typing.Any, columns: typing.Any, labels: typing.Any, max_chars: typing.SupportsInt | typing.SupportsIndex, prepared: bool, num_threads: typing.SupportsInt | typing.SupportsIndex) -> tuple:
-        """
-        (labels int32, probs float64) of texts: a sequence of str / UTF-8 bytes (offsets None) or UTF-8 values (uint8) with int64 offsets. Label -1: empty after strip; -2: prepare with py3langid's _encode and classify again with prepared=True.
-        """
-    @property
-    def num_columns(self) -> int:
-        ...
-    @property
-    def num_features(self) -> int:
-        ...
 class _BpeEncoder:
     """
     Byte-level BPE encoder (private; use mlmix.bpe.NativeBPE)
@@ -53,6 +38,21 @@ class _BpeEncoder:
         ...
     @property
     def vocab_size(self) -> int:
+        ...
+class _LangidModel:
+    def __init__(self, nextmove: typing.Any, state_row: typing.Any, state_feature: typing.Any, ptc: typing.Any, ptc_unit: typing.SupportsFloat | typing.SupportsIndex, pc: typing.Any, log1p: typing.Any, flags: typing.Any, ccc: typing.Any, pairs: typing.Any) -> None:
+        """
+        py3langid's arrays (nextmove and ptc copied, the rest borrowed; checked once; ptc in fixed point: value = ptc * ptc_unit) and the Unicode facts of text preparation.
+        """
+    def classify(self, texts: typing.Any, offsets: typing.Any, columns: typing.Any, labels: typing.Any, max_chars: typing.SupportsInt | typing.SupportsIndex, prepared: bool, num_threads: typing.SupportsInt | typing.SupportsIndex) -> tuple:
+        """
+        (labels int32, probs float64) of texts: a sequence of str / UTF-8 bytes (offsets None) or UTF-8 values (uint8) with int64 offsets. Label -1: empty after strip; -2: prepare with py3langid's _encode and classify again with prepared=True.
+        """
+    @property
+    def num_columns(self) -> int:
+        ...
+    @property
+    def num_features(self) -> int:
         ...
 def _chat_encode_block(encoder: typing.Any, kind: numpy.ndarray, turn_offsets: numpy.ndarray, role_values: numpy.ndarray, role_offsets: numpy.ndarray, content_values: numpy.ndarray, content_offsets: numpy.ndarray, style: typing.SupportsInt | typing.SupportsIndex, default_system: typing.Any, has_bos: bool, fixed: collections.abc.Sequence[numpy.ndarray], header: str, header_ids: numpy.ndarray, train_on: typing.SupportsInt | typing.SupportsIndex, train_glue: typing.SupportsInt | typing.SupportsIndex, token_bytes: typing.Any, reencode: typing.Any, count_header: typing.Any, num_threads: typing.SupportsInt | typing.SupportsIndex) -> tuple:
     """
@@ -169,6 +169,10 @@ def _store_rows_i64(tokens: numpy.ndarray, loss_mask: typing.Any, row_offsets: n
 def _store_rows_u32(tokens: numpy.ndarray, loss_mask: typing.Any, row_offsets: numpy.ndarray, seg_offsets: numpy.ndarray, seg_lens: numpy.ndarray, rows: numpy.ndarray, seq_len: typing.SupportsInt | typing.SupportsIndex, pad_id: typing.SupportsInt | typing.SupportsIndex, threads: typing.SupportsInt | typing.SupportsIndex = 1) -> tuple:
     """
     Padded rows (input_ids, labels int64, position_ids int32) of a packed store's compact rows.
+    """
+def _take_strings(values: numpy.ndarray, offsets: numpy.ndarray, rows: numpy.ndarray) -> tuple:
+    """
+    (values uint8, offsets int64): the strings at rows of a string column: see mlmix.recblock.RecordBlock.take.
     """
 def cuda_device_count() -> int:
     """

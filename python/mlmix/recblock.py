@@ -164,7 +164,10 @@ class RecordBlock:
 
     def take(self, index) -> "RecordBlock":
         """The records at ``index`` (ints, in the order given)."""
-        idx = np.asarray(index, dtype=np.int64)
+        idx = np.asarray(index, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            bad = int(idx[(idx < 0) | (idx >= len(self))][0])
+            raise ValueError(f"index must hold record numbers in [0, {len(self)}), got {bad}")
         t_lo, t_hi = self.turn_offsets[idx], self.turn_offsets[idx + 1]
         turn_offsets = np.zeros(len(idx) + 1, np.int64)
         np.cumsum(t_hi - t_lo, out=turn_offsets[1:])
@@ -208,9 +211,6 @@ def _join_offsets(parts: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _take_strings(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    lo, hi = offsets[rows], offsets[rows + 1]
-    lens = hi - lo
-    out_off = np.zeros(len(rows) + 1, np.int64)
-    np.cumsum(lens, out=out_off[1:])
-    gather = np.repeat(lo - out_off[:-1], lens) + np.arange(int(out_off[-1]), dtype=np.int64)
-    return values[gather], out_off
+    from ._core_loader import core
+
+    return core._take_strings(values, offsets, np.ascontiguousarray(rows, dtype=np.int64))
