@@ -240,8 +240,9 @@ def _across_seeds(values: Sequence[Optional[tuple]]) -> Optional[_Est]:
     if len(got) == 1:
         v, lo, hi = got[0]
         return _Est(v, lo, hi, 1, "ci" if lo is not None and hi is not None else "")
-    m = statistics.fmean(v for v, _, _ in got)
-    sd = statistics.stdev(v for v, _, _ in got)
+    vs = [v for v, _, _ in got]
+    m = math.fsum(vs) / len(vs)
+    sd = math.sqrt(math.fsum((v - m) ** 2 for v in vs) / (len(vs) - 1))  # the sample sd (n - 1)
     return _Est(m, m - sd, m + sd, len(got), "sd")
 
 
@@ -577,12 +578,13 @@ def _bars(groups: Sequence[str], series: Sequence[tuple[str, Sequence[Optional[_
 def _xy(series: Sequence[tuple[str, str, Sequence[tuple[float, _Est]]]], marks: Sequence[tuple[float, _Est, str]], *,
         title: str, xlabel: str, ylabel: str, log_x: bool, x_ticks: Sequence[tuple[float, str]],
         x_range: tuple[float, float], refs: Sequence[tuple[float, str]], fig: str,
-        domain: Sequence[float] = ()) -> str:
-    """Points with error bars joined per series; ``marks`` are single points drawn as labelled diamonds."""
+        domain: Sequence[float] = (), baseline: Optional[tuple[_Est, str]] = None) -> str:
+    """Points with error bars joined per series; ``marks`` are single points drawn as labelled diamonds;
+    ``baseline`` an arm with no place on the x axis (English-only at P = 0), drawn as a grey line and band."""
     width, left, right, top, bottom = 820, 64, 20, 36, 70
     height = 340
     pw, ph = width - left - right, height - top - bottom
-    ests = [e for _, _, pts in series for _, e in pts] + [e for _, e, _ in marks]
+    ests = [e for _, _, pts in series for _, e in pts] + [e for _, e, _ in marks] + ([baseline[0]] if baseline else [])
     ticks = _y_domain(ests, [*[y for y, _ in refs], *domain])
     y0, y1 = ticks[0], ticks[-1]
     tx = math.log10 if log_x else (lambda v: v)
@@ -602,6 +604,13 @@ def _xy(series: Sequence[tuple[str, str, Sequence[tuple[float, _Est]]]], marks: 
     parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" class="axis"/>'
                  f'<text x="{left + pw / 2:.0f}" y="{top + ph + 36}" class="ax" text-anchor="middle">{esc(xlabel)}</text>')
     parts.append(_ref_lines(refs, Y, left, left + pw))
+    if baseline is not None:
+        e, label = baseline
+        if e.lo is not None and e.hi is not None:
+            ya, yb = sorted((Y(e.lo), Y(e.hi)))
+            parts.append(f'<rect class="band" x="{left}" y="{ya:.1f}" width="{pw}" height="{max(yb - ya, 0.5):.1f}"/>')
+        parts.append(f'<line class="base" x1="{left}" x2="{left + pw}" y1="{Y(e.mean):.1f}" y2="{Y(e.mean):.1f}" '
+                     f'data-value="{e.mean!r}"><title>{esc(label)}: {esc(_pm(e, 4))}</title></line>')
     for si, (name, color, pts) in enumerate(series):
         pts = sorted(pts, key=lambda p: p[0])
         if len(pts) > 1:
@@ -624,6 +633,8 @@ def _xy(series: Sequence[tuple[str, str, Sequence[tuple[float, _Est]]]], marks: 
     items = [(name, color, "line") for name, color, _ in series]
     if marks:
         items.append(("pinch", PALETTE[5], "diamond"))
+    if baseline is not None:
+        items.append((baseline[1], "#5b6475", "line"))
     items += [(label, "#d7263d", "dash") for _, label in refs]
     parts.append(_legend(items, left, height - 10))
     parts.append("</svg>")
@@ -715,10 +726,14 @@ def _fig_percent(st: _Study, number: int) -> str:
     lo, hi = min(xs) / 1.6, max(100.0, max(xs)) * 1.25
     cand = [m * 10.0 ** d for d in range(-3, 3) for m in (1, 2, 5)]
     ticks = [(v, _pct(v)) for v in cand if lo <= v <= hi]
-    mono_en = " The English-only arm (P = 0) has no place on a log axis." if "en" in st.mono else ""
+    en_only = st.mono.get("en")
+    base = st.average(en_only, st.langs, metric) if en_only else None
+    mono_en = (f" English-only ({esc(en_only)}, P = 0) has no place on a log axis: its average is the grey line, "
+               "its error bar the grey band." if base else "")
     svg = _xy([("percent-p* arms", PALETTE[0], pts)], marks, title=f"Average over {len(st.langs)} languages against P",
               xlabel="P: multilingual examples, % of the tuning set (log scale)", ylabel=metric.unit, log_x=True,
-              x_ticks=ticks, x_range=(lo, hi), refs=_refs(metric), fig="percent", domain=_domain(metric))
+              x_ticks=ticks, x_range=(lo, hi), refs=_refs(metric), fig="percent", domain=_domain(metric),
+              baseline=(base, f"English-only, P = 0") if base else None)
     caption = (f"{_metric_words(st, metric)} Each point: the mean over the {len(st.langs)} evaluation languages. "
                f"The pinch (diamond, dotted guide) sits at its share of multilingual examples, n / total examples."
                f"{mono_en} {esc(_error_words(st))}")
@@ -788,7 +803,7 @@ def _fig_bilingual(st: _Study, number: int) -> str:
     on_x = [st.average(a, [x], metric) for a, x in zip(arms, xs)]
     on_en = [st.average(a, ["en"], metric) if "en" in st.langs else None for a in arms]
     rest = [st.average(a, [l for l in st.langs if l not in (x, "en")], metric) for a, x in zip(arms, xs)]
-    groups = [f"en+{x}" for x in xs]
+    groups = ["+".join(st.runs[a][0].param["pair"]) for a in arms]
     svg = _bars(groups, [("on X", on_x), ("on English", on_en), ("mean over the other languages", rest)],
                 title="Bilingual pairs: English + X", ylabel=metric.unit, refs=_refs(metric), fig="bilingual",
                 domain=_domain(metric))
@@ -828,9 +843,9 @@ def _td(v: Optional[float], digits: int = 3, **attrs) -> str:
 
 
 def _summary_table(st: _Study) -> str:
-    cols = ["arm", "family", "param", "langs", "examples", "seeds", "loss"]
-    if st.mono:
-        cols.append("\u0394 loss")
+    cols = ["arm", "family", "param", "langs", "examples", "seeds"]
+    loss_cols = (["loss"] + (["\u0394 loss"] if st.mono else [])) if st.has["loss"] else []
+    cols += loss_cols
     keys = [k for k in ("judge", "fidelity") if st.has[k]]
     cols += keys
     head = "".join(f"<th>{esc(c)}</th>" for c in cols)
@@ -841,8 +856,8 @@ def _summary_table(st: _Study) -> str:
         cells = [f"<td>{esc(arm)}</td>", f"<td>{esc(r.family)}</td>", f"<td>{esc(_param_text(r))}</td>",
                  f'<td title="{esc(train)}">{len(r.train_languages)}</td>', f"<td>{st.total(arm):,}</td>",
                  f"<td>{esc(', '.join(str(x.seed) for x in runs))}</td>"]
-        ests = [st.raw_average(arm, "loss")]
-        if st.mono:
+        ests = [st.raw_average(arm, "loss")] if loss_cols else []
+        if len(loss_cols) == 2:
             ests.append(st.average(arm, st.langs, st.loss_metric))
         ests += [st.raw_average(arm, k) for k in keys]
         cells += [f'<td data-value="{e.mean!r}">{esc(_pm(e))}</td>' if e else f'<td class="na">{_DASH}</td>'
@@ -902,6 +917,7 @@ svg .cell.na {{ fill: #eceef2; }}
 svg .grid {{ stroke: #e6e9ef; }} svg .axis {{ stroke: #8a93a5; }}
 svg .err {{ stroke: #1d2330; stroke-width: 1.3; fill: none; }}
 svg .ref {{ stroke: #d7263d; stroke-width: 1.6; stroke-dasharray: 5 3; }}
+svg .base {{ stroke: #5b6475; stroke-width: 2; }} svg .band {{ fill: #5b6475; fill-opacity: .12; }}
 svg .guide {{ stroke: {PALETTE[5]}; stroke-width: 1; stroke-dasharray: 2 3; }}
 table {{ border-collapse: collapse; width: 100%; background: #fff; font-size: 12.5px; }}
 th, td {{ padding: 4px 7px; text-align: right; border-bottom: 1px solid #eef0f4; white-space: nowrap; }}
@@ -943,7 +959,8 @@ def render(results: dict) -> str:
     if st.not_done:
         s.append(f'<p class="note">Runs not done, left out of every figure and table: '
                  f'{esc(", ".join(f"{r.arm} (seed {r.seed}: {r.status})" for r in st.not_done))}.</p>')
-    s.append("<h2>Score per language against monolingual</h2>")
+    s.append("<h2>Score per language against monolingual</h2>" if st.metric.key == "delta" else
+             "<h2>Score per language, every arm (the monolingual arms among them)</h2>")
     s.append(_fig_per_language(st, st.metric, 1, "per-language"))
     if st.metric.key == "judge" and st.has["loss"]:
         s.append(_fig_per_language(st, st.loss_metric, 1, "per-language-loss").replace(
@@ -957,7 +974,8 @@ def render(results: dict) -> str:
     s.append("<h2>Bilingual pairs</h2>")
     s.append(_fig_bilingual(st, 5))
     s.append("<h2>Results</h2>")
-    averaged = ["loss"] + (["\u0394 loss (minus the monolingual arm's; lower is better)"] if st.mono else [])
+    averaged = (["loss"] + (["\u0394 loss (minus the monolingual arm's; lower is better)"] if st.mono else [])
+                if st.has["loss"] else [])
     averaged += [k for k in ("judge", "fidelity") if st.has[k]]
     s.append(f'<p class="note">One row per arm. langs: how many languages it tuned on (hover for which); '
              f"{esc(', '.join(averaged))}: each averaged over the evaluation languages, then mean \u00b1 sd across "
