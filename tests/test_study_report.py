@@ -340,8 +340,27 @@ def test_write_report_replaces_only_its_own_output(full, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["notes.html", "report.html"]  # no temporary left behind
 
 
+def _rename_lang(res: dict, old: str, new: str) -> None:
+    """Give language ``old`` the code ``new`` everywhere the results name it."""
+    def swap(codes):
+        return [new if c == old else c for c in codes]
+
+    st = res["study"]
+    for k in ("languages", "seen", "unseen", "diversity_order"):
+        st[k] = swap(st[k])
+    for r in res["arms"]:
+        r["train_languages"] = swap(r["train_languages"])
+        for k in ("mixture", "metrics"):
+            r[k] = {new if c == old else c: v for c, v in r[k].items()}
+        if r["param"].get("lang") == old:
+            r["param"]["lang"] = new
+        if "pair" in r["param"]:
+            r["param"]["pair"] = swap(r["param"]["pair"])
+
+
 def test_hostile_strings_are_escaped(tmp_path):
     res = study_results(arms="reduced", seeds=(0, 1))
+    _rename_lang(res, "sw", '"><script>alert(5)</script>')
     evil = "<script>alert(1)</script>"
     res["study"]["model"] = evil
     res["study"]["name"] = '"><img src=x onerror=alert(2)>'
@@ -356,6 +375,7 @@ def test_hostile_strings_are_escaped(tmp_path):
     assert "<script" not in page and "<img" not in page and "<iframe" not in page and "<b onmouseover" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "uni&lt;b onmouseover=alert(4)&gt;max&lt;/b&gt;&amp;amp;" in page
+    assert "&quot;&gt;&lt;script&gt;alert(5)" in page  # the language code, in text and in attributes
     figs, stderr = _render_in_chromium(page, tmp_path)
     assert _console_messages(stderr) == [] and len(figs) == 2  # judge and loss heatmaps
 

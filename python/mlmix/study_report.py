@@ -282,8 +282,8 @@ class _Study:
         self.has = {k: any(m.get(k) is not None for rs in self.runs.values() for r in rs for m in r.metrics.values())
                     for k in ("loss", "judge", "fidelity")}
         self.loss_metric = (
-            _Metric("delta", "held-out loss minus the monolingual arm's", "\u0394 held-out loss (nats/token)", "lower", 0.0)
-            if self.mono else _Metric("loss", "held-out loss", "held-out loss (nats/token)", "lower", None))
+            _Metric("delta", "held-out loss minus the monolingual arm's", "\u0394 loss (nats/token)", "lower", 0.0)
+            if self.mono else _Metric("loss", "held-out loss", "loss (nats/token)", "lower", None))
         judge_vals = [m["judge"] for rs in self.runs.values() for r in rs for m in r.metrics.values()
                       if m["judge"] is not None]
         in_unit = bool(judge_vals) and all(0.0 <= v <= 1.0 for v in judge_vals)
@@ -387,14 +387,14 @@ def _param_text(run: _Run) -> str:
             "temperature": lambda: f"alpha={p['alpha']:g}"}.get(run.family, lambda: "")()
 
 
-def _error_words(st: _Study) -> str:
+def _error_words(st: _Study, metric: _Metric) -> str:
     counts = sorted({len(rs) for rs in st.runs.values()})
+    interval = "judge_lo..judge_hi" if metric.key == "judge" else "loss_lo..loss_hi"
     if counts == [1]:
-        return ("Error bars: every arm ran one seed, so each shows its own interval (loss_lo..loss_hi or "
-                "judge_lo..judge_hi); an average over languages combines the languages' intervals as independent.")
+        return (f"Error bars: every arm ran one seed, so each shows its own interval ({interval}); an average over "
+                "languages combines the languages' intervals as independent.")
     return ("Error bars: mean \u00b1 sd across seeds" + (
-        "; an arm that ran one seed shows its own interval (loss_lo..loss_hi or judge_lo..judge_hi) instead."
-        if 1 in counts else "."))
+        f"; an arm that ran one seed shows its own interval ({interval}) instead." if 1 in counts else "."))
 
 
 # ---- SVG ---------------------------------------------------------------------------------------------------
@@ -413,7 +413,8 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 def _tick_text(t: float, ticks: Sequence[float]) -> str:
     step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else 1.0
-    digits = max(0, -math.floor(math.log10(step) + 1e-9)) + (1 if round(step / 10 ** math.floor(math.log10(step)), 6) == 2.5 else 0)
+    exp = math.floor(math.log10(step) + 1e-9)
+    digits = max(0, -exp) + (1 if exp <= 0 and round(step / 10 ** exp, 6) == 2.5 else 0)  # 0.25: one more than 0.2
     return _f(t, digits)
 
 
@@ -524,7 +525,8 @@ def _heatmap(st: _Study, arms: Sequence[str], metric: _Metric, title: str, fig: 
     steps = 15
     for s in range(steps):
         v = good + (bad - good) * s / (steps - 1)
-        parts.append(f'<rect x="{label_w + 70 + s * 14}" y="{ky}" width="14" height="12" fill="{_colour(v, center, scale, metric.better)}"/>')
+        fill = _colour(v, center, scale, metric.better)
+        parts.append(f'<rect x="{label_w + 70 + s * 14}" y="{ky}" width="14" height="12" fill="{fill}"/>')
     parts.append(f'<text x="{label_w + 64}" y="{ky + 10}" class="lg" text-anchor="end">better {_f(good, 2)}</text>'
                  f'<text x="{label_w + 76 + steps * 14}" y="{ky + 10}" class="lg">{_f(bad, 2)} worse</text>'
                  f'<text x="{label_w + 70}" y="{ky + 30}" class="lg">cell: mean over seeds; \u00b1: sd across seeds, or '
@@ -537,7 +539,7 @@ def _bars(groups: Sequence[str], series: Sequence[tuple[str, Sequence[Optional[_
           ylabel: str, refs: Sequence[tuple[float, str]], fig: str, domain: Sequence[float] = ()) -> str:
     """Grouped bars from 0 with error bars; a missing value is a dash at 0, never a bar."""
     width, left, right, top, bottom = 820, 64, 14, 36, 62
-    height = 330
+    height = 350
     pw, ph = width - left - right, height - top - bottom
     ticks = _y_domain([e for _, es in series for e in es], [0.0, *[y for y, _ in refs], *domain])
     y0, y1 = ticks[0], ticks[-1]
@@ -582,7 +584,7 @@ def _xy(series: Sequence[tuple[str, str, Sequence[tuple[float, _Est]]]], marks: 
     """Points with error bars joined per series; ``marks`` are single points drawn as labelled diamonds;
     ``baseline`` an arm with no place on the x axis (English-only at P = 0), drawn as a grey line and band."""
     width, left, right, top, bottom = 820, 64, 20, 36, 70
-    height = 340
+    height = 360
     pw, ph = width - left - right, height - top - bottom
     ests = [e for _, _, pts in series for _, e in pts] + [e for _, e, _ in marks] + ([baseline[0]] if baseline else [])
     ticks = _y_domain(ests, [*[y for y, _ in refs], *domain])
@@ -681,6 +683,10 @@ def _reference_words(st: _Study) -> str:
     return " Every language is compared against its own monolingual arm (mono-&lt;lang&gt;)."
 
 
+def _axis(metric: _Metric) -> str:
+    return f"{metric.unit} \u00b7 {metric.better} is better"
+
+
 def _refs(metric: _Metric) -> list[tuple[float, str]]:
     if metric.key == "judge" and metric.center == 0.5:
         return [(0.5, "parity (0.5)")]
@@ -698,7 +704,7 @@ def _fig_per_language(st: _Study, metric: _Metric, number: int, fig: str) -> str
     title = f"Score per language, every arm: {metric.name} ({metric.better} is better)"
     caption = (f"{_metric_words(st, metric, lines=False)}{_reference_words(st) if metric.key == 'delta' else ''} "
                f"Rows: arms ({len(arms)}); columns: evaluation languages. Blue is better, vermillion worse. "
-               f"{esc(_error_words(st))}")
+               f"{esc(_error_words(st, metric))}")
     return _figure(fig, number, _heatmap(st, arms, metric, title, fig), caption)
 
 
@@ -730,13 +736,14 @@ def _fig_percent(st: _Study, number: int) -> str:
     base = st.average(en_only, st.langs, metric) if en_only else None
     mono_en = (f" English-only ({esc(en_only)}, P = 0) has no place on a log axis: its average is the grey line, "
                "its error bar the grey band." if base else "")
-    svg = _xy([("percent-p* arms", PALETTE[0], pts)], marks, title=f"Average over {len(st.langs)} languages against P",
-              xlabel="P: multilingual examples, % of the tuning set (log scale)", ylabel=metric.unit, log_x=True,
+    svg = _xy([("percent-p* arms", PALETTE[0], pts)], marks,
+              title=f"Average over {len(st.langs)} languages against P: {metric.name}",
+              xlabel="P: multilingual examples, % of the tuning set (log scale)", ylabel=_axis(metric), log_x=True,
               x_ticks=ticks, x_range=(lo, hi), refs=_refs(metric), fig="percent", domain=_domain(metric),
               baseline=(base, f"English-only, P = 0") if base else None)
     caption = (f"{_metric_words(st, metric)} Each point: the mean over the {len(st.langs)} evaluation languages. "
                f"The pinch (diamond, dotted guide) sits at its share of multilingual examples, n / total examples."
-               f"{mono_en} {esc(_error_words(st))}")
+               f"{mono_en} {esc(_error_words(st, metric))}")
     return _figure("percent", number, svg, caption)
 
 
@@ -759,11 +766,12 @@ def _fig_unseen(st: _Study, number: int) -> str:
     arms = unseen + others
     series = [(f"seen ({', '.join(seen_l)})", [st.average(a, seen_l, metric) for a in arms]),
               (f"unseen ({', '.join(unseen_l)})", [st.average(a, unseen_l, metric) for a in arms])]
-    svg = _bars(arms, series, title="Seen against unseen languages", ylabel=metric.unit, refs=_refs(metric),
+    svg = _bars(arms, series, title=f"Seen against unseen languages: {metric.name}", ylabel=_axis(metric),
+                refs=_refs(metric),
                 fig="unseen", domain=_domain(metric))
     caption = (f"{_metric_words(st, metric)} The unseen arm ({esc(', '.join(unseen))}) was tuned on the seen languages "
                f"only; beside it, arms for comparison. Bars: the mean over the seen languages and over the unseen ones. "
-               f"{esc(_error_words(st))}")
+               f"{esc(_error_words(st, metric))}")
     return _figure("unseen", number, svg, caption)
 
 
@@ -780,13 +788,14 @@ def _fig_diversity(st: _Study, number: int) -> str:
         return _omitted("diversity", number, "average against k", "the diversity arms have no values.")
     kmax = max(max(x for x, _ in pts), 1.0)
     ticks = [(float(k), str(k)) for k in range(1, int(kmax) + 1)]
-    svg = _xy([("diversity-k* arms", PALETTE[2], pts)], [], title="Average over languages against k, the number of "
-              "tuning languages", xlabel="k: languages in the tuning set", ylabel=metric.unit, log_x=False,
+    svg = _xy([("diversity-k* arms", PALETTE[2], pts)], [],
+              title=f"Average over languages against k, the number of tuning languages: {metric.name}",
+              xlabel="k: languages in the tuning set", ylabel=_axis(metric), log_x=False,
               x_ticks=ticks, x_range=(0.5, kmax + 0.5), refs=_refs(metric), fig="diversity", domain=_domain(metric))
     order = st.meta["diversity_order"]
     added = f" Languages are added in the order {esc(', '.join(order))}." if order else ""
     caption = (f"{_metric_words(st, metric)} Each point: the mean over the {len(st.langs)} evaluation languages."
-               f"{added} {esc(_error_words(st))}")
+               f"{added} {esc(_error_words(st, metric))}")
     return _figure("diversity", number, svg, caption)
 
 
@@ -805,10 +814,11 @@ def _fig_bilingual(st: _Study, number: int) -> str:
     rest = [st.average(a, [l for l in st.langs if l not in (x, "en")], metric) for a, x in zip(arms, xs)]
     groups = ["+".join(st.runs[a][0].param["pair"]) for a in arms]
     svg = _bars(groups, [("on X", on_x), ("on English", on_en), ("mean over the other languages", rest)],
-                title="Bilingual pairs: English + X", ylabel=metric.unit, refs=_refs(metric), fig="bilingual",
+                title=f"Bilingual pairs, English + X: {metric.name}", ylabel=_axis(metric), refs=_refs(metric),
+                fig="bilingual",
                 domain=_domain(metric))
     caption = (f"{_metric_words(st, metric)} One group per pair: the score in X, in English, and the mean over the "
-               f"languages in neither. {esc(_error_words(st))}")
+               f"languages in neither. {esc(_error_words(st, metric))}")
     return _figure("bilingual", number, svg, caption)
 
 
@@ -951,8 +961,8 @@ def render(results: dict) -> str:
            f"config {m['config_hash']}; created {m['created']}")
     s: list[str] = []
     s.append("<h2>How to read this report</h2>")
-    s.append(f'<p class="note">{_metric_words(st, st.metric, lines=False)}{_reference_words(st) if st.metric.key == "delta" else ""} '
-             f"{esc(_error_words(st))}</p>")
+    reference = _reference_words(st) if st.metric.key == "delta" else ""
+    s.append(f'<p class="note">{_metric_words(st, st.metric, lines=False)}{reference} {esc(_error_words(st, st.metric))}</p>')
     absent = _absent(st)
     if absent:
         s.append('<ul class="note absent">' + "".join(f"<li>{esc(a)}</li>" for a in absent) + "</ul>")
