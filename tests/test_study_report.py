@@ -434,6 +434,7 @@ _DELETE = object()
     (("arms", 0, "mixture", "en"), -3, r"\['arms'\]\[0\]\['mixture'\] must be a dict of language -> example count"),
     (("arms", 2, "arm"), "mono-en", r"\['arms'\]\[2\] must be unique per arm and seed"),
     (("arms", 1, "param", "lang"), "fi", r"\['arms'\]\[1\] must be the family and param of the other seeds"),
+    (("study", "absent"), ["judge", "fidelity"], r"\['fidelity'\] must be null: study\['absent'\] lists 'fidelity'"),
 ])
 def test_malformed_results_raise_value_error_naming_the_key(path, value, message):
     res = study_results(arms="reduced", seeds=(0, 1), judge=False)
@@ -454,3 +455,18 @@ def test_runs_not_done_are_listed_not_drawn():
     page = study_report.render(res)
     assert "unimax (seed 1: failed)" in page
     assert [c["seed"] for c in _parse(page).cells if c["arm"] == "unimax" and c["data-lang"] == "en"] == [0, 0]
+
+
+def test_arms_with_one_seed_beside_arms_with_several():
+    """An arm run once shows its own interval; a monolingual arm missing a seed is subtracted as its seeds' mean."""
+    res = study_results()
+    res["arms"] = [r for r in res["arms"] if not (r["arm"] in ("mono-fi", "pinch-n40") and r["seed"] != 0)]
+    page = html_lib.unescape(study_report.render(res))
+    fig = re.search(r'<figure id="fig-per-language-loss".*?</figure>', page, re.S).group(0)
+    assert "mean \u00b1 sd across seeds; an arm that ran one seed shows its own interval (loss_lo..loss_hi)" in fig
+    mono_fi = next(r for r in res["arms"] if r["arm"] == "mono-fi")["metrics"]["fi"]["loss"]
+    pinch = next(r for r in res["arms"] if r["arm"] == "pinch-n40")["metrics"]["fi"]
+    lo, d, hi = (pinch[k] - mono_fi for k in ("loss_lo", "loss", "loss_hi"))
+    assert f"pinch-n40 \u00b7 fi: {d:.4f} [{lo:.4f}, {hi:.4f}] (1 seed)" in fig
+    diffs = [r["metrics"]["fi"]["loss"] - mono_fi for r in res["arms"] if r["arm"] == "percent-p10"]
+    assert f"percent-p10 \u00b7 fi: {statistics.fmean(diffs):.4f} \u00b1 {statistics.stdev(diffs):.4f} (3 seeds)" in fig

@@ -211,13 +211,14 @@ def _validate(results) -> tuple[dict, list[_Run]]:
         if (f.family, f.param) != (run.family, run.param):
             raise _bad(f"['arms'][{i}]", f"the family and param of the other seeds of arm {run.arm!r} "
                        f"({f.family}, {f.param})", {"family": run.family, "param": run.param})
-    if "judge" in study["absent"] or study["judge"] is None:
-        for i, run in enumerate(runs):
-            for lang, m in run.metrics.items():
-                if m["judge"] is not None:
-                    raise _bad(f"['arms'][{i}]['metrics'][{lang!r}]['judge']",
-                               "null: the study has no judge (study['judge'] is null or study['absent'] lists it)",
-                               m["judge"])
+    # a metric the study says it did not compute has no numbers: none is drawn that the study disowns
+    missing = {k: why for k, why in (("judge", "the study has no judge (study['judge'] is null)"),) if study[k] is None}
+    missing.update({k: f"study['absent'] lists {k!r}" for k in ("judge", "fidelity") if k in study["absent"]})
+    for i, run in enumerate(runs):
+        for lang, m in run.metrics.items():
+            for key, why in missing.items():
+                if m[key] is not None:
+                    raise _bad(f"['arms'][{i}]['metrics'][{lang!r}][{key!r}]", f"null: {why}", m[key])
     return study, runs
 
 
