@@ -56,7 +56,10 @@ def study_results(*, arms: str = "full", seeds=(0, 1, 2), judge: bool = True, fi
     ``arms``: "full" (every family: 12 monolingual arms, the pinch, P in 1..100, unseen, k = 1..6, 11 bilingual
     pairs, two temperatures, unimax) or "reduced" (English-only, the pinch, a temperature and unimax).
     A language's loss falls the more of its examples an arm tuned on, and a little with every other language
-    (the transfer the paper measures); the judge score rises the same way; each seed adds its own noise.
+    (the transfer the paper measures); the judge score, side by side against the monolingual arm of the language,
+    rises the same way and is null in the baseline's own cell; each seed adds its own noise. Extra keys the engine
+    writes (absent_reasons, judge_baseline, per-run and per-cell details) are there too: the report ignores or
+    reads them.
     """
     if arms == "full":
         spec = [("monolingual", {"lang": l}, f"mono-{l}") for l in LANGS]
@@ -76,7 +79,10 @@ def study_results(*, arms: str = "full", seeds=(0, 1, 2), judge: bool = True, fi
         "study": {"name": f"pinch-{arms}", "config_hash": "9f2c4e1ab37d5c60", "backend": "tiny", "model": None,
                   "languages": list(LANGS), "seen": list(SEEN), "unseen": list(UNSEEN), "seeds": list(seeds),
                   "judge": "qwen-judge-7b" if judge else None, "absent": absent, "diversity_order": list(ORDER),
-                  "created": "2026-12-06T22:00:00+00:00", "engine_version": "0.1.0"},  # an extra key: ignored
+                  "created": "2026-12-06T22:00:00+00:00",
+                  "absent_reasons": {k: f"no {k} was configured (set [{k}] to add it)" for k in absent},
+                  "judge_baseline": "monolingual" if judge else None, "judge_missing_baselines": [],
+                  "heldout_records": 600},
         "arms": [],
     }
     for family, param, arm in spec:
@@ -90,13 +96,20 @@ def study_results(*, arms: str = "full", seeds=(0, 1, 2), judge: bool = True, fi
                 loss = 3.2 + 0.05 * i - 0.55 * share ** 0.25 - 0.15 * breadth + rng.gauss(0, 0.02)
                 half = 0.04 + 0.01 * rng.random()
                 score = min(0.97, max(0.03, 0.2 + 0.45 * share ** 0.25 + 0.2 * breadth + rng.gauss(0, 0.03)))
+                judged = judge and arm != f"mono-{lang}"  # the baseline is not judged against itself
+                fid = min(1.0, 0.5 + share + 0.1 * rng.random())
                 metrics[lang] = {"loss": loss, "loss_lo": loss - half, "loss_hi": loss + half, "n": 50 + i,
-                                 "judge": score if judge else None,
-                                 "judge_lo": score - 0.08 if judge else None, "judge_hi": score + 0.08 if judge else None,
-                                 "fidelity": min(1.0, 0.5 + share + 0.1 * rng.random()) if fidelity else None}
+                                 "tokens": 900 + 7 * i,
+                                 "judge": score if judged else None, "judge_lo": score - 0.08 if judged else None,
+                                 "judge_hi": score + 0.08 if judged else None,
+                                 "fidelity": fid if fidelity else None, "fidelity_lo": fid - 0.1 if fidelity else None,
+                                 "fidelity_hi": min(1.0, fid + 0.1) if fidelity else None,
+                                 **({"wins": 30, "ties": 4, "losses": 16, "invalid": 0, "baseline": f"mono-{lang}"}
+                                    if judged else {})}
             out["arms"].append({"arm": arm, "family": family, "param": copy.deepcopy(param),
                                 "train_languages": [l for l in LANGS if mix.get(l, 0) > 0], "mixture": mix,
-                                "seed": seed, "status": "done", "metrics": metrics, "seconds": 12.5})
+                                "seed": seed, "status": "done", "metrics": metrics, "run": f"{arm}-{seed:04d}",
+                                "cached": False, "examples": TOTAL, "seconds": {"train": 12.5}})
     return out
 
 
@@ -211,7 +224,8 @@ def test_full_grid_draws_every_figure_in_chromium(full, tmp_path):
     assert len(by_name["unseen"]["marks"]) == 5 * 2
     assert len(by_name["diversity"]["marks"]) == 6
     assert len(by_name["bilingual"]["marks"]) == 11 * 3
-    assert "the judge's score (qwen-judge-7b)" in by_name["per-language"]["caption"]
+    assert ("side-by-side score of each arm against the monolingual arm of the same language (mono-<lang>), judged "
+            "by qwen-judge-7b") in by_name["per-language"]["caption"]
     assert "higher is better" in by_name["per-language"]["caption"]
     assert "lower is better" in by_name["per-language-loss"]["caption"]
 
@@ -303,14 +317,19 @@ def test_table_numbers_are_the_input_numbers(full, full_html):
     cells = _parse(full_html).cells
     runs = {(r["arm"], r["seed"]): r for r in full["arms"]}
     assert len(cells) == len(runs) * 12 * 3  # loss, judge and fidelity tables
+    blanks = 0
     for c in cells:
         m = runs[c["arm"], c["seed"]]["metrics"][c["data-lang"]]
         v = m[c["metric"]]
+        assert int(c["data-n"]) == m["n"]
+        if v is None:  # the monolingual baseline's own judge cell: no score, and none shown
+            blanks += 1
+            assert c["text"] == "\u2014" and "data-value" not in c and "data-lo" not in c
+            continue
         assert float(c["data-value"]) == v  # exact: the float's repr
         assert c["text"] == f"{v:.3f}"
-        assert int(c["data-n"]) == m["n"]
-        if c["metric"] != "fidelity":
-            assert float(c["data-lo"]) == m[c["metric"] + "_lo"] and float(c["data-hi"]) == m[c["metric"] + "_hi"]
+        assert float(c["data-lo"]) == m[c["metric"] + "_lo"] and float(c["data-hi"]) == m[c["metric"] + "_hi"]
+    assert blanks == 12 * 3  # mono-<lang> in <lang>, three seeds
 
 
 def test_same_input_same_bytes(full, tmp_path):
@@ -470,3 +489,25 @@ def test_arms_with_one_seed_beside_arms_with_several():
     assert f"pinch-n40 \u00b7 fi: {d:.4f} [{lo:.4f}, {hi:.4f}] (1 seed)" in fig
     diffs = [r["metrics"]["fi"]["loss"] - mono_fi for r in res["arms"] if r["arm"] == "percent-p10"]
     assert f"percent-p10 \u00b7 fi: {statistics.fmean(diffs):.4f} \u00b1 {statistics.stdev(diffs):.4f} (3 seeds)" in fig
+
+
+def test_judge_captions_name_the_baseline_and_absent_metrics_their_reason():
+    res = study_results(arms="reduced", seeds=(0, 1), fidelity=False)
+    page = html_lib.unescape(study_report.render(res))
+    assert "<h2>Score per language against monolingual</h2>" in page
+    assert "The baseline's own cells have no score." in page
+    assert ("fidelity: not computed \u2014 the fidelity columns are absent, not zero. "
+            "<i>no fidelity was configured (set [fidelity] to add it)</i>") in page
+    res["study"]["judge_baseline"] = "mono-en"
+    page = html_lib.unescape(study_report.render(res))
+    assert "<h2>Score per language against mono-en</h2>" in page and "against mono-en, judged by" in page
+    del res["study"]["judge_baseline"]  # an engine that does not say: the score is shown as recorded
+    page = html_lib.unescape(study_report.render(res))
+    assert "the judge's score (qwen-judge-7b) as the study recorded it" in page
+
+
+def test_unseen_figure_needs_both_language_groups():
+    res = study_results(seeds=(0,), judge=False)
+    res["study"]["unseen"] = []  # a study over languages that all were tuned on
+    notes = _omitted(study_report.render(res))
+    assert list(notes) == ["unseen"] and "study['unseen'] is empty" in notes["unseen"]

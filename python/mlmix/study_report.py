@@ -40,7 +40,7 @@ _STUDY_KEYS = ("name", "config_hash", "backend", "model", "languages", "seen", "
                "diversity_order", "created")
 _RUN_KEYS = ("arm", "family", "param", "train_languages", "mixture", "seed", "status", "metrics")
 _METRIC_REQUIRED = ("loss", "loss_lo", "loss_hi", "n")
-_METRIC_OPTIONAL = ("judge", "judge_lo", "judge_hi", "fidelity")
+_METRIC_OPTIONAL = ("judge", "judge_lo", "judge_hi", "fidelity", "fidelity_lo", "fidelity_hi")
 _DASH = "\u2014"  # what a value that is missing or not finite reads as
 _FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, 'Noto Sans', sans-serif"
 _BETTER, _WORSE, _NEUTRAL = (0, 114, 178), (213, 94, 0), (247, 247, 247)  # Okabe-Ito blue and vermillion
@@ -139,7 +139,7 @@ def _check_run(r, i: int, languages: list[str]) -> _Run:
         codes = [codes] if isinstance(codes, str) else codes or []
         if r["family"] in ("monolingual", "bilingual") and any(c not in languages for c in codes):
             raise _bad(f"{where}['param'][{key!r}]", "languages of study['languages']", param[key])
-    train = _str_list(r["train_languages"], f"{where}['train_languages']", allowed=languages)
+    train = _str_list(r["train_languages"], f"{where}['train_languages']")  # the data may hold other languages
     mix = r["mixture"]
     if not isinstance(mix, dict) or not all(isinstance(k, str) and _is_int(v) and v >= 0 for k, v in mix.items()):
         raise _bad(f"{where}['mixture']", "a dict of language -> example count (integer >= 0)", mix)
@@ -291,6 +291,14 @@ class _Study:
         self.judge_metric = _Metric("judge", f"judge score ({self.meta['judge']})", "judge score", "higher",
                                     0.5 if in_unit else None)
         self.metric = self.judge_metric if self.has["judge"] else self.loss_metric
+        # optional keys the study engine adds: what the judge compared against, and why a metric is absent
+        base = self.meta.get("judge_baseline")
+        self.judge_baseline = base if isinstance(base, str) else None
+        missing = self.meta.get("judge_missing_baselines")
+        self.missing_baselines = [x for x in missing if isinstance(x, str)] if isinstance(missing, list) else []
+        reasons = self.meta.get("absent_reasons")
+        self.absent_reasons = ({k: v for k, v in reasons.items() if isinstance(k, str) and isinstance(v, str)}
+                               if isinstance(reasons, dict) else {})
 
     def _arm_key(self, r: _Run) -> tuple:
         p = r.param
@@ -482,7 +490,7 @@ def _heatmap(st: _Study, arms: Sequence[str], metric: _Metric, title: str, fig: 
     """Arms x languages; a cell's colour is its mean (blue: better), its text the mean and the +- of its bar."""
     langs = st.langs
     label_w, cw, ch, top = 150, max(44, min(60, 680 // max(len(langs), 1))), 30, 52
-    width = int(label_w + cw * len(langs) + 16)
+    width = max(int(label_w + cw * len(langs) + 16), 820)  # room for the title and the colour key
     height = top + ch * len(arms) + 56
     cells = {(a, l): st.cell(a, l, metric) for a in arms for l in langs}
     means = [e.mean for e in cells.values() if e is not None]
@@ -659,8 +667,17 @@ def _metric_words(st: _Study, metric: _Metric, *, lines: bool = True) -> str:
     """What a figure's metric is and which direction is better; ``lines``: the figure draws its reference line."""
     if metric.key == "judge":
         parity = f" 0.5 is parity{' (dashed line)' if lines else ''}." if metric.center == 0.5 else ""
-        return (f"Metric: the judge's score ({esc(st.meta['judge'])}) as the study recorded it; "
-                f"<b>higher is better</b>.{parity}")
+        base = st.judge_baseline
+        if base is None:
+            return (f"Metric: the judge's score ({esc(st.meta['judge'])}) as the study recorded it; "
+                    f"<b>higher is better</b>.{parity}")
+        against = ("the monolingual arm of the same language (mono-&lt;lang&gt;)" if base == "monolingual"
+                   else esc(base))
+        missing = (f" Languages without their baseline arm ({esc(', '.join(st.missing_baselines))}) have no score."
+                   if st.missing_baselines else "")
+        return (f"Metric: side-by-side score of each arm against {against}, judged by {esc(st.meta['judge'])} in "
+                f"both orders, (wins + ties/2) / n; <b>higher is better</b>.{parity} The baseline's own cells have "
+                f"no score.{missing}")
     if metric.key == "loss":
         return ("Metric: held-out loss in nats per token (no monolingual arm ran, so there is nothing to subtract); "
                 "<b>lower is better</b>.")
@@ -824,8 +841,8 @@ def _fig_bilingual(st: _Study, number: int) -> str:
 
 
 # ---- tables ------------------------------------------------------------------------------------------------
-def _absent(st: _Study) -> list[str]:
-    """One line per metric the study did not compute, named as study['absent'] names it."""
+def _absent(st: _Study) -> list[tuple[str, Optional[str]]]:
+    """(line, the study's reason or None) per metric the study did not compute, named as study['absent'] names it."""
     names = list(st.meta["absent"])
     if st.meta["judge"] is None and "judge" not in names:
         names.insert(0, "judge")
@@ -837,11 +854,12 @@ def _absent(st: _Study) -> list[str]:
         if name == "judge":
             why = ("not configured" if st.meta["judge"] is None else
                    f"configured ({st.meta['judge']}) but no scores were recorded")
-            lines.append(f"judge: {why} \u2014 the score columns are absent, not zero.")
+            line = f"judge: {why} \u2014 the score columns are absent, not zero."
         elif name == "fidelity":
-            lines.append("fidelity: not computed \u2014 the fidelity columns are absent, not zero.")
+            line = "fidelity: not computed \u2014 the fidelity columns are absent, not zero."
         else:
-            lines.append(f"{name}: not computed \u2014 its columns are absent, not zero.")
+            line = f"{name}: not computed \u2014 its columns are absent, not zero."
+        lines.append((line, st.absent_reasons.get(name)))
     return lines
 
 
@@ -889,7 +907,7 @@ def _lang_table(st: _Study, key: str) -> str:
                 if m is None:
                     cells.append(f'<td class="na" data-lang="{esc(lang)}">{_DASH}</td>')
                     continue
-                lo, hi = (m.get(f"{key}_lo"), m.get(f"{key}_hi")) if key != "fidelity" else (None, None)
+                lo, hi = m[f"{key}_lo"], m[f"{key}_hi"]
                 cells.append(_td(m[key], lang=lang, lo=lo, hi=hi, n=m["n"]))
             rows.append(f'<tr data-arm="{esc(arm)}" data-seed="{r.seed}">{"".join(cells)}</tr>')
     return (f'<table class="per-lang" data-metric="{key}"><thead><tr>{head}</tr></thead>'
@@ -933,7 +951,7 @@ svg .guide {{ stroke: {PALETTE[5]}; stroke-width: 1; stroke-dasharray: 2 3; }}
 table {{ border-collapse: collapse; width: 100%; background: #fff; font-size: 12.5px; }}
 th, td {{ padding: 4px 7px; text-align: right; border-bottom: 1px solid #eef0f4; white-space: nowrap; }}
 th:first-child, td:first-child {{ text-align: left; }} th {{ background: #eef1f6; font-weight: 600; }}
-td.na {{ color: #8a93a5; }} .meta td {{ text-align: left; white-space: normal; }}
+td.na {{ color: #8a93a5; }} .meta td, .meta th {{ text-align: left; white-space: normal; }}
 table.summary td:nth-child(-n+3), table.summary th:nth-child(-n+3) {{ text-align: left; }}
 .scroll {{ overflow-x: auto; }}
 .note {{ font-size: 13px; color: #5b6475; }}
@@ -966,12 +984,17 @@ def render(results: dict) -> str:
     s.append(f'<p class="note">{_metric_words(st, st.metric, lines=False)}{reference} {esc(_error_words(st, st.metric))}</p>')
     absent = _absent(st)
     if absent:
-        s.append('<ul class="note absent">' + "".join(f"<li>{esc(a)}</li>" for a in absent) + "</ul>")
+        s.append('<ul class="note absent">' + "".join(
+            f"<li>{esc(line)}{f' <i>{esc(why)}</i>' if why else ''}</li>" for line, why in absent) + "</ul>")
     if st.not_done:
         s.append(f'<p class="note">Runs not done, left out of every figure and table: '
                  f'{esc(", ".join(f"{r.arm} (seed {r.seed}: {r.status})" for r in st.not_done))}.</p>')
-    s.append("<h2>Score per language against monolingual</h2>" if st.metric.key == "delta" else
-             "<h2>Score per language, every arm (the monolingual arms among them)</h2>")
+    if st.metric.key == "delta" or (st.metric.key == "judge" and st.judge_baseline == "monolingual"):
+        s.append("<h2>Score per language against monolingual</h2>")
+    elif st.metric.key == "judge" and st.judge_baseline:
+        s.append(f"<h2>Score per language against {esc(st.judge_baseline)}</h2>")
+    else:
+        s.append("<h2>Score per language, every arm (the monolingual arms among them)</h2>")
     s.append(_fig_per_language(st, st.metric, 1, "per-language"))
     if st.metric.key == "judge" and st.has["loss"]:
         s.append(_fig_per_language(st, st.loss_metric, 1, "per-language-loss").replace(
@@ -992,7 +1015,7 @@ def render(results: dict) -> str:
              f"{esc(', '.join(averaged))}: each averaged over the evaluation languages, then mean \u00b1 sd across "
              "seeds (one seed: the value alone; the \u0394 loss of a one-seed arm: its combined interval).</p>")
     if absent:
-        s.append('<p class="note absent">' + " ".join(esc(a) for a in absent) + "</p>")
+        s.append('<p class="note absent">' + " ".join(esc(line) for line, _ in absent) + "</p>")
     s.append(f'<div class="scroll">{_summary_table(st)}</div>')
     for key, what in (("loss", "Held-out loss (nats per token; lower is better)"),
                       ("judge", f"Judge score ({m['judge']}; higher is better)"),
