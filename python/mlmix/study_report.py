@@ -774,7 +774,7 @@ def _fig_unseen(st: _Study, number: int) -> str:
                         "it needs the unseen arm (family unseen: tuned on the seen languages only); it did not run.")
     if not seen_l or not unseen_l:
         return _omitted("unseen", number, "seen against unseen languages",
-                        "study['seen'] or study['unseen'] is empty, so there is nothing to split.")
+                        f"study[{'seen' if not seen_l else 'unseen'!r}] is empty, so there is nothing to split.")
     others = [a for a in st.runs if a not in unseen and (
         a == st.mono.get("en") or st.runs[a][0].family == "pinch")]
     percent = st.family("percent")
