@@ -340,6 +340,17 @@ def test_same_input_same_bytes(full, tmp_path):
     with open(a, "rb") as fa, open(b, "rb") as fb:
         assert fa.read() == fb.read()
     assert study_report.render(full) == study_report.render(full)
+    # and in another process, whose str hashes (set and dict orders of strings) differ
+    import hashlib
+    import subprocess
+    import sys
+
+    code = ("import hashlib, sys; sys.path.insert(0, sys.argv[1]); from test_study_report import study_results; "
+            "from mlmix import study_report; "
+            "print(hashlib.sha256(study_report.render(study_results()).encode()).hexdigest())")
+    out = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))], check=True,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
+    assert out.strip() == hashlib.sha256(study_report.render(full).encode()).hexdigest()
 
 
 def test_write_report_replaces_only_its_own_output(full, tmp_path):
