@@ -758,7 +758,7 @@ def _fig_percent(st: _Study, number: int) -> str:
               title=f"Average over {len(st.langs)} languages against P: {metric.name}",
               xlabel="P: multilingual examples, % of the tuning set (log scale)", ylabel=_axis(metric), log_x=True,
               x_ticks=ticks, x_range=(lo, hi), refs=_refs(metric), fig="percent", domain=_domain(metric),
-              baseline=(base, f"English-only, P = 0") if base else None)
+              baseline=(base, "English-only, P = 0") if base else None)
     caption = (f"{_metric_words(st, metric)} Each point: the mean over the {len(st.langs)} evaluation languages. "
                f"The pinch (diamond, dotted guide) sits at its share of multilingual examples, n / total examples."
                f"{mono_en} {esc(_error_words(st, metric))}")
@@ -785,8 +785,7 @@ def _fig_unseen(st: _Study, number: int) -> str:
     series = [(f"seen ({', '.join(seen_l)})", [st.average(a, seen_l, metric) for a in arms]),
               (f"unseen ({', '.join(unseen_l)})", [st.average(a, unseen_l, metric) for a in arms])]
     svg = _bars(arms, series, title=f"Seen against unseen languages: {metric.name}", ylabel=_axis(metric),
-                refs=_refs(metric),
-                fig="unseen", domain=_domain(metric))
+                refs=_refs(metric), fig="unseen", domain=_domain(metric))
     caption = (f"{_metric_words(st, metric)} The unseen arm ({esc(', '.join(unseen))}) was tuned on the seen languages "
                f"only; beside it, arms for comparison. Bars: the mean over the seen languages and over the unseen ones. "
                f"{esc(_error_words(st, metric))}")
