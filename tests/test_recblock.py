@@ -62,3 +62,22 @@ def test_take_rejects_rows_out_of_range_and_bad_offsets():
         core._take_strings(values, np.array([0, 2, 9]), np.array([1]))
     with pytest.raises(ValueError, match="offsets must have at least one entry"):
         core._take_strings(values, np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+def test_block_file_round_trip_and_damage(tmp_path):
+    block = RecordBlock.from_records([{"id": "a", "lang": "fi", "text": "hyvä"},
+                                      {"id": "b", "messages": [{"role": "user", "content": "x" * 100}]}])
+    path = tmp_path / "b.rb"
+    block.save(path)
+    back = RecordBlock.load(path)
+    assert back.equals(block) and back.to_records() == block.to_records()
+    back.take([1])  # the loaded columns are ordinary arrays
+    RecordBlock.empty().save(tmp_path / "e.rb")
+    assert RecordBlock.load(tmp_path / "e.rb").to_records() == []
+    raw = path.read_bytes()
+    cases = {"trunc.rb": raw[: len(raw) - 70], "magic.rb": b"NOTABLOCK" + raw[9:], "short.rb": raw[:5], "empty.rb": b"",
+             "header.rb": raw[:17] + b"]" + raw[18:]}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=r"is not a RecordBlock file"):
+            RecordBlock.load(tmp_path / name)

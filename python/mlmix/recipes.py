@@ -166,7 +166,7 @@ class Mixture:
             "rows": [[sid, lang] for sid, lang in self.rows],
         }
         with atomic_file(path, "w", kind="mixture", arg="path") as f:
-            json.dump(doc, f, separators=(",", ":"))
+            f.write(json.dumps(doc, separators=(",", ":")))  # dumps, not dump: dump runs the pure-Python encoder
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Mixture:

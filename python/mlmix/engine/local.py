@@ -50,7 +50,7 @@ def write_blocks(out: str, blocks: Iterable[tuple[int, RecordBlock]]) -> list[li
     os.makedirs(d, exist_ok=True)
     index = []
     for k, (src, block) in enumerate(blocks):
-        block.save(os.path.join(d, f"{k:06d}.npz"))
+        block.save(os.path.join(d, f"{k:06d}.rb"))
         index.append([int(src), len(block)])
     s_write.write_json(os.path.join(d, "index.json"), index)
     return index
@@ -61,7 +61,7 @@ def block_paths(records_dir: str) -> list[tuple[str, int, int]]:
     index = s_write.read_json(os.path.join(records_dir, "index.json"))
     out, first = [], 0
     for k, (_, n) in enumerate(index):
-        out.append((os.path.join(records_dir, f"{k:06d}.npz"), first, n))
+        out.append((os.path.join(records_dir, f"{k:06d}.rb"), first, n))
         first += n
     return out
 

@@ -17,7 +17,7 @@ from ...cache import stage_key
 from ...recblock import TEXT, RecordBlock
 from ..log import rate
 
-VERSION = 3  # 3: the records are cached as RecordBlock columns, not JSON lines
+VERSION = 4  # 3: the records are cached as RecordBlock columns, not JSON lines; 4: in RecordBlock files, not .npz
 UID_SHIFT = 40  # 2**40 records per source, 2**23 sources
 
 
