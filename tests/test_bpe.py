@@ -508,3 +508,26 @@ def test_openai_patterns_against_tiktoken(openai_pairs):
             assert g.tolist() == enc.encode_ordinary(t), f"{name}: {t!r}"
         pieces = [p for p, _ in hf.pre_tokenizer.pre_tokenize_str("12345")]
         assert pieces == (["12345"] if name == "cl100k" else ["123", "45"]), pieces
+
+
+def test_compiled_spec_builds_the_same_encoder(pairs):
+    """bpe.compile_spec (the model as raw bytes and id pairs, what the tokenizer cache keeps) builds an encoder
+    with the same ids as the ByteLevel strings it came from; damaged arrays are a ValueError, not a crash."""
+    import pickle
+
+    from mlmix.bpe import compile_spec, spec_of
+
+    texts = ["Hello wörld, 你好 — Привет!", "  spaces\tand\nlines 12345", "عربى हिन्दी", ""]
+    for name, hf, nb in pairs[:4]:
+        spec = spec_of(json.loads(hf.to_str()))
+        compiled = pickle.loads(pickle.dumps(compile_spec(spec)))
+        assert compile_spec(compiled) is compiled
+        assert "vocab_tokens" not in compiled and compiled["vocab_bytes"].dtype == np.uint8
+        got = NativeBPE.from_spec(compiled).encode_batch(texts)
+        assert got.equals(nb.encode_batch(texts)), name
+    bad_offsets = dict(compiled, vocab_offsets=compiled["vocab_offsets"][::-1].copy())
+    bad_merge = dict(compiled, merges_left=np.full_like(compiled["merges_left"], 2**31))
+    short = dict(compiled, vocab_ids=compiled["vocab_ids"][:-1])
+    for bad, match in ((bad_offsets, "vocab_offsets"), (bad_merge, "merge 0"), (short, "vocab_offsets")):
+        with pytest.raises(ValueError, match=match):
+            NativeBPE.from_spec(bad)

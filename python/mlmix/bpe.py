@@ -31,7 +31,7 @@ import numpy as np
 
 from .ragged import Ragged
 
-__all__ = ["NativeBPE", "Unsupported", "supported", "PATTERNS", "PATTERN_ALIASES"]
+__all__ = ["NativeBPE", "Unsupported", "supported", "spec_of", "compile_spec", "PATTERNS", "PATTERN_ALIASES"]
 
 # Pre-tokenizer regexes with a native scanner (csrc/pretokenize.h) -> (scanner id, family name).
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -251,6 +251,25 @@ def spec_of(d: dict) -> dict[str, Any]:
     """A parsed tokenizer.json -> the native encoder's arguments (plain lists and scalars, picklable), or
     raise :class:`Unsupported`."""
     return _parse(d)
+
+
+_MODEL_STRINGS = ("vocab_tokens", "vocab_ids", "merges_left", "merges_right")
+_MODEL_ARRAYS = ("vocab_bytes", "vocab_offsets", "vocab_ids", "merges_left", "merges_right")
+
+
+def compile_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """:func:`spec_of`'s result with the model as the encoder holds it: the vocabulary's raw bytes, offsets and
+    ids, and the merges as id pairs (numpy arrays), instead of ByteLevel strings. The same encoder builds from
+    either; this one without converting or looking up ~10^6 strings (~0.5 s less for a 150k-250k vocabulary),
+    and it pickles as a few arrays. A compiled spec is returned as it is."""
+    if "vocab_bytes" in spec:
+        return spec
+    from ._core_loader import core
+
+    arrays = core._bpe_compile_model(*(spec[k] for k in _MODEL_STRINGS))
+    out = {k: v for k, v in spec.items() if k not in _MODEL_STRINGS}
+    out.update(zip(_MODEL_ARRAYS, arrays))
+    return out
 
 
 def supported(tokenizer_json) -> tuple[bool, str]:
