@@ -1195,3 +1195,23 @@ def test_document_type_error_is_a_type_and_a_value_error():
     assert issubclass(core.DocumentTypeError, TypeError) and issubclass(core.DocumentTypeError, ValueError)
     with pytest.raises(core.DocumentTypeError, match="not a single bytes"):
         core._dedup_exact_hashes(b"one document", None, False, 0, 1)
+
+
+def test_a_column_of_utf8_texts_gives_what_the_strs_give():
+    """A uint8 Ragged (a RecordBlock's text column) is read as UTF-8 in place: hashes, signatures, shingle sets
+    and duplicates equal those of the same texts as str."""
+    from mlmix.ragged import Ragged
+    from mlmix.recblock import RecordBlock
+
+    rng = random.Random(3)
+    alpha = "abc xyz éüß жизнь 中文字 𝔘𝔫𝔦 \u0301\t\n"
+    texts = ["".join(rng.choice(alpha) for _ in range(rng.randint(0, 50))) for _ in range(400)]
+    texts += [t.upper() for t in texts[:40]] + texts[:40]
+    block = RecordBlock.from_records([{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    col = Ragged(*block.text_column())
+    assert np.array_equal(dedup.exact_hashes(texts), dedup.exact_hashes(col))
+    assert np.array_equal(dedup.minhash_signatures(texts, ngram=3), dedup.minhash_signatures(col, ngram=3))
+    assert dedup.shingle_sets(texts, ngram=3).equals(dedup.shingle_sets(col, ngram=3))
+    assert np.array_equal(dedup.exact_duplicates(texts).cluster, dedup.exact_duplicates(col).cluster)
+    with pytest.raises((TypeError, ValueError)):
+        dedup.exact_hashes(Ragged(np.zeros(3, np.int32), np.array([0, 3])))

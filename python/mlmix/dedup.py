@@ -221,12 +221,15 @@ def _arrow_buffers(texts: Any) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _prepare(texts: Any) -> tuple[Any, np.ndarray | None]:
     """The documents as the core reads them, unnormalised (the core applies normalisation and the
-    UTF-8 errors policy): a pyarrow string array as its (uint8 UTF-8 data, int64 offsets) buffers,
+    UTF-8 errors policy): a pyarrow string array as its (uint8 UTF-8 data, int64 offsets) buffers, a uint8
+    :class:`~mlmix.Ragged` (UTF-8 texts end to end, e.g. ``RecordBlock.text_column``) as its arrays,
     anything else as (tuple of str / bytes, None), whose documents the core reads in place --
     a str's code units as Python stores them, with no encoding or copy. The tuple is the one
     snapshot every core call of a function reads (sizes, hashes, clusters), whatever another
     thread does to the caller's list meanwhile. The core checks each item (None or another type
     is a ValueError naming its index)."""
+    if isinstance(texts, Ragged) and texts.values.dtype == np.uint8:  # a column of UTF-8 texts
+        return texts.values, np.ascontiguousarray(texts.offsets, dtype=np.int64)
     if (type(texts).__module__ or "").startswith("pyarrow"):
         buffers = _arrow_buffers(texts)
         if buffers is not None:
@@ -319,7 +322,8 @@ def exact_duplicates(texts: Sequence[str] | Any, *, langs: Sequence[str] | None 
                      errors: str = "replace", num_threads: int = 0) -> DedupResult:
     """Documents whose normalised texts are equal (by 128-bit hash).
 
-    texts: n documents (str, UTF-8 bytes, or a pyarrow string array). langs: optional n language
+    texts: n documents (str, UTF-8 bytes, a pyarrow string array, or a uint8 :class:`~mlmix.Ragged` of
+    UTF-8 texts). langs: optional n language
     codes; with ``scope="lang"`` documents of different languages are never duplicates, with
     ``"global"`` they may be. keep: ``"first"`` (lowest index), ``"longest"`` (most
     UTF-8 bytes) or n float scores (highest kept, ties to the lowest index).
@@ -418,7 +422,8 @@ def near_duplicates(texts: Sequence[str] | Any, *, threshold: float = 0.8, num_p
                     errors: str = "replace", num_threads: int = 0) -> DedupResult:
     """Clusters of documents whose shingle sets have Jaccard similarity >= threshold.
 
-    texts: n documents (str, UTF-8 bytes, or a pyarrow string array). threshold in (0, 1].
+    texts: n documents (str, UTF-8 bytes, a pyarrow string array, or a uint8 :class:`~mlmix.Ragged` of
+    UTF-8 texts). threshold in (0, 1].
     num_perm: MinHash permutations. ngram: words (or characters) per shingle; shingle:
     ``"auto"`` (per document, by script), ``"word"`` or ``"char"``. bands: LSH bands (must divide
     num_perm); None chooses bands x rows from the threshold (:func:`lsh_params`). verify: check

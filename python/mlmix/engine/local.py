@@ -103,7 +103,7 @@ def _keys(args: tuple) -> dict:
     block = load_block(path)
     if len(rows) != len(block):
         block = block.take(rows)
-    return s_dedup.keys(block.texts(), langs, _WORKER["dd"])
+    return s_dedup.keys(Ragged(*block.text_column(), validate=False), langs, _WORKER["dd"])
 
 
 def _init_worker(threads: int, init: Callable, initargs: tuple) -> None:
@@ -262,10 +262,11 @@ def run_dedup(cfg: dict, records_dir: str, langs: list[str], alive: np.ndarray, 
             for path, first, n in paths:
                 rows = pos[(pos >= first) & (pos < first + n)] - first
                 if rows.size:
-                    texts += load_block(path).take(rows).texts()
+                    texts.append(Ragged(*load_block(path).take(rows).text_column(), validate=False))
                     got.append(uids[first + rows])
             got_uids = np.concatenate(got) if got else np.zeros(0, np.int64)
-            return got_uids, s_dedup.shingle_sets(texts, dd)
+            column = Ragged.concat(texts) if texts else Ragged(np.zeros(0, np.uint8), np.zeros(1, np.int64))
+            return got_uids, s_dedup.shingle_sets(column, dd)
 
         result = s_dedup.resolve(blocks, sub_langs, dd, shingles)
         keep[idx[np.isin(sub_uids, result["removed"])]] = False

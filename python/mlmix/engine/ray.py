@@ -44,6 +44,7 @@ import numpy as np
 from .. import readers
 from .._atomic import atomic_directory
 from .._deps import require
+from ..ragged import Ragged
 from ..recblock import RecordBlock
 from .log import BuildLog, peak_rss_mb
 from .stages import dedup as s_dedup
@@ -176,7 +177,8 @@ class _Prepare:
         table = table.append_column("mask", pa.LargeListArray.from_arrays(offsets, pa.array(masks.values)))
         table = table.append_column("ntok", pa.array(lengths, type=pa.int64()))
         if self.dd is not None:
-            k = s_dedup.keys(block.texts(), lab["lang"], self.dd, num_threads=1)  # one CPU per actor
+            k = s_dedup.keys(Ragged(*block.text_column(num_threads=1), validate=False), lab["lang"], self.dd,
+                             num_threads=1)  # one CPU per actor
             table = table.append_column("scope", pa.array(k["scope"]))
             table = table.append_column("h0", pa.array(k["h"][:, 0]))
             table = table.append_column("h1", pa.array(k["h"][:, 1]))
@@ -390,8 +392,6 @@ def _alive(table):
 
 def _gather_sets(sets_ds):
     """(uids, shingle sets, languages, token counts) of the candidate documents, in uid order, on the driver."""
-    from ..ragged import Ragged
-
     uids, parts, langs, ntok = [], [], [], []
     for table in sets_ds.iter_batches(batch_format="pyarrow", batch_size=None):
         col = table.column("shingles").combine_chunks()

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from ...cache import stage_key
+from ...ragged import Ragged
 from ..log import rate
 
 VERSION = 3
@@ -50,21 +51,22 @@ def scope_code(scope: str) -> int:
     return int.from_bytes(hashlib.blake2b(scope.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def keys(texts: Sequence[str], langs: Sequence[str], dd: Mapping, num_threads: int = 0) -> dict:
+def keys(texts: Sequence[str] | Ragged, langs: Sequence[str], dd: Mapping, num_threads: int = 0) -> dict:
     """The keys of one block: ``h`` (n, 2) uint64 exact hashes, ``scope`` (n,) uint64 codes, and with near
     dedup ``bands`` (n, bands) uint64 LSH keys and ``has`` (n,) bool (False: no shingles, never a near
     duplicate). ``num_threads``: the kernels' threads (0: ``MLMIX_NUM_THREADS``, else the usable cores;
-    the keys do not depend on it)."""
+    the keys do not depend on it). ``texts``: str, or a block's text column (a uint8 Ragged of UTF-8)."""
     from ... import dedup
 
     n = len(texts)
+    docs = texts if isinstance(texts, Ragged) else list(texts)
     codes = {}
     scope = np.fromiter((codes.setdefault(lang, scope_code(lang)) if dd["by_language"] else 0 for lang in langs),
                         dtype=np.uint64, count=n)
-    out = {"h": dedup.exact_hashes(list(texts), num_threads=num_threads) if n else np.zeros((0, 2), np.uint64),
+    out = {"h": dedup.exact_hashes(docs, num_threads=num_threads) if n else np.zeros((0, 2), np.uint64),
            "scope": scope}
     if dd["near"]:
-        sig = dedup.minhash_signatures(list(texts), num_perm=dd["num_perm"], ngram=dd["ngram"], seed=dd["seed"],
+        sig = dedup.minhash_signatures(docs, num_perm=dd["num_perm"], ngram=dd["ngram"], seed=dd["seed"],
                                        num_threads=num_threads) if n else np.zeros((0, dd["num_perm"]), np.uint32)
         out["bands"], out["has"] = dedup.band_keys(sig[:, :dd["bands"] * dd["rows"]], bands=dd["bands"],
                                                    rows=dd["rows"], groups=scope, num_threads=num_threads)
@@ -109,10 +111,11 @@ def near_removed(pairs: np.ndarray, uids: np.ndarray, sets, dd: Mapping) -> tupl
     return np.sort(uids[rep != uids]), int(ok.sum())
 
 
-def shingle_sets(texts: Sequence[str], dd: Mapping, num_threads: int = 0):
+def shingle_sets(texts: Sequence[str] | Ragged, dd: Mapping, num_threads: int = 0):
     from ... import dedup
 
-    return dedup.shingle_sets(list(texts), ngram=dd["ngram"], seed=dd["seed"], num_threads=num_threads)
+    docs = texts if isinstance(texts, Ragged) else list(texts)
+    return dedup.shingle_sets(docs, ngram=dd["ngram"], seed=dd["seed"], num_threads=num_threads)
 
 
 def flat_band_keys(blocks: Mapping, live: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
