@@ -349,11 +349,26 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
                 dist.all_reduce(losses)
                 res[(kind, layout, reshard)] = {"losses": losses / FSDP_WORLD, "grads": grads,
                                                 "tied": model.lm_head.weight is model.model.embed_tokens.weight}
+        # bfloat16 parameters (MixedPrecisionPolicy): lm_head's own group casts the hidden states as it would for
+        # the model's lm_head(hidden); the patched loss against the unpatched model's under the same sharding
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        from mlmix.torch import patch_causal_lm
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for patched in (True, False):
+            model = _tiny_causal_lm("qwen2")
+            if patched:
+                patch_causal_lm(model)
+            model.train()
+            for module in (model.lm_head, *model.model.layers, model):
+                fully_shard(module, mp_policy=policy)
+            out = model(input_ids=batches[0][rows], labels=batches[0][rows])
+            out.loss.backward()
+            res[("bf16", patched)] = {"loss": out.loss.detach().float(), "grads": _full_grads(model)}
         # tensor parallelism of lm_head (a DTensor weight outside any FSDP2 forward) is refused, not mis-scored
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
-
-        from mlmix.torch import patch_causal_lm
 
         model = patch_causal_lm(_tiny_causal_lm("qwen2"))
         parallelize_module(model, init_device_mesh("cpu", (FSDP_WORLD,)), {"lm_head": ColwiseParallel()})
@@ -399,8 +414,21 @@ def test_fsdp2_patched_model_trains_as_one_process(fsdp_runs, kind, layout, resh
 def test_fsdp2_losses_move(fsdp_runs):
     """The trajectories compared above are real ones: every step lowers the loss."""
     for key, got in fsdp_runs[0].items():
-        if isinstance(key, tuple) and "error" not in got:
+        if "losses" in got:
             assert bool((got["losses"].diff() < 0).all()), (key, got["losses"])
+
+
+def test_fsdp2_bfloat16_params(fsdp_runs):
+    """Under MixedPrecisionPolicy(param_dtype=bfloat16) with lm_head in its own group, the patched model's loss and
+    gradients are the unpatched model's, to bfloat16 rounding (the unpatched head rounds its logits to bfloat16;
+    mlmix accumulates them in float32)."""
+    for res in fsdp_runs:
+        ours, theirs = res[("bf16", True)], res[("bf16", False)]
+        torch.testing.assert_close(ours["loss"], theirs["loss"], rtol=5e-3, atol=0)
+        for name, g in theirs["grads"].items():
+            cos = torch.nn.functional.cosine_similarity(ours["grads"][name].flatten().float(),
+                                                        g.flatten().float(), dim=0)
+            assert float(cos) > 0.99, (name, float(cos))
 
 
 def test_tensor_parallel_head_is_refused(fsdp_runs):
