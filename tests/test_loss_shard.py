@@ -17,6 +17,7 @@ the assertions run here.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import socket
 
 import pytest
@@ -270,6 +271,7 @@ FSDP_LAYOUTS = [
     ("qwen2", "root"),             # fully_shard(model): lm_head in the root's group
     ("qwen2", "layers+root"),      # the usual recipe: each decoder layer, then the root
     ("qwen2", "head+layers+root"), # lm_head a group of its own: gathered only inside its own forward
+    ("qwen2", "head"),             # lm_head the only FSDP2 module (the rest replicated, gradients averaged)
     ("llama_tied", "root"),
     ("llama_tied", "layers+root"),
     ("llama_tied", "embed_head+layers+root"),  # tied weights: embedding and lm_head in one group
@@ -293,9 +295,9 @@ def _global_batch():
     return [ids] * STEPS
 
 
-def _train(model, batches, rows=slice(None), after_backward=None):
+def _train(model, batches, rows=slice(None), after_backward=None, sync=None):
     """STEPS steps of SGD with momentum on ``batches[step][rows]``; the loss of each step and the first
-    step's gradients (as ``after_backward(model)`` returns them)."""
+    step's gradients (as ``after_backward(model)`` returns them). ``sync(model)`` runs after each backward."""
     from mlmix.torch import patch_causal_lm
 
     patch_causal_lm(model)
@@ -305,6 +307,8 @@ def _train(model, batches, rows=slice(None), after_backward=None):
     for step, ids in enumerate(batches):
         out = model(input_ids=ids[rows], labels=ids[rows])
         out.loss.backward()
+        if sync is not None:
+            sync(model)
         losses.append(out.loss.detach())
         if step == 0:
             grads = after_backward(model)
@@ -316,6 +320,35 @@ def _train(model, batches, rows=slice(None), after_backward=None):
 def _full_grads(model):
     return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
             for n, p in model.named_parameters()}
+
+
+def _sharded_head_model(fully_shard):
+    model = _tiny_causal_lm("qwen2")
+    for module in (model.lm_head, *model.model.layers, model):
+        fully_shard(module)
+    return model
+
+
+def _fused_head_call(model, ids):
+    """``model(..., fused_lm_head=True)`` as TRL's trainers call it: log-probabilities, entropy and the
+    gradients of TRL's loss."""
+    from mlmix.torch import patch_causal_lm
+
+    patch_causal_lm(model)
+    model.train()
+    out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+    out.loss.backward()
+    return {"log_probs": out.log_probs.detach(), "entropy": out.entropy.detach(), "grads": _full_grads(model)}
+
+
+def _average_replicated_grads(model):
+    """What DDP would do for the parameters FSDP2 does not manage: average their gradients over the ranks."""
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.grad is not None and not hasattr(p.grad, "full_tensor"):
+            dist.all_reduce(p.grad)
+            p.grad.div_(dist.get_world_size())
 
 
 def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
@@ -331,16 +364,18 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
         for kind, layout in FSDP_LAYOUTS:
             for reshard in (True, False):
                 model = _tiny_causal_lm(kind)
-                if layout == "head+layers+root":
+                if layout in ("head+layers+root", "head"):
                     fully_shard(model.lm_head, reshard_after_forward=reshard)
                 if layout == "embed_head+layers+root":
                     fully_shard([model.model.embed_tokens, model.lm_head], reshard_after_forward=reshard)
                 if "layers" in layout:
                     for layer in model.model.layers:
                         fully_shard(layer, reshard_after_forward=reshard)
-                fully_shard(model, reshard_after_forward=reshard)
+                if layout != "head":
+                    fully_shard(model, reshard_after_forward=reshard)
+                sync = _average_replicated_grads if layout == "head" else None
                 try:
-                    losses, grads = _train(model, batches, rows, _full_grads)
+                    losses, grads = _train(model, batches, rows, _full_grads, sync)
                 except Exception as e:  # noqa: BLE001 - reported per layout (the same on both ranks)
                     res[(kind, layout, reshard)] = {"error": f"{type(e).__name__}: {e}"}
                     continue
@@ -349,6 +384,9 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
                 dist.all_reduce(losses)
                 res[(kind, layout, reshard)] = {"losses": losses / FSDP_WORLD, "grads": grads,
                                                 "tied": model.lm_head.weight is model.model.embed_tokens.weight}
+        # TRL's fused_lm_head=True call (its trainers' path) with lm_head in its own group
+        if importlib.util.find_spec("trl") is not None:
+            res["fused_lm_head"] = _fused_head_call(_sharded_head_model(fully_shard), batches[0][rows])
         # bfloat16 parameters (MixedPrecisionPolicy): lm_head's own group casts the hidden states as it would for
         # the model's lm_head(hidden); the patched loss against the unpatched model's under the same sharding
         from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -416,6 +454,19 @@ def test_fsdp2_losses_move(fsdp_runs):
     for key, got in fsdp_runs[0].items():
         if "losses" in got:
             assert bool((got["losses"].diff() < 0).all()), (key, got["losses"])
+
+
+def test_fsdp2_trl_fused_lm_head_call(fsdp_runs):
+    pytest.importorskip("trl")
+    ids = _global_batch()[0]
+    ref = _fused_head_call(_tiny_causal_lm("qwen2"), ids)
+    for rank, res in enumerate(fsdp_runs):
+        got = res["fused_lm_head"]
+        rows = slice(2 * rank, 2 * rank + 2)
+        torch.testing.assert_close(got["log_probs"], ref["log_probs"][rows], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["entropy"], ref["entropy"][rows], rtol=1e-5, atol=1e-6)
+        for name, g in ref["grads"].items():
+            torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_fsdp2_bfloat16_params(fsdp_runs):
