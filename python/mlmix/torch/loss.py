@@ -430,6 +430,13 @@ def patch_causal_lm(model, *, impl: str = "auto", z_loss: float = 0.0, label_smo
     that passes ``position_ids`` runs :func:`mlmix.torch.check_packed_attention` once: a model that would let
     packed examples attend to each other raises ``PackingError`` instead of training wrongly.
 
+    FSDP2 (``torch.distributed.fsdp.fully_shard``) may shard the model before or after patching, with the output
+    layer in the root's group (with or without per-layer groups) or in a group of its own (with the embedding
+    when the weights are tied): where ``lm_head`` is an FSDP2 module the loss runs as its forward (``lm_head(hidden)``), so
+    FSDP2 gathers, reshards and reduce-scatters its weight as for the model's own call. An output weight sharded
+    any other way (a DTensor from tensor parallelism, an FSDP1-wrapped head) raises ``ValueError``; see
+    :func:`vocab_parallel_linear_cross_entropy` for a vocabulary-parallel head.
+
     The model must be called through ``model(...)`` (``nn.Module.__call__``) for the pre-hook to see TRL's calls;
     a wrapper that calls the inner model's ``.forward`` directly (PEFT's tuners) bypasses it when the model was
     patched before TRL's head was added, and TRL's head then runs (PEFT models are untested). Patching twice with
