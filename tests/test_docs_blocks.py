@@ -10,7 +10,9 @@ it is, and the test provides it:
   dedup.md     texts, langs: 40 documents in two languages with exact and near duplicates;
                shards: the same texts in two shards; all_langs: their languages
   loss.md      hidden (tokens, H) with gradients; lm_head (an ``nn.Linear(H, V)``), w = lm_head.weight;
-               labels (some -100); lang_w (a weight per token); model (a LlamaForCausalLM as from_config leaves it)
+               labels (some -100); lang_w (a weight per token); model (a LlamaForCausalLM as from_config leaves it);
+               for the Sharding blocks, the environment torchrun gives one process of a one-process job
+               (RANK=0, WORLD_SIZE=1, MASTER_ADDR, MASTER_PORT)
   recipes.md   batches: (strata, ids) pairs, string strata en/sw/fi and int64 ids
   eval.md      model, base: two tiny LlamaForCausalLM (from_config, random weights); tok: a byte-level BPE
                trained on the demo set, with the ChatML template; records: 3 held-out demo records in en and fi;
@@ -47,6 +49,8 @@ RUN = {
     ("dedup.md", "dedup.cluster_signatures(sig"),
     ("tokenize.md", "tok.encode_records(records"),
     ("loss.md", "linear_cross_entropy(hidden, lm_head.weight, labels)"),
+    ("loss.md", "fully_shard(sharded.lm_head)"),
+    ("loss.md", "vocab_parallel_linear_cross_entropy(hidden, shard, labels"),
     ("recipes.md", "mlmix.StratifiedReservoir("),
     ("eval.md", "ev.evaluate("),
 }
@@ -143,10 +147,13 @@ def test_tokenize(fresh):
     assert ns["tok"].decode(ns["ids"][1]) == "Привет"
 
 
-def test_loss(fresh):
+def test_loss(fresh, monkeypatch):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
+    import socket
     import sys
+
+    import torch.distributed as dist
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import test_hf  # its tiny Llama, as from_config leaves it
@@ -159,8 +166,21 @@ def test_loss(fresh):
     labels[:4] = -100
     lang_w = torch.rand(n)
     model = test_hf._model()
-    ns = _run("loss.md", {"hidden": hidden, "lm_head": lm_head, "w": lm_head.weight, "labels": labels,
-                          "lang_w": lang_w, "model": model})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        monkeypatch.setenv(key, value)
+    try:
+        ns = _run("loss.md", {"hidden": hidden, "lm_head": lm_head, "w": lm_head.weight, "labels": labels,
+                              "lang_w": lang_w, "model": model})
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    # one rank holds every row: the vocabulary-parallel loss is the one-process loss
+    torch.testing.assert_close(ns["vp_loss"], torch.nn.functional.cross_entropy(
+        hidden @ lm_head.weight.T, labels, label_smoothing=0.1))
+    assert ns["shard"].grad is not None and ns["sharded"].lm_head.weight.grad is not None
     logits = hidden @ lm_head.weight.T
     torch.testing.assert_close(ns["per_token"][4:], torch.nn.functional.cross_entropy(logits, labels, reduction="none")[4:])
     ref = torch.nn.functional.cross_entropy(logits, labels, reduction="none")

@@ -191,7 +191,8 @@ def test_public_names_are_the_same_objects_wherever_they_are_imported_from():
     import mlmix.torch
     from mlmix.torch import loss as loss_mod
 
-    assert set(loss_mod.__all__) == {"linear_cross_entropy", "LinearCrossEntropy", "patch_causal_lm"}
+    assert set(loss_mod.__all__) == {"linear_cross_entropy", "LinearCrossEntropy", "patch_causal_lm",
+                                     "vocab_parallel_linear_cross_entropy"}
     for name in loss_mod.__all__:
         assert getattr(mlmix.torch, name) is getattr(loss_mod, name)
     assert (linear_cross_entropy, LinearCrossEntropy, patch_causal_lm) == (

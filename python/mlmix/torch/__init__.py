@@ -14,6 +14,7 @@ _LAZY = {
     "DataLoader": "mlmix.torch.data",
     "linear_cross_entropy": "mlmix.torch.loss",
     "LinearCrossEntropy": "mlmix.torch.loss",
+    "vocab_parallel_linear_cross_entropy": "mlmix.torch.loss",
     "patch_causal_lm": "mlmix.torch.loss",
     "check_packed_attention": "mlmix.torch.packing",
     "PackingError": "mlmix.torch.packing",

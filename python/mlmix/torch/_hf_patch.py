@@ -87,6 +87,60 @@ def _head_operands(hidden, head, scale: float, cast_fp32: bool = False):
     return hidden, weight, bias, off
 
 
+def _fsdp_module_class():
+    """FSDP2's ``FSDPModule`` (the class ``fully_shard`` gives a module), or None where torch has no FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    return FSDPModule
+
+
+def _with_head(head, hidden, fn):
+    """``fn(head, hidden)``, run where the output layer's parameters are what the model's own forward would see.
+
+    ``fn`` reads ``head.weight`` (and bias) outside ``head.forward``. That is right for a plain module and for one
+    inside a larger FSDP2 group (``fully_shard(model)``: the root's forward has gathered it). An output layer that
+    is an FSDP2 module of its own (``fully_shard(model.lm_head)``, or ``fully_shard([embed, lm_head])`` for tied
+    weights) holds only its shard until its own forward is called, and must reshard, and gather again for the
+    backward, at the points FSDP2 chose: so ``fn`` runs as that module's forward, through ``head(hidden)``, which
+    runs FSDP2's hooks (all-gather, mixed-precision cast of ``hidden``, reshard after forward, the backward's
+    all-gather and reduce-scatter) exactly as for the model's own ``lm_head(hidden)`` call. The head's forward is
+    replaced for the duration of that one call only.
+
+    Anything else that shards the weight (a DTensor outside an FSDP2 forward: tensor parallelism through
+    ``parallelize_module``, an FSDP1 wrapper around the head) raises ``ValueError`` rather than computing a loss
+    from a shard.
+    """
+    fsdp2 = _fsdp_module_class()
+    if fsdp2 is not None and isinstance(head, fsdp2):
+        had_own = "forward" in head.__dict__
+        own = head.__dict__.get("forward")
+        head.forward = lambda h: fn(head, h)
+        try:
+            return head(hidden)
+        finally:
+            if had_own:
+                head.forward = own
+            else:
+                del head.forward
+    if type(head).__name__ == "FullyShardedDataParallel" or _is_dtensor(head.weight):
+        raise ValueError(
+            f"patch_causal_lm: the output layer's weight is sharded outside an FSDP2 forward ({type(head).__name__} "
+            f"with weight {type(head.weight).__name__}): it supports FSDP2 (torch.distributed.fsdp.fully_shard) on "
+            "the whole model, on lm_head or on a group holding lm_head; for a vocabulary-parallel output layer call "
+            "mlmix.torch.vocab_parallel_linear_cross_entropy with the local rows")
+    return fn(head, hidden)
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
+
+
 def _base_model(model):
     base = getattr(model, model.base_model_prefix, None)
     if base is None or base is model:
@@ -136,21 +190,26 @@ def _fused_lm_head_output(model, args, kwargs, labels, shift_labels, num_items_i
     softcap = getattr(text_config, "final_logit_softcapping", None)
     # logits/T = cap/T * tanh(scale/T * y / (cap/T)): temperature and logit scale folded into hidden and softcap
     cap = None if softcap is None else float(softcap) / spec.temperature
-    h, w, b, autocast_off = _head_operands(hidden, head, _logit_scale(text_config) / spec.temperature,
-                                           spec.cast_lm_head_to_fp32)
+    scale = _logit_scale(text_config) / spec.temperature
     mask = targets != -100
-    with autocast_off:
-        log_probs = -opts.loss(h, w, targets, bias=b, reduction="none", softcap=cap, impl=opts.impl)
-        stats = [None] * len(TOKEN_STATS)
-        wanted = tuple(name for name in TOKEN_STATS if name in spec.outputs)
-        if wanted:
-            idx = torch.nonzero(mask.reshape(-1)).squeeze(1)
-            h_v = h.reshape(-1, h.shape[-1]).index_select(0, idx)
-            y_v = targets.reshape(-1).index_select(0, idx)
-            for i, t in enumerate(NextTokenStats.apply(h_v, w, b, y_v, cap, wanted)):
-                if t is not None:
-                    # scattered into zeros: every field is 0 (False) at ignored positions, as in TRL
-                    stats[i] = t.new_zeros(mask.numel()).index_copy(0, idx, t).view(mask.shape)
+    wanted = tuple(name for name in TOKEN_STATS if name in spec.outputs)
+
+    def head_outputs(head, hidden):
+        h, w, b, autocast_off = _head_operands(hidden, head, scale, spec.cast_lm_head_to_fp32)
+        with autocast_off:
+            log_probs = -opts.loss(h, w, targets, bias=b, reduction="none", softcap=cap, impl=opts.impl)
+            stats = [None] * len(TOKEN_STATS)
+            if wanted:
+                idx = torch.nonzero(mask.reshape(-1)).squeeze(1)
+                h_v = h.reshape(-1, h.shape[-1]).index_select(0, idx)
+                y_v = targets.reshape(-1).index_select(0, idx)
+                for i, t in enumerate(NextTokenStats.apply(h_v, w, b, y_v, cap, wanted)):
+                    if t is not None:
+                        # scattered into zeros: every field is 0 (False) at ignored positions, as in TRL
+                        stats[i] = t.new_zeros(mask.numel()).index_copy(0, idx, t).view(mask.shape)
+        return log_probs, stats
+
+    log_probs, stats = _with_head(head, hidden, head_outputs)
     if shift_labels is None:
         log_probs, mask = log_probs[:, :-1], mask[:, :-1]
         stats = [None if t is None else t[:, :-1] for t in stats]
@@ -202,11 +261,16 @@ def _mlmix_forward(self, *args, labels=None, shift_labels=None, num_items_in_bat
     text_config = self.config.get_text_config()
     softcap = getattr(text_config, "final_logit_softcapping", None)
     targets, shift = (shift_labels, False) if shift_labels is not None else (labels, True)
-    h, w, b, autocast_off = _head_operands(outputs.last_hidden_state, head, _logit_scale(text_config))
+    scale = _logit_scale(text_config)
     reduction = "mean" if num_items_in_batch is None else "sum"
-    with autocast_off:
-        loss = opts.loss(h, w, targets.to(w.device), bias=b, shift=shift, reduction=reduction, softcap=softcap,
-                         z_loss=opts.z_loss, label_smoothing=opts.label_smoothing, impl=opts.impl)
+
+    def head_loss(head, hidden):
+        h, w, b, autocast_off = _head_operands(hidden, head, scale)
+        with autocast_off:
+            return opts.loss(h, w, targets.to(w.device), bias=b, shift=shift, reduction=reduction, softcap=softcap,
+                             z_loss=opts.z_loss, label_smoothing=opts.label_smoothing, impl=opts.impl)
+
+    loss = _with_head(head, outputs.last_hidden_state, head_loss)
     if num_items_in_batch is not None:
         loss = loss / num_items_in_batch
     # the backbone ran without a cache (above): there is none to return

@@ -24,10 +24,11 @@ Backends (``impl``): ``"cpu"`` runs the blocks with torch tensor ops (it also ru
 gradient in mlmix's fused CUDA kernels (``csrc/cuda/lce.cu``), with the GEMMs on cuBLAS through torch.
 
 The code is split by responsibility: this module holds the public API (:func:`linear_cross_entropy`,
-:class:`LinearCrossEntropy`, :func:`patch_causal_lm`), the input checks and the backend dispatch;
-``_loss_autograd`` the autograd function; ``_loss_cpu`` and ``_loss_cuda`` the two backends' passes;
-``_loss_common`` what they share (options, the backend interface, block sizes); ``_hf_patch`` and ``_trl_head``
-the transformers / TRL integration behind :func:`patch_causal_lm`.
+:class:`LinearCrossEntropy`, :func:`vocab_parallel_linear_cross_entropy`, :func:`patch_causal_lm`), the input
+checks and the backend dispatch; ``_loss_autograd`` the autograd function; ``_loss_parallel`` the
+vocabulary-parallel one (the output layer split by rows over a process group); ``_loss_cpu`` and ``_loss_cuda``
+the two backends' passes; ``_loss_common`` what they share (options, the backend interface, block sizes);
+``_hf_patch`` and ``_trl_head`` the transformers / TRL integration behind :func:`patch_causal_lm`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import math
 from typing import Any, Optional
 
 from .._deps import require
-from . import _loss_cpu, _loss_cuda
+from . import _loss_cpu, _loss_cuda, _loss_parallel
 from ._hf_patch import PatchOptions, install
 from ._loss_autograd import LinearCrossEntropyFunction
 from ._loss_common import DTYPE_CODE, Backend
@@ -48,7 +49,7 @@ from ._trl_head import trl_fused_head as _trl_fused_head
 
 torch = require("torch", "mlmix.torch")
 
-__all__ = ["linear_cross_entropy", "LinearCrossEntropy", "patch_causal_lm"]
+__all__ = ["linear_cross_entropy", "LinearCrossEntropy", "vocab_parallel_linear_cross_entropy", "patch_causal_lm"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _IMPLS = ("auto", "cpu", "cuda")
@@ -173,6 +174,19 @@ def _check_inputs(hidden, weight, labels, bias, token_weights, reduction, label_
         raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
 
 
+def _flat_inputs(hidden, labels, token_weights, shift: bool, ignore_index: int):
+    """(hidden (N, H), labels (N,) int64, token_weights (N,) or None), the labels and weights shifted if asked."""
+    labels = labels.to(torch.int64)
+    if shift:
+        lead = tuple(labels.shape)
+        pad = torch.full(lead[:-1] + (1,), ignore_index, dtype=torch.int64, device=labels.device)
+        labels = torch.cat([labels[..., 1:], pad], dim=-1)
+        if token_weights is not None:
+            token_weights = torch.cat([token_weights[..., 1:], torch.zeros_like(token_weights[..., :1])], dim=-1)
+    tw = None if token_weights is None else token_weights.reshape(-1)
+    return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), tw
+
+
 # --------------------------------------------------------------------------------------------------------------
 # public API
 
@@ -246,15 +260,7 @@ def linear_cross_entropy(
             raise ValueError(f"{name} must be an int >= 0 (0 = automatic), got {val!r}")
     backend = _resolve_impl(impl, hidden.device, hidden.dtype)
     lead = tuple(labels.shape)
-    labels = labels.to(torch.int64)
-    if shift:
-        pad = torch.full(lead[:-1] + (1,), ignore_index, dtype=torch.int64, device=labels.device)
-        labels = torch.cat([labels[..., 1:], pad], dim=-1)
-        if token_weights is not None:
-            token_weights = torch.cat([token_weights[..., 1:], torch.zeros_like(token_weights[..., :1])], dim=-1)
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1)
-    tw = None if token_weights is None else token_weights.reshape(-1)
+    h2, y, tw = _flat_inputs(hidden, labels, token_weights, shift, ignore_index)
     opts = _Options(ignore_index, float(label_smoothing), float(z_loss),
                     None if softcap is None else float(softcap), token_block, vocab_block, bool(low_memory))
     loss, lse = _LinearCrossEntropyFunction.apply(h2, weight, bias, y, tw, opts, reduction, backend)
@@ -290,6 +296,106 @@ class LinearCrossEntropy(torch.nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
 
 
+def vocab_parallel_linear_cross_entropy(
+    hidden: "torch.Tensor",
+    weight: "torch.Tensor",
+    labels: "torch.Tensor",
+    *,
+    process_group=None,
+    vocab_start_index: Optional[int] = None,
+    bias: Optional["torch.Tensor"] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    token_weights: Optional["torch.Tensor"] = None,
+    shift: bool = False,
+    return_lse: bool = False,
+    reduce_grad_hidden: bool = True,
+    impl: str = "auto",
+    token_block: int = 0,
+    vocab_block: int = 0,
+):
+    """:func:`linear_cross_entropy` with the output layer split by vocabulary rows over a process group.
+
+    Tensor parallelism of the output layer, as in Megatron-LM: every rank of ``process_group`` passes the same
+    ``hidden``, ``labels`` (and ``token_weights``) and its own block of rows of the full (V, H) weight. Each rank
+    computes its rows' partial log-sum-exp and target logit block by block (no logits are materialised); one
+    ``all_gather`` of three floats per token combines them, and every rank returns the loss of the full vocabulary
+    (the same bytes on every rank). In the backward each rank's weight and bias gradients cover its own rows and
+    stay local, and the hidden-state gradient is summed over the group with one ``all_reduce``, so that every rank
+    gets the full ``d loss / d hidden``, as Megatron's column-parallel output layer gives it back to the replicated
+    hidden states. Every rank must call the function and backpropagate through it.
+
+    Args:
+        hidden: (tokens, H) or (batch, seq, H), identical on every rank.
+        weight: (rows, H), this rank's rows ``[start, start + rows)`` of the (V, H) output weight; the shards of
+            the group tile ``[0, V)`` (they may differ in size, e.g. V not divisible by the group size).
+        labels: as in :func:`linear_cross_entropy`, numbered in the full vocabulary ``[0, V)``, identical on every
+            rank.
+        process_group: the ``torch.distributed`` group that holds the shards (None: the default group).
+        vocab_start_index: this rank's first row ``start``; None (on every rank) means rank-ordered shards: rank r
+            starts after the rows of ranks 0..r-1 (Megatron's layout, also with uneven shards).
+        bias: this rank's (rows,) slice of the bias, or None.
+        reduce_grad_hidden: sum the hidden-state gradient over the group in the backward (default). Pass False
+            when the layer before already all-reduces it (e.g. your own ``copy_to_tensor_model_parallel_region``):
+            each rank then gets only its rows' part.
+        ignore_index, reduction, label_smoothing, z_loss, softcap, token_weights, shift, impl, token_block,
+        vocab_block: as in :func:`linear_cross_entropy` (label smoothing spreads over the full V; ``z_loss``
+        uses the full lse). The two-pass scheme always runs (the one-pass CPU mode needs the full vocabulary).
+        return_lse: also return the full vocabulary's per-token log-sum-exp (float32, not differentiable).
+
+    Returns:
+        As :func:`linear_cross_entropy`: the loss over the full vocabulary, the same on every rank.
+
+    Raises ``ValueError``, on every rank alike, when the shards do not tile ``[0, V)``, when the ranks disagree
+    on the number of tokens, the hidden size, the labels or the token weights, or for a label outside ``[0, V)``
+    of the full vocabulary (one small ``all_gather`` of sizes and checksums per call checks this).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group: vocab_parallel_linear_cross_entropy needs an initialised torch.distributed "
+                         "process group (torch.distributed.init_process_group), got none")
+    group = dist.group.WORLD if process_group is None else process_group
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"process_group must contain this process (global rank {dist.get_rank()}), "
+                         f"got {process_group!r}")
+    # this rank's own checks; an error joins the group's layout check below, so that the other ranks raise too
+    # instead of waiting for this one in a collective
+    local_error = flat = backend = None
+    try:
+        _check_inputs(hidden, weight, labels, bias, token_weights, reduction, label_smoothing, z_loss, softcap)
+        if not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        for name, val in (("token_block", token_block), ("vocab_block", vocab_block)):
+            if not isinstance(val, int) or val < 0:
+                raise ValueError(f"{name} must be an int >= 0 (0 = automatic), got {val!r}")
+        if vocab_start_index is not None and (isinstance(vocab_start_index, bool)
+                                              or not isinstance(vocab_start_index, int) or vocab_start_index < 0):
+            raise ValueError(f"vocab_start_index must be None or an int >= 0, got {vocab_start_index!r}")
+        backend = _resolve_impl(impl, hidden.device, hidden.dtype)
+        flat = _flat_inputs(hidden, labels, token_weights, shift, ignore_index)
+    except (TypeError, ValueError, RuntimeError) as e:
+        local_error = e
+    h2, y, tw = flat if flat is not None else (None, None, None)
+    need_h = torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad
+    start, vocab = _loss_parallel.group_layout(h2, weight, y, tw, ignore_index, group, vocab_start_index, need_h,
+                                               local_error)
+    lead = tuple(labels.shape)
+    opts = _Options(ignore_index, float(label_smoothing), float(z_loss),
+                    None if softcap is None else float(softcap), token_block, vocab_block, True)
+    shard = _loss_parallel.Shard(group, start, vocab, bool(reduce_grad_hidden))
+    loss, lse = _loss_parallel.VocabParallelFunction.apply(h2, weight, bias, y, tw, opts, reduction, _backend(backend),
+                                                           shard)
+    if reduction == "none":
+        loss = loss.view(lead)
+    if return_lse:
+        return loss, lse.view(lead)
+    return loss
+
+
 # --------------------------------------------------------------------------------------------------------------
 # transformers / TRL integration
 
@@ -323,6 +429,13 @@ def patch_causal_lm(model, *, impl: str = "auto", z_loss: float = 0.0, label_smo
     cache, under which transformers ignores the example boundaries of packed ``position_ids``), and the first call
     that passes ``position_ids`` runs :func:`mlmix.torch.check_packed_attention` once: a model that would let
     packed examples attend to each other raises ``PackingError`` instead of training wrongly.
+
+    FSDP2 (``torch.distributed.fsdp.fully_shard``) may shard the model before or after patching, with the output
+    layer in the root's group (with or without per-layer groups) or in a group of its own (with the embedding
+    when the weights are tied): where ``lm_head`` is an FSDP2 module the loss runs as its forward (``lm_head(hidden)``), so
+    FSDP2 gathers, reshards and reduce-scatters its weight as for the model's own call. An output weight sharded
+    any other way (a DTensor from tensor parallelism, an FSDP1-wrapped head) raises ``ValueError``; see
+    :func:`vocab_parallel_linear_cross_entropy` for a vocabulary-parallel head.
 
     The model must be called through ``model(...)`` (``nn.Module.__call__``) for the pre-hook to see TRL's calls;
     a wrapper that calls the inner model's ``.forward`` directly (PEFT's tuners) bypasses it when the model was
