@@ -128,16 +128,25 @@ void bind_bpe(py::module_& m) {
            py::arg("pre_tokenizer"), py::arg("add_prefix_space"), py::arg("ignore_merges"), py::arg("nfc"), py::arg("vocab_tokens"),
            py::arg("vocab_ids"), py::arg("merges_left"), py::arg("merges_right"),
            py::arg("added_tokens"), py::arg("prefix_ids"), py::arg("suffix_ids"))
-      .def(py::init<int, bool, bool, bool, const py::array&, const py::array&, const py::array&, const py::array&,
-                    const py::array&, const PyEncoder::Added&, const py::array&, const py::array&>(),
-           py::arg("pre_tokenizer"), py::arg("add_prefix_space"), py::arg("ignore_merges"), py::arg("nfc"),
-           py::arg("vocab_bytes"), py::arg("vocab_offsets"), py::arg("vocab_ids"), py::arg("merges_left"),
-           py::arg("merges_right"), py::arg("added_tokens"), py::arg("prefix_ids"), py::arg("suffix_ids"))
       .def("encode_batch", &PyEncoder::encode_batch, py::arg("texts"), py::arg("add_special_tokens"),
            py::arg("split_special_tokens"), py::arg("num_threads"),
            "-> (values uint32, offsets int64, unencoded int64 indices); strings are read in place, GIL released")
       .def_property_readonly("vocab_size", &PyEncoder::vocab_size)
       .def_property_readonly("num_merges", &PyEncoder::num_merges);
+  m.def(
+      "_bpe_encoder_from_model",
+      [](int pre_tokenizer, bool add_prefix_space, bool ignore_merges, bool nfc, const py::array& vocab_bytes,
+         const py::array& vocab_offsets, const py::array& vocab_ids, const py::array& merges_left,
+         const py::array& merges_right, const PyEncoder::Added& added, const py::array& prefix_ids,
+         const py::array& suffix_ids) {
+        return std::make_unique<PyEncoder>(pre_tokenizer, add_prefix_space, ignore_merges, nfc, vocab_bytes,
+                                           vocab_offsets, vocab_ids, merges_left, merges_right, added, prefix_ids,
+                                           suffix_ids);
+      },
+      py::arg("pre_tokenizer"), py::arg("add_prefix_space"), py::arg("ignore_merges"), py::arg("nfc"),
+      py::arg("vocab_bytes"), py::arg("vocab_offsets"), py::arg("vocab_ids"), py::arg("merges_left"),
+      py::arg("merges_right"), py::arg("added_tokens"), py::arg("prefix_ids"), py::arg("suffix_ids"),
+      "A _BpeEncoder from the model as _bpe_compile_model returns it (see mlmix.bpe.compile_spec).");
   m.def(
       "_bpe_compile_model",
       [](const std::vector<std::string>& vocab_tokens, const std::vector<uint32_t>& vocab_ids,

@@ -545,6 +545,7 @@ struct Encoder::Impl {
     std::vector<std::pair<int64_t, int64_t>> span_of_id;
     for (size_t i = 0; i < n; ++i) {
       const uint32_t id = cfg.vocab_ids[i];
+      MLMIX_CHECK(id < (1u << 30), "vocabulary id " << id << " is too large (ids must be below 2^30)");
       if (id >= span_of_id.size()) span_of_id.resize(size_t(id) + 1, {-1, -1});
       span_of_id[id] = {cfg.vocab_offsets[i], cfg.vocab_offsets[i + 1]};
     }

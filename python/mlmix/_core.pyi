@@ -27,11 +27,7 @@ class _BpeEncoder:
     """
     Byte-level BPE encoder (private; use mlmix.bpe.NativeBPE)
     """
-    @typing.overload
     def __init__(self, pre_tokenizer: typing.SupportsInt | typing.SupportsIndex, add_prefix_space: bool, ignore_merges: bool, nfc: bool, vocab_tokens: collections.abc.Sequence[str], vocab_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], merges_left: collections.abc.Sequence[str], merges_right: collections.abc.Sequence[str], added_tokens: collections.abc.Sequence[tuple[str, typing.SupportsInt | typing.SupportsIndex, bool, bool, bool, bool]], prefix_ids: numpy.ndarray, suffix_ids: numpy.ndarray) -> None:
-        ...
-    @typing.overload
-    def __init__(self, pre_tokenizer: typing.SupportsInt | typing.SupportsIndex, add_prefix_space: bool, ignore_merges: bool, nfc: bool, vocab_bytes: numpy.ndarray, vocab_offsets: numpy.ndarray, vocab_ids: numpy.ndarray, merges_left: numpy.ndarray, merges_right: numpy.ndarray, added_tokens: collections.abc.Sequence[tuple[str, typing.SupportsInt | typing.SupportsIndex, bool, bool, bool, bool]], prefix_ids: numpy.ndarray, suffix_ids: numpy.ndarray) -> None:
         ...
     def encode_batch(self, texts: collections.abc.Sequence, add_special_tokens: bool, split_special_tokens: bool, num_threads: typing.SupportsInt | typing.SupportsIndex) -> tuple:
         """
@@ -61,6 +57,10 @@ class _LangidModel:
 def _bpe_compile_model(vocab_tokens: collections.abc.Sequence[str], vocab_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], merges_left: collections.abc.Sequence[str], merges_right: collections.abc.Sequence[str]) -> tuple[numpy.typing.NDArray[numpy.uint8], numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.uint32], numpy.typing.NDArray[numpy.uint32], numpy.typing.NDArray[numpy.uint32]]:
     """
     (vocab_bytes uint8, vocab_offsets int64, vocab_ids uint32, merges_left uint32, merges_right uint32): a tokenizer.json's ByteLevel model as the encoder holds it (see mlmix.bpe.compile_spec).
+    """
+def _bpe_encoder_from_model(pre_tokenizer: typing.SupportsInt | typing.SupportsIndex, add_prefix_space: bool, ignore_merges: bool, nfc: bool, vocab_bytes: numpy.ndarray, vocab_offsets: numpy.ndarray, vocab_ids: numpy.ndarray, merges_left: numpy.ndarray, merges_right: numpy.ndarray, added_tokens: collections.abc.Sequence[tuple[str, typing.SupportsInt | typing.SupportsIndex, bool, bool, bool, bool]], prefix_ids: numpy.ndarray, suffix_ids: numpy.ndarray) -> _BpeEncoder:
+    """
+    A _BpeEncoder from the model as _bpe_compile_model returns it (see mlmix.bpe.compile_spec).
     """
 def _chat_encode_block(encoder: typing.Any, kind: numpy.ndarray, turn_offsets: numpy.ndarray, role_values: numpy.ndarray, role_offsets: numpy.ndarray, content_values: numpy.ndarray, content_offsets: numpy.ndarray, style: typing.SupportsInt | typing.SupportsIndex, default_system: typing.Any, has_bos: bool, fixed: collections.abc.Sequence[numpy.ndarray], header: str, header_ids: numpy.ndarray, train_on: typing.SupportsInt | typing.SupportsIndex, train_glue: typing.SupportsInt | typing.SupportsIndex, token_bytes: typing.Any, reencode: typing.Any, count_header: typing.Any, num_threads: typing.SupportsInt | typing.SupportsIndex) -> tuple:
     """

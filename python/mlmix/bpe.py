@@ -311,7 +311,7 @@ class NativeBPE:
     def __init__(self, spec: dict[str, Any], *, reference=None) -> None:
         from ._core_loader import core
 
-        self._encoder = core._BpeEncoder(**spec)
+        self._encoder = core._bpe_encoder_from_model(**spec) if "vocab_bytes" in spec else core._BpeEncoder(**spec)
         self._pattern = next(n for s, n in PATTERNS.values() if s == spec["pre_tokenizer"])
         # With an NFC normalizer, documents that the NFC quick check cannot prove normalized are encoded by HF
         # tokenizers itself (a tokenizers.Tokenizer, or the JSON text to build one on first need).
