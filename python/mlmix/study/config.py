@@ -34,7 +34,7 @@ DEFAULT_CONFIG: dict = {
     "train": {"backend": "tiny", "model": None, "steps": None, "lr": None, "batch_size": None, "seq_len": None,
               "template": None, "lora": False, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
               "device": "auto", "dtype": "auto", "bpe_vocab_size": 1024},
-    "eval": {"generate": True, "max_new_tokens": None, "batch_size": 16, "fidelity": True, "bootstrap": 1000,
+    "eval": {"generate": True, "max_new_tokens": None, "batch_size": None, "fidelity": True, "bootstrap": 1000,
              "alpha": 0.05},
     "judge": {"kind": "none", "baseline": "monolingual", "ci": "wilson", "base_url": None, "model": None,
               "api_key_env": None, "timeout": 60.0, "max_retries": 4, "backoff": 1.0, "concurrency": 4,
@@ -42,9 +42,12 @@ DEFAULT_CONFIG: dict = {
 }
 
 _BACKEND_DEFAULTS = {
-    # the demo's recipe for the tiny LM (mlmix.demo): 8 x 256-token rows, lr 3e-3, ChatML
-    "tiny": {"steps": 80, "lr": 3e-3, "batch_size": 8, "seq_len": 256, "template": "chatml", "max_new_tokens": 48},
-    "hf": {"steps": 200, "lr": 2e-5, "batch_size": 8, "seq_len": 2048, "template": "auto", "max_new_tokens": 256},
+    # the demo's recipe for the tiny LM (mlmix.demo): 8 x 256-token rows, lr 3e-3, ChatML; its generations are
+    # short and cheap, so they run in few, wide batches (eval_batch_size)
+    "tiny": {"steps": 80, "lr": 3e-3, "batch_size": 8, "seq_len": 256, "template": "chatml", "max_new_tokens": 48,
+             "eval_batch_size": 64},
+    "hf": {"steps": 200, "lr": 2e-5, "batch_size": 8, "seq_len": 2048, "template": "auto", "max_new_tokens": 256,
+           "eval_batch_size": 16},
 }
 _TINY_FIXED = ("batch_size", "seq_len")  # the tiny LM's shape is the demo's; steps and lr may change
 
@@ -260,6 +263,8 @@ def load_config(config: Any = None) -> dict:
             raise _err(f"eval.{key}", e[key], "true or false")
     if e["max_new_tokens"] is None:
         e["max_new_tokens"] = defaults["max_new_tokens"]
+    if e["batch_size"] is None:
+        e["batch_size"] = defaults["eval_batch_size"]
     for key in ("max_new_tokens", "batch_size"):
         if not _is_int(e[key]) or e[key] < 1:
             raise _err(f"eval.{key}", e[key], "an integer >= 1")

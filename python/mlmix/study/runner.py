@@ -373,7 +373,7 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "study", help="the paper's experiments as one benchmark: a grid of mixtures, trained and evaluated alike",
         description="Build a grid of the study's mixtures over one parallel instruction set (monolingual, the pinch, "
-                    "P%% mixtures, the unseen-language split, language diversity, bilingual, temperature, UniMax), "
+                    "P% mixtures, the unseen-language split, language diversity, bilingual, temperature, UniMax), "
                     "train the same model on each with the same recipe, evaluate each per language (held-out loss "
                     "with intervals, language fidelity, the side-by-side judge when configured) and write "
                     "results.json, results.csv and report.html. Finished arms are not retrained on a rerun. Without "
