@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 __all__ = ["evaluate_run", "judge_runs", "baseline_arm", "read_responses"]

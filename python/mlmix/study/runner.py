@@ -196,6 +196,55 @@ def _judge(cfg: Mapping, out: str, judge: Any) -> tuple[Any, Optional[str]]:
     return None, None
 
 
+def _run_arm(arm: arms_mod.Arm, seed: int, ctx: Mapping, progress) -> dict:
+    """Build one arm's mixture, then reuse its finished run or train and evaluate it into ``runs/<key>``
+    (written atomically). Returns the entry the results table is made from."""
+    from .._atomic import atomic_directory, atomic_file
+    from ..cache import stage_key
+
+    cfg, out, t = ctx["cfg"], ctx["out"], ctx["cfg"]["train"]
+    t0 = time.perf_counter()
+    summary = _build(arm, seed, cfg, out, ctx["sources"], ctx["tok_path"])
+    build_s = time.perf_counter() - t0
+    with open(os.path.join(summary["store"], "manifest.json"), "rb") as f:
+        manifest_sha = hashlib.sha256(f.read()).hexdigest()
+    key = stage_key(RUN_FORMAT, manifest_sha, ctx["tok_sha"], t, seed, ctx["held_sha"], ctx["langs"], cfg["eval"])
+    run_dir = os.path.join(out, "runs", key)
+    mixture = {lang: int(n) for lang, n in summary["langs"].items() if int(n) > 0}
+    rec = _load_run(run_dir, key)
+    cached = rec is not None
+    if cached:
+        _say(progress, f"{arm.arm} (seed {seed}): done before, run {key} (not retrained)")
+    else:
+        _say(progress, f"{arm.arm} (seed {seed}): {summary['examples']} examples "
+                       f"({', '.join(f'{k} {v}' for k, v in mixture.items())}), training")
+        with atomic_directory(run_dir, kind="study-run", arg="output") as tmp:
+            trained = train_mod.train_run(summary["store"], t, seed, tmp, vocab_size=ctx["vocab_size"],
+                                          tokenizer_path=ctx["tok_path"], name=arm.arm,
+                                          say=(lambda s: None) if progress is None else progress)
+            t1 = time.perf_counter()
+            ev = evaluate_mod.evaluate_run(trained.model, trained.tokenizer, ctx["held"], ctx["langs"], cfg["eval"],
+                                           seed=seed, max_length=t["seq_len"])
+            eval_s = time.perf_counter() - t1
+            if ev["responses"] is not None:
+                with atomic_file(os.path.join(tmp, "responses.jsonl"), "w") as f:
+                    for row in ev["responses"]:
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            rec = {"format": RUN_FORMAT, "key": key, "status": "done", "arm": arm.arm, "seed": seed,
+                   "mixture": mixture, "examples": summary["examples"], "tokens": summary["tokens"],
+                   "train": dict(t), "params": trained.params, "device": trained.device,
+                   "train_loss": trained.train_loss, "loss_route": ev["loss_route"],
+                   "metrics": ev["metrics"], "has_responses": ev["responses"] is not None,
+                   "seconds": {"train": trained.seconds, "eval": eval_s},
+                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            with atomic_file(os.path.join(tmp, _RUN_FILE), "w") as f:
+                f.write(to_json(rec))  # last: a run.json is the mark of a finished run
+        _say(progress, f"  trained in {rec['seconds']['train']:.1f}s, evaluated in "
+                       f"{rec['seconds']['eval']:.1f}s; run {key}")
+    return {"arm": arm, "seed": seed, "key": key, "dir": run_dir, "rec": rec, "cached": cached,
+            "build_seconds": build_s, "mixture": mixture, "wall_seconds": time.perf_counter() - t0}
+
+
 def run(config: Any = None, *, output: Optional[str] = None, judge: Any = None,
         progress: Optional[Callable[[str], None]] = None) -> dict:
     """Run a study and write ``results.json``, ``results.csv`` and ``report.html`` into its output directory.
@@ -211,9 +260,8 @@ def run(config: Any = None, *, output: Optional[str] = None, judge: Any = None,
 
     Returns the results (the ``mlmix.study/1`` document of ``results.json``, plus ``files``).
     """
-    from .._atomic import atomic_directory, atomic_file
+    from .._atomic import atomic_file
     from .._outputs import claim_directory
-    from ..cache import stage_key
 
     t_start = time.perf_counter()
     cfg = load_config(config)
@@ -246,51 +294,9 @@ def run(config: Any = None, *, output: Optional[str] = None, judge: Any = None,
 
         vocab_size = load_tokenizer({"path": tok_path}).vocab_size
     held_sha = hashlib.sha256(json.dumps(held, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-    entries: list[dict] = []
-    for seed in cfg["seeds"]:
-        for arm in grid:
-            t0 = time.perf_counter()
-            summary = _build(arm, seed, cfg, out, sources, tok_path)
-            build_s = time.perf_counter() - t0
-            with open(os.path.join(summary["store"], "manifest.json"), "rb") as f:
-                manifest_sha = hashlib.sha256(f.read()).hexdigest()
-            key = stage_key(RUN_FORMAT, manifest_sha, tok_sha, t, seed, held_sha, langs, cfg["eval"])
-            run_dir = os.path.join(out, "runs", key)
-            mixture = {lang: int(n) for lang, n in summary["langs"].items() if int(n) > 0}
-            rec = _load_run(run_dir, key)
-            cached = rec is not None
-            if cached:
-                _say(progress, f"{arm.arm} (seed {seed}): done before, run {key} (not retrained)")
-            else:
-                _say(progress, f"{arm.arm} (seed {seed}): {summary['examples']} examples "
-                               f"({', '.join(f'{k} {v}' for k, v in mixture.items())}), training")
-                with atomic_directory(run_dir, kind="study-run", arg="output") as tmp:
-                    trained = train_mod.train_run(summary["store"], t, seed, tmp, vocab_size=vocab_size,
-                                                  tokenizer_path=tok_path, name=arm.arm,
-                                                  say=(lambda s: None) if progress is None else progress)
-                    t1 = time.perf_counter()
-                    ev = evaluate_mod.evaluate_run(trained.model, trained.tokenizer, held, langs, cfg["eval"],
-                                                   seed=seed, max_length=t["seq_len"])
-                    eval_s = time.perf_counter() - t1
-                    if ev["responses"] is not None:
-                        with atomic_file(os.path.join(tmp, "responses.jsonl"), "w") as f:
-                            for row in ev["responses"]:
-                                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    rec = {"format": RUN_FORMAT, "key": key, "status": "done", "arm": arm.arm, "seed": seed,
-                           "mixture": mixture, "examples": summary["examples"], "tokens": summary["tokens"],
-                           "train": dict(t), "params": trained.params, "device": trained.device,
-                           "train_loss": trained.train_loss, "loss_route": ev["loss_route"],
-                           "metrics": ev["metrics"], "has_responses": ev["responses"] is not None,
-                           "seconds": {"train": trained.seconds, "eval": eval_s},
-                           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-                    with atomic_file(os.path.join(tmp, _RUN_FILE), "w") as f:
-                        f.write(to_json(rec))
-                    del trained
-                _say(progress, f"  trained in {rec['seconds']['train']:.1f}s, evaluated in "
-                               f"{rec['seconds']['eval']:.1f}s; run {key}")
-            entries.append({"arm": arm, "seed": seed, "key": key, "dir": run_dir, "rec": rec, "cached": cached,
-                            "build_seconds": build_s, "mixture": mixture,
-                            "wall_seconds": time.perf_counter() - t0})
+    ctx = {"cfg": cfg, "out": out, "sources": sources, "tok_path": tok_path, "tok_sha": tok_sha,
+           "vocab_size": vocab_size, "held": held, "held_sha": held_sha, "langs": langs}
+    entries = [_run_arm(arm, seed, ctx, progress) for seed in cfg["seeds"] for arm in grid]
 
     judged: dict = {}
     absent: list[str] = []

@@ -100,8 +100,8 @@ def _train_hf(store, tcfg, seed, out_dir, say) -> Trained:
         if bars:
             transformers.utils.logging.enable_progress_bar()
     tok = transformers.AutoTokenizer.from_pretrained(tcfg["model"], local_files_only=True)
-    if tcfg["template"] == "chatml":
-        tok.chat_template = CHATML_TEMPLATE
+    if tcfg["template"] == "chatml" or (tcfg["template"] == "auto" and not getattr(tok, "chat_template", None)):
+        tok.chat_template = CHATML_TEMPLATE  # "auto" without a template of its own: ChatML, as the build encodes
     elif tcfg["template"] == "llama3":
         tok.chat_template = LLAMA3_TEMPLATE
     transformers.set_seed(seed)
