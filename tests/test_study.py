@@ -286,7 +286,7 @@ def test_example_full_grid_config_is_valid(tmp_path):
     assert len(grid) == 12 + 1 + 10 + 1 + 6 + 11 + 2  # 43 arms, as the example's header says
 
 
-def test_hf_backend_trains_a_local_model_directory_with_the_trainer(tmp_path):
+def test_hf_backend_trains_a_local_model_directory_with_the_trainer(tmp_path, capsys):
     """backend "hf": a transformers model directory (a tiny Qwen2 as from_config leaves it, with a byte-level BPE
     and ChatML) tuned through the HF Trainer on the arm's packed rows; the run saves a loadable model."""
     import transformers
@@ -302,7 +302,9 @@ def test_hf_backend_trains_a_local_model_directory_with_the_trainer(tmp_path):
     cfg = _config(tmp_path / "study", languages=["en", "fi"], arms={"pinch": [2]},
                   train={"backend": "hf", "model": model_dir, "steps": 2, "batch_size": 2, "seq_len": 256,
                          "lr": 1e-3, "device": "cpu"})
+    capsys.readouterr()
     res = mlmix.study(cfg)
+    assert capsys.readouterr().out == ""  # the Trainer's log lines would break `mlmix study --json`
     (arm,) = res["arms"]
     assert res["study"]["backend"] == "hf" and res["study"]["model"] == model_dir
     assert arm["device"] == "cpu" and arm["mixture"] == {"en": 62, "fi": 2}

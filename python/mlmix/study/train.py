@@ -121,6 +121,8 @@ def _train_hf(store, tcfg, seed, out_dir, say) -> Trained:
         use_cpu=device == "cpu", disable_tqdm=True, bf16=dtype == torch.bfloat16 and device != "cpu",
         fp16=dtype == torch.float16 and device != "cpu")
     trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, data_collator=rows.collator())
+    # without tqdm the Trainer prints its log dicts on stdout, which `mlmix study --json` keeps for the JSON
+    trainer.remove_callback(transformers.PrinterCallback)
     say(f"  training {os.path.basename(tcfg['model'])} for {tcfg['steps']} steps on {device}"
         f"{' with LoRA' if lora else ''}")
     t0 = time.perf_counter()
@@ -130,8 +132,15 @@ def _train_hf(store, tcfg, seed, out_dir, say) -> Trained:
     model = trainer.model
     if lora:
         model = model.merge_and_unload()
+    if losses:
+        say(f"  loss {losses[0]:.3f} at step 1, {losses[-1]:.3f} at step {len(losses)} ({seconds:.1f}s)")
     path = os.path.join(out_dir, "model")
-    model.save_pretrained(path)
+    transformers.utils.logging.disable_progress_bar()  # its "Writing model shards" bar would cut into our lines
+    try:
+        model.save_pretrained(path)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     tok.save_pretrained(path)
     from .._atomic import relax_modes
 
