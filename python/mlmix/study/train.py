@@ -4,7 +4,7 @@ Both read the arm's packed store with mlmix's loader and compute the loss with m
 cross-entropy, and both save a transformers model directory (weights, config, tokenizer with its chat
 template) that ``AutoModelForCausalLM.from_pretrained`` loads, so any evaluation tool can read an arm.
 
-``tiny``: the demo's model and recipe (:mod:`mlmix.demo`: a ~1M-parameter Qwen2-shaped LM trained from
+``tiny``: the demo's model and recipe (:mod:`mlmix.demo`: a Qwen2-shaped LM of about 0.5M parameters trained from
 scratch, rows of 8 x 256 tokens, AdamW with warmup and cosine decay), ``train.steps`` and ``train.lr``
 configurable. ``hf``: ``transformers.Trainer`` on :class:`mlmix.hf.PackedRows` with the model patched by
 :func:`mlmix.torch.patch_causal_lm`; the GPU when one is present (``train.device``), LoRA adapters through
