@@ -159,7 +159,8 @@ def judge_server():
             a = prompt.split("[Response A]\n", 1)[1].split("\n\n[Response B]\n", 1)[0]
             b = prompt.split("[Response B]\n", 1)[1].rsplit("\n\nWhich response", 1)[0]
             verdict = "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
-            data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": verdict}}]}).encode()
+            reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": verdict}}]}
+            data = json.dumps(reply).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
