@@ -14,7 +14,7 @@ import mlmix
 from mlmix.cli import main
 from pipeline_data import parallel_rows, train_tiny_bpe, write_jsonl
 
-COMMANDS = ["demo", "build", "inspect", "report", "info"]
+COMMANDS = ["demo", "build", "inspect", "report", "study", "info"]
 
 
 @pytest.fixture(scope="module")

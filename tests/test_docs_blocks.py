@@ -40,7 +40,7 @@ import mlmix
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGES = ["bpe.md", "dedup.md", "tokenize.md", "store-format.md", "loss.md", "ray.md", "memory.md", "recipes.md",
-         "eval.md", "config.md", "hardening.md", "bad-input.md"]
+         "eval.md", "config.md", "hardening.md", "bad-input.md", "study.md"]
 
 # (page, a string found in exactly one of its Python blocks): run by the test named after the page
 RUN = {
@@ -55,6 +55,9 @@ RUN = {
     ("eval.md", "ev.evaluate("),
 }
 NOT_RUN = {
+    ("study.md", 'mlmix.study("examples/study.toml")'):
+        "trains a model per arm (examples/study.toml needs a real model and data; the bundled default takes "
+        "minutes); tests/test_study.py runs mlmix.study on small grids, with and without an HTTP judge",
     ("loss.md", "AutoModelForCausalLM.from_pretrained(...)"):
         "loads a pretrained model (a hub name or local weights; the page says so); tests/test_loss_trl.py "
         "runs the same patch_causal_lm + SFTTrainer calls on tiny models",

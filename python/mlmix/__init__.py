@@ -14,6 +14,10 @@ from .ragged import Ragged
 # the function after the import keeps `mlmix.pack(...)` a function however the submodule is imported.
 from .pack import PackPlan, pack  # noqa: E402
 
+# The same for mlmix.study: the package (light: its names load lazily) shares its name with the function
+# mlmix.study(config), which stays the function however mlmix.study.* is imported.
+from .study import study  # noqa: E402
+
 __version__ = "0.1.0"
 
 # public name -> (module, attribute or None for the module itself)
@@ -38,7 +42,7 @@ _LAZY = {
     "eval": ("mlmix.eval", None),
 }
 
-__all__ = ["Ragged", "pack", "PackPlan", "build_info", "__version__", *_LAZY]
+__all__ = ["Ragged", "pack", "PackPlan", "study", "build_info", "__version__", *_LAZY]
 
 
 __getattr__, __dir__ = lazy_exports("mlmix", globals(), _LAZY)

@@ -129,7 +129,7 @@ def atomic_directory(path: str | os.PathLike, *, kind: str, overwrite: bool = Tr
     tmp = tempfile.mkdtemp(prefix=_prefix(os.path.basename(path), "tmp"), dir=parent)
     try:
         yield tmp
-        if kind in ("build", "demo", "eval") and not os.path.isfile(os.path.join(tmp, MARKER)):
+        if kind in ("build", "demo", "eval", "study", "study-run") and not os.path.isfile(os.path.join(tmp, MARKER)):
             write_marker(tmp, kind)
         for name in os.listdir(tmp):
             full = os.path.join(tmp, name)

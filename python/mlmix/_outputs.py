@@ -39,6 +39,8 @@ _KIND_NAMES = {
     "build": "an mlmix build output",
     "demo": "an mlmix demo output",
     "eval": "an mlmix eval output",
+    "study": "an mlmix study output",
+    "study-run": "a run (trained arm) of an mlmix study",
     "store": "an mlmix packed store",
     "ragged": "a Ragged array saved by mlmix",
     "cache": "an mlmix stage cache",
@@ -46,7 +48,7 @@ _KIND_NAMES = {
     "report": "an HTML report written by mlmix",
     "mixture": "a mixture manifest written by mlmix",
 }
-_MARKED = ("build", "demo", "eval")  # directory kinds that carry MARKER
+_MARKED = ("build", "demo", "eval", "study", "study-run")  # directory kinds that carry MARKER
 # kinds whose files are checksummed as a whole: nothing else may be written into them
 _SEALED = ("store", "cache-entry", "ragged")
 
@@ -231,7 +233,8 @@ def check_target(path: str | os.PathLike, kinds: str | Iterable[str], *, arg: st
 
 
 def write_marker(directory: str, kind: str, **fields) -> None:
-    """Write ``directory``'s MARKER (kind ``build``, ``demo`` or ``eval``; extra JSON ``fields``)."""
+    """Write ``directory``'s MARKER (kind ``build``, ``demo``, ``eval``, ``study`` or ``study-run``; extra JSON
+    ``fields``)."""
     if kind not in _MARKED:
         raise ValueError(f"kind: expected one of {_MARKED}, got {kind!r}")
     from ._atomic import atomic_file

@@ -1,4 +1,5 @@
-"""The ``mlmix`` command line: ``mlmix demo | build CONFIG | inspect STORE | report STORE | eval CONFIG | info``.
+"""The ``mlmix`` command line: ``mlmix demo | build CONFIG | inspect STORE | report STORE | eval CONFIG |
+study [CONFIG] | info``.
 
 Exit codes: 0 success; 1 a user error (bad config, missing file, bad data: one line on stderr naming
 what is wrong); 2 bad command-line usage (argparse); 130 interrupted. ``--json`` prints one JSON
@@ -193,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval import add_subparser as add_eval_subparser
 
     add_eval_subparser(sub)
+
+    from .study import add_subparser as add_study_subparser
+
+    add_study_subparser(sub)
 
     p = sub.add_parser("info", help="what this installation was built with")
     common(p)

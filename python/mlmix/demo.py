@@ -169,14 +169,16 @@ def _batches(store_path: str, seed: int) -> tuple[Iterator[dict], str]:
     return gen_plain(), "the packed store read by index (mlmix.torch.PackedDataset is not available in this install)"
 
 
-def train(store_path: str, vocab_size: int, steps: int, seed: int, say, name: str) -> tuple[object, list[float]]:
-    """Train the tiny LM on a packed store for ``steps`` steps; returns the model and the loss per step."""
+def train(store_path: str, vocab_size: int, steps: int, seed: int, say, name: str, *,
+          lr: float = 3e-3) -> tuple[object, list[float]]:
+    """Train the tiny LM on a packed store for ``steps`` steps (AdamW at peak ``lr``, warmup then cosine);
+    returns the model and the loss per step."""
     import torch
 
     model = _tiny_lm(vocab_size, seed)
     loss_fn, _ = _loss_fn()
     batches, _ = _batches(store_path, seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(steps // 10, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .stats import DEFAULT_ALPHA, DEFAULT_BOOTSTRAP, check_ci_args
 
-__all__ = ["evaluate", "run", "load_config", "main", "add_subparser", "DEFAULT_CONFIG"]
+__all__ = ["evaluate", "run", "load_config", "load_model", "main", "add_subparser", "DEFAULT_CONFIG"]
 
 DEFAULT_CONFIG: dict = {
     "data": {"source": "demo", "split": "heldout", "languages": None, "max_per_language": 0},
@@ -404,6 +404,14 @@ def _load_model(path: str, tokenizer_path: Optional[str], device: str, dtype: st
         raise ValueError(f"{what}: the tokenizer in {tokenizer_path or path!r} has no chat template; set template = "
                          "\"chatml\" or \"llama3\" in its [[models]] table (the template the model was tuned with)")
     return model, tok
+
+
+def load_model(path: str, *, device: str = "auto", dtype: str = "auto", tokenizer_path: Optional[str] = None,
+               template: Optional[str] = None, what: str = "path"):
+    """A local transformers model directory as ``(model, tokenizer)`` on ``device`` (``"auto"``: CUDA when
+    present); ``template`` as for ``[[models]]`` (None leaves the tokenizer's own); ``what`` names the setting
+    in errors."""
+    return _load_model(path, tokenizer_path, device, dtype, template, what)
 
 
 class _quiet_transformers:
