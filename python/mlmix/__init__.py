@@ -14,9 +14,8 @@ from .ragged import Ragged
 # the function after the import keeps `mlmix.pack(...)` a function however the submodule is imported.
 from .pack import PackPlan, pack  # noqa: E402
 
-# The same for mlmix.study: the package (light: its names load lazily) shares its name with the function
-# mlmix.study(config), which stays the function however mlmix.study.* is imported.
-from .study import study  # noqa: E402
+# mlmix.study is the package (light: its names load lazily), callable as the function: mlmix.study(config).
+from . import study  # noqa: E402
 
 __version__ = "0.1.0"
 

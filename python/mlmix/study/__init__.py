@@ -7,6 +7,8 @@ lazily (torch and transformers load only when a study trains).
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any, Callable, Optional
 
 from .._lazy import lazy_exports
@@ -40,3 +42,14 @@ def study(config: Any = None, *, output: Optional[str] = None, judge: Any = None
 
 
 __getattr__, __dir__ = lazy_exports("mlmix.study", globals(), _LAZY)
+
+
+class _CallableModule(types.ModuleType):
+    """The package is also the function: ``mlmix.study(config)`` runs a study, and ``import mlmix.study.runner``
+    still finds the package (a function bound over the package's name would hide its submodules)."""
+
+    def __call__(self, config: Any = None, **kwargs: Any) -> dict:
+        return study(config, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
