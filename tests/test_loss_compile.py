@@ -25,7 +25,7 @@ from mlmix.torch import linear_cross_entropy, patch_causal_lm
 
 from test_loss import IGNORE, make_inputs, rel_err
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from mlmix.torch import linear_cross_entropy
 
-from test_loss import IGNORE, close, make_inputs, reference, rel_err
+from test_loss import IGNORE, NumpyTileKernels, close, make_inputs, reference, rel_err
 
 
 def reference_lse(h, w, y, *, bias=None, softcap=None, shift=False, ignore_index=IGNORE):
@@ -191,3 +191,59 @@ def test_lse_of_float64_inputs_is_float64_and_exact():
     assert lse.dtype == torch.float64
     assert rel_err(lse, reference_lse(h, w, y, bias=b)) < 1e-12
     assert math.isfinite(float(loss))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the CUDA backend: its orchestration with lse gradients on the CPU (NumPy model of the kernels, as in
+# test_loss.py), then the kernels themselves on a GPU
+
+
+@pytest.mark.parametrize("cap,bias,shift", [(None, False, False), (3.0, True, True)])
+def test_cuda_orchestration_lse_gradient_with_numpy_kernels(monkeypatch, cap, bias, shift):
+    from mlmix.torch import _loss_dispatch
+
+    monkeypatch.setattr(_loss_dispatch, "cuda_kernels", lambda: NumpyTileKernels())
+    monkeypatch.setattr(_loss_dispatch, "stream_handle", lambda device: 0)
+    real_resolve = _loss_dispatch.resolve_impl
+    from mlmix.torch import loss as loss_mod
+
+    # impl="cuda" on CPU tensors: the name "cuda" with the NumPy kernels
+    monkeypatch.setattr(loss_mod, "_resolve_impl", lambda impl, device, dtype: "cuda" if impl == "cuda" else
+                        real_resolve(impl, device, dtype))
+    h, w, b, y, tw = make_inputs((3, 11), 12, 45, bias=bias, weights=True, seed=13)
+    go_lse = random_weights((3, 11), 3)
+    kw = dict(softcap=cap, shift=shift, token_weights=tw, z_loss=1e-3, label_smoothing=0.1)
+    check(h, w, b, y, z_loss_objective, impl="cuda", token_block=5, vocab_block=8, **kw)
+    check(h, w, b, y, objective_random(random_weights((3, 11), 4), go_lse), reduction="none", impl="cuda",
+          token_block=4, vocab_block=16, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,hidden,vocab,tb,vb", SHAPES)
+@pytest.mark.parametrize("cap,bias,shift", [(None, False, False), (4.0, True, True)])
+def test_cuda_lse_gradient_grid(shape, hidden, vocab, tb, vb, cap, bias, shift):
+    h, w, b, y, tw = make_inputs(shape, hidden, vocab, bias=bias, weights=True, seed=vocab)
+    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
+    go_loss, go_lse = random_weights(shape, 1), random_weights(shape, 2)
+    kw = dict(softcap=cap, shift=shift, label_smoothing=0.05)
+    # TF32 may be enabled for float32 GEMMs on the GPU; the kernels themselves are float32
+    tol = 2e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-5
+    for objective, red in ((z_loss_objective, "mean"), (objective_random(go_loss, go_lse), "none")):
+        loss, lse, grads = grads_of(fused, cuda(h), cuda(w), cuda(b), cuda(y), objective, impl="cuda",
+                                    reduction=red, token_weights=cuda(tw), token_block=tb, vocab_block=vb, **kw)
+        _, rlse, rgrads = grads_of(both, h.double(), w.double(), None if b is None else b.double(), y, objective,
+                                   reduction=red, token_weights=tw, **kw)
+        assert rel_err(lse.cpu(), rlse) < tol
+        for got, want in zip(grads, rgrads):
+            assert close(got.cpu(), want, tol, 1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_lse_gradient_bfloat16():
+    h, w, b, y, _ = make_inputs((300,), 96, 5003, dtype=torch.bfloat16, bias=True, seed=11)
+    loss, lse, grads = grads_of(fused, h.cuda(), w.cuda(), b.cuda(), y.cuda(), z_loss_objective, impl="cuda",
+                                softcap=20.0, token_block=128, vocab_block=700)
+    assert lse.dtype == torch.float32
+    _, _, rgrads = grads_of(both, h.double(), w.double(), b.double(), y, z_loss_objective, softcap=20.0)
+    for got, want in zip(grads, rgrads):
+        assert got.dtype == torch.bfloat16 and rel_err(got.cpu(), want) < 2 ** -6
