@@ -19,6 +19,8 @@ rows never reach a GEMM).
 
 from __future__ import annotations
 
+import math
+
 from .._deps import require
 from ._loss_common import Options, acc_dtype
 from ._loss_dispatch import backend as backend_for
@@ -89,7 +91,8 @@ class _Valid:
             return t_v.to(dtype)
         out = torch.zeros((n,) + tuple(t_v.shape[1:]), dtype=dtype, device=t_v.device)
         # converted in row chunks: no second full-size copy next to a float32 accumulator
-        step = max(1, (1 << 24) // max(1, t_v[0].numel() if t_v.dim() > 1 and t_v.shape[0] else 1))
+        row = 1 if t_v.dim() == 1 else max(1, math.prod(t_v.shape[1:]))
+        step = max(1, (1 << 24) // row)
         for r0 in range(0, t_v.shape[0], step):
             r1 = min(t_v.shape[0], r0 + step)
             out.index_copy_(0, self.idx[r0:r1], t_v[r0:r1].to(dtype))
@@ -258,8 +261,9 @@ def _traced(t) -> bool:
 def _stored_grads(ctx, grad_loss):
     """One-pass mode: the gradients were computed in the forward for an incoming gradient of 1; scale them.
 
-    Eagerly they are handed out once and scaled in place (autograd may keep them as .grad; a second backward
-    recomputes them with the backward op). A compiled graph scales them out of place."""
+    Eagerly they are handed out once and scaled in place, not at all for an incoming gradient of 1 (autograd may
+    keep them as .grad; a second backward recomputes them with the backward op). A compiled graph cannot look at
+    the value: it scales them out of place, one elementwise pass and one temporary of their size."""
     grads, ctx.stored = ctx.stored, None
     if _traced(grad_loss):
         grads = [t * grad_loss.to(t.dtype) for t in grads]
