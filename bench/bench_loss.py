@@ -8,7 +8,12 @@ Variants, each in its own process (so that peak RSS is its own):
   mlmix_vocab_parallel  mlmix.torch.vocab_parallel_linear_cross_entropy over MLMIX_BENCH_RANKS (default 2) gloo
                  processes on this machine, each with its rows of the weight and its share of the cores; time =
                  the slowest rank's, peak = the largest rank's (the two-pass scheme, so compare with low_memory)
-(MLMIX_BENCH_VARIANTS=materialised,mlmix picks a subset.)
+  mlmix_lse_zloss  mlmix with return_lse=True and a z-loss built on the returned (differentiable) lse
+  mlmix_compiled   torch.compile(fullgraph=True) of the mlmix step (its custom ops stay opaque to inductor)
+  materialised_compiled   torch.compile of the materialised step: what inductor makes of the reference
+(MLMIX_BENCH_VARIANTS=materialised,mlmix picks a subset.) The other rows time the first call; a compiled row times
+its second call (the first compiles: compile_seconds) next to the same step run eagerly on its second call in the
+same process (eager_warm_seconds), and its peak memory would include the compilation, so it is not shown.
 
 Run: ``pytest bench/bench_loss.py`` (small default: tokens=512, hidden=512, vocab=32,768), or with
 MLMIX_BENCH_FULL=1 for the issue's size (tokens=2048, hidden=1024, vocab=248,044, float32; several minutes).
@@ -29,9 +34,10 @@ from pathlib import Path
 
 FULL = os.environ.get("MLMIX_BENCH_FULL") == "1"
 SIZE = dict(tokens=2048, hidden=1024, vocab=248_044) if FULL else dict(tokens=512, hidden=512, vocab=32_768)
-VARIANTS = tuple(os.environ.get("MLMIX_BENCH_VARIANTS",
-                                "materialised,torch_chunked,mlmix,mlmix_low_memory,mlmix_vocab_parallel").split(","))
+VARIANTS = tuple(os.environ.get("MLMIX_BENCH_VARIANTS", "materialised,torch_chunked,mlmix,mlmix_low_memory,"
+                                "mlmix_vocab_parallel,mlmix_lse_zloss,mlmix_compiled,materialised_compiled").split(","))
 RANKS = int(os.environ.get("MLMIX_BENCH_RANKS", "2"))
+COMPILED = ("mlmix_compiled", "materialised_compiled")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,7 +63,7 @@ def _run_variant(variant: str, tokens: int, hidden: int, vocab: int) -> dict:
         return _run_vocab_parallel(tokens, hidden, vocab)
     h, w, y = _inputs(tokens, hidden, vocab)
     w.requires_grad_(True)
-    if variant == "materialised":
+    if variant in ("materialised", "materialised_compiled"):
         def fn():
             return F.cross_entropy(h @ w.T, y, ignore_index=-100)
     elif variant == "torch_chunked":
@@ -68,6 +74,12 @@ def _run_variant(variant: str, tokens: int, hidden: int, vocab: int) -> dict:
 
         def fn():  # options=None would be the materialised reference path; default options = chunked
             return F.linear_cross_entropy(h, w, y, ignore_index=-100, options=LinearCrossEntropyOptions())
+    elif variant == "mlmix_lse_zloss":
+        from mlmix.torch import linear_cross_entropy
+
+        def fn():
+            loss, lse = linear_cross_entropy(h, w, y, impl="cpu", return_lse=True)
+            return loss + 1e-4 * (lse**2).mean()
     else:
         from mlmix.torch import linear_cross_entropy
 
@@ -75,6 +87,26 @@ def _run_variant(variant: str, tokens: int, hidden: int, vocab: int) -> dict:
 
         def fn():
             return linear_cross_entropy(h, w, y, impl="cpu", low_memory=low_memory)
+
+    compile_seconds = eager_seconds = None
+    if variant in COMPILED:
+        import warnings
+
+        fn().backward()  # eager, warm: the same step without compilation, timed on its second call
+        h.grad = w.grad = None
+        start = time.perf_counter()
+        fn().backward()
+        eager_seconds = time.perf_counter() - start
+        h.grad = w.grad = None
+
+        with warnings.catch_warnings():  # torch 2.13's inductor import warns that TorchScript is deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            step = torch.compile(fn, fullgraph=True)
+            start = time.perf_counter()
+            step().backward()  # compiles the forward and the backward
+        compile_seconds = time.perf_counter() - start
+        h.grad = w.grad = None
+        fn = step
 
     import psutil
 
@@ -86,6 +118,9 @@ def _run_variant(variant: str, tokens: int, hidden: int, vocab: int) -> dict:
     loss.backward()
     elapsed = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if compile_seconds is not None:
+        return {"variant": variant, "seconds": elapsed, "compile_seconds": compile_seconds,
+                "eager_warm_seconds": eager_seconds, "loss": float(loss)}
     return {"variant": variant, "seconds": elapsed, "peak_extra_bytes": (peak - base) * 1024, "loss": float(loss)}
 
 
@@ -172,6 +207,11 @@ def format_table(results: dict, size: dict = SIZE) -> str:
         if "error" in r:
             lines.append(f"{name:<31}  {r['error']}")
             continue
+        if "peak_extra_bytes" not in r:  # compiled: memory includes the compilation
+            lines.append(f"{name:<31}{r['seconds']:>9.2f}{r['seconds'] / base['seconds']:>16.2f}{'-':>15}{'-':>17}"
+                         f"   (compile {r['compile_seconds']:.1f} s; the same step eager, warm: "
+                         f"{r['eager_warm_seconds']:.2f} s)")
+            continue
         mem_ratio = (f"{r['peak_extra_bytes'] / chunked['peak_extra_bytes']:.2f}"
                      if chunked.get("peak_extra_bytes") else "-")
         lines.append(f"{name:<31}{r['seconds']:>9.2f}{r['seconds'] / base['seconds']:>16.2f}"
@@ -201,6 +241,11 @@ def test_linear_cross_entropy_cpu(benchmark):
         benchmark.extra_info["mlmix_memory_vs_torch_chunked"] = (
             ours["peak_extra_bytes"] / results["torch_chunked"]["peak_extra_bytes"])
         benchmark.extra_info["mlmix_time_vs_torch_chunked"] = ours["seconds"] / results["torch_chunked"]["seconds"]
+    for v in COMPILED:
+        if v in results:
+            assert abs(results[v]["loss"] - base["loss"]) < 1e-4 * abs(base["loss"])
+    if "mlmix_compiled" in results:
+        benchmark.extra_info["mlmix_compiled_time_vs_eager"] = results["mlmix_compiled"]["seconds"] / ours["seconds"]
     print("\n" + format_table(results))
 
 

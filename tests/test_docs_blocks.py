@@ -49,6 +49,8 @@ RUN = {
     ("dedup.md", "dedup.cluster_signatures(sig"),
     ("tokenize.md", "tok.encode_records(records"),
     ("loss.md", "linear_cross_entropy(hidden, lm_head.weight, labels)"),
+    ("loss.md", "(ce + z).backward()"),
+    ("loss.md", "torch.compile(head, fullgraph=True)"),
     ("loss.md", "fully_shard(sharded.lm_head)"),
     ("loss.md", "vocab_parallel_linear_cross_entropy(hidden, shard, labels"),
     ("recipes.md", "mlmix.StratifiedReservoir("),
@@ -169,6 +171,12 @@ def test_loss(fresh, monkeypatch):
     labels[:4] = -100
     lang_w = torch.rand(n)
     model = test_hf._model()
+    import warnings
+
+    with warnings.catch_warnings():  # the page compiles with inductor, whose import warns (see the page)
+        warnings.filterwarnings("ignore", message="`torch.jit.script_method` is deprecated",
+                                category=DeprecationWarning)
+        import torch._inductor.compile_fx  # noqa: F401
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -184,6 +192,18 @@ def test_loss(fresh, monkeypatch):
     torch.testing.assert_close(ns["vp_loss"], torch.nn.functional.cross_entropy(
         hidden @ lm_head.weight.T, labels, label_smoothing=0.1))
     assert ns["shard"].grad is not None and ns["sharded"].lm_head.weight.grad is not None
+    # Autograd: the z-loss on the returned lse reached the gradients
+    valid = labels != -100
+    ref_h = hidden.detach().double().requires_grad_(True)
+    logits64 = ref_h @ lm_head.weight.detach().double().T
+    ref = torch.nn.functional.cross_entropy(logits64, labels) + 1e-4 * (logits64.logsumexp(-1)[valid] ** 2).mean()
+    (ref_grad,) = torch.autograd.grad(ref, ref_h)
+    torch.testing.assert_close(ns["lse"].detach()[valid].double(), logits64.logsumexp(-1)[valid].detach())
+    # hidden.grad holds the Autograd block's gradient plus the torch.compile block's
+    head_grad = torch.autograd.grad(ns["head"](hidden, labels), hidden)[0]
+    torch.testing.assert_close(hidden.grad - head_grad, ref_grad.float(), rtol=1e-4, atol=1e-6)
+    # torch.compile: the compiled head gives the eager head's loss
+    torch.testing.assert_close(ns["compiled"](hidden, labels), ns["head"](hidden, labels), rtol=1e-6, atol=0)
     logits = hidden @ lm_head.weight.T
     torch.testing.assert_close(ns["per_token"][4:], torch.nn.functional.cross_entropy(logits, labels, reduction="none")[4:])
     ref = torch.nn.functional.cross_entropy(logits, labels, reduction="none")

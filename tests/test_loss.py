@@ -373,10 +373,11 @@ class NumpyTileKernels:
                                                                  ("none", 0.1, 3.0, True, True),
                                                                  ("sum", 0.0, 2.0, True, False)])
 def test_cuda_orchestration_with_numpy_kernels(monkeypatch, blocks, reduction, smoothing, cap, bias, weights):
+    from mlmix.torch import _loss_autograd, _loss_dispatch
     from mlmix.torch import loss as loss_mod
 
-    monkeypatch.setattr(loss_mod, "_cuda_kernels", lambda: NumpyTileKernels())
-    monkeypatch.setattr(loss_mod, "_stream_handle", lambda device: 0)
+    monkeypatch.setattr(_loss_dispatch, "cuda_kernels", lambda: NumpyTileKernels())
+    monkeypatch.setattr(_loss_dispatch, "stream_handle", lambda device: 0)
     h, w, b, y, tw = make_inputs((3, 11), 12, 45, bias=bias, weights=weights, seed=13)
     kw = dict(reduction=reduction, label_smoothing=smoothing, softcap=cap, z_loss=1e-3)
     tb, vb = blocks
@@ -384,8 +385,8 @@ def test_cuda_orchestration_with_numpy_kernels(monkeypatch, blocks, reduction, s
 
     def via_cuda_path(h_, w_, y_, bias=None, **_):
         tw_flat = None if tw is None else tw.reshape(-1)
-        out, _lse = loss_mod._LinearCrossEntropyFunction.apply(h_.reshape(-1, h_.shape[-1]), w_, bias,
-                                                               y_.reshape(-1), tw_flat, opts, reduction, "cuda")
+        out, _lse = _loss_autograd.fused_linear_cross_entropy(h_.reshape(-1, h_.shape[-1]), w_, bias,
+                                                              y_.reshape(-1), tw_flat, opts, reduction, "cuda")
         return out.view(y_.shape) if reduction == "none" else out
 
     out, grads = loss_and_grads(via_cuda_path, h, w, b, y)

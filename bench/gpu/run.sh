@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fused linear cross-entropy on a GPU machine (no network needed): build and install mlmix, install the
 # competitors' pure-Python wheels from .whl/ when present, run the GPU tests, a compute-sanitizer pass over a
-# small call, then the benchmark table (time, peak extra memory, error against float32 logits).
+# small call, then the benchmark table (time, peak extra memory, error against float32 logits). The GPU tests include
+# the lse gradients (tests/test_loss_lse.py) and torch.compile with CUDA tensors (tests/test_loss_compile.py).
 # Run from the repository root or anywhere: bench/gpu/run.sh [extra args for bench_loss_gpu.py].
 # Meant to finish within 8 minutes on an H100. Logs go to $OUT when set (the device tool's output folder).
 # Bring along (carry) .whl/ with liger_kernel-*.whl and cut_cross_entropy-*.whl (pure Python):
@@ -37,10 +38,16 @@ echo "== GPU tests"
 # run from a scratch directory against the installed package (python/ on sys.path would lack _core)
 tmp=$(mktemp -d)
 cp -r tests "$tmp/" && cp pyproject.toml "$tmp/"
-(cd "$tmp" && timeout 180 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_loss.py) \
+(cd "$tmp" && timeout 180 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_loss.py tests/test_loss_lse.py) \
   >"$logs/tests.log" 2>&1
 tail -15 "$logs/tests.log"
 echo "== tests done at $((SECONDS - start)) s"
+
+echo "== torch.compile on CUDA (the loss's custom ops inside an inductor graph, no graph break, eager's gradients)"
+(cd "$tmp" && timeout 150 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_loss_compile.py) \
+  >"$logs/compile_tests.log" 2>&1
+tail -8 "$logs/compile_tests.log"
+echo "== compile tests done at $((SECONDS - start)) s"
 
 echo "== compute-sanitizer memcheck (small call, all options)"
 if command -v compute-sanitizer >/dev/null; then
@@ -53,9 +60,9 @@ for dtype in (torch.bfloat16, torch.float32):
     w = torch.randn(3001, 48, device="cuda", dtype=dtype, requires_grad=True)
     b = torch.randn(3001, device="cuda", dtype=dtype, requires_grad=True)
     y = torch.randint(0, 3001, (70,), device="cuda"); y[::7] = -100
-    loss = linear_cross_entropy(h, w, y, bias=b, impl="cuda", label_smoothing=0.1, z_loss=1e-4, softcap=30.0,
-                                token_block=32, vocab_block=1000)
-    loss.backward()
+    loss, lse = linear_cross_entropy(h, w, y, bias=b, impl="cuda", label_smoothing=0.1, z_loss=1e-4, softcap=30.0,
+                                     token_block=32, vocab_block=1000, return_lse=True)
+    (loss + 1e-4 * (lse ** 2).mean()).backward()  # the lse gradient joins the softmax coefficient
 torch.cuda.synchronize()
 print("sanitized call ok", float(loss.detach()))
 PY

@@ -24,26 +24,27 @@ Backends (``impl``): ``"cpu"`` runs the blocks with torch tensor ops (it also ru
 gradient in mlmix's fused CUDA kernels (``csrc/cuda/lce.cu``), with the GEMMs on cuBLAS through torch.
 
 The code is split by responsibility: this module holds the public API (:func:`linear_cross_entropy`,
-:class:`LinearCrossEntropy`, :func:`vocab_parallel_linear_cross_entropy`, :func:`patch_causal_lm`), the input
-checks and the backend dispatch; ``_loss_autograd`` the autograd function; ``_loss_parallel`` the
-vocabulary-parallel one (the output layer split by rows over a process group); ``_loss_cpu`` and ``_loss_cuda``
-the two backends' passes; ``_loss_common`` what they share (options, the backend interface, block sizes);
-``_hf_patch`` and ``_trl_head`` the transformers / TRL integration behind :func:`patch_causal_lm`.
+:class:`LinearCrossEntropy`, :func:`vocab_parallel_linear_cross_entropy`, :func:`patch_causal_lm`) and the input
+checks; ``_loss_autograd`` the ``torch.library`` custom ops and their autograd formula (what ``torch.compile``
+sees); ``_loss_dispatch`` the choice of backend; ``_loss_parallel`` the vocabulary-parallel autograd function (the
+output layer split by rows over a process group); ``_loss_cpu`` and ``_loss_cuda`` the two backends' passes;
+``_loss_common`` what they share (options, the backend interface, block sizes); ``_hf_patch`` and ``_trl_head``
+the transformers / TRL integration behind :func:`patch_causal_lm`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any, Optional
+from typing import Optional
 
 from .._deps import require
-from . import _loss_cpu, _loss_cuda, _loss_parallel
+from . import _loss_parallel
 from ._hf_patch import PatchOptions, install
-from ._loss_autograd import LinearCrossEntropyFunction
-from ._loss_common import DTYPE_CODE, Backend
+from ._loss_autograd import fused_linear_cross_entropy as _fused
 from ._loss_common import Options as _Options
-from ._loss_cuda import stream_handle as _stream_handle
+from ._loss_dispatch import IMPLS as _IMPLS
+from ._loss_dispatch import backend as _backend
+from ._loss_dispatch import resolve_impl as _resolve_impl
 from ._trl_head import FusedHead as _FusedHead  # noqa: F401  (the name tests/test_loss_trl.py compares with)
 from ._trl_head import trl_fused_head as _trl_fused_head
 
@@ -52,66 +53,7 @@ torch = require("torch", "mlmix.torch")
 __all__ = ["linear_cross_entropy", "LinearCrossEntropy", "vocab_parallel_linear_cross_entropy", "patch_causal_lm"]
 
 _REDUCTIONS = ("mean", "sum", "none")
-_IMPLS = ("auto", "cpu", "cuda")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# backend selection
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_kernels() -> Any:
-    """The compiled extension if it carries the CUDA kernels, else None."""
-    try:
-        from .._core_loader import core
-    except ImportError:
-        return None
-    if "cuda" not in core.BUILD_INFO.get("backends", ()) or not hasattr(core, "lce_lse_block"):
-        return None
-    return core
-
-
-def _resolve_impl(impl: str, device: "torch.device", dtype) -> str:
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if impl == "cuda" and dtype not in DTYPE_CODE:
-        raise ValueError(f"impl='cuda' supports float32/bfloat16/float16 tensors, got {dtype}; use impl='auto'")
-    if impl == "cpu":
-        if device.type != "cpu":
-            raise ValueError(
-                f"impl='cpu' needs CPU tensors, got tensors on {device}; use impl='auto' or move them to the CPU"
-            )
-        return "cpu"
-    if impl == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"impl='cuda' needs CUDA tensors, got tensors on {device}")
-        if _cuda_kernels() is None:
-            raise RuntimeError(
-                "impl='cuda' was requested but this mlmix build has no CUDA kernels "
-                "(mlmix.build_info()['backends'] lacks 'cuda'); reinstall with a CUDA toolkit or use impl='auto'"
-            )
-        return "cuda"
-    # auto: the fused kernels when they apply, else the blockwise torch path on whatever device the tensors are
-    if device.type == "cuda" and dtype in DTYPE_CODE and _cuda_kernels() is not None:
-        return "cuda"
-    return "cpu"
-
-
-def _backend(name: str) -> Backend:
-    """The passes of the backend ``name`` ("cpu" or "cuda", as :func:`_resolve_impl` chose it)."""
-    if name == "cuda":
-        return _loss_cuda.backend(_cuda_kernels(), _stream_handle)
-    return _loss_cpu.BACKEND
-
-
-class _LinearCrossEntropyFunction(LinearCrossEntropyFunction):
-    """The autograd function with its last argument a backend name, resolved by :func:`_backend` when it runs."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, labels, token_weights, opts: _Options, reduction: str, backend: str):
-        return LinearCrossEntropyFunction.forward(ctx, h, weight, bias, labels, token_weights, opts, reduction,
-                                                  _backend(backend))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -232,8 +174,10 @@ def linear_cross_entropy(
         shift: if True, ``labels`` are aligned with the inputs (Hugging Face style): position i is scored
             against ``labels[..., i + 1]`` and the last position of each sequence is ignored.
             ``token_weights`` are shifted the same way.
-        return_lse: if True, also return the per-token log-sum-exp (float32, shape ``labels.shape``, 0 at ignored
-            positions; not differentiable).
+        return_lse: if True, also return the per-token log-sum-exp (float32, float64 for float64 inputs, shape
+            ``labels.shape``, 0 at ignored positions). It is differentiable (``d lse / d logits = softmax``, through the softcap), so a term the
+            caller builds on it (a z-loss) trains; the lse of an ignored position is the constant 0 and passes no
+            gradient. On the CPU this selects the two-pass scheme when gradients are required.
         impl: ``"auto"`` (fused CUDA kernels for CUDA tensors when compiled in, else the blockwise torch path),
             ``"cuda"`` or ``"cpu"``; an explicitly requested backend that is unavailable raises.
         token_block, vocab_block: block sizes (0 = automatic); they trade memory for GEMM efficiency.
@@ -263,7 +207,7 @@ def linear_cross_entropy(
     h2, y, tw = _flat_inputs(hidden, labels, token_weights, shift, ignore_index)
     opts = _Options(ignore_index, float(label_smoothing), float(z_loss),
                     None if softcap is None else float(softcap), token_block, vocab_block, bool(low_memory))
-    loss, lse = _LinearCrossEntropyFunction.apply(h2, weight, bias, y, tw, opts, reduction, backend)
+    loss, lse = _fused(h2, weight, bias, y, tw, opts, reduction, backend, lse_grad=bool(return_lse))
     if reduction == "none":
         loss = loss.view(lead)
     if return_lse:
