@@ -211,9 +211,8 @@ class VocabParallelFunction(torch.autograd.Function):
             out = loss_v.sum()
         else:
             out = loss_v.sum() / denom if denom > 0 else loss_v.sum() * 0.0
-        lse32 = lse.to(torch.float32)
-        lse_full = lse32 if all_valid else torch.zeros(n, dtype=torch.float32, device=h.device).index_copy_(
-            0, idx, lse32)
+        # as linear_cross_entropy returns it: float32 (float64 for float64 inputs), 0 at ignored positions
+        lse_full = lse.clone() if all_valid else torch.zeros(n, dtype=acc, device=h.device).index_copy_(0, idx, lse)
 
         ctx.save_for_backward(h_v, weight, bias, y_v, w_v, lse, idx)
         ctx.opts, ctx.reduction, ctx.backend, ctx.shard = opts, reduction, backend, shard

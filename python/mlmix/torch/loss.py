@@ -288,7 +288,8 @@ def vocab_parallel_linear_cross_entropy(
         ignore_index, reduction, label_smoothing, z_loss, softcap, token_weights, shift, impl, token_block,
         vocab_block: as in :func:`linear_cross_entropy` (label smoothing spreads over the full V; ``z_loss``
         uses the full lse). The two-pass scheme always runs (the one-pass CPU mode needs the full vocabulary).
-        return_lse: also return the full vocabulary's per-token log-sum-exp (float32, not differentiable).
+        return_lse: also return the full vocabulary's per-token log-sum-exp (float32, float64 for float64 inputs;
+            not differentiable).
 
     Returns:
         As :func:`linear_cross_entropy`: the loss over the full vocabulary, the same on every rank.
