@@ -58,8 +58,6 @@ BUNDLED_DEFAULT: dict = {
     "seeds": [0],
     "arms": {"monolingual": ["en"], "pinch": [11], "percent": [10, 50, 100], "unseen": True,
              "diversity": [1, 2, 3]},
-    # half the demo's 80 steps, so that the 8 trainings fit in ~10 minutes on 2 cores (docs/study.md)
-    "train": {"steps": 40},
 }
 
 

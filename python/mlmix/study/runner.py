@@ -404,9 +404,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
         progress("no CONFIG given: running the bundled default, a reduced grid (English-only, the pinch of "
                  f"{a['pinch'][0]}, P = {'/'.join(str(p) for p in a['percent'])}, the unseen-language split, "
                  f"k = 1..{max(a['diversity'])}) on the bundled 12-language set with the tiny LM on the CPU: 8 "
-                 f"trainings of {BUNDLED_DEFAULT['train']['steps']} steps (diversity-k1 reuses mono-en's), about "
-                 "10 minutes on 2 cores (an estimate from CPU time: docs/study.md); examples/study.toml shows the "
-                 "full grid for a real model")
+                 "trainings of 80 steps (diversity-k1 reuses mono-en's), about 500 CPU-seconds: 7-8 minutes on 2 "
+                 "cores (docs/study.md); examples/study.toml shows the full grid for a real model")
     results = run(args.config, output=args.output, progress=progress)
     if args.json:
         print(to_json(results), end="")
