@@ -29,6 +29,7 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from .._outputs import file_sha256
 from . import arms as arms_mod
 from . import evaluate as evaluate_mod
 from . import train as train_mod
@@ -44,14 +45,6 @@ _RUN_FILE = "run.json"
 def _say(progress: Optional[Callable[[str], None]], text: str) -> None:
     if progress is not None:
         progress(text)
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_jsonl(path: str, what: str) -> list[dict]:
@@ -113,7 +106,7 @@ def _tokenizer(cfg: Mapping, out: str, train: Sequence[Mapping], progress) -> tu
                        if f.startswith(("tokenizer", "special_tokens", "vocab", "merges")) or f.endswith(".tiktoken"))
         h = hashlib.sha256()
         for f in files:
-            h.update(os.path.relpath(f, t["model"]).encode() + b"\0" + _sha256_file(f).encode())
+            h.update(os.path.relpath(f, t["model"]).encode() + b"\0" + file_sha256(f).encode())
         return None, h.hexdigest()
     from ..cache import stage_key
     from ..demo import train_bpe
@@ -134,7 +127,7 @@ def _tokenizer(cfg: Mapping, out: str, train: Sequence[Mapping], progress) -> tu
 
         with atomic_file(meta, "w") as f:
             f.write(want + "\n")
-    return path, _sha256_file(path)
+    return path, file_sha256(path)
 
 
 def _build(arm: arms_mod.Arm, seed: int, cfg: Mapping, out: str, sources: list, tok_path: Optional[str]) -> dict:
