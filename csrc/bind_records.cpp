@@ -138,7 +138,7 @@ py::tuple record_texts_py(const py::array& kind, const py::array& turn_offsets, 
   return py::make_tuple(vector_to_array(std::move(texts.values)), vector_to_array(std::move(texts.offsets)));
 }
 
-py::tuple take_strings_py(const py::array& values, const py::array& offsets, const py::array& rows) {
+py::tuple take_strings_py(const py::array& values, const py::array& offsets, const py::array& rows, int64_t itemsize) {
   int64_t value_bytes = 0, n_offsets = 0, n_rows = 0;
   const uint8_t* v = checked_1d<uint8_t>(values, "values", &value_bytes);
   const int64_t* o = checked_1d<int64_t>(offsets, "offsets", &n_offsets);
@@ -147,7 +147,7 @@ py::tuple take_strings_py(const py::array& values, const py::array& offsets, con
   StringColumn out;
   {
     py::gil_scoped_release release;
-    out = take_strings(v, value_bytes, o, n_offsets - 1, r, n_rows);
+    out = take_strings(v, value_bytes, o, n_offsets - 1, r, n_rows, itemsize);
   }
   return py::make_tuple(vector_to_array(std::move(out.values)), vector_to_array(std::move(out.offsets)));
 }
@@ -165,7 +165,9 @@ void bind_records(py::module_& m) {
         py::arg("role_offsets"), py::arg("content_values"), py::arg("content_offsets"), py::arg("num_threads") = 0,
         "(values uint8, offsets int64): each record's text: see mlmix.recblock.RecordBlock.text_column.");
   m.def("_take_strings", &take_strings_py, py::arg("values"), py::arg("offsets"), py::arg("rows"),
-        "(values uint8, offsets int64): the strings at rows of a string column: see mlmix.recblock.RecordBlock.take.");
+        py::arg("itemsize") = 1,
+        "(values uint8, offsets int64): the sequences at rows of a ragged column whose values are the bytes of "
+        "itemsize-byte items (offsets count items): see mlmix.recblock.RecordBlock.take and mlmix.Ragged.take.");
 }
 
 }  // namespace mlmix::bind

@@ -974,9 +974,13 @@ constexpr std::string_view kSystemRole = "system";
 }  // namespace
 
 StringColumn take_strings(const uint8_t* values, int64_t value_bytes, const int64_t* offsets, int64_t count,
-                          const int64_t* rows, int64_t n_rows) {
+                          const int64_t* rows, int64_t n_rows, int64_t itemsize) {
   MLMIX_CHECK(count >= 0 && n_rows >= 0 && value_bytes >= 0, "negative size");
-  check_offsets(offsets, count, value_bytes, "offsets", "the size of values");
+  MLMIX_CHECK(itemsize == 1 || itemsize == 2 || itemsize == 4 || itemsize == 8,
+              "itemsize must be 1, 2, 4 or 8, got " << itemsize);
+  MLMIX_CHECK(value_bytes % itemsize == 0, "the size of values (" << value_bytes << " bytes) is not a multiple of "
+                                                                   << "itemsize " << itemsize);
+  check_offsets(offsets, count, value_bytes / itemsize, "offsets", "the number of values");
   StringColumn out;
   out.offsets.resize(static_cast<size_t>(n_rows) + 1);
   out.offsets[0] = 0;
@@ -985,11 +989,11 @@ StringColumn take_strings(const uint8_t* values, int64_t value_bytes, const int6
     MLMIX_CHECK(r >= 0 && r < count, "rows[" << j << "] = " << r << " is out of range [0, " << count << ")");
     out.offsets[static_cast<size_t>(j) + 1] = out.offsets[static_cast<size_t>(j)] + (offsets[r + 1] - offsets[r]);
   }
-  out.values.resize(static_cast<size_t>(out.offsets.back()));
+  out.values.resize(static_cast<size_t>(out.offsets.back() * itemsize));
   for (int64_t j = 0; j < n_rows; ++j) {
     const int64_t r = rows[j], n = offsets[r + 1] - offsets[r];
-    if (n > 0) std::memcpy(out.values.data() + out.offsets[static_cast<size_t>(j)], values + offsets[r],
-                           static_cast<size_t>(n));
+    if (n > 0) std::memcpy(out.values.data() + out.offsets[static_cast<size_t>(j)] * itemsize,
+                           values + offsets[r] * itemsize, static_cast<size_t>(n * itemsize));
   }
   return out;
 }

@@ -96,7 +96,7 @@ StringColumn record_texts(const RecordTextsInput& in, int num_threads = 0);
 // The strings at `rows` (in that order) of a string column (values, offsets: `count` + 1 entries): what
 // RecordBlock.take does to every string column. Throws std::invalid_argument on bad offsets or a row out of range.
 StringColumn take_strings(const uint8_t* values, int64_t value_bytes, const int64_t* offsets, int64_t count,
-                          const int64_t* rows, int64_t n_rows);
+                          const int64_t* rows, int64_t n_rows, int64_t itemsize = 1);
 
 // True when [data, data + size) is UTF-8 that Python's strict decoder accepts (no overlongs, surrogates or
 // code points past U+10FFFF).

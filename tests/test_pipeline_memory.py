@@ -70,8 +70,11 @@ def monkeypatch_module():
     mp.undo()
 
 
+@pytest.mark.parametrize("threads", ["1", "3"])
 @pytest.mark.parametrize("strategy, overlong", [("bfd", "truncate"), ("ffd", "split"), ("bfd_split", "split")])
-def test_store_from_memory_mapped_tokens_is_byte_identical(tmp_path, monkeypatch, strategy, overlong):
+def test_store_from_memory_mapped_tokens_is_byte_identical(tmp_path, monkeypatch, strategy, overlong, threads):
+    """Blocks gathered on 1 or 3 threads (MLMIX_NUM_THREADS) from mapped tokens: the bytes of the store written
+    from memory."""
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 90, size=300)
     tokens = Ragged.from_lengths(rng.integers(0, 50_000, size=int(lengths.sum())).astype(np.uint32), lengths)
@@ -83,6 +86,8 @@ def test_store_from_memory_mapped_tokens_is_byte_identical(tmp_path, monkeypatch
     masks.save(str(tmp_path / "m"))
     monkeypatch.setattr(store_mod, "_BLOCK_TOKENS", 200)  # many blocks
     monkeypatch.setattr(ragged_mod, "_SPANS_PER_RELEASE", 5)
+    monkeypatch.setenv("MLMIX_NUM_THREADS", threads)
+    assert store_mod._write_threads() == int(threads)
     mt, mm = Ragged.load(str(tmp_path / "t")), Ragged.load(str(tmp_path / "m"))
     assert is_mapped(mt.values) and is_mapped(mm.values)
     write_store(str(tmp_path / "mapped"), mt, loss_mask=mm, **kw)
@@ -90,6 +95,31 @@ def test_store_from_memory_mapped_tokens_is_byte_identical(tmp_path, monkeypatch
     assert names == sorted(os.listdir(tmp_path / "mapped"))
     for name in names:
         assert (tmp_path / "mem" / name).read_bytes() == (tmp_path / "mapped" / name).read_bytes(), name
+
+
+def test_a_failing_block_gather_fails_the_shard_write(tmp_path, monkeypatch):
+    """An error gathering one block on a worker thread reaches the caller (after the blocks before it), and no
+    file is left half-written under the store's name."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 60, size=200)
+    tokens = Ragged.from_lengths(rng.integers(0, 1000, size=int(lengths.sum())).astype(np.uint32), lengths)
+    tokens.save(str(tmp_path / "t"))
+    mt = Ragged.load(str(tmp_path / "t"))
+    monkeypatch.setattr(store_mod, "_BLOCK_TOKENS", 200)
+    monkeypatch.setenv("MLMIX_NUM_THREADS", "2")
+    calls = []
+    real = store_mod.take_spans
+
+    def flaky(values, offsets, index):
+        calls.append(len(index))
+        if len(calls) == 4:
+            raise OSError("disk went away")
+        return real(values, offsets, index)
+
+    monkeypatch.setattr(store_mod, "take_spans", flaky)
+    with pytest.raises(OSError, match="disk went away"):
+        write_store(str(tmp_path / "s"), mt, seq_len=64, seed=0)
+    assert not (tmp_path / "s").exists()
 
 
 def _records(tmp_path, texts, langs, chunk=4096, name="read"):

@@ -40,6 +40,25 @@ def test_take_and_concat(seqs, data):
     assert both.to_lists() == seqs + seqs[1:]
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.uint32, np.int64, np.float32, np.float64, bool])
+def test_take_every_dtype_and_layout(dtype, tmp_path):
+    """take copies whole sequences in the core for contiguous numeric values (in memory or memory-mapped) and
+    gathers element-wise otherwise (strided values): the same sequences every way."""
+    seqs = [[1, 2, 3], [], [4], [5, 6, 0, 1], [1]]
+    r = Ragged.from_lists(seqs, dtype=dtype)
+    idx = [3, 0, 1, 3, -1, 2]
+    want = [[dtype(x) for x in seqs[i]] for i in idx]
+    np.save(tmp_path / "v.npy", r.values)
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    strided = np.repeat(r.values, 2)[::2]  # every other element: not contiguous
+    assert not strided.flags.c_contiguous
+    for values in (r.values, mapped, strided):
+        got = Ragged(values, r.offsets).take(np.array(idx))
+        assert got.values.dtype == np.dtype(dtype) and got.to_lists() == want
+        assert got.offsets.dtype == np.int64 and got.offsets.tolist() == [0, 4, 7, 7, 11, 12, 13]
+    assert Ragged(r.values, r.offsets).take(np.zeros(0, np.int64)).to_lists() == []
+
+
 def test_indexing_errors():
     r = Ragged.from_lists([[1, 2], [3]])
     assert r[-1].tolist() == [3]

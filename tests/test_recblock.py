@@ -58,8 +58,18 @@ def test_take_rejects_rows_out_of_range_and_bad_offsets():
         core._take_strings(values, np.array([0, 2, 6]), np.array([3]))
     with pytest.raises(ValueError, match="offsets must not decrease"):
         core._take_strings(values, np.array([0, 4, 2]), np.array([0]))
-    with pytest.raises(ValueError, match="exceeds the size of values"):
+    with pytest.raises(ValueError, match=r"exceeds the number of values \(6\)"):
         core._take_strings(values, np.array([0, 2, 9]), np.array([1]))
+    # items wider than a byte: offsets count items, the values are their bytes
+    wide = np.arange(6, dtype=np.uint32)
+    got, offs = core._take_strings(wide.view(np.uint8), np.array([0, 2, 6]), np.array([1, 0]), 4)
+    assert got.view(np.uint32).tolist() == [2, 3, 4, 5, 0, 1] and offs.tolist() == [0, 4, 6]
+    with pytest.raises(ValueError, match=r"exceeds the number of values \(6\)"):
+        core._take_strings(wide.view(np.uint8), np.array([0, 2, 7]), np.array([1]), 4)
+    with pytest.raises(ValueError, match="itemsize must be 1, 2, 4 or 8, got 3"):
+        core._take_strings(wide.view(np.uint8), np.array([0, 2, 6]), np.array([1]), 3)
+    with pytest.raises(ValueError, match=r"not a multiple of itemsize 8"):
+        core._take_strings(wide.view(np.uint8)[:20], np.array([0, 1]), np.array([0]), 8)
     with pytest.raises(ValueError, match="offsets must have at least one entry"):
         core._take_strings(values, np.zeros(0, np.int64), np.zeros(0, np.int64))
 

@@ -171,6 +171,14 @@ class Ragged:
             bad = int(idx[(idx < -n) | (idx >= n)][0])
             raise IndexError(f"index {bad} is out of range for a Ragged of {n} sequences")
         idx = np.where(idx < 0, idx + n, idx)
+        v = self.values
+        if v.ndim == 1 and v.dtype.kind in "iufb" and v.dtype.itemsize in (1, 2, 4, 8) and v.flags.c_contiguous:
+            # one memcpy per sequence in the core (not an 8-byte index per element)
+            from ._core_loader import core
+
+            raw, offsets = core._take_strings(v.view(np.uint8), np.ascontiguousarray(self.offsets, dtype=np.int64),
+                                              idx, v.dtype.itemsize)
+            return Ragged(raw.view(v.dtype), offsets, validate=False)
         starts = self.offsets[idx]
         lens = self.offsets[idx + 1] - starts
         offsets = np.zeros(idx.size + 1, dtype=np.int64)
@@ -331,8 +339,8 @@ def is_mapped(arr: np.ndarray) -> bool:
 
 
 # examples copied between page releases by take_spans: each read of a mapped file maps up to ~64 KB
-# around it (the kernel's fault-around), so this bounds the mapped pages resident at once to ~8 MB
-_SPANS_PER_RELEASE = 128
+# around it (the kernel's fault-around), so this bounds the mapped pages resident at once to ~32 MB
+_SPANS_PER_RELEASE = 512
 
 
 def take_spans(values: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

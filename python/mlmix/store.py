@@ -147,23 +147,63 @@ def write_shard(directory: str, shard: int, num_shards: int, plan, values: np.nd
     # most _BLOCK_TOKENS tokens whose examples are copied in by take_spans, which releases the pages it
     # read every few hundred examples: memory stays bounded for any input size
     step = max(1, min(_ROW_BLOCK, _BLOCK_TOKENS // plan.seq_len)) if mapped else _ROW_BLOCK
+
+    def gathered(lo: int) -> tuple[np.ndarray, np.ndarray | None]:
+        block = plan.rows(lo, min(plan.num_sequences, lo + step))
+        if mapped:  # a block's examples are spread over the file: copy them in, releasing pages as it goes
+            need = np.unique(block.seg_example)
+            local = dataclasses.replace(block, seg_example=np.searchsorted(need, block.seg_example))
+            return (local.gather(*take_spans(values, offsets, need)),
+                    None if mask_values is None else local.gather(*take_spans(mask_values, offsets, need)))
+        return block.gather(values, offsets), None if mask_values is None else block.gather(mask_values, offsets)
+
     try:
-        for lo in range(0, plan.num_sequences, step):
-            block = plan.rows(lo, min(plan.num_sequences, lo + step))
-            if mapped:  # a block's examples are spread over the file: copy them in, releasing pages as it goes
-                need = np.unique(block.seg_example)
-                local = dataclasses.replace(block, seg_example=np.searchsorted(need, block.seg_example))
-                writers["tokens"].append(local.gather(*take_spans(values, offsets, need)))
-                if mask_values is not None:
-                    writers["loss_mask"].append(local.gather(*take_spans(mask_values, offsets, need)))
-            else:
-                writers["tokens"].append(block.gather(values, offsets))
-                if mask_values is not None:
-                    writers["loss_mask"].append(block.gather(mask_values, offsets))
+        # blocks gathered on worker threads (the copies run in the core without the GIL) while this
+        # thread checksums and writes the previous ones, in order: the bytes do not depend on the threads
+        for toks, masks in _in_order(gathered, range(0, plan.num_sequences, step), _write_threads()):
+            writers["tokens"].append(toks)
+            if masks is not None:
+                writers["loss_mask"].append(masks)
         return {name: w.close() for name, w in writers.items()}
     finally:
         for w in writers.values():
             w.discard()
+
+
+def _write_threads() -> int:
+    """Threads that gather a shard's blocks: ``$MLMIX_NUM_THREADS`` when set, else the usable cores (at most 4:
+    past that the writes are the limit)."""
+    env = os.environ.get("MLMIX_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return min(int(env), 4)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
+
+
+def _in_order(fn, items: Sequence, threads: int):
+    """``fn`` over ``items``, yielded in order, with at most ``threads`` calls running or done ahead."""
+    if threads <= 1 or len(items) <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    import concurrent.futures as cf
+    from collections import deque
+
+    with cf.ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix="mlmix-store") as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def _lang_table(langs, n: int, table: dict[str, int]) -> np.ndarray:

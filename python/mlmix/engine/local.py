@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -197,12 +198,37 @@ def run_langid(cfg: dict, records_dir: str, out: str, log: BuildLog, workers: in
     return s_langid.finish(counts, lcfg)
 
 
-def run_tokenize(cfg: dict, records_dir: str, n_records: int, out: str, log: BuildLog, workers: int = 1) -> dict:
+class Ahead:
+    """``fn(*args)`` started on a thread now, for a later stage: :meth:`result` waits for it and returns its
+    value or raises its exception. (Only where no process is forked meanwhile: a fork while the thread runs
+    could copy a lock it holds.)"""
+
+    def __init__(self, fn: Callable, *args: Any) -> None:
+        self._out: dict = {}
+        self._thread = threading.Thread(target=self._run, args=(fn, args), name="mlmix-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable, args: tuple) -> None:
+        try:
+            self._out["value"] = fn(*args)
+        except BaseException as e:  # handed to the caller of result()
+            self._out["error"] = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if "error" in self._out:
+            raise self._out.pop("error")
+        return self._out.pop("value")
+
+
+def run_tokenize(cfg: dict, records_dir: str, n_records: int, out: str, log: BuildLog, workers: int = 1,
+                 ahead: Ahead | None = None) -> dict:
     """Tokens and loss masks of every record, streamed to ``out/tokens`` and ``out/loss_mask`` block by
-    block (memory: a few blocks of records and their encodings, plus 8 bytes of length per record)."""
+    block (memory: a few blocks of records and their encodings, plus 8 bytes of length per record).
+    ``ahead``: the tokenizer, being loaded since the build began (``load_seconds`` is then the wait)."""
     tcfg = cfg["tokenizer"]
     t_load = time.perf_counter()
-    tokenizer = s_tok.load_tokenizer(tcfg)
+    tokenizer = ahead.result() if ahead is not None else s_tok.load_tokenizer(tcfg)
     load_seconds = time.perf_counter() - t_load
     counts = None
     encode_seconds = 0.0  # in the encoder only: the rate people compare tokenizers by
@@ -386,6 +412,13 @@ def run(cfg: dict, log: BuildLog, *, use_cache: bool = True, workers: int = 1) -
     timings: dict = {}
 
     k_read = s_read.key(cfg)
+    tcfg = cfg["tokenizer"]
+    k_tok = s_tok.key(k_read, tcfg)
+    # the tokenizer loads (in the core, without the GIL) while the records are read, when the tokenize
+    # stage will run and no stage forks worker processes before it
+    ahead = None
+    if workers <= 1 and not (use_cache and os.path.isdir(cache.path("tokenize", k_tok))):
+        ahead = Ahead(s_tok.load_tokenizer, tcfg)
     d_read, st_read = cached_stage(cache, log, "read", k_read, lambda tmp: run_read(cfg, tmp, log), s_read.summary,
                                    timings)
     records_path = os.path.join(d_read, RECORDS)
@@ -398,11 +431,10 @@ def run(cfg: dict, log: BuildLog, *, use_cache: bool = True, workers: int = 1) -
     langs: list[str] = [sys.intern(lang) for lang in s_write.read_json(os.path.join(d_lid, "langs.json"))]
     alive = np.load(os.path.join(d_lid, "keep.npy"))
 
-    tcfg = cfg["tokenizer"]
-    k_tok = s_tok.key(k_read, tcfg)
     d_tok, st_tok = cached_stage(cache, log, "tokenize", k_tok,
-                                 lambda tmp: run_tokenize(cfg, records_path, st_read["records"], tmp, log, workers),
-                                 s_tok.summary, timings)
+                                 lambda tmp: run_tokenize(cfg, records_path, st_read["records"], tmp, log, workers,
+                                                          ahead), s_tok.summary, timings)
+    ahead = None  # unused when the entry was found after all: dropped
     tokens_all = load_ragged(os.path.join(d_tok, "tokens"))
     masks_all = load_ragged(os.path.join(d_tok, "loss_mask"))
     lengths_all = tokens_all.lengths

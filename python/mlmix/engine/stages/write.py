@@ -44,19 +44,28 @@ def read_json(path: str) -> Any:
 
 
 def by_lang(langs: Sequence[str], weights=None) -> dict[str, int]:
-    c: Counter = Counter()
+    """Records (or the sum of ``weights``, integers) per language code, sorted by code."""
     if weights is None:
-        c.update(langs)
-    else:
-        for lang, w in zip(langs, weights):
-            c[lang] += int(w)
-    return dict(sorted(c.items()))
+        return dict(sorted(Counter(langs).items()))
+    table, idx = _lang_index(langs)
+    w = np.asarray(weights, dtype=np.int64)
+    if w.shape != idx.shape:
+        raise ValueError(f"weights must have one entry per language code ({idx.size}), got shape {w.shape}")
+    sums = np.zeros(len(table), dtype=np.int64)
+    np.add.at(sums, idx, w)  # exact in int64 (bincount would sum in float64)
+    return {lang: int(sums[table[lang]]) for lang in sorted(table)}
+
+
+def _lang_index(langs: Sequence[str]) -> tuple[dict[str, int], np.ndarray]:
+    """(code -> index in order of first appearance, the index of every entry)."""
+    table: dict[str, int] = {}
+    idx = np.fromiter((table.setdefault(lang, len(table)) for lang in langs), dtype=np.int64, count=len(langs))
+    return table, idx
 
 
 def length_summary(lengths: np.ndarray, langs: Sequence[str]) -> dict:
     """Per language: count, mean, min, max and percentiles of the selected examples' lengths."""
-    table: dict[str, int] = {}
-    idx = np.fromiter((table.setdefault(lang, len(table)) for lang in langs), dtype=np.int64, count=len(langs))
+    table, idx = _lang_index(langs)
     lengths = np.asarray(lengths)
     out = {}
     for k, lang in sorted(enumerate(table), key=lambda kv: kv[1]):
