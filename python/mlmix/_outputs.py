@@ -25,7 +25,7 @@ import os
 from typing import Iterable
 
 __all__ = ["OutputError", "MARKER", "CACHEDIR_TAG", "kind_of", "check_target", "write_marker", "read_marker",
-           "is_within", "describe", "file_sha256"]
+           "is_within", "describe", "file_sha256", "files_sha256"]
 
 MARKER = ".mlmix-output"
 CACHEDIR_TAG = "CACHEDIR.TAG"
@@ -312,14 +312,40 @@ def check_build_targets(output: str, cache_dir: str, sources: Iterable, config_d
 
 
 def file_sha256(path: str) -> str:
-    """The sha256 of a file's bytes (hex), read in 4 MiB chunks (the stage cache's entries use it too)."""
+    """The sha256 of a file's bytes (hex), read into one 1 MiB buffer (the stage cache's entries use it too)."""
     import hashlib
 
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
     return h.hexdigest()
+
+
+def files_sha256(directory: str, rels) -> dict[str, str]:
+    """``{rel: file_sha256(directory/rel)}``, the files hashed on up to 4 threads (hashlib and the reads
+    release the GIL); an error reading any file is raised."""
+    rels = list(rels)
+    paths = [os.path.join(directory, rel) for rel in rels]
+    big = sum(1 for p in paths if _size(p) >= 1 << 20)
+    if big < 2:
+        return {rel: file_sha256(p) for rel, p in zip(rels, paths)}
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(min(4, big, os.cpu_count() or 1)) as pool:
+        return dict(zip(rels, pool.map(file_sha256, paths)))
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:  # reported by file_sha256 itself
+        return 0
 
 
 def _sealable_files(directory: str, skip: tuple[str, ...]) -> list[str]:
@@ -340,7 +366,7 @@ def _sealable_files(directory: str, skip: tuple[str, ...]) -> list[str]:
 def seal(directory: str, kind: str, *, skip: tuple[str, ...] = ("store",), **fields) -> None:
     """Write ``directory``'s MARKER with the sha256 of every file in it (but those under ``skip``:
     the store checks its own files), so that a later run can tell a changed or missing file."""
-    files = {rel: file_sha256(os.path.join(directory, rel)) for rel in _sealable_files(directory, skip)}
+    files = files_sha256(directory, _sealable_files(directory, skip))
     write_marker(directory, kind, files=files, skip=list(skip), **fields)
 
 

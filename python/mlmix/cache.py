@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable
 
 from ._atomic import atomic_directory
-from ._outputs import file_sha256
+from ._outputs import files_sha256
 
 __all__ = ["StageCache", "stage_key", "STAGE_NAMES"]
 
@@ -76,7 +76,7 @@ class StageCache:
                 and meta.get("stage") == stage
                 and meta.get("key") == key
                 and sorted(meta["files"]) == _files_under(d)
-                and all(file_sha256(os.path.join(d, rel)) == h for rel, h in meta["files"].items())
+                and files_sha256(d, sorted(meta["files"])) == meta["files"]
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             ok = False
@@ -95,7 +95,7 @@ class StageCache:
         d = self.path(stage, key)
         with atomic_directory(d, kind="cache-entry") as tmp:
             write(tmp)
-            files = {rel: file_sha256(os.path.join(tmp, rel)) for rel in _files_under(tmp)}
+            files = files_sha256(tmp, _files_under(tmp))
             with open(os.path.join(tmp, _ENTRY), "w", encoding="utf-8") as f:
                 json.dump({"format": _FORMAT, "stage": stage, "key": key, "created": time.time(), "files": files}, f)
         self._prune(stage, keep_key=key)
