@@ -489,3 +489,26 @@ def test_store_records_and_checks_its_tokenizer(tmp_path):
         mpath.write_bytes(_manifest_bytes(dict(m, tokenizer=value)))
         with pytest.raises(StoreError, match="manifest field 'tokenizer' must be an object"):
             mlmix.open(tmp_path / "s0", verify=False)
+
+
+def test_langs_are_checked_and_kept_per_example(tmp_path):
+    """Language codes: one str per example (a list or a NumPy array), each example's code read back; anything
+    else is an error naming the entry, before a store is written."""
+    tokens = Ragged.from_lists([[1, 2], [3], [4, 5, 6], [7]], dtype=np.uint32)
+    for langs in (["fi", "en", "fi", "sw"], np.array(["fi", "en", "fi", "sw"])):
+        mlmix.write_store(str(tmp_path / "ok"), tokens, seq_len=8, langs=langs)
+        ds = mlmix.store.open(str(tmp_path / "ok"))
+        assert ds.languages == ["fi", "en", "sw"]  # in order of first appearance
+        got = {int(e): ds.languages[int(k)] for i in range(len(ds))
+               for e, k in zip(ds[i]["example"], ds[i]["lang_ids"])}
+        assert got == dict(enumerate(["fi", "en", "fi", "sw"]))
+    cases = [(["fi", 3, "en", "en"], TypeError, r"langs\[1\] = 3"),
+             (["fi", "en", ["sw"], "en"], TypeError, r"langs\[2\] = \['sw'\]"),
+             (["fi", "en"], ValueError, r"one code per example \(4\), got 2")]
+    for langs, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            mlmix.write_store(str(tmp_path / "bad"), tokens, seq_len=8, langs=langs)
+        assert not (tmp_path / "bad").exists()
+    many = Ragged.from_lengths(np.ones(65_536, np.uint32), np.ones(65_536, np.int64))
+    with pytest.raises(ValueError, match="at most 65535 distinct codes"):
+        mlmix.write_store(str(tmp_path / "bad"), many, seq_len=8, langs=[f"x{i}" for i in range(65_536)])

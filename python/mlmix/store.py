@@ -148,22 +148,24 @@ def write_shard(directory: str, shard: int, num_shards: int, plan, values: np.nd
     # read every few hundred examples: memory stays bounded for any input size
     step = max(1, min(_ROW_BLOCK, _BLOCK_TOKENS // plan.seq_len)) if mapped else _ROW_BLOCK
 
-    def gathered(lo: int) -> tuple[np.ndarray, np.ndarray | None]:
+    arrays = {"tokens": values, "loss_mask": mask_values}
+
+    def gathered(item: tuple[int, str]) -> tuple[str, np.ndarray]:
+        lo, name = item
         block = plan.rows(lo, min(plan.num_sequences, lo + step))
         if mapped:  # a block's examples are spread over the file: copy them in, releasing pages as it goes
             need = np.unique(block.seg_example)
             local = dataclasses.replace(block, seg_example=np.searchsorted(need, block.seg_example))
-            return (local.gather(*take_spans(values, offsets, need)),
-                    None if mask_values is None else local.gather(*take_spans(mask_values, offsets, need)))
-        return block.gather(values, offsets), None if mask_values is None else block.gather(mask_values, offsets)
+            return name, local.gather(*take_spans(arrays[name], offsets, need))
+        return name, block.gather(arrays[name], offsets)
 
     try:
-        # blocks gathered on worker threads (the copies run in the core without the GIL) while this
-        # thread checksums and writes the previous ones, in order: the bytes do not depend on the threads
-        for toks, masks in _in_order(gathered, range(0, plan.num_sequences, step), _write_threads()):
-            writers["tokens"].append(toks)
-            if masks is not None:
-                writers["loss_mask"].append(masks)
+        # each block's tokens and mask bytes gathered on worker threads (the copies run in the core without
+        # the GIL) while this thread checksums and writes the ones before, in order: the bytes do not
+        # depend on the threads
+        items = [(lo, name) for lo in range(0, plan.num_sequences, step) for name in writers]
+        for name, arr in _in_order(gathered, items, _write_threads()):
+            writers[name].append(arr)
         return {name: w.close() for name, w in writers.items()}
     finally:
         for w in writers.values():
@@ -211,6 +213,16 @@ def _lang_table(langs, n: int, table: dict[str, int]) -> np.ndarray:
     codes = list(langs) if not isinstance(langs, np.ndarray) else langs.tolist()
     if len(codes) != n:
         raise ValueError(f"langs must have one code per example ({n}), got {len(codes)}")
+    # the distinct codes in order of first appearance, each checked once (the loop below says what is wrong)
+    seen: dict = {}
+    try:
+        first = np.fromiter((seen.setdefault(c, len(seen)) for c in codes), dtype=np.int64, count=n)
+    except TypeError:  # an unhashable entry
+        seen = None
+    if seen is not None and all(isinstance(c, str) for c in seen) and len(set(table) | set(seen)) < 65_536:
+        for c in seen:
+            table.setdefault(c, len(table))
+        return np.fromiter((table[c] for c in seen), dtype=np.uint16, count=len(seen))[first]
     out = np.empty(n, dtype=np.uint16)
     for i, c in enumerate(codes):
         if not isinstance(c, str):
