@@ -412,6 +412,22 @@ def test_exact_duplicates_match_reference_grouping():
     assert {k: v["removed"] for k, v in r.stats.items()} == removed
 
 
+@given(st.lists(st.text(max_size=80) | st.sampled_from(list(SAMPLES.values())), max_size=12),
+       st.booleans(), st.sampled_from(["word", "char", "auto"]), st.integers(1, 4))
+@settings(max_examples=80, deadline=None)
+def test_minhash_pass_gives_the_exact_hashes(texts, strip, shingle, threads):
+    """with_hashes: the exact hashes out of the MinHash pass (what the build's dedup stage uses) are
+    exact_hashes' for the same normalisation, and the signatures are unchanged."""
+    texts = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]  # no lone surrogates
+    sig, h = dedup.minhash_signatures(texts, num_perm=16, shingle=shingle, strip_accents=strip,
+                                      num_threads=threads, with_hashes=True)
+    np.testing.assert_array_equal(h, dedup.exact_hashes(texts, strip_accents=strip).reshape(len(texts), 2))
+    np.testing.assert_array_equal(sig, dedup.minhash_signatures(texts, num_perm=16, shingle=shingle,
+                                                                strip_accents=strip))
+    with pytest.raises(ValueError, match="with_hashes"):
+        dedup.minhash_signatures(texts, with_hashes="yes")
+
+
 def test_exact_hashes_shard_and_merge():
     texts = [SAMPLES["en"], SAMPLES["zh"], SAMPLES["en"].upper(), "x", SAMPLES["zh"] + "。"]
     whole = dedup.exact_hashes(texts)

@@ -383,19 +383,23 @@ def _bands_rows(bands: Any, threshold: float, num_perm: int, verify: bool) -> tu
 
 def minhash_signatures(texts: Sequence[str] | Any, *, num_perm: int = 128, ngram: int = 5,
                        shingle: str = "auto", seed: int = 0, strip_accents: bool = False,
-                       errors: str = "replace", num_threads: int = 0) -> np.ndarray:
+                       errors: str = "replace", num_threads: int = 0,
+                       with_hashes: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """(n, num_perm) uint32 MinHash signatures (all 0xFFFFFFFF for a document without shingles).
 
     Signatures of different shards with the same arguments can be stacked and passed to
-    :func:`cluster_signatures`.
+    :func:`cluster_signatures`. ``with_hashes=True`` returns ``(signatures, hashes)``, the second being
+    what :func:`exact_hashes` gives with the same ``strip_accents`` and ``errors``, from the same pass over
+    the texts (each is normalised once for both).
     """
     num_perm = _check_int("num_perm", num_perm, 1, 4096)
     ngram, mode, seed = _shingle_options(ngram, shingle, seed)
     strip_accents, errors_code, num_threads = _text_options(strip_accents, errors, num_threads)
+    with_hashes = _check_bool("with_hashes", with_hashes)
     data, offsets = _prepare(texts)
-    sig, _, _, _ = core._dedup_minhash(data, offsets, num_perm, ngram, mode, seed, strip_accents, errors_code,
-                                       num_threads)
-    return sig
+    sig, hashes, _, _ = core._dedup_minhash(data, offsets, num_perm, ngram, mode, seed, strip_accents, errors_code,
+                                            num_threads)
+    return (sig, hashes) if with_hashes else sig
 
 
 def shingle_sets(texts: Sequence[str] | Any, *, ngram: int = 5, shingle: str = "auto", seed: int = 0,

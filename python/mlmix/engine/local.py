@@ -314,8 +314,8 @@ def run_mix(cfg: dict, records_dir: str, langs: list[str], keep: np.ndarray, len
         for path, first, n in block_paths(records_dir):
             rows = np.flatnonzero(keep[first:first + n])
             if rows.size:
-                ids = load_block(path).take(rows).strings("id")
-                sid_of[first + rows] = [json.dumps(i) for i in ids]
+                ids = load_block(path).strings("id")  # the id column alone (a take would copy the texts)
+                sid_of[first + rows] = [json.dumps(ids[r]) for r in rows.tolist()]
         by_sid: dict[str, list] = {}
         for i in idx.tolist():
             e = by_sid.setdefault(sid_of[i], [0, set()])

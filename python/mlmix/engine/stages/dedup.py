@@ -63,14 +63,18 @@ def keys(texts: Sequence[str] | Ragged, langs: Sequence[str], dd: Mapping, num_t
     codes = {}
     scope = np.fromiter((codes.setdefault(lang, scope_code(lang)) if dd["by_language"] else 0 for lang in langs),
                         dtype=np.uint64, count=n)
-    out = {"h": dedup.exact_hashes(docs, num_threads=num_threads) if n else np.zeros((0, 2), np.uint64),
-           "scope": scope}
-    if dd["near"]:
-        sig = dedup.minhash_signatures(docs, num_perm=dd["num_perm"], ngram=dd["ngram"], seed=dd["seed"],
-                                       num_threads=num_threads) if n else np.zeros((0, dd["num_perm"]), np.uint32)
-        out["bands"], out["has"] = dedup.band_keys(sig[:, :dd["bands"] * dd["rows"]], bands=dd["bands"],
-                                                   rows=dd["rows"], groups=scope, num_threads=num_threads)
-    return out
+    if not dd["near"]:
+        return {"h": dedup.exact_hashes(docs, num_threads=num_threads) if n else np.zeros((0, 2), np.uint64),
+                "scope": scope}
+    # the exact hashes come from the MinHash pass: each text is normalised once
+    if n:
+        sig, h = dedup.minhash_signatures(docs, num_perm=dd["num_perm"], ngram=dd["ngram"], seed=dd["seed"],
+                                          num_threads=num_threads, with_hashes=True)
+    else:
+        sig, h = np.zeros((0, dd["num_perm"]), np.uint32), np.zeros((0, 2), np.uint64)
+    bands, has = dedup.band_keys(sig[:, :dd["bands"] * dd["rows"]], bands=dd["bands"], rows=dd["rows"],
+                                 groups=scope, num_threads=num_threads)
+    return {"h": h, "scope": scope, "bands": bands, "has": has}
 
 
 def concat(parts: Sequence[Mapping], uids: np.ndarray) -> dict:
