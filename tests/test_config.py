@@ -27,3 +27,43 @@ def test_every_recipe_parameter_is_accepted():
                                           "on_shortfall": "take_all", "seed": 3}))
     assert cfg["mixture"]["spread_over"] == "others" and cfg["mixture"]["seed"] == 3
     assert load_config(dict(BASE, mixture={"recipe": "temperature", "alpha": 0.5, "tokens": "tokens"}))
+
+
+def _loaders():
+    from mlmix.eval.runner import load_config as eval_load
+    from mlmix.study.config import load_config as study_load
+
+    return {"build": load_config, "eval": eval_load, "study": study_load}
+
+
+@pytest.mark.parametrize("loader", ["build", "eval", "study"])
+@pytest.mark.parametrize("name, text, exc, match", [
+    ("missing.toml", None, FileNotFoundError, r"missing\.toml' does not exist"),
+    ("c.ini", "[a]\n", ConfigError, r"c\.ini': expected a \.toml, \.yaml, \.yml or \.json file, got '\.ini'"),
+    ("c", "{}", ConfigError, r"expected a \.toml, \.yaml, \.yml or \.json file, got 'no extension'"),
+    ("c.toml", "name = \n", ConfigError, r"c\.toml' could not be parsed"),
+    ("c.json", '{"name": ', ConfigError, r"c\.json' could not be parsed"),
+    ("c.toml", "\xff\xfe", ConfigError, r"c\.toml' could not be parsed"),
+    ("c.json", "[1, 2]", ValueError, r"top level|expected a mapping|table|list"),
+    ("c.json", '{"no_such_key": 1}', ValueError, r"no_such_key"),
+])
+def test_every_config_file_is_read_alike(tmp_path, loader, name, text, exc, match):
+    """The build's, mlmix eval's and mlmix study's configs go through one reader: the same errors for a
+    missing file, another extension, a file that does not parse, and one whose top level is not a table."""
+    path = tmp_path / name
+    if text is not None:
+        path.write_bytes(text.encode("latin-1") if "\xff" in text else text.encode())
+    with pytest.raises(exc, match=match):
+        _loaders()[loader](str(path))
+
+
+def test_merge_defaults_names_the_key_path():
+    from mlmix.config import merge_defaults
+
+    base = {"a": 1, "t": {"x": 1, "y": {"z": 2}}}
+    got = merge_defaults(base, {"t": {"y": {"z": 3}}})
+    assert got == {"a": 1, "t": {"x": 1, "y": {"z": 3}}} and base["t"]["y"]["z"] == 2  # base untouched
+    with pytest.raises(ValueError, match=r"t\.y\.w: unknown key; accepted keys are \['z'\]"):
+        merge_defaults(base, {"t": {"y": {"w": 0}}})
+    with pytest.raises(ValueError, match=r"t: expected a table with keys \['x', 'y'\], got 5"):
+        merge_defaults(base, {"t": 5})

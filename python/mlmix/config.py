@@ -322,11 +322,11 @@ def _recipe_keys(recipe: str) -> list[str]:
     return sorted(k for k in inspect.signature(getattr(recipes, recipe)).parameters if k not in skip)
 
 
-def load_config(config: str | os.PathLike | Mapping) -> dict:
-    """Load a config from a ``.yaml``/``.yml``/``.toml``/``.json`` file or take a dict; validate it."""
-    if isinstance(config, Mapping):
-        return validate_config(config)
-    path = os.fspath(config)
+def read_config_file(path: str | os.PathLike) -> Any:
+    """The data of a ``.toml``, ``.yaml``/``.yml`` or ``.json`` config file, not yet validated (None for an
+    empty YAML file): FileNotFoundError for a missing file, ConfigError for another extension or a file that
+    does not parse. The build's, ``mlmix eval``'s and ``mlmix study``'s configs are read by it."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
@@ -340,26 +340,47 @@ def load_config(config: str | os.PathLike | Mapping) -> dict:
                 from ._deps import require
 
                 tomllib = require("tomli", "TOML configs on Python < 3.11")
-            data = tomllib.loads(raw.decode("utf-8"))
-        elif ext in (".yaml", ".yml"):
+            return tomllib.loads(raw.decode("utf-8"))
+        if ext in (".yaml", ".yml"):
             from ._deps import require
 
-            yaml = require("yaml", "YAML configs")
-            data = yaml.safe_load(raw.decode("utf-8"))
-        elif ext == ".json":
+            return require("yaml", "YAML configs").safe_load(raw.decode("utf-8"))
+        if ext == ".json":
             import json
 
-            data = json.loads(raw.decode("utf-8"))
-        else:
-            raise ConfigError(f"config file {path!r}: expected a .toml, .yaml, .yml or .json file, got {ext or 'no extension'!r}")
-    except ConfigError:
-        raise
+            return json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
         raise ConfigError(f"config file {path!r} could not be parsed: {exc}") from exc
     except Exception as exc:  # yaml.YAMLError does not derive from ValueError
         if type(exc).__module__.startswith("yaml"):
             raise ConfigError(f"config file {path!r} could not be parsed: {exc}") from exc
         raise
+    raise ConfigError(f"config file {path!r}: expected a .toml, .yaml, .yml or .json file, got "
+                      f"{ext or 'no extension'!r}")
+
+
+def merge_defaults(base: Mapping, over: Mapping, path: str = "") -> dict:
+    """``over`` laid on a deep copy of ``base``, table by table: a key ``base`` lacks, or a value in place of
+    one of its tables, is a ValueError naming the key path (``path`` is its prefix, e.g. ``"train."``)."""
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if k not in base:
+            raise ValueError(f"{path}{k}: unknown key; accepted keys are {sorted(base)}")
+        if isinstance(base[k], dict):
+            if not isinstance(v, Mapping):
+                raise ValueError(f"{path}{k}: expected a table with keys {sorted(base[k])}, got {v!r}")
+            out[k] = merge_defaults(base[k], v, f"{path}{k}.")
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(config: str | os.PathLike | Mapping) -> dict:
+    """Load a config from a ``.yaml``/``.yml``/``.toml``/``.json`` file or take a dict; validate it."""
+    if isinstance(config, Mapping):
+        return validate_config(config)
+    path = os.fspath(config)
+    data = read_config_file(path)
     if data is None:
         raise ConfigError(f"config file {path!r} is empty")
     return validate_config(data, base_dir=os.path.dirname(os.path.abspath(path)))

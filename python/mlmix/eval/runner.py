@@ -219,49 +219,21 @@ def _pad_id(tok) -> int:
 # config
 
 
-def _merge(base: dict, over: Mapping, path: str) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        if k not in base:
-            raise ValueError(f"{path}{k}: unknown key; accepted keys are {sorted(base)}")
-        if isinstance(base[k], dict):
-            if not isinstance(v, Mapping):
-                raise ValueError(f"{path}{k}: expected a table of {sorted(base[k])}, got {v!r}")
-            out[k] = _merge(base[k], v, f"{path}{k}.")
-        else:
-            out[k] = v
-    return out
-
-
 def load_config(config: Any) -> dict:
     """A config dict, or the path of a TOML / YAML / JSON file, validated, with defaults filled in
     (see docs/eval.md)."""
+    from ..config import merge_defaults, read_config_file
+
     if isinstance(config, (str, os.PathLike)):
         path = os.fspath(config)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config: {path!r} does not exist")
-        with open(path, "rb") as f:
-            raw = f.read()
-        if path.endswith(".toml"):
-            import tomllib
-
-            data = tomllib.loads(raw.decode("utf-8"))
-        elif path.endswith((".yaml", ".yml")):
-            from .._deps import require
-
-            data = require("yaml", "YAML configs").safe_load(raw)
-        elif path.endswith(".json"):
-            data = json.loads(raw)
-        else:
-            raise ValueError(f"config: expected a .toml, .yaml/.yml or .json file, got {path!r}")
-        base_dir = os.path.dirname(os.path.abspath(path))
+        data, base_dir = read_config_file(path), os.path.dirname(os.path.abspath(path))
     elif isinstance(config, Mapping):
         data, base_dir = config, os.getcwd()
     else:
         raise TypeError(f"config must be a path or a dict, got {type(config).__name__}")
     if not isinstance(data, Mapping):
         raise ValueError(f"config: expected a table at the top level, got {type(data).__name__}")
-    cfg = _merge(DEFAULT_CONFIG, data, "")
+    cfg = merge_defaults(DEFAULT_CONFIG, data)
     models = cfg["models"] = list(cfg["models"]) if isinstance(cfg["models"], list) else cfg["models"]
     if not isinstance(models, list) or not models:
         raise ValueError("models: expected a list of [[models]] tables with name and path (or responses), "

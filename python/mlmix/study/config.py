@@ -7,13 +7,12 @@ typo never silently runs the default.
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 import os
 from typing import Any, Mapping
 
 from ..cache import stage_key
+from ..config import merge_defaults, read_config_file
 
 __all__ = ["DEFAULT_CONFIG", "BUNDLED_DEFAULT", "FAMILIES", "BACKENDS", "load_config", "config_hash"]
 
@@ -65,20 +64,6 @@ def _err(key: str, value: Any, accepted: str) -> ValueError:
     return ValueError(f"{key}: expected {accepted}, got {value!r}")
 
 
-def _merge(base: Mapping, over: Mapping, path: str) -> dict:
-    out = copy.deepcopy(dict(base))
-    for k, v in over.items():
-        if k not in base:
-            raise ValueError(f"{path}{k}: unknown key; accepted keys are {sorted(base)}")
-        if isinstance(base[k], dict):
-            if not isinstance(v, Mapping):
-                raise _err(f"{path}{k}", v, f"a table with keys {sorted(base[k])}")
-            out[k] = _merge(base[k], v, f"{path}{k}.")
-        else:
-            out[k] = v
-    return out
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -110,30 +95,6 @@ def _num_list(key: str, v: Any, check, accepted: str) -> list:
     return list(v)
 
 
-def _read(path: str) -> Any:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config: {path!r} does not exist")
-    with open(path, "rb") as f:
-        raw = f.read()
-    if path.endswith(".toml"):
-        import tomllib
-
-        try:
-            return tomllib.loads(raw.decode("utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"config: {path} is not valid TOML ({exc})") from None
-    if path.endswith((".yaml", ".yml")):
-        from .._deps import require
-
-        return require("yaml", "YAML configs").safe_load(raw)
-    if path.endswith(".json"):
-        try:
-            return json.loads(raw)
-        except ValueError as exc:
-            raise ValueError(f"config: {path} is not valid JSON ({exc})") from None
-    raise ValueError(f"config: expected a .toml, .yaml/.yml or .json file, got {path!r}")
-
-
 def _resolve(base_dir: str, path: str) -> str:
     return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
 
@@ -146,14 +107,14 @@ def load_config(config: Any = None) -> dict:
         data, base_dir = BUNDLED_DEFAULT, os.getcwd()
     elif isinstance(config, (str, os.PathLike)):
         path = os.fspath(config)
-        data, base_dir = _read(path), os.path.dirname(os.path.abspath(path))
+        data, base_dir = read_config_file(path), os.path.dirname(os.path.abspath(path))
     elif isinstance(config, Mapping):
         data, base_dir = config, os.getcwd()
     else:
         raise TypeError(f"config must be a path or a dict, got {type(config).__name__}")
     if not isinstance(data, Mapping):
         raise ValueError(f"config: expected a table at the top level, got {type(data).__name__}")
-    cfg = _merge(DEFAULT_CONFIG, data, "")
+    cfg = merge_defaults(DEFAULT_CONFIG, data)
 
     if not isinstance(cfg["name"], str) or not cfg["name"]:
         raise _err("name", cfg["name"], "a non-empty string")
