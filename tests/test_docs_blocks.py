@@ -26,15 +26,14 @@ against the config validators (every key a real one), not run.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import re
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from loopback_judge import completion, serve
 
 import mlmix
 
@@ -230,28 +229,8 @@ def test_recipes(fresh):
 @pytest.fixture
 def judge_url():
     """An OpenAI-compatible chat completions endpoint on 127.0.0.1 that prefers the first response."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            data = json.dumps({"id": "c", "object": "chat.completion", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": "A"}, "finish_reason": "stop"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve(lambda handler, body: handler.send(200, completion("A"))) as url:
+        yield url
 
 
 def test_eval(fresh, judge_url):

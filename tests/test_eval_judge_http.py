@@ -3,13 +3,13 @@ replies, 4xx, nonsense answers, retries, the disk cache (a rerun sends nothing) 
 
 from __future__ import annotations
 
-import http.server
 import json
 import re
 import threading
 import time
 
 import pytest
+from loopback_judge import completion, serve
 
 from mlmix.eval import judge as J
 from mlmix.eval.runner import main
@@ -52,45 +52,15 @@ class Script:
             verdict = "Both responses have their merits."
         if kind == "chatty":
             verdict = f"Response {verdict} is clearly better. Final verdict: [[{verdict}]]"
-        payload = {"id": "cmpl", "object": "chat.completion", "model": body["model"],
-                   "choices": [{"index": 0, "message": {"role": "assistant", "content": verdict},
-                                "finish_reason": "stop"}]}
-        handler.send(200, json.dumps(payload).encode())
+        handler.send(200, completion(verdict, body["model"]))
 
 
 @pytest.fixture
 def server():
     script = Script()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def send(self, code: int, data: bytes) -> None:
-            try:
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
-                pass
-
-        def do_POST(self):
-            if self.path != "/v1/chat/completions":
-                return self.send(404, b"{}")
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            script.reply(self, body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    httpd.block_on_close = False
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    script.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield script
-    httpd.shutdown()
-    httpd.server_close()
+    with serve(script.reply) as url:
+        script.url = url
+        yield script
 
 
 def _items(kinds, langs=("en", "fi")):

@@ -4,15 +4,14 @@ results table against the runs' saved metrics, an HTTP judge filling the score c
 from __future__ import annotations
 
 import csv
-import http.server
 import io
 import json
 import os
 import re
 import shutil
-import threading
 
 import pytest
+from loopback_judge import completion, serve
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -151,32 +150,15 @@ def judge_server():
     """An OpenAI-compatible endpoint on 127.0.0.1 that prefers the longer response (ties on equal length)."""
     seen: list[str] = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt = body["messages"][-1]["content"]
-            seen.append(prompt)
-            a = prompt.split("[Response A]\n", 1)[1].split("\n\n[Response B]\n", 1)[0]
-            b = prompt.split("[Response B]\n", 1)[1].rsplit("\n\nWhich response", 1)[0]
-            verdict = "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
-            reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": verdict}}]}
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def respond(handler, body):
+        prompt = body["messages"][-1]["content"]
+        seen.append(prompt)
+        a = prompt.split("[Response A]\n", 1)[1].split("\n\n[Response B]\n", 1)[0]
+        b = prompt.split("[Response B]\n", 1)[1].rsplit("\n\nWhich response", 1)[0]
+        handler.send(200, completion("A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"))
 
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", seen
-    httpd.shutdown()
-    httpd.server_close()
+    with serve(respond) as url:
+        yield url, seen
 
 
 def test_http_judge_fills_the_score_columns_against_each_languages_monolingual_arm(tmp_path, judge_server):
