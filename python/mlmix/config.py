@@ -359,6 +359,22 @@ def read_config_file(path: str | os.PathLike) -> Any:
                       f"{ext or 'no extension'!r}")
 
 
+def config_source(config: Any) -> tuple[Mapping, str]:
+    """(the data, the directory relative paths in it are relative to) of a config given as a file path (read by
+    :func:`read_config_file`; its folder) or a mapping (the current directory); anything else, or a file whose top
+    level is not a table, is an error. ``mlmix eval``'s and ``mlmix study``'s configs are taken by it."""
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        data, base_dir = read_config_file(path), os.path.dirname(os.path.abspath(path))
+    elif isinstance(config, Mapping):
+        data, base_dir = config, os.getcwd()
+    else:
+        raise TypeError(f"config must be a path or a dict, got {type(config).__name__}")
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config: expected a table at the top level, got {type(data).__name__}")
+    return data, base_dir
+
+
 def merge_defaults(base: Mapping, over: Mapping, path: str = "") -> dict:
     """``over`` laid on a deep copy of ``base``, table by table: a key ``base`` lacks, or a value in place of
     one of its tables, is a ValueError naming the key path (``path`` is its prefix, e.g. ``"train."``)."""

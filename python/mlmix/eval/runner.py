@@ -222,17 +222,9 @@ def _pad_id(tok) -> int:
 def load_config(config: Any) -> dict:
     """A config dict, or the path of a TOML / YAML / JSON file, validated, with defaults filled in
     (see docs/eval.md)."""
-    from ..config import merge_defaults, read_config_file
+    from ..config import config_source, merge_defaults
 
-    if isinstance(config, (str, os.PathLike)):
-        path = os.fspath(config)
-        data, base_dir = read_config_file(path), os.path.dirname(os.path.abspath(path))
-    elif isinstance(config, Mapping):
-        data, base_dir = config, os.getcwd()
-    else:
-        raise TypeError(f"config must be a path or a dict, got {type(config).__name__}")
-    if not isinstance(data, Mapping):
-        raise ValueError(f"config: expected a table at the top level, got {type(data).__name__}")
+    data, base_dir = config_source(config)
     cfg = merge_defaults(DEFAULT_CONFIG, data)
     models = cfg["models"] = list(cfg["models"]) if isinstance(cfg["models"], list) else cfg["models"]
     if not isinstance(models, list) or not models:

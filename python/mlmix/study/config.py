@@ -12,7 +12,7 @@ import os
 from typing import Any, Mapping
 
 from ..cache import stage_key
-from ..config import merge_defaults, read_config_file
+from ..config import config_source, merge_defaults
 
 __all__ = ["DEFAULT_CONFIG", "BUNDLED_DEFAULT", "FAMILIES", "BACKENDS", "load_config", "config_hash"]
 
@@ -103,17 +103,7 @@ def load_config(config: Any = None) -> dict:
     """A config (dict, or the path of a .toml / .yaml / .json file; None: :data:`BUNDLED_DEFAULT`) validated,
     with every default filled in and paths made absolute (relative to the config file, or to the current
     directory for a dict). Raises ValueError naming the key, the value and what is accepted."""
-    if config is None:
-        data, base_dir = BUNDLED_DEFAULT, os.getcwd()
-    elif isinstance(config, (str, os.PathLike)):
-        path = os.fspath(config)
-        data, base_dir = read_config_file(path), os.path.dirname(os.path.abspath(path))
-    elif isinstance(config, Mapping):
-        data, base_dir = config, os.getcwd()
-    else:
-        raise TypeError(f"config must be a path or a dict, got {type(config).__name__}")
-    if not isinstance(data, Mapping):
-        raise ValueError(f"config: expected a table at the top level, got {type(data).__name__}")
+    data, base_dir = config_source(BUNDLED_DEFAULT if config is None else config)
     cfg = merge_defaults(DEFAULT_CONFIG, data)
 
     if not isinstance(cfg["name"], str) or not cfg["name"]:
