@@ -377,6 +377,51 @@ def test_rerun_redoes_only_what_changed(tmp_path, tok_path, data_path):
     assert not any(v["cached"] for v in t.values())
 
 
+def test_tokenizer_loads_during_the_read_only_when_the_tokenize_stage_runs(tmp_path, tok_path, data_path,
+                                                                          monkeypatch):
+    """The local executor loads the tokenizer on a thread while the records are read: a build whose tokenize stage
+    is cached loads none, an error loading it is raised as before (and after a failed read, the read's error is
+    the one raised), and the output is the one a build without the early load writes."""
+    import threading
+
+    import mlmix
+    from mlmix.engine.stages import tokenize as s_tok
+
+    real = s_tok.load_tokenizer
+    loads: list[str] = []
+
+    def counting(tcfg):
+        loads.append(threading.current_thread().name)
+        return real(tcfg)
+
+    monkeypatch.setattr(s_tok, "load_tokenizer", counting)
+    cfg = _cfg(tmp_path, tok_path, data_path)
+    first = mlmix.build(cfg, quiet=True)
+    assert loads == ["mlmix-ahead"]
+    first_bytes = {name: (tmp_path / "out" / "store" / name).read_bytes() for name in ("tokens.bin", "loss_mask.bin")}
+    cfg["pack"] = {"seq_len": 512}
+    mlmix.build(cfg, quiet=True)  # tokenize cached: nothing loaded
+    assert loads == ["mlmix-ahead"]
+    # the same output as the tokenizer loaded in the stage itself (two worker processes: no early load)
+    other = _cfg(tmp_path / "w", tok_path, data_path)
+    second = mlmix.build(other, quiet=True, workers=2)
+    assert loads[1:] == ["MainThread"]
+    assert first["key"] == second["key"]
+    for name, want in first_bytes.items():
+        assert (tmp_path / "w" / "out" / "store" / name).read_bytes() == want, name
+
+    def failing(tcfg):
+        raise OSError("tokenizer file went away")
+
+    monkeypatch.setattr(s_tok, "load_tokenizer", failing)
+    with pytest.raises(OSError, match="tokenizer file went away"):
+        mlmix.build(_cfg(tmp_path / "x", tok_path, data_path), quiet=True)
+    bad = _cfg(tmp_path / "y", tok_path, data_path)
+    bad["sources"] = [{"path": str(tmp_path / "no-such.jsonl")}]
+    with pytest.raises(FileNotFoundError, match="no-such"):
+        mlmix.build(bad, quiet=True)
+
+
 def test_corrupt_cache_is_recomputed_to_the_same_output(tmp_path, tok_path, data_path):
     import mlmix
 
