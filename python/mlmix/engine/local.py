@@ -47,12 +47,22 @@ RECORDS = "records"  # the read stage's output: RecordBlock files, in order, and
 
 def write_blocks(out: str, blocks: Iterable[tuple[int, RecordBlock]]) -> list[list[int]]:
     """Save (source index, RecordBlock) pairs as the read stage's cache; returns the index written."""
+    import concurrent.futures as cf
+
     d = os.path.join(out, RECORDS)
     os.makedirs(d, exist_ok=True)
     index = []
-    for k, (src, block) in enumerate(blocks):
-        block.save(os.path.join(d, f"{k:06d}.rb"))
-        index.append([int(src), len(block)])
+    # each block is saved on a thread while the next one is parsed (the writes release the GIL); one at a time
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="mlmix-save") as pool:
+        saving = None
+        for k, (src, block) in enumerate(blocks):
+            if saving is not None:
+                saving.result()
+            saving = pool.submit(block.save, os.path.join(d, f"{k:06d}.rb"))
+            index.append([int(src), len(block)])
+            del block
+        if saving is not None:
+            saving.result()
     s_write.write_json(os.path.join(d, "index.json"), index)
     return index
 
