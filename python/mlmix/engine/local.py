@@ -249,14 +249,26 @@ def run_tokenize(cfg: dict, records_dir: str, n_records: int, out: str, log: Bui
             init, initargs = (lambda: _WORKER.update(tokenizer=tokenizer, tcfg=dict(tcfg))), ()
         else:
             init, initargs = _init_encoder, (tcfg,)
-        for t, m, st, sec in ordered_map(_encode, init, initargs, block_paths(records_dir), workers):
-            encode_seconds += sec
+        import concurrent.futures as cf
+
+        def save(t: Ragged, m: Ragged) -> None:
             tok_out.append(t)
             mask_out.append(m)
-            counts = s_tok.merge(counts, s_tok.count(t, m, st))
-            bar.set_postfix_str(rate(counts["tokens"], encode_seconds, "tok").lstrip(", ") + " encoding")
-            bar.update(len(t))
-            del t, m  # not held while the next block encodes
+
+        # each block's tokens are written on a thread while the next block encodes; one at a time, in order
+        with cf.ThreadPoolExecutor(1, thread_name_prefix="mlmix-save") as pool:
+            saving = None
+            for t, m, st, sec in ordered_map(_encode, init, initargs, block_paths(records_dir), workers):
+                encode_seconds += sec
+                if saving is not None:
+                    saving.result()
+                saving = pool.submit(save, t, m)
+                counts = s_tok.merge(counts, s_tok.count(t, m, st))
+                bar.set_postfix_str(rate(counts["tokens"], encode_seconds, "tok").lstrip(", ") + " encoding")
+                bar.update(len(t))
+                del t, m  # held by the writer only until written
+            if saving is not None:
+                saving.result()
     if "name" not in tcfg:  # a bundled tokenizer is found again by its name (saves writing ~7 MB)
         s_tok.save_tokenizer(tokenizer, os.path.join(out, "tokenizer.json"))
     stats = s_tok.finish(counts, tokenizer)
