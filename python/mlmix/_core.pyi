@@ -178,9 +178,9 @@ def _store_rows_u32(tokens: numpy.ndarray, loss_mask: typing.Any, row_offsets: n
     """
     Padded rows (input_ids, labels int64, position_ids int32) of a packed store's compact rows.
     """
-def _take_strings(values: numpy.ndarray, offsets: numpy.ndarray, rows: numpy.ndarray) -> tuple:
+def _take_strings(values: numpy.ndarray, offsets: numpy.ndarray, rows: numpy.ndarray, itemsize: typing.SupportsInt | typing.SupportsIndex = 1) -> tuple:
     """
-    (values uint8, offsets int64): the strings at rows of a string column: see mlmix.recblock.RecordBlock.take.
+    (values uint8, offsets int64): the sequences at rows of a ragged column whose values are the bytes of itemsize-byte items (offsets count items): see mlmix.recblock.RecordBlock.take and mlmix.Ragged.take.
     """
 def cuda_device_count() -> int:
     """
