@@ -91,3 +91,46 @@ def test_block_file_round_trip_and_damage(tmp_path):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ValueError, match=r"is not a RecordBlock file"):
             RecordBlock.load(tmp_path / name)
+
+
+@given(_records, st.data())
+@settings(max_examples=80, deadline=None)
+def test_arrow_table_round_trip_under_slices_and_concatenation(records, data):
+    """to_arrow / from_arrow: the records back from the table, from any slice of it, from tables joined (several
+    chunks), and from a selection of rows: the table a Ray dataset carries between stages."""
+    pa = pytest.importorskip("pyarrow")
+    block = RecordBlock.from_records(records)
+    table = block.to_arrow("rec_")
+    assert table.num_rows == len(records)
+    assert RecordBlock.from_arrow(table, "rec_").to_records() == records
+    lo = data.draw(st.integers(0, len(records)))
+    hi = data.draw(st.integers(lo, len(records)))
+    assert RecordBlock.from_arrow(table.slice(lo, hi - lo), "rec_").to_records() == records[lo:hi]
+    joined = pa.concat_tables([table.slice(lo, hi - lo), table.slice(0, lo)])
+    assert RecordBlock.from_arrow(joined, "rec_").to_records() == records[lo:hi] + records[:lo]
+    rows = data.draw(st.lists(st.integers(0, max(0, len(records) - 1)), max_size=8)) if records else []
+    picked = table.take(pa.array(rows, type=pa.int64()))
+    back = RecordBlock.from_arrow(picked, "rec_")
+    assert back.to_records() == [records[i] for i in rows]
+    # the C++ text column reads the block straight from Arrow's buffers
+    assert [bytes(back.text_column()[0][a:b]) for a, b in zip(back.text_column()[1][:-1], back.text_column()[1][1:])] \
+        == [t.encode() for t in back.texts()]
+
+
+def test_arrow_table_errors_name_the_column():
+    pa = pytest.importorskip("pyarrow")
+    table = RecordBlock.from_records([{"id": "a", "lang": "en", "where": "w", "text": "x"}]).to_arrow()
+    with pytest.raises(ValueError, match=r"the record columns \['rec_kind'"):
+        RecordBlock.from_arrow(table, "rec_")
+    with pytest.raises(ValueError, match=r"column 'id' must hold strings, got int64"):
+        RecordBlock.from_arrow(table.set_column(2, "id", pa.array([1])))
+    with pytest.raises(ValueError, match=r"column 'lang' has 1 nulls"):
+        RecordBlock.from_arrow(table.set_column(3, "lang", pa.array([None], type=pa.string())))
+    two = RecordBlock.from_records([{"id": "a", "lang": "en", "where": "w",
+                                    "messages": [{"role": "user", "content": "x"}]}]).to_arrow()
+    bad = two.set_column(6, "content", pa.array([["x", "y"]], type=pa.large_list(pa.large_string())))
+    with pytest.raises(ValueError, match="role and content must hold the same number of turns"):
+        RecordBlock.from_arrow(bad)
+    # plain (32-bit offset) strings are read too
+    small = table.set_column(2, "id", pa.array(["a"], type=pa.string()))
+    assert RecordBlock.from_arrow(small).to_records()[0]["id"] == "a"

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RecordBlock", "STRING_COLUMNS", "TEXT", "CHAT"]
+__all__ = ["RecordBlock", "STRING_COLUMNS", "ARROW_COLUMNS", "TEXT", "CHAT"]
 
 TEXT, CHAT = 0, 1
 STRING_COLUMNS = ("id", "lang", "where", "role", "content")
@@ -184,6 +184,52 @@ class RecordBlock:
     def arrays(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in _ARRAYS}
 
+    # --- Arrow ----------------------------------------------------------------------------------
+    # One row per record: kind and has_lang (uint8), id, lang and where (large_string), role and content
+    # (large_list<large_string>, one entry per turn). The strings' buffers are the block's own arrays, so a
+    # block crosses a Ray dataset (or any Arrow table) and comes back without a Python object per record.
+    def to_arrow(self, prefix: str = "") -> Any:
+        """The records as a ``pyarrow.Table`` (columns :data:`ARROW_COLUMNS`, each name after ``prefix``);
+        :meth:`from_arrow` reads any slice or concatenation of such tables back."""
+        import pyarrow as pa
+
+        n = len(self)
+
+        def strings(c: str) -> Any:
+            off = getattr(self, f"{c}_offsets")
+            return pa.LargeStringArray.from_buffers(len(off) - 1, pa.py_buffer(off), pa.py_buffer(getattr(self, f"{c}_values")))
+
+        cols = {"kind": pa.array(self.kind), "has_lang": pa.array(self.has_lang)}
+        for c in ("id", "lang", "where"):
+            cols[c] = strings(c)
+        for c in ("role", "content"):
+            cols[c] = pa.LargeListArray.from_arrays(pa.array(self.turn_offsets), strings(c))
+        assert all(len(a) == n for a in cols.values())
+        return pa.table({prefix + c: a for c, a in cols.items()})
+
+    @classmethod
+    def from_arrow(cls, table: Any, prefix: str = "") -> "RecordBlock":
+        """The block of a table :meth:`to_arrow` made with this ``prefix`` (or any slice, concatenation or
+        selection of its rows that keeps these columns; other columns are ignored)."""
+        missing = [prefix + c for c in ARROW_COLUMNS if prefix + c not in table.column_names]
+        if missing:
+            raise ValueError(f"table: the record columns {missing} are missing (a RecordBlock's table has "
+                             f"{[prefix + c for c in ARROW_COLUMNS]})")
+        cols = {"kind": _arrow_numbers(table.column(prefix + "kind"), np.uint8, prefix + "kind"),
+                "has_lang": _arrow_numbers(table.column(prefix + "has_lang"), np.uint8, prefix + "has_lang")}
+        for c in ("id", "lang", "where"):
+            cols[f"{c}_values"], cols[f"{c}_offsets"] = _arrow_strings(_one_chunk(table.column(prefix + c)),
+                                                                       prefix + c)
+        for c in ("role", "content"):
+            lists = _one_chunk(table.column(prefix + c))
+            turns, lo, hi = _arrow_offsets(lists, c)
+            if c == "role":
+                cols["turn_offsets"] = turns
+            elif not np.array_equal(turns, cols["turn_offsets"]):
+                raise ValueError("table: role and content must hold the same number of turns per record")
+            cols[f"{c}_values"], cols[f"{c}_offsets"] = _arrow_strings(lists.values.slice(lo, hi - lo), c)
+        return cls(**cols)
+
     def equals(self, other: "RecordBlock") -> bool:
         return all(np.array_equal(getattr(self, a), getattr(other, a)) for a in _ARRAYS)
 
@@ -249,6 +295,48 @@ _MAGIC = b"MLMIXRB1"
 
 def _aligned(n: int) -> int:
     return (n + 63) // 64 * 64
+
+
+ARROW_COLUMNS = ("kind", "has_lang", "id", "lang", "where", "role", "content")
+
+
+def _one_chunk(col: Any) -> Any:
+    """A table column as one Arrow array (chunks joined: copies only when there are several)."""
+    return col.combine_chunks() if hasattr(col, "combine_chunks") else col
+
+
+def _arrow_numbers(col: Any, dtype, name: str) -> np.ndarray:
+    arr = _one_chunk(col)
+    if arr.null_count:
+        raise ValueError(f"table: column {name!r} has {arr.null_count} nulls")
+    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def _arrow_offsets(arr: Any, name: str) -> tuple[np.ndarray, int, int]:
+    """(offsets from 0, first and end position in the child) of a (large) string or list array, sliced or not."""
+    import pyarrow as pa
+
+    if arr.null_count:
+        raise ValueError(f"table: column {name!r} has {arr.null_count} nulls")
+    wide = pa.types.is_large_string(arr.type) or pa.types.is_large_list(arr.type)
+    raw = np.frombuffer(arr.buffers()[1], np.int64 if wide else np.int32)
+    off = raw[arr.offset:arr.offset + len(arr) + 1].astype(np.int64)
+    if len(off) == 0:
+        off = np.zeros(1, np.int64)
+    lo, hi = int(off[0]), int(off[-1])
+    return off - lo, lo, hi
+
+
+def _arrow_strings(arr: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values uint8, offsets int64) of a string array (large or not, sliced or not), copying only the offsets."""
+    import pyarrow as pa
+
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        raise ValueError(f"table: column {name!r} must hold strings, got {arr.type}")
+    off, lo, hi = _arrow_offsets(arr, name)
+    data = arr.buffers()[2]
+    values = np.frombuffer(data, np.uint8)[lo:hi] if data is not None and hi > lo else np.zeros(0, np.uint8)
+    return values, off
 
 
 def _join_offsets(parts: Sequence[np.ndarray]) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 It holds no stage logic; it decides only how blocks of records reach each stage's functions:
 
-- ``read``: one task per source (``flat_map``) yields its records with their uids.
+- ``read``: one task per source (``map_batches``) yields its records in blocks from the C++ reader, each an
+  Arrow table of the records' columns (:meth:`mlmix.recblock.RecordBlock.to_arrow`) with their uids: no record
+  becomes a Python object or JSON text on the way to the stages.
 - ``langid``, ``tokenize`` and the dedup keys: one ``map_batches`` on an actor pool (the langid model
   and the tokenizer are loaded once per actor), each batch through the stages' block functions; the
   blocks' counts ride on their first row and are merged on the driver. Tokens and loss masks stay in
@@ -41,11 +43,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import readers
 from .._atomic import atomic_directory
 from .._deps import require
 from ..ragged import Ragged
-from ..recblock import RecordBlock
+from ..recblock import ARROW_COLUMNS, RecordBlock
 from .log import BuildLog, peak_rss_mb
 from .stages import dedup as s_dedup
 from .stages import langid as s_langid
@@ -120,12 +121,19 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 # ---- per-block work on the workers (each calls a stage's block function) -------------------------
-def _read_source(row: Mapping, sources: list) -> Iterator[dict]:
-    """One source's canonical records as rows: uid, source id (JSON), given language, kind, the record."""
-    i = int(row["src"])
-    for uid, rec in s_read.records(i, sources[i]):
-        yield {"uid": uid, "sid": json.dumps(rec.get("id")), "given": rec["lang"], "text_kind": "text" in rec,
-               "rec": json.dumps(rec, ensure_ascii=False)}
+REC = "rec_"  # the prefix of a record's columns in the datasets (RecordBlock.to_arrow)
+
+
+def _read_sources(batch: Mapping, sources: list) -> Iterator[Any]:
+    """The sources' canonical records in blocks, as the C++ reader gives them (the local executor's read): one
+    Arrow table per block, a row per record with its uid and source id (JSON) beside its columns."""
+    import pyarrow as pa
+
+    for i in np.asarray(batch["src"]).tolist():
+        for uids, block in s_read.blocks(int(i), sources[int(i)], _BATCH):
+            t = block.to_arrow(REC)
+            t = t.append_column("uid", pa.array(uids, type=pa.int64()))
+            yield t.append_column("sid", pa.array([json.dumps(x) for x in block.strings("id")], type=pa.string()))
 
 
 class _Prepare:
@@ -155,14 +163,13 @@ class _Prepare:
             else:
                 os.close(fd)
                 os._exit(1)
-        records = [json.loads(r) for r in table.column("rec").to_pylist()]
-        block = RecordBlock.from_records(records)
+        block = RecordBlock.from_arrow(table, REC)
         uid = table.column("uid").to_numpy()
         lab = self.labeler.label_block(block)
         tokens, masks, st = s_tok.encode_block(self.tokenizer, block, self.tcfg)
         lengths = tokens.lengths
         alive = lab["alive"] & (lengths > 0)
-        counts = {"read": s_read.count(uid, [r["lang"] for r in records], ["text" in r for r in records]),
+        counts = {"read": s_read.count_block(uid, block),
                   "langid": s_langid.count(lab), "tokenize": s_tok.count(tokens, masks, st),
                   "read_tokens": Counter(), "alive_langs": Counter(), "alive_tokens": Counter()}
         for lang, n, a in zip(lab["lang"], lengths.tolist(), alive.tolist()):
@@ -185,12 +192,12 @@ class _Prepare:
             if "bands" in k:
                 b = np.where(k["has"][:, None], k["bands"], 0).astype(np.uint64)
                 n_b = np.where(k["has"], b.shape[1], 0)
-                offs = np.zeros(len(records) + 1, dtype=np.int64)
+                offs = np.zeros(len(block) + 1, dtype=np.int64)
                 np.cumsum(n_b, out=offs[1:])
                 table = table.append_column("bands", pa.LargeListArray.from_arrays(
                     pa.array(offs), pa.array(b[k["has"]].reshape(-1))))
-        col = [None] * len(records)
-        if records:
+        col = [None] * len(block)
+        if len(block):
             col[0] = pickle.dumps(counts)
         return table.append_column("counts", pa.array(col, type=pa.binary()))
 
@@ -207,18 +214,21 @@ def _explode_bands(table):
                      "scope": table.column("scope").take(pa.array(take))})
 
 
-def _shingle_block(batch: dict, wanted: np.ndarray, dd: Mapping):
-    """Shingle sets of the records of a batch whose uid is in the sorted array ``wanted``."""
+def _shingle_block(table, wanted: np.ndarray, dd: Mapping):
+    """Shingle sets of the records of a batch whose uid is in the sorted array ``wanted`` (their texts from the
+    record columns, in the core)."""
     import pyarrow as pa
 
-    pos = np.searchsorted(wanted, batch["uid"])
-    hit = (pos < len(wanted)) & (wanted[np.minimum(pos, len(wanted) - 1)] == batch["uid"])
-    sets = s_dedup.shingle_sets([readers.record_text(json.loads(r)) for r in batch["rec"][hit].tolist()], dd,
-                                num_threads=1)
-    return pa.table({"uid": pa.array(np.asarray(batch["uid"][hit], dtype=np.int64)),
+    uid = table.column("uid").to_numpy()
+    pos = np.searchsorted(wanted, uid)
+    hit = np.flatnonzero((pos < len(wanted)) & (wanted[np.minimum(pos, len(wanted) - 1)] == uid))
+    sub = table.take(pa.array(hit, type=pa.int64()))
+    block = RecordBlock.from_arrow(sub, REC)
+    sets = s_dedup.shingle_sets(Ragged(*block.text_column(num_threads=1), validate=False), dd, num_threads=1)
+    return pa.table({"uid": pa.array(uid[hit], type=pa.int64()),
                      "shingles": pa.LargeListArray.from_arrays(pa.array(sets.offsets), pa.array(sets.values)),
-                     "lang": pa.array([str(x) for x in batch["lang"][hit].tolist()], type=pa.string()),
-                     "ntok": pa.array(np.asarray(batch["ntok"][hit], dtype=np.int64))})
+                     "lang": sub.column("lang").cast(pa.string()),
+                     "ntok": sub.column("ntok").cast(pa.int64())})
 
 
 def _summarize_block(batch: dict):
@@ -348,7 +358,7 @@ def _dedup(ds, dd: Mapping | None, partitions: int) -> dict:
     if dd is None:
         return dict(s_dedup.nothing(), alive=alive)
     cols = ["uid", "sid", "lang", "ntok", "scope", "h0", "h1"] + (["bands"] if dd["near"] else [])
-    alive = alive.select_columns(cols + ["rec"]).materialize()
+    alive = alive.select_columns(cols + [REC + c for c in ARROW_COLUMNS]).materialize()
     gone = np.zeros(0, np.int64)
     who: dict = {}  # uid -> (language, tokens) of the records that may be removed
     if dd["exact"]:
@@ -370,8 +380,8 @@ def _dedup(ds, dd: Mapping | None, partitions: int) -> dict:
         info = {"bands": dd["bands"], "rows": dd["rows"], "candidate_pairs": int(len(pairs)), "verified_pairs": 0}
         if len(pairs):
             wanted = np.unique(pairs)
-            sets_ds = alive.select_columns(["uid", "rec", "lang", "ntok"]).map_batches(
-                _shingle_block, batch_size=_BATCH, batch_format="numpy", fn_kwargs={"wanted": wanted, "dd": dd})
+            sets_ds = alive.select_columns(["uid", "lang", "ntok"] + [REC + c for c in ARROW_COLUMNS]).map_batches(
+                _shingle_block, batch_size=_BATCH, batch_format="pyarrow", fn_kwargs={"wanted": wanted, "dd": dd})
             uids, sets, langs, ntok = _gather_sets(sets_ds)
             who.update(zip(uids.tolist(), zip(langs, ntok.tolist())))
             gone_near, info["verified_pairs"] = s_dedup.near_removed(pairs, uids, sets, dd)
@@ -534,7 +544,8 @@ def _run(cfg: dict, log: BuildLog, concurrency: int, fault_marker: str | None) -
     sources = cfg["sources"]
     ds = ray.data.from_items([{"src": i} for i in range(len(sources))], override_num_blocks=len(sources))
     # materialised before the actor pool starts, so that its actors never hold every CPU while read tasks wait
-    ds = ds.flat_map(_read_source, fn_kwargs={"sources": sources}).materialize()
+    ds = ds.map_batches(_read_sources, batch_size=1, batch_format="numpy",
+                        fn_kwargs={"sources": sources}).materialize()
     ds = ds.map_batches(_Prepare, batch_size=_BATCH, batch_format="pyarrow", compute=_pool(concurrency),
                         fn_constructor_kwargs={"lcfg": cfg["langid"], "tcfg": cfg["tokenizer"], "dd": dd,
                                                "fault_marker": fault_marker}).materialize()
