@@ -15,6 +15,7 @@ record (language, flags, length, uid; for near dedup its band keys).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -47,24 +48,36 @@ RECORDS = "records"  # the read stage's output: RecordBlock files, in order, and
 
 def write_blocks(out: str, blocks: Iterable[tuple[int, RecordBlock]]) -> list[list[int]]:
     """Save (source index, RecordBlock) pairs as the read stage's cache; returns the index written."""
-    import concurrent.futures as cf
-
     d = os.path.join(out, RECORDS)
     os.makedirs(d, exist_ok=True)
     index = []
-    # each block is saved on a thread while the next one is parsed (the writes release the GIL); one at a time
-    with cf.ThreadPoolExecutor(1, thread_name_prefix="mlmix-save") as pool:
-        saving = None
+    with one_behind() as put:  # each block saved while the next one is parsed
         for k, (src, block) in enumerate(blocks):
-            if saving is not None:
-                saving.result()
-            saving = pool.submit(block.save, os.path.join(d, f"{k:06d}.rb"))
+            put(block.save, os.path.join(d, f"{k:06d}.rb"))
             index.append([int(src), len(block)])
             del block
-        if saving is not None:
-            saving.result()
     s_write.write_json(os.path.join(d, "index.json"), index)
     return index
+
+
+@contextlib.contextmanager
+def one_behind() -> Iterator[Callable[..., None]]:
+    """``put(fn, *args)`` runs ``fn(*args)`` on a writer thread after waiting for the previous call (so calls run
+    one at a time, in order, while the caller prepares the next: the writes release the GIL); leaving the block
+    waits for the last one. A call's exception is raised by the next ``put`` or on leaving."""
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="mlmix-save") as pool:
+        last: list = []
+
+        def put(fn: Callable, *args: Any) -> None:
+            if last:
+                last.pop().result()
+            last.append(pool.submit(fn, *args))
+
+        yield put
+        if last:
+            last.pop().result()
 
 
 def block_paths(records_dir: str) -> list[tuple[str, int, int]]:
@@ -249,26 +262,18 @@ def run_tokenize(cfg: dict, records_dir: str, n_records: int, out: str, log: Bui
             init, initargs = (lambda: _WORKER.update(tokenizer=tokenizer, tcfg=dict(tcfg))), ()
         else:
             init, initargs = _init_encoder, (tcfg,)
-        import concurrent.futures as cf
-
         def save(t: Ragged, m: Ragged) -> None:
             tok_out.append(t)
             mask_out.append(m)
 
-        # each block's tokens are written on a thread while the next block encodes; one at a time, in order
-        with cf.ThreadPoolExecutor(1, thread_name_prefix="mlmix-save") as pool:
-            saving = None
+        with one_behind() as put:  # each block's tokens written while the next block encodes
             for t, m, st, sec in ordered_map(_encode, init, initargs, block_paths(records_dir), workers):
                 encode_seconds += sec
-                if saving is not None:
-                    saving.result()
-                saving = pool.submit(save, t, m)
+                put(save, t, m)
                 counts = s_tok.merge(counts, s_tok.count(t, m, st))
                 bar.set_postfix_str(rate(counts["tokens"], encode_seconds, "tok").lstrip(", ") + " encoding")
                 bar.update(len(t))
                 del t, m  # held by the writer only until written
-            if saving is not None:
-                saving.result()
     if "name" not in tcfg:  # a bundled tokenizer is found again by its name (saves writing ~7 MB)
         s_tok.save_tokenizer(tokenizer, os.path.join(out, "tokenizer.json"))
     stats = s_tok.finish(counts, tokenizer)
