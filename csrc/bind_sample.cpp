@@ -131,6 +131,36 @@ py::array_t<uint64_t> hash_ids(uint64_t seed, uint64_t code, const py::array& id
   return out;
 }
 
+py::array_t<uint64_t> blake2b64_strings(const py::bytes& key, const py::bytes& prefix, const py::array& values,
+                                        const py::array& offsets) {
+  const std::string k = key, pre = prefix;
+  MLMIX_CHECK(k.size() == 8, "key must be 8 bytes, got " << k.size());
+  check_vector(values, "values", 'u', 'u', 1);
+  check_vector(offsets, "offsets", 'i', 'i', 8);
+  const auto n_off = offsets.shape(0);
+  MLMIX_CHECK(n_off >= 1, "offsets must hold at least one entry (0 for no strings)");
+  const auto* off = static_cast<const int64_t*>(offsets.data());
+  const int64_t n_values = values.shape(0);
+  MLMIX_CHECK(off[0] >= 0 && off[n_off - 1] <= n_values,
+              "offsets must lie in [0, len(values)] = [0, " << n_values << "], got " << off[0] << " .. "
+                                                              << off[n_off - 1]);
+  for (py::ssize_t i = 0; i + 1 < n_off; ++i) {
+    MLMIX_CHECK(off[i] <= off[i + 1], "offsets must be nondecreasing, got offsets[" << i << "] = " << off[i]
+                                                                                      << " > offsets[" << i + 1
+                                                                                      << "] = " << off[i + 1]);
+  }
+  const auto n = static_cast<std::size_t>(n_off - 1);
+  py::array_t<uint64_t> out(static_cast<py::ssize_t>(n));
+  uint64_t* o = out.mutable_data();
+  const auto* v = static_cast<const uint8_t*>(values.data());
+  {
+    py::gil_scoped_release release;
+    mlmix::sample::blake2b64_strings(reinterpret_cast<const uint8_t*>(k.data()),
+                                     reinterpret_cast<const uint8_t*>(pre.data()), pre.size(), v, off, n, o);
+  }
+  return out;
+}
+
 }  // namespace
 
 void bind_sample(py::module_& m) {
@@ -163,6 +193,10 @@ void bind_sample(py::module_& m) {
   m.def("_sample_hash_ids", &hash_ids, py::arg("seed"), py::arg("code"), py::arg("ids"),
         "hash of each uint64/int64 id under (seed, stratum code), as used for reservoir keys");
   m.def("_sample_exp_key", &mlmix::sample::exp_key, py::arg("hash"));
+  m.def("_sample_blake2b64", &blake2b64_strings, py::arg("key"), py::arg("prefix"), py::arg("values"),
+        py::arg("offsets"),
+        "int.from_bytes(blake2b(prefix + values[offsets[i]:offsets[i+1]], digest_size=8, key=key).digest(), "
+        "'little') of each string");
 }
 
 }  // namespace mlmix::bind

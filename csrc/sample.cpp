@@ -1,8 +1,10 @@
 #include "sample.h"
 
 #include <algorithm>
+#include <bit>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <thread>
@@ -368,5 +370,115 @@ MLMIX_INSTANTIATE_ADD(uint32_t)
 MLMIX_INSTANTIATE_ADD(int64_t)
 MLMIX_INSTANTIATE_ADD(uint64_t)
 #undef MLMIX_INSTANTIATE_ADD
+
+// ---------------------------------------------------------------------------------------------
+// BLAKE2b-64, keyed (RFC 7693, section 3): the state starts at the IV with the parameter word
+// (digest length, key length, fanout 1, depth 1) folded into h[0]; the key, zero-padded to one
+// 128-byte block, is the first block; the last block is zero-padded and flagged final; the
+// counter is the number of bytes hashed so far, the key block included.
+namespace {
+
+constexpr uint64_t kBlakeIV[8] = {0x6a09e667f3bcc908ull, 0xbb67ae8584caa73bull, 0x3c6ef372fe94f82bull,
+                                  0xa54ff53a5f1d36f1ull, 0x510e527fade682d1ull, 0x9b05688c2b3e6c1full,
+                                  0x1f83d9abfb41bd6bull, 0x5be0cd19137e2179ull};
+constexpr uint8_t kBlakeSigma[12][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+    {11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4}, {7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8},
+    {9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13}, {2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9},
+    {12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11}, {13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10},
+    {6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5}, {10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0},
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3}};
+
+inline uint64_t rotr64(uint64_t x, int r) { return (x >> r) | (x << (64 - r)); }
+
+inline uint64_t load_le64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  if constexpr (std::endian::native == std::endian::big) v = __builtin_bswap64(v);
+  return v;
+}
+
+// one compression of a 128-byte block; `t` = bytes hashed up to and including this block
+void blake2b_compress(uint64_t h[8], const uint8_t block[128], uint64_t t, bool last) {
+  uint64_t m[16], v[16];
+  for (int i = 0; i < 16; ++i) m[i] = load_le64(block + 8 * i);
+  for (int i = 0; i < 8; ++i) {
+    v[i] = h[i];
+    v[i + 8] = kBlakeIV[i];
+  }
+  v[12] ^= t;  // the counter's high word stays 0: no input here reaches 2^64 bytes
+  if (last) v[14] = ~v[14];
+  auto g = [&](int a, int b, int c, int d, uint64_t x, uint64_t y) {
+    v[a] = v[a] + v[b] + x;
+    v[d] = rotr64(v[d] ^ v[a], 32);
+    v[c] = v[c] + v[d];
+    v[b] = rotr64(v[b] ^ v[c], 24);
+    v[a] = v[a] + v[b] + y;
+    v[d] = rotr64(v[d] ^ v[a], 16);
+    v[c] = v[c] + v[d];
+    v[b] = rotr64(v[b] ^ v[c], 63);
+  };
+  for (const auto& s : kBlakeSigma) {
+    g(0, 4, 8, 12, m[s[0]], m[s[1]]);
+    g(1, 5, 9, 13, m[s[2]], m[s[3]]);
+    g(2, 6, 10, 14, m[s[4]], m[s[5]]);
+    g(3, 7, 11, 15, m[s[6]], m[s[7]]);
+    g(0, 5, 10, 15, m[s[8]], m[s[9]]);
+    g(1, 6, 11, 12, m[s[10]], m[s[11]]);
+    g(2, 7, 8, 13, m[s[12]], m[s[13]]);
+    g(3, 4, 9, 14, m[s[14]], m[s[15]]);
+  }
+  for (int i = 0; i < 8; ++i) h[i] ^= v[i] ^ v[i + 8];
+}
+
+}  // namespace
+
+void blake2b64_strings(const uint8_t key[8], const uint8_t* prefix, std::size_t prefix_len, const uint8_t* values,
+                       const int64_t* offsets, std::size_t n, uint64_t* out) {
+  uint64_t start[8];
+  for (int i = 0; i < 8; ++i) start[i] = kBlakeIV[i];
+  start[0] ^= 0x01010000ull ^ (8ull << 8) ^ 8ull;  // fanout 1, depth 1, key length 8, digest length 8
+  uint8_t block[128] = {0};
+  std::memcpy(block, key, 8);
+  // the key block is the first of every message: its compression is shared, except for an empty
+  // message, where it is also the last
+  uint64_t keyed[8], empty[8];
+  std::memcpy(keyed, start, sizeof start);
+  std::memcpy(empty, start, sizeof start);
+  blake2b_compress(keyed, block, 128, false);
+  blake2b_compress(empty, block, 128, true);
+  for (std::size_t s = 0; s < n; ++s) {
+    const uint8_t* data = values + offsets[s];
+    const auto len = static_cast<std::size_t>(offsets[s + 1] - offsets[s]);
+    const std::size_t total = prefix_len + len;
+    if (total == 0) {
+      out[s] = empty[0];
+      continue;
+    }
+    uint64_t h[8];
+    std::memcpy(h, keyed, sizeof h);
+    uint64_t t = 128;
+    // the message (prefix, then the string) in 128-byte blocks; the last one (1-128 bytes) is final
+    for (std::size_t pos = 0; pos < total;) {
+      const std::size_t take = std::min<std::size_t>(128, total - pos);
+      std::memset(block, 0, sizeof block);
+      for (std::size_t k = 0; k < take;) {  // bytes [pos+k, pos+take) from whichever part holds them
+        const std::size_t at = pos + k;
+        if (at < prefix_len) {
+          const std::size_t m = std::min(take - k, prefix_len - at);
+          std::memcpy(block + k, prefix + at, m);
+          k += m;
+        } else {
+          std::memcpy(block + k, data + (at - prefix_len), take - k);
+          k = take;
+        }
+      }
+      pos += take;
+      t += take;
+      blake2b_compress(h, block, t, pos == total);
+    }
+    out[s] = h[0];  // the digest's first 8 bytes, little-endian
+  }
+}
 
 }  // namespace mlmix::sample

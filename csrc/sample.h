@@ -57,6 +57,12 @@ double exp_key(uint64_t h);
 // Fills out[i] = item_hash(stratum_seed(seed, code), ids[i]).
 void hash_ids(uint64_t seed, uint64_t code, const uint64_t* ids, std::size_t n, uint64_t* out);
 
+// Keyed BLAKE2b with an 8-byte digest (RFC 7693), read as a little-endian integer: out[i] is
+// blake2b(prefix + values[offsets[i]:offsets[i+1]], digest_size=8, key=key8), as Python's
+// hashlib.blake2b computes it. The seeded orders of string ids (mlmix.recipes) are these keys.
+void blake2b64_strings(const uint8_t key[8], const uint8_t* prefix, std::size_t prefix_len, const uint8_t* values,
+                       const int64_t* offsets, std::size_t n, uint64_t* out);
+
 class StratifiedReservoir {
  public:
   // codes[s]: stable 64-bit code of stratum s (mixed into its keys); capacities[s] >= 0.

@@ -339,3 +339,42 @@ def test_concurrent_python_threads_on_one_reservoir():
     for w in workers:
         w.join()
     assert_same(shared.result(), want)
+
+
+# ---- keyed BLAKE2b of strings (the seeded orders of string source ids) ----------------------------
+def _blake2b64(key: bytes, prefix: bytes, strings: list[bytes]) -> list[int]:
+    from mlmix._core_loader import core
+
+    offsets = np.zeros(len(strings) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(s) for s in strings])
+    values = np.frombuffer(b"".join(strings), dtype=np.uint8)
+    return core._sample_blake2b64(key, prefix, values, offsets).tolist()
+
+
+# lengths around the 128-byte block (the key block comes first, the last block is zero-padded)
+_BLOCK_EDGE = st.sampled_from([0, 1, 7, 8, 111, 112, 127, 128, 129, 255, 256, 257, 400])
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.binary(min_size=8, max_size=8), prefix=st.one_of(st.binary(max_size=300), _BLOCK_EDGE.map(bytes)),
+       strings=st.lists(st.one_of(st.binary(max_size=300), _BLOCK_EDGE.map(lambda n: b"\xab" * n)), max_size=6))
+def test_blake2b64_equals_hashlib(key, prefix, strings):
+    want = [int.from_bytes(hashlib.blake2b(prefix + s, digest_size=8, key=key).digest(), "little") for s in strings]
+    assert _blake2b64(key, prefix, strings) == want
+
+
+def test_blake2b64_bad_arguments():
+    from mlmix._core_loader import core
+
+    v = np.frombuffer(b"abcdef", dtype=np.uint8)
+    with pytest.raises(ValueError, match="key must be 8 bytes, got 7"):
+        core._sample_blake2b64(b"1234567", b"", v, np.array([0, 6], dtype=np.int64))
+    with pytest.raises(ValueError, match=r"offsets must lie in \[0, len\(values\)\] = \[0, 6\], got 0 .. 7"):
+        core._sample_blake2b64(b"12345678", b"", v, np.array([0, 7], dtype=np.int64))
+    with pytest.raises(ValueError, match=r"nondecreasing, got offsets\[1\] = 4 > offsets\[2\] = 2"):
+        core._sample_blake2b64(b"12345678", b"", v, np.array([0, 4, 2, 6], dtype=np.int64))
+    with pytest.raises(ValueError, match="at least one entry"):
+        core._sample_blake2b64(b"12345678", b"", v, np.zeros(0, dtype=np.int64))
+    with pytest.raises(ValueError, match="values has dtype int32"):
+        core._sample_blake2b64(b"12345678", b"", v.astype(np.int32), np.array([0, 6], dtype=np.int64))
+    assert core._sample_blake2b64(b"12345678", b"", v, np.array([0], dtype=np.int64)).shape == (0,)

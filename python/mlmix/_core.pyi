@@ -160,6 +160,10 @@ def _records_from_jsonl(data: typing.Any, first_line: typing.SupportsInt | typin
     """
     RecordBlock columns (dict of arrays, plus 'line' per record, the hand-backs 'handback_line', 'handback_begin', 'handback_end' and the number of 'lines' read) of whole JSON lines (a bytes-like object that must not change during the call): see mlmix.readers.iter_blocks.
     """
+def _sample_blake2b64(key: bytes, prefix: bytes, values: numpy.ndarray, offsets: numpy.ndarray) -> numpy.typing.NDArray[numpy.uint64]:
+    """
+    int.from_bytes(blake2b(prefix + values[offsets[i]:offsets[i+1]], digest_size=8, key=key).digest(), 'little') of each string
+    """
 def _sample_exp_key(hash: typing.SupportsInt | typing.SupportsIndex) -> float:
     ...
 def _sample_hash_ids(seed: typing.SupportsInt | typing.SupportsIndex, code: typing.SupportsInt | typing.SupportsIndex, ids: numpy.ndarray) -> numpy.typing.NDArray[numpy.uint64]:

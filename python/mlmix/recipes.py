@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -357,7 +358,33 @@ def _seeded_order(items: Sequence, seed: int, tag: str) -> list:
         code = _hash_u64(0, "code", tag)
         h = core._sample_hash_ids(seed, code, arr)
         return [items[i] for i in np.argsort(h, kind="stable")]
+    order = _order_of_strings(seed, tag, items)
+    if order is not None:
+        return [items[i] for i in order.tolist()]
     return sorted(items, key=lambda x: (_hash_u64(seed, tag, x), type(x).__name__, str(x)))
+
+
+def _order_of_strings(seed: int, tag: str, items: Sequence) -> np.ndarray | None:
+    """The indices of ``items`` (every one a str) in the order of the key ``_seeded_order`` sorts by,
+    with every ``_hash_u64(seed, tag, x)`` computed in one call to the core; None where that path does
+    not apply (an item that is not a str, a seed outside [0, 2**64), a string that does not encode, or
+    two equal hashes, which the key orders by the strings): the caller sorts in Python then."""
+    if type(seed) is not int or not 0 <= seed < 1 << 64 or not items or any(type(x) is not str for x in items):
+        return None
+    try:
+        prefix = f"{tag}\x00str\x00".encode()
+        encoded = [x.encode() for x in items]
+    except UnicodeEncodeError:
+        return None
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+    values = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    h = core._sample_blake2b64(seed.to_bytes(8, "little"), prefix, values, offsets)
+    order = np.argsort(h, kind="stable")
+    ranked = h[order]
+    if np.any(ranked[1:] == ranked[:-1]):
+        return None
+    return order
 
 
 def even_split(total: int, langs: Sequence[str], seed: int = 0) -> dict[str, int]:
@@ -861,6 +888,17 @@ def assign_order_key(seed: int, source_id) -> tuple:
     (``_seeded_order(..., seed, "assign")``); groups of integer ids sort by StratifiedReservoir keys of
     the stratum :data:`ASSIGN_STRATUM` instead (a bijective hash, so no ties)."""
     return (_hash_u64(seed, "assign", source_id), type(source_id).__name__, str(source_id))
+
+
+def assign_bottom_k(seed: int, ids: list, k: int) -> list:
+    """``heapq.nsmallest(k, ids, key=lambda x: assign_order_key(seed, x))``: the first ``k`` of ``ids`` in
+    the seeded "assign" order (string ids hashed in the core)."""
+    if k <= 0:
+        return []
+    order = _order_of_strings(seed, "assign", ids)
+    if order is not None:
+        return [ids[i] for i in order[:k].tolist()]
+    return heapq.nsmallest(k, ids, key=lambda x: assign_order_key(seed, x))
 
 
 ASSIGN_STRATUM = _hash_u64(0, "code", "assign")  # the stratum code of _seeded_order(..., "assign") on int ids

@@ -16,7 +16,6 @@ record (language, flags, length, uid; for near dedup its band keys).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -342,7 +341,7 @@ def run_mix(cfg: dict, records_dir: str, langs: list[str], keep: np.ndarray, len
             rows = np.flatnonzero(keep[first:first + n])
             if rows.size:
                 ids = load_block(path).strings("id")  # the id column alone (a take would copy the texts)
-                sid_of[first + rows] = [json.dumps(ids[r]) for r in rows.tolist()]
+                sid_of[first + rows] = s_mix.sids([ids[r] for r in rows.tolist()])
         by_sid: dict[str, list] = {}
         for i in idx.tolist():
             e = by_sid.setdefault(sid_of[i], [0, set()])

@@ -133,7 +133,7 @@ def _read_sources(batch: Mapping, sources: list) -> Iterator[Any]:
         for uids, block in s_read.blocks(int(i), sources[int(i)], _BATCH):
             t = block.to_arrow(REC)
             t = t.append_column("uid", pa.array(uids, type=pa.int64()))
-            yield t.append_column("sid", pa.array([json.dumps(x) for x in block.strings("id")], type=pa.string()))
+            yield t.append_column("sid", pa.array(s_mix.sids(block.strings("id")), type=pa.string()))
 
 
 class _Prepare:

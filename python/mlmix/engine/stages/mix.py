@@ -19,11 +19,12 @@ Both executors run exactly these functions; they differ only in how the rows rea
 
 from __future__ import annotations
 
-import heapq
 import json
 import pickle
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from json.decoder import scanstring
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,25 @@ def check(mcfg: Mapping) -> None:
         raise ValueError(f"mixture: recipe 'all' takes no parameters, got {sorted(recipe_params(mcfg))}")
 
 
+def sids(ids: Sequence[str]) -> list[str]:
+    """Each record id (a str) as JSON, the key the mixture groups records by: ``json.dumps(x)`` without its
+    per-call setup."""
+    return [encode_basestring_ascii(x) if type(x) is str else json.dumps(x) for x in ids]
+
+
+def source_id(sid: str) -> Any:
+    """``json.loads(sid)``, the string ids :func:`sids` writes read without the decoder's per-call setup."""
+    if sid[:1] == '"':
+        try:
+            x, end = scanstring(sid, 1)
+        except ValueError:  # json.loads says what is wrong
+            pass
+        else:
+            if end == len(sid):
+                return x
+    return json.loads(sid)
+
+
 def _is_int_id(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -62,7 +82,7 @@ def summarize(sids: Sequence[str], counts: Sequence[int], langsets: Sequence[Ite
         key_ = tuple(sorted(langs))
         if n != len(key_):
             dups.append(sid)
-        x = json.loads(sid)
+        x = source_id(sid)
         is_int = _is_int_id(x)
         if not is_int and not isinstance(x, str):
             bad.append(x)
@@ -134,7 +154,7 @@ def reservoirs(sids: Sequence[str], langsets: Sequence[Iterable[str]], plan: Map
     for sid, langs in zip(sids, langsets):
         gi = index.get(frozenset(langs) & act)
         if gi is not None:
-            ids_of.setdefault(gi, []).append(json.loads(sid))
+            ids_of.setdefault(gi, []).append(source_id(sid))
     return {gi: pickle.dumps(_reservoir(ids, plan, gi)) for gi, ids in ids_of.items()}
 
 
@@ -147,7 +167,7 @@ def _reservoir(ids: list, plan: Mapping, gi: int):
         r = StratifiedReservoir({recipes.ASSIGN_STRATUM: k}, seed=seed)
         r.add(np.full(len(ids), recipes.ASSIGN_STRATUM, dtype=np.uint64), np.array(ids, dtype=np.int64))
         return r
-    return heapq.nsmallest(k, ids, key=lambda x: recipes.assign_order_key(seed, x))
+    return recipes.assign_bottom_k(seed, ids, k)
 
 
 def _merge_reservoir(acc, part, plan: Mapping, gi: int):
@@ -157,8 +177,7 @@ def _merge_reservoir(acc, part, plan: Mapping, gi: int):
         return part
     if plan["integer"][gi]:
         return acc.merge(part)
-    seed = plan["seed"]
-    return heapq.nsmallest(plan["quotas"][gi], acc + part, key=lambda x: recipes.assign_order_key(seed, x))
+    return recipes.assign_bottom_k(plan["seed"], acc + part, plan["quotas"][gi])
 
 
 def merge_prefixes(parts: Iterable[Mapping[int, bytes]], plan: Mapping, order: list) -> dict:
@@ -203,7 +222,7 @@ def run_recipe(mcfg: Mapping, summary: Mapping, lang_tokens: Mapping[str, int],
 
 def selected_keys(mixture) -> set[tuple[str, str]]:
     """The (source id as JSON, language) pairs a mixture selected."""
-    return {(json.dumps(sid), str(lang)) for sid, lang in mixture.rows}
+    return set(zip(sids([sid for sid, _ in mixture.rows]), (str(lang) for _, lang in mixture.rows)))
 
 
 def stats(mcfg: Mapping, sel_langs: Sequence[str], mixture) -> dict:
