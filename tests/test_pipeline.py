@@ -634,3 +634,14 @@ def test_every_record_dropped_by_langid_is_a_clear_error(tmp_path, tok_path, wor
     with pytest.raises(ValueError, match="pack: no examples are left to pack"):
         mlmix.build(cfg, quiet=True, workers=workers)
     assert not os.path.exists(cfg["output"])
+
+
+@pytest.mark.parametrize("items", [[], ["en"], ["en", "de", "en"], ['a"b', "\u00e9", "\n", "\\\\", "\u4e2d"] * 3,
+                                   ["en", 1, "de"], [["en"], "de"]])
+def test_language_code_lists_are_written_as_json_dump_writes_them(tmp_path, items):
+    """langs.json (a code per record) goes through a faster writer: the same bytes as json.dump's."""
+    from mlmix.engine.stages.write import write_json
+
+    path = tmp_path / "langs.json"
+    write_json(str(path), items)
+    assert path.read_text(encoding="utf-8") == json.dumps(items, ensure_ascii=False, indent=1, sort_keys=True)

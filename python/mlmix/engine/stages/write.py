@@ -35,7 +35,19 @@ TIMING_KEYS = ("seconds", "load_seconds", "encode_seconds", "task_seconds")
 
 def write_json(path: str, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1, sort_keys=True)
+        if isinstance(obj, list) and len(obj) > 1 and all(type(x) is str for x in obj):
+            f.write(_codes_json(obj))
+        else:
+            json.dump(obj, f, ensure_ascii=False, indent=1, sort_keys=True)
+
+
+def _codes_json(items: list[str]) -> str:
+    """``json.dumps(items, ensure_ascii=False, indent=1)`` of a list of strings (a language code per record:
+    few distinct values, each encoded once; the indented encoder is pure Python, ~0.3 us per item)."""
+    encoded: dict[str, str] = {}
+    for x in set(items):
+        encoded[x] = " " + json.dumps(x, ensure_ascii=False)
+    return "[\n" + ",\n".join([encoded[x] for x in items]) + "\n]"
 
 
 def read_json(path: str) -> Any:
