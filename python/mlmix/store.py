@@ -24,6 +24,7 @@ import numpy as np
 from ._atomic import atomic_directory
 from ._checks import check_mask, check_pad, check_seed, check_seq_len, check_shard_sequences, check_tokens, max_seq_len
 from .pack import StreamPacker, pack
+from ._parallel import in_order, usable_cores
 from .ragged import Ragged, drop_mapped_pages, is_mapped, take_spans
 
 __all__ = ["write_store", "open", "Store", "ShardedArray", "StoreError", "FORMAT", "VERSION"]
@@ -196,7 +197,7 @@ def write_shard(directory: str, shard: int, num_shards: int, plan, values: np.nd
         # the GIL) while this thread checksums and writes the ones before, in order: the bytes do not
         # depend on the threads
         items = [(lo, name) for lo in range(0, plan.num_sequences, step) for name in writers]
-        for name, arr in _in_order(gathered, items, _write_threads()):
+        for name, arr in in_order(gathered, items, _write_threads()):
             writers[name].append(arr)
         return {name: w.close() for name, w in writers.items()}
     finally:
@@ -210,34 +211,7 @@ def _write_threads() -> int:
     env = os.environ.get("MLMIX_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return min(int(env), 4)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 4))
-
-
-def _in_order(fn, items: Sequence, threads: int):
-    """``fn`` over ``items``, yielded in order, with at most ``threads`` calls running or done ahead."""
-    if threads <= 1 or len(items) <= 1:
-        for item in items:
-            yield fn(item)
-        return
-    import concurrent.futures as cf
-    from collections import deque
-
-    with cf.ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix="mlmix-store") as pool:
-        pending: deque = deque()
-        try:
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= threads:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
+    return min(usable_cores(), 4)
 
 
 def _lang_table(langs, n: int, table: dict[str, int]) -> np.ndarray:

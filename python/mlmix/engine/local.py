@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .._parallel import usable_cores
 from ..cache import StageCache
 from ..ragged import Ragged, RaggedWriter
 from ..recblock import RecordBlock
@@ -145,14 +146,6 @@ def _plan_group(item: tuple) -> Any:
     g, lengths = item
     pcfg, pol, seed = _WORKER["plan"]
     return s_pack.plan_group(pcfg, lengths, pol, seed, g)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity, as the C++ kernels count them)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
 
 
 def ordered_map(fn: Callable, init: Callable, initargs: tuple, items: Iterable, workers: int) -> Iterator:
