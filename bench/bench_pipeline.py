@@ -195,9 +195,12 @@ def _child_env() -> dict:
     """The children's environment, with mlmix's modules compiled to bytecode beforehand (into a folder of this
     run's, as an installed package has them: an editable install under ``PYTHONDONTWRITEBYTECODE`` would
     otherwise compile every module the build imports lazily, inside the timed part; the other variants'
-    libraries are installed with their bytecode)."""
+    libraries are installed with their bytecode), and one OpenBLAS thread."""
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    # none of the variants calls the BLAS; numpy's OpenBLAS would otherwise keep a thread spinning for ~0.1
+    # CPU-second after its import, inside the timing of a variant that starts work right after importing
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     if not _PYCACHE:
         import atexit
         import shutil
