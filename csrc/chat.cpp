@@ -9,6 +9,7 @@
 
 #include "common.h"
 #include "parallel.h"
+#include "utf8.h"
 
 namespace mlmix::chat {
 namespace {
@@ -109,49 +110,10 @@ const char* reject_name(Reject r) {
   return "?";
 }
 
-bool valid_utf8(const uint8_t* p, int64_t len) {
-  int64_t i = 0;
-  while (i < len) {
-    // ASCII runs eight bytes at a time
-    while (i + 8 <= len) {
-      uint64_t w;
-      std::memcpy(&w, p + i, 8);
-      if (w & 0x8080808080808080ull) break;
-      i += 8;
-    }
-    if (i >= len) break;
-    const uint8_t b = p[i];
-    if (b < 0x80) {
-      ++i;
-      continue;
-    }
-    auto cont = [&](int64_t k) { return i + k < len && (p[i + k] & 0xC0) == 0x80; };
-    if (b >= 0xC2 && b <= 0xDF) {
-      if (!cont(1)) return false;
-      i += 2;
-    } else if (b >= 0xE0 && b <= 0xEF) {
-      if (!cont(1) || !cont(2)) return false;
-      const uint8_t b1 = p[i + 1];
-      if (b == 0xE0 && b1 < 0xA0) return false;  // overlong
-      if (b == 0xED && b1 >= 0xA0) return false;  // surrogate
-      i += 3;
-    } else if (b >= 0xF0 && b <= 0xF4) {
-      if (!cont(1) || !cont(2) || !cont(3)) return false;
-      const uint8_t b1 = p[i + 1];
-      if (b == 0xF0 && b1 < 0x90) return false;  // overlong
-      if (b == 0xF4 && b1 >= 0x90) return false;  // above U+10FFFF
-      i += 4;
-    } else {
-      return false;
-    }
-  }
-  return true;
-}
-
 int64_t first_invalid_utf8(const uint8_t* values, int64_t n_values, const int64_t* offsets, int64_t n_strings) {
   if (!offsets_ok(offsets, n_strings, n_values)) return -2;
   for (int64_t i = 0; i < n_strings; ++i) {
-    if (!valid_utf8(values + offsets[i], offsets[i + 1] - offsets[i])) return i;
+    if (!utf8::valid(values + offsets[i], static_cast<size_t>(offsets[i + 1] - offsets[i]))) return i;
   }
   return -1;
 }
@@ -174,8 +136,9 @@ Plan plan(const Block& b, const Spec& spec) {
     std::atomic<int64_t> bad{b.n_turns};
     parallel_ranges(b.n_turns, threads, [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi && t < bad.load(std::memory_order_relaxed); ++t) {
-        if (!valid_utf8(b.role_values + b.role_offsets[t], b.role_offsets[t + 1] - b.role_offsets[t]) ||
-            !valid_utf8(b.content_values + b.content_offsets[t], b.content_offsets[t + 1] - b.content_offsets[t])) {
+        if (!utf8::valid(b.role_values + b.role_offsets[t], static_cast<size_t>(b.role_offsets[t + 1] - b.role_offsets[t])) ||
+            !utf8::valid(b.content_values + b.content_offsets[t],
+                         static_cast<size_t>(b.content_offsets[t + 1] - b.content_offsets[t]))) {
           int64_t cur = bad.load();
           while (t < cur && !bad.compare_exchange_weak(cur, t)) {
           }

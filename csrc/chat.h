@@ -97,10 +97,6 @@ struct Plan {
   int64_t n_texts() const { return static_cast<int64_t>(text_offsets.size()) - 1; }
 };
 
-// Whether bytes [p, p + len) are valid UTF-8 as Python's strict decoder has it (no surrogates, no overlong
-// forms, nothing above U+10FFFF).
-bool valid_utf8(const uint8_t* p, int64_t len);
-
 // Index of the first string of a (values, offsets) column that is not valid UTF-8, -1 if none; -2 if the
 // offsets are malformed.
 int64_t first_invalid_utf8(const uint8_t* values, int64_t n_values, const int64_t* offsets, int64_t n_strings);

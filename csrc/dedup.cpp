@@ -19,6 +19,7 @@
 #include "common.h"
 #include "parallel.h"
 #include "unicode_tables.h"
+#include "utf8.h"
 
 namespace mlmix::dedup {
 namespace {
@@ -519,24 +520,6 @@ void for_each_normalized(const TextView& t, const NormalizeOptions& opts, int64_
   }
 }
 
-inline void append_utf8(std::vector<uint8_t>& out, uint32_t cp) {
-  if (cp < 0x80) {
-    out.push_back(static_cast<uint8_t>(cp));
-  } else if (cp < 0x800) {
-    out.push_back(static_cast<uint8_t>(0xC0 | (cp >> 6)));
-    out.push_back(static_cast<uint8_t>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out.push_back(static_cast<uint8_t>(0xE0 | (cp >> 12)));
-    out.push_back(static_cast<uint8_t>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<uint8_t>(0x80 | (cp & 0x3F)));
-  } else {
-    out.push_back(static_cast<uint8_t>(0xF0 | (cp >> 18)));
-    out.push_back(static_cast<uint8_t>(0x80 | ((cp >> 12) & 0x3F)));
-    out.push_back(static_cast<uint8_t>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<uint8_t>(0x80 | (cp & 0x3F)));
-  }
-}
-
 // One pass over a document: exact hash, length, and the script statistic for the auto mode.
 struct DocSummary {
   uint64_t hash[2];
@@ -978,7 +961,7 @@ void normalize_texts(const TextSpan& texts, const NormalizeOptions& opts, int nu
     std::vector<uint8_t>& buf = chunk_bytes[begin / kGrain];
     for (int64_t i = begin; i < end; ++i) {
       const size_t before = buf.size();
-      for_each_normalized(texts.doc(i), opts, i, [&](uint32_t cp, bool) { append_utf8(buf, cp); });
+      for_each_normalized(texts.doc(i), opts, i, [&](uint32_t cp, bool) { utf8::append(buf, cp); });
       lengths[i] = static_cast<int64_t>(buf.size() - before);
     }
   });

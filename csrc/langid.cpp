@@ -2,6 +2,7 @@
 #include "langid.h"
 
 #include "parallel.h"
+#include "utf8.h"
 
 #include <algorithm>
 #include <atomic>
@@ -53,25 +54,6 @@ inline int decode_utf8(const uint8_t* p, int64_t n, uint32_t& cp) {
     return 4;
   }
   return 0;
-}
-
-// Appends the UTF-8 of `cp`; a lone surrogate gets its 3-byte form (Python's surrogatepass).
-inline void append_utf8(std::vector<uint8_t>& out, uint32_t cp) {
-  if (cp < 0x80) {
-    out.push_back(static_cast<uint8_t>(cp));
-  } else if (cp < 0x800) {
-    out.push_back(static_cast<uint8_t>(0xC0 | (cp >> 6)));
-    out.push_back(static_cast<uint8_t>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out.push_back(static_cast<uint8_t>(0xE0 | (cp >> 12)));
-    out.push_back(static_cast<uint8_t>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<uint8_t>(0x80 | (cp & 0x3F)));
-  } else {
-    out.push_back(static_cast<uint8_t>(0xF0 | (cp >> 18)));
-    out.push_back(static_cast<uint8_t>(0x80 | ((cp >> 12) & 0x3F)));
-    out.push_back(static_cast<uint8_t>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<uint8_t>(0x80 | (cp & 0x3F)));
-  }
 }
 
 [[noreturn]] void throw_bad_utf8(int64_t doc, int64_t at) {
@@ -349,7 +331,7 @@ bool prepare(const TextRules& rules, const TextView& doc, int64_t index, const O
       const uint32_t cp = at(i);
       prep.add(cp);
       content = content || !prep.space(cp);
-      append_utf8(buf, cp);
+      utf8::append(buf, cp);
     }
     for (int64_t i = cut; i < doc.len && !content; ++i) content = !prep.space(at(i));
     bytes = buf.data();

@@ -98,8 +98,4 @@ StringColumn record_texts(const RecordTextsInput& in, int num_threads = 0);
 StringColumn take_strings(const uint8_t* values, int64_t value_bytes, const int64_t* offsets, int64_t count,
                           const int64_t* rows, int64_t n_rows, int64_t itemsize = 1);
 
-// True when [data, data + size) is UTF-8 that Python's strict decoder accepts (no overlongs, surrogates or
-// code points past U+10FFFF).
-bool valid_utf8(const uint8_t* data, size_t size);
-
 }  // namespace mlmix::records

@@ -6,6 +6,7 @@
 
 #include "chat.h"
 #include "check.h"
+#include "utf8.h"
 
 using namespace mlmix;
 
@@ -80,7 +81,7 @@ std::string text_at(const chat::Plan& p, int64_t t) {
 
 int main() {
   // UTF-8 as Python's strict decoder has it
-  auto valid = [](const char* s) { return chat::valid_utf8(reinterpret_cast<const uint8_t*>(s), static_cast<int64_t>(std::strlen(s))); };
+  auto valid = [](const char* s) { return utf8::valid(reinterpret_cast<const uint8_t*>(s), std::strlen(s)); };
   EXPECT(valid("plain ascii text, longer than eight bytes"));
   EXPECT(valid("\xc3\xa9\xe4\xb8\xad\xf0\x9f\x99\x82"));
   EXPECT(!valid("\xed\xa0\x80"));      // a surrogate

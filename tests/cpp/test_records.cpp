@@ -11,6 +11,7 @@
 
 #include "check.h"
 #include "records.h"
+#include "utf8.h"
 
 namespace {
 
@@ -176,7 +177,7 @@ void test_threads() {
 }
 
 void test_utf8() {
-  auto ok = [](const char* s) { return valid_utf8(reinterpret_cast<const uint8_t*>(s), std::strlen(s)); };
+  auto ok = [](const char* s) { return mlmix::utf8::valid(reinterpret_cast<const uint8_t*>(s), std::strlen(s)); };
   EXPECT(ok("plain ascii long enough to use the wide path") && ok("\xc3\xa9\xe4\xbd\xa0\xf0\x9f\x98\x80"));
   EXPECT(ok("\xed\x9f\xbf") && ok("\xee\x80\x80") && ok("\xf4\x8f\xbf\xbf"));
   EXPECT(!ok("\xc0\xaf") && !ok("\xe0\x80\xaf") && !ok("\xed\xa0\x80") && !ok("\xf4\x90\x80\x80"));
