@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "dedup.h"
+#include "utf8.h"
 
 using namespace mlmix::dedup;
 using mlmix::TextView;
@@ -24,20 +25,8 @@ namespace {
 void append_utf8(std::vector<uint8_t>& out, uint32_t cp) {
   if (cp > 0x10FFFF) {
     out.push_back(0xFF);  // no UTF-8 form: an invalid byte, one U+FFFD as the view gives
-  } else if (cp < 0x80) {
-    out.push_back(static_cast<uint8_t>(cp));
-  } else if (cp < 0x800) {
-    out.push_back(static_cast<uint8_t>(0xC0 | (cp >> 6)));
-    out.push_back(static_cast<uint8_t>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {  // surrogates too, as surrogatepass writes them
-    out.push_back(static_cast<uint8_t>(0xE0 | (cp >> 12)));
-    out.push_back(static_cast<uint8_t>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<uint8_t>(0x80 | (cp & 0x3F)));
   } else {
-    out.push_back(static_cast<uint8_t>(0xF0 | (cp >> 18)));
-    out.push_back(static_cast<uint8_t>(0x80 | ((cp >> 12) & 0x3F)));
-    out.push_back(static_cast<uint8_t>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<uint8_t>(0x80 | (cp & 0x3F)));
+    mlmix::utf8::append(out, cp);  // surrogates too, as surrogatepass writes them
   }
 }
 
