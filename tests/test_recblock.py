@@ -131,6 +131,14 @@ def test_arrow_table_errors_name_the_column():
     bad = two.set_column(6, "content", pa.array([["x", "y"]], type=pa.large_list(pa.large_string())))
     with pytest.raises(ValueError, match="role and content must hold the same number of turns"):
         RecordBlock.from_arrow(bad)
+    # a turn column that is not a list of strings, under a prefix: the column named as the table has it
+    pre = two.rename_columns(["rec_" + c for c in two.column_names])
+    with pytest.raises(ValueError, match=r"column 'rec_role' must hold lists of strings \(one per turn\), got int64"):
+        RecordBlock.from_arrow(pre.set_column(5, "rec_role", pa.array([5])), "rec_")
+    with pytest.raises(ValueError, match=r"column 'rec_content' must hold strings, got int64"):
+        RecordBlock.from_arrow(pre.set_column(6, "rec_content", pa.array([[1]], type=pa.list_(pa.int64()))), "rec_")
+    with pytest.raises(ValueError, match=r"column 'rec_content' has 1 nulls"):
+        RecordBlock.from_arrow(pre.set_column(6, "rec_content", pa.array([None], type=pa.list_(pa.string()))), "rec_")
     # plain (32-bit offset) strings are read too
     small = table.set_column(2, "id", pa.array(["a"], type=pa.string()))
     assert RecordBlock.from_arrow(small).to_records()[0]["id"] == "a"

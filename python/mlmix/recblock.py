@@ -220,14 +220,19 @@ class RecordBlock:
         for c in ("id", "lang", "where"):
             cols[f"{c}_values"], cols[f"{c}_offsets"] = _arrow_strings(_one_chunk(table.column(prefix + c)),
                                                                        prefix + c)
+        import pyarrow as pa
+
         for c in ("role", "content"):
             lists = _one_chunk(table.column(prefix + c))
-            turns, lo, hi = _arrow_offsets(lists, c)
+            if not (pa.types.is_list(lists.type) or pa.types.is_large_list(lists.type)):
+                raise ValueError(f"table: column {prefix + c!r} must hold lists of strings (one per turn), "
+                                 f"got {lists.type}")
+            turns, lo, hi = _arrow_offsets(lists, prefix + c)
             if c == "role":
                 cols["turn_offsets"] = turns
             elif not np.array_equal(turns, cols["turn_offsets"]):
                 raise ValueError("table: role and content must hold the same number of turns per record")
-            cols[f"{c}_values"], cols[f"{c}_offsets"] = _arrow_strings(lists.values.slice(lo, hi - lo), c)
+            cols[f"{c}_values"], cols[f"{c}_offsets"] = _arrow_strings(lists.values.slice(lo, hi - lo), prefix + c)
         return cls(**cols)
 
     def equals(self, other: "RecordBlock") -> bool:

@@ -23,8 +23,8 @@ import numpy as np
 
 from ._atomic import atomic_directory
 from ._checks import check_mask, check_pad, check_seed, check_seq_len, check_shard_sequences, check_tokens, max_seq_len
-from .pack import StreamPacker, pack
 from ._parallel import in_order, usable_cores
+from .pack import StreamPacker, pack
 from .ragged import Ragged, drop_mapped_pages, is_mapped, take_spans
 
 __all__ = ["write_store", "open", "Store", "ShardedArray", "StoreError", "FORMAT", "VERSION"]
@@ -61,9 +61,14 @@ class _ArrayWriter:
         self.crc = zlib.crc32(buf, self.crc)
         self._f.write(buf)
         self.length += arr.shape[0]
+        if self.length * self.dtype.itemsize - self._kicked >= _WRITEBACK_BYTES:
+            self._kick()
+
+    def _kick(self) -> None:
+        """Hand the bytes written since the last call to the disk's writeback now (while the rest is gathered),
+        instead of leaving them all to the fsync that makes the store durable."""
         written = self.length * self.dtype.itemsize
-        if written - self._kicked >= _WRITEBACK_BYTES:
-            # the disk starts on these bytes now, while the rest is gathered, instead of in the fsync at the end
+        if written > self._kicked:
             self._f.flush()
             start_writeback(self._f.fileno(), self._kicked, written - self._kicked)
             self._kicked = written
@@ -78,12 +83,7 @@ class _ArrayWriter:
             pass
 
     def close(self) -> dict:
-        # the disk starts on the last bytes now: the fsync that makes the store durable comes later
-        self._f.flush()
-        written = self.length * self.dtype.itemsize
-        if written > self._kicked:
-            start_writeback(self._f.fileno(), self._kicked, written - self._kicked)
-            self._kicked = written
+        self._kick()
         self._f.close()
         return {"file": self.file, "dtype": self.dtype.str.lstrip("<|="), "length": self.length,
                 "crc32": f"{self.crc:08x}"}
