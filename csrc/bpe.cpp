@@ -6,6 +6,7 @@
 #include <bit>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <queue>
@@ -238,8 +239,31 @@ class AddedTrie {
     const uint32_t c0 = s[0];
     if (c0 < 65536) first_[c0 >> 6] |= uint64_t(1) << (c0 & 63);
     else first_astral_ = true;
+    only_first_ = (only_first_ == kUnset || only_first_ == c0) ? c0 : kNone;
   }
   bool empty() const { return nodes_.empty(); }
+
+  // The first position in [i, n) where a token may start (n if none): with one first character for every
+  // token (Qwen's and Llama's all begin with '<'), a scan for that character alone.
+  template <typename CU>
+  size_t next_candidate(const CU* s, size_t i, size_t n) const {
+    if (only_first_ != kNone && only_first_ != kUnset) {
+      if (only_first_ > std::numeric_limits<CU>::max()) return n;
+      const CU c = static_cast<CU>(only_first_);
+      if constexpr (sizeof(CU) == 1) {
+        const void* hit = i < n ? std::memchr(s + i, c, n - i) : nullptr;
+        return hit ? static_cast<size_t>(static_cast<const CU*>(hit) - s) : n;
+      } else {
+        while (i < n && s[i] != c) ++i;
+        return i;
+      }
+    }
+    for (; i < n; ++i) {
+      const uint32_t c0 = s[i];
+      if (c0 < 65536 ? (first_[c0 >> 6] >> (c0 & 63)) & 1 : first_astral_) return i;
+    }
+    return n;
+  }
 
   // Longest token starting at s[i]: sets `len` and returns its index, or kNone.
   template <typename CU>
@@ -268,8 +292,10 @@ class AddedTrie {
     uint32_t token = kNone;
   };
   std::vector<Node> nodes_;
+  static constexpr uint32_t kUnset = 0xFFFFFFFEu;
   uint64_t first_[1024] = {};
   bool first_astral_ = false;
+  uint32_t only_first_ = kUnset;  // the one first character of every token, else kNone
 };
 
 // kPrefixMasks[k]: a word whose first k bytes in memory are 0xFF and the others 0, whatever the byte order.
@@ -283,19 +309,57 @@ inline constexpr auto kPrefixMasks = [] {
   return m;
 }();
 
+// Entries of pieces longer than a short cache entry holds: `kSlots` entries of up to `kKey` bytes and `kIds`
+// ids, in 2-way sets (neighbouring slots), with their tags (hash bits, id count, length) apart so a miss
+// reads one line.
+template <size_t kKey, size_t kIds, size_t kSlots>
+class LongTier {
+ public:
+  LongTier() : tags_(kSlots, 0), entries_(kSlots) {}
+  static constexpr bool fits(size_t len, size_t n_ids) { return len <= kKey && n_ids <= kIds; }
+  const uint32_t* find(const uint8_t* p, size_t len, uint64_t h, size_t& n_ids) const {
+    const size_t k0 = h & (kSlots - 1);
+    for (const size_t k : {k0, k0 ^ 1}) {  // a 2-way set: two neighbouring slots, their tags in one line
+      const uint64_t t = tags_[k];
+      if (((t ^ h) & ~uint64_t{0xFFFF}) != 0 || (t & 0xFF) != len) continue;
+      const Entry& e = entries_[k];
+      if (std::memcmp(e.key, p, len) != 0) continue;
+      n_ids = (t >> 8) & 0xFF;
+      return e.ids;
+    }
+    return nullptr;
+  }
+  void put(const uint8_t* p, size_t len, uint64_t h, const uint32_t* ids, size_t n_ids) {
+    const size_t k0 = h & (kSlots - 1);
+    const size_t k = tags_[k0] == 0 ? k0 : k0 ^ 1;  // the slot of this hash when free, else its neighbour
+    tags_[k] = (h & ~uint64_t{0xFFFF}) | (n_ids << 8) | len;
+    std::memcpy(entries_[k].key, p, len);
+    std::memcpy(entries_[k].ids, ids, n_ids * sizeof(uint32_t));
+  }
+
+ private:
+  static_assert(kKey < 256 && kIds < 256 && (kSlots & (kSlots - 1)) == 0);
+  struct alignas(64) Entry {
+    uint8_t key[kKey];
+    uint32_t ids[kIds];
+  };
+  std::vector<uint64_t> tags_;
+  std::vector<Entry> entries_;
+};
+
 // A fixed-size cache of piece -> ids, one per worker: memory stays bounded however many distinct pieces a
 // batch has. Most pieces are short words of a few tokens: they go to 2-way sets of 32-byte entries (key up to
 // 16 bytes stored zero-padded, up to 3 ids), a set per cache line, so a lookup reads one line and compares two
-// words per entry. Other pieces (a CJK or Devanagari run up to 48 bytes, up to 19 ids) get two-line entries in
-// 2-way sets (neighbouring slots) with their tags apart. 65,536 + 8,192 entries, 3.1 MB per worker.
+// words per entry. Longer pieces (a Devanagari word, a run of CJK text up to 128 bytes) go to two tiers of
+// 2-way sets: 16,384 entries of up to 48 bytes and 20 ids, and 4,096 of up to 128 bytes and 32 ids (uncached,
+// such a run costs a quadratic merge each time it recurs). 65,536 + 16,384 + 4,096 entries, 5.1 MB per worker.
 class PieceCache {
  public:
   static constexpr size_t kSets = size_t{1} << 15, kShortKey = 16, kShortIds = 3;
-  static constexpr size_t kLongSlots = size_t{1} << 13, kLongKey = 48, kLongIds = 19;
   // find() and put() may read up to kShortKey bytes at p whatever `len` (the caller's buffer has that slack)
   static constexpr size_t kReadSlack = kShortKey;
 
-  PieceCache() : sets_(kSets), long_tags_(kLongSlots, 0), long_(kLongSlots) {}
+  PieceCache() : sets_(kSets) {}
 
   const uint32_t* find(const uint8_t* p, size_t len, uint64_t h, size_t& n_ids) const {
     if (len <= kShortKey) {
@@ -309,16 +373,8 @@ class PieceCache {
         }
       }
     }
-    if (len > kLongKey) return nullptr;
-    const size_t k0 = h & (kLongSlots - 1);
-    for (const size_t k : {k0, k0 ^ 1}) {  // a 2-way set: two neighbouring slots, their tags in one line
-      const uint64_t t = long_tags_[k];
-      if (((t ^ h) & ~uint64_t{0xFFFF}) != 0 || (t & 0xFF) != len) continue;
-      const LongEntry& e = long_[k];
-      if (std::memcmp(e.key, p, len) != 0) continue;
-      n_ids = (t >> 8) & 0xFF;
-      return e.ids;
-    }
+    if (Long::fits(len, 0)) return long_.find(p, len, h, n_ids);
+    if (Huge::fits(len, 0)) return huge_.find(p, len, h, n_ids);
     return nullptr;
   }
   void put(const uint8_t* p, size_t len, uint64_t h, const uint32_t* ids, size_t n_ids) {
@@ -329,16 +385,16 @@ class PieceCache {
       words(p, len, e.k0, e.k1);
       e.meta = static_cast<uint32_t>(len | (n_ids << kIdsShift));
       std::memcpy(e.ids, ids, n_ids * sizeof(uint32_t));
-    } else if (len <= kLongKey && n_ids <= kLongIds) {
-      const size_t k0 = h & (kLongSlots - 1);
-      const size_t k = long_tags_[k0] == 0 ? k0 : k0 ^ 1;  // the slot of this hash when free, else its neighbour
-      long_tags_[k] = (h & ~uint64_t{0xFFFF}) | (n_ids << 8) | len;
-      std::memcpy(long_[k].key, p, len);
-      std::memcpy(long_[k].ids, ids, n_ids * sizeof(uint32_t));
+    } else if (Long::fits(len, n_ids)) {
+      long_.put(p, len, h, ids, n_ids);
+    } else if (Huge::fits(len, n_ids) && !Long::fits(len, 0)) {  // a long piece is looked up in long_ only
+      huge_.put(p, len, h, ids, n_ids);
     }
   }
 
  private:
+  using Long = LongTier<48, 20, size_t{1} << 14>;   // 128-byte entries
+  using Huge = LongTier<128, 32, size_t{1} << 12>;  // 256-byte entries
   static constexpr uint32_t kLenMask = 0x1F, kIdsShift = 5;  // meta: length (0: empty) | id count << 5
   // the first `len` (<= 16) bytes at p as two words, zero-padded
   static void words(const uint8_t* p, size_t len, uint64_t& w0, uint64_t& w1) {
@@ -355,14 +411,10 @@ class PieceCache {
   struct alignas(64) Set {
     ShortEntry e[2];
   };
-  struct alignas(64) LongEntry {
-    uint8_t key[kLongKey];
-    uint32_t ids[kLongIds + 1];
-  };
-  static_assert(sizeof(ShortEntry) == 32 && sizeof(Set) == 64 && sizeof(LongEntry) == 128);
+  static_assert(sizeof(ShortEntry) == 32 && sizeof(Set) == 64);
   std::vector<Set> sets_;
-  std::vector<uint64_t> long_tags_;
-  std::vector<LongEntry> long_;
+  Long long_;
+  Huge huge_;
 };
 
 struct Segment {
@@ -752,6 +804,8 @@ struct Encoder::Impl {
     size_t start_offset = lo;
     size_t i = lo;
     while (i < hi) {
+      i = trie.next_candidate(s, i, hi);
+      if (i >= hi) break;
       size_t len = 0;
       const uint32_t tok = trie.longest_at(s, i, hi, len);
       if (tok == kNone) {

@@ -208,6 +208,20 @@ def test_long_pieces_merge_like_hf(pairs, word):
     _check(pairs, [word, word.replace(" ", "")])
 
 
+_HAN = "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可里后什么没发"
+
+
+def test_cached_pieces_of_every_length_stay_exact(pairs):
+    """The per-worker piece cache keeps pieces in tiers by length and id count (up to 16 bytes and 3 ids, up
+    to 48 bytes and 20 ids, up to 128 bytes and 32 ids; longer ones are merged every time). Every piece is
+    encoded once, then again from the cache (one thread: one worker's cache): the ids equal HF's both times."""
+    pieces = ["ab", "héllo", "автомобиль", "नमस्तेदुनिया", "x" * 40, "é" * 30, " " + "z" * 100]
+    pieces += [_HAN[:k] for k in (2, 5, 6, 15, 16, 17, 30, 42, 43, 44, 47)]  # 3 bytes each: around 16/48/128
+    texts = [" ".join(pieces)] * 3 + pieces * 3 + ["，".join(pieces)] * 2
+    _check(pairs, texts, num_threads=1)
+    _check(pairs, texts)
+
+
 def test_special_tokens_as_text(qwen_hf, trained_hf, native):
     texts = ["<|im_start|>user\nhi<|im_end|>", "a<|endoftext|>b [MASK] c"]
     for hf, nb in ((qwen_hf, native["qwen2"]), (trained_hf, native["gpt2-trained"])):
