@@ -152,6 +152,20 @@ py::tuple take_strings_py(const py::array& values, const py::array& offsets, con
   return py::make_tuple(vector_to_array(std::move(out.values)), vector_to_array(std::move(out.offsets)));
 }
 
+py::tuple read_strings_py(int fd, int64_t base, int64_t file_items, const py::array& offsets, const py::array& rows,
+                          int64_t itemsize) {
+  int64_t n_offsets = 0, n_rows = 0;
+  const int64_t* o = checked_1d<int64_t>(offsets, "offsets", &n_offsets);
+  const int64_t* r = checked_1d<int64_t>(rows, "rows", &n_rows);
+  MLMIX_CHECK(n_offsets >= 1, "offsets must have at least one entry");
+  StringColumn out;
+  {
+    py::gil_scoped_release release;
+    out = read_strings(fd, base, file_items, o, n_offsets - 1, r, n_rows, itemsize);
+  }
+  return py::make_tuple(vector_to_array(std::move(out.values)), vector_to_array(std::move(out.offsets)));
+}
+
 }  // namespace
 
 void bind_records(py::module_& m) {
@@ -168,6 +182,10 @@ void bind_records(py::module_& m) {
         py::arg("itemsize") = 1,
         "(values uint8, offsets int64): the sequences at rows of a ragged column whose values are the bytes of "
         "itemsize-byte items (offsets count items): see mlmix.recblock.RecordBlock.take and mlmix.Ragged.take.");
+  m.def("_read_strings", &read_strings_py, py::arg("fd"), py::arg("base"), py::arg("file_items"), py::arg("offsets"),
+        py::arg("rows"), py::arg("itemsize"),
+        "(values uint8, offsets int64): _take_strings of a column whose file_items values of itemsize bytes are in "
+        "the open file fd from byte base, read with pread: see mlmix.ragged.take_spans.");
 }
 
 }  // namespace mlmix::bind

@@ -4,10 +4,16 @@
 // result could differ from Python's in any way, including every case where Python raises.
 #include "records.h"
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <string_view>
 #include <thread>
 #include <unordered_map>
@@ -939,6 +945,51 @@ StringColumn take_strings(const uint8_t* values, int64_t value_bytes, const int6
     const int64_t r = rows[j], n = offsets[r + 1] - offsets[r];
     if (n > 0) std::memcpy(out.values.data() + out.offsets[static_cast<size_t>(j)] * itemsize,
                            values + offsets[r] * itemsize, static_cast<size_t>(n * itemsize));
+  }
+  return out;
+}
+
+StringColumn read_strings(int fd, int64_t base, int64_t file_items, const int64_t* offsets, int64_t count,
+                          const int64_t* rows, int64_t n_rows, int64_t itemsize) {
+  MLMIX_CHECK(count >= 0 && n_rows >= 0 && file_items >= 0 && base >= 0, "negative size or offset");
+  MLMIX_CHECK(itemsize == 1 || itemsize == 2 || itemsize == 4 || itemsize == 8,
+              "itemsize must be 1, 2, 4 or 8, got " << itemsize);
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) throw std::runtime_error(std::string("fstat failed: ") + std::strerror(errno));
+  MLMIX_CHECK(S_ISREG(st.st_mode), "fd " << fd << " is not a regular file");
+  MLMIX_CHECK(file_items <= (static_cast<int64_t>(st.st_size) - std::min<int64_t>(base, st.st_size)) / itemsize,
+              "the file holds " << st.st_size << " bytes: fewer than " << file_items << " items of " << itemsize
+                                << " bytes from byte " << base);
+  check_offsets(offsets, count, file_items, "offsets", "the number of values in the file");
+  StringColumn out;
+  out.offsets.resize(static_cast<size_t>(n_rows) + 1);
+  out.offsets[0] = 0;
+  for (int64_t j = 0; j < n_rows; ++j) {
+    const int64_t r = rows[j];
+    MLMIX_CHECK(r >= 0 && r < count, "rows[" << j << "] = " << r << " is out of range [0, " << count << ")");
+    out.offsets[static_cast<size_t>(j) + 1] = out.offsets[static_cast<size_t>(j)] + (offsets[r + 1] - offsets[r]);
+  }
+  out.values.resize(static_cast<size_t>(out.offsets.back() * itemsize));
+  auto read_at = [&](int64_t item, int64_t items, int64_t dst_item) {
+    auto* dst = reinterpret_cast<char*>(out.values.data()) + dst_item * itemsize;
+    const int64_t want = items * itemsize, at = base + item * itemsize;
+    for (int64_t done = 0; done < want;) {
+      const ssize_t got = ::pread(fd, dst + done, static_cast<size_t>(want - done), static_cast<off_t>(at + done));
+      if (got < 0 && errno == EINTR) continue;
+      if (got < 0) throw std::runtime_error(std::string("pread failed: ") + std::strerror(errno));
+      if (got == 0) throw std::runtime_error("the file ends at byte " + std::to_string(at + done) +
+                                             ", before the " + std::to_string(want) + " bytes asked from byte " +
+                                             std::to_string(at));
+      done += got;
+    }
+  };
+  // one read per run of rows that follow each other in the file as in the output
+  for (int64_t j = 0; j < n_rows;) {
+    int64_t k = j + 1;
+    while (k < n_rows && offsets[rows[k]] == offsets[rows[k - 1] + 1]) ++k;
+    const int64_t first = offsets[rows[j]], items = offsets[rows[k - 1] + 1] - first;
+    if (items > 0) read_at(first, items, out.offsets[static_cast<size_t>(j)]);
+    j = k;
   }
   return out;
 }

@@ -98,4 +98,10 @@ StringColumn record_texts(const RecordTextsInput& in, int num_threads = 0);
 StringColumn take_strings(const uint8_t* values, int64_t value_bytes, const int64_t* offsets, int64_t count,
                           const int64_t* rows, int64_t n_rows, int64_t itemsize = 1);
 
+// take_strings of a column whose values are in a file (`fd`, from byte `base`, `file_items` items of `itemsize`
+// bytes) instead of memory: one pread per run of consecutive rows, so nothing is mapped or faulted in.
+// Throws std::invalid_argument on bad offsets or rows, std::runtime_error when a read fails or the file ends early.
+StringColumn read_strings(int fd, int64_t base, int64_t file_items, const int64_t* offsets, int64_t count,
+                          const int64_t* rows, int64_t n_rows, int64_t itemsize);
+
 }  // namespace mlmix::records

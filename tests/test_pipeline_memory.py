@@ -59,6 +59,63 @@ def test_take_spans_equals_take(tmp_path_factory, monkeypatch_module, seqs, data
     for src in (r, mapped):
         values, offsets = take_spans(src.values, src.offsets, index)
         assert Ragged(values, offsets).equals(want)
+    # where the mapped file cannot be opened again: the mapping is read, its pages released in batches
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ragged_mod, "_read_mapped", lambda *a: None)
+        values, offsets = take_spans(mapped.values, mapped.offsets, index)
+        assert Ragged(values, offsets).equals(want)
+
+
+MAP_FILES = os.path.isdir("/proc/self/map_files")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.int64])
+@pytest.mark.parametrize("skip", [0, 1, 4097])
+def test_take_spans_reads_the_mapped_file(tmp_path, dtype, skip):
+    """A mapped array (a whole file, or a view starting anywhere in it) is read from its file with pread:
+    the same sequences as an in-memory take, runs of consecutive sequences included."""
+    rng = np.random.default_rng(skip)
+    lengths = rng.integers(0, 50, 3000)
+    r = Ragged.from_lengths(rng.integers(0, 200, int(lengths.sum())).astype(dtype), lengths)
+    path = tmp_path / "values.npy"
+    np.save(path, r.values)
+    mapped = np.load(path, mmap_mode="r")[skip:]  # a view: the sequences start `skip` items in
+    offsets = np.maximum(r.offsets - skip, 0)
+    shifted = Ragged(np.asarray(r.values[skip:]), offsets)
+    index = np.unique(np.concatenate([rng.integers(0, len(r), 400), np.arange(100, 160), [0, len(r) - 1]]))
+    if MAP_FILES:
+        assert ragged_mod._read_mapped(mapped, offsets, index) is not None
+    values, got_offsets = take_spans(mapped, offsets, index)
+    assert values.dtype == np.dtype(dtype) and not is_mapped(values)
+    assert Ragged(values, got_offsets).equals(shifted.take(index))
+
+
+def test_take_spans_reads_the_mapping_not_whatever_has_its_name_now(tmp_path):
+    """The file read is the one mapped: replaced under its name since, or a copy-on-write mapping changed in
+    memory, the sequences are the mapped ones."""
+    r = Ragged.from_lists([[1, 2, 3], [4, 5], [6]], dtype=np.uint32)
+    path = tmp_path / "values.npy"
+    np.save(path, r.values)
+    mapped = np.load(path, mmap_mode="r")
+    np.save(tmp_path / "other.npy", r.values + 100)
+    os.replace(tmp_path / "other.npy", path)
+    values, offsets = take_spans(mapped, r.offsets, np.array([0, 2]))
+    assert Ragged(values, offsets).to_lists() == [[1, 2, 3], [6]]
+
+    private = np.load(path, mmap_mode="c")  # the file now holds 101..106
+    private[0] = 7  # in this process's pages only
+    assert ragged_mod._read_mapped(private, r.offsets, np.array([0])) is None
+    values, offsets = take_spans(private, r.offsets, np.array([0, 1]))
+    assert Ragged(values, offsets).to_lists() == [[7, 102, 103], [104, 105]]
+
+
+def test_take_spans_bad_offsets_are_errors(tmp_path):
+    np.save(tmp_path / "v.npy", np.arange(10, dtype=np.uint32))
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    with pytest.raises(ValueError, match="offsets"):
+        take_spans(mapped, np.array([0, 5, 11], dtype=np.int64), np.array([1]))
+    with pytest.raises((ValueError, IndexError)):
+        take_spans(mapped, np.array([0, 5, 10], dtype=np.int64), np.array([2]))
 
 
 @pytest.fixture(scope="module")

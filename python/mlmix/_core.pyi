@@ -152,6 +152,10 @@ def _plan_pack(lengths: numpy.ndarray, seq_len: typing.SupportsInt | typing.Supp
     """
     Plan a packing from int64 lengths; see mlmix.pack.
     """
+def _read_strings(fd: typing.SupportsInt | typing.SupportsIndex, base: typing.SupportsInt | typing.SupportsIndex, file_items: typing.SupportsInt | typing.SupportsIndex, offsets: numpy.ndarray, rows: numpy.ndarray, itemsize: typing.SupportsInt | typing.SupportsIndex) -> tuple:
+    """
+    (values uint8, offsets int64): _take_strings of a column whose file_items values of itemsize bytes are in the open file fd from byte base, read with pread: see mlmix.ragged.take_spans.
+    """
 def _record_texts(kind: numpy.ndarray, turn_offsets: numpy.ndarray, role_values: numpy.ndarray, role_offsets: numpy.ndarray, content_values: numpy.ndarray, content_offsets: numpy.ndarray, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> tuple:
     """
     (values uint8, offsets int64): each record's text: see mlmix.recblock.RecordBlock.text_column.

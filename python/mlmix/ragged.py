@@ -345,10 +345,19 @@ _SPANS_PER_RELEASE = 512
 
 def take_spans(values: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(values, int64 offsets) of the sequences ``index`` (ascending int64) of ``values``/``offsets``,
-    copied into memory; from a memory-mapped ``values`` the pages read are released every few hundred
-    sequences, so random access over a file larger than RAM keeps RSS bounded by the output size."""
+    copied into memory. From a memory-mapped ``values`` they are read from the mapped file itself (one
+    ``pread`` per run of consecutive sequences, in the core without the GIL): no page of the mapping is
+    touched, so random access over a file larger than RAM keeps RSS bounded by the output size. Where the
+    mapped file cannot be opened again (no ``/proc/self/map_files``), the mapping is read instead and the
+    pages read are released every few hundred sequences."""
     r = Ragged(values, offsets, validate=False)
-    if not is_mapped(values) or index.size <= _SPANS_PER_RELEASE:
+    if not is_mapped(values):
+        out = r.take(index)
+        return out.values, out.offsets
+    got = _read_mapped(values, offsets, index)
+    if got is not None:
+        return got
+    if index.size <= _SPANS_PER_RELEASE:
         out = r.take(index)
         drop_mapped_pages(values)
         return out.values, out.offsets
@@ -358,6 +367,42 @@ def take_spans(values: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> tu
         drop_mapped_pages(values)
     out = Ragged.concat(parts)
     return out.values, out.offsets
+
+
+def _read_mapped(values: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """take_spans from the file ``values`` is mapped from, or None where that file cannot be read directly:
+    ``values`` not 1-D contiguous, a private writable mapping (its pages may differ from the file), a mapping
+    /proc does not list on its own, or no /proc."""
+    import mmap
+
+    mm = _mapping(values)
+    if (mm is None or values.ndim != 1 or not values.flags.c_contiguous or values.dtype.itemsize not in (1, 2, 4, 8)
+            or len(mm) == 0):
+        return None
+    try:
+        start = np.frombuffer(mm, np.uint8).ctypes.data
+    except (TypeError, ValueError, BufferError):
+        return None
+    key = f"{start:x}-{start + -(-len(mm) // mmap.PAGESIZE) * mmap.PAGESIZE:x}"
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            entry = next((line.split() for line in f if line.startswith(key + " ")), None)
+        if entry is None or len(entry) < 3 or (entry[1][1] == "w" and entry[1][3] != "s"):
+            return None
+        fd = os.open(f"/proc/self/map_files/{key}", os.O_RDONLY)  # the mapped file itself, whatever its name now
+    except (OSError, ValueError):
+        return None
+    from ._core_loader import core
+
+    try:
+        raw, out_offsets = core._read_strings(fd, int(entry[2], 16) + (values.ctypes.data - start), values.size,
+                                              np.ascontiguousarray(offsets, dtype=np.int64),
+                                              np.ascontiguousarray(index, dtype=np.int64), values.dtype.itemsize)
+    except RuntimeError as e:
+        raise OSError(f"reading the file mapped at {key}: {e}") from None
+    finally:
+        os.close(fd)
+    return raw.view(values.dtype), out_offsets
 
 
 def drop_mapped_pages(arr: np.ndarray) -> None:

@@ -183,8 +183,8 @@ def write_shard(directory: str, shard: int, num_shards: int, plan, values: np.nd
         writers["loss_mask"] = _ArrayWriter(directory, "loss_mask", np.uint8, shard_file("loss_mask", shard, num_shards))
     mapped = is_mapped(values) or (mask_values is not None and is_mapped(mask_values))
     # from memory-mapped inputs (the local executor passes every example's tokens, mapped), blocks of at
-    # most _BLOCK_TOKENS tokens whose examples are copied in by take_spans, which releases the pages it
-    # read every few hundred examples: memory stays bounded for any input size
+    # most _BLOCK_TOKENS tokens whose examples are copied in by take_spans, which reads them from the mapped
+    # file without touching the mapping: memory stays bounded for any input size
     step = max(1, min(_ROW_BLOCK, _BLOCK_TOKENS // plan.seq_len)) if mapped else _ROW_BLOCK
 
     arrays = {"tokens": values, "loss_mask": mask_values}
