@@ -2,7 +2,7 @@
 
 A stage's key is a hash of its configuration and of the key of the stage before it (the first stage
 hashes its sources' fingerprints), so a change anywhere invalidates exactly the stages downstream of it.
-Each entry holds the stage's files plus ``entry.json`` with the sha256 of every file; an entry whose
+Each entry holds the stage's files plus ``entry.json`` with the CRC-32 of every file; an entry whose
 files do not match (a truncated write from an older version, a disk error, a hand edit) is discarded
 and recomputed, never trusted. Entries are written in a temporary directory renamed into place
 (``_atomic.atomic_directory``), so a run killed at any moment leaves either the whole entry or none.
@@ -18,12 +18,12 @@ import time
 from typing import Any, Callable
 
 from ._atomic import atomic_directory
-from ._outputs import files_sha256
+from ._outputs import files_crc32
 
 __all__ = ["StageCache", "stage_key", "STAGE_NAMES"]
 
 _ENTRY = "entry.json"
-_FORMAT = 1
+_FORMAT = 2  # 2: CRC-32 of each file (was sha256)
 # the stage folders a cache root holds (its other entries: CACHEDIR.TAG and dot-named scratch/temporary ones)
 STAGE_NAMES = ("read", "langid", "tokenize", "dedup", "mix", "pack")
 _KEY_CHARS = frozenset("0123456789abcdef")
@@ -76,7 +76,7 @@ class StageCache:
                 and meta.get("stage") == stage
                 and meta.get("key") == key
                 and sorted(meta["files"]) == _files_under(d)
-                and files_sha256(d, sorted(meta["files"])) == meta["files"]
+                and files_crc32(d, sorted(meta["files"])) == meta["files"]
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             ok = False
@@ -95,7 +95,7 @@ class StageCache:
         d = self.path(stage, key)
         with atomic_directory(d, kind="cache-entry") as tmp:
             write(tmp)
-            files = files_sha256(tmp, _files_under(tmp))
+            files = files_crc32(tmp, _files_under(tmp))
             with open(os.path.join(tmp, _ENTRY), "w", encoding="utf-8") as f:
                 json.dump({"format": _FORMAT, "stage": stage, "key": key, "created": time.time(), "files": files}, f)
         self._prune(stage, keep_key=key)
