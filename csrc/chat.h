@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -87,10 +88,30 @@ struct Piece {
   uint8_t code;  // Code
 };
 
+// Bytes left uninitialised when allocated (a plan fills every byte right after, in parallel: no serial
+// zero-fill of a block's worth of text first).
+class Bytes {
+ public:
+  void allocate(size_t n) {
+    p_.reset(new char[n]);
+    n_ = n;
+  }
+  char* data() { return p_.get(); }
+  const char* data() const { return p_.get(); }
+  size_t size() const { return n_; }
+  char operator[](size_t i) const { return p_[i]; }
+  std::string substr(size_t pos, size_t len) const { return std::string(p_.get() + pos, len); }
+
+ private:
+  std::unique_ptr<char[]> p_;
+  size_t n_ = 0;
+};
+
 struct Plan {
   Reject reject = Reject::kNone;
   int64_t reject_record = -1;          // the first record rejected (by position)
-  std::string arena;                   // the text pieces' bytes
+  Bytes arena;                         // the text pieces' bytes
+  bool check_texts = false;            // their UTF-8 is still to be checked (by encode)
   std::vector<int64_t> text_offsets;   // n_texts + 1 into arena
   std::vector<Piece> pieces;
   std::vector<int64_t> record_pieces;  // n + 1 into pieces
@@ -104,8 +125,10 @@ int64_t first_invalid_utf8(const uint8_t* values, int64_t n_values, const int64_
 Plan plan(const Block& block, const Spec& spec);
 
 // Encodes the plan's text pieces (no special tokens added around them), handed to the encoder as fixed-width
-// code units like a Python str's (ASCII pieces in place), which it reads faster than UTF-8.
-bpe::EncodeResult encode(const bpe::Encoder& encoder, const Plan& plan, const Spec& spec);
+// code units like a Python str's (ASCII pieces in place), which it reads faster than UTF-8. Where the plan
+// left the texts' UTF-8 to be checked here (ChatML, whose texts hold every content byte), a text that is
+// not valid UTF-8 sets plan.reject to kInvalidUtf8 and nothing is encoded.
+bpe::EncodeResult encode(const bpe::Encoder& encoder, Plan& plan, const Spec& spec);
 
 // Replaces the tokens of documents `which` (ascending) by `values`/`offsets` (one run per document).
 void replace_documents(bpe::EncodeResult& result, const std::vector<int64_t>& which, const uint32_t* values,

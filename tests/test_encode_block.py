@@ -242,12 +242,22 @@ def test_invalid_utf8_falls_back(qwen_tok):
         with pytest.raises(UnicodeDecodeError) as want:
             broken.to_records()
         assert str(got.value) == str(want.value)
-    # a surrogate encoded as UTF-8 does not decode either
-    arrays = block.arrays()
-    arrays["content_values"] = np.concatenate([np.frombuffer(b"\xed\xa0\x80", np.uint8), arrays["content_values"]])
-    arrays["content_offsets"] = np.concatenate([[0], arrays["content_offsets"][1:] + 3])
-    with pytest.raises(UnicodeDecodeError):
-        qwen_tok.encode_block(RecordBlock(**arrays))
+    # a surrogate encoded as UTF-8 does not decode either, nor does any other bad sequence, wherever it is in a
+    # text (the ChatML path checks the contents as it reads them, not in a pass of its own)
+    for bad in (b"\xed\xa0\x80", b"\xc0\xaf", b"\xe4\xb8", b"\xf4\x90\x80\x80", b"\x80", b"\xd0\xb0\xff"):
+        for where in ("start", "end", "middle"):
+            arrays = block.arrays()
+            text = "h\u00e9 \u4e2d\u6587".encode()
+            content = bad + text if where == "start" else text + bad if where == "end" else text[:3] + bad + text[3:]
+            values = arrays["content_values"]
+            arrays["content_values"] = np.concatenate([np.frombuffer(content, np.uint8), values])
+            arrays["content_offsets"] = np.concatenate([[0], arrays["content_offsets"][1:] + len(content)])
+            broken = RecordBlock(**arrays)
+            with pytest.raises(UnicodeDecodeError) as got:
+                qwen_tok.encode_block(broken)
+            with pytest.raises(UnicodeDecodeError) as want:
+                broken.to_records()
+            assert str(got.value) == str(want.value)
 
 
 def test_other_paths_fall_back(qwen_hf, demo):

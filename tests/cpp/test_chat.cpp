@@ -77,6 +77,19 @@ std::string text_at(const chat::Plan& p, int64_t t) {
   return p.arena.substr(static_cast<size_t>(p.text_offsets[t]), static_cast<size_t>(p.text_offsets[t + 1] - p.text_offsets[t]));
 }
 
+// 256 one-byte tokens (id = byte), no merges: encode() on it checks the texts' UTF-8 as the real one does
+bpe::Config byte_config() {
+  bpe::Config c;
+  c.pre_tokenizer = bpe::PreTokenizer::kQwen2;
+  c.vocab_offsets.push_back(0);
+  for (int b = 0; b < 256; ++b) {
+    c.vocab_bytes.push_back(static_cast<char>(b));
+    c.vocab_offsets.push_back(static_cast<int64_t>(c.vocab_bytes.size()));
+    c.vocab_ids.push_back(static_cast<uint32_t>(b));
+  }
+  return c;
+}
+
 }  // namespace
 
 int main() {
@@ -162,11 +175,17 @@ int main() {
     EXPECT(p.record_pieces[1] == 11);  // bos + 5 + 5
   }
 
-  // what the Python path rejects, the plan rejects
-  auto rejects = [](const Columns& c, chat::TrainOn on = chat::TrainOn::kAllAssistant) {
+  // what the Python path rejects, the plan rejects (or, for a ChatML text's UTF-8, encode() as it reads it)
+  const bpe::Encoder byte_encoder(byte_config());
+  auto rejects = [&](const Columns& c, chat::TrainOn on = chat::TrainOn::kAllAssistant) {
     chat::Spec spec = chatml();
     spec.train_on = on;
-    return chat::plan(c.block(), spec).reject;
+    chat::Plan p = chat::plan(c.block(), spec);
+    if (p.reject == chat::Reject::kNone) {
+      EXPECT(p.check_texts);
+      chat::encode(byte_encoder, p, spec);
+    }
+    return p.reject;
   };
   {
     Columns c;
@@ -189,9 +208,32 @@ int main() {
     c.chat({{"tool", "q"}, {"assistant", "a"}});
     EXPECT(rejects(c) == chat::Reject::kUnknownRole);
   }
+  for (const char* bad : {"\xff", "h\xc3\xa9llo\xff", "\x80", "ab\xe4\xb8", "\xc0\xaf", "\xe0\x80\xaf", "\xed\xa0\x80",
+                          "\xf4\x90\x80\x80", "\xf8\x88\x80\x80\x80", "\xe4\xb8\xad\xe4\xb8", "\xf0\x9f\x99"}) {
+    for (int where = 0; where < 2; ++where) {
+      Columns c;
+      c.chat({{"user", where == 0 ? bad : "q"}, {"assistant", where == 1 ? bad : "a"}});
+      EXPECT(rejects(c) == chat::Reject::kInvalidUtf8);
+      Columns t;
+      t.text(bad);
+      EXPECT(rejects(t) == chat::Reject::kInvalidUtf8);
+      // Llama-3 strips its texts first, so its plan checks them
+      chat::Spec spec = chatml();
+      spec.style = chat::Style::kLlama3;
+      chat::Plan p = chat::plan(c.block(), spec);
+      EXPECT(p.reject == chat::Reject::kInvalidUtf8 && !p.check_texts);
+    }
+  }
   {
     Columns c;
-    c.chat({{"user", "\xff"}, {"assistant", "a"}});
+    c.chat({{"user", "\xc3\xa9\xe4\xb8\xad\xf0\x9f\x99\x82 \xc2\xa0"}, {"assistant", "\xd0\xb0\xd0\xb1"}});
+    EXPECT(rejects(c) == chat::Reject::kNone);
+  }
+  {
+    Columns c;  // a text record's role is never used, but to_records decodes it: the plan checks every role
+    c.kind.push_back(0);
+    c.add("\xff", "ok");
+    c.turn_offsets.push_back(1);
     EXPECT(rejects(c) == chat::Reject::kInvalidUtf8);
   }
   {
