@@ -922,16 +922,12 @@ void check_offsets(const int64_t* offsets, int64_t count, int64_t limit, const c
 
 constexpr std::string_view kSystemRole = "system";
 
-}  // namespace
-
-StringColumn take_strings(const uint8_t* values, int64_t value_bytes, const int64_t* offsets, int64_t count,
-                          const int64_t* rows, int64_t n_rows, int64_t itemsize) {
-  MLMIX_CHECK(count >= 0 && n_rows >= 0 && value_bytes >= 0, "negative size");
+// The output of taking `rows` of a column (`count` strings of `itemsize`-byte items): its offsets, and its
+// values sized (to be filled by the caller). Throws std::invalid_argument on a bad size or a row out of range.
+StringColumn sized_take(const int64_t* offsets, int64_t count, const int64_t* rows, int64_t n_rows, int64_t itemsize) {
+  MLMIX_CHECK(count >= 0 && n_rows >= 0, "negative size");
   MLMIX_CHECK(itemsize == 1 || itemsize == 2 || itemsize == 4 || itemsize == 8,
               "itemsize must be 1, 2, 4 or 8, got " << itemsize);
-  MLMIX_CHECK(value_bytes % itemsize == 0, "the size of values (" << value_bytes << " bytes) is not a multiple of "
-                                                                   << "itemsize " << itemsize);
-  check_offsets(offsets, count, value_bytes / itemsize, "offsets", "the number of values");
   StringColumn out;
   out.offsets.resize(static_cast<size_t>(n_rows) + 1);
   out.offsets[0] = 0;
@@ -941,6 +937,20 @@ StringColumn take_strings(const uint8_t* values, int64_t value_bytes, const int6
     out.offsets[static_cast<size_t>(j) + 1] = out.offsets[static_cast<size_t>(j)] + (offsets[r + 1] - offsets[r]);
   }
   out.values.resize(static_cast<size_t>(out.offsets.back() * itemsize));
+  return out;
+}
+
+}  // namespace
+
+StringColumn take_strings(const uint8_t* values, int64_t value_bytes, const int64_t* offsets, int64_t count,
+                          const int64_t* rows, int64_t n_rows, int64_t itemsize) {
+  MLMIX_CHECK(count >= 0 && value_bytes >= 0, "negative size");
+  MLMIX_CHECK(itemsize == 1 || itemsize == 2 || itemsize == 4 || itemsize == 8,
+              "itemsize must be 1, 2, 4 or 8, got " << itemsize);
+  MLMIX_CHECK(value_bytes % itemsize == 0, "the size of values (" << value_bytes << " bytes) is not a multiple of "
+                                                                   << "itemsize " << itemsize);
+  check_offsets(offsets, count, value_bytes / itemsize, "offsets", "the number of values");
+  StringColumn out = sized_take(offsets, count, rows, n_rows, itemsize);
   for (int64_t j = 0; j < n_rows; ++j) {
     const int64_t r = rows[j], n = offsets[r + 1] - offsets[r];
     if (n > 0) std::memcpy(out.values.data() + out.offsets[static_cast<size_t>(j)] * itemsize,
@@ -951,7 +961,7 @@ StringColumn take_strings(const uint8_t* values, int64_t value_bytes, const int6
 
 StringColumn read_strings(int fd, int64_t base, int64_t file_items, const int64_t* offsets, int64_t count,
                           const int64_t* rows, int64_t n_rows, int64_t itemsize) {
-  MLMIX_CHECK(count >= 0 && n_rows >= 0 && file_items >= 0 && base >= 0, "negative size or offset");
+  MLMIX_CHECK(count >= 0 && file_items >= 0 && base >= 0, "negative size or offset");
   MLMIX_CHECK(itemsize == 1 || itemsize == 2 || itemsize == 4 || itemsize == 8,
               "itemsize must be 1, 2, 4 or 8, got " << itemsize);
   struct stat st {};
@@ -961,15 +971,7 @@ StringColumn read_strings(int fd, int64_t base, int64_t file_items, const int64_
               "the file holds " << st.st_size << " bytes: fewer than " << file_items << " items of " << itemsize
                                 << " bytes from byte " << base);
   check_offsets(offsets, count, file_items, "offsets", "the number of values in the file");
-  StringColumn out;
-  out.offsets.resize(static_cast<size_t>(n_rows) + 1);
-  out.offsets[0] = 0;
-  for (int64_t j = 0; j < n_rows; ++j) {
-    const int64_t r = rows[j];
-    MLMIX_CHECK(r >= 0 && r < count, "rows[" << j << "] = " << r << " is out of range [0, " << count << ")");
-    out.offsets[static_cast<size_t>(j) + 1] = out.offsets[static_cast<size_t>(j)] + (offsets[r + 1] - offsets[r]);
-  }
-  out.values.resize(static_cast<size_t>(out.offsets.back() * itemsize));
+  StringColumn out = sized_take(offsets, count, rows, n_rows, itemsize);
   auto read_at = [&](int64_t item, int64_t items, int64_t dst_item) {
     auto* dst = reinterpret_cast<char*>(out.values.data()) + dst_item * itemsize;
     const int64_t want = items * itemsize, at = base + item * itemsize;

@@ -230,18 +230,20 @@ def test_bad_records_fall_back_with_the_same_errors(bad, kind, train_on, qwen_to
 
 
 def test_invalid_utf8_falls_back(qwen_tok):
+    def same_error(broken):
+        with pytest.raises(UnicodeDecodeError) as got:
+            qwen_tok.encode_block(broken)
+        with pytest.raises(UnicodeDecodeError) as want:
+            broken.to_records()
+        assert str(got.value) == str(want.value)
+
     block = RecordBlock.from_records([GOOD, GOOD])
     for col in ("content", "role", "id", "where", "lang"):
         arrays = block.arrays()
         values = arrays[f"{col}_values"].copy()
         values[0] = 0xFF
         arrays[f"{col}_values"] = values
-        broken = RecordBlock(**arrays)
-        with pytest.raises(UnicodeDecodeError) as got:
-            qwen_tok.encode_block(broken)
-        with pytest.raises(UnicodeDecodeError) as want:
-            broken.to_records()
-        assert str(got.value) == str(want.value)
+        same_error(RecordBlock(**arrays))
     # a surrogate encoded as UTF-8 does not decode either, nor does any other bad sequence, wherever it is in a
     # text (the ChatML path checks the contents as it reads them, not in a pass of its own)
     for bad in (b"\xed\xa0\x80", b"\xc0\xaf", b"\xe4\xb8", b"\xf4\x90\x80\x80", b"\x80", b"\xd0\xb0\xff"):
@@ -252,12 +254,7 @@ def test_invalid_utf8_falls_back(qwen_tok):
             values = arrays["content_values"]
             arrays["content_values"] = np.concatenate([np.frombuffer(content, np.uint8), values])
             arrays["content_offsets"] = np.concatenate([[0], arrays["content_offsets"][1:] + len(content)])
-            broken = RecordBlock(**arrays)
-            with pytest.raises(UnicodeDecodeError) as got:
-                qwen_tok.encode_block(broken)
-            with pytest.raises(UnicodeDecodeError) as want:
-                broken.to_records()
-            assert str(got.value) == str(want.value)
+            same_error(RecordBlock(**arrays))
 
 
 def test_other_paths_fall_back(qwen_hf, demo):
