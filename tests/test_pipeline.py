@@ -269,6 +269,25 @@ def test_cache_verifies_checksums_and_discards_corrupt_entries(tmp_path):
     assert cache.load("stage", "k1") is None
 
 
+def test_cache_entry_of_another_format_is_recomputed_without_a_corruption_warning(tmp_path):
+    """An entry an older mlmix wrote (format 1: sha256 checksums) is not found, and not reported as damaged."""
+    import hashlib
+    import json
+
+    cache = StageCache(tmp_path / "c")
+    d = cache.save("stage", "k1", lambda t: np.save(os.path.join(t, "a.npy"), np.arange(100)))
+    with open(os.path.join(d, "entry.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    with open(os.path.join(d, "a.npy"), "rb") as f:
+        meta.update(format=1, files={"a.npy": hashlib.sha256(f.read()).hexdigest()})
+    with open(os.path.join(d, "entry.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    assert cache.load("stage", "k1") is None
+    assert cache.discarded == [] and not os.path.exists(d)
+    d = cache.save("stage", "k1", lambda t: np.save(os.path.join(t, "a.npy"), np.arange(100)))
+    assert cache.load("stage", "k1") == d
+
+
 def test_cache_write_failure_leaves_no_entry(tmp_path):
     cache = StageCache(tmp_path / "c")
 

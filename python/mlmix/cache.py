@@ -71,6 +71,10 @@ class StageCache:
         try:
             with open(meta_path, encoding="utf-8") as f:
                 meta = json.load(f)
+            if isinstance(meta, dict) and isinstance(meta.get("format"), int) and meta["format"] != _FORMAT:
+                # written by another version of mlmix (format 1 kept sha256s): recomputed, but not damaged
+                shutil.rmtree(d, ignore_errors=True)
+                return None
             ok = (
                 meta.get("format") == _FORMAT
                 and meta.get("stage") == stage
