@@ -162,16 +162,20 @@ Plan plan(const Block& b, const Spec& spec) {
   }
   const bool chatml = spec.style == Style::kChatML;
   // every role and content decodes (to_records() decodes the whole columns, owned by a record or not). A
-  // ChatML text holds every byte of its content, so the contents are checked by encode() as it reads them
-  // (one pass instead of two); Llama-3's strips them first, so they are checked here.
+  // ChatML text holds every byte of its content, so the contents of the turns that records own are checked
+  // by encode() as it reads them (one pass instead of two). Llama-3's strips them first, so they are checked
+  // here, as are the contents of turns no record owns (before turn_offsets[0] or from turn_offsets[n] on),
+  // which encode() never reads.
   out.check_texts = chatml;
   {
+    const int64_t owned_lo = b.turn_offsets[0], owned_hi = b.turn_offsets[b.n];
     std::atomic<int64_t> bad{b.n_turns};
     parallel_ranges(b.n_turns, threads, [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi && t < bad.load(std::memory_order_relaxed); ++t) {
+        const bool check_content = !chatml || t < owned_lo || t >= owned_hi;
         if (!utf8::valid(b.role_values + b.role_offsets[t], static_cast<size_t>(b.role_offsets[t + 1] - b.role_offsets[t])) ||
-            (!chatml && !utf8::valid(b.content_values + b.content_offsets[t],
-                                     static_cast<size_t>(b.content_offsets[t + 1] - b.content_offsets[t])))) {
+            (check_content && !utf8::valid(b.content_values + b.content_offsets[t],
+                                           static_cast<size_t>(b.content_offsets[t + 1] - b.content_offsets[t])))) {
           int64_t cur = bad.load();
           while (t < cur && !bad.compare_exchange_weak(cur, t)) {
           }

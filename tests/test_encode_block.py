@@ -255,6 +255,27 @@ def test_invalid_utf8_falls_back(qwen_tok):
             arrays["content_values"] = np.concatenate([np.frombuffer(content, np.uint8), values])
             arrays["content_offsets"] = np.concatenate([[0], arrays["content_offsets"][1:] + len(content)])
             same_error(RecordBlock(**arrays))
+    # a turn that no record owns (before turn_offsets[0], or from turn_offsets[n] on) is never encoded, but
+    # to_records() decodes it all the same (found by the chat fuzz target)
+    for first, last in ((1, 0), (0, 1), (2, 1)):
+        arrays = RecordBlock.from_records([GOOD]).arrays()
+        n_turns = len(arrays["role_offsets"]) - 1
+        arrays["turn_offsets"] = arrays["turn_offsets"] + first
+        for col, extra in (("role", b"user"), ("content", b"ok")):
+            values, offsets = arrays[f"{col}_values"].tobytes(), arrays[f"{col}_offsets"]
+            items = [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+            items = [extra] * first + items + [extra] * last
+            if col == "content":
+                items[0 if first else n_turns + first] = b"<|im_start|>\xff"
+            arrays[f"{col}_values"] = np.frombuffer(b"".join(items), np.uint8).copy()
+            arrays[f"{col}_offsets"] = np.concatenate([[0], np.cumsum([len(x) for x in items])])
+        for template in ("auto", "llama3"):
+            broken = RecordBlock(**arrays)
+            with pytest.raises(UnicodeDecodeError) as got:
+                qwen_tok.encode_block(broken, template=template)
+            with pytest.raises(UnicodeDecodeError) as want:
+                broken.to_records()
+            assert str(got.value) == str(want.value)
 
 
 def test_other_paths_fall_back(qwen_hf, demo):

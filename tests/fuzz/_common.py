@@ -10,7 +10,10 @@ ones: see tests/fuzz/run.sh).
 from __future__ import annotations
 
 import glob
+import importlib.abc
+import importlib.util
 import os
+import site
 import sys
 
 import atheris
@@ -21,6 +24,37 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 _src = os.environ.get("MLMIX_FUZZ_PYTHONPATH") or os.path.join(ROOT, "python")
 if "mlmix" not in sys.modules and glob.glob(os.path.join(_src, "mlmix", "_core*.so")):
     sys.path.insert(0, _src)
+
+
+class _InstalledCore(importlib.abc.MetaPathFinder):
+    """Finds ``mlmix._core`` where an editable install put it (site-packages)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "mlmix._core":
+            return None
+        return importlib.util.spec_from_file_location(fullname, self.path)
+
+
+def _unwrap_editable_install() -> None:
+    """scikit-build-core's editable install (``pip install -e .``) imports mlmix through a loader of its own,
+    which atheris cannot instrument: the harness would run without coverage guidance ("no interesting inputs
+    were found"). Import the sources directly instead, and the compiled core from where the install put it."""
+    editable = [f for f in sys.meta_path if type(f).__module__.startswith("_editable_skbc_")]
+    if not editable or "mlmix" in sys.modules:
+        return
+    cores = [c for d in site.getsitepackages() for c in glob.glob(os.path.join(d, "mlmix", "_core*.so"))]
+    if not cores:
+        return
+    for f in editable:
+        sys.meta_path.remove(f)
+    sys.meta_path.insert(0, _InstalledCore(cores[0]))
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+
+
+_unwrap_editable_install()
 
 with atheris.instrument_imports(include=["mlmix"]):
     import mlmix  # noqa: F401
