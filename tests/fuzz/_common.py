@@ -22,8 +22,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # The package to fuzz: MLMIX_FUZZ_PYTHONPATH (the ASan build), else the source tree when a developer build put
 # the extension there (.ci/dev-build), else the installed mlmix (a clean clone with `pip install .`).
 _src = os.environ.get("MLMIX_FUZZ_PYTHONPATH") or os.path.join(ROOT, "python")
-if "mlmix" not in sys.modules and glob.glob(os.path.join(_src, "mlmix", "_core*.so")):
-    sys.path.insert(0, _src)
 
 
 class _InstalledCore(importlib.abc.MetaPathFinder):
@@ -38,23 +36,30 @@ class _InstalledCore(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(fullname, self.path)
 
 
-def _unwrap_editable_install() -> None:
-    """scikit-build-core's editable install (``pip install -e .``) imports mlmix through a loader of its own,
-    which atheris cannot instrument: the harness would run without coverage guidance ("no interesting inputs
-    were found"). Import the sources directly instead, and the compiled core from where the install put it."""
+def _choose_package() -> None:
+    """Which mlmix the harness imports. scikit-build-core's editable install (``pip install -e .``) imports mlmix
+    through a finder and loader of its own, ahead of ``sys.path``, which atheris cannot instrument (the harness
+    would run without coverage guidance: "no interesting inputs were found") and which would win over
+    MLMIX_FUZZ_PYTHONPATH. So its finder is set aside, and the sources are imported directly: from _src when it
+    holds a built extension, else from the source tree with the compiled core from where the install put it."""
+    if "mlmix" in sys.modules:
+        return
     editable = [f for f in sys.meta_path if type(f).__module__.startswith("_editable_skbc_")]
-    if not editable or "mlmix" in sys.modules:
+    if glob.glob(os.path.join(_src, "mlmix", "_core*.so")):
+        for f in editable:
+            sys.meta_path.remove(f)
+        sys.path.insert(0, _src)
         return
     cores = [c for d in site.getsitepackages() for c in glob.glob(os.path.join(d, "mlmix", "_core*.so"))]
-    if not cores:
-        return
+    if not editable or not cores:
+        return  # an ordinary install: imported as it is
     for f in editable:
         sys.meta_path.remove(f)
     sys.meta_path.insert(0, _InstalledCore(cores[0]))
     sys.path.insert(0, os.path.join(ROOT, "python"))
 
 
-_unwrap_editable_install()
+_choose_package()
 
 with atheris.instrument_imports(include=["mlmix"]):
     import mlmix  # noqa: F401
