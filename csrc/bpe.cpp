@@ -417,6 +417,14 @@ class PieceCache {
   Huge huge_;
 };
 
+// A UTF-8 document beside the code points decoded from it: code point i is bytes[pos[i], pos[i + 1]); `size`
+// bytes at `bytes` may be read.
+struct Utf8Source {
+  const uint8_t* bytes;
+  const uint32_t* pos;
+  size_t size;
+};
+
 struct Segment {
   size_t start, end;
   uint32_t token;  // index into added_tokens, or kNone for text
@@ -427,6 +435,7 @@ struct ThreadState {
   std::vector<uint8_t> piece_utf8;
   std::vector<uint32_t> sym, sym_rank;
   std::vector<char32_t> decoded, prefixed;
+  std::vector<uint32_t> byte_pos;  // byte offset in the UTF-8 document of each decoded code point, and its end
   std::vector<Segment> seg_a, seg_b;
   std::vector<uint32_t> out;  // the ids of the work unit being encoded
   std::vector<uint64_t> pair_cache = std::vector<uint64_t>(MergeMap::kPairCacheSize, ~uint64_t{0});
@@ -437,7 +446,7 @@ struct ThreadState {
       if (v.capacity() * sizeof(v[0]) > (size_t{1} << 20)) std::remove_reference_t<decltype(v)>().swap(v);
     };
     shrink(piece_utf8); shrink(sym); shrink(sym_rank);
-    shrink(decoded); shrink(prefixed); shrink(seg_a); shrink(seg_b); shrink(out);
+    shrink(decoded); shrink(prefixed); shrink(byte_pos); shrink(seg_a); shrink(seg_b); shrink(out);
   }
 };
 
@@ -490,14 +499,20 @@ inline uint8_t* put_utf8(uint8_t* p, uint32_t c) {
   return p;
 }
 
-// Strict UTF-8 -> code points (no overlongs, no surrogates, nothing past U+10FFFF). Returns the byte
-// offset of the first invalid sequence, or -1.
-int64_t decode_utf8(const uint8_t* p, size_t n, std::vector<char32_t>& out) {
+// Strict UTF-8 -> code points (no overlongs, no surrogates, nothing past U+10FFFF), and in `pos` (when
+// given) each code point's byte offset followed by n. Returns the byte offset of the first invalid
+// sequence, or -1.
+int64_t decode_utf8(const uint8_t* p, size_t n, std::vector<char32_t>& out, std::vector<uint32_t>* pos = nullptr) {
   out.clear();
   out.reserve(n);
+  if (pos) {
+    pos->clear();
+    pos->reserve(n + 1);
+  }
   size_t i = 0;
   while (i < n) {
     const uint8_t b0 = p[i];
+    if (pos) pos->push_back(static_cast<uint32_t>(i));
     if (b0 < 0x80) {
       out.push_back(b0);
       ++i;
@@ -518,6 +533,7 @@ int64_t decode_utf8(const uint8_t* p, size_t n, std::vector<char32_t>& out) {
     out.push_back(c);
     i += len;
   }
+  if (pos) pos->push_back(static_cast<uint32_t>(n));
   return -1;
 }
 
@@ -765,24 +781,39 @@ struct Encoder::Impl {
 
 
   // --- step 2: a text segment -> pieces -> ids ------------------------------------------------------
+  // `src`, when set, is the UTF-8 document the code units s[0, n) were decoded from: a piece's bytes are then
+  // read from it in place instead of being encoded again.
   template <typename CU>
-  void encode_text(const CU* s, size_t n, ThreadState& ts, std::vector<uint32_t>& out) const {
+  void encode_text(const CU* s, size_t n, ThreadState& ts, std::vector<uint32_t>& out, const Utf8Source* src) const {
     if (n == 0) return;
     if (add_prefix_space && s[0] != ' ') {
       auto& buf = ts.prefixed;
       buf.assign(1, U' ');
       buf.insert(buf.end(), s, s + n);
-      encode_pieces(buf.data(), buf.size(), ts, out);
+      encode_pieces(buf.data(), buf.size(), ts, out, nullptr);
       return;
     }
-    encode_pieces(s, n, ts, out);
+    encode_pieces(s, n, ts, out, src);
   }
 
   template <typename CU>
-  void encode_pieces(const CU* s, size_t n, ThreadState& ts, std::vector<uint32_t>& out) const {
+  void encode_pieces(const CU* s, size_t n, ThreadState& ts, std::vector<uint32_t>& out, const Utf8Source* src) const {
     auto& piece = ts.piece_utf8;
     for (size_t i = 0; i < n;) {
       const size_t len = next_piece(pre_tokenizer, s, i, n);
+      if (src) {
+        const size_t at = src->pos[i], bytes = src->pos[i + len] - at;
+        const uint8_t* p = src->bytes + at;
+        // the cache reads up to kReadSlack bytes at p whatever the length: near the document's end, a copy
+        if (at + std::max(bytes, PieceCache::kReadSlack) > src->size) {
+          if (piece.size() < bytes + PieceCache::kReadSlack) piece.resize(bytes + PieceCache::kReadSlack);
+          std::memcpy(piece.data(), p, bytes);
+          p = piece.data();
+        }
+        encode_piece(p, bytes, bytes > 1 ? hash_bytes(p, bytes) : 0, ts, out);
+        i += len;
+        continue;
+      }
       if (piece.size() < 4 * len + PieceCache::kReadSlack) piece.resize(4 * len + PieceCache::kReadSlack);
       uint8_t* end = piece.data();
       for (size_t k = i; k < i + len; ++k) end = put_utf8(end, s[k]);
@@ -837,16 +868,18 @@ struct Encoder::Impl {
 
   // Returns false, encoding nothing, when the document needs NFC normalization this encoder does not do.
   template <typename CU>
-  bool encode_doc(const CU* s, size_t n, bool split_special, ThreadState& ts, std::vector<uint32_t>& out) const {
+  bool encode_doc(const CU* s, size_t n, bool split_special, ThreadState& ts, std::vector<uint32_t>& out,
+                  const Utf8Source* src = nullptr) const {
     if (nfc && !nfc_quick_yes(s, n)) return false;
-    encode_doc_normalized(s, n, split_special, ts, out);
+    encode_doc_normalized(s, n, split_special, ts, out, src);
     return true;
   }
 
   template <typename CU>
-  void encode_doc_normalized(const CU* s, size_t n, bool split_special, ThreadState& ts, std::vector<uint32_t>& out) const {
+  void encode_doc_normalized(const CU* s, size_t n, bool split_special, ThreadState& ts, std::vector<uint32_t>& out,
+                             const Utf8Source* src = nullptr) const {
     if (trie_raw.empty() && trie_normalized.empty()) {
-      encode_text(s, n, ts, out);
+      encode_text(s, n, ts, out, src);
       return;
     }
     auto& first = ts.seg_a;
@@ -859,8 +892,14 @@ struct Encoder::Impl {
       else split_added(s, seg.start, seg.end, trie_normalized, split_special, second);
     }
     for (const Segment& seg : second) {
-      if (seg.token != kNone) out.push_back(added[seg.token].id);
-      else encode_text(s + seg.start, seg.end - seg.start, ts, out);
+      if (seg.token != kNone) {
+        out.push_back(added[seg.token].id);
+      } else if (src) {
+        const Utf8Source part{src->bytes, src->pos + seg.start, src->size};
+        encode_text(s + seg.start, seg.end - seg.start, ts, out, &part);
+      } else {
+        encode_text(s + seg.start, seg.end - seg.start, ts, out, nullptr);
+      }
     }
   }
 };
@@ -974,6 +1013,7 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
   std::atomic<bool> failed{false};
   std::mutex error_mutex;
   size_t error_doc = SIZE_MAX;
+  bool error_is_invalid = false;  // error_doc is a document that is not valid Unicode (not an exception)
   std::string error_msg;
 
   auto worker = [&]() {
@@ -1001,10 +1041,17 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
         if (options.add_special_tokens) out.insert(out.end(), impl.prefix_ids.begin(), impl.prefix_ids.end());
         try {
           switch (doc.width) {
-            case 0:
-              bad = decode_utf8(static_cast<const uint8_t*>(doc.data), len, ts.decoded);
-              if (bad < 0) encoded = impl.encode_doc(ts.decoded.data(), ts.decoded.size(), options.split_special_tokens, ts, out);
+            case 0: {
+              // pieces are read from the document itself (byte offsets kept as uint32: below 4 GiB)
+              const auto* bytes = static_cast<const uint8_t*>(doc.data);
+              const bool in_place = len <= UINT32_MAX;
+              bad = decode_utf8(bytes, len, ts.decoded, in_place ? &ts.byte_pos : nullptr);
+              const Utf8Source src{bytes, ts.byte_pos.data(), len};
+              if (bad < 0)
+                encoded = impl.encode_doc(ts.decoded.data(), ts.decoded.size(), options.split_special_tokens, ts, out,
+                                          in_place ? &src : nullptr);
               break;
+            }
             case 1:
               encoded = impl.encode_doc(static_cast<const uint8_t*>(doc.data), len, options.split_special_tokens, ts, out);
               break;
@@ -1021,6 +1068,7 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
           std::lock_guard<std::mutex> lock(error_mutex);
           if (d < error_doc) {
             error_doc = d;
+            error_is_invalid = false;
             error_msg = std::string("document ") + std::to_string(d) + ": " + e.what();
           }
           failed = true;
@@ -1030,6 +1078,7 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
           std::lock_guard<std::mutex> lock(error_mutex);
           if (d < error_doc) {
             error_doc = d;
+            error_is_invalid = true;
             error_msg = "texts[" + std::to_string(d) + "] is not valid Unicode: " +
                         (doc.width == 0 ? "invalid UTF-8 at byte " : "a lone surrogate or out-of-range code point at index ") +
                         std::to_string(bad);
@@ -1066,6 +1115,11 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
     }
     for (auto& th : pool) th.join();
     if (caller_error) std::rethrow_exception(caller_error);
+  }
+  if (failed.load() && options.report_invalid && error_is_invalid) {
+    EncodeResult invalid;
+    invalid.first_invalid = static_cast<int64_t>(error_doc);
+    return invalid;
   }
   MLMIX_CHECK(!failed.load(), error_msg);
 

@@ -64,6 +64,8 @@ struct EncodeOptions {
   bool add_special_tokens = true;
   bool split_special_tokens = false;
   int num_threads = 0;  // 0: all cores (common.h resolve_threads)
+  // a document that is not valid Unicode sets EncodeResult::first_invalid instead of throwing
+  bool report_invalid = false;
 };
 
 // Token ids of all documents, flat, and int64 offsets (n + 1).
@@ -71,6 +73,8 @@ struct EncodeResult {
   std::vector<uint32_t> values;
   std::vector<int64_t> offsets;
   std::vector<int64_t> unencoded;  // ascending indices of documents left empty (Config::nfc), else empty
+  int64_t first_invalid = -1;      // with EncodeOptions::report_invalid: the first document that is not valid
+                                   // Unicode (the rest of the result is then not to be used), else -1
 };
 
 class Encoder {

@@ -49,35 +49,6 @@ uint32_t decode_at(const uint8_t* p, int* len) {
   return (uint32_t(b & 0x07) << 18) | (uint32_t(p[1] & 0x3F) << 12) | (uint32_t(p[2] & 0x3F) << 6) | (p[3] & 0x3F);
 }
 
-// The code point starting at p (of `left` >= 1 bytes) and its length, or -1 where those bytes do not start a
-// valid UTF-8 sequence (a stray continuation byte, an overlong form, a surrogate, past U+10FFFF, cut short).
-int32_t decode_checked(const uint8_t* p, int64_t left, int* len) {
-  const uint8_t b = p[0];
-  if (b < 0x80) {
-    *len = 1;
-    return b;
-  }
-  auto cont = [&](int64_t i) { return i < left && (p[i] & 0xC0) == 0x80; };
-  if (b >= 0xC2 && b <= 0xDF) {
-    if (!cont(1)) return -1;
-    *len = 2;
-    return (int32_t(b & 0x1F) << 6) | (p[1] & 0x3F);
-  }
-  if (b >= 0xE0 && b <= 0xEF) {
-    if (!cont(1) || !cont(2)) return -1;
-    if ((b == 0xE0 && p[1] < 0xA0) || (b == 0xED && p[1] > 0x9F)) return -1;  // overlong; a surrogate
-    *len = 3;
-    return (int32_t(b & 0x0F) << 12) | (int32_t(p[1] & 0x3F) << 6) | (p[2] & 0x3F);
-  }
-  if (b >= 0xF0 && b <= 0xF4) {
-    if (!cont(1) || !cont(2) || !cont(3)) return -1;
-    if ((b == 0xF0 && p[1] < 0x90) || (b == 0xF4 && p[1] > 0x8F)) return -1;  // overlong; past U+10FFFF
-    *len = 4;
-    return (int32_t(b & 0x07) << 18) | (int32_t(p[1] & 0x3F) << 12) | (int32_t(p[2] & 0x3F) << 6) | (p[3] & 0x3F);
-  }
-  return -1;
-}
-
 // [lo, hi) of p[0:len] without leading and trailing Python whitespace (str.strip()).
 void py_strip(const uint8_t* p, int64_t len, int64_t* lo, int64_t* hi) {
   int64_t a = 0, b = len;
@@ -374,79 +345,19 @@ Plan plan(const Block& b, const Spec& spec) {
 
 namespace {
 
-// The text pieces as fixed-width code units, the layout of a Python str (1 byte per code point when all are
-// below U+0100, 2 when all are below U+10000, else 4): the encoder reads those faster than UTF-8, and this
-// is what it reads on the str path (Tokenizer.encode_records). `store` owns the units, each text 4-aligned.
-// With `check` (plan.check_texts), each text that is not ASCII is checked as it is decoded: the first text
-// that is not valid UTF-8 is returned in `invalid` (-1 if none), and the views are then not to be used.
-std::vector<TextView> widen(const Plan& plan, int threads, bool check, std::unique_ptr<uint32_t[]>& store,
-                            int64_t& invalid) {
+// The text pieces as the encoder reads them: an ASCII text as Latin-1 code units (in place: its bytes are its
+// units), any other as UTF-8, which the encoder decodes as it goes and whose pieces it reads in place.
+std::vector<TextView> text_views(const Plan& plan, int threads) {
   const int64_t n = plan.n_texts();
-  std::vector<int64_t> units(static_cast<size_t>(n)), start(static_cast<size_t>(n) + 1, 0);
-  std::vector<uint8_t> width(static_cast<size_t>(n));
+  std::vector<TextView> views(static_cast<size_t>(n));
   const auto* bytes = reinterpret_cast<const uint8_t*>(plan.arena.data());
   parallel_ranges(n, threads, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       const uint8_t* p = bytes + plan.text_offsets[t];
       const int64_t len = plan.text_offsets[t + 1] - plan.text_offsets[t];
-      int64_t count = 0;
-      uint8_t lead_max = 0;
-      for (int64_t i = 0; i < len; ++i) {
-        const uint8_t b = p[i];
-        count += (b & 0xC0) != 0x80;  // one lead byte per code point
-        lead_max = std::max(lead_max, b);
-      }
-      // the widest code point's lead byte: < 0xC4 is at most U+00FF, < 0xF0 at most U+FFFF (valid UTF-8; in
-      // a text that is not, decoding stops at its first bad sequence, before writing more units than lead bytes)
-      units[t] = count;
-      width[t] = lead_max < 0x80 ? 0 : lead_max < 0xC4 ? 1 : lead_max < 0xF0 ? 2 : 4;  // 0: ASCII
+      views[t] = TextView{p, len, utf8::is_ascii(p, static_cast<size_t>(len)) ? 1 : 0};
     }
   });
-  for (int64_t t = 0; t < n; ++t) start[t + 1] = start[t] + (units[t] * width[t] + 3) / 4;  // ASCII: read in place
-  store.reset(new uint32_t[static_cast<size_t>(std::max<int64_t>(start[n], 1))]);  // filled below, in parallel
-  std::vector<TextView> views(static_cast<size_t>(n));
-  std::atomic<int64_t> bad{n};
-  parallel_ranges(n, threads, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const uint8_t* p = bytes + plan.text_offsets[t];
-      const int64_t len = plan.text_offsets[t + 1] - plan.text_offsets[t];
-      void* dst = store.get() + start[t];
-      if (width[t] == 0) {  // ASCII: the UTF-8 bytes are the Latin-1 units already (and valid)
-        views[t] = TextView{p, len, 1};
-        continue;
-      }
-      int64_t k = 0;
-      auto put = [&](auto* out) {
-        for (int64_t i = 0; i < len;) {
-          if (p[i] < 0x80) {
-            out[k++] = p[i++];
-            continue;
-          }
-          int l = 0;
-          if (check) {
-            const int32_t c = decode_checked(p + i, len - i, &l);
-            if (c < 0) return false;
-            out[k++] = static_cast<std::remove_pointer_t<decltype(out)>>(c);
-          } else {
-            out[k++] = static_cast<std::remove_pointer_t<decltype(out)>>(decode_at(p + i, &l));
-          }
-          i += l;
-        }
-        return true;
-      };
-      const bool ok = width[t] == 1 ? put(static_cast<uint8_t*>(dst))
-                      : width[t] == 2 ? put(static_cast<uint16_t*>(dst))
-                                      : put(static_cast<uint32_t*>(dst));
-      if (!ok) {
-        int64_t cur = bad.load();
-        while (t < cur && !bad.compare_exchange_weak(cur, t)) {
-        }
-        continue;
-      }
-      views[t] = TextView{dst, units[t], width[t]};
-    }
-  });
-  invalid = bad.load() < n ? bad.load() : -1;
   return views;
 }
 
@@ -457,14 +368,15 @@ bpe::EncodeResult encode(const bpe::Encoder& encoder, Plan& plan, const Spec& sp
   options.add_special_tokens = false;
   options.split_special_tokens = false;
   options.num_threads = spec.num_threads;
-  std::unique_ptr<uint32_t[]> store;
-  int64_t invalid = -1;
-  const std::vector<TextView> views = widen(plan, resolve_threads(spec.num_threads), plan.check_texts, store, invalid);
-  if (invalid >= 0) {
+  // a text that is not valid UTF-8 (only ChatML's contents are left to this check: plan.check_texts) is reported,
+  // not thrown: the caller falls back to the path that raises Python's own error
+  options.report_invalid = true;
+  bpe::EncodeResult r = encoder.encode_batch(text_views(plan, resolve_threads(spec.num_threads)), options);
+  if (r.first_invalid >= 0) {
     plan.reject = Reject::kInvalidUtf8;
     return {};
   }
-  return encoder.encode_batch(views, options);
+  return r;
 }
 
 void replace_documents(bpe::EncodeResult& r, const std::vector<int64_t>& which, const uint32_t* values,

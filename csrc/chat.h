@@ -124,10 +124,11 @@ int64_t first_invalid_utf8(const uint8_t* values, int64_t n_values, const int64_
 
 Plan plan(const Block& block, const Spec& spec);
 
-// Encodes the plan's text pieces (no special tokens added around them), handed to the encoder as fixed-width
-// code units like a Python str's (ASCII pieces in place), which it reads faster than UTF-8. Where the plan
-// left the texts' UTF-8 to be checked here (ChatML, whose texts hold every content byte), a text that is
-// not valid UTF-8 sets plan.reject to kInvalidUtf8 and nothing is encoded.
+// Encodes the plan's text pieces (no special tokens added around them), read in place from the arena: an
+// ASCII piece as Latin-1 code units, any other as UTF-8, which the encoder checks and decodes as it goes
+// and whose pieces' bytes it reads in place. Where the plan left the texts' UTF-8 to be checked here
+// (ChatML, whose texts hold every content byte), a text that is not valid UTF-8 sets plan.reject to
+// kInvalidUtf8 and nothing is encoded.
 bpe::EncodeResult encode(const bpe::Encoder& encoder, Plan& plan, const Spec& spec);
 
 // Replaces the tokens of documents `which` (ascending) by `values`/`offsets` (one run per document).

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace mlmix::utf8 {
@@ -11,6 +12,19 @@ namespace mlmix::utf8 {
 // True when [data, data + size) is UTF-8 that Python's strict decoder accepts (no overlong forms, no
 // surrogates, nothing past U+10FFFF).
 bool valid(const uint8_t* data, size_t size);
+
+// True when every byte of [data, data + size) is ASCII (below 0x80).
+inline bool is_ascii(const uint8_t* data, size_t size) {
+  uint64_t any = 0;
+  size_t i = 0;
+  for (; i + 8 <= size; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, data + i, 8);
+    any |= w;
+  }
+  for (; i < size; ++i) any |= data[i];
+  return (any & 0x8080808080808080ULL) == 0;
+}
 
 // Appends the UTF-8 of `cp`; a lone surrogate gets its 3-byte form (Python's surrogatepass).
 inline void append(std::vector<uint8_t>& out, uint32_t cp) {
