@@ -309,6 +309,21 @@ inline constexpr auto kPrefixMasks = [] {
   return m;
 }();
 
+// hash_bytes(p, n) where the 8 bytes after p[n - 1] may be read too (a piece with the cache's read slack): the
+// last word is read whole and masked instead of copied byte by byte.
+inline uint64_t hash_piece(const uint8_t* p, size_t n) {
+  uint64_t h = kSplitMix64Increment ^ (n * 0x100000001B3ULL);
+  const size_t tail = n & 7;
+  for (const uint8_t* end = p + (n - tail); p < end; p += 8) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    h = splitmix64_mix(h ^ w) + kSplitMix64Increment;
+  }
+  uint64_t w;
+  std::memcpy(&w, p, 8);
+  return splitmix64_mix(h ^ (w & kPrefixMasks[tail]) ^ (uint64_t(tail) << 59));
+}
+
 // Entries of pieces longer than a short cache entry holds: `kSlots` entries of up to `kKey` bytes and `kIds`
 // ids, in 2-way sets (neighbouring slots), with their tags (hash bits, id count, length) apart so a miss
 // reads one line.
@@ -430,12 +445,38 @@ struct Segment {
   uint32_t token;  // index into added_tokens, or kNone for text
 };
 
+// Scratch space of a worker that is written before it is read: grown without being initialised, and kept
+// between documents.
+template <typename T>
+class Scratch {
+ public:
+  T* get(size_t n) {
+    if (n > cap_) {
+      p_.reset(new T[std::max<size_t>(n, 2 * cap_)]);
+      cap_ = std::max<size_t>(n, 2 * cap_);
+    }
+    return p_.get();
+  }
+  T* data() const { return p_.get(); }
+  void trim() {  // released past 1 MB (a huge document's)
+    if (cap_ * sizeof(T) > (size_t{1} << 20)) {
+      p_.reset();
+      cap_ = 0;
+    }
+  }
+
+ private:
+  std::unique_ptr<T[]> p_;
+  size_t cap_ = 0;
+};
+
 struct ThreadState {
   PieceCache cache;
   std::vector<uint8_t> piece_utf8;
   std::vector<uint32_t> sym, sym_rank;
-  std::vector<char32_t> decoded, prefixed;
-  std::vector<uint32_t> byte_pos;  // byte offset in the UTF-8 document of each decoded code point, and its end
+  std::vector<char32_t> prefixed;
+  Scratch<char32_t> decoded;  // a UTF-8 document's code points
+  Scratch<uint32_t> byte_pos;  // the byte offset in the document of each of them, then its end
   std::vector<Segment> seg_a, seg_b;
   std::vector<uint32_t> out;  // the ids of the work unit being encoded
   std::vector<uint64_t> pair_cache = std::vector<uint64_t>(MergeMap::kPairCacheSize, ~uint64_t{0});
@@ -446,7 +487,7 @@ struct ThreadState {
       if (v.capacity() * sizeof(v[0]) > (size_t{1} << 20)) std::remove_reference_t<decltype(v)>().swap(v);
     };
     shrink(piece_utf8); shrink(sym); shrink(sym_rank);
-    shrink(decoded); shrink(prefixed); shrink(byte_pos); shrink(seg_a); shrink(seg_b); shrink(out);
+    decoded.trim(); byte_pos.trim(); shrink(prefixed); shrink(seg_a); shrink(seg_b); shrink(out);
   }
 };
 
@@ -499,22 +540,30 @@ inline uint8_t* put_utf8(uint8_t* p, uint32_t c) {
   return p;
 }
 
-// Strict UTF-8 -> code points (no overlongs, no surrogates, nothing past U+10FFFF), and in `pos` (when
-// given) each code point's byte offset followed by n. Returns the byte offset of the first invalid
-// sequence, or -1.
-int64_t decode_utf8(const uint8_t* p, size_t n, std::vector<char32_t>& out, std::vector<uint32_t>* pos = nullptr) {
-  out.clear();
-  out.reserve(n);
-  if (pos) {
-    pos->clear();
-    pos->reserve(n + 1);
-  }
-  size_t i = 0;
+// Strict UTF-8 -> code points (no overlongs, no surrogates, nothing past U+10FFFF) at `out` (room for n),
+// and with kPos each code point's byte offset at `pos` (room for n + 1), followed by n. Sets `count` and
+// returns -1, or returns the byte offset of the first invalid sequence.
+template <bool kPos>
+int64_t decode_utf8(const uint8_t* p, size_t n, char32_t* out, uint32_t* pos, size_t& count) {
+  size_t i = 0, k = 0;
   while (i < n) {
+    if (i + 8 <= n) {  // eight ASCII bytes at once
+      uint64_t w;
+      std::memcpy(&w, p + i, 8);
+      if ((w & 0x8080808080808080ULL) == 0) {
+        for (size_t j = 0; j < 8; ++j) {
+          out[k + j] = p[i + j];
+          if constexpr (kPos) pos[k + j] = static_cast<uint32_t>(i + j);
+        }
+        i += 8;
+        k += 8;
+        continue;
+      }
+    }
     const uint8_t b0 = p[i];
-    if (pos) pos->push_back(static_cast<uint32_t>(i));
+    if constexpr (kPos) pos[k] = static_cast<uint32_t>(i);
     if (b0 < 0x80) {
-      out.push_back(b0);
+      out[k++] = b0;
       ++i;
       continue;
     }
@@ -525,15 +574,16 @@ int64_t decode_utf8(const uint8_t* p, size_t n, std::vector<char32_t>& out, std:
     else if ((b0 & 0xF8) == 0xF0) { len = 4; c = b0 & 0x07; min = 0x10000; }
     else return static_cast<int64_t>(i);
     if (i + len > n) return static_cast<int64_t>(i);
-    for (size_t k = 1; k < len; ++k) {
-      if ((p[i + k] & 0xC0) != 0x80) return static_cast<int64_t>(i);
-      c = (c << 6) | (p[i + k] & 0x3F);
+    for (size_t j = 1; j < len; ++j) {
+      if ((p[i + j] & 0xC0) != 0x80) return static_cast<int64_t>(i);
+      c = (c << 6) | (p[i + j] & 0x3F);
     }
     if (c < min || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF)) return static_cast<int64_t>(i);
-    out.push_back(c);
+    out[k++] = c;
     i += len;
   }
-  if (pos) pos->push_back(static_cast<uint32_t>(n));
+  if constexpr (kPos) pos[k] = static_cast<uint32_t>(n);
+  count = k;
   return -1;
 }
 
@@ -804,13 +854,13 @@ struct Encoder::Impl {
       if (src) {
         const size_t at = src->pos[i], bytes = src->pos[i + len] - at;
         const uint8_t* p = src->bytes + at;
-        // the cache reads up to kReadSlack bytes at p whatever the length: near the document's end, a copy
-        if (at + std::max(bytes, PieceCache::kReadSlack) > src->size) {
+        // the cache and hash_piece read up to kReadSlack bytes past the piece: near the document's end, a copy
+        if (at + bytes + PieceCache::kReadSlack > src->size) {
           if (piece.size() < bytes + PieceCache::kReadSlack) piece.resize(bytes + PieceCache::kReadSlack);
           std::memcpy(piece.data(), p, bytes);
           p = piece.data();
         }
-        encode_piece(p, bytes, bytes > 1 ? hash_bytes(p, bytes) : 0, ts, out);
+        encode_piece(p, bytes, bytes > 1 ? hash_piece(p, bytes) : 0, ts, out);
         i += len;
         continue;
       }
@@ -818,7 +868,7 @@ struct Encoder::Impl {
       uint8_t* end = piece.data();
       for (size_t k = i; k < i + len; ++k) end = put_utf8(end, s[k]);
       const auto bytes = static_cast<size_t>(end - piece.data());
-      encode_piece(piece.data(), bytes, bytes > 1 ? hash_bytes(piece.data(), bytes) : 0, ts, out);
+      encode_piece(piece.data(), bytes, bytes > 1 ? hash_piece(piece.data(), bytes) : 0, ts, out);
       i += len;
     }
   }
@@ -1045,11 +1095,13 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
               // pieces are read from the document itself (byte offsets kept as uint32: below 4 GiB)
               const auto* bytes = static_cast<const uint8_t*>(doc.data);
               const bool in_place = len <= UINT32_MAX;
-              bad = decode_utf8(bytes, len, ts.decoded, in_place ? &ts.byte_pos : nullptr);
+              char32_t* points = ts.decoded.get(len);
+              size_t count = 0;
+              bad = in_place ? decode_utf8<true>(bytes, len, points, ts.byte_pos.get(len + 1), count)
+                             : decode_utf8<false>(bytes, len, points, nullptr, count);
               const Utf8Source src{bytes, ts.byte_pos.data(), len};
               if (bad < 0)
-                encoded = impl.encode_doc(ts.decoded.data(), ts.decoded.size(), options.split_special_tokens, ts, out,
-                                          in_place ? &src : nullptr);
+                encoded = impl.encode_doc(points, count, options.split_special_tokens, ts, out, in_place ? &src : nullptr);
               break;
             }
             case 1:
