@@ -14,6 +14,7 @@
 #include <unordered_map>
 
 #include "common.h"
+#include "utf8.h"
 
 namespace mlmix::bpe {
 
@@ -432,8 +433,8 @@ class PieceCache {
   Huge huge_;
 };
 
-// A UTF-8 document beside the code points decoded from it: code point i is bytes[pos[i], pos[i + 1]); `size`
-// bytes at `bytes` may be read.
+// A UTF-8 document beside the code points decoded from it: code point i is bytes[pos[i], pos[i + 1]), or
+// bytes[i] when pos is null (ASCII, whose code units are its bytes); `size` bytes at `bytes` may be read.
 struct Utf8Source {
   const uint8_t* bytes;
   const uint32_t* pos;
@@ -852,7 +853,7 @@ struct Encoder::Impl {
     for (size_t i = 0; i < n;) {
       const size_t len = next_piece(pre_tokenizer, s, i, n);
       if (src) {
-        const size_t at = src->pos[i], bytes = src->pos[i + len] - at;
+        const size_t at = src->pos ? src->pos[i] : i, bytes = (src->pos ? src->pos[i + len] : i + len) - at;
         const uint8_t* p = src->bytes + at;
         // the cache and hash_piece read up to kReadSlack bytes past the piece: near the document's end, a copy
         if (at + bytes + PieceCache::kReadSlack > src->size) {
@@ -945,7 +946,8 @@ struct Encoder::Impl {
       if (seg.token != kNone) {
         out.push_back(added[seg.token].id);
       } else if (src) {
-        const Utf8Source part{src->bytes, src->pos + seg.start, src->size};
+        const Utf8Source part = src->pos ? Utf8Source{src->bytes, src->pos + seg.start, src->size}
+                                         : Utf8Source{src->bytes + seg.start, nullptr, src->size - seg.start};
         encode_text(s + seg.start, seg.end - seg.start, ts, out, &part);
       } else {
         encode_text(s + seg.start, seg.end - seg.start, ts, out, nullptr);
@@ -1104,9 +1106,13 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
                 encoded = impl.encode_doc(points, count, options.split_special_tokens, ts, out, in_place ? &src : nullptr);
               break;
             }
-            case 1:
-              encoded = impl.encode_doc(static_cast<const uint8_t*>(doc.data), len, options.split_special_tokens, ts, out);
+            case 1: {  // an ASCII text's units are its UTF-8 bytes: its pieces are read in place
+              const auto* units = static_cast<const uint8_t*>(doc.data);
+              const Utf8Source src{units, nullptr, len};
+              encoded = impl.encode_doc(units, len, options.split_special_tokens, ts, out,
+                                        utf8::is_ascii(units, len) ? &src : nullptr);
               break;
+            }
             case 2:
               bad = find_surrogate(static_cast<const uint16_t*>(doc.data), len);
               if (bad < 0) encoded = impl.encode_doc(static_cast<const uint16_t*>(doc.data), len, options.split_special_tokens, ts, out);
