@@ -92,6 +92,11 @@ model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].res
 rank = int(os.environ["RANK"])
 with open(f"rank{{rank}}.json", "w") as f:
     json.dump({{"seen": seen, "world": trainer.args.world_size, "step": trainer.state.global_step}}, f)
+# as a training script ends (accelerate's end_training): a gloo group left to the interpreter's exit can abort
+# there ("terminate called without an active exception"), after the work is done
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.destroy_process_group()
 '''
 
 
