@@ -166,6 +166,20 @@ py::tuple read_strings_py(int fd, int64_t base, int64_t file_items, const py::ar
   return py::make_tuple(vector_to_array(std::move(out.values)), vector_to_array(std::move(out.offsets)));
 }
 
+py::array read_spans_py(int fd, int64_t base, int64_t file_items, const py::array& starts, const py::array& lengths,
+                        int64_t itemsize) {
+  int64_t n_starts = 0, n_lengths = 0;
+  const int64_t* s = checked_1d<int64_t>(starts, "starts", &n_starts);
+  const int64_t* l = checked_1d<int64_t>(lengths, "lengths", &n_lengths);
+  MLMIX_CHECK(n_starts == n_lengths, "starts and lengths differ in length: " << n_starts << " vs " << n_lengths);
+  std::vector<uint8_t> out;
+  {
+    py::gil_scoped_release release;
+    out = read_spans(fd, base, file_items, s, l, n_starts, itemsize);
+  }
+  return vector_to_array(std::move(out));
+}
+
 }  // namespace
 
 void bind_records(py::module_& m) {
@@ -186,6 +200,10 @@ void bind_records(py::module_& m) {
         py::arg("rows"), py::arg("itemsize"),
         "(values uint8, offsets int64): _take_strings of a column whose file_items values of itemsize bytes are in "
         "the open file fd from byte base, read with pread: see mlmix.ragged.take_spans.");
+  m.def("_read_spans", &read_spans_py, py::arg("fd"), py::arg("base"), py::arg("file_items"), py::arg("starts"),
+        py::arg("lengths"), py::arg("itemsize"),
+        "values uint8: the items [starts[k], starts[k] + lengths[k]) of each span, end to end, of the file_items "
+        "items of itemsize bytes in the open file fd from byte base, read with pread: see mlmix.ragged.read_spans.");
 }
 
 }  // namespace mlmix::bind

@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -958,24 +959,30 @@ StringColumn take_strings(const uint8_t* values, int64_t value_bytes, const int6
   return out;
 }
 
-StringColumn read_strings(int fd, int64_t base, int64_t file_items, const int64_t* offsets, int64_t count,
-                          const int64_t* rows, int64_t n_rows, int64_t itemsize) {
-  MLMIX_CHECK(count >= 0 && file_items >= 0 && base >= 0, "negative size or offset");
-  MLMIX_CHECK(itemsize == 1 || itemsize == 2 || itemsize == 4 || itemsize == 8,
-              "itemsize must be 1, 2, 4 or 8, got " << itemsize);
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) throw std::runtime_error(std::string("fstat failed: ") + std::strerror(errno));
-  MLMIX_CHECK(S_ISREG(st.st_mode), "fd " << fd << " is not a regular file");
-  MLMIX_CHECK(file_items <= (static_cast<int64_t>(st.st_size) - std::min<int64_t>(base, st.st_size)) / itemsize,
-              "the file holds " << st.st_size << " bytes: fewer than " << file_items << " items of " << itemsize
-                                << " bytes from byte " << base);
-  check_offsets(offsets, count, file_items, "offsets", "the number of values in the file");
-  StringColumn out = sized_take(offsets, count, rows, n_rows, itemsize);
-  auto read_at = [&](int64_t item, int64_t items, int64_t dst_item) {
-    auto* dst = reinterpret_cast<char*>(out.values.data()) + dst_item * itemsize;
-    const int64_t want = items * itemsize, at = base + item * itemsize;
+namespace {
+
+// `file_items` items of `itemsize` bytes in the open regular file fd from byte `base` (checked against its
+// size once), read with pread.
+class FileItems {
+ public:
+  FileItems(int fd, int64_t base, int64_t file_items, int64_t itemsize)
+      : fd_(fd), base_(base), items_(file_items), itemsize_(itemsize) {
+    MLMIX_CHECK(file_items >= 0 && base >= 0, "negative size or offset");
+    MLMIX_CHECK(itemsize == 1 || itemsize == 2 || itemsize == 4 || itemsize == 8,
+                "itemsize must be 1, 2, 4 or 8, got " << itemsize);
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) throw std::runtime_error(std::string("fstat failed: ") + std::strerror(errno));
+    MLMIX_CHECK(S_ISREG(st.st_mode), "fd " << fd << " is not a regular file");
+    MLMIX_CHECK(file_items <= (static_cast<int64_t>(st.st_size) - std::min<int64_t>(base, st.st_size)) / itemsize,
+                "the file holds " << st.st_size << " bytes: fewer than " << file_items << " items of " << itemsize
+                                  << " bytes from byte " << base);
+  }
+  int64_t items() const { return items_; }
+  // items [item, item + count) (in range: checked by the caller) to dst
+  void read(int64_t item, int64_t count, uint8_t* dst) const {
+    const int64_t want = count * itemsize_, at = base_ + item * itemsize_;
     for (int64_t done = 0; done < want;) {
-      const ssize_t got = ::pread(fd, dst + done, static_cast<size_t>(want - done), static_cast<off_t>(at + done));
+      const ssize_t got = ::pread(fd_, dst + done, static_cast<size_t>(want - done), static_cast<off_t>(at + done));
       if (got < 0 && errno == EINTR) continue;
       if (got < 0) throw std::runtime_error(std::string("pread failed: ") + std::strerror(errno));
       if (got == 0) throw std::runtime_error("the file ends at byte " + std::to_string(at + done) +
@@ -983,13 +990,53 @@ StringColumn read_strings(int fd, int64_t base, int64_t file_items, const int64_
                                              std::to_string(at));
       done += got;
     }
-  };
+  }
+
+ private:
+  int fd_;
+  int64_t base_, items_, itemsize_;
+};
+
+}  // namespace
+
+StringColumn read_strings(int fd, int64_t base, int64_t file_items, const int64_t* offsets, int64_t count,
+                          const int64_t* rows, int64_t n_rows, int64_t itemsize) {
+  MLMIX_CHECK(count >= 0, "negative size or offset");
+  const FileItems file(fd, base, file_items, itemsize);
+  check_offsets(offsets, count, file_items, "offsets", "the number of values in the file");
+  StringColumn out = sized_take(offsets, count, rows, n_rows, itemsize);
   // one read per run of rows that follow each other in the file as in the output
   for (int64_t j = 0; j < n_rows;) {
     int64_t k = j + 1;
     while (k < n_rows && offsets[rows[k]] == offsets[rows[k - 1] + 1]) ++k;
     const int64_t first = offsets[rows[j]], items = offsets[rows[k - 1] + 1] - first;
-    if (items > 0) read_at(first, items, out.offsets[static_cast<size_t>(j)]);
+    if (items > 0) file.read(first, items, out.values.data() + out.offsets[static_cast<size_t>(j)] * itemsize);
+    j = k;
+  }
+  return out;
+}
+
+std::vector<uint8_t> read_spans(int fd, int64_t base, int64_t file_items, const int64_t* starts,
+                                const int64_t* lengths, int64_t n_spans, int64_t itemsize) {
+  MLMIX_CHECK(n_spans >= 0, "negative number of spans");
+  const FileItems file(fd, base, file_items, itemsize);
+  int64_t total = 0;
+  for (int64_t k = 0; k < n_spans; ++k) {
+    MLMIX_CHECK(starts[k] >= 0 && lengths[k] >= 0 && starts[k] <= file_items && lengths[k] <= file_items - starts[k],
+                "span " << k << " (items " << starts[k] << " + " << lengths[k] << ") is not within the "
+                        << file_items << " items of the file");
+    MLMIX_CHECK(lengths[k] <= std::numeric_limits<int64_t>::max() / itemsize - total,
+                "the spans hold more than " << std::numeric_limits<int64_t>::max() / itemsize << " items");
+    total += lengths[k];
+  }
+  std::vector<uint8_t> out(static_cast<size_t>(total * itemsize));
+  // one read per run of spans that follow each other in the file as in the output
+  int64_t at = 0;
+  for (int64_t j = 0; j < n_spans;) {
+    int64_t k = j + 1, items = lengths[j];
+    while (k < n_spans && starts[k] == starts[k - 1] + lengths[k - 1]) items += lengths[k++];
+    if (items > 0) file.read(starts[j], items, out.data() + at * itemsize);
+    at += items;
     j = k;
   }
   return out;

@@ -104,4 +104,11 @@ StringColumn take_strings(const uint8_t* values, int64_t value_bytes, const int6
 StringColumn read_strings(int fd, int64_t base, int64_t file_items, const int64_t* offsets, int64_t count,
                           const int64_t* rows, int64_t n_rows, int64_t itemsize);
 
+// The items [starts[k], starts[k] + lengths[k]) of each span k, end to end, of a file of `file_items` items of
+// `itemsize` bytes in the open file fd from byte `base` (spans in any order, each checked to lie in the file),
+// read with pread: one read per run of spans that follow each other in the file. Throws std::out_of_range on a
+// bad span or size, std::runtime_error when a read fails.
+std::vector<uint8_t> read_spans(int fd, int64_t base, int64_t file_items, const int64_t* starts,
+                                const int64_t* lengths, int64_t n_spans, int64_t itemsize);
+
 }  // namespace mlmix::records

@@ -127,11 +127,42 @@ def monkeypatch_module():
     mp.undo()
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.int64])
+def test_read_spans_reads_the_mapped_file(tmp_path, dtype):
+    """Spans in any order (adjacent ones read together, empty ones, the file's first and last item) from a
+    mapped array or a view into it: what slicing gives; bad spans are errors naming the span; an array in
+    memory is left to the caller (None)."""
+    rng = np.random.default_rng(int(np.dtype(dtype).itemsize))
+    values = rng.integers(0, 200, 5000).astype(dtype)
+    np.save(tmp_path / "v.npy", values)
+    for skip in (0, 3):
+        mapped = np.load(tmp_path / "v.npy", mmap_mode="r")[skip:]
+        n = len(mapped)
+        starts = np.concatenate([rng.integers(0, n - 60, 300), [0, n - 1, 10, 15, 15, 40]]).astype(np.int64)
+        lengths = np.concatenate([rng.integers(0, 60, 300), [3, 1, 5, 0, 7, 2]]).astype(np.int64)
+        want = np.concatenate([np.asarray(mapped[a:a + k]) for a, k in zip(starts, lengths)])
+        got = ragged_mod.read_spans(mapped, starts, lengths)
+        if MAP_FILES:
+            assert got is not None and got.dtype == np.dtype(dtype) and not is_mapped(got)
+            assert np.array_equal(got, want)
+            for bad_start, bad_len in ((n - 2, 3), (-1, 1), (0, -1), (n + 1, 0)):
+                with pytest.raises(ValueError, match="span 1 "):
+                    ragged_mod.read_spans(mapped, np.array([0, bad_start]), np.array([1, bad_len]))
+            with pytest.raises(ValueError, match="starts and lengths differ"):
+                ragged_mod.read_spans(mapped, np.array([0, 1]), np.array([1]))
+    assert ragged_mod.read_spans(values, np.array([0]), np.array([1])) is None
+
+
+@pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("threads", ["1", "3"])
 @pytest.mark.parametrize("strategy, overlong", [("bfd", "truncate"), ("ffd", "split"), ("bfd_split", "split")])
-def test_store_from_memory_mapped_tokens_is_byte_identical(tmp_path, monkeypatch, strategy, overlong, threads):
-    """Blocks gathered on 1 or 3 threads (MLMIX_NUM_THREADS) from mapped tokens: the bytes of the store written
+def test_store_from_memory_mapped_tokens_is_byte_identical(tmp_path, monkeypatch, strategy, overlong, threads,
+                                                           direct):
+    """Blocks gathered on 1 or 3 threads (MLMIX_NUM_THREADS) from mapped tokens, read span by span from the
+    mapped file (direct) or, where it cannot be read directly, from the mapping: the bytes of the store written
     from memory."""
+    if not direct:
+        monkeypatch.setattr(ragged_mod, "_mapped_file", lambda values: None)
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 90, size=300)
     tokens = Ragged.from_lengths(rng.integers(0, 50_000, size=int(lengths.sum())).astype(np.uint32), lengths)
@@ -154,9 +185,11 @@ def test_store_from_memory_mapped_tokens_is_byte_identical(tmp_path, monkeypatch
         assert (tmp_path / "mem" / name).read_bytes() == (tmp_path / "mapped" / name).read_bytes(), name
 
 
-def test_a_failing_block_gather_fails_the_shard_write(tmp_path, monkeypatch):
+@pytest.mark.parametrize("reader", ["read_spans", "take_spans"])
+def test_a_failing_block_gather_fails_the_shard_write(tmp_path, monkeypatch, reader):
     """An error gathering one block on a worker thread reaches the caller (after the blocks before it), and no
-    file is left half-written under the store's name."""
+    file is left half-written under the store's name: whether the blocks are read from the mapped file span by
+    span (read_spans) or, where it cannot be read directly, their examples copied in (take_spans)."""
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 60, size=200)
     tokens = Ragged.from_lengths(rng.integers(0, 1000, size=int(lengths.sum())).astype(np.uint32), lengths)
@@ -165,15 +198,17 @@ def test_a_failing_block_gather_fails_the_shard_write(tmp_path, monkeypatch):
     monkeypatch.setattr(store_mod, "_BLOCK_TOKENS", 200)
     monkeypatch.setenv("MLMIX_NUM_THREADS", "2")
     calls = []
-    real = store_mod.take_spans
+    real = getattr(store_mod, reader)
+    if reader == "take_spans":
+        monkeypatch.setattr(ragged_mod, "_mapped_file", lambda values: None)
 
-    def flaky(values, offsets, index):
-        calls.append(len(index))
+    def flaky(*args):
+        calls.append(1)
         if len(calls) == 4:
             raise OSError("disk went away")
-        return real(values, offsets, index)
+        return real(*args)
 
-    monkeypatch.setattr(store_mod, "take_spans", flaky)
+    monkeypatch.setattr(store_mod, reader, flaky)
     with pytest.raises(OSError, match="disk went away"):
         write_store(str(tmp_path / "s"), mt, seq_len=64, seed=0)
     assert not (tmp_path / "s").exists()

@@ -152,6 +152,10 @@ def _plan_pack(lengths: numpy.ndarray, seq_len: typing.SupportsInt | typing.Supp
     """
     Plan a packing from int64 lengths; see mlmix.pack.
     """
+def _read_spans(fd: typing.SupportsInt | typing.SupportsIndex, base: typing.SupportsInt | typing.SupportsIndex, file_items: typing.SupportsInt | typing.SupportsIndex, starts: numpy.ndarray, lengths: numpy.ndarray, itemsize: typing.SupportsInt | typing.SupportsIndex) -> numpy.ndarray:
+    """
+    values uint8: the items [starts[k], starts[k] + lengths[k]) of each span, end to end, of the file_items items of itemsize bytes in the open file fd from byte base, read with pread: see mlmix.ragged.read_spans.
+    """
 def _read_strings(fd: typing.SupportsInt | typing.SupportsIndex, base: typing.SupportsInt | typing.SupportsIndex, file_items: typing.SupportsInt | typing.SupportsIndex, offsets: numpy.ndarray, rows: numpy.ndarray, itemsize: typing.SupportsInt | typing.SupportsIndex) -> tuple:
     """
     (values uint8, offsets int64): _take_strings of a column whose file_items values of itemsize bytes are in the open file fd from byte base, read with pread: see mlmix.ragged.take_spans.

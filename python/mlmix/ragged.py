@@ -369,10 +369,10 @@ def take_spans(values: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> tu
     return out.values, out.offsets
 
 
-def _read_mapped(values: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """take_spans from the file ``values`` is mapped from, or None where that file cannot be read directly:
-    ``values`` not 1-D contiguous, a private writable mapping (its pages may differ from the file), a mapping
-    /proc does not list on its own, or no /proc."""
+def _mapped_file(values: np.ndarray) -> tuple[int, int] | None:
+    """(an open fd of the file ``values`` is mapped from, the byte where ``values`` starts in it), or None where
+    that file cannot be read directly: ``values`` not 1-D contiguous, a private writable mapping (its pages may
+    differ from the file), a mapping /proc does not list on its own, or no /proc. The caller closes the fd."""
     import mmap
 
     mm = _mapping(values)
@@ -392,17 +392,49 @@ def _read_mapped(values: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> 
         fd = os.open(f"/proc/self/map_files/{key}", os.O_RDONLY)  # the mapped file itself, whatever its name now
     except (OSError, ValueError):
         return None
+    return fd, int(entry[2], 16) + (values.ctypes.data - start)
+
+
+def _read_mapped(values: np.ndarray, offsets: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """take_spans from the file ``values`` is mapped from, or None where that file cannot be read directly
+    (see _mapped_file)."""
+    opened = _mapped_file(values)
+    if opened is None:
+        return None
+    fd, base = opened
     from ._core_loader import core
 
     try:
-        raw, out_offsets = core._read_strings(fd, int(entry[2], 16) + (values.ctypes.data - start), values.size,
-                                              np.ascontiguousarray(offsets, dtype=np.int64),
+        raw, out_offsets = core._read_strings(fd, base, values.size, np.ascontiguousarray(offsets, dtype=np.int64),
                                               np.ascontiguousarray(index, dtype=np.int64), values.dtype.itemsize)
     except RuntimeError as e:
-        raise OSError(f"reading the file mapped at {key}: {e}") from None
+        raise OSError(f"reading the file mapped at byte {base} of fd {fd}: {e}") from None
     finally:
         os.close(fd)
     return raw.view(values.dtype), out_offsets
+
+
+def read_spans(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
+    """``values[starts[k]:starts[k] + lengths[k]]`` for each k, end to end (spans in any order), read from the
+    file a memory-mapped ``values`` is mapped from (one ``pread`` per run of spans that follow each other in the
+    file, in the core without the GIL): no page of the mapping is touched. None where ``values`` is not mapped
+    or its file cannot be read directly (see _mapped_file): the caller then gathers from ``values`` itself."""
+    if not is_mapped(values):
+        return None
+    opened = _mapped_file(values)
+    if opened is None:
+        return None
+    fd, base = opened
+    from ._core_loader import core
+
+    try:
+        raw = core._read_spans(fd, base, values.size, np.ascontiguousarray(starts, dtype=np.int64),
+                               np.ascontiguousarray(lengths, dtype=np.int64), values.dtype.itemsize)
+    except RuntimeError as e:
+        raise OSError(f"reading the file mapped at byte {base} of fd {fd}: {e}") from None
+    finally:
+        os.close(fd)
+    return raw.view(values.dtype)
 
 
 def drop_mapped_pages(arr: np.ndarray) -> None:

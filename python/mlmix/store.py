@@ -25,7 +25,7 @@ from ._atomic import atomic_directory
 from ._checks import check_mask, check_pad, check_seed, check_seq_len, check_shard_sequences, check_tokens, max_seq_len
 from ._parallel import in_order, usable_cores
 from .pack import StreamPacker, pack
-from .ragged import Ragged, drop_mapped_pages, is_mapped, take_spans
+from .ragged import Ragged, drop_mapped_pages, is_mapped, read_spans, take_spans
 
 __all__ = ["write_store", "open", "Store", "ShardedArray", "StoreError", "FORMAT", "VERSION"]
 
@@ -183,20 +183,15 @@ def write_shard(directory: str, shard: int, num_shards: int, plan, values: np.nd
         writers["loss_mask"] = _ArrayWriter(directory, "loss_mask", np.uint8, shard_file("loss_mask", shard, num_shards))
     mapped = is_mapped(values) or (mask_values is not None and is_mapped(mask_values))
     # from memory-mapped inputs (the local executor passes every example's tokens, mapped), blocks of at
-    # most _BLOCK_TOKENS tokens whose examples are copied in by take_spans, which reads them from the mapped
-    # file without touching the mapping: memory stays bounded for any input size
+    # most _BLOCK_TOKENS tokens, read from the mapped file without touching the mapping (_gather_block):
+    # memory stays bounded for any input size
     step = max(1, min(_ROW_BLOCK, _BLOCK_TOKENS // plan.seq_len)) if mapped else _ROW_BLOCK
 
     arrays = {"tokens": values, "loss_mask": mask_values}
 
     def gathered(item: tuple[int, str]) -> tuple[str, np.ndarray]:
         lo, name = item
-        block = plan.rows(lo, min(plan.num_sequences, lo + step))
-        if mapped:  # a block's examples are spread over the file: copy them in, releasing pages as it goes
-            need = np.unique(block.seg_example)
-            local = dataclasses.replace(block, seg_example=np.searchsorted(need, block.seg_example))
-            return name, local.gather(*take_spans(arrays[name], offsets, need))
-        return name, block.gather(arrays[name], offsets)
+        return name, _gather_block(plan.rows(lo, min(plan.num_sequences, lo + step)), arrays[name], offsets)
 
     try:
         # each block's tokens and mask bytes gathered on worker threads (the copies run in the core without
@@ -209,6 +204,25 @@ def write_shard(directory: str, shard: int, num_shards: int, plan, values: np.nd
     finally:
         for w in writers.values():
             w.discard()
+
+
+def _gather_block(block, values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The real tokens (or mask bytes) of a block of rows (a PackPlan whose ``seg_example`` indexes ``offsets``),
+    in packed order. From a memory-mapped ``values`` without touching the mapping, so that RSS stays bounded
+    for any input size: each segment is read from the mapped file straight into its place (``read_spans``), or
+    where the file cannot be read directly, the block's examples are copied in first (``take_spans``)."""
+    if not is_mapped(values):
+        return block.gather(values, offsets)
+    off = np.asarray(offsets, dtype=np.int64)
+    starts = off[block.seg_example] + block.seg_start
+    if (block.seg_start < 0).any() or (starts + block.seg_len > off[block.seg_example + 1]).any():
+        raise ValueError("the plan's segments do not lie within their examples' tokens")
+    got = read_spans(values, starts, block.seg_len)
+    if got is not None:
+        return got
+    need = np.unique(block.seg_example)
+    local = dataclasses.replace(block, seg_example=np.searchsorted(need, block.seg_example))
+    return local.gather(*take_spans(values, offsets, need))
 
 
 def _write_threads() -> int:
@@ -358,16 +372,9 @@ def write_store(path, tokens, *, seq_len: int, loss_mask=None, strategy: str = "
                     hi = min(plan.num_sequences, lo + step, lo + state["shard_end"] - state["rows"])
                     block = plan.rows(lo, hi)
                     lo = hi
-                    if mapped:  # copy in only this block's examples, so RSS stays bounded (see take_spans)
-                        need = np.unique(block.seg_example)
-                        local = dataclasses.replace(block, seg_example=np.searchsorted(need, block.seg_example))
-                        writers["tokens"].append(ids_in_vocab(local.gather(*take_spans(values, offsets, need))))
-                        if mvals is not None:
-                            writers["loss_mask"].append(local.gather(*take_spans(mvals, offsets, need)))
-                    else:
-                        writers["tokens"].append(ids_in_vocab(block.gather(values, offsets)))
-                        if mvals is not None:
-                            writers["loss_mask"].append(block.gather(mvals, offsets))
+                    writers["tokens"].append(ids_in_vocab(_gather_block(block, values, offsets)))
+                    if mvals is not None:
+                        writers["loss_mask"].append(_gather_block(block, mvals, offsets))
                     writers["row_offsets"].append(state["tokens"] + np.cumsum(block.row_tokens))
                     writers["seg_offsets"].append(state["segs"] + block.row_offsets[1:])
                     writers["seg_lens"].append(block.seg_len)
