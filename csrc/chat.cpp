@@ -137,7 +137,6 @@ Plan plan(const Block& b, const Spec& spec) {
   // by encode() as it reads them (one pass instead of two). Llama-3's strips them first, so they are checked
   // here, as are the contents of turns no record owns (before turn_offsets[0] or from turn_offsets[n] on),
   // which encode() never reads.
-  out.check_texts = chatml;
   {
     const int64_t owned_lo = b.turn_offsets[0], owned_hi = b.turn_offsets[b.n];
     std::atomic<int64_t> bad{b.n_turns};
@@ -368,8 +367,8 @@ bpe::EncodeResult encode(const bpe::Encoder& encoder, Plan& plan, const Spec& sp
   options.add_special_tokens = false;
   options.split_special_tokens = false;
   options.num_threads = spec.num_threads;
-  // a text that is not valid UTF-8 (only ChatML's contents are left to this check: plan.check_texts) is reported,
-  // not thrown: the caller falls back to the path that raises Python's own error
+  // a text that is not valid UTF-8 (only ChatML's contents are left to this check: plan() checks the rest) is
+  // reported, not thrown: the caller falls back to the path that raises Python's own error
   options.report_invalid = true;
   bpe::EncodeResult r = encoder.encode_batch(text_views(plan, resolve_threads(spec.num_threads)), options);
   if (r.first_invalid >= 0) {

@@ -111,7 +111,6 @@ struct Plan {
   Reject reject = Reject::kNone;
   int64_t reject_record = -1;          // the first record rejected (by position)
   Bytes arena;                         // the text pieces' bytes
-  bool check_texts = false;            // their UTF-8 is still to be checked (by encode)
   std::vector<int64_t> text_offsets;   // n_texts + 1 into arena
   std::vector<Piece> pieces;
   std::vector<int64_t> record_pieces;  // n + 1 into pieces
