@@ -292,6 +292,61 @@ def test_shard_written_alone_equals_write_store(tmp_path):
         assert _read(out, name) == _read(tmp_path / "ref", name), name
 
 
+def _shards_from_mapped(tmp_path, monkeypatch, threads: str, out_name: str):
+    """The build's pack stage: every shard written from the whole mapped tokens, in blocks of ~200 tokens
+    gathered, checksummed and written at their offsets on ``threads`` threads; returns (plan, specs, out dir)."""
+    from mlmix import store as store_mod
+    from mlmix.store import shard_bounds, write_shard
+
+    tokens, mask, _ = make_data(300, seed=5, hi=120)
+    tokens.save(str(tmp_path / "t"))
+    Ragged(mask.values.astype(np.uint8), mask.offsets).save(str(tmp_path / "m"))
+    mt, mm = Ragged.load(str(tmp_path / "t")), Ragged.load(str(tmp_path / "m"))
+    monkeypatch.setattr(store_mod, "_BLOCK_TOKENS", 200)  # many blocks per shard
+    monkeypatch.setenv("MLMIX_NUM_THREADS", threads)
+    plan = mlmix.pack(tokens.lengths, 96, strategy="bfd_split", seed=7)
+    out = tmp_path / out_name
+    out.mkdir()
+    bounds = shard_bounds(plan.num_sequences, 20)
+    specs = [write_shard(str(out), k, len(bounds) - 1, plan.rows(bounds[k], bounds[k + 1]), mt.values, mt.offsets,
+                         mm.values) for k in range(len(bounds) - 1)]
+    return plan, specs, out
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_shard_blocks_written_in_place_on_threads_equal_write_store(tmp_path, monkeypatch, threads):
+    """Blocks of a shard gathered, checksummed and written at their planned offsets on 1 or 3 threads, their
+    CRCs joined in order: the same files and manifest as write_store."""
+    from mlmix.store import write_index
+
+    tokens, mask, langs = make_data(300, seed=5, hi=120)
+    ref = mlmix.write_store(tmp_path / "ref", tokens, seq_len=96, loss_mask=mask, langs=langs, seed=7,
+                            strategy="bfd_split", pad_id=3, shard_sequences=20)
+    plan, specs, out = _shards_from_mapped(tmp_path, monkeypatch, threads, "out")
+    got = write_index(str(out), plan, specs, strategy="bfd_split", langs=langs, pad_id=3, seed=7, shard_sequences=20)
+    assert got == ref
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "ref"))
+    for name in os.listdir(out):
+        assert _read(out, name) == _read(tmp_path / "ref", name), name
+
+
+def test_a_failing_block_write_reaches_the_shard_writer(tmp_path, monkeypatch):
+    """A write that fails on a worker thread (a full disk) is the shard write's error, not a short file."""
+    calls = []
+    real = os.pwrite
+
+    def failing(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    with pytest.raises(OSError, match="No space left"):
+        _shards_from_mapped(tmp_path, monkeypatch, "2", "out")
+    assert len(calls) >= 5
+
+
 def test_corrupted_or_missing_shard_is_named(tmp_path):
     tokens, mask, _ = make_data(200, seed=6)
     mlmix.write_store(tmp_path / "s", tokens, seq_len=64, loss_mask=mask, shard_sequences=10)

@@ -25,7 +25,7 @@ import os
 from typing import Callable, Iterable
 
 __all__ = ["OutputError", "MARKER", "CACHEDIR_TAG", "kind_of", "check_target", "write_marker", "read_marker",
-           "is_within", "describe", "file_sha256", "files_sha256", "file_crc32", "files_crc32"]
+           "is_within", "describe", "file_sha256", "files_sha256", "file_crc32", "files_crc32", "crc32_combine"]
 
 MARKER = ".mlmix-output"
 CACHEDIR_TAG = "CACHEDIR.TAG"
@@ -340,6 +340,44 @@ def file_crc32(path: str) -> str:
     crc = [0]
     _each_chunk(path, lambda chunk: crc.__setitem__(0, zlib.crc32(chunk, crc[0])))
     return f"{crc[0]:08x}"
+
+
+_CRC32_POLY = 0xEDB88320  # zlib's CRC-32 polynomial, bit-reflected (bit 31 stands for x**0)
+_CRC32_X8: tuple[int, ...] = ()  # x**(8 * 2**k) modulo the polynomial, k = 0..63 (made on first use)
+
+
+def _crc32_mulmod(a: int, b: int) -> int:
+    """``a * b`` modulo the CRC-32 polynomial, both bit-reflected."""
+    p = 0
+    for _ in range(32):
+        if a & 0x80000000:
+            p ^= b
+        a = (a << 1) & 0xFFFFFFFF
+        b = (b >> 1) ^ _CRC32_POLY if b & 1 else b >> 1
+    return p
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """``zlib.crc32(a + b)`` from ``crc1 = zlib.crc32(a)``, ``crc2 = zlib.crc32(b)`` and ``len2 = len(b)``: so that
+    blocks of a file can be checksummed on several threads and their CRCs joined in order (0.1 ms a call).
+
+    Appending ``b`` multiplies ``a``'s CRC by x**(8 * len(b)) modulo the polynomial (the conditioning of both CRCs
+    cancels out), which is found by squaring: at most one multiplication per bit of ``len2``."""
+    global _CRC32_X8
+    if not 0 <= len2 < 1 << 64:
+        raise ValueError(f"len2 must be a byte count in [0, 2**64), got {len2}")
+    if not _CRC32_X8:  # (two threads may both make it: the same values)
+        table = [0x00800000]  # x**8
+        while len(table) < 64:
+            table.append(_crc32_mulmod(table[-1], table[-1]))
+        _CRC32_X8 = tuple(table)
+    shift, k, n = 0x80000000, 0, len2  # x**0
+    while n:
+        if n & 1:
+            shift = _crc32_mulmod(_CRC32_X8[k], shift)
+        n >>= 1
+        k += 1
+    return _crc32_mulmod(shift, crc1 & 0xFFFFFFFF) ^ (crc2 & 0xFFFFFFFF)
 
 
 def files_sha256(directory: str, rels) -> dict[str, str]:

@@ -16,10 +16,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def in_order(fn: Callable[[Any], Any], items: Iterable, threads: int) -> Iterator:
-    """``fn`` over ``items``, yielded in order, with at most ``threads`` calls running or done ahead of the
-    one yielded. An exception is raised where its item's result would have been yielded; leaving early (or an
-    error) cancels the calls not started and waits for the running ones."""
+def in_order(fn: Callable[[Any], Any], items: Iterable, threads: int, ahead: int | None = None) -> Iterator:
+    """``fn`` over ``items`` on ``threads`` threads, yielded in order, with at most ``ahead`` (default: ``threads``)
+    calls submitted, running or done, ahead of the one yielded: a larger window keeps the threads busy when
+    calls take unequal times, at the cost of holding more results. An exception is raised where its item's result
+    would have been yielded; leaving early (or an error) cancels the calls not started and waits for the running
+    ones."""
     if threads <= 1:
         for item in items:
             yield fn(item)
@@ -32,7 +34,7 @@ def in_order(fn: Callable[[Any], Any], items: Iterable, threads: int) -> Iterato
         try:
             for item in items:
                 pending.append(pool.submit(fn, item))
-                if len(pending) >= threads:
+                if len(pending) >= max(threads, ahead or 0):
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()

@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import sys
+import threading
 import time
 import zlib
 from typing import NoReturn, Sequence
@@ -22,6 +23,7 @@ from typing import NoReturn, Sequence
 import numpy as np
 
 from ._atomic import atomic_directory
+from ._outputs import crc32_combine
 from ._checks import check_mask, check_pad, check_seed, check_seq_len, check_shard_sequences, check_tokens, max_seq_len
 from ._parallel import in_order, usable_cores
 from .pack import StreamPacker, pack
@@ -54,6 +56,8 @@ class _ArrayWriter:
         self.length = 0
         self.crc = 0
         self._kicked = 0  # bytes handed to the disk's writeback so far
+        self._reserved = 0  # bytes reserved by reserve()
+        self._write_lock = threading.Lock()
 
     def append(self, arr: np.ndarray) -> None:
         arr = np.ascontiguousarray(arr, dtype=self.dtype.newbyteorder("<"))
@@ -61,6 +65,38 @@ class _ArrayWriter:
         self.crc = zlib.crc32(buf, self.crc)
         self._f.write(buf)
         self.length += arr.shape[0]
+        if self.length * self.dtype.itemsize - self._kicked >= _WRITEBACK_BYTES:
+            self._kick()
+
+    def reserve(self, length: int) -> int:
+        """The byte offset where the next ``length`` items go, written later by :meth:`write_at` (from any thread,
+        in any order); :meth:`written` then counts them, in file order. A writer so used takes no :meth:`append`."""
+        offset = self._reserved
+        self._reserved += int(length) * self.dtype.itemsize
+        return offset
+
+    def write_at(self, offset: int, arr: np.ndarray, length: int) -> int:
+        """Write ``arr`` (``length`` items) at byte ``offset`` (from :meth:`reserve`); its CRC-32 alone. Thread-safe:
+        ``pwrite`` on the file's descriptor (the GIL released for the copy and the checksum)."""
+        arr = np.ascontiguousarray(arr, dtype=self.dtype.newbyteorder("<"))
+        if arr.shape != (length,):
+            raise RuntimeError(f"{self.file}: a block of {arr.shape[0]} items was gathered where {length} were "
+                               "planned")
+        view = memoryview(arr).cast("B")
+        crc = zlib.crc32(view)
+        fd = self._f.fileno()
+        # one write into a file at a time: the file system serialises them anyway (ext4 holds the inode's lock
+        # for each), and a thread waiting here sleeps, where it would spin in the kernel
+        with self._write_lock:
+            while view:  # a regular file takes the whole write unless it fails (then pwrite raises)
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+        return crc
+
+    def written(self, crc: int, length: int) -> None:
+        """Count the next block of the file (in order): ``length`` items whose CRC-32 is ``crc``."""
+        self.crc = crc32_combine(self.crc, crc, length * self.dtype.itemsize)
+        self.length += length
         if self.length * self.dtype.itemsize - self._kicked >= _WRITEBACK_BYTES:
             self._kick()
 
@@ -125,40 +161,6 @@ def shard_bounds(num_sequences: int, shard_sequences: int) -> list[int]:
     return list(range(0, num_sequences, shard_sequences)) + [num_sequences] if num_sequences else [0, 0]
 
 
-def _gf2_times(mat: list[int], vec: int) -> int:
-    out, i = 0, 0
-    while vec:
-        if vec & 1:
-            out ^= mat[i]
-        vec >>= 1
-        i += 1
-    return out
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC-32 of ``a + b`` from ``crc32(a)``, ``crc32(b)`` and ``len(b)`` in bytes (zlib's method:
-    apply ``len2`` zero bytes to ``crc1`` by squaring the one-zero-bit operator over GF(2))."""
-    if len2 <= 0:
-        return crc1
-    odd = [0xEDB88320] + [1 << n for n in range(31)]  # one zero bit
-    even = [_gf2_times(odd, odd[n]) for n in range(32)]  # two zero bits
-    odd = [_gf2_times(even, even[n]) for n in range(32)]  # four zero bits
-    while True:
-        even = [_gf2_times(odd, odd[n]) for n in range(32)]
-        if len2 & 1:
-            crc1 = _gf2_times(even, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-        odd = [_gf2_times(even, even[n]) for n in range(32)]
-        if len2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-    return crc1 ^ crc2
-
-
 def _sharded_spec(dtype: str, shards: list[dict]) -> dict:
     """The manifest entry of an array kept in several shard files: its total length and the CRC-32 of
     the shards' bytes end to end (what one file would have), then each shard's file, length and CRC."""
@@ -188,18 +190,26 @@ def write_shard(directory: str, shard: int, num_shards: int, plan, values: np.nd
     step = max(1, min(_ROW_BLOCK, _BLOCK_TOKENS // plan.seq_len)) if mapped else _ROW_BLOCK
 
     arrays = {"tokens": values, "loss_mask": mask_values}
+    # each block's place in the files is known from the plan: the tokens of its rows' segments
+    seg_end = np.concatenate([[0], np.cumsum(plan.seg_len, dtype=np.int64)])
+    row_tokens = seg_end[np.asarray(plan.row_offsets, dtype=np.int64)]
 
-    def gathered(item: tuple[int, str]) -> tuple[str, np.ndarray]:
-        lo, name = item
-        return name, _gather_block(plan.rows(lo, min(plan.num_sequences, lo + step)), arrays[name], offsets)
+    def put(item: tuple[int, str, int, int]) -> int:
+        lo, name, offset, length = item
+        block = _gather_block(plan.rows(lo, min(plan.num_sequences, lo + step)), arrays[name], offsets)
+        return writers[name].write_at(offset, block, length)
 
     try:
-        # each block's tokens and mask bytes gathered on worker threads (the copies run in the core without
-        # the GIL) while this thread checksums and writes the ones before, in order: the bytes do not
-        # depend on the threads
-        items = [(lo, name) for lo in range(0, plan.num_sequences, step) for name in writers]
-        for name, arr in in_order(gathered, items, _write_threads()):
-            writers[name].append(arr)
+        # each block's tokens and mask bytes gathered, checksummed and written at their place on worker
+        # threads (the copies, CRCs and writes run without the GIL), their CRCs joined here in file order:
+        # the bytes do not depend on the threads
+        items = []
+        for lo in range(0, plan.num_sequences, step):
+            length = int(row_tokens[min(plan.num_sequences, lo + step)] - row_tokens[lo])
+            items += [(lo, name, w.reserve(length), length) for name, w in writers.items()]
+        threads = _write_threads()  # a call's result is a CRC: many may be done ahead (a block is held while running)
+        for crc, (_, name, _, length) in zip(in_order(put, items, threads, ahead=4 * threads), items):
+            writers[name].written(crc, length)
         return {name: w.close() for name, w in writers.items()}
     finally:
         for w in writers.values():
