@@ -55,6 +55,7 @@ class ByteVocab {
     ids_ = ids;
     starts_.assign(n + 1, 0);
     cap_ = table_capacity(n);
+    reserve_huge(slots_, cap_);  // probed at random while encoding: huge pages spare TLB misses too
     slots_.assign(cap_, kEmpty);
     for (size_t i = 0; i < n; ++i) {
       const int64_t lo = offsets[i], hi = offsets[i + 1];
@@ -137,8 +138,13 @@ class MergeMap {
     compact_ = 2 * id_bits_ + rank_bits_ <= 63;
     cap_ = table_capacity(n);
     shift_ = 64 - std::countr_zero(cap_);
-    if (compact_) slots_.assign(cap_, kEmpty);
-    else wide_.assign(cap_, Wide{});
+    if (compact_) {
+      reserve_huge(slots_, cap_);  // probed at random while merging: huge pages spare TLB misses too
+      slots_.assign(cap_, kEmpty);
+    } else {
+      reserve_huge(wide_, cap_);
+      wide_.assign(cap_, Wide{});
+    }
     merged_.assign(n, kNone);
   }
   void insert(uint32_t a, uint32_t b, uint32_t rank, uint32_t merged) {
@@ -1188,6 +1194,7 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
   result.offsets.resize(n_docs + 1);
   result.offsets[0] = 0;
   for (size_t d = 0; d < n_docs; ++d) result.offsets[d + 1] = result.offsets[d] + doc_len[d];
+  reserve_huge(result.values, static_cast<size_t>(result.offsets[n_docs]));
   result.values.resize(static_cast<size_t>(result.offsets[n_docs]));
   for (size_t c = 0; c < n_chunks; ++c) {
     const auto base = static_cast<size_t>(result.offsets[chunk_begin[c]]);

@@ -245,6 +245,7 @@ Plan plan(const Block& b, const Spec& spec) {
     byte_base[i + 1] = byte_base[i] + sizes[i].bytes;
   }
   std::vector<Sizes>().swap(sizes);
+  reserve_huge(out.pieces, static_cast<size_t>(out.record_pieces[b.n]));
   out.pieces.resize(static_cast<size_t>(out.record_pieces[b.n]));
   out.text_offsets.resize(static_cast<size_t>(text_base[b.n]) + 1);
   out.arena.allocate(static_cast<size_t>(byte_base[b.n]));
@@ -455,6 +456,8 @@ Output assemble(const Plan& plan, const bpe::EncodeResult& enc, const Spec& spec
     }
   });
   for (int64_t i = 0; i < n; ++i) out.offsets[i + 1] += out.offsets[i];
+  reserve_huge(out.tokens, static_cast<size_t>(out.offsets[n]));
+  reserve_huge(out.mask, static_cast<size_t>(out.offsets[n]));
   out.tokens.resize(static_cast<size_t>(out.offsets[n]));
   out.mask.resize(static_cast<size_t>(out.offsets[n]));
   const bool glue = spec.train_glue != TrainGlue::kNone;

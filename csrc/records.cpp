@@ -765,7 +765,7 @@ void read_range(const uint8_t* data, size_t begin, size_t end, int64_t first_lin
   RecordMaker maker(options, roles);
   // the columns never outgrow the bytes read (content) or a line's worth per record (the rest): reserving
   // address space up front saves the copies of growing
-  out.content.values.reserve(end - begin);
+  reserve_huge(out.content.values, end - begin);
   int64_t lineno = first_line;
   size_t pos = begin;
   while (pos < end) {
@@ -877,11 +877,13 @@ RecordColumns read_json_lines(const uint8_t* data, size_t size, int64_t first_li
   out.turn_offsets.resize(total.records + 1);
   for (auto [col, bytes] : {std::pair<StringColumn*, int64_t>{&out.id, total.id}, {&out.lang, total.lang},
                             {&out.where, total.where}}) {
+    reserve_huge(col->values, static_cast<size_t>(bytes));
     col->values.resize(static_cast<size_t>(bytes));
     col->offsets.resize(total.records + 1);
   }
   out.role.values.resize(static_cast<size_t>(total.role));
   out.role.offsets.resize(total.turns + 1);
+  reserve_huge(out.content.values, static_cast<size_t>(total.content));
   out.content.values.resize(static_cast<size_t>(total.content));
   out.content.offsets.resize(total.turns + 1);
   for (const RecordColumns& p : parts) {
@@ -936,6 +938,7 @@ StringColumn sized_take(const int64_t* offsets, int64_t count, const int64_t* ro
     MLMIX_CHECK(r >= 0 && r < count, "rows[" << j << "] = " << r << " is out of range [0, " << count << ")");
     out.offsets[static_cast<size_t>(j) + 1] = out.offsets[static_cast<size_t>(j)] + (offsets[r + 1] - offsets[r]);
   }
+  reserve_huge(out.values, static_cast<size_t>(out.offsets.back() * itemsize));
   out.values.resize(static_cast<size_t>(out.offsets.back() * itemsize));
   return out;
 }
@@ -1086,6 +1089,7 @@ StringColumn record_texts(const RecordTextsInput& in, int num_threads) {
     }
   });
   for (size_t i = 1; i < out.offsets.size(); ++i) out.offsets[i] += out.offsets[i - 1];
+  reserve_huge(out.values, static_cast<size_t>(out.offsets.back()));
   out.values.resize(static_cast<size_t>(out.offsets.back()));
   // bytes
   run_threads(threads, [&](int t) {
