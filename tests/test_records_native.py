@@ -620,3 +620,18 @@ def test_messages_field_mappings(tmp_path, fields):
     for i, r in enumerate(rows):
         path = write_lines(tmp_path / f"m{i}.jsonl", [json.dumps(r).encode() + b"\n"])
         assert_same(make_src(path, fields=fields))
+
+
+@pytest.mark.parametrize("n,where", [(0, []), (5, []), (5, [0]), (5, [4]), ((1 << 16) * 3 + 7, [3]),
+                                     ((1 << 16) * 3 + 7, [1 << 16]), ((1 << 16) * 3 + 7, [(1 << 16) - 1, 190_000])])
+def test_last_newline_is_rfind(n, where):
+    """The reader's backwards search for the last line end, window by window, agrees with bytes.rfind at window
+    edges and past them, for every end."""
+    from mlmix.readers import _last_newline
+
+    buf = np.full(n, ord("x"), np.uint8)
+    buf[where] = ord("\n")
+    raw = buf.tobytes()
+    for end in sorted({0, 1, n, n - 1, *where, *(w + 1 for w in where), 1 << 16, (1 << 16) + 1}):
+        if 0 <= end <= n:
+            assert _last_newline(buf, end) == raw.rfind(b"\n", 0, end), end

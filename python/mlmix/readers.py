@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 from ._deps import require
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .recblock import RecordBlock
 
 __all__ = ["expand_paths", "iter_raw", "iter_source", "iter_blocks", "to_record", "fallback_id", "record_text", "source_fingerprint"]
@@ -737,13 +739,18 @@ def _line_buffers(path: str, block_bytes: int) -> Iterator[bytes | memoryview]:
     released when the next piece is asked for. A damaged compressed stream raises as :func:`_read_lines` does,
     after the lines read whole before the damage have been given."""
     if not path.lower().endswith((".gz", ".zst")):
+        import numpy as np
+
         with open(path, "rb", buffering=0) as f:
-            # no bigger than the file (many small files must not each cost a block), grown for a longer line
-            buf = bytearray(max(1, min(block_bytes, os.fstat(f.fileno()).st_size + 1)))
+            # no bigger than the file (many small files must not each cost a block), grown for a longer line;
+            # uninitialised (numpy's memory, advised for huge pages when large): a bytearray would be zero-filled
+            buf = np.empty(max(1, min(block_bytes, os.fstat(f.fileno()).st_size + 1)), np.uint8)
             have = 0  # bytes of an unfinished line at the front of buf
             while True:
                 if have == len(buf):  # a line longer than the buffer
-                    buf.extend(bytes(len(buf)))
+                    grown = np.empty(2 * len(buf), np.uint8)
+                    grown[:have] = buf[:have]
+                    buf = grown
                 with memoryview(buf) as whole, whole[have:] as room:
                     n = f.readinto(room)
                 if not n:
@@ -752,13 +759,13 @@ def _line_buffers(path: str, block_bytes: int) -> Iterator[bytes | memoryview]:
                             yield piece
                     return
                 total = have + n
-                cut = buf.rfind(b"\n", 0, total) + 1
+                cut = _last_newline(buf, total) + 1
                 if cut == 0:
                     have = total
                     continue
                 with memoryview(buf) as whole, whole[:cut] as piece:
                     yield piece
-                buf[:total - cut] = buf[cut:total]
+                buf[:total - cut] = buf[cut:total].copy()
                 have = total - cut
     # Compressed: line by line, as _read_lines reads, so that damage is found after the same lines.
     errors = _decompress_errors(path)
@@ -780,6 +787,19 @@ def _line_buffers(path: str, block_bytes: int) -> Iterator[bytes | memoryview]:
     if parts:
         yield b"".join(parts)
     raise damage
+
+
+def _last_newline(buf: np.ndarray, end: int) -> int:
+    """The position of the last b"\\n" in ``buf[:end]``, or -1: searched backwards a window at a time (a line is
+    rarely longer than one)."""
+    hi = end
+    while hi > 0:
+        lo = max(0, hi - (1 << 16))
+        at = buf[lo:hi].tobytes().rfind(b"\n")
+        if at >= 0:
+            return lo + at
+        hi = lo
+    return -1
 
 
 def _split_lines(first: int, buf: bytes | memoryview) -> Iterator[tuple[int, bytes]]:
