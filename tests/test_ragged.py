@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -116,3 +118,30 @@ def test_require_names_extra():
             _deps.require("mlmix_surely_missing_pkg")
     finally:
         del _deps._EXTRA["mlmix_surely_missing_pkg"]
+
+
+@pytest.mark.parametrize("chunks", [[], [[1, 2], [3]], [[5] * 1000, [], [7, 8, 9]]])
+def test_writer_notes_the_crc_of_what_it_wrote(tmp_path, chunks):
+    """RaggedWriter and RecordBlock.save checksum their files as they write them, for the stage cache's seal: the
+    noted CRC is the file's (its final header included), and a file changed since is read again, not trusted."""
+    import zlib
+
+    from mlmix import _outputs
+    from mlmix.ragged import RaggedWriter
+    from mlmix.recblock import RecordBlock
+
+    with RaggedWriter(tmp_path / "w", np.uint32) as w:
+        for c in chunks:
+            w.append(Ragged.from_lists([c], dtype=np.uint32))
+    block = RecordBlock.from_records([{"id": "a", "lang": "fr", "messages": [{"role": "user", "content": "hi"},
+                                                    {"role": "assistant", "content": "héllo"}]}, {"id": "b", "text": "x"}])
+    block.save(tmp_path / "b.rb")
+    for path in (tmp_path / "w" / "values.npy", tmp_path / "b.rb"):
+        want = f"{zlib.crc32(path.read_bytes()):08x}"
+        assert _outputs._NOTED_CRC32[os.path.abspath(path)][1] == int(want, 16)
+        assert _outputs.file_crc32(str(path)) == want
+    block.save(tmp_path / "b.rb")  # noted again, then changed behind the writer's back
+    raw = bytearray((tmp_path / "b.rb").read_bytes())
+    raw[-1] ^= 1
+    (tmp_path / "b.rb").write_bytes(bytes(raw))
+    assert _outputs.file_crc32(str(tmp_path / "b.rb")) == f"{zlib.crc32(bytes(raw)):08x}"

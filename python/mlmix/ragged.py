@@ -267,16 +267,21 @@ class RaggedWriter:
         self._f = open(os.path.join(self.path, "values.npy"), "wb")
         # numpy pads a 1-D header so that the length can grow in place: write it for length 0 now and
         # rewrite it, with the same size, once the length is known
-        self._header_len = self._write_header(0)
+        self._header_len = len(self._write_header(0))
+        self._crc = 0  # CRC-32 of the values written (the file's, with its final header, is noted at close)
         self._lengths: list[np.ndarray] = []
         self.num_values = 0
         self.closed = False
 
-    def _write_header(self, n: int) -> int:
+    def _write_header(self, n: int) -> bytes:
+        import io
+
         self._f.seek(0)
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (n,)}
-        np.lib.format.write_array_header_1_0(self._f, header)
-        return self._f.tell()
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, header)
+        self._f.write(buf.getvalue())
+        return buf.getvalue()
 
     def __len__(self) -> int:
         return sum(a.size for a in self._lengths)
@@ -286,8 +291,12 @@ class RaggedWriter:
         if self.closed:
             raise ValueError("RaggedWriter is closed")
         lo, hi = int(r.offsets[0]), int(r.offsets[-1])
+        import zlib
+
         values = _cast_checked(np.asarray(r.values[lo:hi]), self.dtype, "values")
-        self._f.write(np.ascontiguousarray(values).data)
+        data = memoryview(np.ascontiguousarray(values)).cast("B")
+        self._f.write(data)
+        self._crc = zlib.crc32(data, self._crc)
         self._lengths.append(np.diff(r.offsets).astype(np.int64))
         self.num_values += hi - lo
 
@@ -295,11 +304,18 @@ class RaggedWriter:
         """Finish ``values.npy`` (its header) and write ``offsets.npy``; idempotent."""
         if self.closed:
             return
+        import zlib
+
+        from ._outputs import crc32_combine, note_crc32
+
         end = self._f.tell()
-        if self._write_header(self.num_values) != self._header_len:
+        header = self._write_header(self.num_values)
+        if len(header) != self._header_len:
             raise RuntimeError("values.npy header changed size; cannot finish it in place")
         self._f.seek(end)
         self._f.close()
+        note_crc32(os.path.join(self.path, "values.npy"),
+                   crc32_combine(zlib.crc32(header), self._crc, end - self._header_len))
         offsets = np.zeros(len(self) + 1, dtype=np.int64)
         if len(self):
             np.cumsum(np.concatenate(self._lengths), out=offsets[1:])

@@ -254,13 +254,25 @@ class RecordBlock:
             pos += _aligned(a.nbytes)
         head = json.dumps({"columns": header}).encode()
         start = _aligned(len(_MAGIC) + 8 + len(head))
+        import zlib
+
+        from ._outputs import note_crc32
+
+        crc = 0
+
+        def write(data) -> None:  # the file's CRC-32 as it is written, noted for the stage cache's seal
+            nonlocal crc
+            f.write(data)
+            crc = zlib.crc32(data, crc)
+
         with open(path, "wb") as f:
-            f.write(_MAGIC + len(head).to_bytes(8, "little") + head)
-            f.write(b"\0" * (start - f.tell()))
+            write(_MAGIC + len(head).to_bytes(8, "little") + head)
+            write(b"\0" * (start - f.tell()))
             for name in _ARRAYS:
                 a = getattr(self, name)
-                f.write(memoryview(a).cast("B"))
-                f.write(b"\0" * (_aligned(a.nbytes) - a.nbytes))
+                write(memoryview(np.ascontiguousarray(a)).cast("B"))
+                write(b"\0" * (_aligned(a.nbytes) - a.nbytes))
+        note_crc32(os.fspath(path), crc)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RecordBlock":
