@@ -89,8 +89,15 @@ def test_block_file_round_trip_and_damage(tmp_path):
              "header.rb": raw[:17] + b"]" + raw[18:]}
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(ValueError, match=r"is not a RecordBlock file"):
-            RecordBlock.load(tmp_path / name)
+        for load in (RecordBlock.load, RecordBlock.load_langs, lambda p: RecordBlock.load_strings(p, "id")):
+            with pytest.raises(ValueError, match=r"is not a RecordBlock file"):
+                load(tmp_path / name)
+    # one column read alone: the loaded block's, without the texts
+    assert RecordBlock.load_langs(path) == block.langs()
+    for column in ("id", "lang", "where", "role", "content"):
+        assert RecordBlock.load_strings(path, column) == block.strings(column)
+    with pytest.raises(ValueError, match="column must be one of"):
+        RecordBlock.load_strings(path, "kind")
 
 
 @given(_records, st.data())

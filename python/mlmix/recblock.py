@@ -283,30 +283,85 @@ class RecordBlock:
             buf = memoryview(np.empty(os.fstat(f.fileno()).st_size, np.uint8))
             got = f.readinto(buf)
         where = os.fspath(path)
-
-        def bad(why: str) -> ValueError:
-            return ValueError(f"{where!r} is not a RecordBlock file ({why})")
-
-        if got != len(buf) or len(buf) < len(_MAGIC) + 8 or bytes(buf[:len(_MAGIC)]) != _MAGIC:
-            raise bad("no RecordBlock header")
-        n = int.from_bytes(buf[len(_MAGIC):len(_MAGIC) + 8], "little")
-        try:
-            header = [(str(name), np.dtype(dtype), int(size), int(pos)) for name, dtype, size, pos in
-                      json.loads(bytes(buf[len(_MAGIC) + 8:len(_MAGIC) + 8 + n]))["columns"]]
-        except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError included
-            raise bad(f"damaged header: {exc}") from None
-        start = _aligned(len(_MAGIC) + 8 + n)
-        arrays = {}
-        for name, dtype, size, pos in header:
-            want = np.dtype(np.int64 if name.endswith("offsets") else np.uint8)
-            if name not in _ARRAYS or dtype != want or size < 0 or pos < 0:
-                raise bad(f"column {name!r} of dtype {dtype.str!r}")
-            if start + pos + size * want.itemsize > len(buf):
-                raise bad(f"column {name!r} runs past the end of the file")
-            arrays[name] = np.frombuffer(buf, want, size, start + pos)
-        if sorted(arrays) != sorted(_ARRAYS):
-            raise bad(f"columns {sorted(arrays)}")
+        if got != len(buf):
+            raise _not_a_block(where, "no RecordBlock header")
+        columns, start = _header(buf, where, len(buf))
+        arrays = {name: np.frombuffer(buf, dtype, size, start + pos) for name, (dtype, size, pos) in columns.items()}
         return cls(**arrays)
+
+    @staticmethod
+    def load_strings(path: str | os.PathLike, column: str) -> list[str]:
+        """:meth:`strings` of one column of a saved block, reading only that column's bytes (not the texts)."""
+        if column not in STRING_COLUMNS:
+            raise ValueError(f"column must be one of {STRING_COLUMNS}, got {column!r}")
+        got = _read_columns(path, (f"{column}_values", f"{column}_offsets"))
+        return _decode(got[f"{column}_values"], got[f"{column}_offsets"])
+
+    @staticmethod
+    def load_langs(path: str | os.PathLike) -> list[str | None]:
+        """:meth:`langs` of a saved block, reading only its language columns."""
+        got = _read_columns(path, ("has_lang", "lang_values", "lang_offsets"))
+        langs = _decode(got["lang_values"], got["lang_offsets"])
+        if len(langs) != len(got["has_lang"]):
+            raise _not_a_block(os.fspath(path), "its language columns differ in length")
+        return [lang if has else None for lang, has in zip(langs, got["has_lang"].tolist())]
+
+
+def _not_a_block(where: str, why: str) -> ValueError:
+    return ValueError(f"{where!r} is not a RecordBlock file ({why})")
+
+
+def _header(head, where: str, size: int) -> tuple[dict[str, tuple[np.dtype, int, int]], int]:
+    """The columns ``{name: (dtype, items, position after the header)}`` and where the data starts, from a file's
+    first bytes ``head`` (of a file of ``size`` bytes); ValueError if it is not a RecordBlock file."""
+    if len(head) < len(_MAGIC) + 8 or bytes(head[:len(_MAGIC)]) != _MAGIC:
+        raise _not_a_block(where, "no RecordBlock header")
+    n = int.from_bytes(head[len(_MAGIC):len(_MAGIC) + 8], "little")
+    if len(_MAGIC) + 8 + n > len(head):
+        raise _not_a_block(where, "damaged header: it runs past the bytes read")
+    try:
+        header = [(str(name), np.dtype(dtype), int(items), int(pos)) for name, dtype, items, pos in
+                  json.loads(bytes(head[len(_MAGIC) + 8:len(_MAGIC) + 8 + n]))["columns"]]
+    except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError included
+        raise _not_a_block(where, f"damaged header: {exc}") from None
+    start = _aligned(len(_MAGIC) + 8 + n)
+    columns = {}
+    for name, dtype, items, pos in header:
+        want = np.dtype(np.int64 if name.endswith("offsets") else np.uint8)
+        if name not in _ARRAYS or dtype != want or items < 0 or pos < 0:
+            raise _not_a_block(where, f"column {name!r} of dtype {dtype.str!r}")
+        if start + pos + items * want.itemsize > size:
+            raise _not_a_block(where, f"column {name!r} runs past the end of the file")
+        columns[name] = (want, items, pos)
+    if sorted(columns) != sorted(_ARRAYS):
+        raise _not_a_block(where, f"columns {sorted(columns)}")
+    return columns, start
+
+
+def _read_columns(path: str | os.PathLike, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Some columns of a saved block, each read from its place in the file (the header first)."""
+    where = os.fspath(path)
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(min(size, 1 << 16))
+        n = int.from_bytes(head[len(_MAGIC):len(_MAGIC) + 8], "little") if len(head) >= len(_MAGIC) + 8 else 0
+        if len(_MAGIC) + 8 + n > len(head) and len(_MAGIC) + 8 + n <= size:  # a header longer than 64 KB
+            f.seek(0)
+            head = f.read(len(_MAGIC) + 8 + n)
+        columns, start = _header(head, where, size)
+        out = {}
+        for name in names:
+            dtype, items, pos = columns[name]
+            arr = np.empty(items, dtype)
+            f.seek(start + pos)
+            view = memoryview(arr).cast("B")
+            while view:
+                got = f.readinto(view)
+                if not got:
+                    raise _not_a_block(where, f"column {name!r} runs past the end of the file")
+                view = view[got:]
+            out[name] = arr
+    return out
 
 
 _MAGIC = b"MLMIXRB1"

@@ -103,7 +103,10 @@ def _init_labeler(lcfg: Mapping) -> None:
 
 def _label(item: tuple) -> dict:
     path = item[0]
-    return _WORKER["labeler"].label_block(load_block(path))
+    labeler = _WORKER["labeler"]
+    if not labeler.identifies:  # the records' own languages: their columns alone are read, not the texts
+        return labeler.label_given(RecordBlock.load_langs(path))
+    return labeler.label_block(load_block(path))
 
 
 def _init_encoder(tcfg: Mapping) -> None:
@@ -333,7 +336,7 @@ def run_mix(cfg: dict, records_dir: str, langs: list[str], keep: np.ndarray, len
         for path, first, n in block_paths(records_dir):
             rows = np.flatnonzero(keep[first:first + n])
             if rows.size:
-                ids = load_block(path).strings("id")  # the id column alone (a take would copy the texts)
+                ids = RecordBlock.load_strings(path, "id")  # the id column alone, not the texts
                 sid_of[first + rows] = s_mix.sids([ids[r] for r in rows.tolist()])
         by_sid: dict[str, list] = {}
         for i in idx.tolist():

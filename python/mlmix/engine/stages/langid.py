@@ -52,6 +52,18 @@ class Labeler:
                          else None)
         return self.label_texts(given, texts, on_item=on_item)
 
+    @property
+    def identifies(self) -> bool:
+        """Whether a model may label records (else every label is the record's own, or ``unknown``)."""
+        return self.lid is not None
+
+    def label_given(self, given: Sequence[str | None]) -> dict:
+        """As :meth:`label_block` where no model labels records (:attr:`identifies` is False): from the records'
+        own languages alone."""
+        if self.identifies:
+            raise RuntimeError("label_given: this labeler identifies languages, so it needs the texts")
+        return self.label_texts(given, [None] * len(given))
+
     def label_block(self, block) -> dict:
         """As ``__call__`` for a :class:`mlmix.recblock.RecordBlock`: its texts are joined in C++ and
         classified in one batch call, without a Python object per record."""
