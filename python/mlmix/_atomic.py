@@ -107,7 +107,7 @@ def _fsync_dir(path: str) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, kind: str, overwrite: bool = True,
-                     arg: str = "output") -> Iterator[str]:
+                     arg: str = "output", durable: bool = True) -> Iterator[str]:
     """Yield a temporary directory next to ``path``; on success it replaces ``path`` atomically.
 
     ``kind`` is the kind of mlmix output being written (``_outputs``): an existing ``path`` is replaced
@@ -117,6 +117,11 @@ def atomic_directory(path: str | os.PathLike, *, kind: str, overwrite: bool = Tr
     caller wrote it. On any exception the temporary directory is removed and ``path`` is left as it
     was. A crash leaves at most a ``.<name>.tmp-*`` sibling, which never opens as a store and which
     the next write of ``path`` removes (see the module docstring).
+
+    ``durable=False`` skips the fsyncs (of the files and of both directories) that make the new directory survive
+    a power loss whole: for a directory whose damage is found and mended on every read (a stage cache entry,
+    checked file by file against its CRCs and recomputed when it does not match), the swap stays atomic for every
+    reader on a running system, and the writer does not wait for the disk.
     """
     from ._outputs import MARKER, check_target, write_marker
 
@@ -131,7 +136,7 @@ def atomic_directory(path: str | os.PathLike, *, kind: str, overwrite: bool = Tr
         yield tmp
         if kind in ("build", "demo", "eval", "study", "study-run") and not os.path.isfile(os.path.join(tmp, MARKER)):
             write_marker(tmp, kind)
-        for name in os.listdir(tmp):
+        for name in os.listdir(tmp) if durable else ():
             full = os.path.join(tmp, name)
             if os.path.isfile(full):
                 fd = os.open(full, os.O_RDONLY)
@@ -139,7 +144,8 @@ def atomic_directory(path: str | os.PathLike, *, kind: str, overwrite: bool = Tr
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        _fsync_dir(tmp)
+        if durable:
+            _fsync_dir(tmp)
         if os.path.exists(path):
             # rename the old one aside first so that the swap itself is a single rename
             old = tempfile.mkdtemp(prefix=_prefix(os.path.basename(path), "old"), dir=parent)
@@ -153,7 +159,8 @@ def atomic_directory(path: str | os.PathLike, *, kind: str, overwrite: bool = Tr
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
-        _fsync_dir(parent)
+        if durable:
+            _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

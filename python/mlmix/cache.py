@@ -97,7 +97,8 @@ class StageCache:
 
         claim_directory(self.root, "cache", arg="cache_dir")
         d = self.path(stage, key)
-        with atomic_directory(d, kind="cache-entry") as tmp:
+        # not fsynced: an entry that a power loss left damaged fails its CRCs on the next load and is recomputed
+        with atomic_directory(d, kind="cache-entry", durable=False) as tmp:
             write(tmp)
             files = files_crc32(tmp, _files_under(tmp))
             with open(os.path.join(tmp, _ENTRY), "w", encoding="utf-8") as f:
