@@ -38,6 +38,9 @@ inline uint64_t hash_bytes(const uint8_t* p, size_t n) {
   return splitmix64_mix(h ^ w ^ (uint64_t(n) << 59));
 }
 
+// How far ahead the table-building loops prefetch the slot of a later item (ByteVocab::build, the merges).
+constexpr size_t kBuildAhead = 16;
+
 inline size_t table_capacity(size_t n) {
   size_t cap = 16;
   while (cap < n * 2) cap <<= 1;
@@ -57,6 +60,9 @@ class ByteVocab {
     cap_ = table_capacity(n);
     reserve_huge(slots_, cap_);  // probed at random while encoding: huge pages spare TLB misses too
     slots_.assign(cap_, kEmpty);
+    // every token's hash first (a sequential pass), then the inserts, each with the slot of the one kAhead
+    // later prefetched: the probes are cache misses at random places, overlapped instead of waited for in turn
+    std::vector<uint64_t> hashes(n);
     for (size_t i = 0; i < n; ++i) {
       const int64_t lo = offsets[i], hi = offsets[i + 1];
       MLMIX_CHECK(lo >= 0 && hi >= lo && hi <= static_cast<int64_t>(pool_.size()),
@@ -64,9 +70,13 @@ class ByteVocab {
       MLMIX_CHECK(hi > lo, "vocab token " << i << " (id " << ids[i] << ") is empty");
       starts_[i] = static_cast<uint32_t>(lo);
       starts_[i + 1] = static_cast<uint32_t>(hi);
-      const auto* p = reinterpret_cast<const uint8_t*>(pool_.data()) + lo;
-      const size_t len = static_cast<size_t>(hi - lo);
-      const uint64_t h = hash_bytes(p, len);
+      hashes[i] = hash_bytes(reinterpret_cast<const uint8_t*>(pool_.data()) + lo, static_cast<size_t>(hi - lo));
+    }
+    for (size_t i = 0; i < n; ++i) {
+      if (i + kBuildAhead < n) __builtin_prefetch(&slots_[hashes[i + kBuildAhead] & (cap_ - 1)]);
+      const auto* p = reinterpret_cast<const uint8_t*>(pool_.data()) + starts_[i];
+      const size_t len = static_cast<size_t>(starts_[i + 1] - starts_[i]);
+      const uint64_t h = hashes[i];
       for (size_t k = h & (cap_ - 1);; k = (k + 1) & (cap_ - 1)) {
         if (slots_[k] == kEmpty) {
           slots_[k] = (h & kTagMask) | i;
@@ -96,6 +106,8 @@ class ByteVocab {
     bool self;
     return find(p, len, hash_bytes(p, len), self);
   }
+  // Starts loading the slot where a lookup of hash `h` begins (a hint; see the constructors' loops).
+  void prefetch(uint64_t h) const { __builtin_prefetch(&slots_[h & (cap_ - 1)]); }
   // Marks the tokens whose index has marked[index] set (the slot keeps the mark beside its hash tag).
   void mark_self(const std::vector<uint8_t>& marked) {
     for (uint64_t& s : slots_) {
@@ -206,6 +218,12 @@ class MergeMap {
   }
   uint32_t merged(uint32_t rank) const { return merged_[rank]; }
   size_t size() const { return size_; }
+  // Starts loading the slot where the pair (a, b) is inserted or looked up (a hint).
+  void prefetch(uint32_t a, uint32_t b) const {
+    const size_t k = slot_of((uint64_t(a) << 32) | b);
+    if (compact_) __builtin_prefetch(&slots_[k]);
+    else __builtin_prefetch(&wide_[k]);
+  }
 
  private:
   static constexpr uint64_t kEmpty = ~uint64_t{0};  // real slots use at most 63 bits
@@ -676,14 +694,36 @@ struct Encoder::Impl {
     }
     MLMIX_CHECK(cfg.merges_left.size() == cfg.merges_right.size(), "merges_left and merges_right differ in length");
     merges.reserve(cfg.merges_left.size(), span_of_id.empty() ? 0 : static_cast<uint32_t>(span_of_id.size() - 1));
+    // Each merge's result is looked up by its bytes (the two parts joined). As in ByteVocab::build: the hashes
+    // of all the joined strings first, then the lookups and inserts with the slots kBuildAhead merges later
+    // prefetched. (The strings are joined again in the second pass: short copies, cheaper than keeping them.)
+    const size_t n_merges = cfg.merges_left.size();
     std::string joined;
-    for (size_t r = 0; r < cfg.merges_left.size(); ++r) {
+    auto join = [&](size_t r) {
       const uint32_t a = cfg.merges_left[r], b = cfg.merges_right[r];
       MLMIX_CHECK(a < span_of_id.size() && span_of_id[a].first >= 0 && b < span_of_id.size() && span_of_id[b].first >= 0,
                   "merge " << r << " refers to an id that is not in the vocabulary (" << a << ", " << b << ")");
       joined.assign(cfg.vocab_bytes, span_of_id[a].first, span_of_id[a].second - span_of_id[a].first);
       joined.append(cfg.vocab_bytes, span_of_id[b].first, span_of_id[b].second - span_of_id[b].first);
-      const uint32_t merged = vocab.find(reinterpret_cast<const uint8_t*>(joined.data()), joined.size());
+    };
+    std::vector<uint64_t> merge_hash(n_merges);
+    for (size_t r = 0; r < n_merges; ++r) {
+      const uint32_t a = cfg.merges_left[r], b = cfg.merges_right[r];
+      if (a >= span_of_id.size() || span_of_id[a].first < 0 || b >= span_of_id.size() || span_of_id[b].first < 0)
+        continue;  // reported by the second pass, in order with the other errors
+      join(r);
+      merge_hash[r] = hash_bytes(reinterpret_cast<const uint8_t*>(joined.data()), joined.size());
+    }
+    for (size_t r = 0; r < n_merges; ++r) {
+      if (r + kBuildAhead < n_merges) {
+        vocab.prefetch(merge_hash[r + kBuildAhead]);
+        merges.prefetch(cfg.merges_left[r + kBuildAhead], cfg.merges_right[r + kBuildAhead]);
+      }
+      join(r);
+      const uint32_t a = cfg.merges_left[r], b = cfg.merges_right[r];
+      bool self;
+      const uint32_t merged =
+          vocab.find(reinterpret_cast<const uint8_t*>(joined.data()), joined.size(), merge_hash[r], self);
       MLMIX_CHECK(merged != kNone, "merge " << r << " (" << a << ", " << b << ") makes a token that is not in the vocabulary");
       merges.insert(a, b, static_cast<uint32_t>(r), vocab.id(merged));
     }

@@ -545,3 +545,27 @@ def test_compiled_spec_builds_the_same_encoder(pairs):
     for bad, match in ((bad_offsets, "vocab_offsets"), (bad_merge, "merge 0"), (short, "vocab_offsets")):
         with pytest.raises(ValueError, match=match):
             NativeBPE.from_spec(bad)
+
+
+def test_bad_merges_are_named_in_merge_order(small_split_json):
+    """A compiled model whose merges refer to an id the vocabulary lacks, or join into bytes it lacks: the first
+    bad merge (in rank order) is the one named, whichever kind of error it is, and the good model still builds.
+    (The constructor hashes every merge before looking any up; the order of the errors must not follow that.)"""
+    from mlmix.bpe import compile_spec, spec_of
+
+    spec = compile_spec(spec_of(small_split_json))
+    NativeBPE.from_spec(spec)
+    raw, off, ids = spec["vocab_bytes"].tobytes(), spec["vocab_offsets"], spec["vocab_ids"]
+    id_of = {raw[off[i]:off[i + 1]]: int(ids[i]) for i in range(len(ids))}
+    bad_join = next((id_of[bytes([a])], id_of[bytes([b])]) for a in range(256) for b in range(256)
+                    if bytes([a, b]) not in id_of)
+    missing = int(ids.max()) + 100
+    for first, second, want in ((bad_join, (missing, 0), "merge 1 .* makes a token that is not"),
+                                ((missing, 0), bad_join, "merge 1 refers to an id that is not"),
+                                ((0, missing), None, "merge 1 refers to an id that is not")):
+        left, right = spec["merges_left"].copy(), spec["merges_right"].copy()
+        left[1], right[1] = first
+        if second is not None:
+            left[3], right[3] = second
+        with pytest.raises(ValueError, match=want):
+            NativeBPE.from_spec(dict(spec, merges_left=left, merges_right=right))
