@@ -80,7 +80,6 @@ def _looks_whole(path: str) -> bool:
 
 
 def _cached_path(path, pattern: str, special_tokens) -> str:
-    require("tokenizers", "tiktoken conversion")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: tiktoken rank file {path!r} does not exist")
@@ -95,6 +94,7 @@ def _cached_path(path, pattern: str, special_tokens) -> str:
 
 
 def _convert(path, pattern: str, special_tokens, cached: str):
+    require("tokenizers", "tiktoken conversion")
     require("tiktoken", "tiktoken conversion")
     from transformers.convert_slow_tokenizer import TikTokenConverter
 

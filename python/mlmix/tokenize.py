@@ -118,9 +118,9 @@ class Tokenizer:
 
     def __init__(self, backend, *, chat_template: Optional[str] = None, bos_token: Optional[str] = None,
                  eos_token: Optional[str] = None, impl: str = "auto"):
-        tokenizers = require("tokenizers", "mlmix.Tokenizer")
         lazy = isinstance(backend, _BackendSource)
-        if not lazy and not isinstance(backend, tokenizers.Tokenizer):
+        # a lazy source imports tokenizers (~12 ms) only when its HF backend is built (_BackendSource.build)
+        if not lazy and not isinstance(backend, require("tokenizers", "mlmix.Tokenizer").Tokenizer):
             raise TypeError(f"backend must be a tokenizers.Tokenizer, got {type(backend).__name__}")
         if chat_template is not None and not isinstance(chat_template, str):
             raise TypeError(f"chat_template must be a Jinja string or None, got {type(chat_template).__name__}")
