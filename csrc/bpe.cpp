@@ -503,7 +503,6 @@ struct ThreadState {
   Scratch<char32_t> decoded;  // a UTF-8 document's code points
   Scratch<uint32_t> byte_pos;  // the byte offset in the document of each of them, then its end
   std::vector<Segment> seg_a, seg_b;
-  std::vector<uint32_t> out;  // the ids of the work unit being encoded
   std::vector<uint64_t> pair_cache = std::vector<uint64_t>(MergeMap::kPairCacheSize, ~uint64_t{0});
 
   // Buffers grown past 1 MB by a huge document are released when a call ends (the state outlives the call).
@@ -512,7 +511,7 @@ struct ThreadState {
       if (v.capacity() * sizeof(v[0]) > (size_t{1} << 20)) std::remove_reference_t<decltype(v)>().swap(v);
     };
     shrink(piece_utf8); shrink(sym); shrink(sym_rank);
-    decoded.trim(); byte_pos.trim(); shrink(prefixed); shrink(seg_a); shrink(seg_b); shrink(out);
+    decoded.trim(); byte_pos.trim(); shrink(prefixed); shrink(seg_a); shrink(seg_b);
   }
 };
 
@@ -1104,7 +1103,14 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
   chunk_begin.push_back(n_docs);
   const size_t n_chunks = chunk_begin.size() - 1;
 
-  std::vector<std::vector<uint32_t>> chunk_ids(n_chunks);
+  // Each worker appends the ids of the units it takes to one buffer of its own (a local vector, moved here when
+  // it ends: growing vectors side by side in one array would share cache lines between workers); a unit's ids
+  // are found again by (worker, offset) and copied into place at the end. One buffer per worker, advised for
+  // huge pages, instead of a fresh allocation per unit: its pages are faulted in once, in 2 MiB pages.
+  const int helpers = std::min<int>(threads, static_cast<int>(n_chunks)) - 1;
+  std::vector<std::vector<uint32_t>> worker_ids(static_cast<size_t>(std::max(helpers, 0)) + 1);
+  std::vector<std::pair<uint32_t, size_t>> chunk_at(n_chunks);  // (worker, offset of the unit's first id)
+  std::atomic<uint32_t> next_worker{0};
   std::vector<int64_t> doc_len(n_docs, 0);
   std::vector<uint8_t> doc_unencoded(n_docs, 0);
   std::atomic<size_t> next_chunk{0};
@@ -1121,15 +1127,21 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
       ~Lent() { pool.release(std::move(state)); }
     } lent{impl.states, impl.states.acquire()};
     ThreadState& ts = *lent.state;
+    const uint32_t me = next_worker.fetch_add(1);
+    struct Handback {  // the buffer goes to worker_ids[me] however the worker ends
+      std::vector<uint32_t>& slot;
+      std::vector<uint32_t> ids;
+      ~Handback() { slot = std::move(ids); }
+    } mine{worker_ids[me], {}};
+    // most texts give fewer ids than code units over two; the buffer grows past that where they do not
+    reserve_huge(mine.ids, static_cast<size_t>(total_units / (helpers + 1) / 2) + 1024);
+    auto& out = mine.ids;
     for (;;) {
       const size_t c = next_chunk.fetch_add(1);
       // No early exit on another thread's error: the smallest bad index is then the one reported, whatever
       // the thread count.
       if (c >= n_chunks) return;
-      // Ids go to the worker's own buffer first: growing chunk_ids[c] in place would write its size into a
-      // cache line shared with the neighbouring chunks' vectors, which other workers are growing (false sharing).
-      auto& out = ts.out;
-      out.clear();
+      chunk_at[c] = {me, out.size()};
       for (size_t d = chunk_begin[c]; d < chunk_begin[c + 1]; ++d) {
         const TextView& doc = docs[d];
         const size_t before = out.size();
@@ -1198,13 +1210,11 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
         if (options.add_special_tokens) out.insert(out.end(), impl.suffix_ids.begin(), impl.suffix_ids.end());
         doc_len[d] = static_cast<int64_t>(out.size() - before);
       }
-      chunk_ids[c].assign(out.begin(), out.end());
     }
   };
 
   // No more threads than work units, and the calling thread is one of them (its piece cache is warm): a
   // batch of a few short documents runs inline, without starting a thread.
-  const int helpers = std::min<int>(threads, static_cast<int>(n_chunks)) - 1;
   if (helpers <= 0) {
     worker();
   } else {
@@ -1237,9 +1247,10 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
   reserve_huge(result.values, static_cast<size_t>(result.offsets[n_docs]));
   result.values.resize(static_cast<size_t>(result.offsets[n_docs]));
   for (size_t c = 0; c < n_chunks; ++c) {
-    const auto base = static_cast<size_t>(result.offsets[chunk_begin[c]]);
-    std::copy(chunk_ids[c].begin(), chunk_ids[c].end(), result.values.begin() + static_cast<std::ptrdiff_t>(base));
-    std::vector<uint32_t>().swap(chunk_ids[c]);  // release as we go: peak stays near one copy of the output
+    const auto lo = static_cast<size_t>(result.offsets[chunk_begin[c]]);
+    const auto hi = static_cast<size_t>(result.offsets[chunk_begin[c + 1]]);
+    const auto& [w, at] = chunk_at[c];
+    if (hi > lo) std::memcpy(result.values.data() + lo, worker_ids[w].data() + at, (hi - lo) * sizeof(uint32_t));
   }
   return result;
 }
