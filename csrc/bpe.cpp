@@ -60,7 +60,7 @@ class ByteVocab {
     cap_ = table_capacity(n);
     reserve_huge(slots_, cap_);  // probed at random while encoding: huge pages spare TLB misses too
     slots_.assign(cap_, kEmpty);
-    // every token's hash first (a sequential pass), then the inserts, each with the slot of the one kAhead
+    // every token's hash first (a sequential pass), then the inserts, each with the slot of the one kBuildAhead
     // later prefetched: the probes are cache misses at random places, overlapped instead of waited for in turn
     std::vector<uint64_t> hashes(n);
     for (size_t i = 0; i < n; ++i) {

@@ -23,8 +23,8 @@ from typing import NoReturn, Sequence
 import numpy as np
 
 from ._atomic import atomic_directory
-from ._outputs import crc32_combine
 from ._checks import check_mask, check_pad, check_seed, check_seq_len, check_shard_sequences, check_tokens, max_seq_len
+from ._outputs import crc32_combine
 from ._parallel import in_order, usable_cores
 from .pack import StreamPacker, pack
 from .ragged import Ragged, drop_mapped_pages, is_mapped, read_spans, take_spans
