@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from ._deps import require
 
