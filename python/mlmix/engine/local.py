@@ -104,9 +104,10 @@ def _init_labeler(lcfg: Mapping) -> None:
 def _label(item: tuple) -> dict:
     path = item[0]
     labeler = _WORKER["labeler"]
-    if not labeler.identifies:  # the records' own languages: their columns alone are read, not the texts
-        return labeler.label_given(RecordBlock.load_langs(path))
-    return labeler.label_block(load_block(path))
+    given = RecordBlock.load_langs(path)  # the language columns alone: the texts are read only where needed
+    if labeler.needs_texts(given):
+        return labeler.label_block(load_block(path))
+    return labeler.label_texts(given, [None] * len(given))
 
 
 def _init_encoder(tcfg: Mapping) -> None:

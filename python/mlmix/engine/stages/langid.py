@@ -52,24 +52,17 @@ class Labeler:
                          else None)
         return self.label_texts(given, texts, on_item=on_item)
 
-    @property
-    def identifies(self) -> bool:
-        """Whether a model may label records (else every label is the record's own, or ``unknown``)."""
-        return self.lid is not None
-
-    def label_given(self, given: Sequence[str | None]) -> dict:
-        """As :meth:`label_block` where no model labels records (:attr:`identifies` is False): from the records'
-        own languages alone."""
-        if self.identifies:
-            raise RuntimeError("label_given: this labeler identifies languages, so it needs the texts")
-        return self.label_texts(given, [None] * len(given))
+    def needs_texts(self, given: Sequence[str | None]) -> bool:
+        """Whether labelling records whose own languages are ``given`` (None where a record has none) reads their
+        texts: only where a model labels some of them. Otherwise :meth:`label_texts` takes ``[None] * n``, and a
+        caller holding the records on disk need not read the texts at all."""
+        return self.lid is not None and (self.lcfg["override"] or any(g is None for g in given))
 
     def label_block(self, block) -> dict:
         """As ``__call__`` for a :class:`mlmix.recblock.RecordBlock`: its texts are joined in C++ and
         classified in one batch call, without a Python object per record."""
         given = block.langs()
-        needs = self.lid is not None and (self.lcfg["override"] or any(g is None for g in given))
-        return self.label_texts(given, block.text_column() if needs else [None] * len(given))
+        return self.label_texts(given, block.text_column() if self.needs_texts(given) else [None] * len(given))
 
     def label_texts(self, given: Sequence[str | None], texts, on_item=None) -> dict:
         """As ``__call__`` for a block given as columns: each record's own language (None where it has
