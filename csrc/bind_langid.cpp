@@ -32,11 +32,10 @@ class LangidModel {
               const py::object& ccc, const py::object& pairs)
       : held_(py::make_tuple(state_row, state_feature, pc, log1p, flags, ccc, pairs)) {
     int64_t n = 0, rows = 0, cols = 0;
-    // the two large tables are copied (langid.h LargeBuffer); the caller may drop its arrays
-    const uint32_t* nm = checked_1d<uint32_t>(need_array(nextmove, "nextmove"), "nextmove", &n);
+    // ptc is copied and nextmove read into the walk's own table (langid.h LargeBuffer, Dfa): the caller may
+    // drop those two arrays
+    m_.nextmove = checked_1d<uint32_t>(need_array(nextmove, "nextmove"), "nextmove", &n);
     MLMIX_CHECK(n % 256 == 0, "nextmove must hold 256 entries per row, got " << n);
-    nextmove_.emplace(nm, static_cast<size_t>(n) * sizeof(uint32_t));
-    m_.nextmove = static_cast<const uint32_t*>(nextmove_->data());
     m_.num_rows = n / 256;
     m_.state_row = checked_1d<uint32_t>(need_array(state_row, "state_row"), "state_row", &m_.num_states);
     m_.state_feature = checked_1d<int32_t>(need_array(state_feature, "state_feature"), "state_feature", &n);
@@ -56,9 +55,10 @@ class LangidModel {
     r_.pairs = checked_1d<uint64_t>(need_array(pairs, "pairs"), "pairs", &r_.num_pairs);
     {
       py::gil_scoped_release release;
-      check_model(m_);
+      dfa_.emplace(m_);  // checks the model
       check_rules(r_);
     }
+    m_.nextmove = nullptr;  // not held: the walks read dfa_
   }
 
   py::tuple classify(const py::object& texts, const py::object& offsets, const py::object& columns,
@@ -93,7 +93,7 @@ class LangidModel {
     double* pp = out_prob.mutable_data();
     {
       py::gil_scoped_release release;
-      mlmix::langid::classify(m_, sel, r_, t, o, pl, pp);
+      mlmix::langid::classify(m_, *dfa_, sel, r_, t, o, pl, pp);
     }
     return py::make_tuple(out_label, out_prob);
   }
@@ -103,7 +103,8 @@ class LangidModel {
 
  private:
   py::tuple held_;
-  std::optional<LargeBuffer> nextmove_, ptc_;
+  std::optional<LargeBuffer> ptc_;
+  std::optional<Dfa> dfa_;
   Model m_;
   TextRules r_;
 };
@@ -119,7 +120,7 @@ void bind_langid(py::module_& m) {
            py::arg("nextmove"), py::arg("state_row"), py::arg("state_feature"), py::arg("ptc"), py::arg("ptc_unit"),
            py::arg("pc"),
            py::arg("log1p"), py::arg("flags"), py::arg("ccc"), py::arg("pairs"),
-           "py3langid's arrays (nextmove and ptc copied, the rest borrowed; checked once; ptc in fixed "
+           "py3langid's arrays (ptc copied, nextmove read into the walk's table, the rest borrowed; checked once; ptc in fixed "
            "point: value = ptc * ptc_unit) and the "
            "Unicode facts of text preparation.")
       .def("classify", &LangidModel::classify, py::arg("texts"), py::arg("offsets"), py::arg("columns"),

@@ -26,6 +26,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -60,11 +61,13 @@ struct TextRules {
 // tens of MB, and with 4 KiB pages nearly every read would also miss the TLB.
 class LargeBuffer {
  public:
+  explicit LargeBuffer(size_t bytes);  // uninitialised
   LargeBuffer(const void* src, size_t bytes);
   ~LargeBuffer();
   LargeBuffer(const LargeBuffer&) = delete;
   LargeBuffer& operator=(const LargeBuffer&) = delete;
   const void* data() const { return data_; }
+  void* data() { return data_; }
 
  private:
   void* base_ = nullptr;
@@ -75,7 +78,7 @@ class LargeBuffer {
 // The model, borrowed: py3langid's arrays.
 struct Model {
   // DFA: state s moves on byte b to nextmove[(state_row[s] << 8) | b]; entering s emits feature
-  // state_feature[s] when it is >= 0. State 0 is the start.
+  // state_feature[s] when it is >= 0. State 0 is the start. (classify walks a Dfa built from these.)
   const uint32_t* nextmove = nullptr;
   int64_t num_rows = 0;  // nextmove has num_rows * 256 entries
   const uint32_t* state_row = nullptr;
@@ -105,6 +108,32 @@ struct Selection {
 // Checks a model's shapes and contents (every index in range, ptc_unit a power of two); throws
 // std::invalid_argument naming what is wrong. Walks the whole model once.
 void check_model(const Model& m);
+
+// A model's DFA in the layout the walk reads: one entry per (row, byte) that holds both the next state's
+// row and the feature entering it emits, so a step is one load where py3langid's arrays take three (the
+// next state, then its row and its feature). The walks are chains of dependent loads into a table of tens
+// of MB; a step's latency is the walk's speed. Entries are 32-bit, (feature + 1) * num_rows + row, where
+// that fits (py3langid's model: 100,054 x 38,346 < 2^32) and num_rows >= 2, else 64-bit,
+// (feature + 1) << 32 | row.
+// Built from a model check_model accepts (it is called first: a bad model throws); owns its table, so the
+// model's nextmove need not outlive it.
+class Dfa {
+ public:
+  explicit Dfa(const Model& m, bool wide = false);  // wide: 64-bit entries even where 32 bits do (tests)
+  bool narrow() const { return narrow_ != nullptr; }
+  const uint32_t* narrow_table() const { return narrow_; }
+  const uint64_t* wide_table() const { return wide_; }
+  uint32_t rows() const { return rows_; }
+  uint64_t magic() const { return magic_; }  // ceil(2^64 / rows): e / rows = mulhi(e, magic) for 32-bit e
+  uint32_t start() const { return start_; }  // the start state's row
+
+ private:
+  std::optional<LargeBuffer> table_;
+  const uint32_t* narrow_ = nullptr;
+  const uint64_t* wide_ = nullptr;
+  uint32_t rows_ = 0, start_ = 0;
+  uint64_t magic_ = 0;
+};
 void check_rules(const TextRules& r);
 // A selection of `columns` (strictly increasing, in range) whose labels are `column_label[c]`.
 Selection make_selection(const Model& m, const std::vector<int32_t>& columns, const int32_t* column_label);
@@ -134,6 +163,9 @@ struct Options {
 // label[0..count), prob[0..count). UTF-8 that is not valid (as Python's strict decoder says) throws
 // std::invalid_argument naming the lowest such text index. Deterministic: the output does not depend
 // on the thread count.
+// `dfa` must have been built from `m`; the overload without it builds one per call.
+void classify(const Model& m, const Dfa& dfa, const Selection& sel, const TextRules& rules, const Texts& texts,
+              const Options& opts, int32_t* label, double* prob);
 void classify(const Model& m, const Selection& sel, const TextRules& rules, const Texts& texts,
               const Options& opts, int32_t* label, double* prob);
 

@@ -248,6 +248,55 @@ void test_large_buffer() {
   EXPECT(std::memcmp(little.data(), small, sizeof small) == 0);
 }
 
+// The walk's table against py3langid's arrays, both layouts: every entry names the next state's row and
+// feature; and a multi-row model classifies the same through either.
+void test_dfa_layouts() {
+  std::mt19937 rng(7);
+  const int64_t rows = 300, states = 1000, features = 50;
+  Model m;
+  std::vector<uint32_t> nextmove(rows * 256), state_row(states);
+  std::vector<int32_t> state_feature(states);
+  for (auto& v : nextmove) v = rng() % states;
+  for (auto& v : state_row) v = rng() % rows;
+  for (auto& v : state_feature) v = static_cast<int32_t>(rng() % (features + 1)) - 1;
+  state_feature[static_cast<size_t>(states - 1)] = features - 1;
+  std::vector<int16_t> ptc(features * 3);
+  for (auto& v : ptc) v = static_cast<int16_t>(-static_cast<int>(rng() % 4000));
+  std::vector<float> pc = {-0.5f, -1.0f, -2.0f}, log1p;
+  for (int i = 0; i < 64; ++i) log1p.push_back(std::log1p(static_cast<float>(i)));
+  m = Model{nextmove.data(), rows, state_row.data(), state_feature.data(), states, ptc.data(), 0.125, pc.data(),
+            features, 3, log1p.data(), static_cast<int64_t>(log1p.size())};
+  const Dfa narrow(m), wide(m, true);
+  EXPECT(narrow.narrow() && !wide.narrow());
+  EXPECT(narrow.start() == state_row[0] && wide.start() == state_row[0]);
+  for (int64_t i = 0; i < rows * 256; ++i) {
+    const uint32_t s = nextmove[static_cast<size_t>(i)];
+    const uint32_t e = narrow.narrow_table()[i];
+    const uint64_t w = wide.wide_table()[i];
+    EXPECT(e % rows == state_row[s] && static_cast<int64_t>(e / rows) - 1 == state_feature[s]);
+    EXPECT(static_cast<uint32_t>(w) == state_row[s] && static_cast<int64_t>(w >> 32) - 1 == state_feature[s]);
+  }
+  Tiny t;  // its text rules
+  const Selection sel = make_selection(m, {0, 1, 2}, std::vector<int32_t>{0, 1, 2}.data());
+  std::string data;
+  std::vector<int64_t> offsets = {0};
+  for (int d = 0; d < 200; ++d) {
+    const int len = static_cast<int>(rng() % 300);
+    for (int k = 0; k < len; ++k) data += static_cast<char>(k % 7 == 6 ? ' ' : 'a' + rng() % 26);
+    offsets.push_back(static_cast<int64_t>(data.size()));
+  }
+  Texts texts{reinterpret_cast<const uint8_t*>(data.data()), offsets.data(), 200};
+  std::vector<int32_t> la(200), lb(200);
+  std::vector<double> pa(200), pb(200);
+  classify(m, narrow, sel, t.r, texts, Options{}, la.data(), pa.data());
+  classify(m, wide, sel, t.r, texts, Options{}, lb.data(), pb.data());
+  EXPECT(la == lb);
+  EXPECT(std::memcmp(pa.data(), pb.data(), pa.size() * sizeof(double)) == 0);
+  int labelled = 0;
+  for (const int32_t l : la) labelled += l >= 0;
+  EXPECT(labelled > 150);
+}
+
 }  // namespace
 
 int main() {
@@ -259,6 +308,7 @@ int main() {
   test_threads();
   test_model_checks();
   test_large_buffer();
+  test_dfa_layouts();
   if (failures) {
     std::fprintf(stderr, "test_langid: %d failure(s)\n", failures);
     return 1;
