@@ -60,9 +60,11 @@ def keys(texts: Sequence[str] | Ragged, langs: Sequence[str], dd: Mapping, num_t
 
     n = len(texts)
     docs = texts if isinstance(texts, Ragged) else list(texts)
-    codes = {}
-    scope = np.fromiter((codes.setdefault(lang, scope_code(lang)) if dd["by_language"] else 0 for lang in langs),
-                        dtype=np.uint64, count=n)
+    if dd["by_language"]:  # one hash per distinct language
+        codes = {lang: scope_code(lang) for lang in set(langs)}
+        scope = np.fromiter((codes[lang] for lang in langs), dtype=np.uint64, count=n)
+    else:
+        scope = np.zeros(n, np.uint64)
     if not dd["near"]:
         return {"h": dedup.exact_hashes(docs, num_threads=num_threads) if n else np.zeros((0, 2), np.uint64),
                 "scope": scope}
