@@ -94,10 +94,10 @@ const T* checked_optional_1d(const py::object& a, const char* name, int64_t expe
 // Arrays out
 
 // Hands a vector's buffer to numpy without copying; the capsule frees it with the array.
-template <typename T>
-py::array_t<T> vector_to_array(std::vector<T>&& v) {
-  auto* owned = new std::vector<T>(std::move(v));
-  py::capsule owner(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+template <typename T, typename A>
+py::array_t<T> vector_to_array(std::vector<T, A>&& v) {
+  auto* owned = new std::vector<T, A>(std::move(v));
+  py::capsule owner(owned, [](void* p) { delete static_cast<std::vector<T, A>*>(p); });
   return py::array_t<T>({static_cast<py::ssize_t>(owned->size())}, {static_cast<py::ssize_t>(sizeof(T))},
                         owned->data(), owner);
 }

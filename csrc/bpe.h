@@ -70,7 +70,7 @@ struct EncodeOptions {
 
 // Token ids of all documents, flat, and int64 offsets (n + 1).
 struct EncodeResult {
-  std::vector<uint32_t> values;
+  FillVector<uint32_t> values;  // sized, then filled on the workers
   std::vector<int64_t> offsets;
   std::vector<int64_t> unencoded;  // ascending indices of documents left empty (Config::nfc), else empty
   int64_t first_invalid = -1;      // with EncodeOptions::report_invalid: the first document that is not valid

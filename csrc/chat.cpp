@@ -383,7 +383,7 @@ void replace_documents(bpe::EncodeResult& r, const std::vector<int64_t>& which, 
                        const int64_t* offsets) {
   if (which.empty()) return;
   const int64_t n = static_cast<int64_t>(r.offsets.size()) - 1;
-  std::vector<uint32_t> vals;
+  FillVector<uint32_t> vals;
   std::vector<int64_t> offs(static_cast<size_t>(n) + 1, 0);
   vals.reserve(r.values.size() + static_cast<size_t>(offsets[which.size()] - offsets[0]));
   size_t k = 0;

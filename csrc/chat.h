@@ -113,7 +113,7 @@ struct Plan {
   int64_t reject_record = -1;          // the first record rejected (by position)
   Bytes arena;                         // the text pieces' bytes
   std::vector<int64_t> text_offsets;   // n_texts + 1 into arena
-  std::vector<Piece> pieces;
+  FillVector<Piece> pieces;  // sized, then filled on the workers
   std::vector<int64_t> record_pieces;  // n + 1 into pieces
   int64_t n_texts() const { return static_cast<int64_t>(text_offsets.size()) - 1; }
 };
@@ -144,8 +144,8 @@ std::vector<int64_t> header_counts(const Plan& plan, const bpe::EncodeResult& en
                                    const std::vector<int64_t>& inexact);
 
 struct Output {
-  std::vector<uint32_t> tokens;
-  std::vector<uint8_t> mask;
+  FillVector<uint32_t> tokens;  // sized, then filled on the workers
+  FillVector<uint8_t> mask;
   std::vector<int64_t> offsets;  // n + 1
 };
 

@@ -7,6 +7,10 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <memory>
+#include <new>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__linux__)
@@ -87,6 +91,30 @@ void reserve_huge(std::vector<T, A>& v, size_t n) {
   v.reserve(n);
   advise_huge_pages(v.data(), v.capacity() * sizeof(T));
 }
+
+// An allocator whose resize() leaves trivially constructible elements uninitialised (it default-initialises
+// instead of value-initialising): for the large outputs a kernel fills completely right after sizing them, on
+// its worker threads, so that no serial zero-fill touches every page first.
+template <class T>
+struct DefaultInitAllocator : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = DefaultInitAllocator<U>;
+  };
+  DefaultInitAllocator() noexcept = default;
+  template <class U>
+  DefaultInitAllocator(const DefaultInitAllocator<U>&) noexcept {}
+  template <class U>
+  void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+template <class T>
+using FillVector = std::vector<T, DefaultInitAllocator<T>>;
 
 // Number of worker threads to use: `requested` if positive, else MLMIX_NUM_THREADS when set, else the
 // number of cores this process may run on (its CPU affinity: taskset, cpusets).

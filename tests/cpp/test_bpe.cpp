@@ -44,7 +44,8 @@ static Config tiny_config() {
 
 static std::vector<uint32_t> encode_utf8(const Encoder& enc, const std::string& s, EncodeOptions opt = {}) {
   std::vector<TextView> docs{TextView{s.data(), static_cast<int64_t>(s.size()), 0}};
-  return enc.encode_batch(docs, opt).values;
+  const auto values = enc.encode_batch(docs, opt).values;
+  return std::vector<uint32_t>(values.begin(), values.end());
 }
 
 // The code points of valid UTF-8 (the width-4 view of the same text).
