@@ -14,6 +14,7 @@
 #include <unordered_map>
 
 #include "common.h"
+#include "parallel.h"
 #include "utf8.h"
 
 namespace mlmix::bpe {
@@ -1246,12 +1247,19 @@ EncodeResult Encoder::encode_batch(const std::vector<TextView>& docs, const Enco
   for (size_t d = 0; d < n_docs; ++d) result.offsets[d + 1] = result.offsets[d] + doc_len[d];
   reserve_huge(result.values, static_cast<size_t>(result.offsets[n_docs]));
   result.values.resize(static_cast<size_t>(result.offsets[n_docs]));
-  for (size_t c = 0; c < n_chunks; ++c) {
-    const auto lo = static_cast<size_t>(result.offsets[chunk_begin[c]]);
-    const auto hi = static_cast<size_t>(result.offsets[chunk_begin[c + 1]]);
-    const auto& [w, at] = chunk_at[c];
-    if (hi > lo) std::memcpy(result.values.data() + lo, worker_ids[w].data() + at, (hi - lo) * sizeof(uint32_t));
-  }
+  auto place = [&](int64_t c_lo, int64_t c_hi) {  // the work units' ids into place (their first touch)
+    for (auto c = static_cast<size_t>(c_lo); c < static_cast<size_t>(c_hi); ++c) {
+      const auto lo = static_cast<size_t>(result.offsets[chunk_begin[c]]);
+      const auto hi = static_cast<size_t>(result.offsets[chunk_begin[c + 1]]);
+      const auto& [w, at] = chunk_at[c];
+      if (hi > lo) std::memcpy(result.values.data() + lo, worker_ids[w].data() + at, (hi - lo) * sizeof(uint32_t));
+    }
+  };
+  // on the encoding's threads where there is enough to copy (a few MB): a thread start costs more than a small copy
+  if (helpers > 0 && result.values.size() >= (size_t{1} << 20))
+    parallel_chunks(static_cast<int64_t>(n_chunks), helpers + 1, 1, place);
+  else
+    place(0, static_cast<int64_t>(n_chunks));
   return result;
 }
 

@@ -252,6 +252,19 @@ def test_threads_do_not_change_ids(native):
     assert np.array_equal(nb.encode(texts[5]), one[5])
 
 
+def test_threads_do_not_change_ids_of_a_large_batch(native):
+    """Past 1M ids the work units' ids are copied into the result on the encoding's threads too."""
+    nb = native["qwen3.5"]
+    rng = random.Random(2)
+    pool = list(SAMPLES.values()) + TRICKY
+    texts = [" ".join(rng.choice(pool) for _ in range(rng.randrange(50, 400))) for _ in range(2000)]
+    one = nb.encode_batch(texts, num_threads=1)
+    assert len(one.values) > 1 << 20
+    for n in (2, 3):
+        assert nb.encode_batch(texts, num_threads=n).equals(one)
+    assert np.array_equal(nb.encode(texts[1999]), one[1999])
+
+
 def test_empty_batch_and_empty_texts(native):
     nb = native["qwen2"]
     r = nb.encode_batch([])
