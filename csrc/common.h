@@ -4,11 +4,11 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <new>
 #include <sstream>
 #include <stdexcept>
 #include <string>
-#include <memory>
-#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>

@@ -108,6 +108,7 @@ struct Selection {
 // Checks a model's shapes and contents (every index in range, ptc_unit a power of two); throws
 // std::invalid_argument naming what is wrong. Walks the whole model once.
 void check_model(const Model& m);
+void check_rules(const TextRules& r);
 
 // A model's DFA in the layout the walk reads: one entry per (row, byte) that holds both the next state's
 // row and the feature entering it emits, so a step is one load where py3langid's arrays take three (the
@@ -134,7 +135,7 @@ class Dfa {
   uint32_t rows_ = 0, start_ = 0;
   uint64_t magic_ = 0;
 };
-void check_rules(const TextRules& r);
+
 // A selection of `columns` (strictly increasing, in range) whose labels are `column_label[c]`.
 Selection make_selection(const Model& m, const std::vector<int32_t>& columns, const int32_t* column_label);
 
