@@ -1065,6 +1065,10 @@ struct Encoder::Impl {
 
   template <typename CU>
   void encode_pieces(const CU* s, size_t n, ThreadState& ts, std::vector<uint32_t>& out, const Utf8Source* src) const {
+    // nothing deferred outlives this call (a state whose last call was interrupted by an exception holds none)
+    ts.deferred.clear();
+    ts.deferred_bytes.clear();
+    ts.deferred_ids.clear();
     auto& piece = ts.piece_utf8;
     for (size_t i = 0; i < n;) {
       const size_t len = next_piece(pre_tokenizer, s, i, n);
