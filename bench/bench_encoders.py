@@ -371,8 +371,9 @@ def main(argv=None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# pytest-benchmark: one test per (encoder, threads). The timing is done in the child process (best of 3, loading
-# excluded); pytest-benchmark's own time column is a no-op, the numbers are in extra_info.
+# pytest-benchmark: one test per (encoder, threads), best of 3 on the demo text, and for the fastest ones one pass over
+# unseen text (MLMIX_BENCH_STREAM_MB of this machine's gettext messages, default 2). The timing is done in the child
+# process (loading excluded); pytest-benchmark's own time column is a no-op, the numbers are in extra_info.
 
 try:
     import pytest
@@ -389,21 +390,31 @@ if pytest is not None and "--child" not in sys.argv:
         path.write_text(json.dumps(make_texts(MB)), encoding="utf-8")
         return str(path)
 
-    def _reference(texts_path):
-        if "ref" not in _STATE:
-            r = measure("tiktoken", 1, texts_path, "qwen3_6")
-            _STATE["ref"] = r if r.get("status") == "ok" else None
-        return _STATE["ref"]
+    @pytest.fixture(scope="module")
+    def unseen_path(tmp_path_factory):
+        """This machine's gettext messages, each record once (the stream rows); skipped where it has none."""
+        try:
+            texts = make_texts(float(os.environ.get("MLMIX_BENCH_STREAM_MB", "2")), text_dir="gettext", distinct=True)
+        except ValueError as exc:
+            pytest.skip(f"no unseen text: {exc}")
+        path = tmp_path_factory.mktemp("encoders") / "unseen.json"
+        path.write_text(json.dumps(texts), encoding="utf-8")
+        return str(path)
 
-    @pytest.mark.parametrize("threads", THREADS)
-    @pytest.mark.parametrize("encoder", ENCODERS)
-    def test_encoder(benchmark, texts_path, encoder, threads):
-        ref = _reference(texts_path)
-        r = measure(encoder, threads, texts_path, "qwen3_6")
+    def _reference(path):
+        if path not in _STATE:
+            r = measure("tiktoken", 1, path, "qwen3_6")
+            _STATE[path] = r if r.get("status") == "ok" else None
+        return _STATE[path]
+
+    def _run(benchmark, path, encoder, threads, stream):
+        ref = _reference(path)
+        r = measure(encoder, threads, path, "qwen3_6", stream)
         rows = {encoder: r}
         compare(rows, ref)
         benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-        info = {"version": version(encoder), "threads": threads, "threads_via": THREADS_VIA[encoder], "status": r["status"]}
+        info = {"version": version(encoder), "threads": threads, "threads_via": THREADS_VIA[encoder], "status": r["status"],
+                "mode": "stream" if stream else f"best of {ROUNDS}"}
         if r["status"] == "ok":
             info.update({"MB_per_s": round(r["MB_per_s"], 2), "first_round_MB_per_s": round(r["first_MB_per_s"], 2),
                          "identical_ids": "yes" if r["identical"] else "no",
@@ -411,9 +422,20 @@ if pytest is not None and "--child" not in sys.argv:
         else:
             info["reason"] = r.get("reason", "")
         benchmark.extra_info.update(info)
-        print(f"\nbench_encoders {encoder} x{threads}:", json.dumps(info))
+        print(f"\nbench_encoders {encoder} x{threads} ({info['mode']}):", json.dumps(info))
         if r["status"] in ("not installed", "could not load", "skipped"):
             pytest.skip(f"{encoder}: {r['status']}: {r.get('reason', '')}")
+
+    @pytest.mark.parametrize("threads", THREADS)
+    @pytest.mark.parametrize("encoder", ENCODERS)
+    def test_encoder(benchmark, texts_path, encoder, threads):
+        _run(benchmark, texts_path, encoder, threads, stream=False)
+
+    @pytest.mark.parametrize("threads", THREADS)
+    @pytest.mark.parametrize("encoder", ["mlmix", "fastokens", "tiktoken"])
+    def test_encoder_stream(benchmark, unseen_path, encoder, threads):
+        """One pass over text the encoders have not seen (--text-dir gettext --stream)."""
+        _run(benchmark, unseen_path, encoder, threads, stream=True)
 
 
 if __name__ == "__main__":
