@@ -205,16 +205,13 @@ class MergeMap {
   static constexpr int kPairCacheBits = 14;
   static constexpr size_t kPairCacheSize = size_t{1} << kPairCacheBits;
   uint32_t rank(uint32_t a, uint32_t b, uint64_t* cache) const {
-    if (!compact_) return rank(a, b);
-    const uint64_t key = uint64_t(a) << id_bits_ | b;
-    const uint64_t none = (uint64_t{1} << rank_bits_) - 1;  // above every rank, as ranks are below the count
-    uint64_t& e = cache[(key * kSplitMix64Increment) >> (64 - kPairCacheBits)];
-    if ((e >> rank_bits_) == key) {  // never true of an empty entry: a key has fewer bits than all ones
-      const uint64_t r = e & none;
-      return r == none ? kNone : static_cast<uint32_t>(r);
+    uint32_t r;
+    if (cached_rank(a, b, cache, r)) return r;
+    r = rank(a, b);
+    if (compact_) {
+      const uint64_t key = pair_key(a, b);
+      cache[pair_slot(key)] = (key << rank_bits_) | (r == kNone ? none_rank() : r);
     }
-    const uint32_t r = rank(a, b);
-    e = (key << rank_bits_) | (r == kNone ? none : r);
     return r;
   }
   // The rank of (a, b) into `r` when the worker's cache of lookups holds it, else false (always false for wide
@@ -222,11 +219,10 @@ class MergeMap {
   // rank(a, b, cache).
   bool cached_rank(uint32_t a, uint32_t b, const uint64_t* cache, uint32_t& r) const {
     if (!compact_) return false;
-    const uint64_t key = uint64_t(a) << id_bits_ | b;
-    const uint64_t e = cache[(key * kSplitMix64Increment) >> (64 - kPairCacheBits)];
-    if ((e >> rank_bits_) != key) return false;
-    const uint64_t none = (uint64_t{1} << rank_bits_) - 1;
-    r = (e & none) == none ? kNone : static_cast<uint32_t>(e & none);
+    const uint64_t key = pair_key(a, b);
+    const uint64_t e = cache[pair_slot(key)];
+    if ((e >> rank_bits_) != key) return false;  // never equal for an empty entry: a key has fewer bits than all ones
+    r = (e & none_rank()) == none_rank() ? kNone : static_cast<uint32_t>(e & none_rank());
     return true;
   }
   uint32_t merged(uint32_t rank) const { return merged_[rank]; }
@@ -245,6 +241,11 @@ class MergeMap {
     uint32_t rank = kNone;
   };
   size_t slot_of(uint64_t key) const { return static_cast<size_t>((key * kSplitMix64Increment) >> shift_); }
+  // a pair cache entry: the pair packed as in a compact slot, at a hashed place; a pair that does not merge
+  // is cached with all ones as its rank (above every rank: ranks are below the count)
+  uint64_t pair_key(uint32_t a, uint32_t b) const { return uint64_t(a) << id_bits_ | b; }
+  static size_t pair_slot(uint64_t key) { return static_cast<size_t>((key * kSplitMix64Increment) >> (64 - kPairCacheBits)); }
+  uint64_t none_rank() const { return (uint64_t{1} << rank_bits_) - 1; }
 
   bool compact_ = true;
   int id_bits_ = 1, rank_bits_ = 1, shift_ = 60;
@@ -512,7 +513,6 @@ class Scratch {
 struct ThreadState {
   PieceCache cache;
   std::vector<uint8_t> piece_utf8;
-  std::vector<uint32_t> sym, sym_rank;
   std::vector<char32_t> prefixed;
   Scratch<char32_t> decoded;  // a UTF-8 document's code points
   Scratch<uint32_t> byte_pos;  // the byte offset in the document of each of them, then its end
@@ -535,8 +535,7 @@ struct ThreadState {
     auto shrink = [](auto& v) {
       if (v.capacity() * sizeof(v[0]) > (size_t{1} << 20)) std::remove_reference_t<decltype(v)>().swap(v);
     };
-    shrink(piece_utf8); shrink(sym); shrink(sym_rank); shrink(deferred); shrink(deferred_bytes);
-    shrink(deferred_ids); shrink(tail);
+    shrink(piece_utf8); shrink(deferred); shrink(deferred_bytes); shrink(deferred_ids); shrink(tail);
     decoded.trim(); byte_pos.trim(); shrink(prefixed); shrink(seg_a); shrink(seg_b);
   }
 };
@@ -783,8 +782,12 @@ struct Encoder::Impl {
           continue;
         }
         out.clear();
-        if (len <= kMaxSmall) merge_small(p, len, *ts, out);
-        else merge_heap(p, len, out);
+        if (len <= kMaxSmall) {  // no token is marked yet: the piece is merged, not looked up
+          defer(p, len, hash_bytes(p, len), *ts, out);
+          flush_deferred(*ts, out);
+        } else {
+          merge_heap(p, len, out);
+        }
         marked[i] = out.size() == 1 && out[0] == vocab.id(static_cast<uint32_t>(i));
       }
     };
@@ -832,7 +835,8 @@ struct Encoder::Impl {
   // merge the ranks of the two new pairs, which miss the worker's pair cache on text with many distinct words).
   // Such pieces are noted with the position their ids take in `out` and merged kLanes at a time, one merge of
   // each in turn, with the table slots a merge needs prefetched at the lane's previous merge; then their ids are
-  // spliced into place, in order. The merge order is merge_small's. On 13.6 MB of translated UI messages (198
+  // spliced into place, in order. Lowest rank first, leftmost among equal ranks, by rescanning a short array per
+  // piece (fastest for short pieces; merge_heap is the same order for longer ones). On 13.6 MB of translated UI messages (198
   // locales, a third of the pieces missing the cache) this made the encoder 1.25-1.33x faster at one thread.
 
   void defer(const uint8_t* p, size_t len, uint64_t h, ThreadState& ts, std::vector<uint32_t>& out) const {
@@ -872,12 +876,11 @@ struct Encoder::Impl {
   static constexpr int kLanes = 16;
 
   struct Lane {
-    enum Phase { kStart, kChoose };
     uint32_t sym[kMaxSmall], rank[kMaxSmall];
     size_t piece, n;
     int pending;  // ranks read at the lane's next merge (their slots prefetched): positions pend[0..pending)
     size_t pend[2];
-    Phase phase;
+    bool started;  // past the first step (the vocabulary lookup and the byte-pair ranks)
   };
 
   void merge_deferred(ThreadState& ts) const {
@@ -895,7 +898,7 @@ struct Encoder::Impl {
       for (size_t i = 0; i < l.n; ++i) l.sym[i] = byte_id[p[i]];
       for (size_t i = 0; i + 1 < l.n; ++i) __builtin_prefetch(&byte_pair_rank[size_t(p[i]) * 256 + p[i + 1]]);
       l.pending = 0;
-      l.phase = Lane::kStart;
+      l.started = false;
       return true;
     };
     auto finish = [&](Lane& l) {
@@ -912,7 +915,7 @@ struct Encoder::Impl {
     };
     // One merge of lane l's piece; false when the piece is done.
     auto step = [&](Lane& l) {
-      if (l.phase == Lane::kStart) {
+      if (!l.started) {
         const auto& d = list[l.piece];
         const uint8_t* p = bytes + d.off;
         bool self = false;
@@ -924,12 +927,12 @@ struct Encoder::Impl {
         }
         for (size_t i = 0; i + 1 < l.n; ++i) l.rank[i] = byte_pair_rank[size_t(p[i]) * 256 + p[i + 1]];
         l.rank[l.n - 1] = kNone;
-        l.phase = Lane::kChoose;
+        l.started = true;
       } else {
         for (int k = 0; k < l.pending; ++k) l.rank[l.pend[k]] = merges.rank(l.sym[l.pend[k]], l.sym[l.pend[k] + 1], pairs);
         l.pending = 0;
       }
-      // the lowest rank, leftmost among equals (as merge_small)
+      // the lowest rank, leftmost among equals
       size_t best = 0;
       uint32_t best_rank = l.rank[0];
       for (size_t i = 1; i + 1 < l.n; ++i) {
@@ -969,42 +972,7 @@ struct Encoder::Impl {
     }
   }
 
-  // Lowest rank first, leftmost among equals, by rescanning a short array: fastest for short pieces.
-  void merge_small(const uint8_t* p, size_t len, ThreadState& ts, std::vector<uint32_t>& out) const {
-    auto& sym = ts.sym;
-    auto& rank = ts.sym_rank;
-    if (sym.size() < len) {
-      sym.resize(len);
-      rank.resize(len);
-    }
-    for (size_t i = 0; i < len; ++i) sym[i] = byte_id[p[i]];
-    size_t n = len;
-    for (size_t i = 0; i + 1 < n; ++i) rank[i] = byte_pair_rank[size_t(p[i]) * 256 + p[i + 1]];
-    rank[n - 1] = kNone;
-    while (n > 1) {
-      size_t best = 0;
-      uint32_t best_rank = rank[0];
-      for (size_t i = 1; i + 1 < n; ++i) {
-        if (rank[i] < best_rank) {
-          best_rank = rank[i];
-          best = i;
-        }
-      }
-      if (best_rank == kNone) break;
-      sym[best] = merges.merged(best_rank);
-      for (size_t i = best + 1; i + 1 < n; ++i) {
-        sym[i] = sym[i + 1];
-        rank[i] = rank[i + 1];
-      }
-      --n;
-      uint64_t* pairs = ts.pair_cache.data();
-      if (best + 1 < n) rank[best] = merges.rank(sym[best], sym[best + 1], pairs);
-      if (best > 0) rank[best - 1] = merges.rank(sym[best - 1], sym[best], pairs);
-    }
-    out.insert(out.end(), sym.begin(), sym.begin() + static_cast<std::ptrdiff_t>(n));
-  }
-
-  // The same order with a heap over a linked list of symbols (as HF's Word::merge_all): O(n log n).
+  // The batched merge's order with a heap over a linked list of symbols (as HF's Word::merge_all): O(n log n).
   void merge_heap(const uint8_t* p, size_t len, std::vector<uint32_t>& out) const {
     struct Sym {
       uint32_t id;
