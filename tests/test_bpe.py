@@ -226,8 +226,8 @@ def test_distinct_words_merge_in_batches(pairs):
     """Pieces that miss the worker's cache are merged 16 at a time and spliced back in order (flushed every 64
     and at each text's end). Words made up of random syllables in several scripts miss it nearly always; they
     are mixed with repeated words (cache hits), pieces over 96 bytes (merged at once, between deferred ones),
-    numbers, punctuation and special tokens (which split a text into segments). Ids equal HF's at 1 and 2
-    threads."""
+    numbers, punctuation and special tokens (which split a text into segments). Ids equal HF's at the default
+    thread count, 1 and 2."""
     rng = random.Random(7)
     syllables = ["ka", "ri", "to", "mé", "zu", "qa", "па", "ро", "ли", "ще", "κα", "λο", "של", "مر", "नि", "ता",
                  "の", "か", "中", "文", "ü", "ß", "x", "ng"]
@@ -249,6 +249,7 @@ def test_distinct_words_merge_in_batches(pairs):
         if i % 5 == 0 and words:
             words.insert(len(words) // 2, "<|endoftext|>")
         texts.append(rng.choice([" ", "  ", "\n"]).join(words))
+    _check(pairs, texts)  # the default thread count, as users call it
     _check(pairs, texts, num_threads=1)
     _check(pairs, texts, num_threads=2)
 
@@ -406,6 +407,26 @@ def test_merges_as_strings_and_foreign_tokens(small_split_json):
     d["model"]["merges"].append("Ġzz qq")
     with pytest.raises(ValueError, match="missing from the vocabulary"):
         NativeBPE.from_tokenizer_json(d)
+
+
+def test_tokens_whose_bytes_do_not_merge_back():
+    """A token can be in the vocabulary yet not be what merging its own bytes gives: here "abc" comes from
+    (ab, c), but (b, c) ranks before (a, b), so "abc" merges to [a, bc]. Only tokens that merge back are looked
+    up whole (marked at construction); the others are merged, as HF does."""
+    from tokenizers import decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    for t in ("bc", "ab", "abc", "xy", "xyz"):
+        vocab[t] = len(vocab)
+    merges = [("b", "c"), ("a", "b"), ("ab", "c"), ("x", "y"), ("xy", "z")]
+    hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    texts = ["abc", "abc abc", "xyz abc xyz", "abcabc", "zabc"]
+    want = [e.ids for e in hf.encode_batch(texts)]
+    assert want[0] == [vocab["a"], vocab["bc"]] and want[2][0] == vocab["xyz"]
+    assert NativeBPE.from_hf(hf).encode_batch(texts).to_lists() == want
 
 
 def test_real_multilingual_records(pairs):
