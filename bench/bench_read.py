@@ -15,6 +15,17 @@ so that rows differ in length and shape. Variants, all producing the same record
 
 Each reports MB/s (bytes of the file) in extra_info and the ratio to python_iter_source;
 test_summary_interleaved runs every variant once per round, in turn, and prints the best of the rounds.
+
+The same rows as Parquet (one file per records format, as datasets ship them: a directory of five files) are
+read by the Arrow path (columns from each batch's buffers, no Python object per row) and compared with reading
+them row by row (the Python path: ``to_pylist`` + ``to_record`` per row, what mlmix did before) and with
+pyarrow's ``to_pylist`` alone (the rows as dicts, nothing more: the floor of any row-by-row reader):
+
+  parquet_python_rows      RecordBlock.from_records(list(iter_source(src)))
+  parquet_pyarrow_pylist   every batch of every file to_pylist (no records made)
+  parquet_mlmix_blocks     RecordBlock columns from readers.iter_blocks(src)
+
+MB/s there are of the JSON lines the rows came from (the same text), so both tables read alike.
 """
 
 from __future__ import annotations
@@ -150,4 +161,83 @@ def test_summary_interleaved(data, capsys):
         for name in variants:
             w, c = mb / wall[name], mb / cpu[name]
             print(f"  {name:24s} wall {w:8.2f} MB/s {w / base_w:6.2f}x   cpu {c:8.2f} MB/s {c / base_c:6.2f}x")
+    assert all(v > 0 for v in wall.values())
+
+
+# ---- Parquet ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def parquet_data(tmp_path_factory, data):
+    """The JSON lines of ``data`` as a directory of Parquet files, one per records format (a file's rows share
+    a schema)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from mlmix.config import validate_config
+
+    by_shape: dict[tuple, list] = {}
+    with open(data["src"]["path"], encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            by_shape.setdefault(tuple(sorted(row)), []).append(row)
+    d = tmp_path_factory.mktemp("read_parquet")
+    for k, rows in enumerate(by_shape.values()):
+        pq.write_table(pa.Table.from_pylist(rows), str(d / f"part-{k}.parquet"), row_group_size=1000)
+    cfg = {"output": "o", "tokenizer": {"name": "qwen"}, "sources": [{"path": str(d)}]}
+    return {"src": validate_config(cfg)["sources"][0], "bytes": data["bytes"], "dir": str(d)}
+
+
+def _parquet_variants(src, directory):
+    import pyarrow.parquet as pq
+
+    from mlmix import readers
+    from mlmix.recblock import RecordBlock
+
+    def pylist():
+        n = 0
+        for name in sorted(os.listdir(directory)):
+            for batch in pq.ParquetFile(os.path.join(directory, name)).iter_batches(batch_size=8192):
+                n += len(batch.to_pylist())
+        return [None] * n
+
+    return {
+        "parquet_python_rows": lambda: RecordBlock.from_records(list(readers.iter_source(src))),
+        "parquet_pyarrow_pylist": pylist,
+        "parquet_mlmix_blocks": lambda: RecordBlock.concat(list(readers.iter_blocks(src))),
+    }
+
+
+@pytest.mark.parametrize("name", ["parquet_python_rows", "parquet_pyarrow_pylist", "parquet_mlmix_blocks"])
+def test_read_parquet(benchmark, parquet_data, name):
+    fn = _parquet_variants(parquet_data["src"], parquet_data["dir"])[name]
+    out = benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=0)
+    assert len(out) > 0
+    secs = benchmark.stats.stats.min
+    mbs = parquet_data["bytes"] / 1e6 / secs
+    RESULTS[name] = mbs
+    benchmark.extra_info.update({"MB": round(parquet_data["bytes"] / 1e6, 2), "MB/s": round(mbs, 2),
+                                 "records": len(out), "cores": os.cpu_count()})
+    if "parquet_python_rows" in RESULTS and name != "parquet_python_rows":
+        benchmark.extra_info["x_parquet_python_rows"] = round(mbs / RESULTS["parquet_python_rows"], 3)
+
+
+def test_summary_parquet_interleaved(parquet_data, capsys):
+    """The Parquet variants once per round, in turn; best of the rounds. Also checks that the Arrow path gives the
+    row-by-row path's records."""
+    variants = _parquet_variants(parquet_data["src"], parquet_data["dir"])
+    ref = variants["parquet_python_rows"]()
+    assert variants["parquet_mlmix_blocks"]().equals(ref)
+    rounds = int(os.environ.get("MLMIX_BENCH_ROUNDS", "3"))
+    wall = {name: float("inf") for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            w0 = time.perf_counter()
+            fn()
+            wall[name] = min(wall[name], time.perf_counter() - w0)
+    mb = parquet_data["bytes"] / 1e6
+    with capsys.disabled():
+        print(f"\n{mb:.1f} MB of chat rows as Parquet ({len(ref)} records, 5 files), {os.cpu_count()} cores, best of "
+              f"{rounds} interleaved rounds; MB/s of the rows' JSON lines; ratios to parquet_python_rows")
+        base = mb / wall["parquet_python_rows"]
+        for name in variants:
+            w = mb / wall[name]
+            print(f"  {name:24s} wall {w:8.2f} MB/s {w / base:6.2f}x  {len(ref) / wall[name]:12,.0f} records/s")
     assert all(v > 0 for v in wall.values())
