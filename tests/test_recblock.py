@@ -149,3 +149,27 @@ def test_arrow_table_errors_name_the_column():
     # plain (32-bit offset) strings are read too
     small = table.set_column(2, "id", pa.array(["a"], type=pa.string()))
     assert RecordBlock.from_arrow(small).to_records()[0]["id"] == "a"
+
+
+def test_read_stage_counts_from_columns_equal_counting_each_record():
+    """The read stage counts a block from its columns: the same counters, in the same key order, as counting the
+    records one by one (languages absent, empty, long, non-ASCII, with NUL bytes; text and chat records)."""
+    import random
+
+    from mlmix.engine.stages import read as s_read
+
+    rnd = random.Random(1)
+    for _ in range(300):
+        n = rnd.randint(0, 40)
+        recs = []
+        for i in range(n):
+            lang = rnd.choice([None, "", "en", "zh-Hant", "é", "?", "x" * rnd.randint(1, 70), "日本", "en\x00", "\x00"])
+            body = ({"text": "t"} if rnd.random() < 0.5 else {"messages": [{"role": "user", "content": "c"}]})
+            recs.append({"id": str(i), "lang": lang, "where": "", **body})
+        block = RecordBlock.from_records(recs)
+        uids = np.array([(rnd.randint(0, 2) << s_read.UID_SHIFT) + i for i in range(n)], np.int64)
+        want = s_read.count(uids, block.langs(), (block.kind == 0).tolist())
+        got = s_read.count_block(uids, block)
+        assert {k: list(v.items()) for k, v in got.items()} == {k: list(v.items()) for k, v in want.items()}
+    with pytest.raises(ValueError, match="uids must have one entry per record"):
+        s_read.count_block(np.zeros(3, np.int64), RecordBlock.from_records([]))

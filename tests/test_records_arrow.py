@@ -297,3 +297,23 @@ def test_hypothesis_clean_rows_are_fast(tmp_path, rows, kw, group):
         _arrow_records.batch_block = real
     if kind == "ok":
         assert made and all(made), (rows, src)
+
+
+def test_hub_dataset(monkeypatch):
+    """A hub source (load_dataset stood in for by a local Dataset: no network here) is read as a table too."""
+    datasets = pytest.importorskip("datasets")
+    rows = chat_rows(3000, seed=9)
+    calls = []
+
+    def load_dataset(name, split=None):
+        calls.append((name, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    seen = Counting(monkeypatch)
+    for kw in ({}, {"limit": 2500, "name": "h"}, {"split": "test"}):
+        kind, block = assert_same(make_src("org/chat", format="hub", **kw))
+        assert kind == "ok" and len(block) == kw.get("limit", 3000)
+        recs = block.to_records()
+        assert recs[1]["where"] == "hub:org/chat[1]" and recs[7]["id"].startswith(("hub:org/chat:", "h:hub:org/chat:"))
+    assert seen.made >= 3 and seen.refused == 0 and ("org/chat", "test") in calls

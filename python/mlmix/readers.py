@@ -393,6 +393,10 @@ def _hf_disk_table(path: str, split: str | None):
 
 
 def _iter_hub(name: str, split: str | None) -> Iterator[tuple[int, str, dict]]:
+    yield from _iter_table_rows(_hub_table(name, split), f"hub:{name}")
+
+
+def _hub_table(name: str, split: str | None):
     datasets = require("datasets", "reading hub datasets")
     try:
         ds = datasets.load_dataset(name, split=split or "train")
@@ -401,7 +405,7 @@ def _iter_hub(name: str, split: str | None) -> Iterator[tuple[int, str, dict]]:
             f"hub dataset {name!r} could not be loaded ({type(exc).__name__}: {exc}); hub sources need network "
             "access (or a populated HF cache). Save it with datasets' save_to_disk and use format = 'hf-disk' offline"
         ) from exc
-    yield from _iter_table_rows(ds.data.table if hasattr(ds.data, "table") else ds.data, f"hub:{name}")
+    return ds.data.table if hasattr(ds.data, "table") else ds.data
 
 
 def _iter_located(src: Mapping) -> Iterator[tuple[str, int, str, dict]]:
@@ -603,14 +607,16 @@ def iter_blocks(src: Mapping, block_bytes: int = 16 << 20, *, num_threads: int =
     decompressed here) are read ``block_bytes`` of whole lines at a time by the C++ reader on ``num_threads``
     threads (0: ``MLMIX_NUM_THREADS``, else every core), with no Python object per record; the few lines it
     does not take on (anything where its result could differ from Python's, including every line that makes
-    the Python path raise) go through the Python path. A source with a ``where`` filter, and Parquet,
-    ``datasets`` and hub sources, are read by :func:`iter_source` and put into blocks.
+    the Python path raise) go through the Python path. Parquet files, ``datasets`` directories and hub datasets
+    are read Arrow batch by batch into columns (:mod:`mlmix._arrow_records`; a batch that path cannot vouch for
+    goes row by row through :func:`to_record`). A source with a ``where`` filter is read by :func:`iter_source`
+    and put into blocks.
     """
     if block_bytes < 1:
         raise ValueError(f"block_bytes must be >= 1, got {block_bytes}")
     held = _HeldBack()
     settings = _native_settings(src)
-    if settings is None or src["format"] == "hub" or src["where"]:
+    if settings is None or src["where"] or (src["format"] == "hub" and not _encodable(src["path"])):
         for recs in _record_batches(iter_source(src), block_bytes):
             block = held.encode(recs)
             if block is not None and not held.failed:
@@ -620,6 +626,10 @@ def iter_blocks(src: Mapping, block_bytes: int = 16 << 20, *, num_threads: int =
 
     limit = src.get("limit")
     count = 0  # records so far
+    if src["format"] == "hub":
+        yield from _arrow_file_blocks(src, src["path"], "hub", limit, count, block_bytes, held)
+        held.raise_if_failed()
+        return
     for path in expand_paths(src):
         kind = _file_kind(src, path)
         if kind in ("parquet", "hf-disk") and _encodable(path):
@@ -682,7 +692,8 @@ def iter_blocks(src: Mapping, block_bytes: int = 16 << 20, *, num_threads: int =
 
 def _arrow_file_blocks(src: Mapping, path: str, kind: str, limit: int | None, count: int, block_bytes: int,
                        held: "_HeldBack") -> Generator[RecordBlock, None, tuple[int, bool]]:
-    """The blocks of a Parquet file or a ``datasets`` directory, Arrow batch by batch (mlmix._arrow_records):
+    """The blocks of a Parquet file, a ``datasets`` directory or a hub dataset (``path`` its name), Arrow batch by
+    batch (mlmix._arrow_records):
     columns straight from Arrow where the fast path vouches for a batch, else its rows through to_record.
     Returns (records so far, whether the limit stopped the source)."""
     from ._arrow_records import batch_block
@@ -691,6 +702,9 @@ def _arrow_file_blocks(src: Mapping, path: str, kind: str, limit: int | None, co
     if kind == "parquet":
         batches = _parquet_batches(path)
         where = (f"{path}[row ", "]")
+    elif kind == "hub":
+        batches = _table_batches(_hub_table(path, src.get("split")))
+        where = (f"hub:{path}[", "]")
     else:
         batches = _table_batches(_hf_disk_table(path, src.get("split")))
         where = (f"{path}[", "]")

@@ -69,8 +69,35 @@ def _source_blocks(src: Mapping) -> Iterator[RecordBlock]:
 
 
 def count_block(uids: np.ndarray, block: RecordBlock) -> dict:
-    """:func:`count` of a RecordBlock."""
-    return count(uids, block.langs(), (block.kind == TEXT).tolist())
+    """:func:`count` of a RecordBlock, from its columns (no Python object per record where its language codes
+    are short, as they are): the same counters, keys in order of first appearance."""
+    n = len(block)
+    if len(uids) != n:
+        raise ValueError(f"uids must have one entry per record ({n}), got {len(uids)}")
+    lens = np.diff(block.lang_offsets) * (block.has_lang != 0)
+    width = int(lens.max()) if n else 0
+    if width > 64 or not block.lang_values.all():  # long codes, or NUL bytes (fixed-width strings drop them)
+        return count(uids, block.langs(), (block.kind == TEXT).tolist())
+    # each code as a fixed-width byte string (zero padded), "?" where a record gives none or ""
+    raw = np.zeros((n, max(width, 1)), np.uint8)
+    rows = np.repeat(np.arange(n), lens)
+    starts = block.lang_offsets[:-1]
+    pos = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+    raw[rows, pos] = block.lang_values[np.repeat(starts, lens) + pos]
+    raw[lens == 0, 0] = ord("?")
+    codes = raw.view(f"S{raw.shape[1]}").ravel()
+    return {"per_source": _first_seen(np.asarray(uids, dtype=np.int64) >> UID_SHIFT, int),
+            "given": _first_seen(codes, lambda b: b.decode("utf-8")),
+            "kinds": _first_seen(np.where(block.kind == TEXT, 0, 1), lambda k: ("text", "chat")[k])}
+
+
+def _first_seen(values: np.ndarray, name) -> Counter:
+    """Counter of ``values`` (keys ``name(value)``) in order of first appearance, as Counter(iterable) makes it."""
+    uniq, first, counts = np.unique(values, return_index=True, return_counts=True)
+    out: Counter = Counter()
+    for k in np.argsort(first, kind="stable").tolist():
+        out[name(uniq[k].item() if hasattr(uniq[k], "item") else uniq[k])] = int(counts[k])
+    return out
 
 
 def uids_of(per_source: Sequence[int]) -> np.ndarray:
