@@ -1,13 +1,16 @@
 """Arrow record batches (Parquet row groups, ``datasets`` tables) into RecordBlock columns, a batch at a time.
 
 :func:`batch_block` reads the columns a source's records format uses straight from the Arrow buffers and
-assembles the block in numpy and the core: no Python object per row. It answers only for a batch whose every row it
-can vouch for; for any other batch it returns ``None`` and the caller reads that batch row by row through
-:func:`mlmix.readers.to_record`, which gives the records, or raises the error, of the Python path. So a block from
-here always equals ``RecordBlock.from_records`` of the same rows' ``to_record``: the fast path only ever takes
-rows where ``to_record`` would take the same column for every row (a column partly null where ``to_record`` would
-then look at the next candidate field, a non-string field, an unknown role, an empty conversation, a row
-without an assistant turn: all go the Python way).
+assembles the block in numpy and the core (one gather of byte ranges per column): no Python object per row. It
+answers only for a batch whose every row it can vouch for; for any other batch it returns ``None`` and the caller
+reads that batch row by row through :func:`mlmix.readers.to_record`, which gives the records, or raises the error,
+of the Python path. So a block from here always equals ``RecordBlock.from_records`` of the same rows'
+``to_record``: the fast path only takes rows where ``to_record`` would take the same column for every row (a
+column null in some rows only, where ``to_record`` would then look at the next candidate field, a non-string
+field, an unknown role, an empty conversation, a row without an assistant turn: all go the Python way).
+
+Arrays are read through their buffers and built with ``Array.from_buffers``: ``pyarrow.array``, scalars made from
+Python values and ``to_numpy`` import pandas where it is installed (~0.2 s per process).
 """
 
 from __future__ import annotations
@@ -65,31 +68,38 @@ def _block(batch, src, fmt_keys, roles, id_prefix, where_prefix, where_suffix, f
     cols = dict(zip(names, batch.columns))
     fields = src["fields"]
     messages_keys, prompt_keys, response_keys = fmt_keys
+    rows = np.arange(n, dtype=np.int64)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # the id, language and location of every row
-    idx = pa.array(np.arange(first, first + n, dtype=np.int64))
-    digits = pc.cast(idx, pa.string())
-    fallback = pc.binary_join_element_wise(id_prefix, digits, "")
     given = cols.get(src["id_field"])
+    fallback = _numbered(id_prefix.encode(), first, n, b"")
     if given is None or pa.types.is_null(given.type):
-        ids = fallback
+        out["id"] = fallback
     elif _is_string(given.type) or pa.types.is_integer(given.type):
-        ids = pc.coalesce(pc.cast(given, pa.string()), fallback)
+        ids = given if _is_string(given.type) else pc.cast(given, pa.string())  # decimal, as str() writes ints
+        pool = _Pool()
+        at = pool.add(ids)
+        back = pool.add_raw(*fallback)
+        out["id"] = pool.take(np.where(_valid(ids), at + rows, back + rows))
     else:  # str() of a float, bool, list... as Python writes it
         raise _Fallback
-    wheres = pc.binary_join_element_wise(where_prefix, digits, where_suffix, "")
+    out["where"] = _numbered(where_prefix.encode(), first, n, where_suffix.encode())
+    pool = _Pool()
     if "lang" in src:
         lang = src["lang"]
         has_lang = np.full(n, lang is not None, np.uint8)
-        langs = pa.array([lang or ""] * 1, pa.string()).take(pa.array(np.zeros(n, np.int64)))
+        out["lang"] = pool.take(np.full(n, pool.add_literal((lang or "").encode())))
     else:
         given = cols.get(src["lang_field"])
         if given is None or pa.types.is_null(given.type):
             has_lang = np.zeros(n, np.uint8)
-            langs = pa.array([""] * 1, pa.string()).take(pa.array(np.zeros(n, np.int64)))
+            out["lang"] = (np.zeros(0, np.uint8), np.zeros(n + 1, np.int64))
         elif _is_string(given.type):
-            langs = pc.fill_null(given, "")
-            has_lang = (_lengths(langs) > 0).astype(np.uint8)  # "" counts as no language, as None does
+            at = pool.add(given)
+            keep = _valid(given) & (_lengths(given) > 0)  # "" counts as no language, as None does
+            has_lang = keep.astype(np.uint8)
+            out["lang"] = pool.take(np.where(keep, at + rows, pool.add_literal(b"")))
         else:
             raise _Fallback
 
@@ -104,32 +114,41 @@ def _block(batch, src, fmt_keys, roles, id_prefix, where_prefix, where_suffix, f
         else:
             fmt = "prompt_response"
 
-    out = {"id": _strings(ids), "lang": _strings(langs), "where": _strings(wheres)}
     if fmt == "text":
-        text = _required(cols, fields, "text", ("text", "content"))
-        out["content"] = _strings(text)
+        pool = _Pool()
+        at = pool.add(_required(cols, fields, "text", ("text", "content")))
+        out["content"] = pool.take(at + rows)
         out["role"] = (np.zeros(0, np.uint8), np.zeros(n + 1, np.int64))
         turn_offsets = np.arange(n + 1, dtype=np.int64)
         kind = TEXT
     else:
         kind = CHAT
+        canon = ["system", "user", "assistant"]  # the role strings the block holds, by code
+        pool = _Pool()
         system = _optional(cols, fields, "system", ("system",))
-        has_sys = (_lengths(system) > 0) if system is not None else np.zeros(n, bool)
-        canon = ["system", "user", "assistant"]  # the role strings the block will hold, by code
+        if system is not None:
+            has_sys = _valid(system) & (_lengths(system) > 0)
+            at_sys = pool.add(system)
+        else:
+            has_sys = np.zeros(n, bool)
+            at_sys = 0
         if fmt == "messages":
             lst = _required(cols, fields, "messages", messages_keys, nested=True)
             offsets, role_codes, contents = _conversation(lst, fields, roles, canon)
+            at = pool.add(contents)
             counts = np.diff(offsets)
-            parts = [contents]
-            turn_counts = counts + has_sys
-            turn_offsets = _cumsum(turn_counts)
-            total = int(turn_offsets[-1])
-            order = np.empty(total, np.int64)
-            codes = np.empty(total, np.int64)
-            rec = np.repeat(np.arange(n), counts)
+            turn_offsets = _cumsum(counts + has_sys)
+            pieces = np.empty(int(turn_offsets[-1]), np.int64)
+            codes = np.empty(len(pieces), np.int64)
+            rec = np.repeat(rows, counts)
             pos = turn_offsets[:-1][rec] + has_sys[rec] + np.arange(len(role_codes)) - offsets[:-1][rec]
-            order[pos] = np.arange(len(role_codes))
+            pieces[pos] = at + np.arange(len(role_codes))
             codes[pos] = role_codes
+            if has_sys.any():
+                sys_at = turn_offsets[:-1][has_sys]
+                pieces[sys_at] = at_sys + np.flatnonzero(has_sys)
+                codes[sys_at] = 0
+            content = pool.take(pieces)
         else:
             if fmt == "alpaca":
                 prompt = _required(cols, fields, "instruction", ("instruction",))
@@ -139,32 +158,44 @@ def _block(batch, src, fmt_keys, roles, id_prefix, where_prefix, where_suffix, f
                 prompt = _required(cols, fields, "prompt", prompt_keys)
                 response = _required(cols, fields, "response", response_keys)
                 extra = None
-            if extra is not None:
-                has_extra = _lengths(extra) > 0
-                if has_extra.any():
-                    joined = pc.binary_join_element_wise(prompt, pc.fill_null(extra, ""), "\n\n")
-                    prompt = pc.if_else(pa.array(has_extra), joined, prompt)
-            parts = [prompt, response]
+            at_p, at_r = pool.add(prompt), pool.add(response)
+            # a turn is one string or several end to end: the user's is the prompt, then "\n\n" + input if given
+            has_extra = (_valid(extra) & (_lengths(extra) > 0)) if extra is not None else np.zeros(n, bool)
+            at_x = pool.add(extra) if extra is not None else 0
+            sep = pool.add_literal(b"\n\n")
+            per_rec = has_sys + 1 + 2 * has_extra + 1  # pieces: [system] prompt [sep input] response
+            starts = _cumsum(per_rec)
+            pieces = np.empty(int(starts[-1]), np.int64)
+            s = starts[:-1]
+            pieces[s[has_sys]] = at_sys + np.flatnonzero(has_sys)
+            p = s + has_sys
+            pieces[p] = at_p + rows
+            pieces[p[has_extra] + 1] = sep
+            pieces[p[has_extra] + 2] = at_x + np.flatnonzero(has_extra)
+            pieces[starts[1:] - 1] = at_r + rows
             turn_offsets = _cumsum(2 + has_sys)
-            order = np.empty(int(turn_offsets[-1]), np.int64)
-            codes = np.empty(len(order), np.int64)
-            at = turn_offsets[:-1] + has_sys
-            order[at], codes[at] = np.arange(n), 1
-            order[at + 1], codes[at + 1] = n + np.arange(n), 2
-        if has_sys.any():  # the system prompts come first in the pool, the other parts after them
-            sys_at = turn_offsets[:-1][has_sys]
-            order += n
-            order[sys_at] = np.flatnonzero(has_sys)
-            codes[sys_at] = 0
-            parts = [pc.fill_null(system, "")] + parts
+            codes = np.empty(int(turn_offsets[-1]), np.int64)
+            codes[turn_offsets[:-1][has_sys]] = 0
+            codes[turn_offsets[:-1] + has_sys] = 1
+            codes[turn_offsets[1:] - 1] = 2
+            # the piece each turn starts at: a turn's pieces are consecutive
+            turn_start = np.empty(int(turn_offsets[-1]) + 1, np.int64)
+            turn_start[turn_offsets[:-1][has_sys]] = s[has_sys]
+            turn_start[turn_offsets[:-1] + has_sys] = p
+            turn_start[turn_offsets[1:] - 1] = starts[1:] - 1
+            turn_start[-1] = len(pieces)
+            values, piece_offsets = pool.take(pieces)
+            content = (values, piece_offsets[turn_start])
         # every conversation needs an assistant turn (to_record refuses one without): such a batch goes row by row
+        asst = canon.index("assistant")
         has_asst = np.zeros(n, bool)
-        has_asst[np.repeat(np.arange(n), np.diff(turn_offsets))[codes == canon.index("assistant")]] = True
+        has_asst[np.repeat(rows, np.diff(turn_offsets))[codes == asst]] = True
         if not has_asst.all():
             raise _Fallback
-        out["content"] = _take(parts, order)
-        role_pool = _pool_of([pa.array(canon, pa.string())])
-        out["role"] = _take_pool(role_pool, codes)
+        out["content"] = content
+        roles_pool = _Pool()
+        base = roles_pool.add_raw(*_literals([c.encode() for c in canon]))
+        out["role"] = roles_pool.take(base + codes)
     cols_out = {"kind": np.full(n, kind, np.uint8), "has_lang": has_lang, "turn_offsets": turn_offsets}
     for name, (values, offsets) in out.items():
         cols_out[f"{name}_values"], cols_out[f"{name}_offsets"] = values, offsets
@@ -220,8 +251,6 @@ def _optional(cols: Mapping, fields: Mapping, canonical: str, candidates: tuple)
     """An optional string field (system prompt, alpaca input): the column (null where absent), or None where no
     row has it. A column of another type (where a truthy value is an error and a falsy one is skipped) is for
     the row-by-row path."""
-    import pyarrow as pa
-
     names = (fields[canonical],) if canonical in fields else candidates
     if len(names) != 1:
         raise _Fallback
@@ -239,7 +268,7 @@ def _conversation(lst, fields: Mapping, roles: Mapping[str, str], canon: list[st
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    offsets = np.asarray(lst.offsets).astype(np.int64)
+    offsets = _ints(lst.offsets)
     if np.any(offsets[1:] == offsets[:-1]):  # an empty conversation: an error
         raise _Fallback
     child = lst.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
@@ -253,86 +282,135 @@ def _conversation(lst, fields: Mapping, roles: Mapping[str, str], canon: list[st
     ck = fields.get("content") or ("content" if "content" in names else "value")
     if rk not in names or ck not in names:
         raise _Fallback
-    role = pc.struct_field(child, [names.index(rk)])
-    content = pc.struct_field(child, [names.index(ck)])
-    if (not _is_string(role.type) or not _is_string(content.type) or role.null_count or content.null_count):
+    role, content = child.field(names.index(rk)), child.field(names.index(ck))
+    if not _is_string(role.type) or not _is_string(content.type) or role.null_count or content.null_count:
         raise _Fallback
-    keys = list(roles)
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in roles.items()):
         raise _Fallback
+    keys = list(roles)
     for v in roles.values():
         if v not in canon:
             canon.append(v)
     lut = np.array([canon.index(roles[k]) for k in keys], np.int64)
-    found = pc.index_in(role, value_set=pa.array(keys, pa.string()))
+    found = pc.index_in(role, value_set=_string_array(*_literals([k.encode() for k in keys])))
     if found.null_count:  # a role the mapping does not know: an error
         raise _Fallback
-    return offsets, lut[found.to_numpy(zero_copy_only=False)], content
+    return offsets, lut[_ints(found)], content
 
 
-# ---- strings as (values, offsets) ----------------------------------------------------------------------------------
-def _lengths(arr) -> np.ndarray:
-    """Byte length of each value (0 where null) of a string array."""
-    import pyarrow.compute as pc
+# ---- arrays through their buffers ----------------------------------------------------------------------------------
+def _ints(arr) -> np.ndarray:
+    """An integer array without nulls as int64 numpy."""
+    dtype = _INT_TYPES.get(str(arr.type))
+    if dtype is None or arr.null_count:
+        raise _Fallback
+    buf = arr.buffers()[1]
+    return np.frombuffer(buf, dtype, count=len(arr), offset=arr.offset * dtype.itemsize).astype(np.int64)
 
-    return pc.fill_null(pc.binary_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+_INT_TYPES = {"int8": np.dtype(np.int8), "int16": np.dtype(np.int16), "int32": np.dtype(np.int32),
+              "int64": np.dtype(np.int64), "uint8": np.dtype(np.uint8), "uint16": np.dtype(np.uint16),
+              "uint32": np.dtype(np.uint32), "uint64": np.dtype(np.uint64)}
+
+
+def _valid(arr) -> np.ndarray:
+    """Whether each value is not null (from the validity bitmap)."""
+    n = len(arr)
+    bitmap = arr.buffers()[0]
+    if arr.null_count == 0 or bitmap is None:
+        return np.full(n, arr.null_count == 0)
+    bits = np.unpackbits(np.frombuffer(bitmap, np.uint8), bitorder="little")
+    return bits[arr.offset:arr.offset + n].astype(bool)
 
 
 def _raw(arr) -> tuple[np.ndarray, np.ndarray]:
     """(the data buffer as uint8, int64 offsets into it, one per value + 1) of a string array, no copy of the
-    data; a null value spans whatever its offsets say (callers fill or refuse nulls first)."""
+    data; a null value spans whatever its offsets say (callers never take one)."""
     import pyarrow as pa
 
-    if pa.types.is_string(arr.type):
-        width = 4
-    elif pa.types.is_large_string(arr.type):
-        width = 8
-    else:
+    width = 4 if pa.types.is_string(arr.type) else 8 if pa.types.is_large_string(arr.type) else 0
+    if not width:
         raise _Fallback
     bufs = arr.buffers()
-    n = len(arr)
     dtype = np.int32 if width == 4 else np.int64
-    offsets = np.frombuffer(bufs[1], dtype, count=n + 1, offset=arr.offset * width).astype(np.int64)
+    offsets = np.frombuffer(bufs[1], dtype, count=len(arr) + 1, offset=arr.offset * width).astype(np.int64)
     data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None and len(bufs[2]) else np.zeros(0, np.uint8)
     return data, offsets
 
 
-def _strings(arr) -> tuple[np.ndarray, np.ndarray]:
-    """A string array without nulls as a RecordBlock column: (uint8 values, int64 offsets from 0), copied."""
-    if arr.null_count:
-        raise _Fallback
-    data, offsets = _raw(arr)
-    values = data[offsets[0]:offsets[-1]].copy()
-    return values, offsets - offsets[0]
+def _lengths(arr) -> np.ndarray:
+    """Byte length of each value of a string array (whatever a null spans: callers mask nulls)."""
+    offsets = _raw(arr)[1]
+    return offsets[1:] - offsets[:-1]
 
 
-def _pool_of(parts: list) -> tuple[np.ndarray, np.ndarray]:
-    """Several string arrays as one column (values, offsets), in order: one take indexes them all."""
-    if len(parts) == 1:
-        return _raw(parts[0])
-    values, offsets, base = [], [np.zeros(1, np.int64)], 0
-    for p in parts:
-        data, off = _raw(p)
-        values.append(data[off[0]:off[-1]])
-        offsets.append(off[1:] - off[0] + base)
-        base += int(off[-1] - off[0])
-    return np.concatenate(values), np.concatenate(offsets)
+def _literals(items: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    values = np.frombuffer(b"".join(items), np.uint8) if any(items) else np.zeros(0, np.uint8)
+    return values, _cumsum(np.array([len(x) for x in items], np.int64))
 
 
-def _take_pool(pool: tuple[np.ndarray, np.ndarray], order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from ._core_loader import core
+def _string_array(values: np.ndarray, offsets: np.ndarray):
+    import pyarrow as pa
 
-    values, offsets = pool
-    return core._take_strings(np.ascontiguousarray(values), np.ascontiguousarray(offsets, np.int64),
-                              np.ascontiguousarray(order, np.int64), 1)
+    return pa.Array.from_buffers(pa.large_string(), len(offsets) - 1,
+                                 [None, pa.py_buffer(np.ascontiguousarray(offsets, np.int64)),
+                                  pa.py_buffer(np.ascontiguousarray(values, np.uint8))])
 
 
-def _take(parts: list, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The strings at ``order`` of the string arrays ``parts`` taken as one pool (nulls refused)."""
-    for p in parts:
-        if p.null_count:
-            raise _Fallback
-    return _take_pool(_pool_of(parts), order)
+def _numbered(prefix: bytes, first: int, n: int, suffix: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The strings prefix + str(first + k) + suffix for k < n, as (values, offsets)."""
+    nums = np.arange(first, first + n, dtype=np.int64)
+    nd = np.ones(n, np.int64)  # decimal digits of each number (all >= 0)
+    p = 10
+    while n and p <= int(nums[-1]):
+        nd += nums >= p
+        p *= 10
+    maxd = int(nd.max()) if n else 1
+    digits = (nums[:, None] // (10 ** np.arange(maxd - 1, -1, -1, dtype=np.int64))) % 10 + ord("0")
+    a, b = len(prefix), len(prefix) + maxd
+    grid = np.empty((n, b + len(suffix)), np.uint8)
+    grid[:, :a] = np.frombuffer(prefix, np.uint8)
+    grid[:, a:b] = digits
+    grid[:, b:] = np.frombuffer(suffix, np.uint8)
+    keep = np.ones(grid.shape, bool)
+    keep[:, a:b] = np.arange(maxd) >= (maxd - nd)[:, None]  # no leading zeros
+    return grid[keep], _cumsum(a + nd + len(suffix))
+
+
+class _Pool:
+    """Strings from several sources as one indexable column: ``add*`` return the index of the source's first
+    string; :meth:`take` gathers strings by index into a new column (values, offsets) in the core."""
+
+    def __init__(self) -> None:
+        self._values: list[np.ndarray] = []
+        self._offsets: list[np.ndarray] = [np.zeros(1, np.int64)]
+        self._count = 0
+        self._bytes = 0
+
+    def add(self, arr) -> int:
+        return self.add_raw(*_raw(arr))
+
+    def add_literal(self, s: bytes) -> int:
+        return self.add_raw(*_literals([s]))
+
+    def add_raw(self, data: np.ndarray, offsets: np.ndarray) -> int:
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        if lo < 0 or hi > len(data) or np.any(offsets[1:] < offsets[:-1]):
+            raise _Fallback  # offsets that do not fit their data (validate() refuses these already)
+        self._values.append(data[lo:hi])
+        self._offsets.append(offsets[1:] - lo + self._bytes)
+        self._bytes += hi - lo
+        at = self._count
+        self._count += len(offsets) - 1
+        return at
+
+    def take(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from ._core_loader import core
+
+        values = self._values[0] if len(self._values) == 1 else np.concatenate(self._values)
+        offsets = np.concatenate(self._offsets)
+        return core._take_strings(np.ascontiguousarray(values, np.uint8), offsets,
+                                  np.ascontiguousarray(order, np.int64), 1)
 
 
 def _cumsum(counts: np.ndarray) -> np.ndarray:
