@@ -335,3 +335,49 @@ def test_reading_parquet_does_not_import_pandas(tmp_path):
             "print('pandas' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, path, alpaca], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_large_types_slices_and_empty_files(tmp_path, monkeypatch):
+    """large_string / large_list columns, dictionary-encoded strings (read row by row), a file of no rows, alone
+    and beside another: the Python path's records or error."""
+    rows = chat_rows(300, seed=11)
+    t = pa.Table.from_pylist(rows)
+    large = t.cast(pa.schema([pa.field(f.name, _large(f.type)) for f in t.schema]))
+    seen = Counting(monkeypatch)
+    path = write_parquet(tmp_path / "large.parquet", large, row_group_size=70)
+    assert assert_same(make_src(path, limit=250))[0] == "ok"
+    assert seen.made >= 3 and seen.refused == 0
+    path = write_parquet(tmp_path / "dict.parquet", t, row_group_size=70)
+    src = make_src(path)
+    dict_batches = [b for _, b, _ in readers._parquet_batches(path)]
+    with monkeypatch.context() as mp:  # a reader that keeps dictionaries: such columns go row by row
+        mp.setattr(readers, "_parquet_batches", _dictionary_batches)
+        assert assert_same(src)[0] == "ok"
+    assert dict_batches and seen.refused >= 5
+    empty = write_parquet(tmp_path / "empty.parquet", t.slice(0, 0))
+    kind, block = assert_same(make_src(empty))  # no records (the read stage then names the empty source)
+    assert kind == "ok" and len(block) == 0
+    d = tmp_path / "two"
+    d.mkdir()
+    write_parquet(d / "a.parquet", t.slice(0, 0))
+    write_parquet(d / "b.parquet", t.slice(0, 5))
+    kind, block = assert_same(make_src(d))
+    assert kind == "ok" and len(block) == 5
+
+
+def _large(t):
+    if pa.types.is_string(t):
+        return pa.large_string()
+    if pa.types.is_list(t):
+        return pa.large_list(_large(t.value_type))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _large(f.type)) for f in t])
+    return t
+
+
+def _dictionary_batches(path):
+    pf = pq.ParquetFile(path, read_dictionary=["lang", "system"])
+    i = 0
+    for batch in pf.iter_batches(batch_size=8192):
+        yield i, batch, batch.to_pylist
+        i += batch.num_rows
