@@ -123,6 +123,17 @@ def reference(tmp_path_factory, tok_path, data_path):
     return root, os.path.join(root, "reference")
 
 
+def _output_files(d: str) -> dict:
+    """Every file of a build's output but its timings and markers, by relative path."""
+    out = {}
+    for base, _, names in os.walk(d):
+        for n in names:
+            if n not in ("build.json", "timings.json", ".mlmix-output"):
+                with open(os.path.join(base, n), "rb") as f:
+                    out[os.path.relpath(os.path.join(base, n), d)] = f.read()
+    return out
+
+
 @pytest.mark.parametrize("engine, workers", [("local", 2), ("ray", 1), ("ray", 2)])
 def test_every_stage_the_same_on_both_executors_with_1_and_2_workers(local_ray, tok_path, data_path, reference,
                                                                       engine, workers, monkeypatch):
@@ -156,16 +167,7 @@ def test_every_stage_the_same_on_both_executors_with_1_and_2_workers(local_ray, 
     assert want["engine"] == "local" and have["engine"] == engine
     assert got_text.replace(f'"engine": "{engine}"', '"engine": "local"') == want_text
 
-    def files(d: str) -> dict:
-        out = {}
-        for base, _, names in os.walk(d):
-            for n in names:
-                if n not in ("build.json", "timings.json", ".mlmix-output"):
-                    with open(os.path.join(base, n), "rb") as f:
-                        out[os.path.relpath(os.path.join(base, n), d)] = f.read()
-        return out
-
-    a, b = files(ref), files(got)
+    a, b = _output_files(ref), _output_files(got)
     assert sorted(a) == sorted(b) and "store/tokens-00001.bin" in a
     assert [k for k in a if a[k] != b[k]] == []
 
@@ -333,15 +335,6 @@ def test_the_same_rows_as_parquet_give_the_same_output(local_ray, tok_path, data
     else:
         mlmix.build(cfg, engine="ray", quiet=True, concurrency=workers)
 
-    def files(d: str) -> dict:
-        out = {}
-        for base, _, names in os.walk(d):
-            for n in names:
-                if n not in ("build.json", "timings.json", ".mlmix-output"):
-                    with open(os.path.join(base, n), "rb") as f:
-                        out[os.path.relpath(os.path.join(base, n), d)] = f.read()
-        return out
-
-    a, b = files(ref), files(cfg["output"])
+    a, b = _output_files(ref), _output_files(cfg["output"])
     assert sorted(a) == sorted(b) and "store/tokens-00001.bin" in a
     assert [k for k in a if a[k] != b[k]] == []

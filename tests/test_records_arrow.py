@@ -21,17 +21,7 @@ from mlmix.recblock import RecordBlock
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from test_records_native import make_src, native, reference, row, source_settings  # noqa: E402
-
-
-def assert_same(src, **kw):
-    want, got = reference(src), native(src, **kw)
-    assert want[0] == got[0], (want, got)
-    if want[0] == "ok":
-        assert got[1].equals(want[1]), (got[1].to_records()[:3], want[1].to_records()[:3])
-    else:
-        assert got[1] == want[1]
-    return want
+from test_records_native import assert_same, make_src, row, source_settings  # noqa: E402
 
 
 class Counting:
@@ -217,9 +207,7 @@ def test_hypothesis_python_accepts_are_fast(rows, kw):
     except Exception:
         return
     roles = {**readers._DEFAULT_ROLES, **src["roles"]}
-    got = _arrow_records.batch_block(batch, src, fmt_keys=(readers._MESSAGES_KEYS, readers._PROMPT_KEYS,
-                                                           readers._RESPONSE_KEYS),
-                                     roles=roles, id_prefix=readers.fallback_id(src, "f.parquet", 0)[:-1],
+    got = _arrow_records.batch_block(batch, src, roles=roles, id_prefix=readers.fallback_id(src, "f.parquet", 0)[:-1],
                                      where_prefix="f.parquet[row ", where_suffix="]", first=0)
     if got is None:
         # refused only for what the fast path does not take on: a non-string field type or one partly null

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ._shapes import MESSAGES_KEYS, PROMPT_KEYS, RESPONSE_KEYS, records_format
 from .recblock import CHAT, TEXT, RecordBlock
 
 __all__ = ["batch_block"]
@@ -28,13 +29,12 @@ class _Fallback(Exception):
     """This batch is for the row-by-row path."""
 
 
-def batch_block(batch, src: Mapping, *, fmt_keys: tuple, roles: Mapping[str, str], id_prefix: str,
+def batch_block(batch, src: Mapping, *, roles: Mapping[str, str], id_prefix: str,
                 where_prefix: str, where_suffix: str, first: int, take: int | None = None) -> RecordBlock | None:
     """The RecordBlock of the rows of ``batch`` (a ``pyarrow.RecordBatch``), or None where the row-by-row path
     must read them.
 
-    ``fmt_keys``: (messages keys, prompt keys, response keys) as :func:`mlmix.readers.to_record` looks them
-    up; ``roles``: the source's role mapping (defaults included); the row at index ``k`` of the batch is row
+    ``roles``: the source's role mapping (defaults included); the row at index ``k`` of the batch is row
     ``first + k`` of its file: its fallback id is ``id_prefix`` + that number, its location ``where_prefix`` +
     that number + ``where_suffix``; ``take``: only the first rows (a source's limit), the batch being checked
     whole, as the row-by-row path converts it whole.
@@ -52,12 +52,12 @@ def batch_block(batch, src: Mapping, *, fmt_keys: tuple, roles: Mapping[str, str
     if take is not None and take < batch.num_rows:
         batch = batch.slice(0, take)
     try:
-        return _block(batch, src, fmt_keys, roles, id_prefix, where_prefix, where_suffix, first)
+        return _block(batch, src, roles, id_prefix, where_prefix, where_suffix, first)
     except _Fallback:
         return None
 
 
-def _block(batch, src, fmt_keys, roles, id_prefix, where_prefix, where_suffix, first) -> RecordBlock:
+def _block(batch, src, roles, id_prefix, where_prefix, where_suffix, first) -> RecordBlock:
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -67,7 +67,6 @@ def _block(batch, src, fmt_keys, roles, id_prefix, where_prefix, where_suffix, f
         raise _Fallback
     cols = dict(zip(names, batch.columns))
     fields = src["fields"]
-    messages_keys, prompt_keys, response_keys = fmt_keys
     rows = np.arange(n, dtype=np.int64)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -103,16 +102,7 @@ def _block(batch, src, fmt_keys, roles, id_prefix, where_prefix, where_suffix, f
         else:
             raise _Fallback
 
-    fmt = src["records"]
-    if fmt == "auto":
-        if any(k in cols for k in messages_keys) or "messages" in fields:
-            fmt = "messages"
-        elif ("text" in fields or "text" in cols) and not any(k in cols for k in prompt_keys):
-            fmt = "text"
-        elif "instruction" in fields or "input" in cols:
-            fmt = "alpaca"
-        else:
-            fmt = "prompt_response"
+    fmt = records_format(src["records"], cols, fields)
 
     if fmt == "text":
         pool = _Pool()
@@ -133,7 +123,7 @@ def _block(batch, src, fmt_keys, roles, id_prefix, where_prefix, where_suffix, f
             has_sys = np.zeros(n, bool)
             at_sys = 0
         if fmt == "messages":
-            lst = _required(cols, fields, "messages", messages_keys, nested=True)
+            lst = _required(cols, fields, "messages", MESSAGES_KEYS, nested=True)
             offsets, role_codes, contents = _conversation(lst, fields, roles, canon)
             at = pool.add(contents)
             counts = np.diff(offsets)
@@ -152,11 +142,11 @@ def _block(batch, src, fmt_keys, roles, id_prefix, where_prefix, where_suffix, f
         else:
             if fmt == "alpaca":
                 prompt = _required(cols, fields, "instruction", ("instruction",))
-                response = _required(cols, fields, "output", ("output",) + response_keys)
+                response = _required(cols, fields, "output", ("output",) + RESPONSE_KEYS)
                 extra = _optional(cols, fields, "input", ("input",))
             else:
-                prompt = _required(cols, fields, "prompt", prompt_keys)
-                response = _required(cols, fields, "response", response_keys)
+                prompt = _required(cols, fields, "prompt", PROMPT_KEYS)
+                response = _required(cols, fields, "response", RESPONSE_KEYS)
                 extra = None
             at_p, at_r = pool.add(prompt), pool.add(response)
             # a turn is one string or several end to end: the user's is the prompt, then "\n\n" + input if given

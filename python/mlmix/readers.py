@@ -28,6 +28,7 @@ import zlib
 from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator, Mapping
 
 from ._deps import require
+from ._shapes import DEFAULT_ROLES, MESSAGES_KEYS, PROMPT_KEYS, RESPONSE_KEYS, records_format
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,11 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["expand_paths", "iter_raw", "iter_source", "iter_blocks", "to_record", "fallback_id", "record_text", "source_fingerprint"]
 
-_DEFAULT_ROLES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "user": "user",
-                  "assistant": "assistant", "system": "system", "tool": "tool"}
-_PROMPT_KEYS = ("prompt", "instruction", "question", "query")
-_RESPONSE_KEYS = ("response", "completion", "output", "answer", "chosen")
-_MESSAGES_KEYS = ("messages", "conversations", "conversation")
+_DEFAULT_ROLES, _PROMPT_KEYS, _RESPONSE_KEYS, _MESSAGES_KEYS = DEFAULT_ROLES, PROMPT_KEYS, RESPONSE_KEYS, MESSAGES_KEYS
 _JSONL_EXT = (".jsonl", ".json", ".ndjson")
 
 
@@ -509,16 +506,7 @@ def to_record(row: Mapping, src: Mapping, where: str, index: int, file: str | No
         lang = lang or None
     out: dict = {"id": str(rec_id), "lang": lang, "where": where}
 
-    if fmt == "auto":
-        if any(k in row for k in _MESSAGES_KEYS) or "messages" in fields:
-            fmt = "messages"
-        elif ("text" in fields or "text" in row) and not any(k in row for k in _PROMPT_KEYS):
-            fmt = "text"
-        elif "instruction" in fields or "input" in row:
-            fmt = "alpaca"
-        else:
-            fmt = "prompt_response"
-
+    fmt = records_format(fmt, row, fields)
     if fmt == "text":
         name, text = _get(row, fields, "text", ("text", "content"))
         if text is None:
@@ -693,9 +681,8 @@ def iter_blocks(src: Mapping, block_bytes: int = 16 << 20, *, num_threads: int =
 def _arrow_file_blocks(src: Mapping, path: str, kind: str, limit: int | None, count: int, block_bytes: int,
                        held: "_HeldBack") -> Generator[RecordBlock, None, tuple[int, bool]]:
     """The blocks of a Parquet file, a ``datasets`` directory or a hub dataset (``path`` its name), Arrow batch by
-    batch (mlmix._arrow_records):
-    columns straight from Arrow where the fast path vouches for a batch, else its rows through to_record.
-    Returns (records so far, whether the limit stopped the source)."""
+    batch: columns straight from Arrow where :mod:`mlmix._arrow_records` vouches for a batch, else its rows through
+    to_record. Returns (records so far, whether the limit stopped the source)."""
     from ._arrow_records import batch_block
     from .recblock import RecordBlock
 
@@ -710,7 +697,6 @@ def _arrow_file_blocks(src: Mapping, path: str, kind: str, limit: int | None, co
         where = (f"{path}[", "]")
     id_prefix = fallback_id(src, path, 0)[:-1]  # the fallback id of row 0 ends with its number, "0"
     roles = {**_DEFAULT_ROLES, **src["roles"]}
-    keys = (_MESSAGES_KEYS, _PROMPT_KEYS, _RESPONSE_KEYS)
     pending: list = []
     size = 0
     stop = False
@@ -721,7 +707,7 @@ def _arrow_file_blocks(src: Mapping, path: str, kind: str, limit: int | None, co
                 break
             continue
         take = None if limit is None or count + batch.num_rows <= limit else limit - count
-        block = batch_block(batch, src, fmt_keys=keys, roles=roles, id_prefix=id_prefix, where_prefix=where[0],
+        block = batch_block(batch, src, roles=roles, id_prefix=id_prefix, where_prefix=where[0],
                             where_suffix=where[1], first=first, take=take)
         if block is None:  # row by row: the Python path's records, or its error
             recs = [to_record(row, src, f"{where[0]}{first + k}{where[1]}", first + k, path)
