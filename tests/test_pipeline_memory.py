@@ -282,7 +282,8 @@ def test_langid_stage_in_chunks_equals_identify_over_all(tmp_path, override):
     out = tmp_path / "out"
     out.mkdir()
     stats = local.run_langid({"langid": lcfg}, path, str(out), BuildLog(quiet=True))
-    got = json.loads((out / "langs.json").read_text())
+    got = local.load_langs(str(out))
+    assert np.load(out / "langs.npy").dtype == np.uint16
 
     todo = [i for i, lang in enumerate(langs) if override or lang is None]
     found, _ = identify([texts[i] for i in todo], threshold=0.6, unknown="und")

@@ -202,19 +202,32 @@ def run_read(cfg: dict, out: str, log: BuildLog) -> dict:
 
 
 def run_langid(cfg: dict, records_dir: str, out: str, log: BuildLog, workers: int = 1) -> dict:
+    """Each record's language code (``out/langs.npy``: an index per record into ``out/lang_codes.json``, the
+    codes in order of first appearance) and whether it stays (``out/keep.npy``)."""
     lcfg = cfg["langid"]
-    langs: list[str] = []
+    table: dict[str, int] = {}
+    codes: list[np.ndarray] = []
     alive: list[np.ndarray] = []
     counts = None
     with log.bar("langid") as bar:
         for block in ordered_map(_label, _init_labeler, (lcfg,), block_paths(records_dir), workers):
-            langs += [sys.intern(x) for x in block["lang"]]
+            labels = block["lang"]
+            codes.append(np.fromiter((table.setdefault(x, len(table)) for x in labels), np.int64, len(labels)))
             alive.append(block["alive"])
             counts = s_langid.merge(counts, s_langid.count(block))
-            bar.update(len(block["lang"]))
-    s_write.write_json(os.path.join(out, "langs.json"), langs)
+            bar.update(len(labels))
+    dtype = np.uint16 if len(table) <= 1 << 16 else np.uint32
+    np.save(os.path.join(out, "langs.npy"), np.concatenate(codes).astype(dtype) if codes else np.zeros(0, dtype))
+    s_write.write_json(os.path.join(out, "lang_codes.json"), list(table))
     np.save(os.path.join(out, "keep.npy"), np.concatenate(alive) if alive else np.zeros(0, bool))
     return s_langid.finish(counts, lcfg)
+
+
+def load_langs(d: str) -> list[str]:
+    """The language code of every record from a langid stage output: one shared str per code."""
+    table = np.array([sys.intern(x) for x in s_write.read_json(os.path.join(d, "lang_codes.json"))],
+                     dtype=object)
+    return table[np.load(os.path.join(d, "langs.npy")).astype(np.int64)].tolist()
 
 
 class Ahead:
@@ -450,8 +463,7 @@ def run(cfg: dict, log: BuildLog, *, use_cache: bool = True, workers: int = 1) -
     k_lid = s_langid.key(k_read, cfg["langid"])
     d_lid, st_lid = cached_stage(cache, log, "langid", k_lid,
                                  lambda tmp: run_langid(cfg, records_path, tmp, log, workers), s_langid.summary, timings)
-    # one shared str per language code, not one per record (json makes a new str for every entry)
-    langs: list[str] = [sys.intern(lang) for lang in s_write.read_json(os.path.join(d_lid, "langs.json"))]
+    langs = load_langs(d_lid)
     alive = np.load(os.path.join(d_lid, "keep.npy"))
 
     d_tok, st_tok = cached_stage(cache, log, "tokenize", k_tok,

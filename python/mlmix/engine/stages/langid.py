@@ -14,7 +14,7 @@ from ... import readers
 from ...cache import stage_key
 from ..log import fmt_langs, rate
 
-VERSION = 1
+VERSION = 2  # 2: codes as an index per record (langs.npy) into lang_codes.json, not a JSON list
 
 
 def key(k_read: str, lcfg: Mapping) -> str:
