@@ -12,7 +12,10 @@ input (mlmix's is a fixed amount plus ~100-150 B per record: docs/memory.md).
 
     pytest bench/bench_pipeline.py                    # 4 and 16 MB of multilingual chat JSONL
     MLMIX_BENCH_FULL=1 pytest bench/bench_pipeline.py # 50 and 200 MB
-    python bench/bench_pipeline.py [--mb 8 --mb 32] [--only mlmix]   # prints a table
+    python bench/bench_pipeline.py [--mb 8 --mb 32] [--only mlmix] [--parquet]   # prints a table
+
+``--parquet`` (and ``test_pipeline_parquet``) gives both sides the same rows as one Parquet file (row groups of
+4,096), as datasets on the hub ship them: ``load_dataset("parquet")`` against mlmix's Arrow reader.
 
 Measured 2026-11-26 on the shared 2-core development machine (load average ~8-11 from other jobs, so wall
 times are noisy; CPU seconds are steadier; memory is not affected), Qwen BPE, seq_len 2048, both sides
@@ -82,6 +85,36 @@ def make_data(path: str, target_mb: float, seed: int = 0) -> dict:
     return {"records": n, "bytes": written}
 
 
+def to_parquet(path: str) -> str:
+    """The JSON lines at ``path`` as a Parquet file beside it (row groups of 4,096 rows); returns its path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = os.path.splitext(path)[0] + ".parquet"
+    writer = None
+    rows: list = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if len(rows) == 4096:
+                t = pa.Table.from_pylist(rows)
+                writer = writer or pq.ParquetWriter(out, t.schema)
+                writer.write_table(t)
+                rows = []
+    if rows:
+        t = pa.Table.from_pylist(rows)
+        writer = writer or pq.ParquetWriter(out, t.schema)
+        writer.write_table(t)
+    if writer is not None:
+        writer.close()
+    return out
+
+
+def _jsonl(data: str) -> str:
+    """The JSON lines a data file was made from (a Parquet file is written beside its JSON lines)."""
+    return os.path.splitext(data)[0] + ".jsonl" if data.endswith(".parquet") else data
+
+
 # ---- the variants (each run in a child process) ----------------------------------------------------
 def _mlmix_config(data: str, out: str, full: bool) -> dict:
     cfg = {
@@ -122,7 +155,7 @@ def run_mlmix_full(data: str, out: str) -> dict:
 def contents(data: str) -> list[str]:
     """The texts the tokenizer sees: every message's content."""
     out = []
-    with open(data, encoding="utf-8") as f:
+    with open(_jsonl(data), encoding="utf-8") as f:
         for line in f:
             out += [m["content"] for m in json.loads(line)["messages"]]
     return out
@@ -135,7 +168,7 @@ def text_bytes(data: str) -> int:
     """Bytes of the texts the tokenizer sees (computed in the parent: a child's peak memory stays its own)."""
     if data not in _TEXT_BYTES:  # streamed: the parent stays small (see _peak_mb)
         n = 0
-        with open(data, encoding="utf-8") as f:
+        with open(_jsonl(data), encoding="utf-8") as f:
             for line in f:
                 n += sum(len(m["content"].encode("utf-8")) for m in json.loads(line)["messages"])
         _TEXT_BYTES[data] = n
@@ -170,7 +203,8 @@ def run_hf(data: str, out: str) -> dict:
     tok = PreTrainedTokenizerFast(tokenizer_object=qwen_tokenizer("qwen"), eos_token="<|im_end|>",
                                   pad_token="<|endoftext|>")
     tok.chat_template = CHATML_GENERATION
-    ds = datasets.load_dataset("json", data_files=data, split="train", cache_dir=os.path.join(out, "hf_cache"))
+    ds = datasets.load_dataset("parquet" if data.endswith(".parquet") else "json", data_files=data, split="train",
+                               cache_dir=os.path.join(out, "hf_cache"))
 
     def encode(batch):
         enc = tok.apply_chat_template(batch["messages"], tokenize=True, return_dict=True,
@@ -286,6 +320,27 @@ def test_pipeline_end_to_end(benchmark, data_dir, results, size_mb, variant):
               f"{s1:g} MB ({growth:+.2f} MB per MB of input)")
 
 
+@pytest.mark.parametrize("variant", ["hf", "mlmix"])
+def test_pipeline_parquet(benchmark, data_dir, results, variant):
+    """The smaller size's rows as one Parquet file, for both sides."""
+    pytest.importorskip("pyarrow")
+    dataset = _dataset(data_dir, SIZES_MB[0])
+    if "parquet" not in dataset:
+        dataset["parquet"] = to_parquet(dataset["path"])
+    res = benchmark.pedantic(measure, args=(variant, dataset["parquet"]), rounds=1, iterations=1)
+    results[("parquet", variant)] = res
+    benchmark.extra_info.update({
+        "variant": variant, "input": "parquet", "jsonl_mb": round(dataset["bytes"] / 1e6, 1),
+        "parquet_mb": round(os.path.getsize(dataset["parquet"]) / 1e6, 1), "records": dataset["records"],
+        "seconds": round(res["seconds"], 2), "peak_rss_mb": round(res["peak_rss_mb"], 1), "cpu_s": round(res["cpu_s"], 2),
+        "tokens": res["tokens"], "sequences": res["sequences"]})
+    hf, ml = results.get(("parquet", "hf")), results.get(("parquet", "mlmix"))
+    if hf and ml:
+        assert hf["tokens"] == ml["tokens"]  # the same rows, the same tokens on both sides
+        benchmark.extra_info["speedup_vs_hf"] = round(hf["seconds"] / ml["seconds"], 2)
+        benchmark.extra_info["memory_ratio_vs_hf"] = round(ml["peak_rss_mb"] / hf["peak_rss_mb"], 2)
+
+
 KERNEL_SIZE_MB = 50.0 if FULL else 8.0
 
 
@@ -366,6 +421,7 @@ if __name__ == "__main__":
     ap.add_argument("--only", choices=tuple(VARIANTS), help="run one variant only")
     ap.add_argument("--kernel", action="store_true",
                     help="the build against the native encoder on the same texts, and on 1 vs 2 cores")
+    ap.add_argument("--parquet", action="store_true", help="both sides read the rows as one Parquet file")
     ap.add_argument("--repeat", type=int, default=1,
                     help="--kernel: runs of each variant, taken in turn; each row is its fastest run (the peak: "
                          "the largest); HF runs once")
@@ -402,7 +458,10 @@ if __name__ == "__main__":
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "chat.jsonl")
             info = make_data(path, mb)
-            print(f"{info['bytes'] / 1e6:.1f} MB, {info['records']:,} conversations in 12 languages", flush=True)
+            if args.parquet:
+                path = to_parquet(path)
+            print(f"{info['bytes'] / 1e6:.1f} MB, {info['records']:,} conversations in 12 languages"
+                  + (f", as Parquet ({os.path.getsize(path) / 1e6:.1f} MB)" if args.parquet else ""), flush=True)
             rows = {v: measure(v, path) for v in variants}
         for v, r in rows.items():
             print(f"  {v:<6} {r['seconds']:8.1f} s  cpu {r['cpu_s']:7.1f} s  {info['bytes'] / 1e6 / r['seconds']:6.2f} MB/s  "
