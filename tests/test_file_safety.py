@@ -361,3 +361,39 @@ def test_inspect_and_report_on_a_malformed_output_say_which_file(tmp_path, token
     for cmd in ("inspect", "report"):
         rc, err = run_cli(capsys, cmd, str(out))
         assert rc == 1 and name in err and "Traceback" not in err, err
+
+
+def test_a_downloaded_parquet_dataset_folder_builds_and_stays_untouched(tmp_path, tokenizer, capsys):
+    """A dataset folder as the hub ships it (train/test shards of ShareGPT rows without ids, a README, a
+    .gitattributes, huggingface_hub's hidden .cache with its own copy), read with the source settings left at
+    their defaults, by directory and by glob; the folder is byte for byte the same afterwards. A shard that is a
+    Git LFS pointer (a clone without git-lfs) is a clear error naming it."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    root = tmp_path / "proj"
+    data = root / "data"
+    rows = [{"conversations": [{"from": "human", "value": r["instruction"]}, {"from": "gpt", "value": r["response"]}],
+             "language": r["lang"]} for r in parallel_rows(2)]
+    os.makedirs(data / ".cache" / "huggingface")
+    half = len(rows) // 2
+    pq.write_table(pa.Table.from_pylist(rows[:half]), data / "train-00000-of-00002.parquet", row_group_size=7)
+    pq.write_table(pa.Table.from_pylist(rows[half:]), data / "train-00001-of-00002.parquet", row_group_size=7)
+    pq.write_table(pa.Table.from_pylist(rows[:3]), data / ".cache" / "huggingface" / "train.parquet")
+    _write_text(str(data / "README.md"), "---\nlicense: mit\n---\n# a dataset\n")
+    _write_text(str(data / ".gitattributes"), "*.parquet filter=lfs diff=lfs merge=lfs -text\n")
+    before = tree(root)
+    # the folder also holds the project's own en/ru JSON lines (as many rows again); the hidden .cache is skipped
+    for source, records in (("data", 2 * len(rows)), ("data/train-*.parquet", len(rows))):
+        cfg = project(str(root), tokenizer, source=source)
+        before = tree(root, skip=("runs",))
+        rc, err = run_cli(capsys, "build", cfg)
+        assert rc == 0, err
+        with open(root / "runs" / "a" / "build.json") as f:
+            assert json.load(f)["stages"]["read"]["records"] == records
+        assert tree(root, skip=("runs",)) == before
+    _write_text(str(data / "train-00001-of-00002.parquet"),
+                "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 12345\n")
+    before = tree(root, skip=("runs",))
+    rc, err = run_cli(capsys, "build", cfg)
+    assert rc == 1 and "train-00001-of-00002.parquet: not a readable Parquet file" in err, err
+    assert tree(root, skip=("runs",)) == before
