@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from mlmix import _arrow_records, readers
+from mlmix._shapes import roles_of
 from mlmix.recblock import RecordBlock
 
 pa = pytest.importorskip("pyarrow")
@@ -206,7 +207,7 @@ def test_hypothesis_python_accepts_are_fast(rows, kw):
                                          for i, r in enumerate(batch.to_pylist())])
     except Exception:
         return
-    roles = {**readers._DEFAULT_ROLES, **src["roles"]}
+    roles = roles_of(src)
     got = _arrow_records.batch_block(batch, src, roles=roles, id_prefix=readers.fallback_id(src, "f.parquet", 0)[:-1],
                                      where_prefix="f.parquet[row ", where_suffix="]", first=0)
     if got is None:

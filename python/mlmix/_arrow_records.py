@@ -72,15 +72,17 @@ def _block(batch, src, roles, id_prefix, where_prefix, where_suffix, first) -> R
 
     # the id, language and location of every row
     given = cols.get(src["id_field"])
-    fallback = _numbered(id_prefix.encode(), first, n, b"")
     if given is None or pa.types.is_null(given.type):
-        out["id"] = fallback
+        out["id"] = _numbered(id_prefix.encode(), first, n, b"")
     elif _is_string(given.type) or pa.types.is_integer(given.type):
         ids = given if _is_string(given.type) else pc.cast(given, pa.string())  # decimal, as str() writes ints
         pool = _Pool()
         at = pool.add(ids)
-        back = pool.add_raw(*fallback)
-        out["id"] = pool.take(np.where(_valid(ids), at + rows, back + rows))
+        if ids.null_count:  # rows without an id get their fallback id
+            back = pool.add_raw(*_numbered(id_prefix.encode(), first, n, b""))
+            out["id"] = pool.take(np.where(_valid(ids), at + rows, back + rows))
+        else:
+            out["id"] = pool.take(at + rows)
     else:  # str() of a float, bool, list... as Python writes it
         raise _Fallback
     out["where"] = _numbered(where_prefix.encode(), first, n, where_suffix.encode())

@@ -15,6 +15,11 @@ RESPONSE_KEYS = ("response", "completion", "output", "answer", "chosen")
 MESSAGES_KEYS = ("messages", "conversations", "conversation")
 
 
+def roles_of(src: Mapping) -> dict:
+    """A source's role mapping: the defaults, then the source's own ``roles``."""
+    return {**DEFAULT_ROLES, **src["roles"]}
+
+
 def records_format(fmt: str, keys: Container[str], fields: Mapping) -> str:
     """The records format of a row with these keys (a dict, or a batch's column names) where ``fmt`` is "auto"."""
     if fmt != "auto":

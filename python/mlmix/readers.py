@@ -28,7 +28,7 @@ import zlib
 from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator, Mapping
 
 from ._deps import require
-from ._shapes import DEFAULT_ROLES, MESSAGES_KEYS, PROMPT_KEYS, RESPONSE_KEYS, records_format
+from ._shapes import MESSAGES_KEYS, PROMPT_KEYS, RESPONSE_KEYS, records_format, roles_of
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 __all__ = ["expand_paths", "iter_raw", "iter_source", "iter_blocks", "to_record", "fallback_id", "record_text", "source_fingerprint"]
 
-_DEFAULT_ROLES, _PROMPT_KEYS, _RESPONSE_KEYS, _MESSAGES_KEYS = DEFAULT_ROLES, PROMPT_KEYS, RESPONSE_KEYS, MESSAGES_KEYS
 _JSONL_EXT = (".jsonl", ".json", ".ndjson")
 
 
@@ -497,7 +496,7 @@ def to_record(row: Mapping, src: Mapping, where: str, index: int, file: str | No
     row's line number or row index in that file) make the id of a row without one (:func:`fallback_id`).
     """
     fields = src["fields"]
-    roles = {**_DEFAULT_ROLES, **src["roles"]}
+    roles = roles_of(src)
     fmt = src["records"]
     rec_id = row.get(src["id_field"])
     if rec_id is None:
@@ -524,7 +523,7 @@ def to_record(row: Mapping, src: Mapping, where: str, index: int, file: str | No
     if system:
         messages.append({"role": "system", "content": _as_text(system, where, sys_name)})
     if fmt == "messages":
-        name, conv = _get(row, fields, "messages", _MESSAGES_KEYS)
+        name, conv = _get(row, fields, "messages", MESSAGES_KEYS)
         if not isinstance(conv, list) or not conv:
             raise ValueError(f"{where}: field {name or 'messages'!r} must be a non-empty list of messages, got {conv!r:.80}")
         role_key = fields.get("role")
@@ -546,11 +545,11 @@ def to_record(row: Mapping, src: Mapping, where: str, index: int, file: str | No
     else:
         if fmt == "alpaca":
             p_name, prompt = _get(row, fields, "instruction", ("instruction",))
-            r_name, response = _get(row, fields, "output", ("output",) + _RESPONSE_KEYS)
+            r_name, response = _get(row, fields, "output", ("output",) + RESPONSE_KEYS)
             i_name, extra = _get(row, fields, "input", ("input",))
         else:
-            p_name, prompt = _get(row, fields, "prompt", _PROMPT_KEYS)
-            r_name, response = _get(row, fields, "response", _RESPONSE_KEYS)
+            p_name, prompt = _get(row, fields, "prompt", PROMPT_KEYS)
+            r_name, response = _get(row, fields, "response", RESPONSE_KEYS)
             i_name, extra = None, None
         if prompt is None or response is None:
             missing = "a prompt" if prompt is None else "a response"
@@ -701,7 +700,7 @@ def _arrow_file_blocks(src: Mapping, path: str, kind: str, limit: int | None, co
         batches = _table_batches(_hf_disk_table(path, src.get("split")))
         where = (f"{path}[", "]")
     id_prefix = fallback_id(src, path, 0)[:-1]  # the fallback id of row 0 ends with its number, "0"
-    roles = {**_DEFAULT_ROLES, **src["roles"]}
+    roles = roles_of(src)
     pending: list = []
     size = 0
     stop = False
@@ -758,7 +757,7 @@ def _native_settings(src: Mapping) -> dict | None:
     """The per-source arguments of the C++ reader, or None where the Python path must read the source (settings
     to_record would read another way, or strings that are not valid Unicode)."""
     try:
-        fields, roles = src["fields"], {**_DEFAULT_ROLES, **src["roles"]}
+        fields, roles = src["fields"], roles_of(src)
         records, id_field = src["records"], src["id_field"]
         if "lang" in src:
             lang_field, lang = None, src["lang"]

@@ -96,7 +96,7 @@ def _first_seen(values: np.ndarray, name) -> Counter:
     uniq, first, counts = np.unique(values, return_index=True, return_counts=True)
     out: Counter = Counter()
     for k in np.argsort(first, kind="stable").tolist():
-        out[name(uniq[k].item() if hasattr(uniq[k], "item") else uniq[k])] = int(counts[k])
+        out[name(uniq[k].item())] = int(counts[k])
     return out
 
 
