@@ -26,6 +26,10 @@ pyarrow's ``to_pylist`` alone (the rows as dicts, nothing more: the floor of any
   parquet_mlmix_blocks     RecordBlock columns from readers.iter_blocks(src)
 
 MB/s there are of the JSON lines the rows came from (the same text), so both tables read alike.
+
+Sources with a ``where`` filter (``{"lang": "en"}``: about one row in fifteen kept; every row is still parsed) are
+read the same ways, the filter tested in Python (``iter_source``, what mlmix did before) or by the readers
+(the C++ JSON lines reader, the Arrow columns): test_summary_where_interleaved.
 """
 
 from __future__ import annotations
@@ -240,4 +244,46 @@ def test_summary_parquet_interleaved(parquet_data, capsys):
         for name in variants:
             w = mb / wall[name]
             print(f"  {name:24s} wall {w:8.2f} MB/s {w / base:6.2f}x  {len(ref) / wall[name]:12,.0f} records/s")
+    assert all(v > 0 for v in wall.values())
+
+
+# ---- where filters ------------------------------------------------------------------------------------------------
+WHERE = {"lang": "en"}
+
+
+def test_summary_where_interleaved(data, parquet_data, capsys):
+    """Filtered sources, JSON lines and Parquet: the filter tested per row in Python (iter_source) against the
+    readers' own test; once per round, in turn, best of the rounds. Also checks that both give the same records."""
+    from mlmix import readers
+    from mlmix.recblock import RecordBlock
+
+    jsrc, psrc = dict(data["src"], where=WHERE), dict(parquet_data["src"], where=WHERE)
+
+    def blocks(src, threads=0):
+        return lambda: RecordBlock.concat(list(readers.iter_blocks(src, num_threads=threads)))
+
+    variants = {
+        "jsonl_python_where": lambda: RecordBlock.from_records(list(readers.iter_source(jsrc))),
+        "jsonl_mlmix_where[1]": blocks(jsrc, 1),
+        "jsonl_mlmix_where[2]": blocks(jsrc, 2),
+        "parquet_python_where": lambda: RecordBlock.from_records(list(readers.iter_source(psrc))),
+        "parquet_mlmix_where": blocks(psrc),
+    }
+    for a, b in (("jsonl_python_where", "jsonl_mlmix_where[2]"), ("parquet_python_where", "parquet_mlmix_where")):
+        ref = variants[a]()
+        assert len(ref) and variants[b]().equals(ref), b
+    rounds = int(os.environ.get("MLMIX_BENCH_ROUNDS", "3"))
+    wall = {name: float("inf") for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            w0 = time.perf_counter()
+            fn()
+            wall[name] = min(wall[name], time.perf_counter() - w0)
+    mb = data["bytes"] / 1e6
+    with capsys.disabled():
+        print(f"\n{mb:.1f} MB of chat rows filtered by where={WHERE} ({len(ref)} records kept), {os.cpu_count()} "
+              f"cores, best of {rounds} interleaved rounds; MB/s of the JSON lines; ratios to the Python filter")
+        for name in variants:
+            base = wall["jsonl_python_where" if name.startswith("jsonl") else "parquet_python_where"]
+            print(f"  {name:24s} wall {mb / wall[name]:8.2f} MB/s {base / wall[name]:6.2f}x")
     assert all(v > 0 for v in wall.values())

@@ -72,7 +72,8 @@ class HeldBuffer {
 py::dict records_from_jsonl(const py::object& data, int64_t first_line, const std::string& records,
                             const py::dict& fields, const py::dict& roles, const std::string& id_field,
                             const py::object& lang_field, const py::object& lang, const std::string& id_prefix,
-                            const std::string& where_prefix, int max_depth, int num_threads) {
+                            const std::string& where_prefix, const py::list& where, int max_depth,
+                            int num_threads) {
   RecordOptions opt;
   opt.format = format_of(records);
   set_fields(opt, fields);
@@ -87,6 +88,33 @@ py::dict records_from_jsonl(const py::object& data, int64_t first_line, const st
   }
   opt.id_prefix = id_prefix;
   opt.where_prefix = where_prefix;
+  for (auto item : where) {
+    // (key, kind, value): kind "none", "str" (value the str), "int" (value str(int)) or "bool" (value "1" / "0")
+    const auto term = item.cast<py::tuple>();
+    MLMIX_CHECK(term.size() == 3, "where terms must be (key, kind, value) tuples, got " << term.size() << " items");
+    WhereTerm w;
+    w.key = str_of(term[0], "a where key");
+    const std::string kind = str_of(term[1], "a where kind");
+    w.text = str_of(term[2], "a where value");
+    if (kind == "none") {
+      w.kind = WhereTerm::Kind::kNone;
+    } else if (kind == "str") {
+      w.kind = WhereTerm::Kind::kString;
+    } else if (kind == "int") {
+      w.kind = WhereTerm::Kind::kInt;
+      bool ok = !w.text.empty() && w.text != "-";
+      for (size_t i = w.text[0] == '-' ? 1 : 0; ok && i < w.text.size(); ++i) ok = w.text[i] >= '0' && w.text[i] <= '9';
+      ok = ok && (w.text == "0" || (w.text[w.text[0] == '-' ? 1 : 0] != '0')) && w.text != "-0";
+      MLMIX_CHECK(ok, "a where int must be written as str(int) writes it, got '" << w.text << "'");
+    } else if (kind == "bool") {
+      MLMIX_CHECK(w.text == "1" || w.text == "0", "a where bool must be '1' or '0', got '" << w.text << "'");
+      w.kind = WhereTerm::Kind::kBool;
+      w.flag = w.text == "1";
+    } else {
+      throw py::value_error("a where kind must be 'none', 'str', 'int' or 'bool', got '" + kind + "'");
+    }
+    opt.where.push_back(std::move(w));
+  }
   opt.max_depth = max_depth;
   opt.num_threads = num_threads;
 
@@ -185,10 +213,12 @@ py::array read_spans_py(int fd, int64_t base, int64_t file_items, const py::arra
 void bind_records(py::module_& m) {
   m.def("_records_from_jsonl", &records_from_jsonl, py::arg("data"), py::arg("first_line"), py::arg("records"),
         py::arg("fields"), py::arg("roles"), py::arg("id_field"), py::arg("lang_field"), py::arg("lang"),
-        py::arg("id_prefix"), py::arg("where_prefix"), py::arg("max_depth") = kMaxDepth, py::arg("num_threads") = 0,
+        py::arg("id_prefix"), py::arg("where_prefix"), py::arg("where") = py::list(),
+        py::arg("max_depth") = kMaxDepth, py::arg("num_threads") = 0,
         "RecordBlock columns (dict of arrays, plus 'line' per record, the hand-backs 'handback_line', "
         "'handback_begin', 'handback_end' and the number of 'lines' read) of whole JSON lines (a bytes-like "
-        "object that must not change during the call): see mlmix.readers.iter_blocks.");
+        "object that must not change during the call), rows failing the where terms (key, kind, value) left out: "
+        "see mlmix.readers.iter_blocks.");
   m.def("_record_texts", &record_texts_py, py::arg("kind"), py::arg("turn_offsets"), py::arg("role_values"),
         py::arg("role_offsets"), py::arg("content_values"), py::arg("content_offsets"), py::arg("num_threads") = 0,
         "(values uint8, offsets int64): each record's text: see mlmix.recblock.RecordBlock.text_column.");

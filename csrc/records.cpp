@@ -535,6 +535,11 @@ class RecordMaker {
     *line_end = parser_.line_end();
     if (parser_.node(0).type != kObject) return false;
     row_.load(parser_, 0);
+    if (!opt_.where.empty()) {
+      const Match m = matches();
+      if (m == Match::kNo) return true;  // filtered out: nothing written, nothing handed back
+      if (m == Match::kHandBack) return false;
+    }
     if (!plan()) return false;
     write(lineno, out);
     return true;
@@ -591,6 +596,52 @@ class RecordMaker {
   }
 
   bool is_string(int64_t v) const { return v != kNone && node(v).type == kString; }
+
+  enum class Match { kNo, kYes, kHandBack };
+
+  // An int node's value as Python's str() writes it: JSON's digits, but "-0" is 0.
+  std::string_view int_digits(const Node& nd) const {
+    const std::string_view d(reinterpret_cast<const char*>(parser_.base() + nd.begin), nd.end - nd.begin);
+    return d == "-0" ? std::string_view("0") : d;
+  }
+
+  // `row.get(term.key) == value` as Python computes it (json.loads's values: None, bool, int, float, str, list,
+  // dict); kHandBack where Python compares a float (with an int or a bool: exact comparisons best left to it).
+  Match compare(const WhereTerm& term) {
+    using Kind = WhereTerm::Kind;
+    const int64_t v = row_.find(term.key);
+    const NodeType t = v == kNone ? kNull : node(v).type;
+    if (t == kNull) return term.kind == Kind::kNone ? Match::kYes : Match::kNo;
+    switch (term.kind) {
+      case Kind::kNone:
+        return Match::kNo;
+      case Kind::kString:
+        return t == kString && string_value(v, scratch_) == term.text ? Match::kYes : Match::kNo;
+      case Kind::kInt:
+      case Kind::kBool: {
+        // True == 1 and False == 0 in Python, either way round
+        const std::string_view want = term.kind == Kind::kInt ? std::string_view(term.text)
+                                                                : (term.flag ? std::string_view("1") : "0");
+        if (t == kTrue || t == kFalse) return want == (t == kTrue ? "1" : "0") ? Match::kYes : Match::kNo;
+        if (t == kInt) return int_digits(node(v)) == want ? Match::kYes : Match::kNo;
+        if (t == kFloat) return Match::kHandBack;
+        return Match::kNo;  // a str, list or dict never equals a number
+      }
+    }
+    return Match::kHandBack;
+  }
+
+  // all(row.get(k) == v for k, v in where): == never raises on json.loads's values, so one term that fails
+  // decides, whatever the order; else a term Python must decide hands the row back.
+  Match matches() {
+    Match out = Match::kYes;
+    for (const WhereTerm& term : opt_.where) {
+      const Match m = compare(term);
+      if (m == Match::kNo) return Match::kNo;
+      if (m == Match::kHandBack) out = Match::kHandBack;
+    }
+    return out;
+  }
 
   // A string node's decoded value; a view into the line where it has no escapes.
   std::string_view string_value(int64_t v, std::string& scratch) const {

@@ -26,6 +26,17 @@ inline constexpr uint8_t kChat = 1;
 // The nesting the reader handles itself: readers.py refuses lines nested deeper than 512 levels.
 inline constexpr int kMaxDepth = 512;
 
+// One term of a source's `where` filter: the row's field `key` must equal (Python's ==) a value that is None, a
+// str (`text`, UTF-8), an int (`text`: its decimal digits as Python's str() writes them) or a bool (`flag`).
+// Values of other types (floats, lists, dicts) have no native test: the caller reads such sources in Python.
+struct WhereTerm {
+  enum class Kind : uint8_t { kNone, kString, kInt, kBool };
+  std::string key;
+  Kind kind = Kind::kNone;
+  std::string text;
+  bool flag = false;
+};
+
 // How a source's rows become records (to_record's `src`), with Python's defaults.
 struct RecordOptions {
   RecordFormat format = RecordFormat::kAuto;
@@ -44,6 +55,10 @@ struct RecordOptions {
   // where_prefix + its line number ("path:" for "path:17").
   std::string id_prefix;
   std::string where_prefix;
+  // The source's filter (readers.iter_source's _matches): a row failing a term is skipped as a blank line is (it
+  // gives no record and is not handed back); a row where a term needs Python to decide (a float field compared
+  // with an int or a bool) is handed back, and the caller applies the filter to it.
+  std::vector<WhereTerm> where;
   // Lines nested deeper than this are handed back (at most kMaxDepth; the caller lowers it where Python's
   // recursion limit would stop json.loads first).
   int max_depth = kMaxDepth;
@@ -74,7 +89,8 @@ struct RecordColumns {
 
 // Reads `size` bytes of whole JSON lines (split at "\n" only, as Python's binary line iteration does; the last
 // line may lack its "\n"); the first line has number `first_line`. Blank lines (only whitespace that Python's
-// str.strip() removes, ASCII) give nothing; every other line gives one record or is handed back.
+// str.strip() removes, ASCII) and rows the `where` filter drops give nothing; every other line gives one record
+// or is handed back.
 RecordColumns read_json_lines(const uint8_t* data, size_t size, int64_t first_line, const RecordOptions& options);
 
 // The text of each record of a RecordBlock (readers.record_text): a text record's one turn, a chat record's

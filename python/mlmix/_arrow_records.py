@@ -22,42 +22,59 @@ import numpy as np
 from ._shapes import MESSAGES_KEYS, PROMPT_KEYS, RESPONSE_KEYS, records_format
 from .recblock import CHAT, TEXT, RecordBlock
 
-__all__ = ["batch_block"]
+__all__ = ["batch_block", "convertible", "where_rows"]
 
 
 class _Fallback(Exception):
     """This batch is for the row-by-row path."""
 
 
-def batch_block(batch, src: Mapping, *, roles: Mapping[str, str], id_prefix: str,
-                where_prefix: str, where_suffix: str, first: int, take: int | None = None) -> RecordBlock | None:
+def convertible(batch) -> bool:
+    """Whether ``batch.to_pylist()`` (what the row-by-row path does to every batch) is sure to succeed: every column
+    of a type it converts without fail, and valid (every string valid UTF-8)."""
+    import pyarrow as pa
+
+    if not all(_plain(f.type) for f in batch.schema):
+        return False
+    try:
+        batch.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def batch_block(batch, src: Mapping, *, roles: Mapping[str, str], id_prefix: str, where_prefix: str,
+                where_suffix: str, first: int, take: int | None = None,
+                select: np.ndarray | None = None) -> RecordBlock | None:
     """The RecordBlock of the rows of ``batch`` (a ``pyarrow.RecordBatch``), or None where the row-by-row path
     must read them.
 
     ``roles``: the source's role mapping (defaults included); the row at index ``k`` of the batch is row
     ``first + k`` of its file: its fallback id is ``id_prefix`` + that number, its location ``where_prefix`` +
-    that number + ``where_suffix``; ``take``: only the first rows (a source's limit), the batch being checked
-    whole, as the row-by-row path converts it whole.
+    that number + ``where_suffix``; ``select``: the indices (increasing) of the rows to read (a source's ``where``
+    filter; None: every row); ``take``: only the first of those (a source's limit). The batch is checked whole, as
+    the row-by-row path converts it whole.
     """
-    import pyarrow as pa
-
     # to_pylist converts every column of the batch and fails on any invalid UTF-8 (in any column): the fast path
     # takes only a batch it would convert
-    if not all(_plain(f.type) for f in batch.schema):
+    if not convertible(batch):
         return None
+    rows = np.arange(batch.num_rows, dtype=np.int64) if select is None else np.asarray(select, np.int64)
+    if take is not None:
+        rows = rows[:take]
+    if len(rows) < batch.num_rows:
+        if len(rows) and int(rows[-1]) - int(rows[0]) + 1 == len(rows):  # a run: a slice, no copy
+            batch = batch.slice(int(rows[0]), len(rows))
+        else:
+            batch = batch.take(_int64_array(rows))
     try:
-        batch.validate(full=True)
-    except pa.ArrowInvalid:
-        return None
-    if take is not None and take < batch.num_rows:
-        batch = batch.slice(0, take)
-    try:
-        return _block(batch, src, roles, id_prefix, where_prefix, where_suffix, first)
+        return _block(batch, src, roles, id_prefix, where_prefix, where_suffix, first + rows)
     except _Fallback:
         return None
 
 
-def _block(batch, src, roles, id_prefix, where_prefix, where_suffix, first) -> RecordBlock:
+def _block(batch, src, roles, id_prefix, where_prefix, where_suffix, numbers: np.ndarray) -> RecordBlock:
+    """The block of a batch whose row ``k`` is row ``numbers[k]`` of its file."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -73,19 +90,19 @@ def _block(batch, src, roles, id_prefix, where_prefix, where_suffix, first) -> R
     # the id, language and location of every row
     given = cols.get(src["id_field"])
     if given is None or pa.types.is_null(given.type):
-        out["id"] = _numbered(id_prefix.encode(), first, n, b"")
+        out["id"] = _numbered(id_prefix.encode(), numbers, b"")
     elif _is_string(given.type) or pa.types.is_integer(given.type):
         ids = given if _is_string(given.type) else pc.cast(given, pa.string())  # decimal, as str() writes ints
         pool = _Pool()
         at = pool.add(ids)
         if ids.null_count:  # rows without an id get their fallback id
-            back = pool.add_raw(*_numbered(id_prefix.encode(), first, n, b""))
+            back = pool.add_raw(*_numbered(id_prefix.encode(), numbers, b""))
             out["id"] = pool.take(np.where(_valid(ids), at + rows, back + rows))
         else:
             out["id"] = pool.take(at + rows)
     else:  # str() of a float, bool, list... as Python writes it
         raise _Fallback
-    out["where"] = _numbered(where_prefix.encode(), first, n, where_suffix.encode())
+    out["where"] = _numbered(where_prefix.encode(), numbers, where_suffix.encode())
     pool = _Pool()
     if "lang" in src:
         lang = src["lang"]
@@ -290,7 +307,91 @@ def _conversation(lst, fields: Mapping, roles: Mapping[str, str], canon: list[st
     return offsets, lut[_ints(found)], content
 
 
+# ---- where filters -------------------------------------------------------------------------------------------------
+def where_rows(batch, where: Mapping) -> np.ndarray | None:
+    """The indices of the rows of ``batch`` whose ``to_pylist`` dict ``row`` passes ``all(row.get(k) == v for k, v in
+    where.items())`` (readers.iter_source's filter), computed on the columns; None where that takes Python's
+    comparison itself: a value other than None, str, int or bool, a column other than null, bool, integer or
+    string compared with anything but None, a name the batch has twice."""
+    names = batch.schema.names
+    n = batch.num_rows
+    keep = np.ones(n, bool)
+    undecided = False
+    for k, v in where.items():
+        got = _where_mask(batch, names, k, v) if type(k) is str else None
+        if got is None:
+            undecided = True
+        else:
+            keep &= got
+    if not keep.any():  # == never raises on these values: one term false in every row decides
+        return np.zeros(0, np.int64)
+    return None if undecided else np.flatnonzero(keep)
+
+
+def _where_mask(batch, names: list, key: str, value) -> np.ndarray | None:
+    import pyarrow as pa
+
+    n = batch.num_rows
+    if names.count(key) > 1:
+        return None
+    if key not in names:  # row.get(key) is None
+        return np.full(n, value is None)
+    arr = batch.column(names.index(key))
+    t = arr.type
+    if pa.types.is_null(t):
+        return np.full(n, value is None)
+    if not (pa.types.is_boolean(t) or pa.types.is_integer(t) or _is_string(t)):
+        return None
+    valid = _valid(arr)
+    if value is None:
+        return ~valid
+    if type(value) is str:
+        if not _is_string(t):
+            return np.zeros(n, bool)  # a number never equals a str
+        try:  # offsets within the data, valid UTF-8 (else the row-by-row path raises what to_pylist raises)
+            arr.validate(full=True)
+        except pa.ArrowInvalid:
+            return None
+        return valid & _equal_strings(arr, value.encode("utf-8", "surrogatepass"))
+    if type(value) not in (int, bool):
+        return None  # floats (exact int/float comparisons), lists, dicts...: Python's own ==
+    if _is_string(t):
+        return np.zeros(n, bool)
+    if pa.types.is_boolean(t):
+        bits = np.unpackbits(np.frombuffer(arr.buffers()[1], np.uint8), bitorder="little")[arr.offset:arr.offset + n]
+        if value not in (0, 1):  # True == 1, False == 0 and nothing else
+            return np.zeros(n, bool)
+        return valid & (bits == int(value))
+    dtype = _INT_TYPES[str(t)]
+    info = np.iinfo(dtype)
+    if not info.min <= int(value) <= info.max:
+        return np.zeros(n, bool)
+    values = np.frombuffer(arr.buffers()[1], dtype, count=n, offset=arr.offset * dtype.itemsize)
+    return valid & (values == dtype.type(int(value)))
+
+
+def _equal_strings(arr, want: bytes) -> np.ndarray:
+    """Whether each value of a string array is ``want`` byte for byte (nulls: whatever they span; callers mask)."""
+    data, offsets = _raw(arr)
+    starts = offsets[:-1]
+    out = (offsets[1:] - starts) == len(want)
+    cand = np.flatnonzero(out)
+    if len(want) and len(cand):
+        w = np.frombuffer(want, np.uint8)
+        step = max(1, (1 << 22) // len(want))  # a few MB of gathered bytes at a time
+        for lo in range(0, len(cand), step):
+            c = cand[lo:lo + step]
+            out[c] = (data[starts[c][:, None] + np.arange(len(want))] == w).all(axis=1)
+    return out
+
+
 # ---- arrays through their buffers ----------------------------------------------------------------------------------
+def _int64_array(values: np.ndarray):
+    import pyarrow as pa
+
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(np.ascontiguousarray(values, np.int64))])
+
+
 def _ints(arr) -> np.ndarray:
     """An integer array without nulls as int64 numpy."""
     dtype = _INT_TYPES.get(str(arr.type))
@@ -349,12 +450,13 @@ def _string_array(values: np.ndarray, offsets: np.ndarray):
                                   pa.py_buffer(np.ascontiguousarray(values, np.uint8))])
 
 
-def _numbered(prefix: bytes, first: int, n: int, suffix: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """The strings prefix + str(first + k) + suffix for k < n, as (values, offsets)."""
-    nums = np.arange(first, first + n, dtype=np.int64)
+def _numbered(prefix: bytes, nums: np.ndarray, suffix: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The strings prefix + str(x) + suffix for each x of ``nums`` (increasing, >= 0), as (values, offsets)."""
+    nums = np.asarray(nums, np.int64)
+    n = len(nums)
     nd = np.ones(n, np.int64)  # decimal digits of each number (all >= 0)
     p = 10
-    while n and p <= int(nums[-1]):
+    while n and p <= int(nums.max()):
         nd += nums >= p
         p *= 10
     maxd = int(nd.max()) if n else 1

@@ -601,14 +601,15 @@ def iter_blocks(src: Mapping, block_bytes: int = 16 << 20, *, num_threads: int =
     does not take on (anything where its result could differ from Python's, including every line that makes
     the Python path raise) go through the Python path. Parquet files, ``datasets`` directories and hub datasets
     are read Arrow batch by batch into columns (:mod:`mlmix._arrow_records`; a batch that path cannot vouch for
-    goes row by row through :func:`to_record`). A source with a ``where`` filter is read by :func:`iter_source`
-    and put into blocks.
+    goes row by row through :func:`to_record`). A ``where`` filter is applied on the way: by the C++ reader
+    (values that are None, str, int or bool; a source filtering on other values reads its JSON lines in Python)
+    and on Arrow columns (:func:`mlmix._arrow_records.where_rows`; a batch it cannot decide is tested row by row).
     """
     if block_bytes < 1:
         raise ValueError(f"block_bytes must be >= 1, got {block_bytes}")
     held = _HeldBack()
     settings = _native_settings(src)
-    if settings is None or src["where"] or (src["format"] == "hub" and not _encodable(src["path"])):
+    if settings is None or (src["format"] == "hub" and not _encodable(src["path"])):
         for recs in _record_batches(iter_source(src), block_bytes):
             block = held.encode(recs)
             if block is not None and not held.failed:
@@ -629,8 +630,10 @@ def iter_blocks(src: Mapping, block_bytes: int = 16 << 20, *, num_threads: int =
             if stop:
                 break
             continue
-        if kind != "jsonl" or not _encodable(path):
+        if kind != "jsonl" or not _encodable(path) or settings["where"] is None:
             rows = _iter_file(src, path, kind)
+            if src["where"]:
+                rows = (t for t in rows if _matches(t[2], src["where"]))
             if limit is not None and count >= limit:
                 if next(rows, None) is not None:
                     break
@@ -687,7 +690,9 @@ def _arrow_file_blocks(src: Mapping, path: str, kind: str, limit: int | None, co
     """The blocks of a Parquet file, a ``datasets`` directory or a hub dataset (``path`` its name), Arrow batch by
     batch: columns straight from Arrow where :mod:`mlmix._arrow_records` vouches for a batch, else its rows through
     to_record. Returns (records so far, whether the limit stopped the source)."""
-    from ._arrow_records import batch_block
+    import numpy as np
+
+    from ._arrow_records import batch_block, convertible, where_rows
     from .recblock import RecordBlock
 
     if kind == "parquet":
@@ -704,18 +709,30 @@ def _arrow_file_blocks(src: Mapping, path: str, kind: str, limit: int | None, co
     pending: list = []
     size = 0
     stop = False
+    filt = src["where"]
     for first, batch, rows in batches:
-        if limit is not None and count >= limit:  # the limit is reached: is there a row after it?
-            if batch.num_rows:
+        # the rows the filter keeps (None: all): from the columns, else (a batch where_rows cannot decide) row by row
+        # as iter_source tests them
+        select = where_rows(batch, filt) if filt else None
+        if filt and select is None:
+            select = np.array([k for k, row in enumerate(rows()) if _matches(row, filt)], np.int64)
+        n = batch.num_rows if select is None else len(select)
+        if n == 0 or (limit is not None and count >= limit):
+            # nothing to read here, or the limit is reached (is there a row after it?); the Python path has
+            # converted this batch all the same, and fails where that fails
+            if batch.num_rows and not convertible(batch):
+                rows()
+            if n and limit is not None and count >= limit:
                 stop = True
                 break
             continue
-        take = None if limit is None or count + batch.num_rows <= limit else limit - count
+        take = None if limit is None or count + n <= limit else limit - count
         block = batch_block(batch, src, roles=roles, id_prefix=id_prefix, where_prefix=where[0],
-                            where_suffix=where[1], first=first, take=take)
+                            where_suffix=where[1], first=first, take=take, select=select)
         if block is None:  # row by row: the Python path's records, or its error
-            recs = [to_record(row, src, f"{where[0]}{first + k}{where[1]}", first + k, path)
-                    for k, row in enumerate(rows()[:take])]
+            got = rows()
+            ks = range(len(got)) if select is None else select.tolist()
+            recs = [to_record(got[k], src, f"{where[0]}{first + k}{where[1]}", first + k, path) for k in ks[:take]]
             count += len(recs)
             block = held.encode(recs)
         else:
@@ -774,7 +791,30 @@ def _native_settings(src: Mapping) -> dict | None:
             or not all(s is None or isinstance(s, str) for s in strings) or not all(map(_encodable, strings))):
         return None
     return {"records": records, "fields": dict(fields), "roles": roles, "id_field": id_field,
-            "lang_field": lang_field, "lang": lang}
+            "lang_field": lang_field, "lang": lang, "where": _native_where(src.get("where") or {})}
+
+
+def _native_where(where: Mapping) -> list[tuple[str, str, str]] | None:
+    """The C++ reader's terms (key, kind, value) of a ``where`` filter, or None where it has no native test (keys
+    that are not str, values other than None, str, int and bool)."""
+    terms = []
+    for k, v in where.items():
+        if type(k) is not str or not _encodable(k):
+            return None
+        if v is None:
+            terms.append((k, "none", ""))
+        elif type(v) is bool:
+            terms.append((k, "bool", "1" if v else "0"))
+        elif type(v) is int:
+            try:
+                terms.append((k, "int", str(v)))
+            except ValueError:  # past sys.get_int_max_str_digits
+                return None
+        elif type(v) is str and _encodable(v):
+            terms.append((k, "str", v))
+        else:
+            return None
+    return terms
 
 
 def _encodable(s: str | None) -> bool:
@@ -943,8 +983,10 @@ class _NativeFile:
         """(whether these lines hold a row, the number of lines); the Python path's checks run on the lines up
         to the row."""
         n = 0
+        where = self.src["where"]
         for lineno, raw in _split_lines(first, buf):
-            if _jsonl_row(self.path, lineno, raw) is not None:
+            row = _jsonl_row(self.path, lineno, raw)
+            if row is not None and (not where or _matches(row, where)):
                 return True, n + 1
             n += 1
         return False, n
@@ -971,7 +1013,7 @@ class _NativeFile:
                 more = True
                 break
             row = _jsonl_row(self.path, lineno, bytes(buf[begin:end]))
-            if row is None:
+            if row is None or (self.src["where"] and not _matches(row, self.src["where"])):
                 continue
             if room is not None and before == room:
                 more = True

@@ -1,6 +1,7 @@
 """atheris target: the C++ JSON lines reader (mlmix.readers.iter_blocks), differentially against the Python path.
 
-An input is a source's settings (its first 4 bytes) and a JSON lines file (the rest). ``iter_blocks`` must give
+An input is a source's settings (its first 4 bytes: records format, fields, roles, language, name, id field,
+limit, where filter, block size, threads) and a JSON lines file (the rest). ``iter_blocks`` must give
 exactly ``RecordBlock.from_records(list(iter_source(src)))``, the same columns or the same exception type and
 message, for any block size and thread count; and the hand-back contract must hold: every line the C++ reader
 keeps is one Python reads without error. The seed corpus (tests/fuzz/corpus/records) holds rows of every
@@ -33,6 +34,11 @@ FIELDS = [{}, {"text": "body"}, {"messages": "turns", "role": "speaker", "conten
 ROLES = [{}, {"customer": "user", "agent": "assistant"}, {"user": "assistant", "assistant": "user"}, {"tool": "tool"}]
 LANGS = [{}, {"lang": "en"}, {"lang_field": "language"}, {"lang_field": "id"}]
 BLOCKS = [1, 64, 4096, 16 << 20]
+# where filters (the seed rows carry "split" and "lang"): strings, ints and bools against every JSON spelling the
+# fuzzer makes of those fields, None against missing and null ones, and a float (the Python path's own test)
+WHERES = [{}, {}, {}, {}, {"split": "train"}, {"split": "test", "lang": "en"}, {"lang": None}, {"split": 1},
+          {"split": True}, {"id": 0}, {"split": False, "lang": "en"}, {"split": 1.0}, {"id": "s001"}, {"lang": "zh"},
+          {"split": None}, {"split": ""}]
 
 
 def settings_of(head: bytes) -> tuple[dict, int, int]:
@@ -45,6 +51,8 @@ def settings_of(head: bytes) -> tuple[dict, int, int]:
         kw["id_field"] = "uid"
     if head[2] & 4:
         kw["limit"] = head[2] >> 3
+    if WHERES[head[1] >> 4]:
+        kw["where"] = WHERES[head[1] >> 4]
     block = BLOCKS[head[3] % len(BLOCKS)]
     threads = 1 + (head[3] >> 2) % 3
     return kw, block, threads
