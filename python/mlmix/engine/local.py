@@ -344,6 +344,16 @@ def run_mix(cfg: dict, records_dir: str, langs: list[str], keep: np.ndarray, len
     mixture = None
     if mcfg["recipe"] == "all":
         selected = idx
+    elif (cols := _mix_columns(records_dir, langs, keep, idx)) is not None:  # the same, as columns
+        summary = cols.summary()
+        mixture = s_mix.run_recipe(mcfg, summary, cols.tokens(lengths[idx]), cols.prefixes)
+        try:
+            selected = idx[cols.selected(mixture.rows)]
+        except KeyError as exc:  # pragma: no cover - a recipe returns rows of the corpus it was given
+            raise RuntimeError(f"mixture: a selected row names {exc} that no record has") from None
+        if len(selected) != len(mixture.rows):
+            raise RuntimeError(f"mixture: {len(mixture.rows)} rows were selected but {len(selected)} records found")
+        mixture.save(os.path.join(out, "mixture.json"))
     else:
         # the groupby by source id, in memory: {id as JSON: [records, {languages}]}
         sid_of = np.empty(len(langs), dtype=object)
@@ -382,6 +392,17 @@ def run_mix(cfg: dict, records_dir: str, langs: list[str], keep: np.ndarray, len
         mixture.save(os.path.join(out, "mixture.json"))
     np.save(os.path.join(out, "selected.npy"), selected.astype(np.int64))
     return s_mix.stats(mcfg, [langs[i] for i in selected], mixture)
+
+
+def _mix_columns(records_dir: str, langs: list[str], keep: np.ndarray, idx: np.ndarray) -> s_mix.Columns | None:
+    """The kept records' source ids (the id column alone, not the texts) and languages as s_mix.Columns."""
+    ids: list[str] = []
+    for path, first, n in block_paths(records_dir):
+        rows = np.flatnonzero(keep[first:first + n])
+        if rows.size:
+            got = RecordBlock.load_strings(path, "id")
+            ids += [got[r] for r in rows.tolist()]
+    return s_mix.Columns.of(ids, [langs[i] for i in idx.tolist()])
 
 
 def run_pack(cfg: dict, tokens: Ragged, masks: Ragged, selected: np.ndarray, langs: list[str], tok_stats: Mapping,

@@ -220,6 +220,80 @@ def run_recipe(mcfg: Mapping, summary: Mapping, lang_tokens: Mapping[str, int],
         raise ValueError(f"mixture: bad parameters for recipe {mcfg['recipe']!r}: {exc}") from exc
 
 
+class Columns:
+    """The kept records' sources as columns, in one process (the local executor): what :func:`summarize`,
+    :func:`merge`, :func:`reservoirs` and :func:`merge_prefixes` give over the same rows, and the selection of a
+    mixture's rows, with numpy in place of a Python step per record.
+
+    ``ids``: each record's source id (a str, as every record's id is), ``langs``: its language, both in record
+    order. :meth:`of` returns None where the per-row functions must run: more than 63 languages (a source's
+    languages are a 64-bit mask here), or a (source, language) twice (their error names the records)."""
+
+    def __init__(self, ids: Sequence[str], langs: Sequence[str]) -> None:
+        code: dict[str, int] = {}
+        self.src = np.fromiter((code.setdefault(x, len(code)) for x in ids), np.int64, count=len(ids))
+        self.code = code
+        self.sources = list(code)  # in order of first appearance, as the groupby's dict holds them
+        table: dict[str, int] = {}
+        self.lang = np.fromiter((table.setdefault(x, len(table)) for x in langs), np.int64, count=len(langs))
+        self.table = table
+        self.names = list(table)
+        self.key = self.src * max(len(table), 1) + self.lang  # one per (source, language)
+        self.mask = np.zeros(len(self.sources), np.uint64)
+        np.bitwise_or.at(self.mask, self.src, np.left_shift(np.uint64(1), self.lang.astype(np.uint64)))
+
+    @classmethod
+    def of(cls, ids: Sequence[str], langs: Sequence[str]) -> Columns | None:
+        if len(set(langs)) > 63 or any(type(x) is not str for x in ids):
+            return None
+        cols = cls(ids, langs)
+        if len(np.unique(cols.key)) != len(cols.key):
+            return None
+        return cols
+
+    def _mask_of(self, langs: Iterable[str]) -> int:
+        m = 0
+        for lang in langs:
+            if lang in self.table:
+                m |= 1 << self.table[lang]
+        return m
+
+    def summary(self) -> dict:
+        """:func:`merge` of the :func:`summarize` of every source, in the order of first appearance."""
+        uniq, first, n = np.unique(self.mask, return_index=True, return_counts=True)
+        groups: dict[tuple, list[int]] = {}
+        for k in np.argsort(first, kind="stable").tolist():
+            m = int(uniq[k])
+            groups[tuple(sorted(name for b, name in enumerate(self.names) if m >> b & 1))] = [int(n[k]), 0]
+        return {"groups": groups, "dups": [], "bad": [], "big": []}
+
+    def prefixes(self, plan: Mapping) -> dict:
+        """:func:`merge_prefixes` of the :func:`reservoirs` of every source under ``plan``: each group's first
+        ``quota`` sources in the seeded order (string ids: :func:`mlmix.recipes.assign_bottom_k`)."""
+        from ... import recipes
+
+        sub = self.mask & np.uint64(self._mask_of(plan["active"]))
+        out = {}
+        for gi, g in enumerate(plan["groups"]):
+            members = np.flatnonzero(sub == np.uint64(self._mask_of(g)))
+            ids = [self.sources[j] for j in members.tolist()]
+            out[frozenset(g)] = recipes.assign_bottom_k(plan["seed"], ids, plan["quotas"][gi]) if ids else []
+        return out
+
+    def selected(self, rows: Sequence[tuple[str, str]]) -> np.ndarray:
+        """Whether each record is one of a mixture's (source id, language) rows."""
+        width = max(len(self.table), 1)
+        want = np.fromiter((self.code[str(sid)] * width + self.table[str(lang)] for sid, lang in rows), np.int64,
+                           count=len(rows))
+        return np.isin(self.key, want)
+
+    def tokens(self, lengths: np.ndarray) -> dict[str, int]:
+        """Tokens per language (``lengths``: one per record), as :func:`mlmix.engine.stages.write.by_lang`."""
+        sums = np.zeros(len(self.names), np.int64)
+        np.add.at(sums, self.lang, np.asarray(lengths, np.int64))
+        return {name: int(sums[self.table[name]]) for name in sorted(self.names)}
+
+
 def selected_keys(mixture) -> set[tuple[str, str]]:
     """The (source id as JSON, language) pairs a mixture selected."""
     return set(zip(sids([sid for sid, _ in mixture.rows]), (str(lang) for _, lang in mixture.rows)))
