@@ -3,7 +3,9 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <memory>
 #include <optional>
+#include <vector>
 
 #include "bind_convert.h"
 #include "bindings.h"
@@ -62,12 +64,24 @@ class LangidModel {
   }
 
   py::tuple classify(const py::object& texts, const py::object& offsets, const py::object& columns,
-                     const py::object& labels, int64_t max_chars, bool prepared, int num_threads) const {
+                     const py::object& labels, int64_t max_chars, bool prepared, int num_threads,
+                     bool compact) const {
     int64_t k = 0, kl = 0;
     const int32_t* cols = checked_1d<int32_t>(need_array(columns, "columns"), "columns", &k);
     const int32_t* labs = checked_1d<int32_t>(need_array(labels, "labels"), "labels", &kl);
     MLMIX_CHECK(k == kl, "columns and labels must have the same length, got " << k << " and " << kl);
-    const Selection sel = make_selection(m_, std::vector<int32_t>(cols, cols + k), labs);
+    // the last selection is kept (a cut table is built once per selection, not per call); held here for
+    // the call, as another thread may replace it while this one runs without the GIL
+    std::vector<int64_t> key(cols, cols + k);
+    key.insert(key.end(), labs, labs + k);
+    key.push_back(compact ? 1 : 0);
+    if (!selection_ || key != selection_key_) {
+      selection_ = std::make_shared<const Selection>(
+          make_selection(m_, std::vector<int32_t>(cols, cols + k), labs, compact));
+      selection_key_ = std::move(key);
+    }
+    const std::shared_ptr<const Selection> held = selection_;
+    const Selection& sel = *held;
 
     Texts t;
     std::optional<HeldDocuments> docs;
@@ -103,6 +117,8 @@ class LangidModel {
 
  private:
   py::tuple held_;
+  mutable std::shared_ptr<const Selection> selection_;  // read and replaced with the GIL held
+  mutable std::vector<int64_t> selection_key_;
   std::optional<LargeBuffer> ptc_;
   std::optional<Dfa> dfa_;
   Model m_;
@@ -125,9 +141,11 @@ void bind_langid(py::module_& m) {
            "Unicode facts of text preparation.")
       .def("classify", &LangidModel::classify, py::arg("texts"), py::arg("offsets"), py::arg("columns"),
            py::arg("labels"), py::arg("max_chars"), py::arg("prepared"), py::arg("num_threads"),
+           py::arg("compact") = true,
            "(labels int32, probs float64) of texts: a sequence of str / UTF-8 bytes (offsets None) or UTF-8 "
            "values (uint8) with int64 offsets. Label -1: empty after strip; -2: prepare with py3langid's "
-           "_encode and classify again with prepared=True.")
+           "_encode and classify again with prepared=True. compact: a selection of at most half the columns "
+           "scores from its own cut of the table (the same results; False for tests).")
       .def_property_readonly("num_columns", &LangidModel::num_columns)
       .def_property_readonly("num_features", &LangidModel::num_features);
 }

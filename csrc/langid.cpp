@@ -247,7 +247,10 @@ void walk(const Dfa& dfa, int64_t count, const uint8_t* const* p, const int64_t*
 // Label and probability of a text of `n` bytes whose DFA walk emitted `features`.
 void score_features(const Model& m, const Selection& sel, const std::vector<int32_t>& features, int64_t n,
                     Scratch& s, int32_t& label, double& prob) {
-  const int64_t C = m.num_columns;
+  // the selection's own cut of the table where it has one (its column j is the model's sel.columns[j])
+  const bool cut = !sel.ptc.empty();
+  const int64_t C = cut ? static_cast<int64_t>(sel.columns.size()) : m.num_columns;
+  const int16_t* ptc = cut ? sel.ptc.data() : m.ptc;
   if (s.counts.empty()) s.counts.assign(static_cast<size_t>(m.num_features), 0);
   s.touched.clear();
   for (const int32_t f : features)
@@ -261,7 +264,7 @@ void score_features(const Model& m, const Selection& sel, const std::vector<int3
       const size_t b1 = std::min(s.touched.size(), b0 + kBlock);
       s.group_count.clear();
       for (size_t t = b0; t < b1; ++t) {
-        if (t + kAhead < b1) prefetch_row(m.ptc + static_cast<int64_t>(s.touched[t + kAhead]) * C, C);
+        if (t + kAhead < b1) prefetch_row(ptc + static_cast<int64_t>(s.touched[t + kAhead]) * C, C);
         const int32_t f = s.touched[t];
         const int32_t count = s.counts[f];
         if (static_cast<size_t>(count) >= s.group_of.size()) s.group_of.resize(static_cast<size_t>(count) + 1, -1);
@@ -273,7 +276,7 @@ void score_features(const Model& m, const Selection& sel, const std::vector<int3
           if (s.iacc.size() < (static_cast<size_t>(g) + 1) * C) s.iacc.resize((static_cast<size_t>(g) + 1) * C);
           std::fill_n(s.iacc.begin() + static_cast<int64_t>(g) * C, C, 0);
         }
-        add_row(s.iacc.data() + static_cast<int64_t>(g) * C, m.ptc + static_cast<int64_t>(f) * C, C);
+        add_row(s.iacc.data() + static_cast<int64_t>(g) * C, ptc + static_cast<int64_t>(f) * C, C);
       }
       for (size_t g = 0; g < s.group_count.size(); ++g) {
         const int32_t count = s.group_count[g];
@@ -290,7 +293,7 @@ void score_features(const Model& m, const Selection& sel, const std::vector<int3
     const double scale = 1.0 / std::sqrt(static_cast<double>(n > 0 ? n : 1));
     for (size_t j = 0; j < k; ++j) {
       const int32_t c = sel.columns[j];
-      s.prob[j] = (acc[c] + static_cast<double>(m.pc[c])) * scale;
+      s.prob[j] = (acc[cut ? static_cast<int64_t>(j) : c] + static_cast<double>(m.pc[c])) * scale;
     }
   }  // no feature: every score 0 (py3langid leaves pc out too)
   double top = -std::numeric_limits<double>::infinity();
@@ -473,7 +476,8 @@ void check_rules(const TextRules& r) {
     MLMIX_CHECK(r.pairs[i - 1] < r.pairs[i], "langid rules: composition pairs must be sorted and unique");
 }
 
-Selection make_selection(const Model& m, const std::vector<int32_t>& columns, const int32_t* column_label) {
+Selection make_selection(const Model& m, const std::vector<int32_t>& columns, const int32_t* column_label,
+                         bool compact) {
   MLMIX_CHECK(!columns.empty(), "langid: no language selected");
   Selection sel;
   sel.columns = columns;
@@ -486,6 +490,15 @@ Selection make_selection(const Model& m, const std::vector<int32_t>& columns, co
     MLMIX_CHECK(sel.label[j] >= 0 && sel.label[j] <= sel.num_labels,
                 "langid: labels[" << j << "] = " << sel.label[j] << " must be an earlier label or " << sel.num_labels);
     if (sel.label[j] == sel.num_labels) ++sel.num_labels;
+  }
+  const int64_t k = static_cast<int64_t>(columns.size());
+  if (compact && 2 * k <= m.num_columns) {
+    sel.ptc.resize(static_cast<size_t>(m.num_features * k));
+    for (int64_t f = 0; f < m.num_features; ++f) {
+      const int16_t* row = m.ptc + f * m.num_columns;
+      int16_t* out = sel.ptc.data() + f * k;
+      for (int64_t j = 0; j < k; ++j) out[j] = row[columns[static_cast<size_t>(j)]];
+    }
   }
   return sel;
 }

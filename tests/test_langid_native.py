@@ -267,6 +267,31 @@ def test_language_restriction(languages):
     assert set(langs) <= set(languages)
 
 
+@pytest.mark.parametrize("languages", [["en", "de", "fr"], ["sr", "hr", "bs"], ["es"], list(known_languages()[:48])])
+def test_a_few_languages_score_from_their_own_table(languages):
+    """A selection of at most half the model's columns scores from its own cut of the table: the same labels and
+    the same probabilities, bit for bit, as scoring the whole table, whatever the thread count; one of more than
+    half reads the whole table."""
+    lid = LanguageIdentifier(languages)
+    texts = _demo_texts()[::5] + ["Dobar dan, kako ste danas?", "", "   ", "ΑΒΓ", "x" * 3000, "¿Qué tal? 😀"]
+    docs = [t.encode() for t in texts]
+    values = np.frombuffer(b"".join(docs), np.uint8).copy()
+    offsets = np.zeros(len(docs) + 1, np.int64)
+    np.cumsum([len(d) for d in docs], out=offsets[1:])
+    whole = lid._native.classify(values, offsets, lid._columns, lid._labels, 2000, False, 1, False)
+    for threads in (1, 2):
+        cut = lid._native.classify(values, offsets, lid._columns, lid._labels, 2000, False, threads, True)
+        assert np.array_equal(cut[0], whole[0]) and np.array_equal(cut[1], whole[1])
+    assert (whole[0] >= 0).sum() > len(texts) // 2
+    # switching selections on one model: each call scores with its own
+    other = LanguageIdentifier(["de", "nl"])
+    assert other._native is lid._native  # the model is shared (one per process)
+    a = other._native.classify(values, offsets, other._columns, other._labels, 2000, False, 1, True)
+    b = lid._native.classify(values, offsets, lid._columns, lid._labels, 2000, False, 1, True)
+    c = other._native.classify(values, offsets, other._columns, other._labels, 2000, False, 1, False)
+    assert np.array_equal(b[1], whole[1]) and np.array_equal(a[1], c[1]) and np.array_equal(a[0], c[0])
+
+
 def test_known_languages_unchanged():
     from py3langid import langid
 
