@@ -6,7 +6,8 @@
 #   2. every fuzz target for MLMIX_FUZZ_SECONDS (default 60) seconds: the libFuzzer targets over the C++
 #      core (tests/fuzz/cpp, needs clang) after replaying their seed corpora and regression inputs, and
 #      the atheris targets for the Python layers (store manifest parsing, HF tokenizer path, the block chat
-#      encoder against encode_records, the C++ JSON lines reader against the Python path); without
+#      encoder against encode_records, the C++ JSON lines reader against the Python path, the native language
+#      identifier against py3langid); without
 #      clang, the atheris target of every kernel instead. Any crash, sanitizer report or failed
 #      property check fails the job.
 #
@@ -36,7 +37,7 @@ if [ "$what" = all ] || [ "$what" = sanitize ]; then
     tests/test_pack.py tests/test_store.py tests/test_sample.py tests/test_dedup.py tests/test_bpe.py \
     tests/test_ragged.py tests/test_tokenize.py tests/test_bindings_fuzz.py tests/test_hardening_store.py \
     tests/test_hardening_atomic.py tests/test_loader.py tests/test_resume.py tests/test_encode_block.py \
-    tests/test_records_where.py \
+    tests/test_records_where.py tests/test_langid_native.py \
     --deselect tests/test_encode_block.py::test_resident_memory_of_the_qwen36_tokenizer
   # (that test bounds a process's resident memory, which ASan's shadow memory and quarantine inflate; it runs
   # in the main suite)
@@ -48,10 +49,10 @@ if [ "$what" = all ] || [ "$what" = fuzz ]; then
       step "libFuzzer $t: seed corpus and regressions" tests/fuzz/cpp/run.sh "$t" 0
       step "libFuzzer $t: ${seconds} s" tests/fuzz/cpp/run.sh "$t" "$seconds"
     done
-    atheris_targets=(store tokenize chat records)
+    atheris_targets=(store tokenize chat records langid)
   else
     echo "clang++ not found: fuzzing the kernels with atheris instead (apt-get install -y clang for libFuzzer)"
-    atheris_targets=(pack store sample dedup tokenize bpe chat records)
+    atheris_targets=(pack store sample dedup tokenize bpe chat records langid)
   fi
   if python3 -c "import atheris" 2>/dev/null; then
     for t in "${atheris_targets[@]}"; do

@@ -28,6 +28,8 @@ _CACHE: dict = {}
 def _pair(langs):
     key = tuple(langs) if langs else None
     if key not in _CACHE:
+        if len(_CACHE) >= 16:  # each restricted py3langid holds its own slice of the model (up to ~28 MB)
+            del _CACHE[next(iter(_CACHE))]
         _CACHE[key] = (LanguageIdentifier(langs, num_threads=1), LanguageIdentifier(langs, num_threads=3),
                        LanguageIdentifier(langs, backend="py3langid"))
     return _CACHE[key]
