@@ -370,3 +370,60 @@ def _dictionary_batches(path):
     for batch in pf.iter_batches(batch_size=8192):
         yield i, batch, batch.to_pylist
         i += batch.num_rows
+
+
+# ---- reading ahead -------------------------------------------------------------------------------------------------
+def test_read_ahead_keeps_order_errors_and_stops():
+    """Parquet batches are read one or two ahead on a thread: the same items in order, an error after the items
+    before it, and a reader closed early (a limit) stops the thread and closes the source."""
+    import threading
+
+    assert list(readers._read_ahead(iter(range(1000)))) == list(range(1000))
+    assert list(readers._read_ahead(iter([]))) == []
+
+    def failing():
+        yield from range(5)
+        raise ValueError("row group 3 cannot be read")
+
+    got = []
+    with pytest.raises(ValueError, match="row group 3"):
+        for x in readers._read_ahead(failing()):
+            got.append(x)
+    assert got == list(range(5))
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    before = threading.active_count()
+    gen = readers._read_ahead(endless())
+    assert [next(gen) for _ in range(3)] == [0, 1, 2]
+    gen.close()
+    assert closed.wait(5)
+    for _ in range(50):
+        if threading.active_count() == before:
+            break
+        threading.Event().wait(0.02)
+    assert threading.active_count() == before
+
+
+def test_damaged_row_group_after_good_ones_read_ahead(tmp_path):
+    """A file whose later row group cannot be read: the records before it, then the Python path's error (the
+    row-by-row reader and the Arrow reader with its read-ahead agree)."""
+    path = write_parquet(tmp_path / "d.parquet", chat_rows(3000, seed=5), row_group_size=500)
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    col = pq.read_metadata(path).row_group(4).column(0)
+    start = col.dictionary_page_offset or col.data_page_offset
+    data[start + 40:start + 400] = b"\x00" * 360  # damage row group 4's first pages
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    kind, detail = assert_same(make_src(path), block_bytes=50_000)
+    assert kind == "error" and "row group" in detail[1], detail

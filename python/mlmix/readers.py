@@ -370,6 +370,55 @@ def _parquet_batches(path: str) -> Iterator[tuple[int, Any, Callable[[], list]]]
             release()
 
 
+def _read_ahead(items: Iterator, depth: int = 2) -> Iterator:
+    """The items of ``items`` in order, the next ``depth`` produced on a thread meanwhile (Parquet pages are
+    decoded in pyarrow without the GIL while the caller converts the batch before). An exception of ``items``
+    is raised here, after the items before it; closing this generator early stops the thread."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", None))
+        except BaseException as exc:  # handed to the consumer, in order
+            q.put(("error", exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None and stop.is_set():
+                close()
+
+    thread = threading.Thread(target=run, name="mlmix-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a put waiting for room, then let the thread see the stop
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
+
+
 def _pick_split(ds, split: str | None, where: str):
     if hasattr(ds, "keys") and not hasattr(ds, "features"):  # a DatasetDict
         names = list(ds.keys())
@@ -696,7 +745,7 @@ def _arrow_file_blocks(src: Mapping, path: str, kind: str, limit: int | None, co
     from .recblock import RecordBlock
 
     if kind == "parquet":
-        batches = _parquet_batches(path)
+        batches = _read_ahead(_parquet_batches(path))
         where = (f"{path}[row ", "]")
     elif kind == "hub":
         batches = _table_batches(_hub_table(path, src.get("split")))
