@@ -397,3 +397,33 @@ def test_a_downloaded_parquet_dataset_folder_builds_and_stays_untouched(tmp_path
     rc, err = run_cli(capsys, "build", cfg)
     assert rc == 1 and "train-00001-of-00002.parquet: not a readable Parquet file" in err, err
     assert tree(root, skip=("runs",)) == before
+
+
+def test_a_where_filter_in_the_config_reads_as_the_python_filter(tmp_path, tokenizer, capsys):
+    """A user's config filtering a folder of JSON lines and Parquet (`where = {lang = "ru", reviewed = true}`), the
+    rest of the source settings at their defaults: the build keeps exactly the rows Python's filter keeps (the C++
+    reader and the Arrow columns decide it), and the folder is byte for byte the same afterwards."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from mlmix import readers
+    from mlmix.config import load_config
+
+    root = tmp_path / "proj"
+    project(str(root), tokenizer)  # data/en.jsonl, data/ru.jsonl
+    rows = [dict(r, reviewed=[True, False, None, 1][i % 4]) for i, r in enumerate(parallel_rows(3))]
+    pq.write_table(pa.Table.from_pylist([dict(r, reviewed=r["reviewed"] if r["reviewed"] != 1 else True)
+                                         for r in rows]), root / "data" / "more.parquet", row_group_size=5)
+    write_jsonl(str(root / "data" / "more.jsonl"), rows)  # 1 (an int) == True in Python's filter
+    cfg = root / "config.toml"
+    text = cfg.read_text().replace('path = "data"\n', 'path = "data"\nwhere = {lang = "ru", reviewed = true}\n')
+    assert "where" in text
+    cfg.write_text(text)
+    before = tree(root)
+    rc, err = run_cli(capsys, "build", str(cfg))
+    assert rc == 0, err
+    src = load_config(str(cfg))["sources"][0]
+    want = sum(1 for _ in readers.iter_source(src))
+    assert want > 0 and want < 2 * len(rows)
+    with open(root / "runs" / "a" / "build.json") as f:
+        assert json.load(f)["stages"]["read"]["records"] == want
+    assert tree(root, skip=("runs",)) == {k: v for k, v in before.items() if not k.startswith("runs")}
