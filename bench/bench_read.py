@@ -168,6 +168,19 @@ def test_summary_interleaved(data, capsys):
     assert all(v > 0 for v in wall.values())
 
 
+def _interleaved(variants: dict) -> tuple[int, dict[str, float]]:
+    """(rounds, best wall seconds of each variant): every variant once per round, in turn (load from other
+    processes hits all alike); ``MLMIX_BENCH_ROUNDS`` rounds (3)."""
+    rounds = int(os.environ.get("MLMIX_BENCH_ROUNDS", "3"))
+    wall = {name: float("inf") for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            w0 = time.perf_counter()
+            fn()
+            wall[name] = min(wall[name], time.perf_counter() - w0)
+    return rounds, wall
+
+
 # ---- Parquet ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def parquet_data(tmp_path_factory, data):
@@ -229,13 +242,7 @@ def test_summary_parquet_interleaved(parquet_data, capsys):
     variants = _parquet_variants(parquet_data["src"], parquet_data["dir"])
     ref = variants["parquet_python_rows"]()
     assert variants["parquet_mlmix_blocks"]().equals(ref)
-    rounds = int(os.environ.get("MLMIX_BENCH_ROUNDS", "3"))
-    wall = {name: float("inf") for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            w0 = time.perf_counter()
-            fn()
-            wall[name] = min(wall[name], time.perf_counter() - w0)
+    rounds, wall = _interleaved(variants)
     mb = parquet_data["bytes"] / 1e6
     with capsys.disabled():
         print(f"\n{mb:.1f} MB of chat rows as Parquet ({len(ref)} records, 5 files), {os.cpu_count()} cores, best of "
@@ -272,13 +279,7 @@ def test_summary_where_interleaved(data, parquet_data, capsys):
     for a, b in (("jsonl_python_where", "jsonl_mlmix_where[2]"), ("parquet_python_where", "parquet_mlmix_where")):
         ref = variants[a]()
         assert len(ref) and variants[b]().equals(ref), b
-    rounds = int(os.environ.get("MLMIX_BENCH_ROUNDS", "3"))
-    wall = {name: float("inf") for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            w0 = time.perf_counter()
-            fn()
-            wall[name] = min(wall[name], time.perf_counter() - w0)
+    rounds, wall = _interleaved(variants)
     mb = data["bytes"] / 1e6
     with capsys.disabled():
         print(f"\n{mb:.1f} MB of chat rows filtered by where={WHERE} ({len(ref)} records kept), {os.cpu_count()} "

@@ -24,6 +24,8 @@ from test_records_native import assert_same, handbacks, make_src, row, source_se
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
+from test_records_arrow import _table  # noqa: E402
+
 # what rows hold in the filtered fields, and what filters compare them with
 FIELD_VALUES = [None, "train", "test", "", "1", 0, 1, -1, 2, True, False, 1.0, 0.0, 2.5, 2**70, [1], {"a": 1}, "trаin"]
 WHERE_VALUES = [None, "train", "test", "", "1", 0, 1, -1, True, False, 1.0, 2**70, [1], {"a": 1}]
@@ -149,13 +151,6 @@ def test_filtered_jsonl_directory_with_limit(tmp_path):
 
 
 # ---- Parquet -------------------------------------------------------------------------------------------------------
-def _table(rows):
-    try:
-        return pa.Table.from_pylist(rows)
-    except (pa.ArrowException, TypeError, ValueError, OverflowError):
-        return None
-
-
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(rows=st.lists(filtered_row(), min_size=1, max_size=12), kw=source_settings(), where=WHERE,
