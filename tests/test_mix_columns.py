@@ -137,3 +137,17 @@ def test_local_build_with_a_recipe_selects_as_the_general_path(tmp_path, monkeyp
     assert len(store) >= 2
     for rel in store:
         assert filecmp.cmp(tmp_path / "fast" / rel, tmp_path / "slow" / rel, shallow=False), rel
+
+
+def test_prefixes_of_groups_naming_absent_languages():
+    """A plan's group naming a language no record has holds no source (as the per-row reservoirs find none), and an
+    active language no record has changes nothing."""
+    recs = corpus(5, n=60)
+    ids, langs = [r[0] for r in recs], [r[1] for r in recs]
+    cols = mix.Columns.of(ids, langs)
+    _, prefixes = per_row(recs)
+    plan = {"active": ["en", "de", "xx"], "groups": [["en"], ["en", "xx"], ["de"], ["de", "en"], []],
+            "quotas": [5, 5, 3, 4, 2], "integer": [False] * 5, "seed": 3}
+    got = cols.prefixes(plan)
+    assert got == prefixes(plan)
+    assert got[frozenset(["en", "xx"])] == [] and got[frozenset(["en"])]

@@ -251,11 +251,13 @@ class Columns:
             return None
         return cols
 
-    def _mask_of(self, langs: Iterable[str]) -> int:
+    def _mask_of(self, langs: Iterable[str]) -> int | None:
+        """The mask of ``langs``; None where one of them no record has."""
         m = 0
         for lang in langs:
-            if lang in self.table:
-                m |= 1 << self.table[lang]
+            if lang not in self.table:
+                return None
+            m |= 1 << self.table[lang]
         return m
 
     def summary(self) -> dict:
@@ -272,10 +274,12 @@ class Columns:
         ``quota`` sources in the seeded order (string ids: :func:`mlmix.recipes.assign_bottom_k`)."""
         from ... import recipes
 
-        sub = self.mask & np.uint64(self._mask_of(plan["active"]))
+        act = self._mask_of([lang for lang in plan["active"] if lang in self.table])
+        sub = self.mask & np.uint64(act)
         out = {}
         for gi, g in enumerate(plan["groups"]):
-            members = np.flatnonzero(sub == np.uint64(self._mask_of(g)))
+            m = self._mask_of(g)  # a group naming a language no record has holds no source
+            members = np.flatnonzero(sub == np.uint64(m)) if m is not None else np.zeros(0, np.int64)
             ids = [self.sources[j] for j in members.tolist()]
             out[frozenset(g)] = recipes.assign_bottom_k(plan["seed"], ids, plan["quotas"][gi]) if ids else []
         return out
