@@ -14,7 +14,9 @@ to languages) run over counts, never over one row per record (:class:`mlmix.reci
    k ids per group and block travel.
 4. The selected (source id, language) pairs are picked out of the records.
 
-Both executors run exactly these functions; they differ only in how the rows reach them.
+Both executors run exactly these functions; they differ only in how the rows reach them. The local executor, which
+holds every row in one process, runs them as columns (:class:`Columns`: the same summary, prefixes and selection,
+with numpy in place of a Python step per record), except where only the per-row functions can answer.
 """
 
 from __future__ import annotations
