@@ -257,3 +257,48 @@ def test_where_rows_is_exact_on_slices(tmp_path):
         want = [k for k, r in enumerate(rows) if readers._matches(r, where)]
         assert got is not None and got.tolist() == want, where
     assert np.array_equal(_arrow_records._numbered(b"p", np.array([3, 10, 99, 100]), b"]")[1], [0, 3, 7, 11, 16])
+
+
+def test_struct_with_a_field_name_twice(tmp_path):
+    """to_pylist refuses a struct column with a field name twice: the source fails as the Python path fails, with or
+    without a filter, whether the filter keeps rows or none (review finding)."""
+    st_ = pa.StructArray.from_arrays([pa.array([1, 2]), pa.array([3, 4])], names=["a", "a"])
+    path = tmp_path / "dup.parquet"
+    pq.write_table(pa.table({"text": ["x", "y"], "split": ["test", "test"], "meta": st_}), path)
+    for where in ({}, {"split": "train"}, {"split": "test"}):
+        kind, _ = assert_same(make_src(path, where=where))
+        assert kind == "error"
+
+
+def test_a_value_whose_equality_raises_is_left_to_python(tmp_path):
+    """A filter value built in Python whose == raises (a numpy array) is compared by Python, which raises, even where
+    another term is false in every row (review finding)."""
+    path = tmp_path / "n.parquet"
+    pq.write_table(pa.table({"text": ["x", "y"], "split": ["a", "b"], "n": pa.array([[1, 2], [3, 4]])}), path)
+    src = make_src(path)
+    src = dict(src, where={"n": np.array([1, 2]), "split": "zzz"})
+    kind, detail = assert_same(src)
+    assert kind == "error" and "ambiguous" in detail[1]
+    assert _arrow_records._builtin({"a": [1, (2.5, None, b"x")]}) and not _arrow_records._builtin([np.int64(1)])
+
+
+def test_an_error_kept_by_the_caller_stops_the_read_ahead(tmp_path):
+    """A record error raised while batches are read ahead: the thread is stopped and the file closed even while the
+    caller keeps the exception (and with it the reader's frame) alive (review finding)."""
+    import threading
+
+    rows = [{"text": f"t{i}"} for i in range(50_000)]
+    rows[10] = {"text": None}
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=8192)
+    saved = None
+    try:
+        list(readers.iter_blocks(make_src(path)))
+    except ValueError as exc:
+        saved = exc
+    assert saved is not None
+    for _ in range(100):
+        if not any(t.name == "mlmix-read-ahead" for t in threading.enumerate()):
+            break
+        threading.Event().wait(0.02)
+    assert not any(t.name == "mlmix-read-ahead" for t in threading.enumerate())

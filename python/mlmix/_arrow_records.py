@@ -228,8 +228,9 @@ def _plain(t) -> bool:
         return True
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
         return _plain(t.value_type)
-    if pa.types.is_struct(t):
-        return all(_plain(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_struct(t):  # to_pylist refuses a struct with a field name twice
+        names = [t.field(i).name for i in range(t.num_fields)]
+        return len(set(names)) == len(names) and all(_plain(t.field(i).type) for i in range(t.num_fields))
     return False
 
 
@@ -317,15 +318,29 @@ def where_rows(batch, where: Mapping) -> np.ndarray | None:
     n = batch.num_rows
     keep = np.ones(n, bool)
     undecided = False
+    safe = True  # whether == with every undecided value is sure not to raise (builtin values only)
     for k, v in where.items():
         got = _where_mask(batch, names, k, v) if type(k) is str else None
         if got is None:
             undecided = True
+            safe = safe and _builtin(v)
         else:
             keep &= got
-    if not keep.any():  # == never raises on these values: one term false in every row decides
+    if not keep.any() and safe:  # one term false in every row decides, as no other term can raise
         return np.zeros(0, np.int64)
     return None if undecided else np.flatnonzero(keep)
+
+
+def _builtin(value) -> bool:
+    """A value made of None, bool, int, float, str, bytes, lists, tuples and dicts only, whose == with what
+    to_pylist gives never raises (a numpy array's does: "truth value ... is ambiguous")."""
+    if value is None or type(value) in (bool, int, float, str, bytes):
+        return True
+    if type(value) in (list, tuple):
+        return all(_builtin(x) for x in value)
+    if type(value) is dict:
+        return all(_builtin(k) and _builtin(x) for k, x in value.items())
+    return False
 
 
 def _where_mask(batch, names: list, key: str, value) -> np.ndarray | None:

@@ -739,11 +739,6 @@ def _arrow_file_blocks(src: Mapping, path: str, kind: str, limit: int | None, co
     """The blocks of a Parquet file, a ``datasets`` directory or a hub dataset (``path`` its name), Arrow batch by
     batch: columns straight from Arrow where :mod:`mlmix._arrow_records` vouches for a batch, else its rows through
     to_record. Returns (records so far, whether the limit stopped the source)."""
-    import numpy as np
-
-    from ._arrow_records import batch_block, convertible, where_rows
-    from .recblock import RecordBlock
-
     if kind == "parquet":
         batches = _read_ahead(_parquet_batches(path))
         where = (f"{path}[row ", "]")
@@ -753,6 +748,23 @@ def _arrow_file_blocks(src: Mapping, path: str, kind: str, limit: int | None, co
     else:
         batches = _table_batches(_hf_disk_table(path, src.get("split")))
         where = (f"{path}[", "]")
+    try:
+        return (yield from _batch_blocks(src, path, batches, where, limit, count, block_bytes, held))
+    finally:  # the read-ahead thread stops here, also where an error keeps this frame alive in its traceback
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+def _batch_blocks(src: Mapping, path: str, batches: Iterator, where: tuple[str, str], limit: int | None, count: int,
+                  block_bytes: int, held: "_HeldBack") -> Generator[RecordBlock, None, tuple[int, bool]]:
+    """:func:`_arrow_file_blocks` over its (first row, batch, rows function) triples; ``where``: the prefix and suffix
+    of a row's location around its number."""
+    import numpy as np
+
+    from ._arrow_records import batch_block, convertible, where_rows
+    from .recblock import RecordBlock
+
     id_prefix = fallback_id(src, path, 0)[:-1]  # the fallback id of row 0 ends with its number, "0"
     roles = roles_of(src)
     pending: list = []
