@@ -302,3 +302,16 @@ def test_an_error_kept_by_the_caller_stops_the_read_ahead(tmp_path):
             break
         threading.Event().wait(0.02)
     assert not any(t.name == "mlmix-read-ahead" for t in threading.enumerate())
+
+
+def test_invalid_utf8_in_the_batch_after_the_limit(tmp_path):
+    """Without a filter too: the batch after the one that reaches the limit is converted by the Python path (to
+    find the row after the limit), so invalid UTF-8 there fails the source on both paths."""
+    good = pa.table({"text": ["ok"]})
+    bad = pa.table({"text": pa.array([b"\xff"], pa.binary()).view(pa.string())})
+    path = tmp_path / "b.parquet"
+    with pq.ParquetWriter(path, good.schema) as w:
+        w.write_table(good)
+        w.write_table(bad)
+    assert assert_same(make_src(path, limit=1))[0] == "error"
+    assert assert_same(make_src(path, limit=0))[0] == "ok"  # the first row already reaches it: nothing after
