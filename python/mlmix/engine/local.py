@@ -212,7 +212,7 @@ def run_langid(cfg: dict, records_dir: str, out: str, log: BuildLog, workers: in
     with log.bar("langid") as bar:
         for block in ordered_map(_label, _init_labeler, (lcfg,), block_paths(records_dir), workers):
             labels = block["lang"]
-            codes.append(np.fromiter((table.setdefault(x, len(table)) for x in labels), np.int64, len(labels)))
+            codes.append(s_write.factorize(labels, table)[1])
             alive.append(block["alive"])
             counts = s_langid.merge(counts, s_langid.count(block))
             bar.update(len(labels))
@@ -351,17 +351,10 @@ def run_mix(cfg: dict, records_dir: str, langs: list[str], keep: np.ndarray, len
             selected = idx[cols.selected(mixture.rows)]
         except KeyError as exc:  # pragma: no cover - a recipe returns rows of the corpus it was given
             raise RuntimeError(f"mixture: a selected row names {exc} that no record has") from None
-        if len(selected) != len(mixture.rows):
-            raise RuntimeError(f"mixture: {len(mixture.rows)} rows were selected but {len(selected)} records found")
-        mixture.save(os.path.join(out, "mixture.json"))
     else:
         # the groupby by source id, in memory: {id as JSON: [records, {languages}]}
         sid_of = np.empty(len(langs), dtype=object)
-        for path, first, n in block_paths(records_dir):
-            rows = np.flatnonzero(keep[first:first + n])
-            if rows.size:
-                ids = RecordBlock.load_strings(path, "id")  # the id column alone, not the texts
-                sid_of[first + rows] = s_mix.sids([ids[r] for r in rows.tolist()])
+        sid_of[idx] = np.array(s_mix.sids(_kept_ids(records_dir, keep)), dtype=object)
         by_sid: dict[str, list] = {}
         for i in idx.tolist():
             e = by_sid.setdefault(sid_of[i], [0, set()])
@@ -387,6 +380,7 @@ def run_mix(cfg: dict, records_dir: str, langs: list[str], keep: np.ndarray, len
         mixture = s_mix.run_recipe(mcfg, summary, lang_tokens, prefixes)
         want = s_mix.selected_keys(mixture)
         selected = np.array([i for i in idx.tolist() if (sid_of[i], langs[i]) in want], dtype=np.int64)
+    if mixture is not None:
         if len(selected) != len(mixture.rows):
             raise RuntimeError(f"mixture: {len(mixture.rows)} rows were selected but {len(selected)} records found")
         mixture.save(os.path.join(out, "mixture.json"))
@@ -394,15 +388,20 @@ def run_mix(cfg: dict, records_dir: str, langs: list[str], keep: np.ndarray, len
     return s_mix.stats(mcfg, [langs[i] for i in selected], mixture)
 
 
-def _mix_columns(records_dir: str, langs: list[str], keep: np.ndarray, idx: np.ndarray) -> s_mix.Columns | None:
-    """The kept records' source ids (the id column alone, not the texts) and languages as s_mix.Columns."""
+def _kept_ids(records_dir: str, keep: np.ndarray) -> list[str]:
+    """The ids of the kept records, in order (each block's id column alone, not its texts)."""
     ids: list[str] = []
     for path, first, n in block_paths(records_dir):
         rows = np.flatnonzero(keep[first:first + n])
         if rows.size:
             got = RecordBlock.load_strings(path, "id")
             ids += [got[r] for r in rows.tolist()]
-    return s_mix.Columns.of(ids, [langs[i] for i in idx.tolist()])
+    return ids
+
+
+def _mix_columns(records_dir: str, langs: list[str], keep: np.ndarray, idx: np.ndarray) -> s_mix.Columns | None:
+    """The kept records' source ids and languages as s_mix.Columns."""
+    return s_mix.Columns.of(_kept_ids(records_dir, keep), [langs[i] for i in idx.tolist()])
 
 
 def run_pack(cfg: dict, tokens: Ragged, masks: Ragged, selected: np.ndarray, langs: list[str], tok_stats: Mapping,

@@ -232,15 +232,13 @@ class Columns:
     languages are a 64-bit mask here), or a (source, language) twice (their error names the records)."""
 
     def __init__(self, ids: Sequence[str], langs: Sequence[str]) -> None:
-        code: dict[str, int] = {}
-        self.src = np.fromiter((code.setdefault(x, len(code)) for x in ids), np.int64, count=len(ids))
-        self.code = code
-        self.sources = list(code)  # in order of first appearance, as the groupby's dict holds them
-        table: dict[str, int] = {}
-        self.lang = np.fromiter((table.setdefault(x, len(table)) for x in langs), np.int64, count=len(langs))
-        self.table = table
-        self.names = list(table)
-        self.key = self.src * max(len(table), 1) + self.lang  # one per (source, language)
+        from .write import factorize
+
+        self.code, self.src = factorize(ids)
+        self.sources = list(self.code)  # in order of first appearance, as the groupby's dict holds them
+        self.table, self.lang = factorize(langs)
+        self.names = list(self.table)
+        self.key = self.src * max(len(self.table), 1) + self.lang  # one per (source, language)
         self.mask = np.zeros(len(self.sources), np.uint64)
         np.bitwise_or.at(self.mask, self.src, np.left_shift(np.uint64(1), self.lang.astype(np.uint64)))
 

@@ -59,7 +59,7 @@ def by_lang(langs: Sequence[str], weights=None) -> dict[str, int]:
     """Records (or the sum of ``weights``, integers) per language code, sorted by code."""
     if weights is None:
         return dict(sorted(Counter(langs).items()))
-    table, idx = _lang_index(langs)
+    table, idx = factorize(langs)
     w = np.asarray(weights, dtype=np.int64)
     if w.shape != idx.shape:
         raise ValueError(f"weights must have one entry per language code ({idx.size}), got shape {w.shape}")
@@ -68,16 +68,17 @@ def by_lang(langs: Sequence[str], weights=None) -> dict[str, int]:
     return {lang: int(sums[table[lang]]) for lang in sorted(table)}
 
 
-def _lang_index(langs: Sequence[str]) -> tuple[dict[str, int], np.ndarray]:
-    """(code -> index in order of first appearance, the index of every entry)."""
-    table: dict[str, int] = {}
-    idx = np.fromiter((table.setdefault(lang, len(table)) for lang in langs), dtype=np.int64, count=len(langs))
+def factorize(items: Sequence, table: dict | None = None) -> tuple[dict, np.ndarray]:
+    """(item -> index in order of first appearance, the index of every entry); ``table``: one to extend (items it
+    holds keep their index)."""
+    table = {} if table is None else table
+    idx = np.fromiter((table.setdefault(x, len(table)) for x in items), dtype=np.int64, count=len(items))
     return table, idx
 
 
 def length_summary(lengths: np.ndarray, langs: Sequence[str]) -> dict:
     """Per language: count, mean, min, max and percentiles of the selected examples' lengths."""
-    table, idx = _lang_index(langs)
+    table, idx = factorize(langs)
     lengths = np.asarray(lengths)
     out = {}
     for k, lang in sorted(enumerate(table), key=lambda kv: kv[1]):
