@@ -373,7 +373,7 @@ def _where_mask(batch, names: list, key: str, value) -> np.ndarray | None:
     if _is_string(t):
         return np.zeros(n, bool)
     if pa.types.is_boolean(t):
-        bits = np.unpackbits(np.frombuffer(arr.buffers()[1], np.uint8), bitorder="little")[arr.offset:arr.offset + n]
+        bits = _bits(arr.buffers()[1], arr.offset, n)
         if value not in (0, 1):  # True == 1, False == 0 and nothing else
             return np.zeros(n, bool)
         return valid & (bits == int(value))
@@ -427,8 +427,12 @@ def _valid(arr) -> np.ndarray:
     bitmap = arr.buffers()[0]
     if arr.null_count == 0 or bitmap is None:
         return np.full(n, arr.null_count == 0)
-    bits = np.unpackbits(np.frombuffer(bitmap, np.uint8), bitorder="little")
-    return bits[arr.offset:arr.offset + n].astype(bool)
+    return _bits(bitmap, arr.offset, n).astype(bool)
+
+
+def _bits(buffer, offset: int, n: int) -> np.ndarray:
+    """Bits offset..offset + n of an Arrow bitmap (least significant bit first), as uint8 0 / 1."""
+    return np.unpackbits(np.frombuffer(buffer, np.uint8), bitorder="little")[offset:offset + n]
 
 
 def _raw(arr) -> tuple[np.ndarray, np.ndarray]:
