@@ -246,6 +246,10 @@ class Ahead:
         except BaseException as e:  # handed to the caller of result()
             self._out["error"] = e
 
+    def join(self) -> None:
+        """Wait for the call to end, whatever its outcome (kept for :meth:`result`)."""
+        self._thread.join()
+
     def result(self) -> Any:
         self._thread.join()
         if "error" in self._out:
@@ -475,16 +479,24 @@ def run(cfg: dict, log: BuildLog, *, use_cache: bool = True, workers: int = 1) -
     ahead = None
     if workers <= 1 and not (use_cache and os.path.isdir(cache.path("tokenize", k_tok))):
         ahead = Ahead(s_tok.load_tokenizer, tcfg)
-    d_read, st_read = cached_stage(cache, log, "read", k_read, lambda tmp: run_read(cfg, tmp, log), s_read.summary,
-                                   timings)
-    records_path = os.path.join(d_read, RECORDS)
-    uids = s_read.uids_of([s["records"] for s in st_read["sources"]])
+    try:
+        d_read, st_read = cached_stage(cache, log, "read", k_read, lambda tmp: run_read(cfg, tmp, log),
+                                       s_read.summary, timings)
+        records_path = os.path.join(d_read, RECORDS)
+        uids = s_read.uids_of([s["records"] for s in st_read["sources"]])
 
-    k_lid = s_langid.key(k_read, cfg["langid"])
-    d_lid, st_lid = cached_stage(cache, log, "langid", k_lid,
-                                 lambda tmp: run_langid(cfg, records_path, tmp, log, workers), s_langid.summary, timings)
-    langs = load_langs(d_lid)
-    alive = np.load(os.path.join(d_lid, "keep.npy"))
+        k_lid = s_langid.key(k_read, cfg["langid"])
+        d_lid, st_lid = cached_stage(cache, log, "langid", k_lid,
+                                     lambda tmp: run_langid(cfg, records_path, tmp, log, workers), s_langid.summary,
+                                     timings)
+        langs = load_langs(d_lid)
+        alive = np.load(os.path.join(d_lid, "keep.npy"))
+    except BaseException:
+        # a failed build waits for the tokenizer's load: a process exiting while that thread runs in the core can
+        # end in std::terminate instead of its error (seen under load: exit -6 for an injected langid failure)
+        if ahead is not None:
+            ahead.join()
+        raise
 
     d_tok, st_tok = cached_stage(cache, log, "tokenize", k_tok,
                                  lambda tmp: run_tokenize(cfg, records_path, st_read["records"], tmp, log, workers,
